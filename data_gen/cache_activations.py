@@ -1,0 +1,119 @@
+"""Record sparse SAE latents of a subject model over corpus rows (delphi's cache layout), resumably.
+
+    python data_gen/cache_activations.py --config configs/data/cache_smollm2-135m_l15.yaml [--key value ...]
+
+Runs the model only up to the hookpoint, encodes the residual stream with the SAE (TopK kept sparse), and
+writes row shards with completion markers under `<output_dir>/shards/`; a rerun skips finished shards and
+redoes the rest. When every shard is done they are merged into `<output_dir>/latents/<hookpoint>/` (delphi's
+`<start>_<end>.safetensors` + `config.json`) and per-latent statistics go to `<output_dir>/stats/`.
+Position 0 (BOS) is never cached.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latentsim.cache import (
+    cache_is_complete,
+    completed_shards,
+    load_cache,
+    read_shards,
+    record_rows,
+    remove_shards,
+    shard_ranges,
+    write_delphi_splits,
+    write_shard,
+)
+from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
+from latentsim.corpus import corpus_rows
+from latentsim.io import atomic_write_json, to_jsonable, write_run_config
+from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
+from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
+from latentsim.stats import latent_statistics, save_statistics
+
+# The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
+DATACLASSES = (ModelArguments, CorpusArguments, SAEArguments, CacheArguments)
+
+
+def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
+    """delphi's CacheConfig fields + model_name, and our own block."""
+    name = embedded_name(model_args.model_name_or_path)
+    return {
+        "dataset_repo": corpus_args.corpus, "dataset_split": corpus_args.corpus_split,
+        "dataset_name": corpus_args.corpus_config_name or "", "dataset_column": corpus_args.corpus_text_column,
+        "batch_size": args.batch_size, "cache_ctx_len": corpus_args.ctx_len,
+        "n_tokens": corpus_args.n_rows * corpus_args.ctx_len, "n_splits": args.n_splits,
+        # delphi loads the tokenizer from model_name: give it a Hub id it can resolve.
+        "model_name": EMBEDDED_MODELS[name].hub_equivalent if name else model_args.model_name_or_path,
+        "latentsim": {
+            "hookpoint": sae_args.hookpoint, "d_sae": d_sae, "model": describe_model_source(model_args.model_name_or_path),
+            "sae": {"sae_path": sae_args.sae_path, "sae_release": sae_args.sae_release, "sae_id": sae_args.sae_id},
+            "row_start": corpus_args.row_start, "n_rows": corpus_args.n_rows, "seed": corpus_args.seed,
+            "position_0_excluded": True, "active_threshold": ACTIVE_THRESHOLD,
+            "row_index": "rows are indices into `tokens`; corpus row = row_start + row",
+        },
+    }
+
+
+def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAEArguments, args: CacheArguments) -> None:
+    out = Path(args.output_dir)
+    latents_dir, shard_dir, stats_dir = out / "latents", out / "shards" / sae_args.hookpoint, out / "stats"
+    if sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
+        raise FileNotFoundError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
+                                "train one with data_gen/train_sae.py or fix the path.")
+    if args.overwrite:
+        for path in (latents_dir / sae_args.hookpoint, shard_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        (stats_dir / f"{sae_args.hookpoint}.safetensors").unlink(missing_ok=True)
+    stats_file = stats_dir / f"{sae_args.hookpoint}.json"
+    if cache_is_complete(latents_dir, sae_args.hookpoint) and stats_file.is_file():
+        print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
+        return
+    configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, "cache_activations", configs, corpus_args.seed)
+
+    if not cache_is_complete(latents_dir, sae_args.hookpoint):
+        # A resumed run must be the same run: refuse shards written under another config.
+        fingerprint = to_jsonable({k: v for k, v in configs.items() if k != "cache"}) | {"shard_rows": args.shard_rows}
+        fp_path = shard_dir / "fingerprint.json"
+        if fp_path.is_file() and json.loads(fp_path.read_text()) != fingerprint:
+            raise ValueError(f"{shard_dir} holds shards of a run with another config; set --overwrite true "
+                             "or choose another output_dir.")
+        atomic_write_json(fp_path, fingerprint)
+
+        model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
+                                                    device=model_args.device, revision=model_args.model_revision,
+                                                    trust_remote_code=model_args.trust_remote_code)
+        layer = check_hookpoint(model, sae_args.hookpoint)
+        sae = load_sae(sae_args, device=model.device, d_model=model.config.get_text_config().hidden_size)
+        rows = corpus_rows(corpus_args, tokenizer)
+        ranges = shard_ranges(len(rows), args.shard_rows)
+        done = completed_shards(shard_dir, ranges)
+        todo = [r for r in ranges if r not in done]
+        print(f"[cache] {len(ranges)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
+        with tqdm(total=sum(b - a for a, b in todo) * rows.shape[1], desc="caching", unit="tok", unit_scale=True) as bar:
+            for a, b in todo:
+                locations, activations = record_rows(model, sae, rows[a:b], layer, args.batch_size, progress=bar)
+                locations[:, 0] += a
+                write_shard(shard_dir, a, b, locations, activations, rows[a:b].numpy())
+        locations, activations, tokens = read_shards(shard_dir, ranges)
+        config = delphi_config(model_args, corpus_args, sae_args, args, sae.cfg.d_sae)
+        write_delphi_splits(latents_dir, sae_args.hookpoint, locations, activations, tokens, sae.cfg.d_sae,
+                            args.n_splits, config)
+        remove_shards(shard_dir)
+
+    cache = load_cache(latents_dir, sae_args.hookpoint)
+    summary = save_statistics(stats_dir, sae_args.hookpoint,
+                              latent_statistics(cache, cache.width, args.quantile_sample_size))
+    print(f"[cache] {latents_dir / sae_args.hookpoint}: {len(cache.activations)} non-zeros over "
+          f"{summary['n_tokens_excluding_bos']} tokens (L0 {summary['mean_l0']:.1f}, "
+          f"{summary['dead_fraction']:.1%} of latents never fire); stats in {stats_dir}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(*parse_config(DATACLASSES))

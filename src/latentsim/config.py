@@ -1,0 +1,229 @@
+"""Config dataclasses for the data_gen stages, parsed from YAML + command line by TRL's `TrlParser`.
+
+Every YAML in `configs/` maps onto a tuple of these dataclasses. Parsing is strict: an unknown key is an
+error that names the key, the file and the closest valid key. `__post_init__` validates values without
+touching the disk or the network; `check_paths` checks files right before a stage loads any model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from trl import TrlParser
+
+EMBEDDED_PREFIX = "embedded:"
+HOOKPOINT_RE = re.compile(r"^(?:model\.)?layers\.(\d+)$")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and how to fix it."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"config key `{key}`: {message}")
+
+
+@dataclass
+class ModelArguments:
+    """The subject model whose activations are recorded."""
+
+    model_name_or_path: str = field(
+        default="embedded:smollm2-135m",
+        metadata={"help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, `embedded:gemma3-270m`)."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`."},
+    )
+    device: str = field(default="auto", metadata={"help": "`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off by default)."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            _fail("model_name_or_path", "is empty; give a Hub id, a local folder or `embedded:smollm2-135m`.")
+        if self.model_name_or_path.startswith(EMBEDDED_PREFIX):
+            from latentsim.models import EMBEDDED_MODELS
+
+            name = self.model_name_or_path[len(EMBEDDED_PREFIX):]
+            if name not in EMBEDDED_MODELS:
+                _fail("model_name_or_path", f"unknown embedded model {name!r}; choose one of "
+                      f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS]}.")
+        if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _fail("model_dtype", f"{self.model_dtype!r} is not one of auto, float32, bfloat16, float16.")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N.")
+
+
+@dataclass
+class CorpusArguments:
+    """The text corpus, tokenized into fixed-length rows (BOS + ctx_len-1 tokens, documents joined by EOS)."""
+
+    corpus: str = field(
+        default="embedded:debian-english",
+        metadata={"help": "Hub dataset id, a local file/folder/glob of .txt/.jsonl/.json/.parquet, "
+                          "or `embedded:debian-english`."},
+    )
+    corpus_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (subset) name."})
+    corpus_split: str = field(default="train", metadata={"help": "Split, slicing allowed (`train[:1%]`)."})
+    corpus_text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
+    corpus_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
+    ctx_len: int = field(default=64, metadata={"help": "Tokens per row, including the BOS at position 0."})
+    row_start: int = field(default=0, metadata={"help": "First row of the tokenized corpus to use."})
+    n_rows: int = field(default=1024, metadata={"help": "Number of rows to use, from `row_start`."})
+    seed: int = field(default=22, metadata={"help": "Seed for the document shuffle and every random choice of the stage."})
+
+    def __post_init__(self):
+        if not self.corpus:
+            _fail("corpus", "is empty; give a Hub dataset id, local files, or `embedded:debian-english`.")
+        if self.corpus.startswith(EMBEDDED_PREFIX):
+            from latentsim.corpus import EMBEDDED_CORPORA
+
+            name = self.corpus[len(EMBEDDED_PREFIX):]
+            if name not in EMBEDDED_CORPORA:
+                _fail("corpus", f"unknown embedded corpus {name!r}; choose one of "
+                      f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_CORPORA]}.")
+        if self.ctx_len < 2:
+            _fail("ctx_len", f"must be >= 2 (BOS + at least one token), got {self.ctx_len}.")
+        if self.row_start < 0:
+            _fail("row_start", f"must be >= 0, got {self.row_start}.")
+        if self.n_rows < 1:
+            _fail("n_rows", f"must be >= 1, got {self.n_rows}.")
+
+
+@dataclass
+class SAEArguments:
+    """Where the SAE comes from and which residual stream it reads."""
+
+    hookpoint: str = field(
+        default="layers.15",
+        metadata={"help": "Residual stream after decoder layer N, written `layers.N` (delphi's naming)."},
+    )
+    sae_path: str | None = field(default=None, metadata={"help": "Local sae-lens folder (cfg.json + sae_weights.safetensors)."})
+    sae_release: str | None = field(default=None, metadata={"help": "sae-lens pretrained release (GPU users), with `sae_id`."})
+    sae_id: str | None = field(default=None, metadata={"help": "SAE id inside `sae_release`."})
+
+    def __post_init__(self):
+        if not HOOKPOINT_RE.match(self.hookpoint):
+            _fail("hookpoint", f"{self.hookpoint!r} is not of the form `layers.N` (residual stream after layer N).")
+        if (self.sae_release is None) != (self.sae_id is None):
+            _fail("sae_release" if self.sae_release is None else "sae_id",
+                  "`sae_release` and `sae_id` go together; set both or neither.")
+        if self.sae_path and self.sae_release:
+            _fail("sae_path", "set either `sae_path` (local folder) or `sae_release` + `sae_id`, not both.")
+
+    @property
+    def layer(self) -> int:
+        return hookpoint_layer(self.hookpoint)
+
+
+def hookpoint_layer(hookpoint: str) -> int:
+    match = HOOKPOINT_RE.match(hookpoint)
+    if not match:
+        _fail("hookpoint", f"{hookpoint!r} is not of the form `layers.N`.")
+    return int(match.group(1))
+
+
+@dataclass
+class CacheArguments:
+    """data_gen/cache_activations.py: record sparse SAE latents over corpus rows."""
+
+    output_dir: str = field(default="outputs/cache", metadata={"help": "Cache folder (delphi layout under latents/)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass."})
+    shard_rows: int = field(default=128, metadata={"help": "Rows per resumable shard (a killed run loses at most one)."})
+    n_splits: int = field(default=5, metadata={"help": "Latent-range split files in the delphi layout."})
+    quantile_sample_size: int = field(
+        default=2048, metadata={"help": "Max non-zero activations kept per latent (sorted) for quantile statistics."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete an existing cache in output_dir and start again."})
+
+    def __post_init__(self):
+        for key in ("batch_size", "shard_rows", "n_splits", "quantile_sample_size"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+
+
+@dataclass
+class TrainSAEArguments:
+    """data_gen/train_sae.py: train a TopK SAE with sae-lens on residuals from the corpus (position 0 excluded)."""
+
+    output_dir: str = field(default="outputs/sae", metadata={"help": "Where the sae-lens folder is written."})
+    hookpoint: str = field(default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."})
+    d_sae: int = field(default=4096, metadata={"help": "Number of latents."})
+    k: int = field(default=32, metadata={"help": "TopK: active latents per token."})
+    training_tokens: int = field(default=1_000_000, metadata={"help": "Samples seen in training (repeats the collected tokens)."})
+    train_batch_size_tokens: int = field(default=4096, metadata={"help": "Tokens per optimizer step."})
+    lr: float = field(default=4.0e-4, metadata={"help": "Adam learning rate."})
+    lr_end_fraction: float = field(default=0.1, metadata={"help": "Cosine decay ends at lr * this."})
+    eval_rows: int = field(default=32, metadata={"help": "Rows after the training rows held out to measure FVE/L0."})
+    outlier_norm_factor: float = field(
+        default=10.0, metadata={"help": "Tokens whose residual norm exceeds this x the median are left out of SAE "
+                                        "training and FVE (massive activations: ~0.1% of tokens, >90% of variance)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass when collecting activations."})
+    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a trained SAE."})
+
+    def __post_init__(self):
+        hookpoint_layer(self.hookpoint)
+        for key in ("d_sae", "k", "training_tokens", "train_batch_size_tokens", "eval_rows", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        if self.k > self.d_sae:
+            _fail("k", f"k={self.k} exceeds d_sae={self.d_sae}.")
+        if not self.outlier_norm_factor > 1:
+            _fail("outlier_norm_factor", f"must be > 1, got {self.outlier_norm_factor}.")
+        if not self.lr > 0:
+            _fail("lr", f"must be > 0, got {self.lr}.")
+        if not 0 < self.lr_end_fraction <= 1:
+            _fail("lr_end_fraction", f"must be in (0, 1], got {self.lr_end_fraction}.")
+
+
+@dataclass
+class PrepareArguments:
+    """data_gen/prepare_embedded.py: build the embedded default (models converted once, corpus files)."""
+
+    models: list[str] = field(
+        default_factory=lambda: ["smollm2-135m", "gemma3-270m"],
+        metadata={"help": "Embedded models to convert to cached safetensors folders."})
+    corpora: list[str] = field(default_factory=lambda: ["debian-english"], metadata={"help": "Embedded corpora to build."})
+
+    def __post_init__(self):
+        from latentsim.corpus import EMBEDDED_CORPORA
+        from latentsim.models import EMBEDDED_MODELS
+
+        for name in self.models:
+            if name not in EMBEDDED_MODELS:
+                _fail("models", f"unknown embedded model {name!r}; choose from {sorted(EMBEDDED_MODELS)}.")
+        for name in self.corpora:
+            if name not in EMBEDDED_CORPORA:
+                _fail("corpora", f"unknown embedded corpus {name!r}; choose from {sorted(EMBEDDED_CORPORA)}.")
+
+
+def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
+    """YAML (`--config x.yaml`) + command-line overrides -> dataclasses, strictly.
+
+    TRL's parser already rejects unknown keys; this wraps its message so that it names the config file,
+    the unknown key and the closest valid key.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = TrlParser(dataclass_types)
+    config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    if config_path is not None and not Path(config_path).is_file():
+        raise ConfigError(f"--config {config_path}: no such file.")
+    try:
+        return tuple(parser.parse_args_and_config(args))
+    except ValueError as err:
+        if "Unknown arguments from config file" not in str(err):
+            raise
+        valid = sorted({f.name for t in dataclass_types for f in fields(t)})
+        unknown = re.findall(r"'--([^']+)'", str(err))
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+        raise ConfigError(
+            f"{config_path}: unknown config key(s) {', '.join(hints)}. Remove them or fix the spelling; "
+            f"valid keys: {', '.join(valid)}."
+        ) from None

@@ -1,0 +1,96 @@
+"""Per-latent statistics computed once from a finished cache (ours or delphi's).
+
+Saved as `stats/<hookpoint>.safetensors`: firing count and rate, max and mean activation, decile edges of the
+non-zero distribution (`quantile_edges` [d_sae, 11], 0%..100%) and a sorted sample of each latent's non-zero
+activations in CSR form (`sample_values`, `sample_offsets`): evenly spaced order statistics of the full sorted
+set, so the sample's quantiles track the true ones. Position 0 is excluded even when a delphi cache has it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentsim.cache import SparseCache
+from latentsim.io import atomic_save, atomic_write_json
+
+N_QUANTILE_BINS = 10
+
+
+def latent_statistics(cache: SparseCache, width: int, sample_size: int) -> dict[str, torch.Tensor]:
+    keep = cache.locations[:, 1] > 0
+    latents = cache.locations[keep, 2]
+    values = cache.activations[keep].double()
+    n_tokens = cache.tokens.shape[0] * (cache.tokens.shape[1] - 1)
+
+    order = torch.argsort(latents * 0 + values, stable=True)        # by value ...
+    order = order[torch.argsort(latents[order], stable=True)]       # ... then by latent (stable keeps value order)
+    latents, values = latents[order], values[order]
+    counts = torch.bincount(latents, minlength=width)
+    offsets = torch.zeros(width + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+
+    max_act = torch.zeros(width, dtype=torch.float64).scatter_reduce(0, latents, values, "amax", include_self=False)
+    sums = torch.zeros(width, dtype=torch.float64).index_add_(0, latents, values)
+    mean_act = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+
+    probs = torch.linspace(0, 1, N_QUANTILE_BINS + 1, dtype=torch.float64)
+    edges = torch.zeros(width, N_QUANTILE_BINS + 1, dtype=torch.float64)
+    sample_vals, sample_counts = [], torch.zeros(width, dtype=torch.long)
+    for lat in torch.nonzero(counts).flatten().tolist():
+        vals = values[offsets[lat]:offsets[lat + 1]]
+        edges[lat] = torch.quantile(vals, probs)
+        if len(vals) > sample_size:
+            vals = vals[torch.linspace(0, len(vals) - 1, sample_size).round().long()]
+        sample_vals.append(vals)
+        sample_counts[lat] = len(vals)
+    sample_offsets = torch.zeros(width + 1, dtype=torch.long)
+    sample_offsets[1:] = torch.cumsum(sample_counts, 0)
+    return {
+        "firing_count": counts,
+        "firing_rate": (counts.double() / n_tokens).float(),
+        "max_activation": max_act.float(),
+        "mean_activation": mean_act.float(),
+        "quantile_edges": edges.float(),
+        "sample_values": (torch.cat(sample_vals) if sample_vals else torch.zeros(0, dtype=torch.float64)).float(),
+        "sample_offsets": sample_offsets,
+        "n_tokens": torch.tensor([n_tokens]),
+    }
+
+
+def stats_summary(stats: dict[str, torch.Tensor]) -> dict:
+    counts = stats["firing_count"]
+    n_tokens = int(stats["n_tokens"][0])
+    return {
+        "n_tokens_excluding_bos": n_tokens,
+        "d_sae": int(counts.numel()),
+        "mean_l0": float(counts.sum()) / max(n_tokens, 1),
+        "dead_latents": int((counts == 0).sum()),
+        "dead_fraction": float((counts == 0).float().mean()),
+        "median_firing_rate_alive": float(stats["firing_rate"][counts > 0].median()) if (counts > 0).any() else 0.0,
+        "position_0_excluded": True,
+    }
+
+
+def save_statistics(stats_dir: Path, hookpoint: str, stats: dict[str, torch.Tensor]) -> dict:
+    stats_dir = Path(stats_dir)
+    atomic_save(stats_dir / f"{hookpoint}.safetensors", lambda tmp: save_file(stats, str(tmp)))
+    summary = stats_summary(stats)
+    atomic_write_json(stats_dir / f"{hookpoint}.json", summary)
+    return summary
+
+
+def load_statistics(stats_dir: Path, hookpoint: str) -> dict[str, torch.Tensor]:
+    path = Path(stats_dir) / f"{hookpoint}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; it is written by data_gen/cache_activations.py.")
+    return load_file(str(path))
+
+
+def latent_sample(stats: dict[str, torch.Tensor], latent: int) -> np.ndarray:
+    """The sorted activation sample of one latent."""
+    a, b = stats["sample_offsets"][latent], stats["sample_offsets"][latent + 1]
+    return stats["sample_values"][a:b].numpy()

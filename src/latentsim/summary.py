@@ -1,0 +1,68 @@
+"""Print what a quickstart-style run folder holds: the SAE's quality, the cache, and a few latents' top contexts.
+
+    python -m latentsim.summary outputs/quickstart
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from latentsim.cache import load_cache
+from latentsim.stats import load_statistics
+
+
+def top_contexts(cache, latent: int, tokenizer, n: int = 3, window: int = 12) -> list[str]:
+    """The `n` highest activations of `latent`, each with the preceding tokens; the active token in [[ ]]."""
+    idx = torch.nonzero(cache.locations[:, 2] == latent).flatten()
+    best = idx[torch.argsort(cache.activations[idx], descending=True)[:n]]
+    out = []
+    for i in best.tolist():
+        row, pos, _ = cache.locations[i].tolist()
+        before = tokenizer.decode(cache.tokens[row, max(1, pos - window):pos])
+        token = tokenizer.decode(cache.tokens[row, pos:pos + 1])
+        out.append(f"{cache.activations[i]:6.2f}  ...{before}[[{token}]]".replace("\n", "\\n"))
+    return out
+
+
+def main(run_dir: str) -> None:
+    run = Path(run_dir)
+    report_path = run / "sae" / "training_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        held = report["held_out"]
+        print(f"\nSAE   {run / 'sae'}  ({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})")
+        print(f"      held-out FVE {held['fve']:.3f} | L0 {held['l0']:.1f} | dead latents (training tokens) "
+              f"{report['train']['dead_fraction']:.1%} | trained {report['train_seconds']:.0f} s on "
+              f"{report['distinct_training_tokens']} tokens")
+    latents_root = run / "cache" / "latents"
+    for folder in sorted(p for p in latents_root.glob("*") if p.is_dir()):
+        hookpoint = folder.name
+        cache = load_cache(latents_root, hookpoint)
+        stats = load_statistics(run / "cache" / "stats", hookpoint)
+        summary = json.loads((run / "cache" / "stats" / f"{hookpoint}.json").read_text())
+        print(f"\nCACHE {folder}  (delphi layout: {len(list(folder.glob('*.safetensors')))} split files)")
+        print(f"      {cache.tokens.shape[0]} rows x {cache.tokens.shape[1]} tokens, {len(cache.activations)} non-zeros, "
+              f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
+        print(f"STATS {run / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
+        from transformers import AutoTokenizer
+
+        from latentsim.models import resolve_model_path
+
+        model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config["model_name"])
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+        rate = stats["firing_rate"]
+        alive = torch.nonzero((rate > 0.001) & (rate < 0.05)).flatten()
+        picks = alive[torch.randperm(len(alive), generator=torch.Generator().manual_seed(0))[:4]].tolist()
+        for latent in picks:
+            print(f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}")
+            for line in top_contexts(cache, latent, tokenizer):
+                print(f"    {line}")
+    print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "outputs/quickstart")

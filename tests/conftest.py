@@ -1,0 +1,58 @@
+"""Offline, seeded, tiny: every test builds its models, tokenizers, SAEs and corpora in-process."""
+
+import os
+
+# Before transformers/datasets are imported anywhere: never touch the network, never log to wandb.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import WORDS, build_tiny_sae, build_tiny_tokenizer, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(tmp_path, monkeypatch):
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    # Converted embedded models and corpora go to a per-test cache, never the user's.
+    monkeypatch.setenv("LATENTSIM_CACHE", str(tmp_path / "latentsim_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 3-layer Llama (hidden 16) and its WordLevel tokenizer, saved as a model folder."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), build_tiny_tokenizer(), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gemma"), build_tiny_tokenizer(), arch="gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    """A random TopK SAE (d_in 16, 64 latents, k 4) saved as a sae-lens folder."""
+    path = tmp_path_factory.mktemp("tiny_sae")
+    build_tiny_sae(d_in=16, d_sae=64, k=4, hook_name="layers.1").save_inference_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """200 short documents of random words, as JSON lines."""
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(200):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+            f.write(json.dumps({"text": words, "id": i}) + "\n")
+    return path

@@ -1,0 +1,59 @@
+"""Builders for tiny in-process assets (SAELens-style helpers with tiny defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ("the cat dog sat on a mat and ran far away yes no it was red blue green big small house tree "
+         "river sun moon star day night one two three four five run jump sing read write code data").split()
+SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over WORDS (+ specials) with a ChatML-style chat template."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+                          "{% if add_generation_prompt %}<bos> assistant {% endif %}")
+    return fast
+
+
+def save_tiny_model(folder: Path, tokenizer, arch: str = "llama", n_layers: int = 3) -> Path:
+    """A random causal LM with hidden size 16, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    else:
+        config = Gemma3TextConfig(**common, head_dim=4, sliding_window=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, hook_name: str = "layers.1", seed: int = 0):
+    """A random sae-lens TopK SAE (inference class), decoder rows unit-norm."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    gen = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=SAEMetadata(hook_name=hook_name)))
+    with torch.no_grad():
+        w = torch.randn(d_sae, d_in, generator=gen)
+        sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T.clone())
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+    return sae

@@ -1,0 +1,37 @@
+"""The caching benchmark's exactness check (speed ratios are reported by ./launch.sh bench, never asserted)."""
+
+import torch
+from helpers import build_tiny_sae
+
+from latentsim.bench import bench_cache, interleaved_timings
+from latentsim.models import load_model_and_tokenizer
+
+
+def test_bench_cache_checks_exactness(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    sae = build_tiny_sae(d_in=16, d_sae=64, k=4)
+    result = bench_cache(model, sae, torch.randint(4, 40, (6, 10)), layer=1, batch_size=4, repeats=1,
+                         calibration_gflops=1.0)
+    assert result["exact"] is True
+    assert result["n_nonzero"] == 6 * 9 * 4  # BOS excluded, k latents per token (random SAE: all positive)
+    assert result["ratio_vs_naive"] > 0 and result["pct_of_matmul"] > 0
+
+
+def test_bench_cache_detects_a_mismatch(tiny_model_dir, monkeypatch):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    sae = build_tiny_sae(d_in=16, d_sae=64, k=4)
+    import latentsim.cache as cache_mod
+
+    real = cache_mod.record_rows
+    monkeypatch.setattr(cache_mod, "record_rows", lambda *a, **k: (lambda r: (r[0], r[1] * 1.01))(real(*a, **k)))
+    result = bench_cache(model, sae, torch.randint(4, 40, (3, 10)), layer=1, batch_size=4, repeats=1,
+                         calibration_gflops=1.0)
+    assert result["exact"] is False
+
+
+def test_interleaved_timings_round_robin():
+    calls = []
+    times = interleaved_timings({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    assert all(t >= 0 for v in times.values() for t in v)

@@ -1,0 +1,233 @@
+"""The activation cache: round trip, delphi-layout interop, resume without loss or duplicates, corruption."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from latentsim import cache as cache_mod
+from latentsim.cache import (
+    CorruptCacheError,
+    SparseCache,
+    load_cache,
+    read_shards,
+    record_rows,
+    record_rows_naive,
+    shard_ranges,
+    split_bounds,
+)
+from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
+from latentsim.corpus import corpus_rows
+from latentsim.models import load_model_and_tokenizer
+from latentsim.sae import load_sae
+from latentsim.stats import latent_sample, latent_statistics, load_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "layers.1"
+
+
+def cache_script():
+    spec = importlib.util.spec_from_file_location("cache_activations", ROOT / "data_gen" / "cache_activations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_cache(out, model_dir, sae_dir, corpus, **cache_kwargs):
+    args = (ModelArguments(model_name_or_path=str(model_dir)),
+            CorpusArguments(corpus=str(corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
+            SAEArguments(hookpoint=HOOK, sae_path=str(sae_dir)),
+            CacheArguments(output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}))
+    cache_script().main(*args)
+    return args
+
+
+def sorted_entries(locations, activations):
+    order = np.lexsort((locations[:, 2], locations[:, 1], locations[:, 0]))
+    return locations[order], activations[order]
+
+
+def test_cache_roundtrip_matches_the_naive_encoding(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    args = run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    cache = load_cache(tmp_path / "c" / "latents", HOOK)
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    rows = corpus_rows(args[1], tok)
+    sae = load_sae(args[2], d_model=16)
+    naive_loc, naive_act = record_rows_naive(model, sae, rows, layer=1, batch_size=7)
+    got_loc, got_act = sorted_entries(cache.locations.numpy(), cache.activations.numpy())
+    naive_loc, naive_act = sorted_entries(naive_loc, naive_act)
+    assert torch.equal(cache.tokens, rows)
+    assert np.array_equal(got_loc, naive_loc)
+    assert np.allclose(got_act, naive_act.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    assert (cache.locations[:, 1] > 0).all()  # position 0 (BOS) is never cached
+    assert len(np.unique(got_loc, axis=0)) == len(got_loc)
+    assert cache.width == 64 and not (tmp_path / "c" / "shards").exists()
+
+    cfg = cache.config
+    assert cfg["cache_ctx_len"] == 12 and cfg["n_splits"] == 3 and cfg["model_name"] == str(tiny_model_dir)
+    assert cfg["latentsim"]["position_0_excluded"] is True and cfg["latentsim"]["row_start"] == 3
+    run_config = json.loads((tmp_path / "c" / "run_config.json").read_text())
+    assert run_config["seed"] == 5 and run_config["config"]["sae"]["hookpoint"] == HOOK
+    assert run_config["versions"]["torch"] == torch.__version__.split("+")[0] or run_config["versions"]["torch"]
+
+
+def test_fast_and_naive_recording_agree_on_a_non_topk_path(tiny_model_dir, tiny_sae_dir, monkeypatch):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    sae = load_sae(SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir)))
+    rows = torch.randint(4, 40, (5, 9))
+    fast = sorted_entries(*record_rows(model, sae, rows, 1, batch_size=2))
+    monkeypatch.setattr("latentsim.sae.is_topk", lambda sae: False)  # forces dense encode + nonzero
+    dense = sorted_entries(*record_rows(model, sae, rows, 1, batch_size=3))
+    assert np.array_equal(fast[0], dense[0]) and np.allclose(fast[1], dense[1], atol=1e-6)
+
+
+def delphi_read(folder: Path):
+    """delphi's loader (latents/loader.py TensorBuffer), reimplemented: glob, parse start, add it back."""
+    locs, acts, tokens = [], [], None
+    for file in sorted(folder.glob("*.safetensors"), key=lambda f: int(f.stem.split("_")[0])):
+        start, _end = (int(x) for x in file.stem.split("_"))
+        data = load_file(str(file))
+        assert data["locations"].dtype in (np.uint16, np.uint32) and data["activations"].dtype == np.float16
+        loc = data["locations"].astype(np.int64)
+        loc[:, 2] += start
+        locs.append(loc)
+        acts.append(data["activations"])
+        tokens = data["tokens"].astype(np.int64)
+    return np.concatenate(locs), np.concatenate(acts), tokens
+
+
+def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    folder = tmp_path / "c" / "latents" / HOOK
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json"])
+    assert [p.name for p in (tmp_path / "c" / "latents").iterdir()] == [HOOK]  # delphi lists modules from here
+    assert split_bounds(131072, 5)[0] == (0, 26213) and split_bounds(131072, 5)[-1] == (104857, 131071)
+    for file in folder.glob("*.safetensors"):
+        start, end = (int(x) for x in file.stem.split("_"))
+        rel = load_file(str(file))["locations"][:, 2].astype(np.int64)
+        assert rel.min() >= 0 and rel.max() <= end - start  # latent column relative to the split start
+    d_loc, d_act, d_tok = delphi_read(folder)
+    ours = load_cache(tmp_path / "c" / "latents", HOOK)
+    assert np.array_equal(sorted_entries(d_loc, d_act)[0], sorted_entries(ours.locations.numpy(), ours.activations.numpy())[0])
+    assert np.array_equal(d_tok, ours.tokens.numpy())
+    config = json.loads((folder / "config.json").read_text())
+    assert {"model_name", "cache_ctx_len", "n_tokens", "n_splits", "dataset_repo", "batch_size"} <= set(config)
+
+
+def test_we_read_a_cache_written_by_delphi(tmp_path):
+    """delphi's writer: uint32 locations, int64 tokens, position 0 included, no latentsim block in config.json."""
+    folder = tmp_path / "latents" / "layers.11"
+    folder.mkdir(parents=True)
+    tokens = np.arange(2 * 5, dtype=np.int64).reshape(2, 5)
+    entries = [(0, 0, 3, 50.0), (0, 2, 3, 1.5), (1, 4, 3, 2.5), (1, 1, 120, 0.5), (0, 3, 130, 4.0)]
+    for start, end in [(0, 99), (100, 199)]:
+        sel = [e for e in entries if start <= e[2] <= end]
+        save_file({"locations": np.array([[r, p, lat - start] for r, p, lat, _ in sel], dtype=np.uint32),
+                   "activations": np.array([v for *_, v in sel], dtype=np.float16), "tokens": tokens},
+                  str(folder / f"{start}_{end}.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_name": "google/gemma-2-9b", "cache_ctx_len": 5}))
+    cache = load_cache(tmp_path / "latents", "layers.11")
+    got = sorted((*map(int, loc), float(a)) for loc, a in zip(cache.locations, cache.activations, strict=True))
+    assert got == sorted(entries)
+    stats = latent_statistics(cache, width=200, sample_size=10)
+    assert stats["firing_count"][3] == 2  # the position-0 entry (50.0) is excluded
+    assert stats["max_activation"][3] == pytest.approx(2.5)
+    assert int(stats["n_tokens"][0]) == 2 * 4
+
+
+def test_statistics_are_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.gamma(2.0, 1.0, size=300).astype(np.float32)
+    locations = np.stack([np.arange(300) // 10, np.arange(300) % 10 + 1, np.full(300, 2)], axis=1)
+    cache = SparseCache(torch.zeros(30, 11, dtype=torch.long), torch.from_numpy(locations), torch.from_numpy(values),
+                        {})
+    stats = latent_statistics(cache, width=4, sample_size=50)
+    assert stats["firing_count"].tolist() == [0, 0, 300, 0]
+    assert stats["firing_rate"][2] == pytest.approx(1.0)
+    assert stats["max_activation"][2] == pytest.approx(values.max())
+    assert stats["mean_activation"][2] == pytest.approx(values.mean(), rel=1e-5)
+    assert np.allclose(stats["quantile_edges"][2].numpy(), np.quantile(values, np.linspace(0, 1, 11)), atol=1e-5)
+    sample = latent_sample(stats, 2)
+    assert len(sample) == 50 and np.all(np.diff(sample) >= 0)
+    assert sample[0] == pytest.approx(values.min()) and sample[-1] == pytest.approx(values.max())
+    assert len(latent_sample(stats, 0)) == 0
+
+
+def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus,
+                                                               monkeypatch):
+    run_cache(tmp_path / "full", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    reference = load_cache(tmp_path / "full" / "latents", HOOK)
+
+    real_write = cache_mod.write_shard
+    written = []
+
+    def write_then_die(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # killed while the third shard is in flight
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    script = cache_script()
+    monkeypatch.setattr(script, "write_shard", write_then_die)
+    args = (ModelArguments(model_name_or_path=str(tiny_model_dir)),
+            CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
+            SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir)),
+            CacheArguments(output_dir=str(tmp_path / "resumed"), batch_size=4, shard_rows=6, n_splits=3))
+    with pytest.raises(KeyboardInterrupt):
+        script.main(*args)
+    shard_dir = tmp_path / "resumed" / "shards" / HOOK
+    assert len(list(shard_dir.glob("*.json"))) == 3  # two shard markers + the fingerprint
+    # A partial shard (file without marker) from the killed run must be regenerated, not trusted.
+    (shard_dir / "rows_0000012_0000018.safetensors").write_bytes(b"partial")
+
+    recorded = []
+    monkeypatch.setattr(script, "write_shard", lambda *a, **k: recorded.append(a[1]) or real_write(*a, **k))
+    script.main(*args)
+    assert recorded == [12, 18]  # only the unfinished shards ran again
+    resumed = load_cache(tmp_path / "resumed" / "latents", HOOK)
+    assert torch.equal(resumed.tokens, reference.tokens)
+    assert torch.equal(resumed.locations, reference.locations)
+    assert torch.equal(resumed.activations, reference.activations)
+
+    recorded.clear()
+    script.main(*args)  # a finished cache is skipped entirely
+    assert recorded == []
+    assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == len(resumed.activations)
+
+
+def test_resume_refuses_shards_of_another_config(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch):
+    script = cache_script()
+    monkeypatch.setattr(script, "read_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    base = dict(model_name_or_path=str(tiny_model_dir))
+    corpus = CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=8, seed=5)
+    sae = SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir))
+    cache_args = CacheArguments(output_dir=str(tmp_path), shard_rows=4)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(ModelArguments(**base), corpus, sae, cache_args)
+    corpus.seed = 6
+    with pytest.raises(ValueError, match="another config"):
+        script.main(ModelArguments(**base), corpus, sae, cache_args)
+
+
+def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    split = tmp_path / "c" / "latents" / HOOK / "21_41.safetensors"
+    data = bytearray(split.read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the payload: still parses, wrong values
+    split.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match="21_41.safetensors is corrupt.*rerun"):
+        load_cache(tmp_path / "c" / "latents", HOOK)
+
+    shard_dir = tmp_path / "shards"
+    arrays = (np.zeros((2, 3), np.int64), np.ones(2, np.float32), np.zeros((6, 4), np.int64))
+    cache_mod.write_shard(shard_dir, 0, 6, *arrays)
+    (shard_dir / "rows_0000000_0000006.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CorruptCacheError, match="rows_0000000_0000006.safetensors is corrupt"):
+        read_shards(shard_dir, shard_ranges(6, 6))
+    assert cache_mod.completed_shards(shard_dir, shard_ranges(6, 6)) == set()  # a rerun regenerates it

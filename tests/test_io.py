@@ -1,0 +1,46 @@
+"""Atomic writes and provenance."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_run_config
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "f.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(AttributeError):
+        atomic_write_text(target, None)  # fails while writing the temp file
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+@dataclass
+class Args:
+    learning_rate: float = 1.0e-4
+    hub_token: str = "hf_secretsecretsecretsecretsecret"
+    n_tokens: int = 7
+
+
+def test_run_config_has_provenance_and_no_secrets(tmp_path):
+    path = write_run_config(tmp_path, "stage_x", {"args": Args()}, seed=3)
+    record = json.loads(path.read_text())
+    assert record["stage"] == "stage_x" and record["seed"] == 3
+    assert record["config"]["args"] == {"learning_rate": 1.0e-4, "n_tokens": 7}
+    assert "hf_secret" not in path.read_text()
+    assert record["versions"]["torch"] and record["versions"]["transformers"]
+    assert "git_sha" in record and record["python"]
+
+
+def test_provenance_is_json_serialisable():
+    json.dumps(provenance("s", {"path": __import__("pathlib").Path("/x"), "t": (1, 2)}, None))
