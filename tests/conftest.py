@@ -42,7 +42,7 @@ def tiny_gemma_dir(tmp_path_factory) -> Path:
 def tiny_sae_dir(tmp_path_factory) -> Path:
     """A random TopK SAE (d_in 16, 64 latents, k 4) saved as a sae-lens folder."""
     path = tmp_path_factory.mktemp("tiny_sae")
-    build_tiny_sae(d_in=16, d_sae=64, k=4, hook_name="layers.1").save_inference_model(str(path))
+    build_tiny_sae(d_in=16, d_sae=64, k=4, hook_name="layers.1").save_model(str(path))
     return path
 
 

@@ -73,7 +73,7 @@ def test_cache_roundtrip_matches_the_naive_encoding(tmp_path, tiny_model_dir, ti
     assert cfg["latentsim"]["position_0_excluded"] is True and cfg["latentsim"]["row_start"] == 3
     run_config = json.loads((tmp_path / "c" / "run_config.json").read_text())
     assert run_config["seed"] == 5 and run_config["config"]["sae"]["hookpoint"] == HOOK
-    assert run_config["versions"]["torch"] == torch.__version__.split("+")[0] or run_config["versions"]["torch"]
+    assert run_config["versions"]["torch"] == torch.__version__
 
 
 def test_fast_and_naive_recording_agree_on_a_non_topk_path(tiny_model_dir, tiny_sae_dir, monkeypatch):
@@ -111,7 +111,7 @@ def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, ti
     for file in folder.glob("*.safetensors"):
         start, end = (int(x) for x in file.stem.split("_"))
         rel = load_file(str(file))["locations"][:, 2].astype(np.int64)
-        assert rel.min() >= 0 and rel.max() <= end - start  # latent column relative to the split start
+        assert ((rel >= 0) & (rel <= end - start)).all()  # latent column relative to the split start
     d_loc, d_act, d_tok = delphi_read(folder)
     ours = load_cache(tmp_path / "c" / "latents", HOOK)
     assert np.array_equal(sorted_entries(d_loc, d_act)[0], sorted_entries(ours.locations.numpy(), ours.activations.numpy())[0])

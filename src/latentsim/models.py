@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from latentsim.io import atomic_write_json, sha256_file
+from latentsim.io import atomic_write_json, provenance, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 CONVERTED_MARKER = "latentsim_embedded.json"
@@ -105,6 +105,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
             "source_gguf": gguf_path.name, "source_sha256": sha256_file(gguf_path),
             "dtype": "float32", "architecture": type(model).__name__,
             "n_parameters": sum(p.numel() for p in model.parameters()),
+            "provenance": provenance("convert_gguf", {"gguf": str(gguf_path)}, seed=None),
         })
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -203,9 +203,16 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, training_tokens: int, ba
             total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
             lr_end=lr * lr_end_fraction, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(50, steps // 10),
             device=str(x.device), dead_feature_window=max(steps // 4, 1), feature_sampling_window=max(steps // 2, 1),
-            n_batches_for_norm_estimate=min(20, steps), logger=LoggingConfig(log_to_wandb=False),
+            logger=LoggingConfig(log_to_wandb=False),
         ),
         sae=sae,
         data_provider=shuffled_batches(x, batch_size, seed),
     )
+    # Scale inputs to norm sqrt(d_in) (sae-lens folds the factor back into the weights after fit), and start
+    # b_dec at the data mean: from zero, a residual stream's large mean uses up most latents (FVE 0.17 vs 0.94
+    # on a synthetic sparse dictionary, tests/test_sae.py).
+    scaling_factor = x.shape[1] ** 0.5 / float(x.norm(dim=-1).mean())
+    trainer.activation_scaler.scaling_factor = scaling_factor
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(dim=0) * scaling_factor)
     return trainer.fit()

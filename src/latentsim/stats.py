@@ -26,7 +26,7 @@ def latent_statistics(cache: SparseCache, width: int, sample_size: int) -> dict[
     values = cache.activations[keep].double()
     n_tokens = cache.tokens.shape[0] * (cache.tokens.shape[1] - 1)
 
-    order = torch.argsort(latents * 0 + values, stable=True)        # by value ...
+    order = torch.argsort(values, stable=True)                      # by value ...
     order = order[torch.argsort(latents[order], stable=True)]       # ... then by latent (stable keeps value order)
     latents, values = latents[order], values[order]
     counts = torch.bincount(latents, minlength=width)
