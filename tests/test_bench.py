@@ -15,6 +15,7 @@ def test_bench_cache_checks_exactness(tiny_model_dir):
     assert result["exact"] is True
     assert result["n_nonzero"] == 6 * 9 * 4  # BOS excluded, k latents per token (random SAE: all positive)
     assert result["ratio_vs_naive"] > 0 and result["pct_of_matmul"] > 0
+    assert result["flop_ratio_bound"] > 1  # layer 1 of 3: the naive way runs one more layer and the lm_head
 
 
 def test_bench_cache_detects_a_mismatch(tiny_model_dir, monkeypatch):

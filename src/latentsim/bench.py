@@ -61,8 +61,14 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
     naive_s, ours_s = statistics.median(times["naive"]), statistics.median(times["ours"])
     tokens = rows.numel()
     # Useful work of the fast path: the layers up to the hook (2 FLOPs per weight per token) + the SAE encoder.
-    layers = model.model.layers[: layer + 1]
-    per_token = 2 * sum(p.numel() for p in layers.parameters()) + 2 * sae.cfg.d_in * sae.cfg.d_sae
+    from latentsim.sae import decoder_layers
+
+    layers = decoder_layers(model)
+    encoder = 2 * sae.cfg.d_in * sae.cfg.d_sae
+    per_token = 2 * sum(p.numel() for p in layers[: layer + 1].parameters()) + encoder
+    # The naive way also runs the remaining layers and the lm_head: the speed-up can not exceed this ratio.
+    naive_per_token = 2 * sum(p.numel() for p in layers.parameters()) + 2 * model.get_output_embeddings().weight.numel() \
+        + encoder
     gflops = per_token * tokens / ours_s / 1e9
     calibration = calibration_gflops or matmul_gflops()
     return {
@@ -70,6 +76,8 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
         "ratio_vs_naive": naive_s / ours_s,
         "tokens_per_s": {"naive": tokens / naive_s, "ours": tokens / ours_s},
         "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "flop_ratio_bound": naive_per_token / per_token,
+        "pct_of_flop_bound": 100 * (naive_s / ours_s) / (naive_per_token / per_token),
         "achieved_gflops": gflops,
         "matmul_calibration_gflops": calibration,
         "pct_of_matmul": 100 * gflops / calibration,
