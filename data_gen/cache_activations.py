@@ -6,7 +6,8 @@ Runs the model only up to the hookpoint, encodes the residual stream with the SA
 writes row shards with completion markers under `<output_dir>/shards/`; a rerun skips finished shards and
 redoes the rest. When every shard is done they are merged into `<output_dir>/latents/<hookpoint>/` (delphi's
 `<start>_<end>.safetensors` + `config.json`) and per-latent statistics go to `<output_dir>/stats/`.
-Position 0 (BOS) is never cached.
+Position 0 (BOS) is never cached. To use a cache made by delphi, copy its `latents/` folder into `output_dir`:
+the run finds a finished cache, loads no model and only computes the statistics.
 """
 
 import json
@@ -28,7 +29,7 @@ from latentsim.cache import (
     write_shard,
 )
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
-from latentsim.corpus import corpus_rows
+from latentsim.corpus import corpus_rows, load_corpus_from_args
 from latentsim.io import atomic_write_json, to_jsonable, write_run_config
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
@@ -61,23 +62,24 @@ def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
 def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAEArguments, args: CacheArguments) -> None:
     out = Path(args.output_dir)
     latents_dir, shard_dir, stats_dir = out / "latents", out / "shards" / sae_args.hookpoint, out / "stats"
-    if sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
-        raise FileNotFoundError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
-                                "train one with data_gen/train_sae.py or fix the path.")
     if args.overwrite:
         for path in (latents_dir / sae_args.hookpoint, shard_dir):
             shutil.rmtree(path, ignore_errors=True)
         for suffix in (".safetensors", ".json"):
             (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
-    stats_file = stats_dir / f"{sae_args.hookpoint}.json"
-    if cache_is_complete(latents_dir, sae_args.hookpoint) and stats_file.is_file():
+    # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
+    recorded = cache_is_complete(latents_dir, sae_args.hookpoint)
+    if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
         return
+    if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
+        raise FileNotFoundError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
+                                "train one with data_gen/train_sae.py or fix the path.")
     configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "cache_activations", configs, corpus_args.seed)
 
-    if not cache_is_complete(latents_dir, sae_args.hookpoint):
+    if not recorded:
         # A resumed run must be the same run: refuse shards written under another config.
         fingerprint = to_jsonable({k: v for k, v in configs.items() if k != "cache"}) | {"shard_rows": args.shard_rows}
         fp_path = shard_dir / "fingerprint.json"
@@ -86,12 +88,13 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
                              "or choose another output_dir.")
         atomic_write_json(fp_path, fingerprint)
 
+        corpus = load_corpus_from_args(corpus_args)
         model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
                                                     device=model_args.device, revision=model_args.model_revision,
                                                     trust_remote_code=model_args.trust_remote_code)
         layer = check_hookpoint(model, sae_args.hookpoint)
         sae = load_sae(sae_args, device=model.device, d_model=model.config.get_text_config().hidden_size)
-        rows = corpus_rows(corpus_args, tokenizer)
+        rows = corpus_rows(corpus_args, tokenizer, corpus)
         ranges = shard_ranges(len(rows), args.shard_rows)
         done = completed_shards(shard_dir, ranges)
         todo = [r for r in ranges if r not in done]

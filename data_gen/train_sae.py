@@ -8,6 +8,7 @@ an SAE; so are the rare other tokens with such massive norms), trains sae-lens' 
 variance explained, L0 and dead latents on held-out rows.
 """
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentsim.config import CorpusArguments, ModelArguments, TrainSAEArguments, parse_config
-from latentsim.corpus import corpus_rows
+from latentsim.corpus import corpus_rows, load_corpus_from_args
 from latentsim.io import atomic_write_json, write_run_config
 from latentsim.models import describe_model_source, load_model_and_tokenizer
 from latentsim.sae import check_hookpoint, drop_norm_outliers, residual_at, sae_quality, train_topk_sae
@@ -47,14 +48,13 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "train_sae", configs, corpus_args.seed)
 
+    corpus = load_corpus_from_args(corpus_args)
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
                                                 device=model_args.device, revision=model_args.model_revision,
                                                 trust_remote_code=model_args.trust_remote_code)
     layer = check_hookpoint(model, args.hookpoint)
     # Training rows first, then `eval_rows` held-out rows right after them.
-    corpus_args.n_rows += args.eval_rows
-    rows = corpus_rows(corpus_args, tokenizer)
-    corpus_args.n_rows -= args.eval_rows
+    rows = corpus_rows(dataclasses.replace(corpus_args, n_rows=corpus_args.n_rows + args.eval_rows), tokenizer, corpus)
     train_x = collect_residuals(model, rows[:-args.eval_rows], layer, args.batch_size, "residuals (train)")
     eval_x = collect_residuals(model, rows[-args.eval_rows:], layer, args.batch_size, "residuals (held out)")
     del model

@@ -133,6 +133,7 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
                   str(folder / f"{start}_{end}.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_name": "google/gemma-2-9b", "cache_ctx_len": 5}))
     cache = load_cache(tmp_path / "latents", "layers.11")
+    assert cache.width == 200
     got = sorted((*map(int, loc), float(a)) for loc, a in zip(cache.locations, cache.activations, strict=True))
     assert got == sorted(entries)
     stats = latent_statistics(cache, width=200, sample_size=10)
@@ -140,13 +141,21 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     assert stats["max_activation"][3] == pytest.approx(2.5)
     assert int(stats["n_tokens"][0]) == 2 * 4
 
+    # Brought into a run folder, the cache gets its statistics without loading any model or SAE.
+    cache_script().main(ModelArguments(model_name_or_path=str(tmp_path / "no-model")),
+                        CorpusArguments(corpus=str(tmp_path / "no-corpus")),
+                        SAEArguments(hookpoint="layers.11", sae_path=str(tmp_path / "no-sae")),
+                        CacheArguments(output_dir=str(tmp_path)))
+    stats = load_statistics(tmp_path / "stats", "layers.11")
+    assert stats["firing_count"].shape == (200,) and stats["firing_count"][3] == 2
+
 
 def test_statistics_are_exact(tmp_path):
     rng = np.random.default_rng(0)
     values = rng.gamma(2.0, 1.0, size=300).astype(np.float32)
     locations = np.stack([np.arange(300) // 10, np.arange(300) % 10 + 1, np.full(300, 2)], axis=1)
     cache = SparseCache(torch.zeros(30, 11, dtype=torch.long), torch.from_numpy(locations), torch.from_numpy(values),
-                        {})
+                        {}, width=4)
     stats = latent_statistics(cache, width=4, sample_size=50)
     assert stats["firing_count"].tolist() == [0, 0, 300, 0]
     assert stats["firing_rate"][2] == pytest.approx(1.0)

@@ -112,3 +112,8 @@ def test_missing_debian_packages_say_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "FORTUNES_DIR", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="apt-get install -y fortunes python3.11-doc"):
         corpus_mod.prepare_embedded_corpus("debian-english")
+
+
+def test_missing_local_corpus_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config key `corpus`"):
+        load_corpus(str(tmp_path / "nope.jsonl"))

@@ -44,3 +44,11 @@ def test_run_config_has_provenance_and_no_secrets(tmp_path):
 
 def test_provenance_is_json_serialisable():
     json.dumps(provenance("s", {"path": __import__("pathlib").Path("/x"), "t": (1, 2)}, None))
+
+
+def test_command_line_secrets_are_redacted():
+    from latentsim.io import redact_argv
+
+    argv = ["sft.py", "--hub_token", "abc", "--api_key=xyz", "--lr", "1e-4", "hf_" + "a" * 34, "--n_tokens", "5"]
+    assert redact_argv(argv) == ["sft.py", "--hub_token", "***", "--api_key=***", "--lr", "1e-4", "***",
+                                 "--n_tokens", "5"]

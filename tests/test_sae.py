@@ -99,3 +99,34 @@ def test_norm_outliers_are_dropped():
     kept, dropped = drop_norm_outliers(x, factor=10.0)
     assert dropped == 2 and kept.shape == (998, 8)
     assert torch.equal(kept[:3], x[:3]) and torch.equal(kept[3], x[4])
+
+
+def test_train_sae_script_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from sae_lens import SAE
+
+    from latentsim.config import CorpusArguments, ModelArguments, TrainSAEArguments
+
+    script_path = Path(__file__).resolve().parents[1] / "data_gen" / "train_sae.py"
+    spec = importlib.util.spec_from_file_location("train_sae", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "sae"
+    args = (ModelArguments(model_name_or_path=str(tiny_model_dir)),
+            CorpusArguments(corpus=str(tiny_corpus), ctx_len=16, n_rows=24, seed=1),
+            TrainSAEArguments(output_dir=str(out), hookpoint="layers.1", d_sae=32, k=4, training_tokens=3000,
+                              train_batch_size_tokens=120, lr=3.0e-3, eval_rows=4))
+    script.main(*args)
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["distinct_training_tokens"] + report["norm_outliers_excluded"]["train"] == 24 * 15  # BOS dropped
+    assert report["held_out"]["n_tokens"] + report["norm_outliers_excluded"]["held_out"] == 4 * 15
+    assert report["held_out"]["l0"] <= 4 and 0.0 < report["train"]["fve"] <= 1.0
+    sae = SAE.load_from_disk(str(out))
+    assert sae.cfg.d_sae == 32 and sae.cfg.metadata.hook_name == "layers.1"
+    assert json.loads((out / "run_config.json").read_text())["config"]["train_sae"]["k"] == 4
+    mtime = (out / "sae_weights.safetensors").stat().st_mtime_ns
+    script.main(*args)  # finished: skipped
+    assert (out / "sae_weights.safetensors").stat().st_mtime_ns == mtime

@@ -110,6 +110,10 @@ def load_corpus(corpus: str, split: str = "train", text_column: str = "text", co
     if corpus.startswith(EMBEDDED_PREFIX):
         corpus = str(prepare_embedded_corpus(corpus[len(EMBEDDED_PREFIX):]))
     path = Path(corpus)
+    looks_local = corpus.startswith((".", "/", "~")) or path.suffix in LOCAL_BUILDERS
+    if looks_local and not path.exists() and not any(ch in corpus for ch in "*?["):
+        raise FileNotFoundError(f"config key `corpus`: {corpus} does not exist; give an existing file/folder/glob, "
+                                "a Hub dataset id, or `embedded:debian-english`.")
     if path.exists() or any(ch in corpus for ch in "*?["):
         files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else sorted(_glob.glob(corpus))
         files = [f for f in files if Path(f).suffix in LOCAL_BUILDERS]
@@ -154,8 +158,13 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
     return torch.cat([bos, chunk], dim=1)
 
 
-def corpus_rows(args, tokenizer) -> torch.Tensor:
+def load_corpus_from_args(args):
+    """The dataset a stage's `CorpusArguments` name (load it before any model, so a bad corpus fails fast)."""
+    return load_corpus(args.corpus, args.corpus_split, args.corpus_text_column, args.corpus_config_name,
+                       args.corpus_revision)
+
+
+def corpus_rows(args, tokenizer, ds=None) -> torch.Tensor:
     """The rows a stage's `CorpusArguments` ask for."""
-    ds = load_corpus(args.corpus, args.corpus_split, args.corpus_text_column, args.corpus_config_name,
-                     args.corpus_revision)
+    ds = load_corpus_from_args(args) if ds is None else ds
     return tokenize_rows(ds, tokenizer, args.ctx_len, args.n_rows, args.row_start, args.seed, args.corpus_text_column)

@@ -97,6 +97,21 @@ def _is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY_RE.search(key))
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with secret values (`--hub_token X`, `--hub_token=X`, `hf_...`) replaced by ***."""
+    out = []
+    for i, arg in enumerate(argv):
+        flag, eq, _ = arg.partition("=")
+        if eq and _is_secret_key(flag.lstrip("-")):
+            arg = f"{flag}=***"
+        elif i > 0 and argv[i - 1].startswith("-") and _is_secret_key(argv[i - 1].lstrip("-")):
+            arg = "***"
+        elif re.fullmatch(r"hf_[A-Za-z0-9]{20,}", arg):
+            arg = "***"
+        out.append(arg)
+    return out
+
+
 def git_sha(repo_dir: str | os.PathLike | None = None) -> str | None:
     """The commit of the latentsim checkout (with `+dirty` if it has uncommitted changes), or None."""
     repo_dir = Path(repo_dir) if repo_dir else Path(__file__).resolve().parents[2]
@@ -127,7 +142,7 @@ def provenance(stage: str, configs: dict[str, Any], seed: int | None) -> dict[st
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "git_sha": git_sha(),
-        "command": " ".join(sys.argv),
+        "command": " ".join(redact_argv(sys.argv)),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": package_versions(),
