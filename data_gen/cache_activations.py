@@ -30,7 +30,7 @@ from latentsim.cache import (
 )
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
 from latentsim.corpus import corpus_rows, load_corpus_from_args
-from latentsim.io import atomic_write_json, to_jsonable, write_run_config
+from latentsim.io import atomic_write_json, config_differences, to_jsonable, write_run_config
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
 from latentsim.stats import latent_statistics, save_statistics
@@ -68,14 +68,19 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
         for suffix in (".safetensors", ".json"):
             (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
     # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
+    configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     recorded = cache_is_complete(latents_dir, sae_args.hookpoint)
     if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
+        speed_only = {"cache.overwrite", "cache.batch_size", "cache.shard_rows"}
+        diffs = config_differences(out, configs, ignore=speed_only)
+        if diffs:
+            raise ValueError(f"{out} holds a cache made with another config ({'; '.join(diffs)}); "
+                             "set --overwrite true to redo it, or choose another output_dir.")
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
         return
     if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
         raise FileNotFoundError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
                                 "train one with data_gen/train_sae.py or fix the path.")
-    configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "cache_activations", configs, corpus_args.seed)
 

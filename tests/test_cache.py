@@ -205,8 +205,12 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_m
     assert torch.equal(resumed.activations, reference.activations)
 
     recorded.clear()
+    args[3].batch_size = 2  # speed-only settings may change
     script.main(*args)  # a finished cache is skipped entirely
     assert recorded == []
+    args[1].n_rows = 21
+    with pytest.raises(ValueError, match="corpus.n_rows: 20 -> 21"):
+        script.main(*args)
     assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == len(resumed.activations)
 
 

@@ -130,3 +130,6 @@ def test_train_sae_script_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     mtime = (out / "sae_weights.safetensors").stat().st_mtime_ns
     script.main(*args)  # finished: skipped
     assert (out / "sae_weights.safetensors").stat().st_mtime_ns == mtime
+    args[2].k = 8  # a changed config is never answered with the old SAE
+    with pytest.raises(ValueError, match="train_sae.k: 4 -> 8"):
+        script.main(*args)

@@ -156,3 +156,24 @@ def write_run_config(output_dir: str | os.PathLike, stage: str, configs: dict[st
     path = Path(output_dir) / "run_config.json"
     atomic_write_json(path, provenance(stage, configs, seed))
     return path
+
+
+def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], ignore: set[str]) -> list[str]:
+    """Keys (`section.key`) whose values differ from the run recorded in `output_dir/run_config.json`.
+
+    A stage that finds finished work calls this before skipping it, so a changed config is never answered with
+    results of the old one. Keys in `ignore` (`section.key`, e.g. speed-only settings) are not compared.
+    """
+    path = Path(output_dir) / "run_config.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text()).get("config", {})
+    new = to_jsonable(configs)
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        old_s, new_s = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(old_s) | set(new_s)):
+            name = f"{section}.{key}"
+            if name not in ignore and old_s.get(key) != new_s.get(key):
+                diffs.append(f"{name}: {old_s.get(key)!r} -> {new_s.get(key)!r}")
+    return diffs
