@@ -10,7 +10,6 @@ Position 0 (BOS) is never cached. To use a cache made by delphi, copy its `laten
 the run finds a finished cache, loads no model and only computes the statistics.
 """
 
-import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from latentsim.cache import (
 )
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
 from latentsim.corpus import corpus_rows, load_corpus_from_args
-from latentsim.io import atomic_write_json, config_differences, to_jsonable, write_run_config
+from latentsim.io import config_differences, write_run_config
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
 from latentsim.stats import latent_statistics, save_statistics
@@ -67,15 +66,17 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
             shutil.rmtree(path, ignore_errors=True)
         for suffix in (".safetensors", ".json"):
             (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
-    # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
     configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     recorded = cache_is_complete(latents_dir, sae_args.hookpoint)
-    if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
-        speed_only = {"cache.overwrite", "cache.batch_size", "cache.shard_rows"}
-        diffs = config_differences(out, configs, ignore=speed_only)
+    # Finished or half-done work is reused only if it was made with the same config.
+    ignore = {"cache.overwrite", "cache.batch_size"} | ({"cache.shard_rows"} if recorded else set())
+    if recorded or shard_dir.is_dir():
+        diffs = config_differences(out, configs, ignore=ignore)
         if diffs:
             raise ValueError(f"{out} holds a cache made with another config ({'; '.join(diffs)}); "
                              "set --overwrite true to redo it, or choose another output_dir.")
+    # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
+    if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
         return
     if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
@@ -85,14 +86,6 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
     write_run_config(out, "cache_activations", configs, corpus_args.seed)
 
     if not recorded:
-        # A resumed run must be the same run: refuse shards written under another config.
-        fingerprint = to_jsonable({k: v for k, v in configs.items() if k != "cache"}) | {"shard_rows": args.shard_rows}
-        fp_path = shard_dir / "fingerprint.json"
-        if fp_path.is_file() and json.loads(fp_path.read_text()) != fingerprint:
-            raise ValueError(f"{shard_dir} holds shards of a run with another config; set --overwrite true "
-                             "or choose another output_dir.")
-        atomic_write_json(fp_path, fingerprint)
-
         corpus = load_corpus_from_args(corpus_args)
         model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
                                                     device=model_args.device, revision=model_args.model_revision,
