@@ -168,6 +168,14 @@ def test_statistics_are_exact(tmp_path):
     assert len(latent_sample(stats, 0)) == 0
 
 
+def test_token_major_groups_a_contexts_latents():
+    locations = torch.tensor([[1, 2, 5], [0, 3, 1], [1, 2, 0], [0, 1, 7]])
+    cache = SparseCache(torch.zeros(2, 4, dtype=torch.long), locations, torch.arange(4.0), {}, width=8)
+    ordered = cache.token_major()
+    assert ordered.locations.tolist() == [[0, 1, 7], [0, 3, 1], [1, 2, 0], [1, 2, 5]]
+    assert ordered.activations.tolist() == [3.0, 1.0, 2.0, 0.0]
+
+
 def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus,
                                                                monkeypatch):
     run_cache(tmp_path / "full", tiny_model_dir, tiny_sae_dir, tiny_corpus)

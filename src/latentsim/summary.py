@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from latentsim.cache import load_cache
+from latentsim.models import resolve_model_path
 from latentsim.stats import load_statistics
 
 
@@ -48,10 +50,6 @@ def main(run_dir: str) -> None:
         print(f"      {cache.tokens.shape[0]} rows x {cache.tokens.shape[1]} tokens, {len(cache.activations)} non-zeros, "
               f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
         print(f"STATS {run / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
-        from transformers import AutoTokenizer
-
-        from latentsim.models import resolve_model_path
-
         model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config["model_name"])
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
         rate = stats["firing_rate"]
