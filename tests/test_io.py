@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_run_config
+from latentsim.io import atomic_write_json, atomic_write_text, current_umask, provenance, write_run_config
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -14,6 +14,7 @@ def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

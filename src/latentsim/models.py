@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from latentsim.io import atomic_write_json, provenance, sha256_file
+from latentsim.io import atomic_write_json, current_umask, provenance, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 CONVERTED_MARKER = "latentsim_embedded.json"
@@ -107,6 +107,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "provenance": provenance("convert_gguf", {"gguf": str(gguf_path)}, seed=None),
         })
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
