@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 WORDS = ("the cat dog sat on a mat and ran far away yes no it was red blue green big small house tree "
-         "river sun moon star day night one two three four five run jump sing read write code data").split()
+         "river sun moon star day night one two three four five run jump sing read write code data "
+         "Yes No 0 1 2 3 4 5 6 7 8 9").split()
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
 
@@ -22,6 +23,18 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>")
     fast.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
                           "{% if add_generation_prompt %}<bos> assistant {% endif %}")
+    return fast
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: splits text very differently from the WordLevel one."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = build_tiny_tokenizer().chat_template
     return fast
 
 

@@ -1,0 +1,106 @@
+"""Versioned simulator prompt formats, shared by data_gen (rendering), train (via the dataset) and eval.
+
+A format is a name whose rendering never changes once released (golden tests in tests/golden/ pin every
+byte); a new behaviour gets a new name. Rows are TRL conversational prompt-completion:
+`prompt` = [user message], `completion` = [assistant message with the answer]. The question and the context
+come first and the interpretation last, so at eval time one context prefix is shared by every latent and only
+the interpretation (+ the chat template's closing tokens) differs per judgment (performance.md 3.7).
+
+The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
+unambiguous whatever tokenizer the simulator uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MARK_OPEN, MARK_CLOSE = "<<", ">>"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    question: str          # the instruction that opens the user message
+    answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
+    label: str             # which dataset label the answer encodes: `active`, `activation_bin`, `quantile_bin`
+
+
+SIM_V1 = PromptFormat(
+    name="sim_v1",
+    question=("Below is a text and the interpretation of a sparse-autoencoder latent. Is the latent active on the "
+              f"last token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}? Answer Yes or No."),
+    answers=("No", "Yes"),
+    label="active",
+)
+SIM_VALUE_V1 = PromptFormat(
+    name="sim_value_v1",
+    question=("Below is a text and the interpretation of a sparse-autoencoder latent that is active on the last "
+              f"token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}. How strongly is it active, from "
+              "0 (weakest) to 9 (strongest)? Answer with one digit."),
+    answers=tuple(str(d) for d in range(10)),
+    label="bin",
+)
+PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1)}
+
+
+def get_format(name: str) -> PromptFormat:
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {name!r}; known formats: {sorted(PROMPT_FORMATS)}.")
+    return PROMPT_FORMATS[name]
+
+
+def marked_context(prefix: str, judged: str) -> str:
+    """The context as shown to the simulator: decoded text with the judged (last) token marked."""
+    return f"{prefix}{MARK_OPEN}{judged}{MARK_CLOSE}"
+
+
+def render_prompt(fmt: str, context: str, interpretation: str, score: float | None = None) -> list[dict]:
+    """The prompt messages for one (context, latent) judgment. `context` comes from `marked_context`."""
+    f = get_format(fmt)
+    text = f"{f.question}\n\nText: {context}\n\nInterpretation: {interpretation.strip()}"
+    if score is not None:
+        text += f"\nInterpretation score: {score:.2f}"
+    return [{"role": "user", "content": text}]
+
+
+def render_completion(fmt: str, label: int) -> list[dict]:
+    """The assistant message answering with `label` (0/1 for binary formats, 0-9 for value formats)."""
+    f = get_format(fmt)
+    if not 0 <= label < len(f.answers):
+        raise ValueError(f"label {label} has no answer in format {fmt} (answers {f.answers}).")
+    return [{"role": "assistant", "content": f.answers[label]}]
+
+
+def parse_answer(fmt: str, text: str) -> int | None:
+    """The label a generated answer gives, or None when it is not one of the format's answers."""
+    f = get_format(fmt)
+    text = text.strip()
+    return f.answers.index(text) if text in f.answers else None
+
+
+def answer_token_ids(fmt: str, tokenizer) -> list[int]:
+    """The token id of every answer, checked to be exactly one token where it stands after the chat prompt.
+
+    TRL tokenizes prompt and prompt+completion separately; the answer must be one token, and the prompt's tokens
+    must be a prefix of prompt+completion, or the label would be split or shifted.
+    """
+    f = get_format(fmt)
+    messages = render_prompt(fmt, marked_context("a", "b"), "c")
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    ids = []
+    for answer in f.answers:
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        if full[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"format {fmt}: the tokenized prompt is not a prefix of prompt + answer {answer!r} "
+                             "for this tokenizer's chat template; the label would be misaligned.")
+        rest = full[len(prompt_ids):]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(answer_ids) != 1 or rest[:1] != answer_ids:
+            raise ValueError(f"format {fmt}: answer {answer!r} is not one token for this tokenizer "
+                             f"({tokenizer.convert_ids_to_tokens(rest[:3])}); use another format.")
+        ids.append(answer_ids[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"format {fmt}: two answers share a token for this tokenizer.")
+    return ids
