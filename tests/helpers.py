@@ -70,3 +70,27 @@ def build_tiny_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, hook_name: str =
         sae.W_enc.copy_(sae.W_dec.T.clone())
         sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
     return sae
+
+
+def load_script(relative: str):
+    """Import an entry script (data_gen/x.py) as a module, as tests may not import script folders as packages."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_cache(out: Path, model_dir: Path, sae_dir: Path, corpus: Path, n_rows: int = 20, ctx_len: int = 12,
+               hookpoint: str = "layers.1", **cache_kwargs):
+    """Run data_gen/cache_activations.py on tiny assets; returns the parsed argument dataclasses."""
+    from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
+
+    args = (ModelArguments(model_name_or_path=str(model_dir)),
+            CorpusArguments(corpus=str(corpus), ctx_len=ctx_len, n_rows=n_rows, row_start=3, seed=5),
+            SAEArguments(hookpoint=hookpoint, sae_path=str(sae_dir)),
+            CacheArguments(output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}))
+    load_script("data_gen/cache_activations.py").main(*args)
+    return args

@@ -1,12 +1,12 @@
 """The activation cache: round trip, delphi-layout interop, resume without loss or duplicates, corruption."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_script, make_cache
 from safetensors.numpy import load_file, save_file
 
 from latentsim import cache as cache_mod
@@ -31,19 +31,11 @@ HOOK = "layers.1"
 
 
 def cache_script():
-    spec = importlib.util.spec_from_file_location("cache_activations", ROOT / "data_gen" / "cache_activations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("data_gen/cache_activations.py")
 
 
 def run_cache(out, model_dir, sae_dir, corpus, **cache_kwargs):
-    args = (ModelArguments(model_name_or_path=str(model_dir)),
-            CorpusArguments(corpus=str(corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
-            SAEArguments(hookpoint=HOOK, sae_path=str(sae_dir)),
-            CacheArguments(output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}))
-    cache_script().main(*args)
-    return args
+    return make_cache(out, model_dir, sae_dir, corpus, **cache_kwargs)
 
 
 def sorted_entries(locations, activations):

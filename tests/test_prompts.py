@@ -7,7 +7,12 @@ import pytest
 from helpers import build_char_tokenizer, build_tiny_tokenizer
 
 from latentsim.prompts import (
-    PROMPT_FORMATS, answer_token_ids, marked_context, parse_answer, render_completion, render_prompt,
+    PROMPT_FORMATS,
+    answer_token_ids,
+    marked_context,
+    parse_answer,
+    render_completion,
+    render_prompt,
 )
 
 GOLDEN = Path(__file__).parent / "golden"

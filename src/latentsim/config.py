@@ -181,6 +181,43 @@ class TrainSAEArguments:
 
 
 @dataclass
+class ExplainArguments:
+    """data_gen/explain.py: interpret latents from examples sampled out of the cache."""
+
+    cache_dir: str = field(default="outputs/cache", metadata={"help": "A finished activation cache (cache_activations.py)."})
+    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
+    explanations_dir: str = field(default="outputs/explanations", metadata={"help": "Sets are written to <dir>/<set_name>/."})
+    explainer: str = field(default="token_list", metadata={"help": "`token_list` (no LLM) or `llm`."})
+    sampling: str = field(default="quantiles", metadata={"help": "`top` (highest windows) or `quantiles` (10 equal-count)."})
+    set_name: str | None = field(default=None, metadata={"help": "Default: <explainer>-<sampling>."})
+    window: int = field(default=32, metadata={"help": "Tokens per example window."})
+    n_top: int = field(default=20, metadata={"help": "`top`: windows per latent."})
+    n_quantiles: int = field(default=10, metadata={"help": "`quantiles`: number of quantiles."})
+    per_quantile: int = field(default=2, metadata={"help": "`quantiles`: windows drawn per quantile."})
+    min_activations: int = field(default=5, metadata={"help": "Latents firing fewer times are reported, not explained."})
+    max_latents: int = field(default=0, metadata={"help": "Explain a seeded random sample of this many latents (0: all)."})
+    explainer_model: str = field(default="embedded:smollm2-135m", metadata={"help": "`llm`: chat model (Hub id, folder, embedded)."})
+    batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
+    max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
+    device: str = field(default="auto", metadata={"help": "`llm`: auto, cpu, cuda, cuda:N."})
+    seed: int = field(default=22, metadata={"help": "Seed for sampling latents and examples."})
+
+    def __post_init__(self):
+        hookpoint_layer(self.hookpoint)
+        if self.explainer not in ("token_list", "llm"):
+            _fail("explainer", f"{self.explainer!r} is not `token_list` or `llm`.")
+        if self.sampling not in ("top", "quantiles"):
+            _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
+        for key in ("window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        if self.max_latents < 0:
+            _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
+        if self.set_name is None:
+            self.set_name = f"{self.explainer}-{self.sampling}"
+
+
+@dataclass
 class PrepareArguments:
     """data_gen/prepare_embedded.py: build the embedded default (models converted once, corpus files)."""
 

@@ -1,0 +1,80 @@
+"""Interpret SAE latents from examples sampled out of the activation cache (delphi's file layout).
+
+    python data_gen/explain.py --config configs/data/explain_token_list_quantiles.yaml [--key value ...]
+
+Samples each latent's examples `top` or `quantiles` (delphi's schemes), explains them with the token-list
+explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanations_dir>/<set_name>/
+<hookpoint>_latent<id>.txt` one latent at a time, atomically: a rerun explains only the latents still missing.
+Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently skipped.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from latentsim.cache import load_cache
+from latentsim.config import ExplainArguments, parse_config
+from latentsim.explain import (
+    LatentIndex, explanation_path, llm_explanations, sample_examples, token_list_explanation, write_explanation,
+)
+from latentsim.io import atomic_write_json, config_differences, write_run_config
+from latentsim.models import load_model_and_tokenizer, resolve_model_path
+
+# The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
+DATACLASSES = (ExplainArguments,)
+
+
+def main(args: ExplainArguments) -> None:
+    set_dir = Path(args.explanations_dir) / args.set_name
+    diffs = config_differences(set_dir, {"explain": args}, ignore={"explain.batch_size", "explain.device"})
+    if diffs:
+        raise ValueError(f"{set_dir} holds interpretations made with another config ({'; '.join(diffs)}); "
+                         "choose another set_name or delete the folder.")
+    cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
+    set_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(set_dir, "explain", {"explain": args}, args.seed)
+
+    model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
+    subject_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    index = LatentIndex(cache, args.window)
+    counts = np.diff(index.offsets)
+    eligible = np.nonzero(counts >= args.min_activations)[0]
+    if args.max_latents:
+        rng = np.random.default_rng(args.seed)
+        eligible = np.sort(rng.choice(eligible, size=min(args.max_latents, len(eligible)), replace=False))
+    todo = [int(lat) for lat in eligible if not explanation_path(set_dir, args.hookpoint, int(lat)).exists()]
+    print(f"[explain] {set_dir}: {len(eligible)} latents to explain ({len(eligible) - len(todo)} done), "
+          f"{int((counts < args.min_activations).sum())} fire fewer than {args.min_activations} times")
+
+    def examples_of(latent: int):
+        rng = np.random.default_rng([args.seed, latent])  # per latent: same examples whatever the resume point
+        return sample_examples(index, latent, args.sampling, rng, args.n_top, args.n_quantiles, args.per_quantile)
+
+    empty = []
+    if args.explainer == "token_list":
+        for latent in tqdm(todo, desc=f"explain ({args.set_name})", unit="latent"):
+            write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(examples_of(latent), subject_tokenizer))
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=args.device)
+        for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
+            chunk = todo[i:i + args.batch_size]
+            texts = llm_explanations(model, tokenizer, subject_tokenizer, [examples_of(lat) for lat in chunk],
+                                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            for latent, text in zip(chunk, texts, strict=True):
+                if text:
+                    write_explanation(set_dir, args.hookpoint, latent, text)
+                else:
+                    empty.append(latent)
+    explained = sum(explanation_path(set_dir, args.hookpoint, int(lat)).exists() for lat in eligible)
+    report = {"set": args.set_name, "explainer": args.explainer, "sampling": args.sampling, "width": cache.width,
+              "eligible": len(eligible), "explained": explained, "empty_outputs": empty,
+              "too_rare": int((counts < args.min_activations).sum()), "min_activations": args.min_activations}
+    atomic_write_json(set_dir / "explain_report.json", report)
+    print(f"[explain] {explained} of {len(eligible)} latents explained in {set_dir}"
+          + (f"; {len(empty)} produced no text (listed in explain_report.json)" if empty else ""))
+
+
+if __name__ == "__main__":
+    main(*parse_config(DATACLASSES))

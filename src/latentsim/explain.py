@@ -1,0 +1,233 @@
+"""Interpretations of SAE latents: examples sampled from the cache, explainers, and the delphi file layout.
+
+Examples are 32-token windows: every cache row is cut into non-overlapping windows (as delphi does) and a
+latent's activating windows are ranked by their max activation. `top` sampling takes the highest windows;
+`quantiles` splits them into 10 equal-count quantiles and draws a few from each, so an interpretation sees
+the weak activations too. Interpretations are written one file per latent, `<set>/<hookpoint>_latent<id>.txt`,
+holding a JSON string (delphi's layout), atomically, so a rerun skips latents already explained.
+
+Existing interpretations load from: a folder of such files (ours or delphi's), a JSON dict {latent id: text}
+(the seed's format), or a Neuronpedia export (a JSON list of {"index"/"feature", "description"/"explanation"}).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentsim.cache import SparseCache
+from latentsim.io import atomic_write_text
+
+FILE_RE = re.compile(r"^(?P<module>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
+
+
+# -------------------------------------------------------------------------------------------- examples
+@dataclass
+class Example:
+    row: int
+    start: int               # position of the window's first token in the row
+    tokens: np.ndarray       # [window] token ids
+    activations: np.ndarray  # [window] this latent's activation per token (0 where inactive)
+    quantile: int | None = None  # for `quantiles` sampling: 0 (weakest) .. n_quantiles-1
+
+    @property
+    def max_activation(self) -> float:
+        return float(self.activations.max())
+
+
+class LatentIndex:
+    """Latent-major view of a cache: the entries of latent l are `order[offsets[l]:offsets[l + 1]]`."""
+
+    def __init__(self, cache: SparseCache, window: int = 32):
+        self.cache = cache
+        self.window = window
+        self.windows_per_row = cache.tokens.shape[1] // window
+        loc = cache.locations.numpy()
+        self.rows, self.positions, self.latents = loc[:, 0], loc[:, 1], loc[:, 2]
+        self.values = cache.activations.numpy()
+        self.order = np.argsort(self.latents, kind="stable")
+        counts = np.bincount(self.latents, minlength=cache.width)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.tokens = cache.tokens.numpy()
+
+    @property
+    def n_windows(self) -> int:
+        return self.tokens.shape[0] * self.windows_per_row
+
+    def count(self, latent: int) -> int:
+        return int(self.offsets[latent + 1] - self.offsets[latent])
+
+    def activating_windows(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window ids, max activation in each window) of every window where `latent` fires."""
+        idx = self.order[self.offsets[latent]:self.offsets[latent + 1]]
+        in_window = self.positions[idx] < self.windows_per_row * self.window
+        idx = idx[in_window]
+        win = self.rows[idx] * self.windows_per_row + self.positions[idx] // self.window
+        sort = np.argsort(win, kind="stable")
+        win, vals = win[sort], self.values[idx][sort]
+        if len(win) == 0:
+            return win, vals
+        starts = np.concatenate([[0], np.nonzero(np.diff(win))[0] + 1])
+        return win[starts], np.maximum.reduceat(vals, starts)
+
+    def example(self, latent: int, window_id: int, quantile: int | None = None) -> Example:
+        row, k = divmod(int(window_id), self.windows_per_row)
+        start = k * self.window
+        idx = self.order[self.offsets[latent]:self.offsets[latent + 1]]
+        mine = idx[(self.rows[idx] == row) & (self.positions[idx] >= start) & (self.positions[idx] < start + self.window)]
+        acts = np.zeros(self.window, dtype=np.float32)
+        acts[self.positions[mine] - start] = self.values[mine]
+        return Example(row, start, self.tokens[row, start:start + self.window].copy(), acts, quantile)
+
+
+def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.random.Generator, n_top: int = 20,
+                    n_quantiles: int = 10, per_quantile: int = 2) -> list[Example]:
+    """Activating examples of one latent, sampled `top` or `quantiles` (delphi's two schemes)."""
+    windows, maxima = index.activating_windows(latent)
+    if sampling == "top":
+        best = np.argsort(-maxima, kind="stable")[:n_top]
+        return [index.example(latent, windows[i]) for i in best]
+    if sampling == "quantiles":
+        ranked = np.argsort(maxima, kind="stable")
+        out = []
+        for q, chunk in enumerate(np.array_split(ranked, n_quantiles)):
+            if len(chunk):
+                pick = rng.choice(chunk, size=min(per_quantile, len(chunk)), replace=False)
+                out.extend(index.example(latent, windows[i], quantile=q) for i in sorted(pick))
+        return out
+    raise ValueError(f"config key `sampling`: {sampling!r} is not `top` or `quantiles`.")
+
+
+def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.random.Generator) -> list[Example]:
+    """Random windows where `latent` never fires."""
+    active = set(index.activating_windows(latent)[0].tolist())
+    candidates = np.setdiff1d(np.arange(index.n_windows), np.fromiter(active, dtype=np.int64, count=len(active)))
+    pick = rng.choice(candidates, size=min(n, len(candidates)), replace=False)
+    return [index.example(latent, int(w)) for w in sorted(pick)]
+
+
+# ------------------------------------------------------------------------------------------ explainers
+def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3, context: int = 8) -> str:
+    """No LLM: the tokens the latent fires on most strongly across the examples, with one example context."""
+    weight: Counter = Counter()
+    for ex in examples:
+        weight[int(ex.tokens[int(ex.activations.argmax())])] += ex.max_activation
+    top = [tok for tok, _ in weight.most_common(n_tokens)]
+    names = [json.dumps(tokenizer.decode([t]), ensure_ascii=False) for t in top]
+    best = max(examples, key=lambda ex: ex.max_activation)
+    at = int(best.activations.argmax())
+    before = tokenizer.decode(best.tokens[max(0, at - context):at].tolist(), skip_special_tokens=True)
+    judged = tokenizer.decode(best.tokens[at:at + 1].tolist())
+    text = f"the token {names[0]}"
+    if len(names) > 1:
+        text += f" (also {', '.join(names[1:])})"
+    return text + f", as in \"...{before}{judged}\"".replace("\n", " ")
+
+
+# ---------------------------------------------------------------------------------------- file layout
+def explanation_path(set_dir: Path, hookpoint: str, latent: int) -> Path:
+    return Path(set_dir) / f"{hookpoint}_latent{latent}.txt"
+
+
+def write_explanation(set_dir: Path, hookpoint: str, latent: int, text: str) -> None:
+    atomic_write_text(explanation_path(set_dir, hookpoint, latent), json.dumps(text, ensure_ascii=False))
+
+
+def _normalise_module(module: str) -> str:
+    return module.removeprefix("model.").removeprefix(".model.")
+
+
+def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[int, str]:
+    """Interpretations {latent: text} from any supported format, checked against the SAE's hookpoint and width."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"interpretations {path} not found; generate them with data_gen/explain.py.")
+    out: dict[int, str] = {}
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no <hookpoint>_latent<id>.txt explanation files.")
+        for file in files:
+            match = FILE_RE.match(file.name)
+            if not match:
+                raise ValueError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
+            if _normalise_module(match["module"]) != _normalise_module(hookpoint):
+                raise ValueError(f"{file} explains hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
+            raw = file.read_text(encoding="utf-8")
+            try:
+                text = json.loads(raw)
+            except json.JSONDecodeError:
+                text = raw  # plain-text files are accepted too
+            out[int(match["latent"])] = str(text)
+    else:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "explanations" in data:
+            data = data["explanations"]
+        if isinstance(data, dict):  # the seed's {latent id: text}
+            out = {int(k): str(v) for k, v in data.items()}
+        elif isinstance(data, list):  # Neuronpedia-style export
+            for item in data:
+                latent = item.get("index", item.get("feature"))
+                text = item.get("description", item.get("explanation"))
+                if latent is None or text is None:
+                    raise ValueError(f"{path}: entries need `index` and `description` (Neuronpedia export).")
+                layer = str(item.get("layer", ""))
+                match = re.match(r"(\d+)", layer)
+                if match and f"layers.{match[1]}" != _normalise_module(hookpoint):
+                    raise ValueError(f"{path}: entry for layer {layer!r}, but the SAE reads {hookpoint!r}.")
+                out[int(latent)] = str(text)
+        else:
+            raise ValueError(f"{path}: expected a JSON dict {{latent: text}} or a Neuronpedia list.")
+    bad = sorted(k for k in out if not 0 <= k < width)
+    if bad:
+        raise ValueError(f"{path}: latents {bad[:5]} are outside the SAE's {width} latents; wrong SAE?")
+    return out
+
+
+def highlighted_text(example: Example, tokenizer, threshold: float = 0.3) -> str:
+    """The window's text with tokens at >= threshold x the window's max activation marked <<like this>>."""
+    cut = threshold * example.max_activation
+    parts = []
+    for tok, act in zip(example.tokens.tolist(), example.activations.tolist(), strict=True):
+        piece = tokenizer.decode([tok], skip_special_tokens=True)
+        parts.append(f"<<{piece}>>" if act > 0 and act >= cut else piece)
+    return "".join(parts).replace("<<>>", "").replace("\n", " ")
+
+
+LLM_EXPLAINER_PROMPT = (
+    "Here are text examples where one feature of a language model is active. The tokens where it is active are "
+    "marked <<like this>>.\n\n{examples}\n\nIn a few words, what does the feature detect? Answer with a short "
+    "phrase only."
+)
+
+
+def llm_explanations(model, tokenizer, subject_tokenizer, examples_per_latent: list[list[Example]],
+                     batch_size: int = 8, max_new_tokens: int = 32, max_examples: int = 10) -> list[str]:
+    """One interpretation per latent from a chat LLM (greedy decoding), from highlighted examples."""
+    import torch
+
+    prompts = []
+    for examples in examples_per_latent:
+        shown = "\n".join(f"Example {i + 1}: {highlighted_text(ex, subject_tokenizer)}"
+                          for i, ex in enumerate(examples[:max_examples]))
+        messages = [{"role": "user", "content": LLM_EXPLAINER_PROMPT.format(examples=shown)}]
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                       pad_token_id=tokenizer.pad_token_id)
+        for seq in generated[:, batch["input_ids"].shape[1]:]:
+            text = tokenizer.decode(seq, skip_special_tokens=True).strip().split("\n")[0]
+            out.append(text.strip().strip('"').strip())
+    return out
