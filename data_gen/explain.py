@@ -17,7 +17,12 @@ from transformers import AutoTokenizer
 from latentsim.cache import load_cache
 from latentsim.config import ExplainArguments, parse_config
 from latentsim.explain import (
-    LatentIndex, explanation_path, llm_explanations, sample_examples, token_list_explanation, write_explanation,
+    LatentIndex,
+    explanation_path,
+    llm_explanations,
+    sample_examples,
+    token_list_explanation,
+    write_explanation,
 )
 from latentsim.io import atomic_write_json, config_differences, write_run_config
 from latentsim.models import load_model_and_tokenizer, resolve_model_path

@@ -218,6 +218,76 @@ class ExplainArguments:
 
 
 @dataclass
+class DatasetArguments:
+    """data_gen/build_dataset.py: (interpretation, context, label) examples under a data mixture."""
+
+    cache_dir: str = field(default="outputs/cache", metadata={"help": "A finished activation cache."})
+    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
+    interpretations: list[str] = field(
+        default_factory=list, metadata={"help": "Interpretation sets (folder, JSON dict or Neuronpedia export); "
+                                                "several are mixed per example by `interpretation_weights`."})
+    interpretation_weights: list[float] = field(default_factory=list, metadata={"help": "One weight per set (default equal)."})
+    score_path: str | None = field(default=None, metadata={"help": "Per-latent scores shown in the prompt (JSON {latent: "
+                                                                   "score} or a scores folder); latents without one are left out and counted."})
+    positives: str = field(default="all", metadata={"help": "`all` active latents or the `top_k` strongest."})
+    top_k: int = field(default=5, metadata={"help": "With `positives: top_k`."})
+    negatives_per_positive: float = field(default=1.0, metadata={"help": "Inactive candidates per positive (0 for value labels)."})
+    hard_negatives: str = field(default="none", metadata={"help": "`none`, `same_token` (latents that fire on this token "
+                                                                  "elsewhere) or `decoder` (decoder neighbours of the positives)."})
+    hard_negative_fraction: float = field(default=0.5, metadata={"help": "Share of the negatives that are hard."})
+    label: str = field(default="active", metadata={"help": "`active` (binary), `activation_bin` or `quantile_bin` (0-9)."})
+    prompt_format: str = field(default="sim_v1", metadata={"help": "A format of latentsim.prompts (sim_v1, sim_value_v1)."})
+    window_min: int = field(default=32, metadata={"help": "Shortest context window (tokens, judged token last)."})
+    window_max: int = field(default=32, metadata={"help": "Longest context window."})
+    contexts_per_row: int = field(default=1, metadata={"help": "Contexts sampled per cache row."})
+    split_mode: str = field(default="latents", metadata={"help": "`latents`: splits disjoint in latents and rows; "
+                                                                 "`contexts`: disjoint in rows only."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for validation."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for test."})
+    simulator_tokenizer: str = field(default="embedded:smollm2-135m",
+                                     metadata={"help": "Tokenizer whose answers must be single tokens (checked)."})
+    output_dir: str = field(default="outputs/datasets/default", metadata={"help": "Parquet splits + README.md card."})
+    seed: int = field(default=22, metadata={"help": "Seed for splits, windows and negatives."})
+
+    def __post_init__(self):
+        from latentsim.prompts import PROMPT_FORMATS
+
+        hookpoint_layer(self.hookpoint)
+        if not self.interpretations:
+            _fail("interpretations", "give at least one interpretation set (folder or JSON file).")
+        if self.interpretation_weights and len(self.interpretation_weights) != len(self.interpretations):
+            _fail("interpretation_weights", f"{len(self.interpretation_weights)} weights for "
+                  f"{len(self.interpretations)} interpretation sets.")
+        if any(w < 0 for w in self.interpretation_weights) or (self.interpretation_weights and
+                                                                sum(self.interpretation_weights) <= 0):
+            _fail("interpretation_weights", "weights must be >= 0 with a positive sum.")
+        choices = {"positives": ("all", "top_k"), "hard_negatives": ("none", "same_token", "decoder"),
+                   "label": ("active", "activation_bin", "quantile_bin"), "split_mode": ("latents", "contexts")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                _fail(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}.")
+        if self.prompt_format not in PROMPT_FORMATS:
+            _fail("prompt_format", f"{self.prompt_format!r} is not one of {sorted(PROMPT_FORMATS)}.")
+        wants_bins = PROMPT_FORMATS[self.prompt_format].label == "bin"
+        if wants_bins != (self.label != "active"):
+            _fail("label", f"format {self.prompt_format} answers "
+                  f"{'a 0-9 bin' if wants_bins else 'Yes/No'}; label {self.label!r} does not fit it.")
+        if self.label != "active" and self.negatives_per_positive != 0:
+            _fail("negatives_per_positive", "value labels (bins) exist only for active latents; set it to 0.")
+        if self.top_k < 1 or self.contexts_per_row < 1:
+            _fail("top_k" if self.top_k < 1 else "contexts_per_row", "must be >= 1.")
+        if self.negatives_per_positive < 0:
+            _fail("negatives_per_positive", "must be >= 0.")
+        if not 0 <= self.hard_negative_fraction <= 1:
+            _fail("hard_negative_fraction", "must be in [0, 1].")
+        if not 2 <= self.window_min <= self.window_max:
+            _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
+        if not (0 < self.validation_fraction and 0 < self.test_fraction
+                and self.validation_fraction + self.test_fraction < 1):
+            _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
+
+
+@dataclass
 class PrepareArguments:
     """data_gen/prepare_embedded.py: build the embedded default (models converted once, corpus files)."""
 
