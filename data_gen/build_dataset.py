@@ -33,18 +33,23 @@ from latentsim.explain import load_interpretations
 from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import resolve_model_path
 from latentsim.prompts import answer_token_ids, marked_context, render_completion, render_prompt
+from latentsim.scorers import load_score_folder
 from latentsim.stats import load_statistics
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (DatasetArguments,)
 
 
-def load_scores(path: str, width: int) -> dict[int, float]:
-    data = json.loads(Path(path).read_text()) if Path(path).is_file() else None
-    if not isinstance(data, dict):
-        raise ValueError(f"config key `score_path`: {path} must be a JSON file {{latent: score}} "
-                         "(data_gen/score.py writes one per scorer).")
-    scores = {int(k): float(v) for k, v in data.items()}
+def load_scores(path: str, hookpoint: str, width: int) -> dict[int, float]:
+    """{latent: score} from a JSON dict (data_gen/score.py writes one per scorer) or a per-latent score folder."""
+    if Path(path).is_dir():
+        scores = load_score_folder(path, hookpoint)
+    else:
+        data = json.loads(Path(path).read_text()) if Path(path).is_file() else None
+        if not isinstance(data, dict):
+            raise ValueError(f"config key `score_path`: {path} must be a JSON file {{latent: score}} or a folder "
+                             "of per-latent score files (data_gen/score.py writes both).")
+        scores = {int(k): float(v) for k, v in data.items()}
     if any(not 0 <= k < width for k in scores):
         raise ValueError(f"config key `score_path`: {path} scores latents outside the SAE's {width}; wrong SAE?")
     return scores
@@ -88,7 +93,7 @@ def main(args: DatasetArguments) -> None:
     for path, source in zip(args.interpretations, sources, strict=True):
         if any(k >= cache.width for k in source):
             raise ValueError(f"{path} explains latents beyond the cache's {cache.width}; wrong SAE?")
-    scores = load_scores(args.score_path, cache.width) if args.score_path else None
+    scores = load_scores(args.score_path, args.hookpoint, cache.width) if args.score_path else None
     stats = load_statistics(Path(args.cache_dir) / "stats", args.hookpoint)
     sim_tok = AutoTokenizer.from_pretrained(resolve_model_path(args.simulator_tokenizer))
     answer_token_ids(args.prompt_format, sim_tok)  # refuse formats whose answers are not single tokens

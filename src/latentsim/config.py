@@ -218,6 +218,36 @@ class ExplainArguments:
 
 
 @dataclass
+class ScoreArguments:
+    """data_gen/score.py: detection / fuzzing scores of an interpretation set, judged by an LLM."""
+
+    cache_dir: str = field(default="outputs/cache", metadata={"help": "The activation cache the examples come from."})
+    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
+    interpretations: str = field(default="outputs/explanations/token_list-quantiles",
+                                 metadata={"help": "The interpretation set to score (folder or JSON)."})
+    scores_dir: str = field(default="outputs/scores", metadata={"help": "Writes <scores_dir>/<scorer>/ + <scorer>.json."})
+    scorer: str = field(default="detection", metadata={"help": "`detection` or `fuzz`."})
+    judge_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Chat model that judges (Hub id, folder, embedded)."})
+    n_activating: int = field(default=5, metadata={"help": "Activating windows per latent (drawn across quantiles)."})
+    n_non_activating: int = field(default=5, metadata={"help": "Windows where the latent never fires."})
+    window: int = field(default=32, metadata={"help": "Tokens per window."})
+    max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    seed: int = field(default=22, metadata={"help": "Seed for latents and windows."})
+
+    def __post_init__(self):
+        hookpoint_layer(self.hookpoint)
+        if self.scorer not in ("detection", "fuzz"):
+            _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
+        for key in ("n_activating", "n_non_activating", "window", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        if self.max_latents < 0:
+            _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
+
+
+@dataclass
 class DatasetArguments:
     """data_gen/build_dataset.py: (interpretation, context, label) examples under a data mixture."""
 

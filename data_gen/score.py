@@ -1,0 +1,76 @@
+"""Score an interpretation set with delphi's detection or fuzzing test, an LLM judging from Yes/No logits.
+
+    python data_gen/score.py --config configs/data/score_detection.yaml [--key value ...]
+
+For each latent: `n_activating` windows (one per quantile of its activating windows, delphi's test examples)
+and `n_non_activating` windows, one judge prompt each; the judge's P(Yes) > 0.5 is its prediction. Writes the
+per-latent classifier outputs to `<scores_dir>/<scorer>/<hookpoint>_latent<id>.txt` (delphi's layout; a rerun
+scores only missing latents) and `<scores_dir>/<scorer>.json` = {latent: balanced accuracy}, which
+build_dataset's `score_path` reads.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from latentsim.cache import load_cache
+from latentsim.config import ScoreArguments, parse_config
+from latentsim.explain import (
+    LatentIndex,
+    explanation_path,
+    load_interpretations,
+    non_activating_examples,
+    sample_examples,
+)
+from latentsim.io import atomic_write_json, atomic_write_text, config_differences, write_run_config
+from latentsim.models import load_model_and_tokenizer, resolve_model_path
+from latentsim.scorers import judge_yes_probability, load_score_folder, scorer_items
+
+# The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
+DATACLASSES = (ScoreArguments,)
+
+
+def main(args: ScoreArguments) -> None:
+    out = Path(args.scores_dir) / args.scorer
+    diffs = config_differences(out, {"score": args}, ignore={"score.batch_size", "score.device"})
+    if diffs:
+        raise ValueError(f"{out} holds scores made with another config ({'; '.join(diffs)}); "
+                         "choose another scores_dir or delete the folder.")
+    cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
+    interpretations = load_interpretations(args.interpretations, args.hookpoint, cache.width)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, "score", {"score": args}, args.seed)
+
+    latents = np.array(sorted(interpretations))
+    if args.max_latents:
+        latents = np.sort(np.random.default_rng(args.seed).choice(latents, size=min(args.max_latents, len(latents)),
+                                                                  replace=False))
+    todo = [int(lat) for lat in latents if not explanation_path(out, args.hookpoint, int(lat)).exists()]
+    print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
+    model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
+    subject_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    index = LatentIndex(cache, args.window)
+    model, tokenizer = load_model_and_tokenizer(args.judge_model, device=args.device)
+    for latent in tqdm(todo, desc=f"score ({args.scorer})", unit="latent"):
+        rng = np.random.default_rng([args.seed, latent])
+        activating = sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
+        non_activating = non_activating_examples(index, latent, args.n_non_activating, rng)
+        items = scorer_items(args.scorer, interpretations[latent], activating, non_activating, subject_tokenizer, rng)
+        probs = judge_yes_probability(model, tokenizer, [it["prompt"] for it in items], args.batch_size)
+        records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": p,
+                    "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
+                   for it, p in zip(items, probs, strict=True)]
+        atomic_write_text(explanation_path(out, args.hookpoint, latent), json.dumps(records))
+    scores = load_score_folder(out, args.hookpoint)
+    atomic_write_json(Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())})
+    values = np.array(list(scores.values()))
+    print(f"[score] {args.scorer}: {len(scores)} latents, balanced accuracy median {np.median(values):.3f} "
+          f"(25-75%: {np.percentile(values, 25):.3f}-{np.percentile(values, 75):.3f}); "
+          f"{Path(args.scores_dir) / (args.scorer + '.json')}")
+
+
+if __name__ == "__main__":
+    main(*parse_config(DATACLASSES))
