@@ -30,6 +30,7 @@ from latentsim.dataset import (
     split_ids,
 )
 from latentsim.explain import load_interpretations
+from latentsim.hub import upload_folder
 from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import resolve_model_path
 from latentsim.prompts import answer_token_ids, marked_context, render_completion, render_prompt
@@ -86,7 +87,7 @@ Latents of the SAE without an interpretation: {stats['latents_without_interpreta
 """
 
 
-def main(args: DatasetArguments) -> None:
+def main(args: DatasetArguments, api=None) -> None:
     out = Path(args.output_dir)
     sources = [load_interpretations(p, args.hookpoint, width=10**9) for p in args.interpretations]
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
@@ -199,6 +200,10 @@ def main(args: DatasetArguments) -> None:
                                                    f"{v['latents']} latents)" for s, v in split_stats.items()))
     print(f"[build_dataset] active latents left out for lack of an interpretation: "
           f"{report.active_without_interpretation}; latents without one: {summary['latents_without_interpretation']}")
+    if args.push_to_hub:
+        url = upload_folder(out, args.push_to_hub, "dataset", private=args.hub_private, api=api,
+                            commit_message=f"latentsim build_dataset ({args.prompt_format})")
+        print(f"[build_dataset] pushed to {url}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import build_char_tokenizer, load_script, make_cache
 
 from latentsim.cache import load_cache
@@ -157,3 +158,64 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
     write_explanation(wrong, HOOK, 500, "a latent this 64-wide SAE does not have")
     with pytest.raises(ValueError, match="wrong SAE"):
         build(built, tiny_model_dir, "wrong", interpretations=[str(wrong)])
+
+
+class FakeHubApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("Info", (), {"commit_url": "https://hf.co/datasets/me/sim/commit/abc"})()
+
+
+def test_push_to_hub_uploads_the_built_folder(built, tiny_model_dir):
+    api = FakeHubApi()
+    args = DatasetArguments(cache_dir=str(built / "cache"), hookpoint=HOOK,
+                            interpretations=[str(built / "expl" / "token_list-quantiles")],
+                            simulator_tokenizer=str(tiny_model_dir), output_dir=str(built / "pushed"), window_min=4,
+                            window_max=8, push_to_hub="me/sim")
+    load_script("data_gen/build_dataset.py").main(args, api=api)
+    (name, repo), (name2, upload) = api.calls
+    assert name == "create_repo" and repo == {"repo_id": "me/sim", "repo_type": "dataset", "private": True,
+                                               "exist_ok": True}
+    assert name2 == "upload_folder" and upload["folder_path"] == str(built / "pushed")
+    assert {p.name for p in (built / "pushed").iterdir()} >= {"train.parquet", "validation.parquet", "test.parquet",
+                                                              "README.md", "run_config.json"}
+
+
+def test_decoder_hard_negatives_are_decoder_neighbours(built, tiny_model_dir, tiny_sae_dir):
+    rows = build(built, tiny_model_dir, "dec", hard_negatives="decoder", hard_negative_fraction=1.0,
+                 negatives_per_positive=1.0)["train"]
+    from sae_lens import SAE
+
+    from latentsim.dataset import decoder_neighbours
+    from latentsim.explain import load_interpretations
+
+    explained = np.array(sorted(load_interpretations(built / "expl" / "token_list-quantiles", HOOK, 64)))
+    neighbours = decoder_neighbours(SAE.load_from_disk(str(tiny_sae_dir)).W_dec.detach(), explained)
+    by_context = {}
+    for r in rows:
+        by_context.setdefault((r["row"], r["position"]), []).append(r)
+    hard = [r for r in rows if r["candidate"] == "hard_negative"]
+    assert hard
+    for r in hard:
+        positives = [p["latent"] for p in by_context[(r["row"], r["position"])] if p["active"]]
+        assert r["active"] == 0
+        assert any(r["latent"] in neighbours[p] for p in positives)
+
+
+def test_decoder_neighbours_chunking_is_exact():
+    from latentsim.dataset import decoder_neighbours
+
+    w = torch.randn(50, 8)
+    ids = np.arange(3, 50)
+    whole = decoder_neighbours(w, ids, k=4, chunk=1000)
+    chunked = decoder_neighbours(w, ids, k=4, chunk=7)
+    assert all(np.array_equal(whole[i], chunked[i]) for i in ids)
+    cos = torch.nn.functional.normalize(w, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
+    best = max((j for j in ids if j != 10), key=lambda j: cos[10, j])
+    assert whole[10][0] == best and 10 not in whole[10]

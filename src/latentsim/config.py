@@ -277,6 +277,9 @@ class DatasetArguments:
     simulator_tokenizer: str = field(default="embedded:smollm2-135m",
                                      metadata={"help": "Tokenizer whose answers must be single tokens (checked)."})
     output_dir: str = field(default="outputs/datasets/default", metadata={"help": "Parquet splits + README.md card."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the folder to this Hub dataset repo "
+                                                                    "(token from HF_TOKEN / huggingface-cli login)."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub dataset repo as private."})
     seed: int = field(default=22, metadata={"help": "Seed for splits, windows and negatives."})
 
     def __post_init__(self):

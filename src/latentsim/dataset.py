@@ -61,14 +61,21 @@ def quantile_bin(value: float, edges: np.ndarray) -> int:
     return int(min(9, np.searchsorted(edges[1:-1], value, side="right")))
 
 
-def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16) -> dict[int, np.ndarray]:
-    """The k latents (among `latents`) whose decoder directions are closest in cosine to each latent's."""
+def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, chunk: int = 1024) -> dict[int, np.ndarray]:
+    """The k latents (among `latents`) whose decoder directions are closest in cosine to each latent's.
+
+    Computed in row chunks: a 131k-latent SAE would otherwise need a 131k x 131k similarity matrix.
+    """
     ids = torch.as_tensor(latents)
     d = torch.nn.functional.normalize(w_dec[ids].float(), dim=1)
-    sims = d @ d.T
-    sims.fill_diagonal_(-2)
-    top = torch.topk(sims, k=min(k, len(ids) - 1), dim=1).indices
-    return {int(lat): ids[top[i]].numpy() for i, lat in enumerate(latents.tolist())}
+    out = {}
+    for a in range(0, len(ids), chunk):
+        sims = d[a:a + chunk] @ d.T
+        sims[torch.arange(sims.shape[0]), torch.arange(a, a + sims.shape[0])] = -2  # not its own neighbour
+        top = torch.topk(sims, k=min(k, len(ids) - 1), dim=1).indices
+        for i in range(sims.shape[0]):
+            out[int(ids[a + i])] = ids[top[i]].numpy()
+    return out
 
 
 @dataclass
