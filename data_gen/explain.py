@@ -14,11 +14,14 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from latentsim import vllm_backend
 from latentsim.cache import load_cache
 from latentsim.config import ExplainArguments, parse_config
 from latentsim.explain import (
     LatentIndex,
+    explainer_messages,
     explanation_path,
+    first_line,
     llm_explanations,
     sample_examples,
     token_list_explanation,
@@ -37,6 +40,8 @@ def main(args: ExplainArguments) -> None:
     if diffs:
         raise ValueError(f"{set_dir} holds interpretations made with another config ({'; '.join(diffs)}); "
                          "choose another set_name or delete the folder.")
+    if args.explainer == "llm" and args.backend == "vllm":
+        vllm_backend.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
     set_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(set_dir, "explain", {"explain": args}, args.seed)
@@ -61,12 +66,22 @@ def main(args: ExplainArguments) -> None:
     if args.explainer == "token_list":
         for latent in tqdm(todo, desc=f"explain ({args.set_name})", unit="latent"):
             write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(examples_of(latent), subject_tokenizer))
+    elif args.backend == "vllm":
+        llm = vllm_backend.load_llm(resolve_model_path(args.explainer_model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.explainer_model))
+        messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
+        texts = vllm_backend.generate(llm, vllm_backend.chat_token_ids(tokenizer, messages), args.max_new_tokens)
+        for latent, text in zip(todo, map(first_line, texts), strict=True):
+            if text:
+                write_explanation(set_dir, args.hookpoint, latent, text)
+            else:
+                empty.append(latent)
     else:
         model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=args.device)
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
             chunk = todo[i:i + args.batch_size]
-            texts = llm_explanations(model, tokenizer, subject_tokenizer, [examples_of(lat) for lat in chunk],
-                                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            messages = explainer_messages([examples_of(lat) for lat in chunk], subject_tokenizer)
+            texts = llm_explanations(model, tokenizer, messages, args.batch_size, args.max_new_tokens)
             for latent, text in zip(chunk, texts, strict=True):
                 if text:
                     write_explanation(set_dir, args.hookpoint, latent, text)

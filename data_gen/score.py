@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from latentsim import vllm_backend
 from latentsim.cache import load_cache
 from latentsim.config import ScoreArguments, parse_config
 from latentsim.explain import (
@@ -39,6 +40,8 @@ def main(args: ScoreArguments) -> None:
     if diffs:
         raise ValueError(f"{out} holds scores made with another config ({'; '.join(diffs)}); "
                          "choose another scores_dir or delete the folder.")
+    if args.backend == "vllm":
+        vllm_backend.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
     interpretations = load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,13 +56,24 @@ def main(args: ScoreArguments) -> None:
     model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
     subject_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
     index = LatentIndex(cache, args.window)
-    model, tokenizer = load_model_and_tokenizer(args.judge_model, device=args.device)
+    if args.backend == "vllm":
+        llm = vllm_backend.load_llm(resolve_model_path(args.judge_model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.judge_model))
+        yes_no = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No")]
+
+        def judge(prompts):
+            return vllm_backend.yes_probability(llm, vllm_backend.chat_token_ids(tokenizer, prompts), *yes_no)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.judge_model, device=args.device)
+
+        def judge(prompts):
+            return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
     for latent in tqdm(todo, desc=f"score ({args.scorer})", unit="latent"):
         rng = np.random.default_rng([args.seed, latent])
         activating = sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
         non_activating = non_activating_examples(index, latent, args.n_non_activating, rng)
         items = scorer_items(args.scorer, interpretations[latent], activating, non_activating, subject_tokenizer, rng)
-        probs = judge_yes_probability(model, tokenizer, [it["prompt"] for it in items], args.batch_size)
+        probs = judge([it["prompt"] for it in items])
         records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": p,
                     "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
                    for it, p in zip(items, probs, strict=True)]

@@ -94,3 +94,14 @@ def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sa
     assert rows and all(str(r["latent"]) in scores for r in rows)  # unscored latents are left out
     r = rows[0]
     assert r["prompt"][0]["content"].endswith(f"Interpretation score: {scores[str(r['latent'])]:.2f}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_vllm_backend_fails_clearly_without_a_gpu(tmp_path):
+    args = ScoreArguments(cache_dir=str(tmp_path), interpretations=str(tmp_path), backend="vllm")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_script("data_gen/score.py").main(args)
+    explain = ExplainArguments(cache_dir=str(tmp_path), explainer="llm", backend="vllm",
+                               explanations_dir=str(tmp_path / "e"))
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_script("data_gen/explain.py").main(explain)

@@ -197,6 +197,7 @@ class ExplainArguments:
     min_activations: int = field(default=5, metadata={"help": "Latents firing fewer times are reported, not explained."})
     max_latents: int = field(default=0, metadata={"help": "Explain a seeded random sample of this many latents (0: all)."})
     explainer_model: str = field(default="embedded:smollm2-135m", metadata={"help": "`llm`: chat model (Hub id, folder, embedded)."})
+    backend: str = field(default="hf", metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
     device: str = field(default="auto", metadata={"help": "`llm`: auto, cpu, cuda, cuda:N."})
@@ -204,6 +205,8 @@ class ExplainArguments:
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
+        if self.backend not in ("hf", "vllm"):
+            _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
         if self.explainer not in ("token_list", "llm"):
             _fail("explainer", f"{self.explainer!r} is not `token_list` or `llm`.")
         if self.sampling not in ("top", "quantiles"):
@@ -228,6 +231,7 @@ class ScoreArguments:
     scores_dir: str = field(default="outputs/scores", metadata={"help": "Writes <scores_dir>/<scorer>/ + <scorer>.json."})
     scorer: str = field(default="detection", metadata={"help": "`detection` or `fuzz`."})
     judge_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Chat model that judges (Hub id, folder, embedded)."})
+    backend: str = field(default="hf", metadata={"help": "`hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
     n_activating: int = field(default=5, metadata={"help": "Activating windows per latent (drawn across quantiles)."})
     n_non_activating: int = field(default=5, metadata={"help": "Windows where the latent never fires."})
     window: int = field(default=32, metadata={"help": "Tokens per window."})
@@ -238,6 +242,8 @@ class ScoreArguments:
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
+        if self.backend not in ("hf", "vllm"):
+            _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
         for key in ("n_activating", "n_non_activating", "window", "batch_size"):

@@ -206,17 +206,27 @@ LLM_EXPLAINER_PROMPT = (
 )
 
 
-def llm_explanations(model, tokenizer, subject_tokenizer, examples_per_latent: list[list[Example]],
-                     batch_size: int = 8, max_new_tokens: int = 32, max_examples: int = 10) -> list[str]:
-    """One interpretation per latent from a chat LLM (greedy decoding), from highlighted examples."""
-    import torch
-
-    prompts = []
+def explainer_messages(examples_per_latent: list[list[Example]], subject_tokenizer, max_examples: int = 10) -> list[str]:
+    """The user message asking for one latent's interpretation, from its highlighted examples."""
+    out = []
     for examples in examples_per_latent:
         shown = "\n".join(f"Example {i + 1}: {highlighted_text(ex, subject_tokenizer)}"
                           for i, ex in enumerate(examples[:max_examples]))
-        messages = [{"role": "user", "content": LLM_EXPLAINER_PROMPT.format(examples=shown)}]
-        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        out.append(LLM_EXPLAINER_PROMPT.format(examples=shown))
+    return out
+
+
+def first_line(text: str) -> str:
+    """An interpretation is the first line of the answer, without quotes."""
+    return text.strip().split("\n")[0].strip().strip('"').strip()
+
+
+def llm_explanations(model, tokenizer, messages: list[str], batch_size: int = 8, max_new_tokens: int = 32) -> list[str]:
+    """One interpretation per message from a chat LLM through transformers (greedy decoding)."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                             tokenize=False) for m in messages]
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -227,7 +237,6 @@ def llm_explanations(model, tokenizer, subject_tokenizer, examples_per_latent: l
         with torch.no_grad():
             generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                        pad_token_id=tokenizer.pad_token_id)
-        for seq in generated[:, batch["input_ids"].shape[1]:]:
-            text = tokenizer.decode(seq, skip_special_tokens=True).strip().split("\n")[0]
-            out.append(text.strip().strip('"').strip())
+        out.extend(first_line(tokenizer.decode(seq, skip_special_tokens=True))
+                   for seq in generated[:, batch["input_ids"].shape[1]:])
     return out
