@@ -89,11 +89,8 @@ Latents of the SAE without an interpretation: {stats['latents_without_interpreta
 
 def main(args: DatasetArguments, api=None) -> None:
     out = Path(args.output_dir)
-    sources = [load_interpretations(p, args.hookpoint, width=10**9) for p in args.interpretations]
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
-    for path, source in zip(args.interpretations, sources, strict=True):
-        if any(k >= cache.width for k in source):
-            raise ValueError(f"{path} explains latents beyond the cache's {cache.width}; wrong SAE?")
+    sources = [load_interpretations(p, args.hookpoint, cache.width) for p in args.interpretations]
     scores = load_scores(args.score_path, args.hookpoint, cache.width) if args.score_path else None
     stats = load_statistics(Path(args.cache_dir) / "stats", args.hookpoint)
     sim_tok = AutoTokenizer.from_pretrained(resolve_model_path(args.simulator_tokenizer))
