@@ -45,3 +45,12 @@ def test_smollm2_has_a_chat_template():
     _, tok = load_model_and_tokenizer("embedded:smollm2-135m")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("fmt", ["sim_v1", "sim_value_v1"])
+def test_answers_are_single_tokens_for_smollm2(fmt):
+    from latentsim.prompts import answer_token_ids, get_format
+
+    _, tok = load_model_and_tokenizer("embedded:smollm2-135m")
+    ids = answer_token_ids(fmt, tok)
+    assert [tok.decode([i]) for i in ids] == list(get_format(fmt).answers)
