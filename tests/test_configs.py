@@ -52,6 +52,9 @@ def test_recipe_parses(config):
     raw = yaml.safe_load(config.read_text())
     values = {k: v for p in parsed for k, v in vars(p).items()}
     for key, value in raw.items():
+        if key == "report_to" and value == "none":
+            assert values[key] in ([], "none", ["none"])  # transformers normalises "none" to []
+            continue
         assert values[key] == value, f"{config}: {key}"
     assert not re.search(r"/(home|root|tmp|mnt|Users)/", config.read_text()), "no machine paths in recipes"
 

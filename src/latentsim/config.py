@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from trl import TrlParser
+from trl import ScriptArguments, TrlParser
 
 EMBEDDED_PREFIX = "embedded:"
 HOOKPOINT_RE = re.compile(r"^(?:model\.)?layers\.(\d+)$")
@@ -324,6 +324,28 @@ class DatasetArguments:
         if not (0 < self.validation_fraction and 0 < self.test_fraction
                 and self.validation_fraction + self.test_fraction < 1):
             _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
+
+
+@dataclass
+class SimScriptArguments(ScriptArguments):
+    """train/sft.py: the dataset (a build_dataset folder or a Hub dataset) and the simulator-specific switches."""
+
+    prompt_format: str = field(default="sim_v1", metadata={"help": "Must match the dataset's `prompt_format` column."})
+    max_eval_samples: int = field(default=512, metadata={"help": "Validation rows scored during training (0: all)."})
+    resume: str = field(default="auto", metadata={"help": "`auto` (last complete checkpoint in output_dir, if any), "
+                                                          "`never`, or a checkpoint-N path (an error if incomplete)."})
+    nan_patience: int = field(default=0, metadata={"help": "Logged steps with a non-finite loss/grad norm tolerated "
+                                                           "before training stops."})
+
+    def __post_init__(self):
+        from latentsim.prompts import PROMPT_FORMATS
+
+        if not self.dataset_name:
+            _fail("dataset_name", "give a build_dataset output folder or a Hub dataset id.")
+        if self.prompt_format not in PROMPT_FORMATS:
+            _fail("prompt_format", f"{self.prompt_format!r} is not one of {sorted(PROMPT_FORMATS)}.")
+        if self.max_eval_samples < 0 or self.nan_patience < 0:
+            _fail("max_eval_samples" if self.max_eval_samples < 0 else "nan_patience", "must be >= 0.")
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Simulator finetuning on tiny assets: learning, label masking, truncation, resume, NaN guard, saved adapters."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_script, make_cache
+from trl import ModelConfig, SFTConfig
+
+from latentsim.config import DatasetArguments, ExplainArguments, SimScriptArguments
+from latentsim.training import (
+    NonFiniteGuard,
+    answer_probabilities,
+    binary_metrics,
+    check_adapter,
+    check_prompt_format,
+    expected_calibration_error,
+    load_sim_dataset,
+    resolve_resume,
+    roc_auc,
+)
+
+HOOK = "layers.1"
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    root = tmp_path_factory.mktemp("sft")
+    make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
+    load_script("data_gen/explain.py").main(ExplainArguments(
+        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2))
+    out = root / "data"
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(
+        cache_dir=str(root / "cache"), hookpoint=HOOK, interpretations=[str(root / "expl" / "token_list-quantiles")],
+        simulator_tokenizer=str(tiny_model_dir), output_dir=str(out), window_min=4, window_max=6, contexts_per_row=2,
+        split_mode="contexts"))
+    return out
+
+
+def sft_args(dataset_dir, model_dir, out, **overrides):
+    training = dict(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=12,
+                    per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5.0e-3,
+                    logging_steps=1, save_strategy="steps", save_steps=6, eval_strategy="no", report_to="none",
+                    max_length=128, seed=0, disable_tqdm=True)
+    training.update(overrides.pop("training", {}))
+    return (SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
+            SFTConfig(**training),
+            ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads(sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+                       .joinpath("trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict().items()}
+    load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out, training={"eval_strategy": "steps",
+                                                                                           "eval_steps": 6}))
+    curve = losses(out)
+    assert np.mean(curve[-3:]) < np.mean(curve[:3])  # it learns (the label prior at least)
+    summary = check_adapter(out)
+    assert summary["r"] == 4 and summary["n_tensors"] > 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_recall", "eval_auc", "eval_ece", "eval_mean_p_yes"} <= set(results["metrics"])
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: peft" in card
+
+    # The adapter loads with plain PEFT on the untouched base model and gives the P(yes) the training eval saw.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in base_before.items())
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    val = load_sim_dataset(str(dataset_dir))["validation"].select(range(32))
+    yes_no = [tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Yes")]
+    probs = answer_probabilities(model, tok, val["prompt"], yes_no)
+    metrics = binary_metrics(probs[:, 1], np.asarray(val["active"]))
+    assert metrics["mean_p_yes"] == pytest.approx(results["metrics"]["eval_mean_p_yes"], abs=1e-5)
+    assert metrics["auc"] == pytest.approx(results["metrics"]["eval_auc"], abs=1e-6)
+
+
+def test_only_the_answer_and_end_of_turn_are_supervised(dataset_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ds = load_sim_dataset(str(dataset_dir))["train"].select(range(16))
+    _, training, _ = sft_args(dataset_dir, tiny_model_dir, tmp_path)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=training, train_dataset=ds, processing_class=tok)
+    for ex, row in zip(trainer.train_dataset, ds, strict=True):
+        supervised = [t for t, label in zip(ex["input_ids"], ex["labels"], strict=True) if label != -100]
+        assert tok.convert_ids_to_tokens(supervised) == [row["completion"][0]["content"], "<eos>"]
+
+
+def test_truncation_that_would_cut_labels_is_refused(dataset_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="longer than max_length=20 tokens .* would cut their labels"):
+        load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "t",
+                                                   training={"max_length": 20}))
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(dataset_dir, tiny_model_dir, tmp_path):
+    script = load_script("train/sft.py")
+    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "full"))
+
+    class StopAtStep6(script.NonFiniteGuard):  # the same run, killed right after its step-6 checkpoint
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    real_guard = script.NonFiniteGuard
+    script.NonFiniteGuard = StopAtStep6
+    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))
+    script.NonFiniteGuard = real_guard
+    assert len(losses(tmp_path / "split")) == 6
+    (tmp_path / "split" / "checkpoint-7").mkdir()  # an incomplete checkpoint from a crash: skipped
+    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))  # resume: auto
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_resume_paths(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()  # incomplete
+    assert resolve_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert resolve_resume("never", str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-10"), str(tmp_path))
+
+
+def test_non_finite_guard():
+    guard = NonFiniteGuard(patience=1)
+    state = type("S", (), {"global_step": 3})()
+    guard.on_log(None, state, None, logs={"loss": float("nan")})  # tolerated once
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        guard.on_log(None, state, None, logs={"grad_norm": float("inf")})
+    guard = NonFiniteGuard(patience=1)
+    guard.on_log(None, state, None, logs={"loss": float("nan")})
+    guard.on_log(None, state, None, logs={"loss": 0.5})  # a finite value resets the count
+    guard.on_log(None, state, None, logs={"loss": float("nan")})
+
+
+def test_adapter_checks(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    cases = [({"a.lora_A.weight": torch.tensor([1.0, float("nan")])}, "NaN"),
+             ({"a.lora_A.weight": torch.zeros(0)}, "empty"),
+             ({"lm_head.weight": torch.ones(2)}, "non-LoRA"), ({}, "holds no tensors")]
+    for tensors, message in cases:
+        save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            check_adapter(tmp_path)
+
+
+def test_prompt_format_mismatch_is_refused(dataset_dir):
+    with pytest.raises(ValueError, match="rendered with \\['sim_v1'\\]"):
+        check_prompt_format(load_sim_dataset(str(dataset_dir)), "sim_value_v1")
+
+
+def test_metrics_by_hand():
+    p = np.array([0.9, 0.8, 0.3, 0.6, 0.1])
+    y = np.array([1, 1, 1, 0, 0])
+    m = binary_metrics(p, y)
+    assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == pytest.approx(2 / 3)
+    assert roc_auc(p, y) == pytest.approx(5 / 6)  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
+    assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
+    assert expected_calibration_error(np.array([0.95, 0.95]), np.array([1, 1])) == pytest.approx(0.05)
