@@ -94,3 +94,19 @@ def make_cache(out: Path, model_dir: Path, sae_dir: Path, corpus: Path, n_rows: 
             CacheArguments(output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}))
     load_script("data_gen/cache_activations.py").main(*args)
     return args
+
+
+def sft_args(dataset_dir, model_dir, out, **overrides):
+    """train/sft.py arguments for a fast tiny CPU run (LoRA r=4, 12 steps, checkpoints every 6)."""
+    from trl import ModelConfig, SFTConfig
+
+    from latentsim.config import SimScriptArguments
+
+    training = dict(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=12,
+                    per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5.0e-3,
+                    logging_steps=1, save_strategy="steps", save_steps=6, eval_strategy="no", report_to="none",
+                    max_length=128, seed=0, disable_tqdm=True)
+    training.update(overrides.pop("training", {}))
+    return (SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
+            SFTConfig(**training),
+            ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))

@@ -6,10 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_script, make_cache
-from trl import ModelConfig, SFTConfig
+from helpers import load_script, sft_args
 
-from latentsim.config import DatasetArguments, ExplainArguments, SimScriptArguments
 from latentsim.training import (
     NonFiniteGuard,
     answer_probabilities,
@@ -23,31 +21,6 @@ from latentsim.training import (
 )
 
 HOOK = "layers.1"
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    root = tmp_path_factory.mktemp("sft")
-    make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2))
-    out = root / "data"
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, interpretations=[str(root / "expl" / "token_list-quantiles")],
-        simulator_tokenizer=str(tiny_model_dir), output_dir=str(out), window_min=4, window_max=6, contexts_per_row=2,
-        split_mode="contexts"))
-    return out
-
-
-def sft_args(dataset_dir, model_dir, out, **overrides):
-    training = dict(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=12,
-                    per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5.0e-3,
-                    logging_steps=1, save_strategy="steps", save_steps=6, eval_strategy="no", report_to="none",
-                    max_length=128, seed=0, disable_tqdm=True)
-    training.update(overrides.pop("training", {}))
-    return (SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
-            SFTConfig(**training),
-            ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
 
 
 def losses(out: Path) -> list[float]:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from latentsim.config import SimScriptArguments, parse_config
+from latentsim.hub import adapter_card
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import describe_model_source, resolve_model_path
 from latentsim.prompts import answer_token_ids, get_format
@@ -134,32 +135,12 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
                           {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
                            "chat_template_sha256": template_sha, "base_model": describe_model_source(
                                model_args.model_name_or_path)})
-        atomic_write_text(Path(training_args.output_dir) / "README.md", model_card(script_args, model_args, metrics))
+        base = describe_model_source(model_args.model_name_or_path).get("hub_equivalent", model_args.model_name_or_path)
+        atomic_write_text(Path(training_args.output_dir) / "README.md",
+                          adapter_card(base, script_args.prompt_format, script_args.dataset_name, metrics,
+                                       Path(training_args.output_dir).name))
         logger.info("saved %s: %s", training_args.output_dir, json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                                          if isinstance(v, float)}))
-
-
-def model_card(script_args: SimScriptArguments, model_args: ModelConfig, metrics: dict) -> str:
-    base = describe_model_source(model_args.model_name_or_path).get("hub_equivalent", model_args.model_name_or_path)
-    shown = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in sorted(metrics.items())
-                      if isinstance(v, float) and k.removeprefix("eval_") in
-                      ("recall", "precision", "f1", "auc", "ece", "mean_p_yes", "accuracy", "loss"))
-    return f"""---
-base_model: {base}
-library_name: peft
-tags: [latentsim, simulator, sae, interpretability, lora, trl, sft]
-datasets: [{script_args.dataset_name}]
----
-# Simulator adapter ({script_args.prompt_format})
-
-A LoRA adapter that makes `{base}` predict whether a sparse-autoencoder latent is active on the marked last
-token of a text, given the latent's interpretation. Prompt format `{script_args.prompt_format}`
-(latentsim.prompts); trained with `train/sft.py` on `{script_args.dataset_name}`.
-
-| validation metric | value |
-|---|---|
-{shown}
-"""
 
 
 if __name__ == "__main__":

@@ -349,6 +349,24 @@ class SimScriptArguments(ScriptArguments):
 
 
 @dataclass
+class PublishArguments:
+    """train/publish.py: publish a run folder or one of its checkpoints as a PEFT adapter repo."""
+
+    run_dir: str = field(default="outputs/sft/run", metadata={"help": "The train/sft.py output_dir."})
+    checkpoint: str | None = field(default=None, metadata={"help": "`checkpoint-N` inside run_dir: published to "
+                                                                   "branch step-<N, 9 digits>; default: the final adapter on main."})
+    repo_id: str = field(default="", metadata={"help": "Hub repo `<org>/<name>`."})
+    private: bool = field(default=True, metadata={"help": "Create the repo as private."})
+    dry_run: bool = field(default=False, metadata={"help": "Write the exact folder and planned operations; no network."})
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id or ""):
+            _fail("repo_id", f"{self.repo_id!r} is not `<org>/<name>`.")
+        if self.checkpoint is not None and not re.fullmatch(r"checkpoint-\d+", self.checkpoint):
+            _fail("checkpoint", f"{self.checkpoint!r} is not `checkpoint-N`.")
+
+
+@dataclass
 class PrepareArguments:
     """data_gen/prepare_embedded.py: build the embedded default (models converted once, corpus files)."""
 

@@ -23,3 +23,51 @@ def upload_folder(folder: str | Path, repo_id: str, repo_type: str, *, private: 
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, revision=revision,
                              commit_message=commit_message, ignore_patterns=ignore_patterns)
     return str(getattr(info, "commit_url", info))
+
+
+CARD_METRICS = ("recall", "precision", "f1", "auc", "ece", "mean_p_yes", "accuracy", "loss")
+
+
+def adapter_card(base_model: str, prompt_format: str, dataset: str, metrics: dict | None = None,
+                 model_name: str = "simulator") -> str:
+    """A PEFT adapter model card: YAML metadata (base_model, library_name: peft, tags, datasets, prompt format,
+    model-index from the validation metrics when present) and a short description."""
+    shown = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()
+             if isinstance(v, float) and k.removeprefix("eval_") in CARD_METRICS}
+    index = ""
+    if shown:
+        entries = "\n".join(f"      - type: {k}\n        value: {v:.4f}" for k, v in sorted(shown.items()))
+        index = f"""model-index:
+- name: {model_name}
+  results:
+  - task:
+      type: text-classification
+      name: SAE latent activation simulation
+    dataset:
+      type: {dataset}
+      name: {dataset}
+      split: validation
+    metrics:
+{entries}
+"""
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(shown.items()))
+    return f"""---
+base_model: {base_model}
+base_model_relation: adapter
+library_name: peft
+pipeline_tag: text-generation
+tags: [latentsim, simulator, sae, interpretability, lora, trl, sft]
+datasets: [{dataset}]
+prompt_format: {prompt_format}
+{index}---
+# {model_name}: an SAE-latent simulator (LoRA)
+
+Given the interpretation of a sparse-autoencoder latent and a text whose last token is marked `<<like this>>`,
+this adapter makes `{base_model}` answer whether the latent is active there. Prompt format `{prompt_format}`
+(`latentsim.prompts`; render prompts with it and the saved chat template). Trained with latentsim's
+`train/sft.py` on `{dataset}`.
+
+| validation metric | value |
+|---|---|
+{table}
+"""

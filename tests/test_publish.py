@@ -1,0 +1,94 @@
+"""Publishing adapters: the staged folder, the card's YAML, branches for checkpoints, no secrets, no HTTP."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import load_script, sft_args
+from safetensors.torch import load_file, save_file
+
+from latentsim.config import ConfigError, PublishArguments
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, dataset_dir, tiny_model_dir):
+    out = tmp_path_factory.mktemp("pub") / "run"
+    load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out, training={
+        "max_steps": 4, "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2}))
+    return out
+
+
+class FakeApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kw):
+        self.calls.append(("create_repo", kw))
+
+    def create_branch(self, **kw):
+        self.calls.append(("create_branch", kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw))
+        return "https://hf.co/me/sim/commit/1"
+
+
+def front_matter(text: str) -> dict:
+    return yaml.safe_load(text.split("---")[1])
+
+
+def test_dry_run_stages_exactly_the_adapter_and_a_card(run_dir, monkeypatch, capsys):
+    secret = "hf_" + "x" * 34
+    monkeypatch.setenv("HF_TOKEN", secret)
+    load_script("train/publish.py").main(PublishArguments(run_dir=str(run_dir), repo_id="me/sim", dry_run=True))
+    stage = run_dir / "publish" / "main"
+    names = {p.name for p in stage.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+            "README.md", "eval_results.json"} <= names
+    assert not names & {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"}  # no pickles
+    meta = front_matter((stage / "README.md").read_text())
+    assert meta["library_name"] == "peft" and meta["base_model_relation"] == "adapter"
+    assert meta["base_model"] == json.loads((stage / "run_config.json").read_text())["config"]["model"]["model_name_or_path"]
+    assert meta["prompt_format"] == "sim_v1" and meta["datasets"]
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    results = json.loads((stage / "eval_results.json").read_text())["metrics"]
+    assert metrics["auc"] == pytest.approx(results["eval_auc"], abs=1e-4)
+    plan = json.loads((run_dir / "publish" / "main_planned_operations.json").read_text())
+    assert [op["op"] for op in plan] == ["create_repo", "upload_folder"]
+    assert sorted(plan[-1]["files"]) == sorted(names)
+    text = capsys.readouterr().out + "".join(p.read_text(errors="ignore") for p in stage.iterdir() if p.suffix != ".safetensors")
+    assert secret not in text
+
+
+def test_checkpoint_goes_to_a_step_branch_through_one_thin_function(run_dir):
+    api = FakeApi()
+    load_script("train/publish.py").main(PublishArguments(run_dir=str(run_dir), repo_id="me/sim",
+                                                          checkpoint="checkpoint-2"), api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[1][1]["branch"] == "step-000000002"
+    assert api.calls[2][1]["revision"] == "step-000000002"
+    staged = api.calls[2][1]["folder_path"]
+    assert load_file(f"{staged}/adapter_model.safetensors").keys() == load_file(
+        str(run_dir / "checkpoint-2" / "adapter_model.safetensors")).keys()
+
+
+def test_a_broken_adapter_is_never_published(run_dir, tmp_path):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((run_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(run_dir / "adapter_model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    api = FakeApi()
+    with pytest.raises(ValueError, match="NaN"):
+        load_script("train/publish.py").main(PublishArguments(run_dir=str(broken), repo_id="me/sim"), api=api)
+    assert api.calls == []
+
+
+def test_publish_arguments_are_validated():
+    with pytest.raises(ConfigError, match="repo_id"):
+        PublishArguments(repo_id="no-slash")
+    with pytest.raises(ConfigError, match="checkpoint"):
+        PublishArguments(repo_id="me/sim", checkpoint="step-3")
