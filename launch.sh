@@ -75,6 +75,8 @@ quickstart() {
   "$PY" data_gen/score.py --config configs/data/score_detection.yaml
   "$PY" data_gen/score.py --config configs/data/score_fuzz.yaml
   "$PY" data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml
+  "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+    --config configs/sft/smollm2-135m_quickstart.yaml
   "$PY" -m latentsim.summary "$out"
   echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/"
 }

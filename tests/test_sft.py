@@ -42,6 +42,7 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     summary = check_adapter(out)
     assert summary["r"] == 4 and summary["n_tensors"] > 0
     results = json.loads((out / "eval_results.json").read_text())
+    assert results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
     assert {"eval_recall", "eval_auc", "eval_ece", "eval_mean_p_yes"} <= set(results["metrics"])
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card

@@ -84,6 +84,20 @@ class SimulatorTrainer(SFTTrainer):
         return metrics
 
 
+def reload_parity(trainer, model_path: str, model_args: ModelConfig, training_args: SFTConfig) -> float:
+    """Load the saved adapter with plain PEFT on a fresh base model: its P(yes) must equal the trainer's."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype or "float32"))
+    reloaded = PeftModel.from_pretrained(base, training_args.output_dir).to(trainer.model.device)
+    prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, training_args.per_device_eval_batch_size
+    diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs)
+                        - answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs)).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model; not kept.")
+    return diff
+
+
 def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
     set_seed(training_args.seed)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
@@ -131,6 +145,8 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         adapter = check_adapter(training_args.output_dir) if model_args.use_peft else {}
+        if model_args.use_peft and binary and eval_dataset is not None:
+            adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, model_args, training_args)
         atomic_write_json(Path(training_args.output_dir) / "eval_results.json",
                           {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
                            "chat_template_sha256": template_sha, "base_model": describe_model_source(

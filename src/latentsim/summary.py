@@ -72,7 +72,23 @@ def main(run_dir: str) -> None:
                     print(f"    [{name}] {json.loads(path.read_text())}")
         print_scores(run)
         print_datasets(run)
+    print_simulators(run)
     print()
+
+
+def print_simulators(run: Path) -> None:
+    for path in sorted((run / "sft").glob("*/eval_results.json")):
+        results = json.loads(path.read_text())
+        m = {k.removeprefix("eval_"): v for k, v in results["metrics"].items()}
+        adapter = results.get("adapter", {})
+        print(f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} parameters, "
+              f"{results['prompt_format']})")
+        print(f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall {m.get('recall', 0):.3f} | "
+              f"precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | ECE {m.get('ece', 0):.3f} | "
+              f"mean P(yes) {m.get('mean_p_yes', 0):.3f}")
+        if "reload_max_abs_diff_p_yes" in adapter:
+            print(f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
+                  f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})")
 
 
 def print_scores(run: Path) -> None:
