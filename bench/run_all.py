@@ -2,7 +2,8 @@
 
     ./launch.sh bench [--model embedded:smollm2-135m] [--rows 32] [--ctx_len 128]
 
-Each entry: ratio against the naive way (same run, interleaved, median of 3), achieved GFLOP/s, % of a matmul
+Caching (stop at the hook + sparse TopK vs delphi's full forward + dense latents) and one SFT step (LoRA vs full
+finetuning, against the 4N / 6N FLOP bounds). Each entry: ratio against the naive way (same run, interleaved, median of 3), achieved GFLOP/s, % of a matmul
 calibration taken in this run, and whether the exactness check passed. Two SAEs: the quickstart's when it
 exists (outputs/quickstart/sae, else a random TopK SAE of its shape) and a random 32k-wide TopK SAE, the width
 of delphi's SmolLM2 SAEs; and a random 4k SAE at a shallower hookpoint (layers.7). Speed and exactness do not
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from latentsim.bench import bench_cache, matmul_gflops
+from latentsim.bench import bench_cache, bench_sft, matmul_gflops
 from latentsim.config import SAEArguments
 from latentsim.io import atomic_write_json, provenance
-from latentsim.models import load_model_and_tokenizer
+from latentsim.models import load_model_and_tokenizer, resolve_model_path
 from latentsim.sae import load_sae
 
 
@@ -62,6 +63,11 @@ def main(args: argparse.Namespace) -> None:
               f"{result['flop_ratio_bound']:.2f}x) ({result['tokens_per_s']['ours']:.0f} "
               f"vs {result['tokens_per_s']['naive']:.0f} tok/s), {result['achieved_gflops']:.1f} GFLOP/s = "
               f"{result['pct_of_matmul']:.0f}% of matmul, exact: {result['exact']}", flush=True)
+    sft = bench_sft(resolve_model_path(args.model), seq_len=args.ctx_len, batch_size=4, calibration_gflops=calibration)
+    results.append(sft)
+    print(f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
+          f"{sft['tokens_per_s']['full']:.0f} tok/s); LoRA at {sft['achieved_gflops']:.1f} GFLOP/s of its 4N bound = "
+          f"{sft['pct_of_matmul']:.0f}% of matmul, full at {sft['pct_of_matmul_full']:.0f}% (6N); exact: {sft['exact']}")
     out = Path(args.output)
     atomic_write_json(out, {"provenance": provenance("bench", vars(args), seed=0), "results": results})
     print(f"[bench] wrote {out}")

@@ -36,3 +36,12 @@ def test_interleaved_timings_round_robin():
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
     assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_bench_sft_compares_lora_with_full_finetuning(tiny_model_dir):
+    from latentsim.bench import bench_sft
+
+    result = bench_sft(str(tiny_model_dir), seq_len=16, batch_size=2, repeats=1, lora_r=2, calibration_gflops=1.0)
+    assert result["exact"] is True  # LoRA starts as the identity: same first loss as the full model
+    assert set(result["tokens_per_s"]) == {"full", "lora"} and result["ratio_vs_naive"] > 0
+    assert result["flop_bound_per_token"]["N_nonembedding"] > 0

@@ -178,3 +178,14 @@ def test_deepspeed_zero2_on_cpu_saves_a_non_empty_adapter(dataset_dir, tiny_mode
     assert state["global_step"] == 4
     summary = check_adapter(tmp_path / "z2")  # ZeRO must not leave empty or non-finite LoRA tensors
     assert summary["n_parameters"] > 0
+
+
+def test_training_sets_mix_by_weight(dataset_dir):
+    from latentsim.training import mix_train_sets
+
+    a = load_sim_dataset(str(dataset_dir))["train"]
+    b = a.select(range(200))
+    mixed = mix_train_sets([a, b], [3.0, 1.0], seed=0)
+    share = sum(i == 0 for i in mixed["dataset_index"]) / len(mixed)
+    assert 0.68 < share < 0.82 and len(mixed) > 200
+    assert mix_train_sets([a], [], seed=0) is a

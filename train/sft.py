@@ -30,6 +30,7 @@ from latentsim.training import (
     check_adapter,
     check_prompt_format,
     load_sim_dataset,
+    mix_train_sets,
     resolve_resume,
 )
 
@@ -110,6 +111,12 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
 
     dataset = load_sim_dataset(script_args.dataset_name, script_args.dataset_config)
     check_prompt_format(dataset, script_args.prompt_format)
+    extra = [load_sim_dataset(name) for name in script_args.extra_datasets]
+    for ds in extra:
+        check_prompt_format(ds, script_args.prompt_format)
+    train_split = script_args.dataset_train_split
+    dataset[train_split] = mix_train_sets([dataset[train_split]] + [ds[train_split] for ds in extra],
+                                          script_args.dataset_weights, training_args.seed)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     answer_ids = answer_token_ids(script_args.prompt_format, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,5 +86,64 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
         "exactness_check": "identical (row, position, latent) sets and values equal after fp16 rounding",
         "n_nonzero": int(len(o_act)),
         "tokens": tokens,
+        "repeats": repeats,
+    }
+
+
+def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats: int = 3, lora_r: int = 16,
+              calibration_gflops: float | None = None, seed: int = 0) -> dict:
+    """One optimizer step of full finetuning vs LoRA (all linear layers) on random tokens, fp32.
+
+    FLOP bounds per token: full 6N (forward 2N + input grads 2N + weight grads 2N), LoRA 4N (no weight grads for
+    the frozen weights), N = non-embedding parameters. Exactness: at initialisation LoRA's B is zero, so both
+    variants must give the same first loss.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    vocab = base.config.get_text_config().vocab_size
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    n_nonembed = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n and "lm_head" not in n)
+
+    full = copy.deepcopy(base).train()
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
+                                                          lora_dropout=0.0, task_type="CAUSAL_LM")).train()
+    optimizers = {"full": torch.optim.AdamW(full.parameters(), lr=1e-5),
+                  "lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-5)}
+    models = {"full": full, "lora": lora}
+    first_loss = {}
+
+    def step(name):
+        loss = models[name](input_ids=batch, labels=batch).loss
+        first_loss.setdefault(name, float(loss))
+        loss.backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    times = interleaved_timings({"full": lambda: step("full"), "lora": lambda: step("lora")}, repeats)
+    tokens = batch.numel()
+    tok_s = {k: tokens / statistics.median(v) for k, v in times.items()}
+    calibration = calibration_gflops or matmul_gflops()
+    bound = {"full": 6 * n_nonembed, "lora": 4 * n_nonembed}
+    gflops = {k: bound[k] * tok_s[k] / 1e9 for k in tok_s}
+    return {
+        "name": f"sft_step[{Path(model_path).name}, {batch_size}x{seq_len} tokens, LoRA r={lora_r}]",
+        "ratio_vs_naive": tok_s["lora"] / tok_s["full"],
+        "naive": "full finetuning (AdamW on every weight)",
+        "tokens_per_s": tok_s,
+        "flop_bound_per_token": {"full": "6N", "lora": "4N", "N_nonembedding": n_nonembed},
+        "achieved_gflops": gflops["lora"],
+        "achieved_gflops_full": gflops["full"],
+        "matmul_calibration_gflops": calibration,
+        "pct_of_matmul": 100 * gflops["lora"] / calibration,
+        "pct_of_matmul_full": 100 * gflops["full"] / calibration,
+        "exact": abs(first_loss["full"] - first_loss["lora"]) < 1e-5,
+        "exactness_check": "at init (LoRA B = 0) full and LoRA give the same first loss (|diff| < 1e-5)",
+        "first_loss": first_loss,
+        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "repeats": repeats,
     }

@@ -331,6 +331,10 @@ class SimScriptArguments(ScriptArguments):
     """train/sft.py: the dataset (a build_dataset folder or a Hub dataset) and the simulator-specific switches."""
 
     prompt_format: str = field(default="sim_v1", metadata={"help": "Must match the dataset's `prompt_format` column."})
+    extra_datasets: list[str] = field(default_factory=list, metadata={"help": "More build_dataset folders whose train "
+                                                                              "splits are mixed in (validation: the first dataset's)."})
+    dataset_weights: list[float] = field(default_factory=list, metadata={"help": "Sampling weight of dataset_name and "
+                                                                                 "each extra dataset (default: equal)."})
     max_eval_samples: int = field(default=512, metadata={"help": "Validation rows scored during training (0: all)."})
     resume: str = field(default="auto", metadata={"help": "`auto` (last complete checkpoint in output_dir, if any), "
                                                           "`never`, or a checkpoint-N path (an error if incomplete)."})
@@ -344,6 +348,11 @@ class SimScriptArguments(ScriptArguments):
             _fail("dataset_name", "give a build_dataset output folder or a Hub dataset id.")
         if self.prompt_format not in PROMPT_FORMATS:
             _fail("prompt_format", f"{self.prompt_format!r} is not one of {sorted(PROMPT_FORMATS)}.")
+        if self.dataset_weights and len(self.dataset_weights) != 1 + len(self.extra_datasets):
+            _fail("dataset_weights", f"{len(self.dataset_weights)} weights for {1 + len(self.extra_datasets)} datasets "
+                  "(dataset_name + extra_datasets).")
+        if any(w <= 0 for w in self.dataset_weights):
+            _fail("dataset_weights", "weights must be > 0.")
         if self.max_eval_samples < 0 or self.nan_patience < 0:
             _fail("max_eval_samples" if self.max_eval_samples < 0 else "nan_patience", "must be >= 0.")
 

@@ -33,6 +33,20 @@ def load_sim_dataset(name: str, config: str | None = None):
     return load_dataset(name, name=config)
 
 
+def mix_train_sets(train_sets: list, weights: list[float], seed: int):
+    """Interleave train splits with sampling probabilities = normalised weights (stops when one runs out, so the
+    mixture keeps its proportions); each row records its `dataset_index`."""
+    from datasets import interleave_datasets
+
+    if len(train_sets) == 1:
+        return train_sets[0]
+    weights = weights or [1.0] * len(train_sets)
+    tagged = [ds.add_column("dataset_index", [i] * len(ds)) for i, ds in enumerate(train_sets)]
+    total = sum(weights)
+    return interleave_datasets(tagged, probabilities=[w / total for w in weights], seed=seed,
+                               stopping_strategy="first_exhausted")
+
+
 def check_prompt_format(dataset, prompt_format: str) -> None:
     """Refuse to train on rows rendered with another prompt format than the one the run records."""
     for split, ds in dataset.items():
