@@ -98,8 +98,7 @@ def main(args: DatasetArguments, api=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
 
-    model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
-    subject_tok = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    subject_tok = cache.subject_tokenizer()
     rng = np.random.default_rng(args.seed)
     explained = np.array(sorted(set().union(*sources)), dtype=np.int64)
     if scores is not None:

@@ -46,8 +46,7 @@ def main(args: ExplainArguments) -> None:
     set_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(set_dir, "explain", {"explain": args}, args.seed)
 
-    model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
-    subject_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    subject_tokenizer = cache.subject_tokenizer()
     index = LatentIndex(cache, args.window)
     counts = np.diff(index.offsets)
     eligible = np.nonzero(counts >= args.min_activations)[0]

@@ -53,8 +53,7 @@ def main(args: ScoreArguments) -> None:
                                                                   replace=False))
     todo = [int(lat) for lat in latents if not explanation_path(out, args.hookpoint, int(lat)).exists()]
     print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
-    model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config.get("model_name"))
-    subject_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    subject_tokenizer = cache.subject_tokenizer()
     index = LatentIndex(cache, args.window)
     if args.backend == "vllm":
         llm = vllm_backend.load_llm(resolve_model_path(args.judge_model))

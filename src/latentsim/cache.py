@@ -143,6 +143,17 @@ class SparseCache:
     config: dict
     width: int                 # d_sae: the last split file's end + 1
 
+    def subject_tokenizer(self):
+        """The subject model's tokenizer: the model recorded in our config block, else delphi's `model_name`."""
+        from transformers import AutoTokenizer
+
+        from latentsim.models import resolve_model_path
+
+        ref = self.config.get("latentsim", {}).get("model", {}).get("model", self.config.get("model_name"))
+        if not ref:
+            raise ValueError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
+        return AutoTokenizer.from_pretrained(resolve_model_path(ref))
+
     def token_major(self) -> SparseCache:
         """Sorted by (row, position, latent): a context's active latents are contiguous."""
         key = (self.locations[:, 0] * self.tokens.shape[1] + self.locations[:, 1]) * self.width + self.locations[:, 2]

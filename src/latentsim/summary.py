@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from latentsim.cache import load_cache
 from latentsim.explain import load_interpretations
-from latentsim.models import resolve_model_path
 from latentsim.stats import load_statistics
 
 
@@ -52,8 +50,7 @@ def main(run_dir: str) -> None:
         print(f"      {cache.tokens.shape[0]} rows x {cache.tokens.shape[1]} tokens, {len(cache.activations)} non-zeros, "
               f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
         print(f"STATS {run / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
-        model_ref = cache.config.get("latentsim", {}).get("model", {}).get("model", cache.config["model_name"])
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+        tokenizer = cache.subject_tokenizer()
         rate = stats["firing_rate"]
         alive = torch.nonzero((rate > 0.001) & (rate < 0.05)).flatten()
         picks = alive[torch.randperm(len(alive), generator=torch.Generator().manual_seed(0))[:4]].tolist()
