@@ -59,3 +59,13 @@ def test_answers_are_single_tokens_for_the_tiny_tokenizer():
 def test_multi_token_answers_are_refused():
     with pytest.raises(ValueError, match="not one token"):
         answer_token_ids("sim_v1", build_char_tokenizer())
+
+
+def test_dropping_context_tokens_keeps_the_marked_token():
+    from latentsim.prompts import drop_context_tokens
+
+    tok = build_tiny_tokenizer()
+    messages = render_prompt("sim_v1", marked_context("the cat sat on a", " mat"), "cats", 0.5)
+    shorter = drop_context_tokens(messages, 2, tok)[0]["content"]
+    assert "Text: sat on a<< mat>>\n\nInterpretation: cats\nInterpretation score: 0.50" in shorter
+    assert drop_context_tokens(messages, 99, tok)[0]["content"].count("Text: << mat>>") == 1

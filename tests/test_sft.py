@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import load_script, sft_args
 
+from latentsim.prompts import split_context
 from latentsim.training import (
     NonFiniteGuard,
     answer_probabilities,
@@ -73,10 +74,30 @@ def test_only_the_answer_and_end_of_turn_are_supervised(dataset_dir, tiny_model_
         assert tok.convert_ids_to_tokens(supervised) == [row["completion"][0]["content"], "<eos>"]
 
 
-def test_truncation_that_would_cut_labels_is_refused(dataset_dir, tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="longer than max_length=20 tokens .* would cut their labels"):
-        load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "t",
-                                                   training={"max_length": 20}))
+def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    script = load_script("train/sft.py")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    split = load_sim_dataset(str(dataset_dir))["train"].select(range(40))
+    def length(messages):
+        ids = tok.apply_chat_template(messages, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    lengths = [length(p + c) for p, c in zip(split["prompt"], split["completion"], strict=True)]
+    limit = max(lengths) - 2  # the longest examples must drop two context tokens
+    fitted, n = script.fit_contexts(split, tok, limit)
+    assert n == sum(n_tok > limit for n_tok in lengths) > 0
+    for before, after in zip(split, fitted, strict=True):
+        assert length(after["prompt"] + after["completion"]) <= limit
+        assert after["completion"] == before["completion"]
+        head_old, prefix_old, rest_old = split_context(before["prompt"][0]["content"])
+        head_new, prefix_new, rest_new = split_context(after["prompt"][0]["content"])
+        assert (head_new, rest_new) == (head_old, rest_old)  # question, judged token, interpretation untouched
+        kept = prefix_new.split()
+        assert not kept or prefix_old.split()[-len(kept):] == kept  # only the start of the context is cut
+    with pytest.raises(ValueError, match="even without context"):
+        script.fit_contexts(split, tok, 10)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(dataset_dir, tiny_model_dir, tmp_path):

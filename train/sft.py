@@ -22,7 +22,7 @@ from latentsim.config import SimScriptArguments, parse_config
 from latentsim.hub import adapter_card
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import describe_model_source, resolve_model_path
-from latentsim.prompts import answer_token_ids, get_format
+from latentsim.prompts import answer_token_ids, drop_context_tokens, get_format
 from latentsim.training import (
     NonFiniteGuard,
     answer_probabilities,
@@ -39,19 +39,30 @@ DATACLASSES = (SimScriptArguments, SFTConfig, ModelConfig)
 logger = logging.getLogger("latentsim.sft")
 
 
-def check_lengths(rows, tokenizer, max_length: int | None) -> None:
-    """TRL cuts the right end of long examples, where the one-token label sits (and then drops them silently):
-    refuse to train when any prompt + answer exceeds max_length, and say how many."""
+def fit_contexts(split, tokenizer, max_length: int | None):
+    """TRL cuts the right end of long examples, where the one-token label sits (and then drops them silently).
+    Instead, drop tokens from the start of the context until prompt + answer fit; count the examples changed.
+    Examples that cannot fit even with no context left are an error."""
     if max_length is None:
-        return
-    lengths = [len(ids["input_ids"] if hasattr(ids, "keys") else ids) for ids in
-               (tokenizer.apply_chat_template(p + c, tokenize=True) for p, c in zip(rows["prompt"], rows["completion"],
-                                                                                    strict=True))]
-    too_long = sum(n > max_length for n in lengths)
-    if too_long:
-        raise ValueError(f"{too_long} of {len(lengths)} examples are longer than max_length={max_length} tokens "
-                         f"(longest {max(lengths)}); truncation would cut their labels. Raise max_length or build "
-                         "the data with shorter windows (window_max).")
+        return split, 0
+
+    def length(prompt, completion):
+        ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def fit(row):
+        excess = length(row["prompt"], row["completion"]) - max_length
+        prompt, truncated = row["prompt"], excess > 0
+        while excess > 0:
+            shorter = drop_context_tokens(prompt, excess, tokenizer)
+            if shorter == prompt:
+                raise ValueError(f"an example does not fit max_length={max_length} even without context; raise it.")
+            prompt = shorter
+            excess = length(prompt, row["completion"]) - max_length
+        return {"prompt": prompt, "context_truncated": truncated}
+
+    split = split.map(fit, desc="fitting contexts to max_length")
+    return split, int(sum(split["context_truncated"]))
 
 
 def check_supervision(train_dataset, answer_ids: list[int]) -> None:
@@ -126,8 +137,12 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
         write_run_config(training_args.output_dir, "sft", {"script": script_args, "training": training_args.to_dict(),
                          "model": model_args, "chat_template_sha256": template_sha}, training_args.seed)
 
-    for split in dataset:
-        check_lengths(dataset[split], tokenizer, training_args.max_length)
+    truncated = {}
+    for split in list(dataset):
+        dataset[split], truncated[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
+    if any(truncated.values()):
+        logger.warning("contexts shortened from the left to fit max_length=%s (labels untouched): %s",
+                       training_args.max_length, truncated)
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision,
                                                  dtype=getattr(torch, model_args.dtype or "float32"),
                                                  trust_remote_code=False)
@@ -156,6 +171,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
             adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, model_args, training_args)
         atomic_write_json(Path(training_args.output_dir) / "eval_results.json",
                           {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
+                           "contexts_truncated": truncated,
                            "chat_template_sha256": template_sha, "base_model": describe_model_source(
                                model_args.model_name_or_path)})
         base = describe_model_source(model_args.model_name_or_path).get("hub_equivalent", model_args.model_name_or_path)

@@ -104,3 +104,22 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"format {fmt}: two answers share a token for this tokenizer.")
     return ids
+
+
+def split_context(content: str) -> tuple[str, str, str]:
+    """A rendered user message -> (text before the context, the context's unmarked prefix, the rest from `<<`)."""
+    head, sep, rest = content.partition("\n\nText: ")
+    context, sep2, tail = rest.partition("\n\nInterpretation: ")
+    if not sep or not sep2 or MARK_OPEN not in context:
+        raise ValueError("not a latentsim simulator prompt (no `Text: ...<<token>>` block).")
+    prefix, _, judged = context.rpartition(MARK_OPEN)
+    return head + sep, prefix, MARK_OPEN + judged + sep2 + tail
+
+
+def drop_context_tokens(messages: list[dict], n_tokens: int, tokenizer) -> list[dict]:
+    """The same prompt with the first `n_tokens` (simulator tokens) of the context's prefix removed; the marked
+    judged token, the interpretation and the question are untouched."""
+    head, prefix, rest = split_context(messages[-1]["content"])
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    shorter = tokenizer.decode(ids[n_tokens:]) if n_tokens < len(ids) else ""
+    return messages[:-1] + [{**messages[-1], "content": head + shorter + rest}]
