@@ -155,7 +155,6 @@ def main(args: DatasetArguments, api=None) -> None:
                 candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report)
                 if not candidates:
                     continue
-                report.contexts += 1
                 context = marked_context(subject_tok.decode(window[:-1].tolist()), subject_tok.decode(window[-1:].tolist()))
                 for cand in candidates:
                     usable = [i for i, src in enumerate(sources) if cand.latent in src]
@@ -175,7 +174,6 @@ def main(args: DatasetArguments, api=None) -> None:
                         "interpretation_source": args.interpretations[src], "score": score,
                         "prompt_format": args.prompt_format,
                     })
-                    report.examples[(split, cand.kind)] += 1
         table = pa.Table.from_pylist(rows_out)
         atomic_save(out / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, tmp))
         split_stats[split] = {

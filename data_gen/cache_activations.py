@@ -29,7 +29,7 @@ from latentsim.cache import (
 )
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
 from latentsim.corpus import corpus_rows, load_corpus_from_args
-from latentsim.io import config_differences, write_run_config
+from latentsim.io import require_same_config, write_run_config
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
 from latentsim.stats import latent_statistics, save_statistics
@@ -71,10 +71,7 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
     # Finished or half-done work is reused only if it was made with the same config.
     ignore = {"cache.overwrite", "cache.batch_size"} | ({"cache.shard_rows"} if recorded else set())
     if recorded or shard_dir.is_dir():
-        diffs = config_differences(out, configs, ignore=ignore)
-        if diffs:
-            raise ValueError(f"{out} holds a cache made with another config ({'; '.join(diffs)}); "
-                             "set --overwrite true to redo it, or choose another output_dir.")
+        require_same_config(out, configs, ignore, "a cache", "set --overwrite true to redo it, or choose another output_dir")
     # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
     if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")

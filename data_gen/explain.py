@@ -27,7 +27,7 @@ from latentsim.explain import (
     token_list_explanation,
     write_explanation,
 )
-from latentsim.io import atomic_write_json, config_differences, write_run_config
+from latentsim.io import atomic_write_json, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
@@ -36,10 +36,8 @@ DATACLASSES = (ExplainArguments,)
 
 def main(args: ExplainArguments) -> None:
     set_dir = Path(args.explanations_dir) / args.set_name
-    diffs = config_differences(set_dir, {"explain": args}, ignore={"explain.batch_size", "explain.device"})
-    if diffs:
-        raise ValueError(f"{set_dir} holds interpretations made with another config ({'; '.join(diffs)}); "
-                         "choose another set_name or delete the folder.")
+    require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
+                        "choose another set_name or delete the folder")
     if args.explainer == "llm" and args.backend == "vllm":
         vllm_backend.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)

@@ -26,7 +26,7 @@ from latentsim.explain import (
     non_activating_examples,
     sample_examples,
 )
-from latentsim.io import atomic_write_json, atomic_write_text, config_differences, write_run_config
+from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
 from latentsim.scorers import judge_yes_probability, load_score_folder, scorer_items
 
@@ -36,10 +36,8 @@ DATACLASSES = (ScoreArguments,)
 
 def main(args: ScoreArguments) -> None:
     out = Path(args.scores_dir) / args.scorer
-    diffs = config_differences(out, {"score": args}, ignore={"score.batch_size", "score.device"})
-    if diffs:
-        raise ValueError(f"{out} holds scores made with another config ({'; '.join(diffs)}); "
-                         "choose another scores_dir or delete the folder.")
+    require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
+                        "choose another scores_dir or delete the folder")
     if args.backend == "vllm":
         vllm_backend.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)

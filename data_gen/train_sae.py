@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from latentsim.config import CorpusArguments, ModelArguments, TrainSAEArguments, parse_config
 from latentsim.corpus import corpus_rows, load_corpus_from_args
-from latentsim.io import atomic_write_json, config_differences, write_run_config
+from latentsim.io import atomic_write_json, require_same_config, write_run_config
 from latentsim.models import describe_model_source, load_model_and_tokenizer
 from latentsim.sae import check_hookpoint, drop_norm_outliers, residual_at, sae_quality, train_topk_sae
 
@@ -42,10 +42,8 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     out = Path(args.output_dir)
     configs = {"model": model_args, "corpus": corpus_args, "train_sae": args}
     if (out / "training_report.json").is_file() and (out / "cfg.json").is_file() and not args.overwrite:
-        diffs = config_differences(out, configs, ignore={"train_sae.overwrite", "train_sae.batch_size"})
-        if diffs:
-            raise ValueError(f"{out} holds an SAE trained with another config ({'; '.join(diffs)}); "
-                             "set --overwrite true to retrain, or choose another output_dir.")
+        require_same_config(out, configs, {"train_sae.overwrite", "train_sae.batch_size"}, "an SAE",
+                            "set --overwrite true to retrain, or choose another output_dir")
         print(f"[train_sae] {out} already holds a trained SAE; skipping (set --overwrite true to retrain).")
         return
     torch.manual_seed(corpus_args.seed)

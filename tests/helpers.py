@@ -110,3 +110,20 @@ def sft_args(dataset_dir, model_dir, out, **overrides):
     return (SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
             SFTConfig(**training),
             ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+
+
+class FakeHubApi:
+    """Records the huggingface_hub calls our thin upload function makes (no network)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def create_branch(self, **kwargs):
+        self.calls.append(("create_branch", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("CommitInfo", (), {"commit_url": "https://hf.co/me/sim/commit/1"})()

@@ -21,10 +21,10 @@ def test_bench_cache_checks_exactness(tiny_model_dir):
 def test_bench_cache_detects_a_mismatch(tiny_model_dir, monkeypatch):
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     sae = build_tiny_sae(d_in=16, d_sae=64, k=4)
-    import latentsim.cache as cache_mod
+    import latentsim.sae as sae_mod
 
-    real = cache_mod.record_rows
-    monkeypatch.setattr(cache_mod, "record_rows", lambda *a, **k: (lambda r: (r[0], r[1] * 1.01))(real(*a, **k)))
+    real = sae_mod.encode_sparse  # only the fast path uses it; the naive one encodes densely
+    monkeypatch.setattr(sae_mod, "encode_sparse", lambda *a: (lambda r: (r[0], r[1], r[2] * 1.01))(real(*a)))
     result = bench_cache(model, sae, torch.randint(4, 40, (3, 10)), layer=1, batch_size=4, repeats=1,
                          calibration_gflops=1.0)
     assert result["exact"] is False

@@ -16,7 +16,6 @@ from latentsim.cache import (
     load_cache,
     read_shards,
     record_rows,
-    record_rows_naive,
     shard_ranges,
     split_bounds,
 )
@@ -34,23 +33,19 @@ def cache_script():
     return load_script("data_gen/cache_activations.py")
 
 
-def run_cache(out, model_dir, sae_dir, corpus, **cache_kwargs):
-    return make_cache(out, model_dir, sae_dir, corpus, **cache_kwargs)
-
-
 def sorted_entries(locations, activations):
     order = np.lexsort((locations[:, 2], locations[:, 1], locations[:, 0]))
     return locations[order], activations[order]
 
 
 def test_cache_roundtrip_matches_the_naive_encoding(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    args = run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    args = make_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     cache = load_cache(tmp_path / "c" / "latents", HOOK)
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     rows = corpus_rows(args[1], tok)
     sae = load_sae(args[2], d_model=16)
-    naive_loc, naive_act = record_rows_naive(model, sae, rows, layer=1, batch_size=7)
+    naive_loc, naive_act = record_rows(model, sae, rows, layer=1, batch_size=7, naive=True)
     got_loc, got_act = sorted_entries(cache.locations.numpy(), cache.activations.numpy())
     naive_loc, naive_act = sorted_entries(naive_loc, naive_act)
     assert torch.equal(cache.tokens, rows)
@@ -94,7 +89,7 @@ def delphi_read(folder: Path):
 
 
 def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    make_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     folder = tmp_path / "c" / "latents" / HOOK
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json"])
@@ -170,7 +165,7 @@ def test_token_major_groups_a_contexts_latents():
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus,
                                                                monkeypatch):
-    run_cache(tmp_path / "full", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    make_cache(tmp_path / "full", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     reference = load_cache(tmp_path / "full" / "latents", HOOK)
 
     real_write = cache_mod.write_shard
@@ -229,7 +224,7 @@ def test_resume_refuses_shards_of_another_config(tmp_path, tiny_model_dir, tiny_
 
 
 def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    run_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    make_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     split = tmp_path / "c" / "latents" / HOOK / "21_41.safetensors"
     data = bytearray(split.read_bytes())
     data[-3] ^= 0xFF  # flip bits in the payload: still parses, wrong values

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import build_char_tokenizer, load_script, make_cache
+from helpers import FakeHubApi, build_char_tokenizer, load_script, make_cache
 
 from latentsim.cache import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
@@ -158,18 +158,6 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
     write_explanation(wrong, HOOK, 500, "a latent this 64-wide SAE does not have")
     with pytest.raises(ValueError, match="wrong SAE"):
         build(built, tiny_model_dir, "wrong", interpretations=[str(wrong)])
-
-
-class FakeHubApi:
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        return type("Info", (), {"commit_url": "https://hf.co/datasets/me/sim/commit/abc"})()
 
 
 def test_push_to_hub_uploads_the_built_folder(built, tiny_model_dir):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import load_script, sft_args
+from helpers import FakeHubApi, load_script, sft_args
 from safetensors.torch import load_file, save_file
 
 from latentsim.config import ConfigError, PublishArguments
@@ -17,21 +17,6 @@ def run_dir(tmp_path_factory, dataset_dir, tiny_model_dir):
     load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out, training={
         "max_steps": 4, "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2}))
     return out
-
-
-class FakeApi:
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, **kw):
-        self.calls.append(("create_repo", kw))
-
-    def create_branch(self, **kw):
-        self.calls.append(("create_branch", kw))
-
-    def upload_folder(self, **kw):
-        self.calls.append(("upload_folder", kw))
-        return "https://hf.co/me/sim/commit/1"
 
 
 def front_matter(text: str) -> dict:
@@ -62,7 +47,7 @@ def test_dry_run_stages_exactly_the_adapter_and_a_card(run_dir, monkeypatch, cap
 
 
 def test_checkpoint_goes_to_a_step_branch_through_one_thin_function(run_dir):
-    api = FakeApi()
+    api = FakeHubApi()
     load_script("train/publish.py").main(PublishArguments(run_dir=str(run_dir), repo_id="me/sim",
                                                           checkpoint="checkpoint-2"), api=api)
     assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
@@ -81,7 +66,7 @@ def test_a_broken_adapter_is_never_published(run_dir, tmp_path):
     name = next(iter(tensors))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(broken / "adapter_model.safetensors"))
-    api = FakeApi()
+    api = FakeHubApi()
     with pytest.raises(ValueError, match="NaN"):
         load_script("train/publish.py").main(PublishArguments(run_dir=str(broken), repo_id="me/sim"), api=api)
     assert api.calls == []

@@ -47,11 +47,11 @@ def _sorted(locations: np.ndarray, activations: np.ndarray):
 def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, repeats: int = 3,
                 calibration_gflops: float | None = None) -> dict:
     """Caching: stop at the hook + sparse TopK (ours) vs full forward with logits + dense latents + nonzero."""
-    from latentsim.cache import record_rows, record_rows_naive
+    from latentsim.cache import record_rows
 
     outputs = {}
     variants = {
-        "naive": lambda: outputs.__setitem__("naive", record_rows_naive(model, sae, rows, layer, batch_size)),
+        "naive": lambda: outputs.__setitem__("naive", record_rows(model, sae, rows, layer, batch_size, naive=True)),
         "ours": lambda: outputs.__setitem__("ours", record_rows(model, sae, rows, layer, batch_size)),
     }
     times = interleaved_timings(variants, repeats)

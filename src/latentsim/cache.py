@@ -203,40 +203,25 @@ def remove_shards(shard_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- recording
 @torch.no_grad()
-def record_rows(model, sae, rows: torch.Tensor, layer: int, batch_size: int, progress=None):
+def record_rows(model, sae, rows: torch.Tensor, layer: int, batch_size: int, progress=None, naive: bool = False):
     """Sparse latents of `rows` [n, ctx_len] at the residual after `layer`, position 0 excluded.
 
-    Stops the forward at the hook and keeps TopK latents sparse. Returns numpy (locations [N,3] int64 with row
-    indices relative to `rows`, activations float32 [N]). `progress` (a tqdm bar) is advanced per token.
+    Stops the forward at the hook and keeps TopK latents sparse. `naive=True` is delphi's way, kept as the
+    benchmark baseline: full forward with logits, dense latents, then nonzero. Returns numpy (locations [N,3]
+    int64 with row indices relative to `rows`, activations float32 [N]). `progress` (tqdm) advances per token.
     """
-    from latentsim.sae import encode_sparse, residual_at
+    from latentsim import sae as sae_mod
 
+    encode = sae_mod.encode_dense_nonzero if naive else sae_mod.encode_sparse
     device = next(model.parameters()).device
     locs, acts = [], []
     for i in range(0, rows.shape[0], batch_size):
         ids = rows[i:i + batch_size].to(device)
-        h = residual_at(model, ids, layer, stop=True)[:, 1:, :]  # drop BOS: its norm ruins SAE statistics
+        h = sae_mod.residual_at(model, ids, layer, stop=not naive)[:, 1:, :]  # drop BOS: its norm ruins SAE stats
         b, t, d = h.shape
-        tok, lat, val = encode_sparse(sae, h.reshape(b * t, d).to(sae.dtype))
+        tok, lat, val = encode(sae, h.reshape(b * t, d).to(sae.dtype))
         locs.append(torch.stack([tok // t + i, tok % t + 1, lat], dim=1).cpu())
         acts.append(val.float().cpu())
         if progress is not None:
             progress.update(b * (t + 1))
-    return torch.cat(locs).numpy(), torch.cat(acts).numpy()
-
-
-@torch.no_grad()
-def record_rows_naive(model, sae, rows: torch.Tensor, layer: int, batch_size: int):
-    """delphi's way, kept as the benchmark baseline: full forward with logits, dense latents, then nonzero."""
-    from latentsim.sae import encode_dense_nonzero, residual_at
-
-    device = next(model.parameters()).device
-    locs, acts = [], []
-    for i in range(0, rows.shape[0], batch_size):
-        ids = rows[i:i + batch_size].to(device)
-        h = residual_at(model, ids, layer, stop=False)[:, 1:, :]
-        b, t, d = h.shape
-        tok, lat, val = encode_dense_nonzero(sae, h.reshape(b * t, d).to(sae.dtype))
-        locs.append(torch.stack([tok // t + i, tok % t + 1, lat], dim=1).cpu())
-        acts.append(val.float().cpu())
     return torch.cat(locs).numpy(), torch.cat(acts).numpy()

@@ -27,6 +27,12 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(f"config key `{key}`: {message}")
 
 
+def _require_positive(args, *keys: str) -> None:
+    for key in keys:
+        if getattr(args, key) < 1:
+            _fail(key, f"must be >= 1, got {getattr(args, key)}.")
+
+
 @dataclass
 class ModelArguments:
     """The subject model whose activations are recorded."""
@@ -141,9 +147,7 @@ class CacheArguments:
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing cache in output_dir and start again."})
 
     def __post_init__(self):
-        for key in ("batch_size", "shard_rows", "n_splits", "quantile_sample_size"):
-            if getattr(self, key) < 1:
-                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        _require_positive(self, "batch_size", "shard_rows", "n_splits", "quantile_sample_size")
 
 
 @dataclass
@@ -167,9 +171,7 @@ class TrainSAEArguments:
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
-        for key in ("d_sae", "k", "training_tokens", "train_batch_size_tokens", "eval_rows", "batch_size"):
-            if getattr(self, key) < 1:
-                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        _require_positive(self, "d_sae", "k", "training_tokens", "train_batch_size_tokens", "eval_rows", "batch_size")
         if self.k > self.d_sae:
             _fail("k", f"k={self.k} exceeds d_sae={self.d_sae}.")
         if not self.outlier_norm_factor > 1:
@@ -211,9 +213,8 @@ class ExplainArguments:
             _fail("explainer", f"{self.explainer!r} is not `token_list` or `llm`.")
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
-        for key in ("window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        _require_positive(self, "window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size",
+                          "max_new_tokens")
         if self.max_latents < 0:
             _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
         if self.set_name is None:
@@ -246,9 +247,7 @@ class ScoreArguments:
             _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
-        for key in ("n_activating", "n_non_activating", "window", "batch_size"):
-            if getattr(self, key) < 1:
-                _fail(key, f"must be >= 1, got {getattr(self, key)}.")
+        _require_positive(self, "n_activating", "n_non_activating", "window", "batch_size")
         if self.max_latents < 0:
             _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
 

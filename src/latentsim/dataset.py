@@ -8,8 +8,7 @@ validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode 
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,10 +86,7 @@ class Candidate:
 
 @dataclass
 class BuildReport:
-    contexts: int = 0
-    examples: Counter = field(default_factory=Counter)
     active_without_interpretation: int = 0
-    active_without_score: int = 0
     negatives_short: int = 0  # negatives wanted but no eligible latent left
 
 

@@ -184,3 +184,11 @@ def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], i
             if name not in ignore and old_s.get(key) != new_s.get(key):
                 diffs.append(f"{name}: {old_s.get(key)!r} -> {new_s.get(key)!r}")
     return diffs
+
+
+def require_same_config(output_dir: str | os.PathLike, configs: dict[str, Any], ignore: set[str], what: str,
+                        fix: str) -> None:
+    """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`)."""
+    diffs = config_differences(output_dir, configs, ignore)
+    if diffs:
+        raise ValueError(f"{output_dir} holds {what} made with another config ({'; '.join(diffs)}); {fix}.")
