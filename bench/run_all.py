@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from latentsim.bench import bench_cache, bench_sft, matmul_gflops
+from latentsim.bench import bench_cache, bench_scoring, bench_sft, matmul_gflops
 from latentsim.config import SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
+from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 from latentsim.sae import load_sae
 
 
@@ -34,9 +35,37 @@ def random_topk_sae(d_in: int, d_sae: int, k: int):
     return sae.eval()
 
 
+TEXT = ("The standard library offers a wide range of facilities. It contains built-in modules that provide access "
+        "to system functionality such as file input and output, as well as modules written in Python that provide "
+        "standardized solutions for many problems that occur in everyday programming. A fool and his money are soon "
+        "parted, but a wise man keeps a little of both for the days when the rain will not stop falling.").split()
+
+
+def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[list[dict]]:
+    """The quickstart eval set's prompts when it exists (its first contexts), else synthetic ones of the same
+    shape: 32-word contexts, token-list-like interpretations of 3-12 words."""
+    import random
+
+    if (eval_set / "test.parquet").is_file():
+        import pandas as pd
+
+        df = pd.read_parquet(eval_set / "test.parquet")
+        df = df[df["context"].isin(df["context"].drop_duplicates().iloc[:n_contexts])]
+        return [list(p) for p in df.groupby("context").head(per_context)["prompt"]]
+    rng = random.Random(0)
+    prompts = []
+    for c in range(n_contexts):
+        words = TEXT[c * 7:c * 7 + 32]
+        context = marked_context(" ".join(words[:-1]) + " ", words[-1])
+        for _ in range(per_context):
+            interp = ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
+            prompts.append(render_prompt("sim_v1", context, interp))
+    return prompts
+
+
 def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     d_model = model.config.get_text_config().hidden_size
     layer = int(args.hookpoint.split(".")[-1])
     sae_dir = Path(args.sae_path)
@@ -63,6 +92,15 @@ def main(args: argparse.Namespace) -> None:
               f"{result['flop_ratio_bound']:.2f}x) ({result['tokens_per_s']['ours']:.0f} "
               f"vs {result['tokens_per_s']['naive']:.0f} tok/s), {result['achieved_gflops']:.1f} GFLOP/s = "
               f"{result['pct_of_matmul']:.0f}% of matmul, exact: {result['exact']}", flush=True)
+    prompts = scoring_prompts(Path(args.eval_set), args.score_contexts, args.score_latents)
+    scoring = bench_scoring(model, tokenizer, prompts, answer_token_ids("sim_v1", tokenizer), calibration_gflops=calibration)
+    results.append(scoring)
+    print(f"[bench] {scoring['name']}: prefix-shared {scoring['ratio_vs_naive']:.2f}x naive, naive+last logits "
+          f"{scoring['ratio_naive_last_logits_vs_naive']:.2f}x ({scoring['judgments_per_s']['prefix_shared']:.1f} vs "
+          f"{scoring['judgments_per_s']['naive']:.1f} judgments/s; {scoring['mean_prompt_tokens']:.0f} prompt tokens, "
+          f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
+          f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
+          f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})", flush=True)
     sft = bench_sft(resolve_model_path(args.model), seq_len=args.ctx_len, batch_size=4, calibration_gflops=calibration)
     results.append(sft)
     print(f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
@@ -83,6 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--wide_d_sae", type=int, default=32768)
     parser.add_argument("--shallow_layer", type=int, default=7)
+    parser.add_argument("--eval_set", default="outputs/quickstart/datasets/eval_quantiles")
+    parser.add_argument("--score_contexts", type=int, default=4)
+    parser.add_argument("--score_latents", type=int, default=32)
     parser.add_argument("--output", default="outputs/bench/results.json")
     return parser
 

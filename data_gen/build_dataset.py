@@ -3,7 +3,8 @@
     python data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml [--key value ...]
 
 Writes `<output_dir>/{train,validation,test}.parquet` (TRL conversational prompt-completion rows plus metadata
-columns: latent, row, position, labels, interpretation source) and a README.md dataset card. Splits are disjoint
+columns: latent, row, position, the marked context, labels, the token's active count in the whole SAE,
+interpretation source) and a README.md dataset card. Splits are disjoint
 in latents and rows (`split_mode: latents`) or in rows only (`contexts`). Same config + seed: identical bytes.
 """
 
@@ -73,7 +74,7 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - subject model: {lat.get('model', {}).get('model', cache_config.get('model_name'))}, hookpoint `{args.hookpoint}`
 - SAE: {json.dumps(lat.get('sae'))} ({stats['width']} latents)
 - interpretations: {', '.join(args.interpretations)} (weights {args.interpretation_weights or 'equal'})
-- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives per positive {args.negatives_per_positive} (hard: {args.hard_negatives})
+- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives {f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} (hard: {args.hard_negatives})
 - score in prompt: {args.score_path or 'no'}
 - split mode: `{args.split_mode}` (train/validation/test disjoint in {'latents and rows' if args.split_mode == 'latents' else 'rows'})
 
@@ -169,8 +170,10 @@ def main(args: DatasetArguments, api=None) -> None:
                         "prompt": render_prompt(args.prompt_format, context, sources[src][cand.latent], score),
                         "completion": render_completion(args.prompt_format, label),
                         "latent": cand.latent, "row": row, "position": end, "window_start": end - length + 1,
-                        "context_ids": window.tolist(), "active": int(is_active), "activation": float(cand.activation),
+                        "context": context, "context_ids": window.tolist(), "n_active": len(active),
+                        "active": int(is_active), "activation": float(cand.activation),
                         "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
+                        "interpretation": sources[src][cand.latent],
                         "interpretation_source": args.interpretations[src], "score": score,
                         "prompt_format": args.prompt_format,
                     })

@@ -45,3 +45,19 @@ def test_bench_sft_compares_lora_with_full_finetuning(tiny_model_dir):
     assert result["exact"] is True  # LoRA starts as the identity: same first loss as the full model
     assert set(result["tokens_per_s"]) == {"full", "lora"} and result["ratio_vs_naive"] > 0
     assert result["flop_bound_per_token"]["N_nonembedding"] > 0
+
+
+def test_bench_scoring_checks_exactness(tiny_model_dir):
+    from latentsim.bench import bench_scoring
+    from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    prompts = [render_prompt("sim_v1", marked_context(c, "mat"), i) for c in ("the cat sat on a", "a dog ran far on the")
+               for i in ("cat", "red blue", "one two three four", "river tree house")]
+    result = bench_scoring(model, tok, prompts, answer_token_ids("sim_v1", tok), batch_size=3, repeats=1,
+                           calibration_gflops=1.0)
+    assert result["exact"] is True and result["max_abs_diff_margin"] < 1e-4
+    assert result["name"].endswith("8 judgments, 2 contexts]")
+    # Each context's prefix is computed once: fewer tokens than the prompts hold.
+    assert result["flop_ratio_bound"] > 1.5 and result["mean_computed_tokens_per_judgment"] < result["mean_prompt_tokens"]
+    assert set(result["judgments_per_s"]) == {"naive", "naive_last_logits", "prefix_shared"}

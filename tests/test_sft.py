@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import load_script, sft_args
 
+from latentsim.metrics import reliability, roc_auc
 from latentsim.prompts import split_context
 from latentsim.training import (
     NonFiniteGuard,
@@ -15,10 +16,8 @@ from latentsim.training import (
     binary_metrics,
     check_adapter,
     check_prompt_format,
-    expected_calibration_error,
     load_sim_dataset,
     resolve_resume,
-    roc_auc,
 )
 
 HOOK = "layers.1"
@@ -165,7 +164,7 @@ def test_metrics_by_hand():
     assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == pytest.approx(2 / 3)
     assert roc_auc(p, y) == pytest.approx(5 / 6)  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
     assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
-    assert expected_calibration_error(np.array([0.95, 0.95]), np.array([1, 1])) == pytest.approx(0.05)
+    assert reliability(np.array([0.95, 0.95]), np.array([1, 1]))["ece"] == pytest.approx(0.05)
 
 
 def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):

@@ -171,6 +171,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
             adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, model_args, training_args)
         atomic_write_json(Path(training_args.output_dir) / "eval_results.json",
                           {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
+                           "global_step": trainer.state.global_step,
                            "contexts_truncated": truncated,
                            "chat_template_sha256": template_sha, "base_model": describe_model_source(
                                model_args.model_name_or_path)})

@@ -147,3 +147,50 @@ def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats:
         "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "repeats": repeats,
     }
+
+
+def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int], batch_size: int = 16,
+                  repeats: int = 3, calibration_gflops: float | None = None) -> dict:
+    """Simulator judgments/s: the eval's prefix-shared scorer vs the naive way (one full prompt per judgment,
+    left-padded batches, logits at every position) and naive + `logits_to_keep=1`, on the same token ids.
+
+    Exactness: |delta (logit(yes) - logit(no))| of the prefix-shared scorer vs the naive forward < 1e-4 (fp32).
+    Achieved GFLOP/s counts 2 N_nonembedding FLOPs per token actually computed (the prefix once per context).
+    """
+    from latentsim.scoring import HFScorer, context_key, naive_label_logits, prompt_token_ids
+
+    outputs, scorer = {}, HFScorer(model, tokenizer, answer_ids, batch_size)
+    variants = {
+        "naive": lambda: outputs.__setitem__("naive", naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size)),
+        "naive_last_logits": lambda: outputs.__setitem__("naive_last_logits", naive_label_logits(
+            model, tokenizer, prompts, answer_ids, batch_size, full_logits=False)),
+        "prefix_shared": lambda: outputs.__setitem__("prefix_shared", scorer.label_logits(prompts)),
+    }
+    times = interleaved_timings(variants, repeats)
+    per_s = {k: len(prompts) / statistics.median(v) for k, v in times.items()}
+    margin = {k: v[:, 1] - v[:, 0] for k, v in outputs.items()}
+    max_diff = float(np.abs(margin["prefix_shared"] - margin["naive"]).max())
+    prompt_tokens = sum(len(prompt_token_ids(tokenizer, p)) for p in prompts)
+    runs = repeats + 1
+    computed = scorer.stats["computed_tokens"] / runs  # per pass over the prompts (suffix padding included)
+    n_nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    calibration = calibration_gflops or matmul_gflops()
+    gflops = 2 * n_nonembed * computed * per_s["prefix_shared"] / len(prompts) / 1e9
+    return {
+        "name": f"score_simulator[{len(prompts)} judgments, {len({context_key(p) for p in prompts})} contexts]",
+        "ratio_vs_naive": per_s["prefix_shared"] / per_s["naive"],
+        "ratio_naive_last_logits_vs_naive": per_s["naive_last_logits"] / per_s["naive"],
+        "naive": "one full prompt per judgment, left-padded batches, logits at every position",
+        "judgments_per_s": per_s,
+        "mean_prompt_tokens": prompt_tokens / len(prompts),
+        "mean_computed_tokens_per_judgment": computed / len(prompts),
+        "flop_ratio_bound": prompt_tokens / computed,
+        "achieved_gflops": gflops,
+        "matmul_calibration_gflops": calibration,
+        "pct_of_matmul": 100 * gflops / calibration,
+        "exact": max_diff < 1e-4,
+        "exactness_check": "|delta(logit_yes - logit_no)| prefix-shared vs naive < 1e-4 (fp32)",
+        "max_abs_diff_margin": max_diff,
+        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "repeats": repeats,
+    }

@@ -267,6 +267,8 @@ class DatasetArguments:
     positives: str = field(default="all", metadata={"help": "`all` active latents or the `top_k` strongest."})
     top_k: int = field(default=5, metadata={"help": "With `positives: top_k`."})
     negatives_per_positive: float = field(default=1.0, metadata={"help": "Inactive candidates per positive (0 for value labels)."})
+    negatives_per_context: int = field(default=0, metadata={"help": "If > 0: exactly this many inactive candidates per "
+                                                                    "context instead (eval sets: the dictionary-wide extrapolation needs them)."})
     hard_negatives: str = field(default="none", metadata={"help": "`none`, `same_token` (latents that fire on this token "
                                                                   "elsewhere) or `decoder` (decoder neighbours of the positives)."})
     hard_negative_fraction: float = field(default=0.5, metadata={"help": "Share of the negatives that are hard."})
@@ -310,8 +312,11 @@ class DatasetArguments:
         if wants_bins != (self.label != "active"):
             _fail("label", f"format {self.prompt_format} answers "
                   f"{'a 0-9 bin' if wants_bins else 'Yes/No'}; label {self.label!r} does not fit it.")
-        if self.label != "active" and self.negatives_per_positive != 0:
-            _fail("negatives_per_positive", "value labels (bins) exist only for active latents; set it to 0.")
+        if self.label != "active" and (self.negatives_per_positive != 0 or self.negatives_per_context != 0):
+            _fail("negatives_per_positive" if self.negatives_per_positive else "negatives_per_context",
+                  "value labels (bins) exist only for active latents; set it to 0.")
+        if self.negatives_per_context < 0:
+            _fail("negatives_per_context", "must be >= 0.")
         if self.top_k < 1 or self.contexts_per_row < 1:
             _fail("top_k" if self.top_k < 1 else "contexts_per_row", "must be >= 1.")
         if self.negatives_per_positive < 0:
@@ -393,6 +398,93 @@ class PrepareArguments:
         for name in self.corpora:
             if name not in EMBEDDED_CORPORA:
                 _fail("corpora", f"unknown embedded corpus {name!r}; choose from {sorted(EMBEDDED_CORPORA)}.")
+
+
+BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations")
+
+
+def parse_baseline(spec: str) -> dict:
+    """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
+    model (default embedded:smollm2-135m), shots (few-shot examples, 0), score (show the eval set's
+    interpretation score, false), interpretations (another interpretation set; default the eval set's), name."""
+    out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in BASELINE_KEYS:
+            close = difflib.get_close_matches(key, BASELINE_KEYS, n=1)
+            _fail("baselines", f"{spec!r}: `{part}` is not key=value with a key in {', '.join(BASELINE_KEYS)}"
+                  + (f" (did you mean `{close[0]}`?)" if close else "") + ".")
+        if key == "shots":
+            if not value.isdigit():
+                _fail("baselines", f"{spec!r}: shots must be a non-negative integer.")
+            out[key] = int(value)
+        elif key == "score":
+            if value not in ("true", "false"):
+                _fail("baselines", f"{spec!r}: score must be true or false.")
+            out[key] = value == "true"
+        else:
+            out[key] = value
+    if not out.get("name"):
+        model = out["model"].rsplit("/", 1)[-1].removeprefix(EMBEDDED_PREFIX)
+        out["name"] = (f"{model}_{out['shots']}shot" + ("_score" if out["score"] else "")
+                       + (f"_{Path(out['interpretations']).name}" if out["interpretations"] else ""))
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", out["name"]):
+        _fail("baselines", f"{spec!r}: name {out['name']!r} may only hold letters, digits, `.`, `_`, `-`.")
+    return out
+
+
+@dataclass
+class EvalArguments:
+    """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one eval set."""
+
+    eval_set: str = field(default="", metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."})
+    eval_split: str = field(default="test", metadata={"help": "The split the metrics are reported on."})
+    calibration_split: str | None = field(default="validation", metadata={"help": "Split for temperature scaling and the "
+                                                                                  "L0-matched threshold (null: none)."})
+    max_contexts: int = field(default=0, metadata={"help": "Score a seeded sample of this many contexts per split (0: all)."})
+    run_dirs: list[str] = field(default_factory=list, metadata={"help": "train/sft.py output dirs: every complete "
+                                                                        "checkpoint-N and the final adapter are evaluated."})
+    hub_runs: list[str] = field(default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."})
+    include_checkpoints: bool = field(default=True, metadata={"help": "Evaluate checkpoint-N folders, not only the final adapter."})
+    baselines: list[str] = field(default_factory=list, metadata={"help": "Prompting baselines, each `key=value,...` with "
+                                                                         "keys model, shots, score, interpretations, name."})
+    score_files: list[str] = field(default_factory=list, metadata={"help": "Interpretation scores ({latent: score} JSON, "
+                                                                           "data_gen/score.py) to plot accuracy against."})
+    allow_seen_latents: bool = field(default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."})
+    backend: str = field(default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."})
+    batch_size: int = field(default=32, metadata={"help": "Suffixes per forward pass (hf)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
+    seed: int = field(default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."})
+
+    def __post_init__(self):
+        if not self.eval_set:
+            _fail("eval_set", "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).")
+        if self.backend not in ("hf", "vllm", "fake"):
+            _fail("backend", f"{self.backend!r} is not `hf`, `vllm` or `fake`.")
+        if not (self.run_dirs or self.hub_runs or self.baselines):
+            _fail("run_dirs", "nothing to evaluate: give run_dirs, hub_runs or baselines.")
+        self.parsed_baselines = [parse_baseline(b) for b in self.baselines]
+        names = [b["name"] for b in self.parsed_baselines]
+        if len(set(names)) != len(names):
+            _fail("baselines", f"two baselines share a name ({names}); give them distinct `name=`.")
+        _require_positive(self, "batch_size", "max_lora_rank")
+        if self.max_contexts < 0:
+            _fail("max_contexts", "must be >= 0.")
+        if self.eval_split == self.calibration_split:
+            _fail("calibration_split", "must differ from eval_split (a temperature fitted on the test split is not a result).")
+
+
+@dataclass
+class ReportArguments:
+    """eval/report.py: the HTML report of a sweep folder."""
+
+    sweep_dir: str = field(default="outputs/eval", metadata={"help": "eval/sweep.py's output_dir."})
+    output_dir: str = field(default="", metadata={"help": "Where report.html and figures/ go (default <sweep_dir>/report)."})
+    title: str = field(default="latentsim simulator evaluation", metadata={"help": "The report's title."})
 
 
 def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:

@@ -97,7 +97,7 @@ def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[
     if args.positives == "top_k":
         mine = mine[:args.top_k]
     out = [Candidate(lat, "positive", val) for lat, val in mine]
-    n_neg = int(round(args.negatives_per_positive * max(len(mine), 1)))
+    n_neg = args.negatives_per_context or int(round(args.negatives_per_positive * max(len(mine), 1)))
     if n_neg == 0:
         return out
     taken = set(active)

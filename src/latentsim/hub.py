@@ -71,3 +71,20 @@ this adapter makes `{base_model}` answer whether the latent is active there. Pro
 |---|---|
 {table}
 """
+
+
+def download_adapter_branches(repo_id: str, local_root: str | Path, api=None) -> list[tuple[str, Path]]:
+    """Every published revision of an adapter repo (`main` and the `step-N` checkpoint branches, by step), each
+    downloaded to `<local_root>/<repo>/<branch>`: [(branch, folder)]. `api`: an HfApi (injected in tests)."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    branches = [b.name for b in api.list_repo_refs(repo_id).branches]
+    steps = sorted((b for b in branches if b.startswith("step-") and b[5:].isdigit()), key=lambda b: int(b[5:]))
+    out = []
+    for branch in steps + (["main"] if "main" in branches else []):
+        folder = Path(local_root) / repo_id.replace("/", "--") / branch
+        api.snapshot_download(repo_id=repo_id, revision=branch, local_dir=str(folder))
+        out.append((branch, folder))
+    return out

@@ -70,6 +70,7 @@ def main(run_dir: str) -> None:
         print_scores(run)
         print_datasets(run)
     print_simulators(run)
+    print_evaluation(run)
     print()
 
 
@@ -86,6 +87,32 @@ def print_simulators(run: Path) -> None:
         if "reload_max_abs_diff_p_yes" in adapter:
             print(f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
                   f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})")
+
+
+EVAL_COLUMNS = {"auc": "AUC", "recall": "recall", "precision": "precision", "f1": "F1",
+                "precision_top_active": "prec@|A|", "ece": "ECE", "ece_temperature_scaled": "ECE (T)",
+                "expected_flagged_at_0.5": "E[flagged]@0.5", "l0_matched_active_accuracy": "recall@L0-thr",
+                "alignment": "align", "alignment_random_pool": "align (rand)",
+                "pearson_mean_vs_quantile_bin": "r(mean, decile)", "spearman_mean_vs_quantile_bin": "rho(mean, decile)",
+                "mode_accuracy_quantile_bin": "mode acc"}
+
+
+def print_evaluation(run: Path) -> None:
+    """The eval sweeps' tables (eval/sweep.py) and where the HTML report is."""
+    for path in sorted((run / "eval").glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        rows = summary["rows"]
+        cols = [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
+        head = f"{'simulator':<44}" + "".join(f"{EVAL_COLUMNS[c]:>15}" for c in cols)
+        print(f"\nEVAL {path.parent}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
+              f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; per-context medians)")
+        print("      " + head)
+        for r in rows:
+            cells = "".join(f"{r[c]:>15.3f}" if isinstance(r.get(c), float) else f"{'':>15}" for c in cols)
+            print(f"      {r['simulator'][:43]:<44}{cells}")
+    report = run / "eval" / "report" / "report.html"
+    if report.is_file():
+        print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")
 
 
 def print_scores(run: Path) -> None:

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from latentsim.metrics import reliability, roc_auc
+from latentsim.scoring import HFScorer, probabilities
+
 logger = logging.getLogger(__name__)
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a checkpoint folder
 
@@ -58,60 +61,11 @@ def check_prompt_format(dataset, prompt_format: str) -> None:
                              f"{sorted(found)}; rebuild the data or fix the key.")
 
 
-@torch.no_grad()
 def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int],
                          batch_size: int = 16) -> np.ndarray:
-    """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages).
-
-    Reads only the last position's logits (`logits_to_keep=1`) of left-padded prompts: no full-vocabulary
-    tensor over the sequence is built or kept.
-    """
-    was_training = model.training
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    ids = torch.tensor(answer_ids, device=device)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts[i:i + batch_size]]
-        encoded = [list(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]
-        width = max(len(e) for e in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :]
-        out.append(torch.softmax(logits[:, ids].double(), dim=1).cpu())
-    tokenizer.padding_side = side
-    model.train(was_training)
-    return torch.cat(out).numpy()
-
-
-def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); nan with one class only."""
-    pos, neg = truth == 1, truth == 0
-    if not pos.any() or not neg.any():
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
-
-
-def expected_calibration_error(p: np.ndarray, truth: np.ndarray, n_bins: int = 10) -> float:
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            ece += mask.mean() * abs(p[mask].mean() - truth[mask].mean())
-    return float(ece)
+    """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
+    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.scoring)."""
+    return probabilities(HFScorer(model, tokenizer, answer_ids, batch_size).label_logits(prompts))
 
 
 def binary_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -122,7 +76,7 @@ def binary_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5)
     return {
         "recall": recall, "precision": precision,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "auc": roc_auc(p_yes, truth), "ece": expected_calibration_error(p_yes, truth),
+        "auc": roc_auc(p_yes, truth), "ece": reliability(p_yes, truth)["ece"],
         "mean_p_yes": float(p_yes.mean()), "accuracy": float((pred == (truth == 1)).mean()),
     }
 

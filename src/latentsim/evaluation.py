@@ -1,0 +1,211 @@
+"""Pieces eval/sweep.py composes: which simulators to score, their prompts, guards, predictions, metrics.
+
+A simulator is a base model plus (for a finetuned one) a LoRA adapter, scored on an eval set built by
+data_gen/build_dataset.py (all active latents of held-out latents per context + uniformly drawn inactive ones,
+`negatives_per_context`). Every prompt is re-rendered from the row's `context`, `interpretation` and `score` by
+latentsim.prompts (for the eval set's own interpretations it must reproduce the stored prompt byte for byte),
+then tokenized with the simulator's own chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from latentsim.explain import load_interpretations
+from latentsim.prompts import get_format, render_completion, render_prompt
+from latentsim.scoring import chat_template_sha256, probabilities
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_COMPLETE = "trainer_state.json"
+PREDICTION_COLUMNS = ("context_id", "row", "position", "latent", "active", "activation", "activation_bin",
+                      "quantile_bin", "n_active", "candidate")
+
+
+@dataclass
+class Simulator:
+    name: str                       # its results folder under <output_dir>/<eval set>/
+    kind: str                       # `finetuned` or `baseline`
+    base_model: str                 # model reference (Hub id, folder, embedded:...)
+    adapter: str | None = None      # LoRA adapter folder (finetuned)
+    shots: int = 0                  # few-shot examples prepended (baselines)
+    score: bool = False             # show the interpretation score in the prompt
+    interpretations: str | None = None  # another interpretation set than the eval set's
+    prompt_format: str | None = None    # recorded by training (finetuned)
+    chat_template_sha256: str | None = None
+    train_datasets: list[str] = field(default_factory=list)
+    step: int | None = None
+
+
+def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> list[Simulator]:
+    """The complete checkpoint-N folders (by step) and the final adapter of a train/sft.py run (or of a Hub
+    adapter snapshot, which carries the same run_config.json)."""
+    run = Path(run_dir)
+    config_path = run / "run_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?")
+    config = json.loads(config_path.read_text())["config"]
+    script, model = config["script"], config["model"]
+    common = dict(kind="finetuned", base_model=model["model_name_or_path"], prompt_format=script["prompt_format"],
+                  chat_template_sha256=config.get("chat_template_sha256"),
+                  train_datasets=[script["dataset_name"], *script.get("extra_datasets", [])],
+                  score=False)
+    out = []
+    if include_checkpoints:
+        for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+            if (ckpt / CHECKPOINT_COMPLETE).is_file() and (ckpt / "adapter_model.safetensors").is_file():
+                out.append(Simulator(name=f"{run.name}__{ckpt.name}", adapter=str(ckpt),
+                                     step=int(ckpt.name.split("-")[-1]), **common))
+            else:
+                logger.warning("skipping incomplete checkpoint %s", ckpt)
+    if (run / "adapter_model.safetensors").is_file():
+        step = None
+        for record in (run / "eval_results.json", run / "trainer_state.json"):  # sft.py writes the first
+            if step is None and record.is_file():
+                step = json.loads(record.read_text()).get("global_step")
+        # The final adapter is the last checkpoint's weights when training ended on a save step: score it once.
+        out = [s for s in out if step is None or s.step != step]
+        out.append(Simulator(name=f"{run.name}__final", adapter=str(run), step=step, **common))
+    if not out:
+        raise FileNotFoundError(f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors).")
+    return out
+
+
+def baseline_simulator(spec: dict) -> Simulator:
+    return Simulator(name=f"baseline__{spec['name']}", kind="baseline", base_model=spec["model"],
+                     shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"])
+
+
+def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
+    """Refuse a finetuned simulator trained with another prompt format or chat template than the eval's."""
+    if sim.kind != "finetuned":
+        return
+    if sim.prompt_format != eval_format:
+        raise ValueError(f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
+                         f"{eval_format!r}; build an eval set with prompt_format: {sim.prompt_format}.")
+    sha = chat_template_sha256(tokenizer)
+    if sim.chat_template_sha256 and sim.chat_template_sha256 != sha:
+        raise ValueError(f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
+                         f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training.")
+
+
+def seen_latents(sim: Simulator, latents: set[int]) -> set[int]:
+    """Latents of the eval set that a finetuned simulator's training data (train splits) holds."""
+    seen = set()
+    for name in sim.train_datasets:
+        train = Path(name) / "train.parquet"
+        if train.is_file():
+            seen |= set(pd.read_parquet(train, columns=["latent"])["latent"].tolist()) & latents
+        else:
+            logger.warning("%s: cannot check held-out latents against %s (not a local build_dataset folder)",
+                           sim.name, name)
+    return seen
+
+
+def load_split(eval_set: str | Path, split: str, max_contexts: int, seed: int) -> pd.DataFrame:
+    path = Path(eval_set) / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"config key `eval_set`: {path} does not exist; build it with data_gen/build_dataset.py.")
+    df = pd.read_parquet(path)
+    missing = {"context", "interpretation", "n_active", "prompt_format"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}: it was built by an older build_dataset; rebuild it.")
+    df["context_id"] = df["row"].astype(np.int64) * 1_000_000 + df["position"].astype(np.int64)
+    if max_contexts:
+        ids = np.sort(df["context_id"].unique())
+        if len(ids) > max_contexts:
+            keep = np.random.default_rng(seed).choice(ids, size=max_contexts, replace=False)
+            df = df[df["context_id"].isin(keep)]
+    return df.reset_index(drop=True)
+
+
+def few_shot_messages(eval_set: str | Path, shots: int, fmt: str, seed: int, interpretations, score: bool) -> list[dict]:
+    """`shots` solved examples from the eval set's train split (other latents than the test split in `latents`
+    mode), half positive for binary formats, as user/assistant turns in the same format."""
+    if not shots:
+        return []
+    train = pd.read_parquet(Path(eval_set) / "train.parquet")
+    rng = np.random.default_rng(seed)
+    binary = get_format(fmt).label == "active"
+    if binary:
+        pos, neg = train[train["active"] == 1], train[train["active"] == 0]
+        n_pos = min(len(pos), (shots + 1) // 2)
+        picks = pd.concat([pos.iloc[rng.choice(len(pos), n_pos, replace=False)],
+                           neg.iloc[rng.choice(len(neg), min(len(neg), shots - n_pos), replace=False)]])
+    else:
+        picks = train.iloc[rng.choice(len(train), min(shots, len(train)), replace=False)]
+    picks = picks.iloc[rng.permutation(len(picks))]
+    messages = []
+    for _, row in picks.iterrows():
+        interp = interpretations.get(int(row["latent"]), row["interpretation"]) if interpretations else row["interpretation"]
+        label = int(row["active"]) if binary else int(row[label_column(fmt, train)])
+        messages += render_prompt(fmt, row["context"], interp, row["score"] if score else None)
+        messages += render_completion(fmt, label)
+    return messages
+
+
+def label_column(fmt: str, df: pd.DataFrame) -> str:
+    """The dataset column a value format's answer encodes (from the stored completions)."""
+    for column in ("activation_bin", "quantile_bin"):
+        if all(c[0]["content"] == str(v) for c, v in zip(df["completion"][:50], df[column][:50], strict=False)):
+            return column
+    raise ValueError("cannot tell which bin the value answers encode (activation_bin or quantile_bin).")
+
+
+def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[dict],
+                     interpretations: dict[int, str] | None) -> tuple[list[list[dict]], np.ndarray]:
+    """The prompt of every row (and a mask of rows kept: an interpretation override may lack some latents).
+    With the eval set's own interpretations and score setting, each must equal the stored prompt."""
+    prompts, keep = [], np.ones(len(df), dtype=bool)
+    has_score = df["score"].notna().all() if "score" in df else False
+    if sim.score and not has_score:
+        raise ValueError(f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path.")
+    own = interpretations is None and sim.score == has_score
+    for i, row in enumerate(df.itertuples(index=False)):
+        interp = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
+        if interp is None:
+            keep[i] = False
+            continue
+        messages = render_prompt(fmt, row.context, interp, row.score if sim.score else None)
+        if own and messages != list(row.prompt):
+            raise ValueError(f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
+                             f"{fmt} changed since the eval set was built. Rebuild it.")
+        prompts.append(prefix + messages)
+    return prompts, keep
+
+
+def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
+    """Per judgment: identifiers, labels, raw answer logits and renormalised probabilities."""
+    out = df[list(PREDICTION_COLUMNS)].copy().reset_index(drop=True)
+    probs = probabilities(logits.astype(np.float64))
+    for k in range(logits.shape[1]):
+        out[f"logit_{k}"] = logits[:, k]
+    if get_format(fmt).label == "active":
+        out["p_yes"] = probs[:, 1]
+    else:
+        for k in range(probs.shape[1]):
+            out[f"p_digit_{k}"] = probs[:, k]
+    return out
+
+
+def override_interpretations(path: str | None, hookpoint: str, width: int) -> dict[int, str] | None:
+    return load_interpretations(path, hookpoint, width) if path else None
+
+
+def load_scores(paths: list[str]) -> dict[str, dict[int, float]]:
+    out = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"config key `score_files`: {path} must be a JSON dict {{latent: score}}.")
+        out[Path(path).stem] = {int(k): float(v) for k, v in data.items()}
+    return out
+
+
+def spec_dict(sim: Simulator) -> dict:
+    return asdict(sim)

@@ -1,0 +1,342 @@
+"""Simulator metrics on per-judgment predictions, the seed's Tables 1-2 and Figures 2, 4, 5, 6 done right.
+
+Input: a predictions table (pandas) with one row per (context, latent) judgment: `context_id`, `latent`,
+`active` (0/1), `activation`, `activation_bin`, `quantile_bin`, `n_active` (latents active at that token in the
+whole SAE) and `p_yes` (binary formats) or `p_digit_0..9` (value formats).
+
+Per-context metrics are aggregated as median and 25-75 % range (the seed's convention), next to pooled values.
+
+Extrapolating to the whole dictionary. A context's candidates are all of its active latents in the eval pool
+plus inactive latents drawn uniformly from that pool, so the scored actives estimate the simulator's hit rate on
+actives, and the scored inactives its false-positive rate on inactives. When all W latents of the SAE are
+scored, the expected number flagged at threshold t is
+
+    E[flagged](t) = n_active * hit_rate(t) + (W - n_active) * fp_rate(t),
+
+with n_active the token's true active count (from the cache, every latent, explained or not). This fixes the
+seed's denominators (its inactive accuracy divided by all candidates and bootstrapped 130k draws) and assumes
+the pool's latents are representative of the dictionary (they are a random split of the explained latents).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+
+def summarise(values) -> dict[str, float]:
+    """Median and 25/75 % percentiles over contexts (NaN-aware), with the count of defined values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "mean": float("nan"), "n": 0}
+    q25, med, q75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(med), "q25": float(q25), "q75": float(q75), "mean": float(v.mean()), "n": int(len(v))}
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); nan with one class only."""
+    from scipy.stats import rankdata
+
+    scores, truth = np.asarray(scores, dtype=float), np.asarray(truth)
+    n_pos, n_neg = int((truth == 1).sum()), int((truth == 0).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[truth == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def confusion_metrics(p: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Recall, precision, F1, balanced accuracy, accuracy at p >= threshold (NaN where undefined)."""
+    pred, truth = np.asarray(p) >= threshold, np.asarray(truth) == 1
+    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
+    fn, tn = int((~pred & truth).sum()), int((~pred & ~truth).sum())
+    nan = float("nan")
+    recall = tp / (tp + fn) if tp + fn else nan
+    specificity = tn / (tn + fp) if tn + fp else nan
+    precision = tp / (tp + fp) if tp + fp else nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan
+    return {"recall": recall, "precision": precision, "f1": f1, "balanced_accuracy": (recall + specificity) / 2,
+            "accuracy": (tp + tn) / len(truth) if len(truth) else nan, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def expected_flagged(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int,
+                     threshold: float) -> tuple[float, float, float]:
+    """(hit rate on actives, false-positive rate on inactives, E[flagged]) of one context at `threshold`."""
+    hit = float((p_active >= threshold).mean()) if len(p_active) else float("nan")
+    fpr = float((p_inactive >= threshold).mean()) if len(p_inactive) else float("nan")
+    return hit, fpr, n_active * hit + (width - n_active) * fpr
+
+
+def contexts(df: pd.DataFrame):
+    """(context_id, its rows) in a stable order."""
+    return df.groupby("context_id", sort=True)
+
+
+def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5) -> dict:
+    """Per-context recall/precision/F1/balanced accuracy/AUC (median, IQR) and pooled, plus precision among the
+    top candidates: `precision_top_active` (the |A| most probable candidates of the pool, |A| = the context's
+    scored actives) and `precision_at_l0` (among the L0 latents the simulator would rank highest in the whole
+    dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0)."""
+    per = {k: [] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc", "precision_top_active",
+                           "precision_at_l0")}
+    for _, g in contexts(df):
+        p, y = g["p_yes"].to_numpy(), g["active"].to_numpy()
+        m = confusion_metrics(p, y, threshold)
+        for k in ("recall", "precision", "f1", "balanced_accuracy"):
+            per[k].append(m[k])
+        per["auc"].append(roc_auc(p, y))
+        n_pos = int(y.sum())
+        per["precision_top_active"].append(float(y[np.argsort(-p, kind="stable")[:n_pos]].mean()) if n_pos else np.nan)
+        per["precision_at_l0"].append(precision_at_budget(p[y == 1], p[y == 0], int(g["n_active"].iloc[0]), width, l0))
+    pooled = confusion_metrics(df["p_yes"].to_numpy(), df["active"].to_numpy(), threshold)
+    pooled["auc"] = roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy())
+    return {"per_context": {k: summarise(v) for k, v in per.items()}, "pooled": pooled,
+            "n_contexts": int(df["context_id"].nunique()), "n_judgments": len(df), "threshold": threshold}
+
+
+def precision_at_budget(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int, budget: float) -> float:
+    """Expected share of true actives among the `budget` latents flagged when the whole dictionary is scored with
+    the threshold whose E[flagged] is closest to the budget (from above: the candidate probabilities)."""
+    if not len(p_active) or not len(p_inactive):
+        return float("nan")
+    best = None
+    for t in np.unique(np.concatenate([p_active, p_inactive])):
+        hit, _, flagged = expected_flagged(p_active, p_inactive, n_active, width, t)
+        if flagged > 0 and (best is None or abs(flagged - budget) < abs(best[1] - budget)):
+            best = (hit, flagged)
+    return float(n_active * best[0] / best[1]) if best else float("nan")
+
+
+def threshold_sweep(df: pd.DataFrame, width: int, thresholds=THRESHOLDS) -> list[dict]:
+    """Figure 5: per threshold, active accuracy (hit rate), inactive accuracy (1 - fp rate, over inactives only)
+    and the expected number of latents flagged in the whole dictionary; median and IQR over contexts."""
+    rows = []
+    for t in thresholds:
+        hit, inact, flagged = [], [], []
+        for _, g in contexts(df):
+            y, p = g["active"].to_numpy(), g["p_yes"].to_numpy()
+            h, f, e = expected_flagged(p[y == 1], p[y == 0], int(g["n_active"].iloc[0]), width, t)
+            hit.append(h)
+            inact.append(1 - f)
+            flagged.append(e)
+        rows.append({"threshold": t, "active_accuracy": summarise(hit), "inactive_accuracy": summarise(inact),
+                     "expected_flagged": summarise(flagged)})
+    return rows
+
+
+def reliability(p: np.ndarray, truth: np.ndarray, n_bins: int = 10) -> dict:
+    """Uniform-bin reliability diagram, ECE (bin-size weighted |mean p - positive rate|) and Brier score."""
+    p, truth = np.asarray(p, dtype=float), np.asarray(truth, dtype=float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    table, ece = [], 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            table.append({"bin": b, "lower": b / n_bins, "upper": (b + 1) / n_bins, "count": int(mask.sum()),
+                          "mean_p": float(p[mask].mean()), "positive_rate": float(truth[mask].mean())})
+            ece += mask.mean() * abs(p[mask].mean() - truth[mask].mean())
+    return {"bins": table, "ece": float(ece), "brier": float(np.mean((p - truth) ** 2)), "n": int(len(p))}
+
+
+def yes_margin(df: pd.DataFrame) -> np.ndarray:
+    """logit(yes) - logit(no): the renormalised P(yes) is sigmoid of it."""
+    return df["logit_1"].to_numpy(dtype=float) - df["logit_0"].to_numpy(dtype=float)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(z, -500, 500)))
+
+
+def fit_temperature(margin: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature T minimising the NLL of sigmoid(margin / T) (searched over log T)."""
+    from scipy.optimize import minimize_scalar
+
+    truth = np.asarray(truth, dtype=float)
+
+    def nll(log_t):
+        p = np.clip(sigmoid(margin / np.exp(log_t)), 1e-12, 1 - 1e-12)
+        return -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-5, 5), method="bounded").x))
+
+
+def l0_matched_threshold(df: pd.DataFrame, width: int, l0: float) -> float:
+    """The threshold at which the mean over contexts of E[flagged] equals the SAE's L0 (bisection in logit
+    space; E[flagged] only falls as the threshold rises)."""
+    groups = [(g["p_yes"].to_numpy()[g["active"].to_numpy() == 1], g["p_yes"].to_numpy()[g["active"].to_numpy() == 0],
+               int(g["n_active"].iloc[0])) for _, g in contexts(df)]
+
+    def mean_flagged(t):
+        return float(np.nanmean([expected_flagged(a, i, n, width, t)[2] for a, i, n in groups]))
+
+    lo, hi = -30.0, 30.0  # logit(t)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if mean_flagged(float(sigmoid(np.array(mid)))) > l0:
+            lo = mid
+        else:
+            hi = mid
+    return float(sigmoid(np.array(hi)))
+
+
+def calibration(test: pd.DataFrame, validation: pd.DataFrame | None, width: int, l0: float) -> dict:
+    """Reliability/ECE/Brier on test, before and after a temperature fitted on validation; and the threshold
+    fitted on validation so E[flagged] = L0, with what it gives on test."""
+    out = {"raw": reliability(test["p_yes"].to_numpy(), test["active"].to_numpy())}
+    if validation is None or not len(validation):
+        return out
+    temperature = fit_temperature(yes_margin(validation), validation["active"].to_numpy())
+    scaled = sigmoid(yes_margin(test) / temperature)
+    out["temperature"] = temperature
+    out["temperature_scaled"] = reliability(scaled, test["active"].to_numpy())
+    t = l0_matched_threshold(validation, width, l0)
+    sweep = threshold_sweep(test, width, (t,))[0]
+    out["l0_matched"] = {"threshold": t, "l0": l0, **{k: v for k, v in sweep.items() if k != "threshold"},
+                         **{f"pooled_{k}": v for k, v in confusion_metrics(test["p_yes"].to_numpy(),
+                                                                            test["active"].to_numpy(), t).items()
+                            if k in ("recall", "precision", "f1")}}
+    return out
+
+
+def per_latent_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """Per latent: active accuracy TP/active and inactive accuracy TN/inactive over all its judgments (p >= 0.5)."""
+    pred = df["p_yes"] >= 0.5
+    frame = pd.DataFrame({"latent": df["latent"], "tp": pred & (df["active"] == 1), "n_active": df["active"] == 1,
+                          "tn": ~pred & (df["active"] == 0), "n_inactive": df["active"] == 0})
+    agg = frame.groupby("latent").sum()
+    agg["active_accuracy"] = agg["tp"] / agg["n_active"].where(agg["n_active"] > 0)
+    agg["inactive_accuracy"] = agg["tn"] / agg["n_inactive"].where(agg["n_inactive"] > 0)
+    return agg.reset_index()
+
+
+def accuracy_vs_score(df: pd.DataFrame, scores: dict[int, float], name: str) -> dict:
+    """Figures 2 and 6: per-latent accuracies against an interpretation score (rounded to 0.1), and their
+    Spearman correlation."""
+    from scipy.stats import spearmanr
+
+    acc = per_latent_accuracy(df)
+    acc = acc[acc["latent"].isin(scores)].copy()
+    acc["score"] = acc["latent"].map(scores)
+    out = {"score": name, "n_latents": int(len(acc)), "bins": []}
+    if not len(acc):
+        return out
+    acc["score_bin"] = acc["score"].round(1)
+    for b, g in acc.groupby("score_bin"):
+        out["bins"].append({"score": float(b), "n_latents": int(len(g)),
+                            "active_accuracy": float(g["active_accuracy"].mean()),
+                            "inactive_accuracy": float(g["inactive_accuracy"].mean())})
+    for k in ("active_accuracy", "inactive_accuracy"):
+        ok = acc[k].notna()
+        out[f"spearman_{k}"] = float(spearmanr(acc.loc[ok, "score"], acc.loc[ok, k]).statistic) if ok.sum() > 2 else float("nan")
+    return out
+
+
+def accuracy_vs_strength(df: pd.DataFrame) -> dict:
+    """Hit rate of active judgments per quantile bin of the activation (0 weakest decile, 9 strongest) and per
+    rank among the context's scored actives (the seed's "position": 0 strongest, 1 weakest)."""
+    act = df[df["active"] == 1].copy()
+    act["hit"] = act["p_yes"] >= 0.5
+    by_bin = [{"quantile_bin": int(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
+              for b, g in act.groupby("quantile_bin")]
+    rank = act.groupby("context_id")["activation"].rank(ascending=False, method="first") - 1
+    size = act.groupby("context_id")["activation"].transform("size") - 1
+    act["position"] = (rank / size.where(size > 0)).fillna(0).round(1)
+    by_position = [{"position": float(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
+                   for b, g in act.groupby("position")]
+    return {"by_quantile_bin": by_bin, "by_position": by_position}
+
+
+def value_metrics(df: pd.DataFrame) -> dict:
+    """Table 2 / Figure 4: mean and mode of the digit distribution vs activation bin and quantile bin (Pearson,
+    Spearman), exact-bin accuracy, and the mean label per rounded predicted mean."""
+    from scipy.stats import pearsonr, spearmanr
+
+    probs = df[[f"p_digit_{d}" for d in range(10)]].to_numpy(dtype=float)
+    mean, mode = probs @ np.arange(10), probs.argmax(axis=1)
+    out = {"n": int(len(df))}
+    for label in ("activation_bin", "quantile_bin"):
+        y = df[label].to_numpy(dtype=float)
+        for name, pred in (("mean", mean), ("mode", mode.astype(float))):
+            const = np.ptp(pred) == 0 or np.ptp(y) == 0
+            out[f"{name}_vs_{label}"] = {
+                "pearson": float("nan") if const else float(pearsonr(pred, y).statistic),
+                "spearman": float("nan") if const else float(spearmanr(pred, y).statistic),
+                "mae": float(np.abs(pred - y).mean())}
+        out[f"mode_accuracy_{label}"] = float((mode == y).mean())
+        out[f"mean_{label}_by_predicted"] = [{"predicted": int(b), "n": int((np.round(mean) == b).sum()),
+                                              "mean_label": float(y[np.round(mean) == b].mean())}
+                                             for b in range(10) if (np.round(mean) == b).any()]
+    return out
+
+
+def decoder_alignment(df: pd.DataFrame, w_dec: np.ndarray, rng: np.random.Generator) -> dict:
+    """Figure 2 right: per context, Hungarian-match the truly active latents A with the |A| most probable
+    candidates T by decoder cosine (linear_sum_assignment, maximise); mean matched cosine. Baselines: |A|
+    latents drawn uniformly from the whole dictionary (the seed's), and from the context's own candidate pool
+    (what a random ranking of the same pool would get)."""
+    from scipy.optimize import linear_sum_assignment
+
+    unit = w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True).clip(1e-12)
+
+    def matched(a, b):
+        sims = unit[a] @ unit[b].T
+        r, c = linear_sum_assignment(sims, maximize=True)
+        return float(sims[r, c].mean())
+
+    sim, dictionary, pool = [], [], []
+    for _, g in contexts(df):
+        lat, y, p = g["latent"].to_numpy(), g["active"].to_numpy(), g["p_yes"].to_numpy()
+        a = lat[y == 1]
+        if not len(a):
+            continue
+        sim.append(matched(a, lat[np.argsort(-p, kind="stable")[:len(a)]]))
+        dictionary.append(matched(a, rng.choice(len(unit), size=len(a), replace=False)))
+        pool.append(matched(a, rng.choice(lat, size=len(a), replace=False)))
+    return {"simulator": summarise(sim), "random_dictionary": summarise(dictionary), "random_pool": summarise(pool)}
+
+
+def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: bool, width: int, l0: float,
+             w_dec: np.ndarray | None, scores: dict[str, dict[int, float]], seed: int) -> dict:
+    """Every metric of one simulator on one eval set, from its predictions."""
+    if not binary:
+        return {"value": value_metrics(test), "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
+    out = {"binary": binary_metrics(test, width, l0), "threshold_sweep": threshold_sweep(test, width),
+           "calibration": calibration(test, validation, width, l0),
+           "accuracy_vs_strength": accuracy_vs_strength(test),
+           "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
+           "width": width, "l0": l0, "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
+    if w_dec is not None:
+        out["decoder_alignment"] = decoder_alignment(test, w_dec, np.random.default_rng(seed))
+    return out
+
+
+def summary_row(name: str, kind: str, step, results: dict) -> dict:
+    """One line of the sweep's table: the headline numbers (per-context medians unless named pooled)."""
+    row = {"simulator": name, "kind": kind, "step": step, "judgments": results["n_judgments"],
+           "contexts": results["n_contexts"]}
+    if "value" in results:
+        v = results["value"]
+        row.update({"pearson_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["pearson"],
+                    "spearman_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["spearman"],
+                    "pearson_mean_vs_activation_bin": v["mean_vs_activation_bin"]["pearson"],
+                    "mode_accuracy_quantile_bin": v["mode_accuracy_quantile_bin"]})
+        return row
+    per = results["binary"]["per_context"]
+    row.update({k: per[k]["median"] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc",
+                                              "precision_top_active", "precision_at_l0")})
+    row["pooled_auc"] = results["binary"]["pooled"]["auc"]
+    cal = results["calibration"]
+    row["ece"], row["brier"] = cal["raw"]["ece"], cal["raw"]["brier"]
+    if "temperature" in cal:
+        row["ece_temperature_scaled"] = cal["temperature_scaled"]["ece"]
+        row["l0_matched_threshold"] = cal["l0_matched"]["threshold"]
+        row["l0_matched_expected_flagged"] = cal["l0_matched"]["expected_flagged"]["median"]
+        row["l0_matched_active_accuracy"] = cal["l0_matched"]["active_accuracy"]["median"]
+    row["expected_flagged_at_0.5"] = results["threshold_sweep"][0]["expected_flagged"]["median"]
+    if "decoder_alignment" in results:
+        row["alignment"] = results["decoder_alignment"]["simulator"]["median"]
+        row["alignment_random_pool"] = results["decoder_alignment"]["random_pool"]["median"]
+    return row

@@ -1,0 +1,265 @@
+"""The simulator scoring engine: label-token logits for many (context, latent) judgments.
+
+One interface, `Scorer.label_logits(prompts) -> [N, n_answers]`, with the raw logits of the format's answer tokens
+at the answer position (renormalise with `probabilities`: P(yes) for sim_v1, a digit distribution for
+sim_value_v1). Every backend scores the same token ids, `prompt_token_ids` (the chat template with the generation
+prompt, exactly as train/sft.py's eval reads them), and is deterministic: no sampling anywhere.
+
+- `HFScorer` (CPU or GPU): prompts sharing a context share their leading tokens (formats put the context before
+  the interpretation, see prompts.py). Each group's common prefix goes through the model once; its KV cache is
+  repeated over a batch of right-padded suffixes (causal attention never lets a real token see right padding),
+  and only the last real position's hidden state meets only the answer rows of the output embedding.
+- `naive_label_logits`: one full left-padded prompt per judgment, full logits everywhere; the benchmark's
+  baseline and the exactness reference.
+- `VLLMScorer` (GPU, [gpu] extra): the same token ids as `TokensPrompt`s, one `LoRARequest` per adapter, the
+  answer tokens' log-probs requested by id.
+- `FakeScorer`: deterministic logits from a function of the prompt text, for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INTERPRETATION_MARK = "\n\nInterpretation: "
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def chat_template_sha256(tokenizer) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+
+
+def context_key(messages: list[dict]) -> tuple:
+    """Judgments with equal keys share everything before the interpretation (a hint for grouping; the shared
+    prefix itself is measured on token ids)."""
+    head = messages[-1]["content"].rpartition(INTERPRETATION_MARK)[0] or messages[-1]["content"]
+    return tuple((m["role"], m["content"]) for m in messages[:-1]) + (head,)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the answers only (renormalised over the label tokens)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _parts(model):
+    """(decoder, output embedding, final-logit softcap) of a causal LM, through a PEFT wrapper (unmerged)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError("the output embedding is not a plain Linear (a LoRA on lm_head?); latentsim adapters never "
+                         "train lm_head, retrain without it in lora_target_modules.")
+    softcap = getattr(base.config, "final_logit_softcapping", None) or getattr(
+        getattr(base.config, "text_config", None), "final_logit_softcapping", None)
+    return base.get_decoder(), head, softcap
+
+
+def _answer_logits(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap) -> torch.Tensor:
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: gather it to read the answer rows
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (head.weight, head.bias) if p is not None]):
+            return _answer_rows(hidden, head, answer_ids, softcap)
+    return _answer_rows(hidden, head, answer_ids, softcap)
+
+
+def _answer_rows(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap) -> torch.Tensor:
+    logits = hidden @ head.weight[answer_ids].T
+    if head.bias is not None:
+        logits = logits + head.bias[answer_ids]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+def _cache_keyword(decoder) -> str:
+    """transformers >= 5.24 renamed the forward's `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class HFScorer:
+    """Prefix-shared scoring with transformers (PEFT adapters stay unmerged)."""
+
+    backend = "hf"
+
+    def __init__(self, model, tokenizer, answer_ids: list[int], batch_size: int = 32):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.answer_ids = list(answer_ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stats = {"judgments": 0, "prompt_tokens": 0, "computed_tokens": 0}
+
+    @torch.no_grad()
+    def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
+        groups: dict[tuple, list[int]] = {}
+        for i, messages in enumerate(prompts):
+            groups.setdefault(context_key(messages), []).append(i)
+        out = np.zeros((len(prompts), len(self.answer_ids)), dtype=np.float32)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for members in groups.values():
+                ids = [prompt_token_ids(self.tokenizer, prompts[i]) for i in members]
+                out[members] = self.score_group(ids)
+                if progress is not None:
+                    progress.update(len(members))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def score_group(self, ids: list[list[int]]) -> np.ndarray:
+        """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV cache."""
+        decoder, head, softcap = _parts(self.model)
+        device = head.weight.device
+        answer = torch.tensor(self.answer_ids, device=device)
+        n_prefix = min(common_prefix_length(ids), min(len(s) for s in ids) - 1)  # every row keeps >= 1 suffix token
+        prefix_cache = None
+        if n_prefix > 0:
+            prefix = torch.tensor([ids[0][:n_prefix]], device=device)
+            out = decoder(input_ids=prefix, use_cache=True)
+            prefix_cache = out.cache if "cache" in out else out.past_key_values
+        results = []
+        for a in range(0, len(ids), self.batch_size):
+            suffixes = [s[n_prefix:] for s in ids[a:a + self.batch_size]]
+            width = max(len(s) for s in suffixes)
+            batch = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in suffixes], device=device)
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(suffixes))
+            positions = torch.arange(n_prefix, n_prefix + width, device=device).expand(len(suffixes), -1)
+            hidden = decoder(input_ids=batch, position_ids=positions, use_cache=True,
+                             **{_cache_keyword(decoder): cache}).last_hidden_state
+            last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+            results.append(_answer_logits(hidden[torch.arange(len(suffixes), device=device), last], head, answer, softcap))
+            self.stats["computed_tokens"] += len(suffixes) * width
+        self.stats["computed_tokens"] += n_prefix
+        self.stats["judgments"] += len(ids)
+        self.stats["prompt_tokens"] += sum(len(s) for s in ids)
+        return torch.cat(results).cpu().numpy()
+
+
+@torch.no_grad()
+def naive_label_logits(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int], batch_size: int = 16,
+                       full_logits: bool = True) -> np.ndarray:
+    """One full prompt per judgment: left-padded batches (positions follow the attention mask), logits at every
+    position (`full_logits`) or the last only; the answers' logits at the last position."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for a in range(0, len(prompts), batch_size):
+        ids = [prompt_token_ids(tokenizer, p) for p in prompts[a:a + batch_size]]
+        width = max(len(s) for s in ids)
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = {} if full_logits else {"logits_to_keep": 1}
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+        out.append(logits[:, -1, answer_ids].float().cpu())
+    return torch.cat(out).numpy()
+
+
+class FakeScorer:
+    """Deterministic logits from `fn(messages) -> list[float]`; by default a hash of the prompt text."""
+
+    backend = "fake"
+
+    def __init__(self, answer_ids: list[int], fn: Callable[[list[dict]], list[float]] | None = None):
+        self.answer_ids = list(answer_ids)
+        self.fn = fn or (lambda m: [((zlib.crc32(f"{m}|{k}".encode()) % 2000) - 1000) / 250 for k in range(len(answer_ids))])
+        self.calls = 0
+
+    def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
+        self.calls += len(prompts)
+        if progress is not None:
+            progress.update(len(prompts))
+        return np.array([self.fn(m) for m in prompts], dtype=np.float32).reshape(len(prompts), len(self.answer_ids))
+
+
+def lora_int_id(adapter_path: str) -> int:
+    """A stable, globally unique-enough positive id for vLLM's LoRARequest (a hash of the resolved path)."""
+    return zlib.crc32(str(Path(adapter_path).resolve()).encode()) % (2**31 - 1) + 1
+
+
+class VLLMScorer:
+    """vLLM offline scoring (GPU): prefix caching, one LoRARequest per adapter, label log-probs by token id."""
+
+    backend = "vllm"
+
+    def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096):
+        from latentsim.vllm_backend import require_vllm
+
+        vllm = require_vllm()
+        self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
+        self.max_lora_rank, self.lora = max_lora_rank, None
+        self.by_id = "logprob_token_ids" in getattr(vllm.SamplingParams, "__struct_fields__", ()) or \
+            "logprob_token_ids" in getattr(vllm.SamplingParams, "__annotations__", {})
+        # Without per-id logprobs, ask for the whole vocabulary: a label outside a top-k list must never read as 0.
+        self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, enable_prefix_caching=True,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
+                            max_logprobs=20 if self.by_id else -1)
+
+    def use_adapter(self, adapter: str | None) -> None:
+        """Score through this LoRA adapter (one LoRARequest with a stable id per path), or the base model."""
+        self.lora = None
+        if adapter is None:
+            return
+        import json
+
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 0)
+        if rank > self.max_lora_rank:
+            raise ValueError(f"adapter {adapter} has LoRA rank {rank} > max_lora_rank {self.max_lora_rank}; raise it.")
+        from vllm.lora.request import LoRARequest
+
+        self.lora = LoRARequest(Path(adapter).name, lora_int_id(adapter), str(adapter))
+
+    def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
+        if self.by_id:
+            params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=self.answer_ids)
+        else:
+            params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=-1)
+        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+        # Contexts contiguous; the first judgment of each context goes first so its prefix is cached once.
+        order = sorted(range(len(ids)), key=lambda i: (context_key(prompts[i]), i))
+        seen, warm, rest = set(), [], []
+        for i in order:
+            (rest if context_key(prompts[i]) in seen else warm).append(i)
+            seen.add(context_key(prompts[i]))
+        out = np.full((len(prompts), len(self.answer_ids)), np.nan, dtype=np.float32)
+        for wave in (warm, rest):
+            if not wave:
+                continue
+            results = self.llm.generate([{"prompt_token_ids": ids[i]} for i in wave], params, lora_request=self.lora,
+                                        use_tqdm=False)
+            for i, res in zip(wave, results, strict=True):
+                logprobs = res.outputs[0].logprobs[0]
+                missing = [t for t in self.answer_ids if t not in logprobs]
+                if missing:
+                    raise RuntimeError(f"vLLM returned no log-prob for answer token(s) {missing}; refusing to read "
+                                       "them as probability 0.")
+                out[i] = [logprobs[t].logprob for t in self.answer_ids]
+            if progress is not None:
+                progress.update(len(wave))
+        return out

@@ -1,0 +1,193 @@
+"""eval/sweep.py and eval/report.py end to end on tiny assets: real LoRA checkpoints, baselines, resume, refusals."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import load_script, make_cache, sft_args
+from sklearn.metrics import roc_auc_score
+
+from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments
+from latentsim.scoring import HFScorer
+
+HOOK = "layers.1"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """A cache, a training mixture, held-out eval sets (binary, value, and one sharing latents with training) and a
+    LoRA run with checkpoints at steps 6 and 12."""
+    root = tmp_path_factory.mktemp("eval")
+    make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
+    load_script("data_gen/explain.py").main(ExplainArguments(
+        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2))
+    load_script("data_gen/explain.py").main(ExplainArguments(
+        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2,
+        sampling="top"))
+    build = load_script("data_gen/build_dataset.py").main
+    common = dict(cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
+                  interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
+                  contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3)
+    build(DatasetArguments(**common, positives="top_k", top_k=3, output_dir=str(root / "mix")))
+    build(DatasetArguments(**common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")))
+    build(DatasetArguments(**common, positives="all", negatives_per_positive=0, label="quantile_bin",
+                           prompt_format="sim_value_v1", output_dir=str(root / "eval_value")))
+    build(DatasetArguments(**{**common, "split_mode": "contexts"}, positives="all", negatives_per_context=6,
+                           output_dir=str(root / "eval_seen")))
+    load_script("train/sft.py").main(*sft_args(root / "mix", tiny_model_dir, root / "run"))
+    return root
+
+
+def sweep(assets, tiny_model_dir, out, **kw):
+    args = dict(eval_set=str(assets / "eval_set"), run_dirs=[str(assets / "run")], output_dir=str(out),
+                baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},shots=2,name=two",
+                           f"model={tiny_model_dir},interpretations={assets / 'expl' / 'token_list-top'},name=top"],
+                batch_size=4)
+    args.update(kw)
+    load_script("eval/sweep.py").main(EvalArguments(**args))
+    return out / Path(args["eval_set"]).name
+
+
+def test_eval_set_holds_all_actives_and_fixed_negatives(assets):
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    per_context = test.groupby(["row", "position"])
+    assert (per_context["active"].apply(lambda a: (a == 0).sum()) == 6).all()
+    assert (per_context["n_active"].first() >= per_context["active"].sum()).all()
+    # The eval set's held-out latents are the training mixture's test latents (same seed and fractions).
+    mix_test = set(pd.read_parquet(assets / "mix" / "test.parquet")["latent"])
+    mix_train = set(pd.read_parquet(assets / "mix" / "train.parquet")["latent"])
+    assert mix_test <= set(test["latent"]) and not set(test["latent"]) & mix_train
+
+
+def test_sweep_scores_checkpoints_and_baselines(assets, tiny_model_dir, tmp_path):
+    root = sweep(assets, tiny_model_dir, tmp_path / "eval")
+    names = [r["simulator"] for r in json.loads((root / "summary.json").read_text())["rows"]]
+    # checkpoint-12 is the final adapter (training ended on a save step): scored once, as `final`.
+    assert names == ["run__checkpoint-6", "run__final", "baseline__zero", "baseline__two", "baseline__top"]
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    for name in names:
+        record = json.loads((root / name / "results.json").read_text())
+        assert record["eval_set"]["prompt_format"] == "sim_v1" and record["scoring"]["backend"] == "hf"
+        assert record["provenance"]["seed"] == 22 and "transformers" in record["provenance"]["versions"]
+        preds = pd.read_parquet(root / name / "predictions_test.parquet")
+        # Every metric can be recomputed from the predictions.
+        aucs = [roc_auc_score(g["active"], g["p_yes"]) for _, g in preds.groupby("context_id")
+                if g["active"].nunique() == 2]
+        assert record["results"]["binary"]["per_context"]["auc"]["median"] == pytest.approx(np.median(aucs))
+        assert np.allclose(preds["p_yes"], 1 / (1 + np.exp(preds["logit_0"] - preds["logit_1"])), atol=1e-6)
+        if name != "baseline__top":
+            assert len(preds) == len(test)
+        assert (root / name / "predictions_validation.parquet").is_file()
+    final = pd.read_parquet(root / "run__final" / "predictions_test.parquet")
+    ckpt6 = pd.read_parquet(root / "run__checkpoint-6" / "predictions_test.parquet")
+    assert json.loads((root / "run__final" / "results.json").read_text())["simulator"]["step"] == 12
+    assert np.abs(ckpt6["p_yes"] - final["p_yes"]).max() > 1e-4  # checkpoints really differ
+    zero = pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")
+    assert np.abs(zero["p_yes"] - final["p_yes"]).max() > 1e-4  # the adapter was detached for the baseline
+    two = pd.read_parquet(root / "baseline__two" / "predictions_test.parquet")
+    assert np.abs(zero["p_yes"] - two["p_yes"]).max() > 1e-4  # few-shot examples reach the prompt
+    summary = (root / "summary.md").read_text()
+    assert all(n in summary for n in names)
+
+
+def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monkeypatch):
+    root = sweep(assets, tiny_model_dir, tmp_path / "eval")
+    before = {n.name: (n / "results.json").read_bytes() for n in root.iterdir() if (n / "results.json").is_file()}
+    calls = []
+    original = HFScorer.label_logits
+    monkeypatch.setattr(HFScorer, "label_logits", lambda self, prompts, progress=None: calls.append(len(prompts))
+                        or original(self, prompts, progress))
+    sweep(assets, tiny_model_dir, tmp_path / "eval")
+    assert calls == []  # nothing rescored
+    assert before == {n: (root / n / "results.json").read_bytes() for n in before}
+    # An interrupted simulator: its validation predictions exist, test and results do not.
+    (root / "baseline__zero" / "results.json").unlink()
+    (root / "baseline__zero" / "predictions_test.parquet").unlink()
+    sweep(assets, tiny_model_dir, tmp_path / "eval")
+    assert calls == [len(pd.read_parquet(assets / "eval_set" / "test.parquet"))]
+    with pytest.raises(ValueError, match="another setup"):
+        sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3)
+    sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, overwrite=True, run_dirs=[], baselines=[
+        f"model={tiny_model_dir},name=zero"])
+    assert pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")["context_id"].nunique() == 3
+
+
+def test_mismatched_prompt_format_or_template_is_refused(assets, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="prompt format 'sim_v1'.*sim_value_v1"):
+        sweep(assets, tiny_model_dir, tmp_path / "a", eval_set=str(assets / "eval_value"), baselines=[])
+    run = tmp_path / "run"
+    shutil.copytree(assets / "run", run)
+    for folder in [run, *run.glob("checkpoint-*")]:
+        for f in folder.glob("chat_template.jinja"):
+            f.write_text(f.read_text().replace("assistant", "bot"))
+    with pytest.raises(ValueError, match="chat template"):
+        sweep(assets, tiny_model_dir, tmp_path / "b", run_dirs=[str(run)], baselines=[])
+
+
+def test_latents_seen_in_training_are_refused(assets, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="trained on .* latents of the eval set"):
+        sweep(assets, tiny_model_dir, tmp_path / "a", eval_set=str(assets / "eval_seen"), baselines=[],
+              include_checkpoints=False)
+    sweep(assets, tiny_model_dir, tmp_path / "b", eval_set=str(assets / "eval_seen"), baselines=[],
+          include_checkpoints=False, allow_seen_latents=True)
+
+
+def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_path):
+    sweep(assets, tiny_model_dir, tmp_path / "eval", run_dirs=[], include_checkpoints=False,
+          baselines=[f"model={tiny_model_dir},name=zero"])
+    root = sweep(assets, tiny_model_dir, tmp_path / "eval", eval_set=str(assets / "eval_value"), run_dirs=[],
+                 baselines=[f"model={tiny_model_dir},name=zero"])
+    record = json.loads((root / "baseline__zero" / "results.json").read_text())
+    preds = pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")
+    mean = preds[[f"p_digit_{d}" for d in range(10)]].to_numpy() @ np.arange(10)
+    assert record["results"]["value"]["mean_vs_quantile_bin"]["pearson"] == pytest.approx(
+        np.corrcoef(mean, preds["quantile_bin"])[0, 1])
+
+    from latentsim.config import ReportArguments
+
+    page = load_script("eval/report.py").main(ReportArguments(sweep_dir=str(tmp_path / "eval")))
+    figures = sorted(p.name for p in (page.parent / "figures").glob("*.png"))
+    assert "eval_set_threshold_sweep.png" in figures and "eval_value_value_vs_activation.png" in figures
+    text = page.read_text()
+    assert text.count("<table>") == 2 and text.count("data:image/png;base64,") == len(figures)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (./launch.sh test installs it)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f'data-images-rendered="{len(figures)}"' in dom and 'data-tables="2"' in dom
+    assert "baseline__zero" in dom
+
+
+def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
+    """`hub_runs`: main and every step-N branch of a published adapter repo (fake Hub API, no network)."""
+    import types
+
+    class FakeApi:
+        def list_repo_refs(self, repo_id):
+            names = ["main", "step-000000006", "other"]
+            return types.SimpleNamespace(branches=[types.SimpleNamespace(name=n) for n in names])
+
+        def snapshot_download(self, repo_id, revision, local_dir):
+            source = assets / "run" if revision == "main" else assets / "run" / "checkpoint-6"
+            Path(local_dir).mkdir(parents=True)
+            for f in source.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, local_dir)
+            shutil.copy2(assets / "run" / "run_config.json", local_dir)  # publish.py stages the run-level files
+
+    out = tmp_path / "eval"
+    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), hub_runs=["me/sim"],
+                                                    output_dir=str(out), batch_size=8), api=FakeApi())
+    root = out / "eval_set"
+    names = [r["simulator"] for r in json.loads((root / "summary.json").read_text())["rows"]]
+    assert names == ["me--sim@step-000000006", "me--sim@main"]
+    local = sweep(assets, tiny_model_dir, tmp_path / "local", baselines=[])
+    for hub_name, local_name in (("me--sim@main", "run__final"), ("me--sim@step-000000006", "run__checkpoint-6")):
+        a = pd.read_parquet(root / hub_name / "predictions_test.parquet")
+        b = pd.read_parquet(local / local_name / "predictions_test.parquet")
+        assert np.abs(a["p_yes"] - b["p_yes"]).max() < 1e-6
