@@ -108,6 +108,15 @@ def decoder_weights(build_config: dict) -> np.ndarray | None:
     return load_sae(SAEArguments(hookpoint=build_config["hookpoint"], **sae_info)).W_dec.detach().float().numpy()
 
 
+def sae_l0(build_config: dict, test: pd.DataFrame) -> float:
+    """The SAE's mean number of active latents per token: over the whole cache (its statistics), else over the
+    eval contexts."""
+    stats = Path(build_config["cache_dir"]) / "stats" / f"{build_config['hookpoint']}.json"
+    if stats.is_file() and "mean_l0" in json.loads(stats.read_text()):
+        return float(json.loads(stats.read_text())["mean_l0"])
+    return float(test.groupby("context_id")["n_active"].first().mean())
+
+
 def score_simulator(sim, args, splits, fmt, hookpoint, width, scorers, folder: Path) -> dict:
     """Predictions for every split (reusing finished ones) and the scoring speed."""
     tokenizer = scorers.tokenizer_for(sim)
@@ -162,7 +171,7 @@ def main(args: EvalArguments, api=None) -> None:
     splits = {s: load_split(eval_set, s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or binary)}
     test = splits[args.eval_split]
-    l0 = float(test.groupby("context_id")["n_active"].first().mean())  # the SAE's L0 on these tokens
+    l0 = sae_l0(build, test)
     w_dec = decoder_weights(build) if binary else None
     scores = load_scores(args.score_files)
     root = Path(args.output_dir) / eval_set.name

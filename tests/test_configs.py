@@ -12,6 +12,8 @@ from latentsim.config import (
     CacheArguments,
     ConfigError,
     CorpusArguments,
+    DatasetArguments,
+    EvalArguments,
     ModelArguments,
     SAEArguments,
     TrainSAEArguments,
@@ -109,10 +111,32 @@ def test_command_line_overrides_yaml_and_floats_parse(tmp_path):
     (CorpusArguments, {"corpus": "embedded:wikipedia"}, "corpus"),
     (TrainSAEArguments, {"k": 100, "d_sae": 64}, "k"),
     (CacheArguments, {"shard_rows": 0}, "shard_rows"),
+    (EvalArguments, {"eval_set": ""}, "eval_set"),
+    (EvalArguments, {"eval_set": "e"}, "run_dirs"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["shots=two"]}, "baselines"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["shot=2"]}, "baselines"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1", "shots=1"]}, "baselines"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["name=a b"]}, "baselines"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1"], "calibration_split": "test"}, "calibration_split"),
+    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1"], "backend": "tgi"}, "backend"),
+    (DatasetArguments, {"interpretations": ["x"], "negatives_per_context": -1}, "negatives_per_context"),
+    (DatasetArguments, {"interpretations": ["x"], "label": "quantile_bin", "prompt_format": "sim_value_v1",
+                        "negatives_per_positive": 0, "negatives_per_context": 5}, "negatives_per_context"),
 ])
 def test_bad_values_name_the_key(cls, kwargs, key):
     with pytest.raises(ConfigError, match=f"config key `{key}`"):
         cls(**kwargs)
+
+
+def test_baseline_specs_parse_with_defaults_and_names():
+    from latentsim.config import parse_baseline
+
+    assert parse_baseline("shots=3") == {"model": "embedded:smollm2-135m", "shots": 3, "score": False,
+                                         "interpretations": None, "name": "smollm2-135m_3shot"}
+    spec = parse_baseline("model=meta-llama/Llama-3.1-70B-Instruct, score=true, interpretations=out/token_list-top")
+    assert spec["name"] == "Llama-3.1-70B-Instruct_0shot_score_token_list-top" and spec["score"] is True
+    with pytest.raises(ConfigError, match="did you mean `shots`"):
+        parse_baseline("shot=3")
 
 
 def test_missing_config_file_is_a_clear_error():

@@ -218,6 +218,7 @@ class VLLMScorer:
             "logprob_token_ids" in getattr(vllm.SamplingParams, "__annotations__", {})
         # Without per-id logprobs, ask for the whole vocabulary: a label outside a top-k list must never read as 0.
         self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, enable_prefix_caching=True,
+                            tensor_parallel_size=max(1, torch.cuda.device_count()),
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
                             max_logprobs=20 if self.by_id else -1)
 
