@@ -11,6 +11,7 @@ an interrupted one resumes at the next unscored split. Then `summary.json` / `su
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,11 @@ from latentsim.evaluation import (
     judgment_prompts,
     load_scores,
     load_split,
-    override_interpretations,
     predictions_table,
     run_simulators,
     seen_latents,
-    spec_dict,
 )
+from latentsim.explain import load_interpretations
 from latentsim.hub import download_adapter_branches
 from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, provenance, write_run_config
 from latentsim.metrics import evaluate, summary_row
@@ -117,13 +117,13 @@ def sae_l0(build_config: dict, test: pd.DataFrame) -> float:
     return float(test.groupby("context_id")["n_active"].first().mean())
 
 
-def score_simulator(sim, args, splits, fmt, hookpoint, width, scorers, folder: Path) -> dict:
+def score_simulator(sim, args, splits, fmt, label, hookpoint, width, scorers, folder: Path) -> dict:
     """Predictions for every split (reusing finished ones) and the scoring speed."""
     tokenizer = scorers.tokenizer_for(sim)
     check_simulator(sim, tokenizer, fmt)
     answer_ids = answer_token_ids(fmt, tokenizer)
-    interpretations = override_interpretations(sim.interpretations, hookpoint, width)
-    prefix = few_shot_messages(args.eval_set, sim.shots, fmt, args.seed, interpretations, sim.score)
+    interpretations = load_interpretations(sim.interpretations, hookpoint, width) if sim.interpretations else None
+    prefix = few_shot_messages(args.eval_set, sim.shots, fmt, label, args.seed, interpretations, sim.score)
     predictions, timing, scorer = {}, {}, None
     for split, df in splits.items():
         path = folder / f"predictions_{split}.parquet"
@@ -183,7 +183,7 @@ def main(args: EvalArguments, api=None) -> None:
     scorers, rows = Scorers(args), []
     for sim in sims:
         folder = root / sim.name
-        spec = {"simulator": spec_dict(sim), "eval_set": str(eval_set), "splits": list(splits),
+        spec = {"simulator": asdict(sim), "eval_set": str(eval_set), "splits": list(splits),
                 "max_contexts": args.max_contexts, "seed": args.seed, "backend": args.backend, "dtype": args.dtype}
         if args.overwrite and folder.exists():
             for f in folder.iterdir():
@@ -206,11 +206,11 @@ def main(args: EvalArguments, api=None) -> None:
                                  "split_mode: latents) or set allow_seen_latents: true.")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "spec.json", spec)
-        scored = score_simulator(sim, args, splits, fmt, hookpoint, width, scorers, folder)
+        scored = score_simulator(sim, args, splits, fmt, stats["label"], hookpoint, width, scorers, folder)
         preds = scored["predictions"]
         results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=binary, width=width,
                            l0=l0, w_dec=w_dec, scores=scores, seed=args.seed)
-        record = {"results": results, "simulator": spec_dict(sim), "eval_set": {"path": str(eval_set),
+        record = {"results": results, "simulator": asdict(sim), "eval_set": {"path": str(eval_set),
                   "split": args.eval_split, "calibration_split": args.calibration_split, "prompt_format": fmt,
                   "build_config": build}, "scoring": {"backend": args.backend, "timing": scored["timing"],
                   "chat_template_sha256": scored["chat_template_sha256"],

@@ -140,12 +140,14 @@ def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_
     sweep(assets, tiny_model_dir, tmp_path / "eval", run_dirs=[], include_checkpoints=False,
           baselines=[f"model={tiny_model_dir},name=zero"])
     root = sweep(assets, tiny_model_dir, tmp_path / "eval", eval_set=str(assets / "eval_value"), run_dirs=[],
-                 baselines=[f"model={tiny_model_dir},name=zero"])
+                 baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},name=two,shots=2"])
+    two = pd.read_parquet(root / "baseline__two" / "predictions_test.parquet")
     record = json.loads((root / "baseline__zero" / "results.json").read_text())
     preds = pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")
     mean = preds[[f"p_digit_{d}" for d in range(10)]].to_numpy() @ np.arange(10)
     assert record["results"]["value"]["mean_vs_quantile_bin"]["pearson"] == pytest.approx(
         np.corrcoef(mean, preds["quantile_bin"])[0, 1])
+    assert np.abs(two["p_digit_0"] - preds["p_digit_0"]).max() > 1e-4  # the solved examples reach the prompt
 
     from latentsim.config import ReportArguments
 
@@ -191,3 +193,17 @@ def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
         a = pd.read_parquet(root / hub_name / "predictions_test.parquet")
         b = pd.read_parquet(local / local_name / "predictions_test.parquet")
         assert np.abs(a["p_yes"] - b["p_yes"]).max() < 1e-6
+
+
+def test_few_shot_examples_are_solved_correctly(assets):
+    from latentsim.evaluation import few_shot_messages
+
+    for eval_set, fmt, label in (("eval_set", "sim_v1", "active"), ("eval_value", "sim_value_v1", "quantile_bin")):
+        train = pd.read_parquet(assets / eval_set / "train.parquet")
+        messages = few_shot_messages(assets / eval_set, 4, fmt, label, 0, None, False)
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+        for user, answer in zip(messages[::2], messages[1::2], strict=True):
+            row = train[train["prompt"].apply(lambda p, u=user: p[0]["content"] == u["content"])].iloc[0]
+            assert answer["content"] == row["completion"][0]["content"]
+        if fmt == "sim_v1":  # half of them positive
+            assert sorted(m["content"] for m in messages[1::2]) == ["No", "No", "Yes", "Yes"]

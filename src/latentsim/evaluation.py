@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from latentsim.explain import load_interpretations
 from latentsim.prompts import get_format, render_completion, render_prompt
 from latentsim.scoring import chat_template_sha256, probabilities
 
@@ -124,7 +123,8 @@ def load_split(eval_set: str | Path, split: str, max_contexts: int, seed: int) -
     return df.reset_index(drop=True)
 
 
-def few_shot_messages(eval_set: str | Path, shots: int, fmt: str, seed: int, interpretations, score: bool) -> list[dict]:
+def few_shot_messages(eval_set: str | Path, shots: int, fmt: str, label: str, seed: int, interpretations,
+                      score: bool) -> list[dict]:
     """`shots` solved examples from the eval set's train split (other latents than the test split in `latents`
     mode), half positive for binary formats, as user/assistant turns in the same format."""
     if not shots:
@@ -143,18 +143,9 @@ def few_shot_messages(eval_set: str | Path, shots: int, fmt: str, seed: int, int
     messages = []
     for _, row in picks.iterrows():
         interp = interpretations.get(int(row["latent"]), row["interpretation"]) if interpretations else row["interpretation"]
-        label = int(row["active"]) if binary else int(row[label_column(fmt, train)])
         messages += render_prompt(fmt, row["context"], interp, row["score"] if score else None)
-        messages += render_completion(fmt, label)
+        messages += render_completion(fmt, int(row[label]))  # label: the eval set's `active` or bin column
     return messages
-
-
-def label_column(fmt: str, df: pd.DataFrame) -> str:
-    """The dataset column a value format's answer encodes (from the stored completions)."""
-    for column in ("activation_bin", "quantile_bin"):
-        if all(c[0]["content"] == str(v) for c, v in zip(df["completion"][:50], df[column][:50], strict=False)):
-            return column
-    raise ValueError("cannot tell which bin the value answers encode (activation_bin or quantile_bin).")
 
 
 def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[dict],
@@ -193,10 +184,6 @@ def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.Data
     return out
 
 
-def override_interpretations(path: str | None, hookpoint: str, width: int) -> dict[int, str] | None:
-    return load_interpretations(path, hookpoint, width) if path else None
-
-
 def load_scores(paths: list[str]) -> dict[str, dict[int, float]]:
     out = {}
     for path in paths:
@@ -205,7 +192,3 @@ def load_scores(paths: list[str]) -> dict[str, dict[int, float]]:
             raise ValueError(f"config key `score_files`: {path} must be a JSON dict {{latent: score}}.")
         out[Path(path).stem] = {int(k): float(v) for k, v in data.items()}
     return out
-
-
-def spec_dict(sim: Simulator) -> dict:
-    return asdict(sim)
