@@ -190,6 +190,54 @@ def fig_checkpoints(records):
     return fig
 
 
+def fig_patch_sources(patch):
+    sources = {k: v for k, v in patch["sources"].items() if not k.startswith("fraction:") and k != "clean"}
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(sources) + 1.5))
+    names = list(sources)
+    med = [sources[n]["kl_judged"]["median"] for n in names]
+    lo = [max(0.0, m - sources[n]["kl_judged"]["q25"]) for m, n in zip(med, names, strict=True)]
+    hi = [max(0.0, sources[n]["kl_judged"]["q75"] - m) for m, n in zip(med, names, strict=True)]
+    colors = ["C3" if n.startswith("sim:") else "C7" if n == "no_simulator" else "C0" for n in names]
+    ax.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=2)
+    ax.set_yticks(range(len(names)), [n.replace("sim:", "").replace("baseline__", "") for n in names], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("KL(p_clean || p_patched) at the judged position, nats (median, 25-75 %)")
+    ax.set_title("Patched latents: SAE, ablations and simulators (seed Fig. 3)")
+    return fig
+
+
+def fig_patch_fractions(patch):
+    fr = patch["fractions"]
+    scopes = [("kl_judged", "KL, judged position"), ("ce_judged", "CE, judged position")]
+    if any("kl_all" in v for v in patch["sources"].values()):
+        scopes.append(("kl_all", "KL, all positions"))
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4 * len(scopes), 3.2))
+    for ax, (key, title) in zip(axes, scopes, strict=True):
+        for i, mode in enumerate(fr["modes"]):
+            ys = [patch["sources"][f"fraction:{mode}:{f:g}"][key]["median"] for f in fr["values"]]
+            ax.plot(fr["values"], ys, "-o", ms=3, color=f"C{i}", label=f"{mode} fraction")
+        ax.axhline(patch["sources"]["sae"][key]["median"], color="k", ls=":", lw=0.8, label="full SAE")
+        if key.startswith("ce"):
+            ax.axhline(patch["sources"]["clean"][key]["median"], color="g", ls="--", lw=0.8, label="clean model")
+        ax.set_xlabel("fraction of active latents kept")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Keeping a fraction of the true latents (seed Fig. 1)")
+    return fig
+
+
+def patch_rows(patch) -> list[dict]:
+    rows = []
+    for name, s in patch["sources"].items():
+        row = {"source": name}
+        for key in ("kl_judged", "ce_judged", "kl_all", "ce_all"):
+            if key in s and s[key]["n"]:
+                row[f"{key} median"], row[f"{key} q25-q75"] = s[key]["median"], f"{s[key]['q25']:.3f}-{s[key]['q75']:.3f}"
+        row.update({f"inserted {k}": v for k, v in s.get("inserted", {}).items()})
+        rows.append(row)
+    return rows
+
+
 def table_html(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     cell = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape("" if v is None else str(v))  # noqa: E731
@@ -234,6 +282,21 @@ def main(args: ReportArguments) -> Path:
             info += f", dictionary width {first['results']['width']}, SAE L0 {first['results']['l0']:.1f}"
         sections.append(f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over contexts unless "
                         f"marked pooled.</p>{table_html(rows)}{''.join(imgs)}")
+        patch_path = sweep_dir / eval_name / "patch_kl" / "results.json"
+        if patch_path.is_file():
+            patch = json.loads(patch_path.read_text())
+            imgs = []
+            for key, fig in (("patch_sources", fig_patch_sources(patch)), ("patch_fractions", fig_patch_fractions(patch))):
+                data = png(fig)
+                atomic_write_bytes(out / "figures" / f"{eval_name}_{key}.png", data)
+                imgs.append(f'<figure><img alt="{key}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+                            f"<figcaption>{key.replace('_', ' ')}</figcaption></figure>")
+            sections.append(f"<h3>{html.escape(eval_name)}: latents patched into the subject model</h3><p>"
+                            f"{patch['n_contexts']} contexts, hookpoint <code>{patch['hookpoint']}</code>, "
+                            f"{html.escape(patch['kl_direction'])}; CE of the true next token. Simulators replace the "
+                            "latents they scored (false positives included); latents they never scored keep their "
+                            f"SAE values (<code>no_simulator</code>: all scored latents off).</p>"
+                            f"{table_html(patch_rows(patch))}{''.join(imgs)}")
     prov = records[0]["provenance"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(args.title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px;

@@ -207,3 +207,38 @@ def test_few_shot_examples_are_solved_correctly(assets):
             assert answer["content"] == row["completion"][0]["content"]
         if fmt == "sim_v1":  # half of them positive
             assert sorted(m["content"] for m in messages[1::2]) == ["No", "No", "Yes", "Yes"]
+
+
+def test_patch_kl_ceiling_checks_and_simulators(assets, tmp_path):
+    """Simulated latents patched into the subject model: SAE + error gives KL 0, f = 1 equals the SAE, a perfect
+    simulator with oracle values equals the SAE, and a simulator's false positives are inserted."""
+    from latentsim.config import PatchArguments
+
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    test["context_id"] = test["row"] * 1_000_000 + test["position"]
+    keep = sorted(test["context_id"].unique())[:4]
+    test = test[test["context_id"].isin(keep)]
+    sweep_root = tmp_path / "eval" / "eval_set"
+    for name, p_yes in (("perfect", test["active"].astype(float)), ("contrarian", 1.0 - test["active"])):
+        (sweep_root / name).mkdir(parents=True)
+        test.assign(p_yes=p_yes.to_numpy())[["context_id", "latent", "active", "p_yes"]].to_parquet(
+            sweep_root / name / "predictions_test.parquet")
+        (sweep_root / name / "results.json").write_text(json.dumps({"results": {}}))
+    result = load_script("eval/patch_kl.py").main(PatchArguments(
+        eval_set=str(assets / "eval_set"), sweep_dir=str(tmp_path / "eval"), thresholds=["0.5"],
+        fractions=[0.0, 0.5, 1.0], mean_contexts=4, seed=0))
+    per = pd.read_parquet(sweep_root / "patch_kl" / "per_context.parquet").set_index(["context_id", "source"])
+    assert result["n_contexts"] == 4 and result["kl_direction"].startswith("KL(p_clean || p_patched)")
+    sae = per.xs("sae", level="source")
+    assert (sae["kl_judged"] > 1e-6).all()  # the tiny SAE is lossy: the checks below can fail
+    assert (per.xs("sae_plus_error", level="source")[["kl_judged", "kl_all"]].abs() < 1e-6).all().all()
+    for column in ("kl_judged", "kl_all", "ce_judged"):
+        assert np.allclose(per.xs("fraction:top:1", level="source")[column], sae[column], atol=1e-6)
+    assert np.allclose(per.xs("sim:perfect@0.5:oracle", level="source")["kl_judged"], sae["kl_judged"], atol=1e-6)
+    contrarian = result["sources"]["sim:contrarian@0.5:oracle"]["inserted"]
+    n_neg = (test["active"] == 0).sum() / 4
+    assert contrarian["false_positives"] == pytest.approx(n_neg) and contrarian["true_positives"] == 0
+    assert not np.allclose(per.xs("sim:contrarian@0.5:oracle", level="source")["kl_judged"],
+                           per.xs("no_simulator", level="source")["kl_judged"])
+    # Clean CE is the model's own next-token loss at the judged position.
+    assert (per.xs("clean", level="source")["kl_judged"] == 0).all()

@@ -479,6 +479,53 @@ class EvalArguments:
 
 
 @dataclass
+class PatchArguments:
+    """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and CE."""
+
+    eval_set: str = field(default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."})
+    split: str = field(default="test", metadata={"help": "Its split."})
+    sweep_dir: str | None = field(default=None, metadata={"help": "eval/sweep.py's output_dir: simulators are read from "
+                                                                   "<sweep_dir>/<eval set>/*/predictions_<split>.parquet."})
+    simulators: list[str] = field(default_factory=list, metadata={"help": "Simulator folder names (default: all in the sweep)."})
+    thresholds: list[str] = field(default_factory=lambda: ["0.5", "l0_matched"],
+                                  metadata={"help": "P(yes) thresholds: numbers, or `l0_matched` (fitted by the sweep on validation)."})
+    values: list[str] = field(default_factory=lambda: ["oracle", "median"],
+                              metadata={"help": "Values of predicted latents: `oracle` (true value where truly active, "
+                                                "median otherwise) and/or `median` (the latent's median non-zero activation)."})
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
+                                   metadata={"help": "Figure 1: fractions of the truly active latents kept."})
+    fraction_modes: list[str] = field(default_factory=lambda: ["top", "random"], metadata={"help": "`top` and/or `random`."})
+    all_positions: bool = field(default=True, metadata={"help": "Also patch every position (SAE, ablations, fractions)."})
+    max_contexts: int = field(default=0, metadata={"help": "Contexts (0: those the sweep scored, else all of the split)."})
+    mean_contexts: int = field(default=32, metadata={"help": "Cache rows averaged for the mean-ablation vector."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."})
+    output_dir: str = field(default="", metadata={"help": "Default <sweep_dir>/<eval set>/patch_kl."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
+    seed: int = field(default=22, metadata={"help": "Seed for random fractions and context sampling."})
+
+    def __post_init__(self):
+        if not self.eval_set:
+            _fail("eval_set", "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).")
+        for t in self.thresholds:
+            if t != "l0_matched":
+                try:
+                    ok = 0 < float(t) < 1
+                except ValueError:
+                    ok = False
+                if not ok:
+                    _fail("thresholds", f"{t!r} is neither a number in (0, 1) nor `l0_matched`.")
+        if bad := set(self.values) - {"oracle", "median"}:
+            _fail("values", f"{sorted(bad)}: choose from oracle, median.")
+        if bad := set(self.fraction_modes) - {"top", "random"}:
+            _fail("fraction_modes", f"{sorted(bad)}: choose from top, random.")
+        if any(not 0 <= f <= 1 for f in self.fractions):
+            _fail("fractions", "every fraction must be in [0, 1].")
+        if self.max_contexts < 0 or self.mean_contexts < 1:
+            _fail("max_contexts" if self.max_contexts < 0 else "mean_contexts", "must be >= 0 (mean_contexts >= 1).")
+
+
+@dataclass
 class ReportArguments:
     """eval/report.py: the HTML report of a sweep folder."""
 

@@ -110,9 +110,39 @@ def print_evaluation(run: Path) -> None:
         for r in rows:
             cells = "".join(f"{r[c]:>17.3f}" if isinstance(r.get(c), float) else f"{'':>17}" for c in cols)
             print(f"      {r['simulator'][:43]:<44}{cells}")
+    for path in sorted((run / "eval").glob("*/patch_kl/results.json")):
+        print_patching(path)
     report = run / "eval" / "report" / "report.html"
     if report.is_file():
         print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")
+
+
+def print_patching(path: Path) -> None:
+    """The patched-KL table: ceiling, checks, ablations, fraction curves, simulators (judged position)."""
+    res = json.loads(path.read_text())
+    src = res["sources"]
+
+    def cell(name, key="kl_judged"):
+        s = src.get(name, {}).get(key)
+        return f"{s['median']:.3f}" if s and s["n"] else "-"
+
+    print(f"\nPATCH {path.parent}  ({res['n_contexts']} contexts, {res['hookpoint']}; {res['kl_direction']}, median; "
+          f"CE of the next token; the clean model's CE: {cell('clean', 'ce_judged')} judged, {cell('clean', 'ce_all')} all)")
+    print(f"      {'source':<44}{'KL judged':>12}{'CE judged':>12}{'KL all pos':>12}{'CE all pos':>12}")
+    for name in ("sae", "sae_plus_error", "zero_ablation", "mean_ablation", "no_simulator"):
+        if name in src:
+            print(f"      {name:<44}{cell(name):>12}{cell(name, 'ce_judged'):>12}{cell(name, 'kl_all'):>12}"
+                  f"{cell(name, 'ce_all'):>12}")
+    fr = res["fractions"]
+    for mode in fr["modes"]:
+        curve = "  ".join(f"f={f:g}: {cell(f'fraction:{mode}:{f:g}')}" for f in fr["values"])
+        print(f"      fraction ({mode}) KL judged   {curve}")
+    sims = sorted({k.split("@")[0][4:] for k in src if k.startswith("sim:")})
+    variants = sorted({k.split("@")[1] for k in src if k.startswith("sim:")})
+    if sims:
+        print(f"      {'simulator (KL judged)':<44}" + "".join(f"{v:>24}" for v in variants))
+        for sim in sims:
+            print(f"      {sim[:43]:<44}" + "".join(f"{cell(f'sim:{sim}@{v}'):>24}" for v in variants))
 
 
 def print_scores(run: Path) -> None:
