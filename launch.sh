@@ -101,6 +101,7 @@ quickstart() {
   stage eval_sweep "$PY" eval/sweep.py --config configs/eval/sweep_smollm2-135m_quickstart.yaml
   stage eval_sweep_value "$PY" eval/sweep.py --config configs/eval/sweep_smollm2-135m_value_quickstart.yaml
   stage patch_kl "$PY" eval/patch_kl.py --config configs/eval/patch_kl_quickstart.yaml
+  stage generate "$PY" eval/generate.py --config configs/eval/generate_quickstart.yaml
   stage report "$PY" eval/report.py --config configs/eval/report_quickstart.yaml
   "$PY" -m latentsim.summary "$out"
   echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from latentsim.bench import bench_cache, bench_scoring, bench_sft, matmul_gflops
+from latentsim.bench import bench_cache, bench_patch_kl, bench_scoring, bench_sft, matmul_gflops
 from latentsim.config import SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
@@ -101,6 +101,15 @@ def main(args: argparse.Namespace) -> None:
           f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
           f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
           f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})", flush=True)
+    patch_rows = rows[:args.patch_rows, :args.patch_len].clone()
+    patch_rows[:, 0] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else patch_rows[:, 0]
+    patch = bench_patch_kl(model, cases[0][2], patch_rows, layer, n_variants=args.patch_variants,
+                           calibration_gflops=calibration)
+    results.append(patch)
+    print(f"[bench] {patch['name']}: {patch['ratio_vs_naive']:.2f}x naive (FLOP bound {patch['flop_ratio_bound']:.1f}x; "
+          f"{patch['variants_per_s']['ours']:.1f} vs {patch['variants_per_s']['naive']:.1f} variants/s), "
+          f"{patch['achieved_gflops']:.1f} GFLOP/s = {patch['pct_of_matmul']:.0f}% of matmul; exact: {patch['exact']} "
+          f"(max |delta KL| {patch['max_abs_diff_kl']:.1e})", flush=True)
     sft = bench_sft(resolve_model_path(args.model), seq_len=args.ctx_len, batch_size=4, calibration_gflops=calibration)
     results.append(sft)
     print(f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
@@ -124,6 +133,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_set", default="outputs/quickstart/datasets/eval_quantiles")
     parser.add_argument("--score_contexts", type=int, default=4)
     parser.add_argument("--score_latents", type=int, default=32)
+    parser.add_argument("--patch_rows", type=int, default=4)
+    parser.add_argument("--patch_len", type=int, default=64)
+    parser.add_argument("--patch_variants", type=int, default=8)
     parser.add_argument("--output", default="outputs/bench/results.json")
     return parser
 

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from latentsim.config import ReportArguments, parse_config  # noqa: E402
+from latentsim.htmlpage import STYLE, generation_fragment, table_html  # noqa: E402
 from latentsim.io import atomic_write_bytes, atomic_write_text, write_run_config  # noqa: E402
 
 DATACLASSES = (ReportArguments,)
@@ -238,14 +239,6 @@ def patch_rows(patch) -> list[dict]:
     return rows
 
 
-def table_html(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape("" if v is None else str(v))  # noqa: E731
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def main(args: ReportArguments) -> Path:
     from latentsim.metrics import summary_row
 
@@ -297,11 +290,13 @@ def main(args: ReportArguments) -> Path:
                             "latents they scored (false positives included); latents they never scored keep their "
                             f"SAE values (<code>no_simulator</code>: all scored latents off).</p>"
                             f"{table_html(patch_rows(patch))}{''.join(imgs)}")
+        generation_path = sweep_dir / eval_name / "generate" / "results.json"
+        if generation_path.is_file():
+            sections.append(f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
+                            f"{generation_fragment(json.loads(generation_path.read_text()))}")
     prov = records[0]["provenance"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(args.title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px;
-margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}th{{background:#eee}}
-figure{{display:inline-block;margin:1em}}img{{max-width:900px}}</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>{html.escape(args.title)}</h1>
 <p>From <code>{html.escape(str(sweep_dir))}</code>; git {html.escape(str(prov.get('git_sha')))}, created
 {html.escape(prov.get('created', ''))}. Expected-flagged counts extrapolate each context's scored candidates to the

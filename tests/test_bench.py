@@ -61,3 +61,14 @@ def test_bench_scoring_checks_exactness(tiny_model_dir):
     # Each context's prefix is computed once: fewer tokens than the prompts hold.
     assert result["flop_ratio_bound"] > 1.5 and result["mean_computed_tokens_per_judgment"] < result["mean_prompt_tokens"]
     assert set(result["judgments_per_s"]) == {"naive", "naive_last_logits", "prefix_shared"}
+
+
+def test_bench_patch_kl_checks_exactness(tiny_model_dir):
+    from latentsim.bench import bench_patch_kl
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    sae = build_tiny_sae(d_in=16, d_sae=64, k=4)
+    rows = torch.randint(4, 40, (2, 10), generator=torch.Generator().manual_seed(0))
+    result = bench_patch_kl(model, sae, rows, layer=1, n_variants=3, repeats=1, calibration_gflops=1.0)
+    assert result["exact"] is True and result["max_abs_diff_kl"] < 1e-5
+    assert result["flop_ratio_bound"] > 1 and result["ratio_vs_naive"] > 0

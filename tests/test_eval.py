@@ -242,3 +242,29 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tmp_path):
                            per.xs("no_simulator", level="source")["kl_judged"])
     # Clean CE is the model's own next-token loss at the judged position.
     assert (per.xs("clean", level="source")["kl_judged"] == 0).all()
+
+
+def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
+    from latentsim.config import GenerateArguments
+
+    out = tmp_path / "generate"
+    result = load_script("eval/generate.py").main(GenerateArguments(
+        eval_set=str(assets / "eval_set"), prompts=["the cat sat on", "one two"], max_new_tokens=5,
+        sources=["clean", "sae", "fraction:top:1", "fraction:random:0.5", "simulator"],
+        simulator_model=str(tiny_model_dir), n_inactive=4, window=6, output_dir=str(out)))
+    by = {(g["prompt"], g["source"].split(" (")[0]): g for g in result["generations"]}
+    for prompt in ("the cat sat on", "one two"):
+        assert by[(prompt, "clean")]["kl"] == [0.0] * 5 and by[(prompt, "clean")]["recovered"] == 1.0
+        sae, top1 = by[(prompt, "sae")], by[(prompt, "fraction:top:1")]
+        assert sae["token_ids"] == top1["token_ids"] and np.allclose(sae["kl"], top1["kl"], atol=1e-6)
+        assert max(sae["kl"]) > 1e-6  # the lossy tiny SAE moves the distribution: the checks can fail
+        assert 0 < by[(prompt, "fraction:random:0.5")]["recovered"] < 1
+        sim = by[(prompt, "simulator")]
+        assert len(sim["tokens"]) == 5 and 0 <= sim["recovered"] <= 1
+    page = out / "generation.html"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (./launch.sh test installs it)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="generation"') == 2 and dom.count('class="tok"') == 2 * 5 * 5

@@ -526,6 +526,49 @@ class PatchArguments:
 
 
 @dataclass
+class GenerateArguments:
+    """eval/generate.py: closed-loop generation with the hook layer rewritten from SAE latents or a simulator."""
+
+    eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache names the subject model, SAE and "
+                                                         "hookpoint; its test latents are the ones a simulator rewrites."})
+    prompts: list[str] = field(default_factory=lambda: ["The sun was", "A fool and his money"],
+                               metadata={"help": "Prompts the subject model continues."})
+    max_new_tokens: int = field(default=10, metadata={"help": "Tokens generated per prompt and source."})
+    sources: list[str] = field(default_factory=lambda: ["clean", "sae", "fraction:top:0.5", "simulator"],
+                               metadata={"help": "`clean`, `sae`, `fraction:<top|random>:<f>`, `simulator`."})
+    simulator_run: str | None = field(default=None, metadata={"help": "A train/sft.py output_dir (its final adapter); "
+                                                                      "default: the untuned simulator_model."})
+    simulator_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Base simulator model without a run."})
+    threshold: float = field(default=0.5, metadata={"help": "P(yes) at which the simulator calls a latent active."})
+    values: str = field(default="oracle", metadata={"help": "`oracle` (true value where truly active, median otherwise) "
+                                                           "or `median` (no oracle)."})
+    n_inactive: int = field(default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."})
+    window: int = field(default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."})
+    batch_size: int = field(default=32, metadata={"help": "Simulator suffixes per forward pass."})
+    output_dir: str = field(default="outputs/generate", metadata={"help": "results.json and generation.html go here."})
+    seed: int = field(default=22, metadata={"help": "Seed for inactive latents, random fractions and sampling."})
+
+    def __post_init__(self):
+        if not self.eval_set:
+            _fail("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml).")
+        for source in self.sources:
+            parts = source.split(":")
+            ok = source in ("clean", "sae", "simulator") or (
+                len(parts) == 3 and parts[0] == "fraction" and parts[1] in ("top", "random")
+                and parts[2].replace(".", "", 1).isdigit() and 0 <= float(parts[2]) <= 1)
+            if not ok:
+                _fail("sources", f"{source!r}: use clean, sae, simulator or fraction:<top|random>:<f in [0, 1]>.")
+        if self.values not in ("oracle", "median"):
+            _fail("values", f"{self.values!r} is not oracle or median.")
+        if not self.prompts:
+            _fail("prompts", "give at least one prompt.")
+        _require_positive(self, "max_new_tokens", "window", "batch_size")
+
+
+@dataclass
 class ReportArguments:
     """eval/report.py: the HTML report of a sweep folder."""
 

@@ -112,6 +112,13 @@ def print_evaluation(run: Path) -> None:
             print(f"      {r['simulator'][:43]:<44}{cells}")
     for path in sorted((run / "eval").glob("*/patch_kl/results.json")):
         print_patching(path)
+    for path in sorted((run / "eval").glob("*/generate/results.json")):
+        res = json.loads(path.read_text())
+        print(f"\nGENERATE {path.parent}  (layer {res['hookpoint']} rewritten, {res['sampling']}; mean "
+              f"{res['kl_direction']} per token; share of active latents recovered)")
+        for g in res["generations"]:
+            print(f"      {g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
+                  f"{g['prompt']!r} -> {g['text']!r}")
     report = run / "eval" / "report" / "report.html"
     if report.is_file():
         print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")
