@@ -10,7 +10,8 @@ recorded on) the residual stream after the hook layer is replaced by a vector bu
 - a fraction f of the truly active latents with their true values, the strongest (`top`) or random (Figure 1);
 - each simulator of an eval/sweep.py run (Figure 3): the latents it scored active at a threshold replace the
   truly active latents it scored, false positives included (value: `oracle` = the true value where the latent
-  is really active, its median non-zero activation otherwise; `median` = the median for all: no oracle).
+  is really active, its median non-zero activation otherwise; `median` = the median for all: no oracle;
+  `predicted` = a value simulator's 0-9 answer (sim_value_v1) mapped back through the latent's deciles).
   Latents the simulator never scored (other splits, unexplained) keep their SAE values in every variant;
   `no_simulator` (all scored latents off) is the floor the simulators start from.
 The judged position is patched alone (KL/CE of the next token there); with `all_positions` the SAE variants are
@@ -32,7 +33,14 @@ from latentsim.evaluation import load_split
 from latentsim.io import atomic_save, atomic_write_json, require_same_config, write_run_config
 from latentsim.metrics import summarise
 from latentsim.models import load_model_and_tokenizer
-from latentsim.patching import all_positions_logits, clean_pass, judged_logits, keep_fraction, kl_and_ce
+from latentsim.patching import (
+    all_positions_logits,
+    clean_pass,
+    judged_logits,
+    keep_fraction,
+    kl_and_ce,
+    value_from_digits,
+)
 from latentsim.prompts import get_format
 from latentsim.sae import load_sae
 from latentsim.stats import load_statistics
@@ -76,8 +84,36 @@ def mean_contribution(model, tokens: torch.Tensor, layer: int, n_rows: int, devi
     return (total / count).float()
 
 
+@torch.no_grad()
+def predicted_values(args: PatchArguments, eval_set: Path, contexts: list[int], edges: torch.Tensor) -> dict:
+    """{(context_id, latent): activation} for every candidate of the contexts: the value simulator's expected
+    digit (sim_value_v1) mapped through the latent's deciles."""
+    from latentsim.evaluation import check_simulator, run_simulators
+    from latentsim.prompts import answer_token_ids, render_prompt
+    from latentsim.scoring import HFScorer, probabilities
+
+    df = load_split(eval_set, args.split, 0, args.seed)
+    df = df[df["context_id"].isin(contexts)]
+    folder = Path(args.value_simulator)
+    sim = run_simulators(folder, include_checkpoints=False)[-1] if (folder / "run_config.json").is_file() else None
+    model, tokenizer = load_model_and_tokenizer(sim.base_model if sim else args.value_simulator, dtype=args.dtype,
+                                                device=args.device)
+    if sim:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(sim.adapter)
+        check_simulator(sim, tokenizer, "sim_value_v1")
+        model = PeftModel.from_pretrained(model, sim.adapter).eval()
+    prompts = [render_prompt("sim_value_v1", r.context, r.interpretation) for r in df.itertuples(index=False)]
+    digits = probabilities(HFScorer(model, tokenizer, answer_token_ids("sim_value_v1", tokenizer)).label_logits(prompts))
+    lat = torch.tensor(df["latent"].to_numpy())
+    values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))
+    return dict(zip(zip(df["context_id"].tolist(), df["latent"].tolist(), strict=True), values.tolist(), strict=True))
+
+
 def simulator_vectors(z: torch.Tensor, preds: pd.DataFrame, sims: dict, values: list[str], medians: torch.Tensor,
-                      sae) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+                      sae, value_of: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Latent vectors at the judged position for every simulator x threshold x value mode (and the floor), with
     counts of what each inserts."""
     out, info = {}, {}
@@ -94,8 +130,12 @@ def simulator_vectors(z: torch.Tensor, preds: pd.DataFrame, sims: dict, values: 
                 zs = floor.clone()
                 if mode == "oracle":
                     zs[predicted] = torch.where(z[predicted] > 0, z[predicted], medians[predicted])
-                else:
+                elif mode == "median":
                     zs[predicted] = medians[predicted]
+                else:  # the value simulator's prediction for this context
+                    cid = int(rows["context_id"].iloc[0])
+                    zs[predicted] = torch.tensor([value_of[(cid, int(i))] for i in predicted], dtype=zs.dtype,
+                                                 device=zs.device)
                 key = f"sim:{name}@{label}:{mode}"
                 out[key] = sae.decode(zs[None])[0]
                 true_pos = int((z[predicted] > 0).sum())
@@ -136,7 +176,9 @@ def main(args: PatchArguments) -> dict:
     model, _ = load_model_and_tokenizer(info["model"]["model"], dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
     sae = load_sae(SAEArguments(hookpoint=hookpoint, **info["sae"]), device=device)
-    medians = load_statistics(Path(build["cache_dir"]) / "stats", hookpoint)["quantile_edges"][:, 5].to(device)
+    edges = load_statistics(Path(build["cache_dir"]) / "stats", hookpoint)["quantile_edges"].to(device)
+    medians = edges[:, 5]
+    value_of = predicted_values(args, eval_set, contexts, edges) if "predicted" in args.values else None
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "patch_kl", {"patch": args}, args.seed)
     tokens = cache.tokens
@@ -156,7 +198,7 @@ def main(args: PatchArguments) -> dict:
         for mode, f in fraction_keys:
             judged[f"fraction:{mode}:{f:g}"] = sae.decode(keep_fraction(z[-1:], f, mode, gen))[0]
         preds = {n: s["predictions"][s["predictions"]["context_id"] == cid] for n, s in sims.items()}
-        sim_vecs, counts = simulator_vectors(z[-1], preds, sims, args.values, medians, sae)
+        sim_vecs, counts = simulator_vectors(z[-1], preds, sims, args.values, medians, sae, value_of)
         judged.update(sim_vecs)
         for k, v in counts.items():
             sim_counts.setdefault(k, []).append(v)

@@ -209,7 +209,7 @@ def test_few_shot_examples_are_solved_correctly(assets):
             assert sorted(m["content"] for m in messages[1::2]) == ["No", "No", "Yes", "Yes"]
 
 
-def test_patch_kl_ceiling_checks_and_simulators(assets, tmp_path):
+def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path):
     """Simulated latents patched into the subject model: SAE + error gives KL 0, f = 1 equals the SAE, a perfect
     simulator with oracle values equals the SAE, and a simulator's false positives are inserted."""
     from latentsim.config import PatchArguments
@@ -226,6 +226,7 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tmp_path):
         (sweep_root / name / "results.json").write_text(json.dumps({"results": {}}))
     result = load_script("eval/patch_kl.py").main(PatchArguments(
         eval_set=str(assets / "eval_set"), sweep_dir=str(tmp_path / "eval"), thresholds=["0.5"],
+        values=["oracle", "median", "predicted"], value_simulator=str(tiny_model_dir),
         fractions=[0.0, 0.5, 1.0], mean_contexts=4, seed=0))
     per = pd.read_parquet(sweep_root / "patch_kl" / "per_context.parquet").set_index(["context_id", "source"])
     assert result["n_contexts"] == 4 and result["kl_direction"].startswith("KL(p_clean || p_patched)")
@@ -240,6 +241,9 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tmp_path):
     assert contrarian["false_positives"] == pytest.approx(n_neg) and contrarian["true_positives"] == 0
     assert not np.allclose(per.xs("sim:contrarian@0.5:oracle", level="source")["kl_judged"],
                            per.xs("no_simulator", level="source")["kl_judged"])
+    # Predicted values (an untuned value simulator's digits through the deciles) differ from the oracle's.
+    predicted = per.xs("sim:perfect@0.5:predicted", level="source")["kl_judged"]
+    assert np.isfinite(predicted).all() and not np.allclose(predicted, sae["kl_judged"])
     # Clean CE is the model's own next-token loss at the judged position.
     assert (per.xs("clean", level="source")["kl_judged"] == 0).all()
 
@@ -268,3 +272,20 @@ def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="generation"') == 2 and dom.count('class="tok"') == 2 * 5 * 5
+
+
+def test_patched_positions_are_the_judged_tokens(assets):
+    """The position patch_kl rewrites is the cache token each simulator judged: the last of the eval row's
+    context ids (subject tokenizer) and the token marked in its prompt, whatever the simulator's tokenizer."""
+    from latentsim.cache import load_cache
+    from latentsim.evaluation import load_split
+    from latentsim.prompts import MARK_CLOSE, MARK_OPEN
+
+    cache = load_cache(assets / "cache" / "latents", HOOK)
+    subject = cache.subject_tokenizer()
+    test = load_split(assets / "eval_set", "test", 0, 0)
+    for r in test.itertuples(index=False):
+        row, pos = divmod(int(r.context_id), 1_000_000)
+        assert int(cache.tokens[row, pos]) == int(r.context_ids[-1])
+        text = r.prompt[0]["content"].split("Text: ")[1].split("\n\nInterpretation: ")[0]
+        assert text.endswith(MARK_OPEN + subject.decode([int(cache.tokens[row, pos])]) + MARK_CLOSE)

@@ -73,3 +73,14 @@ def test_keep_fraction_top_and_random():
     assert torch.equal(keep_fraction(z, 1.0, "random", g), z) and not keep_fraction(z, 0.0, "top", g).any()
     kept = keep_fraction(z, 0.5, "random", g)
     assert (kept > 0).sum() == 2 and torch.equal(kept[kept > 0], z[kept > 0])  # true values of real actives
+
+
+def test_value_from_digits_maps_through_deciles():
+    from latentsim.patching import value_from_digits
+
+    edges = torch.tensor([[float(i) for i in range(11)], [0.0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 10]])
+    out = value_from_digits(edges, torch.tensor([0.0, 9.0]))
+    assert out.tolist() == [0.5, 7.5]  # an exact digit d: the middle of decile d
+    assert value_from_digits(edges[:1], torch.tensor([4.5])).item() == pytest.approx(5.0)
+    assert value_from_digits(edges[1:], torch.tensor([8.0])).item() == pytest.approx(4.5)
+    assert value_from_digits(edges[1:], torch.tensor([12.0])).item() == pytest.approx(7.5)  # clamped to 9

@@ -491,7 +491,11 @@ class PatchArguments:
                                   metadata={"help": "P(yes) thresholds: numbers, or `l0_matched` (fitted by the sweep on validation)."})
     values: list[str] = field(default_factory=lambda: ["oracle", "median"],
                               metadata={"help": "Values of predicted latents: `oracle` (true value where truly active, "
-                                                "median otherwise) and/or `median` (the latent's median non-zero activation)."})
+                                                "median otherwise), `median` (the latent's median non-zero activation) "
+                                                "and/or `predicted` (value_simulator's 0-9 answer mapped through the "
+                                                "latent's deciles)."})
+    value_simulator: str | None = field(default=None, metadata={"help": "For `predicted` values: a train/sft.py run "
+                                                                        "trained on sim_value_v1, or a model reference."})
     fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
                                    metadata={"help": "Figure 1: fractions of the truly active latents kept."})
     fraction_modes: list[str] = field(default_factory=lambda: ["top", "random"], metadata={"help": "`top` and/or `random`."})
@@ -515,8 +519,10 @@ class PatchArguments:
                     ok = False
                 if not ok:
                     _fail("thresholds", f"{t!r} is neither a number in (0, 1) nor `l0_matched`.")
-        if bad := set(self.values) - {"oracle", "median"}:
-            _fail("values", f"{sorted(bad)}: choose from oracle, median.")
+        if bad := set(self.values) - {"oracle", "median", "predicted"}:
+            _fail("values", f"{sorted(bad)}: choose from oracle, median, predicted.")
+        if "predicted" in self.values and not self.value_simulator:
+            _fail("value_simulator", "`predicted` values need a value simulator (a sim_value_v1 run or a model).")
         if bad := set(self.fraction_modes) - {"top", "random"}:
             _fail("fraction_modes", f"{sorted(bad)}: choose from top, random.")
         if any(not 0 <= f <= 1 for f in self.fractions):

@@ -121,3 +121,15 @@ def keep_fraction(z: torch.Tensor, fraction: float, mode: str, generator: torch.
             keep = active[torch.randperm(len(active), generator=generator)[:n_keep]]
         out.reshape(-1, z.shape[-1])[i, keep] = row[keep]
     return out
+
+
+def value_from_digits(edges: torch.Tensor, expected_digit: torch.Tensor) -> torch.Tensor:
+    """Map a simulator's expected 0-9 answer back to activations through each latent's deciles: digit d stands for
+    the decile [edges[d], edges[d+1]] of its non-zero distribution, an exact d for its midpoint, linear between.
+    edges [n, 11], expected_digit [n] in [0, 9]."""
+    e = expected_digit.clamp(0, 9).to(edges.dtype) + 0.5
+    lower = e.floor().long().clamp(max=9)
+    frac = e - lower
+    lo = edges.gather(1, lower[:, None])[:, 0]
+    hi = edges.gather(1, (lower + 1)[:, None])[:, 0]
+    return lo + frac * (hi - lo)
