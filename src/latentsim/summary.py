@@ -103,12 +103,12 @@ def print_evaluation(run: Path) -> None:
         summary = json.loads(path.read_text())
         rows = summary["rows"]
         cols = [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
-        head = f"{'simulator':<44}" + "".join(f"{EVAL_COLUMNS[c]:>17}" for c in cols)
+        head = f"{'simulator':<44}" + "".join(f"{EVAL_COLUMNS[c]:>19}" for c in cols)
         print(f"\nEVAL {path.parent}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
               f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; per-context medians)")
         print("      " + head)
         for r in rows:
-            cells = "".join(f"{r[c]:>17.3f}" if isinstance(r.get(c), float) else f"{'':>17}" for c in cols)
+            cells = "".join(f"{r[c]:>19.3f}" if isinstance(r.get(c), float) else f"{'':>19}" for c in cols)
             print(f"      {r['simulator'][:43]:<44}{cells}")
     for path in sorted((run / "eval").glob("*/patch_kl/results.json")):
         print_patching(path)
