@@ -114,33 +114,37 @@ def fig_reliability(records):
     return fig
 
 
-def fig_strength(records):
+def line_figure(series: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str, ylim=None, diagonal=False):
+    """One line per (label, xs, ys)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for i, r in enumerate(records):
-        b = r["results"]["accuracy_vs_strength"]["by_quantile_bin"]
-        ax.plot([x["quantile_bin"] for x in b], [x["active_accuracy"] for x in b], "-o", ms=3, color=f"C{i}",
-                label=short(r["name"]))
-    ax.set_xlabel("activation decile of the latent (0 weakest, 9 strongest)")
-    ax.set_ylabel("active accuracy (P(yes) >= 0.5)")
-    ax.set_ylim(-0.02, 1.02)
+    for i, (label, xs, ys) in enumerate(series):
+        ax.plot(xs, ys, "-o", ms=3, color=f"C{i}", label=label)
+    if diagonal:
+        ax.plot([0, 9], [0, 9], "k:", lw=0.8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=6)
-    ax.set_title("Accuracy vs activation strength (seed Fig. 6)")
+    ax.set_title(title)
     return fig
+
+
+def fig_strength(records):
+    series = [(short(r["name"]), [x["quantile_bin"] for x in b], [x["active_accuracy"] for x in b])
+              for r in records for b in [r["results"]["accuracy_vs_strength"]["by_quantile_bin"]]]
+    return line_figure(series, "activation decile of the latent (0 weakest, 9 strongest)",
+                       "active accuracy (P(yes) >= 0.5)", "Accuracy vs activation strength (seed Fig. 6)", (-0.02, 1.02))
 
 
 def fig_score(records):
-    panels = [(r, s) for r in records for s in r["results"]["accuracy_vs_score"] if s["bins"]]
-    if not panels:
+    series = [(f"{short(r['name'])} vs {s['score']} ({s['n_latents']} latents)", [b["score"] for b in s["bins"]],
+               [b["active_accuracy"] for b in s["bins"]])
+              for r in records for s in r["results"]["accuracy_vs_score"] if s["bins"]]
+    if not series:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for i, (r, s) in enumerate(panels):
-        ax.plot([b["score"] for b in s["bins"]], [b["active_accuracy"] for b in s["bins"]], "-o", ms=3, color=f"C{i}",
-                label=f"{short(r['name'])} vs {s['score']} ({s['n_latents']} latents)")
-    ax.set_xlabel("interpretation score")
-    ax.set_ylabel("per-latent active accuracy")
-    ax.legend(fontsize=6)
-    ax.set_title("Accuracy vs interpretation score (seed Fig. 2)")
-    return fig
+    return line_figure(series, "interpretation score", "per-latent active accuracy",
+                       "Accuracy vs interpretation score (seed Fig. 2)")
 
 
 def fig_alignment(records):
@@ -162,17 +166,12 @@ def fig_alignment(records):
 
 
 def fig_value(records):
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for i, r in enumerate(records):
-        b = r["results"]["value"]["mean_quantile_bin_by_predicted"]
-        ax.plot([x["predicted"] for x in b], [x["mean_label"] for x in b], "-o", ms=3, color=f"C{i}",
-                label=f"{short(r['name'])} (r={r['results']['value']['mean_vs_quantile_bin']['pearson']:.2f})")
-    ax.plot([0, 9], [0, 9], "k:", lw=0.8)
-    ax.set_xlabel("predicted mean digit (rounded)")
-    ax.set_ylabel("mean true quantile bin")
-    ax.legend(fontsize=6)
-    ax.set_title("Predicted value vs activation (seed Fig. 4)")
-    return fig
+    series = [(f"{short(r['name'])} (r={v['mean_vs_quantile_bin']['pearson']:.2f})",
+               [x["predicted"] for x in v["mean_quantile_bin_by_predicted"]],
+               [x["mean_label"] for x in v["mean_quantile_bin_by_predicted"]])
+              for r in records for v in [r["results"]["value"]]]
+    return line_figure(series, "predicted mean digit (rounded)", "mean true quantile bin",
+                       "Predicted value vs activation (seed Fig. 4)", diagonal=True)
 
 
 def fig_checkpoints(records):
