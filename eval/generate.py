@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 
 from latentsim.cache import load_cache
 from latentsim.config import GenerateArguments, SAEArguments, parse_config
-from latentsim.evaluation import check_simulator, run_simulators
+from latentsim.evaluation import load_simulator_scorer
 from latentsim.explain import load_interpretations
 from latentsim.htmlpage import STYLE, generation_fragment
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
-from latentsim.models import load_model_and_tokenizer, resolve_model_path
+from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import keep_fraction, kl_and_ce
-from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+from latentsim.prompts import marked_context, render_prompt
 from latentsim.sae import decoder_layers, load_sae
-from latentsim.scoring import HFScorer, _cache_keyword, probabilities
+from latentsim.scoring import cache_keyword, probabilities
 from latentsim.stats import load_statistics
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
@@ -42,19 +42,8 @@ class SimulatorSource:
     """Rewrites the explained latents of one position from a simulator's judgments of the text so far."""
 
     def __init__(self, args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok):
-        from transformers import AutoTokenizer
-
-        sim = run_simulators(args.simulator_run, include_checkpoints=False)[-1] if args.simulator_run else None
-        base = sim.base_model if sim else args.simulator_model
-        model, tokenizer = load_model_and_tokenizer(base, dtype=args.dtype, device=args.device)
-        if sim:
-            from peft import PeftModel
-
-            tokenizer = AutoTokenizer.from_pretrained(sim.adapter)
-            check_simulator(sim, tokenizer, "sim_v1")
-            model = PeftModel.from_pretrained(model, sim.adapter).eval()
-        self.scorer = HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer), args.batch_size)
-        self.name = sim.name if sim else f"untuned {resolve_model_path(base)}"
+        self.scorer, self.name = load_simulator_scorer(args.simulator_run or args.simulator_model, "sim_v1",
+                                                       args.dtype, args.device, args.batch_size)
         self.args, self.medians, self.subject_tok = args, medians, subject_tok
         self.explained = torch.tensor(sorted(interpretations))
         self.interpretations = interpretations
@@ -96,7 +85,7 @@ class FractionSource:
 @torch.no_grad()
 def generate(model, layer: int, sae, prompt_ids: list[int], source, n_new: int, sampler: torch.Generator | None):
     """(generated ids, per-token KL(clean || patched), mean share of active latents recovered)."""
-    key, device = _cache_keyword(model), next(model.parameters()).device
+    key, device = cache_keyword(model), next(model.parameters()).device
     prefix = model(input_ids=torch.tensor([prompt_ids[:-1]], device=device), use_cache=True)
     clean_cache = prefix.cache if "cache" in prefix else prefix.past_key_values
     patched_cache = copy.deepcopy(clean_cache)

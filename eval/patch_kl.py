@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from latentsim.cache import load_cache
 from latentsim.config import PatchArguments, SAEArguments, parse_config
-from latentsim.evaluation import load_split
+from latentsim.evaluation import load_simulator_scorer, load_split
 from latentsim.io import atomic_save, atomic_write_json, require_same_config, write_run_config
 from latentsim.metrics import summarise
 from latentsim.models import load_model_and_tokenizer
@@ -41,8 +41,9 @@ from latentsim.patching import (
     kl_and_ce,
     value_from_digits,
 )
-from latentsim.prompts import get_format
+from latentsim.prompts import get_format, render_prompt
 from latentsim.sae import load_sae
+from latentsim.scoring import probabilities
 from latentsim.stats import load_statistics
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
@@ -88,25 +89,11 @@ def mean_contribution(model, tokens: torch.Tensor, layer: int, n_rows: int, devi
 def predicted_values(args: PatchArguments, eval_set: Path, contexts: list[int], edges: torch.Tensor) -> dict:
     """{(context_id, latent): activation} for every candidate of the contexts: the value simulator's expected
     digit (sim_value_v1) mapped through the latent's deciles."""
-    from latentsim.evaluation import check_simulator, run_simulators
-    from latentsim.prompts import answer_token_ids, render_prompt
-    from latentsim.scoring import HFScorer, probabilities
-
     df = load_split(eval_set, args.split, 0, args.seed)
     df = df[df["context_id"].isin(contexts)]
-    folder = Path(args.value_simulator)
-    sim = run_simulators(folder, include_checkpoints=False)[-1] if (folder / "run_config.json").is_file() else None
-    model, tokenizer = load_model_and_tokenizer(sim.base_model if sim else args.value_simulator, dtype=args.dtype,
-                                                device=args.device)
-    if sim:
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(sim.adapter)
-        check_simulator(sim, tokenizer, "sim_value_v1")
-        model = PeftModel.from_pretrained(model, sim.adapter).eval()
+    scorer, _ = load_simulator_scorer(args.value_simulator, "sim_value_v1", args.dtype, args.device)
     prompts = [render_prompt("sim_value_v1", r.context, r.interpretation) for r in df.itertuples(index=False)]
-    digits = probabilities(HFScorer(model, tokenizer, answer_token_ids("sim_value_v1", tokenizer)).label_logits(prompts))
+    digits = probabilities(scorer.label_logits(prompts))
     lat = torch.tensor(df["latent"].to_numpy())
     values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))
     return dict(zip(zip(df["context_id"].tolist(), df["latent"].tolist(), strict=True), values.tolist(), strict=True))

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from latentsim.prompts import get_format, render_completion, render_prompt
-from latentsim.scoring import chat_template_sha256, probabilities
+from latentsim.scoring import HFScorer, chat_template_sha256, probabilities
+from latentsim.training import CHECKPOINT_COMPLETE
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_COMPLETE = "trainer_state.json"
 PREDICTION_COLUMNS = ("context_id", "row", "position", "latent", "active", "activation", "activation_bin",
                       "quantile_bin", "n_active", "candidate")
 
@@ -192,3 +192,22 @@ def load_scores(paths: list[str]) -> dict[str, dict[int, float]]:
             raise ValueError(f"config key `score_files`: {path} must be a JSON dict {{latent: score}}.")
         out[Path(path).stem] = {int(k): float(v) for k, v in data.items()}
     return out
+
+
+def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32) -> tuple[HFScorer, str]:
+    """An hf scorer for one simulator: a train/sft.py run folder (its final adapter, its own tokenizer, checked
+    against `fmt`) or a model reference (untuned). Returns (scorer, simulator name)."""
+    from transformers import AutoTokenizer
+
+    from latentsim.models import load_model_and_tokenizer
+    from latentsim.prompts import answer_token_ids
+
+    sim = run_simulators(ref, include_checkpoints=False)[-1] if (Path(ref) / "run_config.json").is_file() else None
+    model, tokenizer = load_model_and_tokenizer(sim.base_model if sim else ref, dtype=dtype, device=device)
+    if sim:
+        from peft import PeftModel
+
+        tokenizer = AutoTokenizer.from_pretrained(sim.adapter)
+        check_simulator(sim, tokenizer, fmt)
+        model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
+    return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref

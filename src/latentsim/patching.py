@@ -19,7 +19,7 @@ import copy
 import torch
 
 from latentsim.sae import decoder_layers
-from latentsim.scoring import _cache_keyword
+from latentsim.scoring import cache_keyword
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def clean_pass(model, ids: torch.Tensor, layer: int):
         captured["out"].append(output[0] if isinstance(output, tuple) else output)
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    key = _cache_keyword(model)
+    key = cache_keyword(model)
     try:
         first = model(input_ids=ids[None, :-1], use_cache=True)
         prefix_cache = first.cache if "cache" in first else first.past_key_values
@@ -69,7 +69,7 @@ def judged_logits(model, ids: torch.Tensor, layer: int, cache, vectors: torch.Te
     past.batch_repeat_interleave(n)
     handle = decoder_layers(model)[layer].register_forward_hook(_replace_output(vectors[:, None, :], slice(0, 1)))
     try:
-        decoder_kwargs = {_cache_keyword(model): past}
+        decoder_kwargs = {cache_keyword(model): past}
         out = model(input_ids=ids[-1:].expand(n, 1), position_ids=torch.full((n, 1), t - 1, device=ids.device),
                     use_cache=True, **decoder_kwargs)
     finally:

@@ -94,9 +94,9 @@ def _answer_rows(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.
     return logits.float()
 
 
-def _cache_keyword(decoder) -> str:
+def cache_keyword(module) -> str:
     """transformers >= 5.24 renamed the forward's `past_key_values` to `cache`."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class HFScorer:
@@ -150,7 +150,7 @@ class HFScorer:
                 cache.batch_repeat_interleave(len(suffixes))
             positions = torch.arange(n_prefix, n_prefix + width, device=device).expand(len(suffixes), -1)
             hidden = decoder(input_ids=batch, position_ids=positions, use_cache=True,
-                             **{_cache_keyword(decoder): cache}).last_hidden_state
+                             **{cache_keyword(decoder): cache}).last_hidden_state
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
             results.append(_answer_logits(hidden[torch.arange(len(suffixes), device=device), last], head, answer, softcap))
             self.stats["computed_tokens"] += len(suffixes) * width
