@@ -173,6 +173,7 @@ def main(args: PatchArguments) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     fraction_keys = [(m, f) for m in args.fraction_modes for f in args.fractions]
     records, sim_counts = [], {}
+    by_context = {n: dict(tuple(s["predictions"].groupby("context_id"))) for n, s in sims.items()}
     for cid in tqdm(contexts, desc="patching", unit="context"):
         row, pos = divmod(int(cid), 1_000_000)
         ids = tokens[row, :pos + 1].to(device).long()
@@ -184,7 +185,7 @@ def main(args: PatchArguments) -> dict:
                   "zero_ablation": x_in[-1], "mean_ablation": x_in[-1] + mean_vec}
         for mode, f in fraction_keys:
             judged[f"fraction:{mode}:{f:g}"] = sae.decode(keep_fraction(z[-1:], f, mode, gen))[0]
-        preds = {n: s["predictions"][s["predictions"]["context_id"] == cid] for n, s in sims.items()}
+        preds = {n: by_context[n][cid] for n in sims}
         sim_vecs, counts = simulator_vectors(z[-1], preds, sims, args.values, medians, sae, value_of)
         judged.update(sim_vecs)
         for k, v in counts.items():

@@ -26,6 +26,11 @@ def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def non_embedding_parameters(model) -> int:
+    """N of the FLOP bounds: parameters outside the token embedding and the output layer."""
+    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+
+
 def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, list[float]]:
     """Run each variant `repeats` times, round-robin (so drift hits all equally), after one warm-up each."""
     for fn in variants.values():
@@ -107,7 +112,7 @@ def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats:
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     vocab = base.config.get_text_config().vocab_size
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    n_nonembed = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n and "lm_head" not in n)
+    n_nonembed = non_embedding_parameters(base)
 
     full = copy.deepcopy(base).train()
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
@@ -173,7 +178,7 @@ def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[
     prompt_tokens = sum(len(prompt_token_ids(tokenizer, p)) for p in prompts)
     runs = repeats + 1
     computed = scorer.stats["computed_tokens"] / runs  # per pass over the prompts (suffix padding included)
-    n_nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    n_nonembed = non_embedding_parameters(model)
     calibration = calibration_gflops or matmul_gflops()
     gflops = 2 * n_nonembed * computed * per_s["prefix_shared"] / len(prompts) / 1e9
     return {
@@ -252,7 +257,7 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
     n = rows.shape[0] * n_variants
     per_s = {k: n / statistics.median(v) for k, v in times.items()}
     t = rows.shape[1]
-    n_nonembed = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
+    n_nonembed = non_embedding_parameters(model)
     calibration = calibration_gflops or matmul_gflops()
     gflops = 2 * n_nonembed * (t + n_variants) * rows.shape[0] * per_s["ours"] / n / 1e9
     return {

@@ -9,6 +9,7 @@ then tokenized with the simulator's own chat template.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -93,13 +94,19 @@ def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
                          f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training.")
 
 
+@functools.lru_cache(maxsize=8)
+def train_latents(path: Path) -> frozenset[int]:
+    """The latents of a build_dataset train split (read once per sweep, however many checkpoints use it)."""
+    return frozenset(pd.read_parquet(path, columns=["latent"])["latent"].tolist())
+
+
 def seen_latents(sim: Simulator, latents: set[int]) -> set[int]:
     """Latents of the eval set that a finetuned simulator's training data (train splits) holds."""
     seen = set()
     for name in sim.train_datasets:
         train = Path(name) / "train.parquet"
         if train.is_file():
-            seen |= set(pd.read_parquet(train, columns=["latent"])["latent"].tolist()) & latents
+            seen |= train_latents(train.resolve()) & latents
         else:
             logger.warning("%s: cannot check held-out latents against %s (not a local build_dataset folder)",
                            sim.name, name)
