@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from latentsim.cache import load_cache
-from latentsim.config import DatasetArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import DatasetArguments
 from latentsim.dataset import (
     SPLITS,
     ActiveIndex,
@@ -32,11 +33,11 @@ from latentsim.dataset import (
 )
 from latentsim.explain import load_interpretations
 from latentsim.hub import upload_folder
+from latentsim.interpretation_scores import load_score_folder
 from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, write_run_config
+from latentsim.latent_stats import load_statistics
 from latentsim.models import resolve_model_path
 from latentsim.prompts import answer_token_ids, marked_context, render_completion, render_prompt
-from latentsim.scorers import load_score_folder
-from latentsim.stats import load_statistics
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (DatasetArguments,)
@@ -204,4 +205,4 @@ def main(args: DatasetArguments, api=None) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

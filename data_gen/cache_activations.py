@@ -27,12 +27,13 @@ from latentsim.cache import (
     write_delphi_splits,
     write_shard,
 )
-from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows, load_corpus_from_args
 from latentsim.io import require_same_config, write_run_config
+from latentsim.latent_stats import latent_statistics, save_statistics
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
-from latentsim.stats import latent_statistics, save_statistics
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ModelArguments, CorpusArguments, SAEArguments, CacheArguments)
@@ -115,4 +116,4 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -14,9 +14,10 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from latentsim import vllm_backend
+from latentsim import backends
 from latentsim.cache import load_cache
-from latentsim.config import ExplainArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import ExplainArguments
 from latentsim.explain import (
     LatentIndex,
     explainer_messages,
@@ -39,7 +40,7 @@ def main(args: ExplainArguments) -> None:
     require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
                         "choose another set_name or delete the folder")
     if args.explainer == "llm" and args.backend == "vllm":
-        vllm_backend.require_vllm()  # fail before any work, never fall back silently
+        backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
     set_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(set_dir, "explain", {"explain": args}, args.seed)
@@ -64,10 +65,10 @@ def main(args: ExplainArguments) -> None:
         for latent in tqdm(todo, desc=f"explain ({args.set_name})", unit="latent"):
             write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(examples_of(latent), subject_tokenizer))
     elif args.backend == "vllm":
-        llm = vllm_backend.load_llm(resolve_model_path(args.explainer_model))
+        llm = backends.load_llm(resolve_model_path(args.explainer_model))
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.explainer_model))
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
-        texts = vllm_backend.generate(llm, vllm_backend.chat_token_ids(tokenizer, messages), args.max_new_tokens)
+        texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
         for latent, text in zip(todo, map(first_line, texts), strict=True):
             if text:
                 write_explanation(set_dir, args.hookpoint, latent, text)
@@ -94,4 +95,4 @@ def main(args: ExplainArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -7,7 +7,8 @@ Everything lands under $LATENTSIM_CACHE (default ~/.cache/latentsim); later runs
 
 import time
 
-from latentsim.config import PrepareArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import PrepareArguments
 from latentsim.corpus import load_corpus, prepare_embedded_corpus
 from latentsim.models import prepare_embedded_model
 
@@ -29,4 +30,4 @@ def main(args: PrepareArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

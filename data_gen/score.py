@@ -16,9 +16,10 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from latentsim import vllm_backend
+from latentsim import backends
 from latentsim.cache import load_cache
-from latentsim.config import ScoreArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import ScoreArguments
 from latentsim.explain import (
     LatentIndex,
     explanation_path,
@@ -26,9 +27,9 @@ from latentsim.explain import (
     non_activating_examples,
     sample_examples,
 )
+from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
-from latentsim.scorers import judge_yes_probability, load_score_folder, scorer_items
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ScoreArguments,)
@@ -39,7 +40,7 @@ def main(args: ScoreArguments) -> None:
     require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
                         "choose another scores_dir or delete the folder")
     if args.backend == "vllm":
-        vllm_backend.require_vllm()  # fail before any work, never fall back silently
+        backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
     interpretations = load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,12 +55,12 @@ def main(args: ScoreArguments) -> None:
     subject_tokenizer = cache.subject_tokenizer()
     index = LatentIndex(cache, args.window)
     if args.backend == "vllm":
-        llm = vllm_backend.load_llm(resolve_model_path(args.judge_model))
+        llm = backends.load_llm(resolve_model_path(args.judge_model))
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.judge_model))
         yes_no = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No")]
 
         def judge(prompts):
-            return vllm_backend.yes_probability(llm, vllm_backend.chat_token_ids(tokenizer, prompts), *yes_no)
+            return backends.vllm_yes_probability(llm, backends.chat_token_ids(tokenizer, prompts), *yes_no)
     else:
         model, tokenizer = load_model_and_tokenizer(args.judge_model, device=args.device)
 
@@ -84,4 +85,4 @@ def main(args: ScoreArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from latentsim.config import CorpusArguments, ModelArguments, TrainSAEArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import CorpusArguments, ModelArguments, TrainSAEArguments
 from latentsim.corpus import corpus_rows, load_corpus_from_args
 from latentsim.io import atomic_write_json, require_same_config, write_run_config
 from latentsim.models import describe_model_source, load_model_and_tokenizer
@@ -96,4 +97,4 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -21,18 +21,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from latentsim.backends import cache_keyword, probabilities
 from latentsim.cache import load_cache
-from latentsim.config import GenerateArguments, SAEArguments, parse_config
-from latentsim.evaluation import load_simulator_scorer
+from latentsim.cli import run
+from latentsim.config import GenerateArguments, SAEArguments
 from latentsim.explain import load_interpretations
 from latentsim.htmlpage import STYLE, generation_fragment
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
+from latentsim.latent_stats import load_statistics
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import keep_fraction, kl_and_ce
 from latentsim.prompts import marked_context, render_prompt
 from latentsim.sae import decoder_layers, load_sae
-from latentsim.scoring import cache_keyword, probabilities
-from latentsim.stats import load_statistics
+from latentsim.sweep import load_simulator_scorer
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (GenerateArguments,)
@@ -170,4 +171,4 @@ def main(args: GenerateArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

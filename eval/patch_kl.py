@@ -27,10 +27,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from latentsim.backends import probabilities
 from latentsim.cache import load_cache
-from latentsim.config import PatchArguments, SAEArguments, parse_config
-from latentsim.evaluation import load_simulator_scorer, load_split
+from latentsim.cli import run
+from latentsim.config import PatchArguments, SAEArguments
 from latentsim.io import atomic_save, atomic_write_json, require_same_config, write_run_config
+from latentsim.latent_stats import load_statistics
 from latentsim.metrics import summarise
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import (
@@ -43,8 +45,7 @@ from latentsim.patching import (
 )
 from latentsim.prompts import get_format, render_prompt
 from latentsim.sae import load_sae
-from latentsim.scoring import probabilities
-from latentsim.stats import load_statistics
+from latentsim.sweep import load_simulator_scorer, load_split
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (PatchArguments,)
@@ -238,4 +239,4 @@ def main(args: PatchArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

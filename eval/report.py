@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from latentsim.config import ReportArguments, parse_config  # noqa: E402
+from latentsim.cli import run  # noqa: E402
+from latentsim.config import ReportArguments  # noqa: E402
 from latentsim.htmlpage import STYLE, generation_fragment, table_html  # noqa: E402
 from latentsim.io import atomic_write_bytes, atomic_write_text, write_run_config  # noqa: E402
 
@@ -310,4 +311,4 @@ document.body.dataset.imagesRendered=ok.length;document.body.dataset.tables=docu
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

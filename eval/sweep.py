@@ -18,8 +18,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from latentsim.config import EvalArguments, SAEArguments, parse_config
-from latentsim.evaluation import (
+from latentsim.backends import FakeScorer, HFScorer, VLLMScorer, chat_template_sha256
+from latentsim.cli import run
+from latentsim.config import EvalArguments, SAEArguments
+from latentsim.explain import load_interpretations
+from latentsim.hub import download_adapter_branches
+from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, provenance, write_run_config
+from latentsim.metrics import evaluate, summary_row
+from latentsim.prompts import answer_token_ids, get_format
+from latentsim.sweep import (
     baseline_simulator,
     check_simulator,
     few_shot_messages,
@@ -30,12 +37,6 @@ from latentsim.evaluation import (
     run_simulators,
     seen_latents,
 )
-from latentsim.explain import load_interpretations
-from latentsim.hub import download_adapter_branches
-from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, provenance, write_run_config
-from latentsim.metrics import evaluate, summary_row
-from latentsim.prompts import answer_token_ids, get_format
-from latentsim.scoring import FakeScorer, HFScorer, VLLMScorer, chat_template_sha256
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (EvalArguments,)
@@ -229,4 +230,4 @@ def main(args: EvalArguments, api=None) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -21,9 +21,9 @@ from latentsim.cache import (
 )
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows
+from latentsim.latent_stats import latent_sample, latent_statistics, load_statistics
 from latentsim.models import load_model_and_tokenizer
 from latentsim.sae import load_sae
-from latentsim.stats import latent_sample, latent_statistics, load_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "layers.1"

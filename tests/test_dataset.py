@@ -13,7 +13,7 @@ from latentsim.cache import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
 from latentsim.dataset import activation_bin, quantile_bin, split_ids
 from latentsim.explain import write_explanation
-from latentsim.stats import load_statistics
+from latentsim.latent_stats import load_statistics
 
 HOOK = "layers.1"
 

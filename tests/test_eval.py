@@ -11,8 +11,8 @@ import pytest
 from helpers import load_script, make_cache, sft_args
 from sklearn.metrics import roc_auc_score
 
+from latentsim.backends import HFScorer
 from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments
-from latentsim.scoring import HFScorer
 
 HOOK = "layers.1"
 
@@ -196,7 +196,7 @@ def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
 
 
 def test_few_shot_examples_are_solved_correctly(assets):
-    from latentsim.evaluation import few_shot_messages
+    from latentsim.sweep import few_shot_messages
 
     for eval_set, fmt, label in (("eval_set", "sim_v1", "active"), ("eval_value", "sim_value_v1", "quantile_bin")):
         train = pd.read_parquet(assets / eval_set / "train.parquet")
@@ -278,8 +278,8 @@ def test_patched_positions_are_the_judged_tokens(assets):
     """The position patch_kl rewrites is the cache token each simulator judged: the last of the eval row's
     context ids (subject tokenizer) and the token marked in its prompt, whatever the simulator's tokenizer."""
     from latentsim.cache import load_cache
-    from latentsim.evaluation import load_split
     from latentsim.prompts import MARK_CLOSE, MARK_OPEN
+    from latentsim.sweep import load_split
 
     cache = load_cache(assets / "cache" / "latents", HOOK)
     subject = cache.subject_tokenizer()

@@ -13,7 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from latentsim.config import PublishArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import PublishArguments
 from latentsim.hub import adapter_card, upload_folder
 from latentsim.io import atomic_write_json, atomic_write_text
 from latentsim.training import check_adapter
@@ -65,4 +66,4 @@ def main(args: PublishArguments, api=None) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from latentsim.config import SimScriptArguments, parse_config
+from latentsim.cli import run
+from latentsim.config import SimScriptArguments
 from latentsim.hub import adapter_card
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import describe_model_source, resolve_model_path
@@ -184,4 +185,4 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    main(*parse_config(DATACLASSES))
+    run(main, DATACLASSES)

@@ -162,7 +162,7 @@ def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[
     Exactness: |delta (logit(yes) - logit(no))| of the prefix-shared scorer vs the naive forward < 1e-4 (fp32).
     Achieved GFLOP/s counts 2 N_nonembedding FLOPs per token actually computed (the prefix once per context).
     """
-    from latentsim.scoring import HFScorer, context_key, naive_label_logits, prompt_token_ids
+    from latentsim.backends import HFScorer, context_key, naive_label_logits, prompt_token_ids
 
     outputs, scorer = {}, HFScorer(model, tokenizer, answer_ids, batch_size)
     variants = {

@@ -18,8 +18,8 @@ import copy
 
 import torch
 
+from latentsim.backends import cache_keyword
 from latentsim.sae import decoder_layers
-from latentsim.scoring import cache_keyword
 
 
 @torch.no_grad()

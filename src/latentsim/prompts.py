@@ -4,7 +4,7 @@ A format is a name whose rendering never changes once released (golden tests in 
 byte); a new behaviour gets a new name. Rows are TRL conversational prompt-completion:
 `prompt` = [user message], `completion` = [assistant message with the answer]. The question and the context
 come first and the interpretation last, so at eval time one context prefix is shared by every latent and only
-the interpretation (+ the chat template's closing tokens) differs per judgment (performance.md 3.7).
+the interpretation (+ the chat template's closing tokens) differs per judgment (latentsim.backends.HFScorer).
 
 The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
 unambiguous whatever tokenizer the simulator uses.
@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
+# The sections of a rendered user message, in order: question, TEXT_MARK + context, INTERPRETATION_MARK +
+# interpretation, optionally SCORE_MARK + score. Released formats pin these bytes (tests/golden/).
+TEXT_MARK = "\n\nText: "
+INTERPRETATION_MARK = "\n\nInterpretation: "
+SCORE_MARK = "\nInterpretation score: "
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class PromptFormat:
     name: str
     question: str          # the instruction that opens the user message
     answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
-    label: str             # which dataset label the answer encodes: `active`, `activation_bin`, `quantile_bin`
+    label: str             # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
 
 
 SIM_V1 = PromptFormat(
@@ -57,9 +62,9 @@ def marked_context(prefix: str, judged: str) -> str:
 def render_prompt(fmt: str, context: str, interpretation: str, score: float | None = None) -> list[dict]:
     """The prompt messages for one (context, latent) judgment. `context` comes from `marked_context`."""
     f = get_format(fmt)
-    text = f"{f.question}\n\nText: {context}\n\nInterpretation: {interpretation.strip()}"
+    text = f"{f.question}{TEXT_MARK}{context}{INTERPRETATION_MARK}{interpretation.strip()}"
     if score is not None:
-        text += f"\nInterpretation score: {score:.2f}"
+        text += f"{SCORE_MARK}{score:.2f}"
     return [{"role": "user", "content": text}]
 
 
@@ -108,8 +113,8 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
 
 def split_context(content: str) -> tuple[str, str, str]:
     """A rendered user message -> (text before the context, the context's unmarked prefix, the rest from `<<`)."""
-    head, sep, rest = content.partition("\n\nText: ")
-    context, sep2, tail = rest.partition("\n\nInterpretation: ")
+    head, sep, rest = content.partition(TEXT_MARK)
+    context, sep2, tail = rest.partition(INTERPRETATION_MARK)
     if not sep or not sep2 or MARK_OPEN not in context:
         raise ValueError("not a latentsim simulator prompt (no `Text: ...<<token>>` block).")
     prefix, _, judged = context.rpartition(MARK_OPEN)

@@ -14,7 +14,7 @@ import torch
 
 from latentsim.cache import load_cache
 from latentsim.explain import load_interpretations
-from latentsim.stats import load_statistics
+from latentsim.latent_stats import load_statistics
 
 
 def top_contexts(cache, latent: int, tokenizer, n: int = 3, window: int = 12) -> list[str]:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from latentsim.backends import HFScorer, probabilities
 from latentsim.metrics import reliability, roc_auc
-from latentsim.scoring import HFScorer, probabilities
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a checkpoint folder
@@ -64,7 +64,7 @@ def check_prompt_format(dataset, prompt_format: str) -> None:
 def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int],
                          batch_size: int = 16) -> np.ndarray:
     """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
-    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.scoring)."""
+    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends)."""
     return probabilities(HFScorer(model, tokenizer, answer_ids, batch_size).label_logits(prompts))
 
 

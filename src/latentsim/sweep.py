@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from latentsim.backends import HFScorer, chat_template_sha256, probabilities
 from latentsim.prompts import get_format, render_completion, render_prompt
-from latentsim.scoring import HFScorer, chat_template_sha256, probabilities
 from latentsim.training import CHECKPOINT_COMPLETE
 
 logger = logging.getLogger(__name__)

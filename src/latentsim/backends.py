@@ -14,6 +14,11 @@ prompt, exactly as train/sft.py's eval reads them), and is deterministic: no sam
 - `VLLMScorer` (GPU, [gpu] extra): the same token ids as `TokensPrompt`s, one `LoRARequest` per adapter, the
   answer tokens' log-probs requested by id.
 - `FakeScorer`: deterministic logits from a function of the prompt text, for tests.
+- `ModelPool` (eval/sweep.py): one loaded base model at a time, adapters attached unmerged and detached again.
+- vLLM generation and judging for the LLM explainer and judge (data_gen/explain.py, data_gen/score.py).
+
+vLLM paths need a CUDA GPU and the [gpu] extra; without them they fail with a clear message: there is no silent
+fallback to `hf`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import math
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INTERPRETATION_MARK = "\n\nInterpretation: "
+from latentsim.prompts import INTERPRETATION_MARK
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -209,8 +215,6 @@ class VLLMScorer:
 
     def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
                  gpu_memory_utilization: float = 0.85, max_model_len: int = 4096):
-        from latentsim.vllm_backend import require_vllm
-
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
@@ -264,3 +268,54 @@ class VLLMScorer:
             if progress is not None:
                 progress.update(len(wave))
         return out
+
+
+# vLLM paths of the LLM explainer and judge. Prompts go in as token ids built with the model's own chat
+# template (so no second BOS is added); the judge's P(Yes) is the exact log-probability of each answer appended
+# to the prompt (`prompt_logprobs`), so an answer outside a top-k list can never read as probability 0.
+def require_vllm():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU).")
+    try:
+        import vllm
+    except ImportError as err:
+        raise RuntimeError("backend `vllm` needs the [gpu] extra: pip install -e '.[gpu]'.") from err
+    return vllm
+
+
+def load_llm(model_path: str):
+    vllm = require_vllm()
+    return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0)
+
+
+def chat_token_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:
+    out = []
+    for text in user_messages:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def vllm_generate(llm, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations."""
+    vllm = require_vllm()
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
+    return [o.outputs[0].text for o in outputs]
+
+
+def vllm_yes_probability(llm, prompt_ids: list[list[int]], yes_id: int, no_id: int) -> list[float]:
+    """P(Yes) renormalised over {Yes, No}: the logprob of each answer token appended to the prompt."""
+    vllm = require_vllm()
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    requests = [{"prompt_token_ids": ids + [answer]} for ids in prompt_ids for answer in (yes_id, no_id)]
+    outputs = llm.generate(requests, params)
+    probs = []
+    for i in range(0, len(outputs), 2):
+        lp_yes = outputs[i].prompt_logprobs[-1][yes_id].logprob
+        lp_no = outputs[i + 1].prompt_logprobs[-1][no_id].logprob
+        probs.append(1 / (1 + math.exp(lp_no - lp_yes)))
+    return probs

@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from latentsim.prompts import answer_token_ids, marked_context, render_prompt
-from latentsim.scoring import (
+from latentsim.backends import (
     FakeScorer,
     HFScorer,
     VLLMScorer,
@@ -20,6 +19,7 @@ from latentsim.scoring import (
     probabilities,
     prompt_token_ids,
 )
+from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 
 CONTEXTS = [("the cat sat on a", "mat"), ("it was a big red", "house"), ("one two", "three")]
 INTERPRETATIONS = ["cat", "red blue green", "the sun and the moon and a star", "one two three four five six",
@@ -121,7 +121,7 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     lora_mod.LoRARequest = lambda name, int_id, path: (name, int_id, path)
     fake = types.SimpleNamespace(SamplingParams=SamplingParams, LLM=LLM)
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_mod)
-    monkeypatch.setattr("latentsim.vllm_backend.require_vllm", lambda: fake)
+    monkeypatch.setattr("latentsim.backends.require_vllm", lambda: fake)
     adapter = tmp_path / "checkpoint-6"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8}')

@@ -9,8 +9,13 @@ from helpers import build_tiny_tokenizer, load_script, make_cache
 
 from latentsim.config import ExplainArguments, ScoreArguments
 from latentsim.explain import Example
+from latentsim.interpretation_scores import (
+    balanced_accuracy,
+    judge_yes_probability,
+    load_score_folder,
+    scorer_items,
+)
 from latentsim.models import load_model_and_tokenizer
-from latentsim.scorers import balanced_accuracy, judge_yes_probability, load_score_folder, scorer_items
 
 
 def examples(tok):

@@ -1,0 +1,198 @@
+"""eval/ arguments: sweeps over simulators, patching, generation, the report; prompting-baseline specs."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latentsim.config.common import EMBEDDED_PREFIX, _fail, _require_positive, check_device, check_dtype
+
+BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations")
+
+
+def parse_baseline(spec: str) -> dict:
+    """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
+    model (default embedded:smollm2-135m), shots (few-shot examples, 0), score (show the eval set's
+    interpretation score, false), interpretations (another interpretation set; default the eval set's), name."""
+    out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in BASELINE_KEYS:
+            close = difflib.get_close_matches(key, BASELINE_KEYS, n=1)
+            _fail("baselines", f"{spec!r}: `{part}` is not key=value with a key in {', '.join(BASELINE_KEYS)}"
+                  + (f" (did you mean `{close[0]}`?)" if close else "") + ".")
+        if key == "shots":
+            if not value.isdigit():
+                _fail("baselines", f"{spec!r}: shots must be a non-negative integer.")
+            out[key] = int(value)
+        elif key == "score":
+            if value not in ("true", "false"):
+                _fail("baselines", f"{spec!r}: score must be true or false.")
+            out[key] = value == "true"
+        else:
+            out[key] = value
+    if not out.get("name"):
+        model = out["model"].rsplit("/", 1)[-1].removeprefix(EMBEDDED_PREFIX)
+        out["name"] = (f"{model}_{out['shots']}shot" + ("_score" if out["score"] else "")
+                       + (f"_{Path(out['interpretations']).name}" if out["interpretations"] else ""))
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", out["name"]):
+        _fail("baselines", f"{spec!r}: name {out['name']!r} may only hold letters, digits, `.`, `_`, `-`.")
+    return out
+
+
+@dataclass
+class EvalArguments:
+    """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one eval set."""
+
+    eval_set: str = field(default="", metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."})
+    eval_split: str = field(default="test", metadata={"help": "The split the metrics are reported on."})
+    calibration_split: str | None = field(default="validation", metadata={"help": "Split for temperature scaling and the "
+                                                                                  "L0-matched threshold (null: none)."})
+    max_contexts: int = field(default=0, metadata={"help": "Score a seeded sample of this many contexts per split (0: all)."})
+    run_dirs: list[str] = field(default_factory=list, metadata={"help": "train/sft.py output dirs: every complete "
+                                                                        "checkpoint-N and the final adapter are evaluated."})
+    hub_runs: list[str] = field(default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."})
+    include_checkpoints: bool = field(default=True, metadata={"help": "Evaluate checkpoint-N folders, not only the final adapter."})
+    baselines: list[str] = field(default_factory=list, metadata={"help": "Prompting baselines, each `key=value,...` with "
+                                                                         "keys model, shots, score, interpretations, name."})
+    score_files: list[str] = field(default_factory=list, metadata={"help": "Interpretation scores ({latent: score} JSON, "
+                                                                           "data_gen/score.py) to plot accuracy against."})
+    allow_seen_latents: bool = field(default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."})
+    backend: str = field(default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."})
+    batch_size: int = field(default=32, metadata={"help": "Suffixes per forward pass (hf)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
+    seed: int = field(default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."})
+
+    def __post_init__(self):
+        check_dtype("dtype", self.dtype)
+        check_device("device", self.device)
+        if not self.eval_set:
+            _fail("eval_set", "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).")
+        if self.backend not in ("hf", "vllm", "fake"):
+            _fail("backend", f"{self.backend!r} is not `hf`, `vllm` or `fake`.")
+        if not (self.run_dirs or self.hub_runs or self.baselines):
+            _fail("run_dirs", "nothing to evaluate: give run_dirs, hub_runs or baselines.")
+        self.parsed_baselines = [parse_baseline(b) for b in self.baselines]
+        names = [b["name"] for b in self.parsed_baselines]
+        if len(set(names)) != len(names):
+            _fail("baselines", f"two baselines share a name ({names}); give them distinct `name=`.")
+        _require_positive(self, "batch_size", "max_lora_rank")
+        if self.max_contexts < 0:
+            _fail("max_contexts", "must be >= 0.")
+        if self.eval_split == self.calibration_split:
+            _fail("calibration_split", "must differ from eval_split (a temperature fitted on the test split is not a result).")
+
+
+@dataclass
+class PatchArguments:
+    """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and CE."""
+
+    eval_set: str = field(default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."})
+    split: str = field(default="test", metadata={"help": "Its split."})
+    sweep_dir: str | None = field(default=None, metadata={"help": "eval/sweep.py's output_dir: simulators are read from "
+                                                                   "<sweep_dir>/<eval set>/*/predictions_<split>.parquet."})
+    simulators: list[str] = field(default_factory=list, metadata={"help": "Simulator folder names (default: all in the sweep)."})
+    thresholds: list[str] = field(default_factory=lambda: ["0.5", "l0_matched"],
+                                  metadata={"help": "P(yes) thresholds: numbers, or `l0_matched` (fitted by the sweep on validation)."})
+    values: list[str] = field(default_factory=lambda: ["oracle", "median"],
+                              metadata={"help": "Values of predicted latents: `oracle` (true value where truly active, "
+                                                "median otherwise), `median` (the latent's median non-zero activation) "
+                                                "and/or `predicted` (value_simulator's 0-9 answer mapped through the "
+                                                "latent's deciles)."})
+    value_simulator: str | None = field(default=None, metadata={"help": "For `predicted` values: a train/sft.py run "
+                                                                        "trained on sim_value_v1, or a model reference."})
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
+                                   metadata={"help": "Figure 1: fractions of the truly active latents kept."})
+    fraction_modes: list[str] = field(default_factory=lambda: ["top", "random"], metadata={"help": "`top` and/or `random`."})
+    all_positions: bool = field(default=True, metadata={"help": "Also patch every position (SAE, ablations, fractions)."})
+    max_contexts: int = field(default=0, metadata={"help": "Contexts (0: those the sweep scored, else all of the split)."})
+    mean_contexts: int = field(default=32, metadata={"help": "Cache rows averaged for the mean-ablation vector."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
+    output_dir: str = field(default="", metadata={"help": "Default <sweep_dir>/<eval set>/patch_kl."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
+    seed: int = field(default=22, metadata={"help": "Seed for random fractions and context sampling."})
+
+    def __post_init__(self):
+        check_dtype("dtype", self.dtype)
+        check_device("device", self.device)
+        if not self.eval_set:
+            _fail("eval_set", "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).")
+        for t in self.thresholds:
+            if t != "l0_matched":
+                try:
+                    ok = 0 < float(t) < 1
+                except ValueError:
+                    ok = False
+                if not ok:
+                    _fail("thresholds", f"{t!r} is neither a number in (0, 1) nor `l0_matched`.")
+        if bad := set(self.values) - {"oracle", "median", "predicted"}:
+            _fail("values", f"{sorted(bad)}: choose from oracle, median, predicted.")
+        if "predicted" in self.values and not self.value_simulator:
+            _fail("value_simulator", "`predicted` values need a value simulator (a sim_value_v1 run or a model).")
+        if bad := set(self.fraction_modes) - {"top", "random"}:
+            _fail("fraction_modes", f"{sorted(bad)}: choose from top, random.")
+        if any(not 0 <= f <= 1 for f in self.fractions):
+            _fail("fractions", "every fraction must be in [0, 1].")
+        if self.max_contexts < 0 or self.mean_contexts < 1:
+            _fail("max_contexts" if self.max_contexts < 0 else "mean_contexts", "must be >= 0 (mean_contexts >= 1).")
+
+
+@dataclass
+class GenerateArguments:
+    """eval/generate.py: closed-loop generation with the hook layer rewritten from SAE latents or a simulator."""
+
+    eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache names the subject model, SAE and "
+                                                         "hookpoint; its test latents are the ones a simulator rewrites."})
+    prompts: list[str] = field(default_factory=lambda: ["The sun was", "A fool and his money"],
+                               metadata={"help": "Prompts the subject model continues."})
+    max_new_tokens: int = field(default=10, metadata={"help": "Tokens generated per prompt and source."})
+    sources: list[str] = field(default_factory=lambda: ["clean", "sae", "fraction:top:0.5", "simulator"],
+                               metadata={"help": "`clean`, `sae`, `fraction:<top|random>:<f>`, `simulator`."})
+    simulator_run: str | None = field(default=None, metadata={"help": "A train/sft.py output_dir (its final adapter); "
+                                                                      "default: the untuned simulator_model."})
+    simulator_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Base simulator model without a run."})
+    threshold: float = field(default=0.5, metadata={"help": "P(yes) at which the simulator calls a latent active."})
+    values: str = field(default="oracle", metadata={"help": "`oracle` (true value where truly active, median otherwise) "
+                                                           "or `median` (no oracle)."})
+    n_inactive: int = field(default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."})
+    window: int = field(default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
+    batch_size: int = field(default=32, metadata={"help": "Simulator suffixes per forward pass."})
+    output_dir: str = field(default="outputs/generate", metadata={"help": "results.json and generation.html go here."})
+    seed: int = field(default=22, metadata={"help": "Seed for inactive latents, random fractions and sampling."})
+
+    def __post_init__(self):
+        check_dtype("dtype", self.dtype)
+        check_device("device", self.device)
+        if not self.eval_set:
+            _fail("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml).")
+        for source in self.sources:
+            parts = source.split(":")
+            ok = source in ("clean", "sae", "simulator") or (
+                len(parts) == 3 and parts[0] == "fraction" and parts[1] in ("top", "random")
+                and parts[2].replace(".", "", 1).isdigit() and 0 <= float(parts[2]) <= 1)
+            if not ok:
+                _fail("sources", f"{source!r}: use clean, sae, simulator or fraction:<top|random>:<f in [0, 1]>.")
+        if self.values not in ("oracle", "median"):
+            _fail("values", f"{self.values!r} is not oracle or median.")
+        if not self.prompts:
+            _fail("prompts", "give at least one prompt.")
+        _require_positive(self, "max_new_tokens", "window", "batch_size")
+
+
+@dataclass
+class ReportArguments:
+    """eval/report.py: the HTML report of a sweep folder."""
+
+    sweep_dir: str = field(default="outputs/eval", metadata={"help": "eval/sweep.py's output_dir."})
+    output_dir: str = field(default="", metadata={"help": "Where report.html and figures/ go (default <sweep_dir>/report)."})
+    title: str = field(default="latentsim simulator evaluation", metadata={"help": "The report's title."})
