@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from latentsim.backends import HFScorer, chat_template_sha256, probabilities
+from latentsim.errors import MissingInputError
+from latentsim.io import atomic_write_json
 from latentsim.prompts import get_format, render_completion, render_prompt
 from latentsim.training import CHECKPOINT_COMPLETE
 
@@ -218,3 +220,41 @@ def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_siz
         check_simulator(sim, tokenizer, fmt)
         model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
     return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref
+
+
+# The sweep's files: `<root>/<simulator>/results.json` per simulator and `<root>/summary.json` across them, with
+# root = <output_dir>/<eval set>. Written and read only here.
+RESULTS_FILE, SUMMARY_FILE = "results.json", "summary.json"
+
+
+def write_results(folder: Path, record: dict) -> None:
+    atomic_write_json(Path(folder) / RESULTS_FILE, record)
+
+
+def read_results(folder: str | Path) -> dict | None:
+    """One simulator's results.json record, or None when it has not finished."""
+    path = Path(folder) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_summary(root: Path, summary: dict) -> None:
+    atomic_write_json(Path(root) / SUMMARY_FILE, summary)
+
+
+def read_summary(root: str | Path) -> dict | None:
+    path = Path(root) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_sweeps(sweep_dir: str | Path) -> dict[str, list[dict]]:
+    """{eval set: [its simulators' results.json records (plus `name`), in summary order]} of a sweep output_dir."""
+    out = {}
+    for summary_path in sorted(Path(sweep_dir).glob(f"*/{SUMMARY_FILE}")):
+        root = summary_path.parent
+        records = [{"name": r["simulator"], **rec} for r in read_summary(root)["rows"]
+                   if (rec := read_results(root / r["simulator"])) is not None]
+        if records:
+            out[root.name] = records
+    if not out:
+        raise MissingInputError(f"config key `sweep_dir`: no */{SUMMARY_FILE} under {sweep_dir}; run eval/sweep.py first.")
+    return out
