@@ -103,7 +103,7 @@ quickstart() {
   stage patch_kl "$PY" eval/patch_kl.py --config configs/eval/patch_kl_quickstart.yaml
   stage generate "$PY" eval/generate.py --config configs/eval/generate_quickstart.yaml
   stage report "$PY" eval/report.py --config configs/eval/report_quickstart.yaml
-  "$PY" -m latentsim.summary "$out"
+  "$PY" eval/summary.py --run_dir "$out"
   echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html)"
 }
 
@@ -125,9 +125,11 @@ case "$verb" in
   sft)
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sft CONFIG [--key value ...]"; exit 2; }
     setup
-    [ -f train/sft.py ] || { echo "train/sft.py does not exist yet in this checkout"; exit 2; }
     config=$1; shift
-    exec "$VENV/bin/accelerate" launch --config_file "configs/accelerate/${ACCEL:-cpu}.yaml" \
+    # Errors as `error: ...` + exit 2, never under accelerate's traceback of the failed child: the config is
+    # checked before any process starts, input errors end with the child's own message and exit status.
+    "$PY" -m latentsim.cli check train/sft.py --config "$config" "$@"
+    exec "$PY" -m latentsim.cli accelerate-launch --config_file "configs/accelerate/${ACCEL:-cpu}.yaml" \
       train/sft.py --config "$config" "$@" ;;
   python)
     setup

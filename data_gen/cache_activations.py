@@ -30,6 +30,7 @@ from latentsim.cache import (
 from latentsim.cli import run
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows, load_corpus_from_args
+from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
 from latentsim.latent_stats import latent_statistics, save_statistics
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
@@ -78,7 +79,7 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
         print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
         return
     if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
-        raise FileNotFoundError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
+        raise MissingInputError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
                                 "train one with data_gen/train_sae.py or fix the path.")
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "cache_activations", configs, corpus_args.seed)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from latentsim import backends
 from latentsim.cache import load_cache
@@ -29,7 +28,7 @@ from latentsim.explain import (
     write_explanation,
 )
 from latentsim.io import atomic_write_json, require_same_config, write_run_config
-from latentsim.models import load_model_and_tokenizer, resolve_model_path
+from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ExplainArguments,)
@@ -37,8 +36,9 @@ DATACLASSES = (ExplainArguments,)
 
 def main(args: ExplainArguments) -> None:
     set_dir = Path(args.explanations_dir) / args.set_name
-    require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
-                        "choose another set_name or delete the folder")
+    if any(set_dir.glob("*.txt")):  # only finished interpretations bind the config: a failed first run is rerun fixed
+        require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
+                            "choose another set_name or delete the folder")
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
@@ -66,7 +66,7 @@ def main(args: ExplainArguments) -> None:
             write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(examples_of(latent), subject_tokenizer))
     elif args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.explainer_model))
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.explainer_model))
+        tokenizer = load_tokenizer(args.explainer_model)
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
         texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
         for latent, text in zip(todo, map(first_line, texts), strict=True):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from latentsim import backends
 from latentsim.cache import load_cache
@@ -29,7 +28,7 @@ from latentsim.explain import (
 )
 from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
-from latentsim.models import load_model_and_tokenizer, resolve_model_path
+from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ScoreArguments,)
@@ -37,8 +36,9 @@ DATACLASSES = (ScoreArguments,)
 
 def main(args: ScoreArguments) -> None:
     out = Path(args.scores_dir) / args.scorer
-    require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
-                        "choose another scores_dir or delete the folder")
+    if any(out.glob("*.txt")):  # only finished scores bind the config: a failed first run is rerun fixed
+        require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
+                            "choose another scores_dir or delete the folder")
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
@@ -56,7 +56,7 @@ def main(args: ScoreArguments) -> None:
     index = LatentIndex(cache, args.window)
     if args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.judge_model))
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.judge_model))
+        tokenizer = load_tokenizer(args.judge_model)
         yes_no = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No")]
 
         def judge(prompts):

@@ -11,6 +11,7 @@ from helpers import build_tiny_tokenizer
 
 from latentsim import corpus as corpus_mod
 from latentsim.corpus import load_corpus, rst_prose_paragraphs, tokenize_rows
+from latentsim.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_local_file_kinds(tmp_path, kind):
 
 
 def test_missing_text_column_names_the_key(tiny_corpus):
-    with pytest.raises(KeyError, match="corpus_text_column"):
+    with pytest.raises(ConfigError, match="corpus_text_column"):
         load_corpus(str(tiny_corpus), text_column="content")
 
 

@@ -13,6 +13,7 @@ from latentsim.cache import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
 from latentsim.dataset import activation_bin, quantile_bin, split_ids
 from latentsim.explain import write_explanation
+from latentsim.interpretation_scores import load_scores
 from latentsim.latent_stats import load_statistics
 
 HOOK = "layers.1"
@@ -158,6 +159,14 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
     write_explanation(wrong, HOOK, 500, "a latent this 64-wide SAE does not have")
     with pytest.raises(ValueError, match="wrong SAE"):
         build(built, tiny_model_dir, "wrong", interpretations=[str(wrong)])
+    with pytest.raises(FileNotFoundError, match="`score_path`: .* must be a JSON file"):
+        build(built, tiny_model_dir, "no_scores", score_path=str(tmp_path / "nope.json"))
+    (tmp_path / "wide.json").write_text(json.dumps({"500": 0.9}))
+    with pytest.raises(ValueError, match="`score_path`: .* outside the SAE's 64; wrong SAE"):
+        build(built, tiny_model_dir, "wide", score_path=str(tmp_path / "wide.json"))
+    (tmp_path / "list.json").write_text("[0.5]")
+    with pytest.raises(ValueError, match="`score_files`: .* must be a JSON file"):  # the key the caller names
+        load_scores(tmp_path / "list.json", HOOK, 64, key="score_files")
 
 
 def test_push_to_hub_uploads_the_built_folder(built, tiny_model_dir):

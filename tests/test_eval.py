@@ -196,11 +196,14 @@ def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
 
 
 def test_few_shot_examples_are_solved_correctly(assets):
+    from latentsim.eval_set import EvalSet
     from latentsim.sweep import few_shot_messages
 
-    for eval_set, fmt, label in (("eval_set", "sim_v1", "active"), ("eval_value", "sim_value_v1", "quantile_bin")):
+    for eval_set, fmt in (("eval_set", "sim_v1"), ("eval_value", "sim_value_v1")):
         train = pd.read_parquet(assets / eval_set / "train.parquet")
-        messages = few_shot_messages(assets / eval_set, 4, fmt, label, 0, None, False)
+        opened = EvalSet.open(assets / eval_set)
+        assert (opened.prompt_format, opened.label) == (fmt, "active" if fmt == "sim_v1" else "quantile_bin")
+        messages = few_shot_messages(opened, 4, 0, None, False)
         assert [m["role"] for m in messages] == ["user", "assistant"] * 4
         for user, answer in zip(messages[::2], messages[1::2], strict=True):
             row = train[train["prompt"].apply(lambda p, u=user: p[0]["content"] == u["content"])].iloc[0]
@@ -277,15 +280,17 @@ def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
 def test_patched_positions_are_the_judged_tokens(assets):
     """The position patch_kl rewrites is the cache token each simulator judged: the last of the eval row's
     context ids (subject tokenizer) and the token marked in its prompt, whatever the simulator's tokenizer."""
-    from latentsim.cache import load_cache
-    from latentsim.prompts import MARK_CLOSE, MARK_OPEN
-    from latentsim.sweep import load_split
+    from latentsim.eval_set import EvalSet, context_row_position
+    from latentsim.prompts import INTERPRETATION_MARK, MARK_CLOSE, MARK_OPEN, TEXT_MARK
 
-    cache = load_cache(assets / "cache" / "latents", HOOK)
+    eval_set = EvalSet.open(assets / "eval_set")
+    cache = eval_set.cache
+    assert eval_set.layer == int(HOOK.split(".")[-1]) and eval_set.subject_model == cache.config["latentsim"]["model"]["model"]
     subject = cache.subject_tokenizer()
-    test = load_split(assets / "eval_set", "test", 0, 0)
+    test = eval_set.split("test")
     for r in test.itertuples(index=False):
-        row, pos = divmod(int(r.context_id), 1_000_000)
+        row, pos = context_row_position(r.context_id)
+        assert (row, pos) == (r.row, r.position)
         assert int(cache.tokens[row, pos]) == int(r.context_ids[-1])
-        text = r.prompt[0]["content"].split("Text: ")[1].split("\n\nInterpretation: ")[0]
+        text = r.prompt[0]["content"].split(TEXT_MARK)[1].split(INTERPRETATION_MARK)[0]
         assert text.endswith(MARK_OPEN + subject.decode([int(cache.tokens[row, pos])]) + MARK_CLOSE)

@@ -1,4 +1,5 @@
-"""Project layout rules: entry scripts are thin, documented, and never import each other."""
+"""Project layout rules: entry scripts are thin, documented, never import each other, and tests run them only
+through `main` (their helpers would be library code)."""
 
 import ast
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("data_gen", "train", "eval", "bench")
 SCRIPTS = sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).glob("*.py"))
+MAX_SCRIPT_LINES = 160  # TRL's scripts/sft.py shape: parse -> call the library -> save
+SCRIPT_ATTRIBUTES = {"main", "DATACLASSES"}  # all a test may take from an entry script
 
 
 def test_script_dirs_are_not_packages():
@@ -31,8 +34,34 @@ def test_scripts_import_only_latentsim_and_libraries(script):
             assert name.split(".")[0] not in SCRIPT_DIRS, f"{script.name} imports {name}"
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_are_thin(script):
+    n = len(script.read_text().splitlines())
+    assert n <= MAX_SCRIPT_LINES, f"{script.name} has {n} lines; move library code into src/latentsim/"
+
+
+def script_attributes_used_by(test_file: Path) -> list[str]:
+    """Attributes taken from `load_script(...)` results in a test file (directly or through a variable)."""
+    tree = ast.parse(test_file.read_text())
+    is_load = lambda n: isinstance(n, ast.Call) and getattr(n.func, "id", None) == "load_script"  # noqa: E731
+    names = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_load(n.value)
+             for t in n.targets if isinstance(t, ast.Name)}
+    return [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and (is_load(n.value) or (isinstance(n.value, ast.Name) and n.value.id in names))]
+
+
+def test_tests_use_only_main_of_entry_scripts():
+    test_files = sorted((ROOT / "tests").glob("*.py"))
+    used = {f.name: script_attributes_used_by(f) for f in test_files}
+    assert sum(len(v) for v in used.values()) >= 10  # the checker sees the smoke tests
+    for name, attrs in used.items():
+        assert set(attrs) <= SCRIPT_ATTRIBUTES, f"{name} uses {sorted(set(attrs) - SCRIPT_ATTRIBUTES)} of a script"
+
+
 def test_latentsim_never_imports_heavy_gpu_packages_at_module_level():
-    for path in (ROOT / "src" / "latentsim").glob("*.py"):
+    paths = sorted((ROOT / "src" / "latentsim").rglob("*.py"))
+    assert len(paths) >= 20 and any(p.parent.name == "config" for p in paths)
+    for path in paths:
         tree = ast.parse(path.read_text())
         for node in tree.body:
             if isinstance(node, ast.Import | ast.ImportFrom):

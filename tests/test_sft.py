@@ -12,10 +12,11 @@ from latentsim.metrics import reliability, roc_auc
 from latentsim.prompts import split_context
 from latentsim.training import (
     NonFiniteGuard,
+    answer_metrics,
     answer_probabilities,
-    binary_metrics,
     check_adapter,
     check_prompt_format,
+    fit_contexts,
     load_sim_dataset,
     resolve_resume,
 )
@@ -43,7 +44,8 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     assert summary["r"] == 4 and summary["n_tensors"] > 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
-    assert {"eval_recall", "eval_auc", "eval_ece", "eval_mean_p_yes"} <= set(results["metrics"])
+    assert {f"eval_{k}" for k in ("recall", "precision", "f1", "auc", "ece", "mean_p_yes", "accuracy")} \
+        <= set(results["metrics"])  # NaN where undefined (precision with no predicted positive) reads back too
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card
 
@@ -55,7 +57,7 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     val = load_sim_dataset(str(dataset_dir))["validation"].select(range(32))
     yes_no = [tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Yes")]
     probs = answer_probabilities(model, tok, val["prompt"], yes_no)
-    metrics = binary_metrics(probs[:, 1], np.asarray(val["active"]))
+    metrics = answer_metrics(probs[:, 1], np.asarray(val["active"]))
     assert metrics["mean_p_yes"] == pytest.approx(results["metrics"]["eval_mean_p_yes"], abs=1e-5)
     assert metrics["auc"] == pytest.approx(results["metrics"]["eval_auc"], abs=1e-6)
 
@@ -76,7 +78,6 @@ def test_only_the_answer_and_end_of_turn_are_supervised(dataset_dir, tiny_model_
 def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    script = load_script("train/sft.py")
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     split = load_sim_dataset(str(dataset_dir))["train"].select(range(40))
     def length(messages):
@@ -85,7 +86,7 @@ def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tm
 
     lengths = [length(p + c) for p, c in zip(split["prompt"], split["completion"], strict=True)]
     limit = max(lengths) - 2  # the longest examples must drop two context tokens
-    fitted, n = script.fit_contexts(split, tok, limit)
+    fitted, n = fit_contexts(split, tok, limit)
     assert n == sum(n_tok > limit for n_tok in lengths) > 0
     for before, after in zip(split, fitted, strict=True):
         assert length(after["prompt"] + after["completion"]) <= limit
@@ -96,24 +97,22 @@ def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tm
         kept = prefix_new.split()
         assert not kept or prefix_old.split()[-len(kept):] == kept  # only the start of the context is cut
     with pytest.raises(ValueError, match="even without context"):
-        script.fit_contexts(split, tok, 10)
+        fit_contexts(split, tok, 10)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(dataset_dir, tiny_model_dir, tmp_path):
-    script = load_script("train/sft.py")
-    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "full"))
+def test_resume_reproduces_the_uninterrupted_loss_curve(dataset_dir, tiny_model_dir, tmp_path, monkeypatch):
+    main = load_script("train/sft.py").main
+    main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "full"))
 
-    class StopAtStep6(script.NonFiniteGuard):  # the same run, killed right after its step-6 checkpoint
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 6
+    def stop_at_step_6(self, args, state, control, **kwargs):  # the same run, killed right after its step-6 checkpoint
+        control.should_training_stop = state.global_step == 6
 
-    real_guard = script.NonFiniteGuard
-    script.NonFiniteGuard = StopAtStep6
-    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))
-    script.NonFiniteGuard = real_guard
+    with monkeypatch.context() as patch:
+        patch.setattr(NonFiniteGuard, "on_step_end", stop_at_step_6)
+        main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))
     assert len(losses(tmp_path / "split")) == 6
     (tmp_path / "split" / "checkpoint-7").mkdir()  # an incomplete checkpoint from a crash: skipped
-    script.main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))  # resume: auto
+    main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "split"))  # resume: auto
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
@@ -160,8 +159,13 @@ def test_prompt_format_mismatch_is_refused(dataset_dir):
 def test_metrics_by_hand():
     p = np.array([0.9, 0.8, 0.3, 0.6, 0.1])
     y = np.array([1, 1, 1, 0, 0])
-    m = binary_metrics(p, y)
+    m = answer_metrics(p, y)
     assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["mean_p_yes"] == pytest.approx(0.54)
+    assert m["auc"] == pytest.approx(5 / 6)
+    assert answer_metrics(np.array([0.5]), np.array([1]))["recall"] == 1.0  # p >= threshold counts as yes
+    nothing_flagged = answer_metrics(np.array([0.2, 0.1]), np.array([1, 0]))
+    assert np.isnan(nothing_flagged["precision"]) and nothing_flagged["recall"] == 0.0  # NaN where undefined
     assert roc_auc(p, y) == pytest.approx(5 / 6)  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
     assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
     assert reliability(np.array([0.95, 0.95]), np.array([1, 1]))["ece"] == pytest.approx(0.05)

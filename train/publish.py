@@ -15,6 +15,7 @@ from pathlib import Path
 
 from latentsim.cli import run
 from latentsim.config import PublishArguments
+from latentsim.errors import MissingInputError
 from latentsim.hub import adapter_card, upload_folder
 from latentsim.io import atomic_write_json, atomic_write_text
 from latentsim.training import check_adapter
@@ -29,8 +30,12 @@ def main(args: PublishArguments, api=None) -> None:
     run = Path(args.run_dir)
     source = run / args.checkpoint if args.checkpoint else run
     revision = f"step-{int(args.checkpoint.split('-')[1]):09d}" if args.checkpoint else None
+    key = "checkpoint" if args.checkpoint else "run_dir"
     if not source.is_dir():
-        raise FileNotFoundError(f"config key `{'checkpoint' if args.checkpoint else 'run_dir'}`: {source} does not exist.")
+        raise MissingInputError(f"config key `{key}`: {source} does not exist.")
+    if not (source / "adapter_model.safetensors").is_file():
+        raise MissingInputError(f"config key `{key}`: {source} holds no adapter (no adapter_model.safetensors); "
+                                "train one with train/sft.py (use_peft: true) or point to its output_dir.")
     check_adapter(source)  # refuse empty, non-finite or non-LoRA adapters before anything leaves the machine
     stage = run / "publish" / (revision or "main")
     shutil.rmtree(stage, ignore_errors=True)

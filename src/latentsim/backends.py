@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentsim.errors import BadInputError, ConfigError, UnavailableError
 from latentsim.prompts import INTERPRETATION_MARK
 
 
@@ -75,7 +76,7 @@ def _parts(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
-        raise ValueError("the output embedding is not a plain Linear (a LoRA on lm_head?); latentsim adapters never "
+        raise BadInputError("the output embedding is not a plain Linear (a LoRA on lm_head?); latentsim adapters never "
                          "train lm_head, retrain without it in lora_target_modules.")
     softcap = getattr(base.config, "final_logit_softcapping", None) or getattr(
         getattr(base.config, "text_config", None), "final_logit_softcapping", None)
@@ -235,7 +236,8 @@ class VLLMScorer:
 
         rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 0)
         if rank > self.max_lora_rank:
-            raise ValueError(f"adapter {adapter} has LoRA rank {rank} > max_lora_rank {self.max_lora_rank}; raise it.")
+            raise ConfigError(f"config key `max_lora_rank`: adapter {adapter} has LoRA rank {rank} > max_lora_rank "
+                              f"{self.max_lora_rank}; raise it.")
         from vllm.lora.request import LoRARequest
 
         self.lora = LoRARequest(Path(adapter).name, lora_int_id(adapter), str(adapter))
@@ -270,6 +272,51 @@ class VLLMScorer:
         return out
 
 
+class ModelPool:
+    """The simulators' models for a sweep (EvalArguments): one base model loaded at a time; a finetuned
+    simulator's adapter attaches unmerged (PEFT) and detaches again after scoring (`release`)."""
+
+    def __init__(self, args):
+        self.args, self.ref, self.model, self.vllm = args, None, None, None
+
+    def tokenizer_for(self, sim):
+        """The adapter's own tokenizer (saved by train/sft.py with its chat template), else the base model's."""
+        from latentsim.models import load_tokenizer
+
+        own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()
+        return load_tokenizer(sim.adapter if own else sim.base_model)
+
+    def scorer(self, sim, tokenizer, answer_ids):
+        if self.args.backend == "fake":
+            return FakeScorer(answer_ids)
+        if self.args.backend == "vllm":
+            from latentsim.models import resolve_model_path
+
+            if self.ref != sim.base_model:
+                self.vllm = VLLMScorer(resolve_model_path(sim.base_model), tokenizer, answer_ids,
+                                       max_lora_rank=self.args.max_lora_rank)
+                self.ref = sim.base_model
+            self.vllm.tokenizer, self.vllm.answer_ids = tokenizer, list(answer_ids)
+            self.vllm.use_adapter(sim.adapter)
+            return self.vllm
+        from latentsim.models import load_model_and_tokenizer
+
+        if self.ref != sim.base_model:
+            self.model = None  # free the previous base model first
+            self.model, _ = load_model_and_tokenizer(sim.base_model, dtype=self.args.dtype, device=self.args.device)
+            self.ref = sim.base_model
+        model = self.model
+        if sim.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(self.model, sim.adapter).eval()  # LoRA layers stay unmerged
+        return HFScorer(model, tokenizer, answer_ids, self.args.batch_size)
+
+    def release(self, scorer):
+        if self.args.backend == "hf" and hasattr(scorer.model, "unload"):
+            self.model = scorer.model.unload()  # remove the LoRA layers, keep the base weights untouched
+
+
 # vLLM paths of the LLM explainer and judge. Prompts go in as token ids built with the model's own chat
 # template (so no second BOS is added); the judge's P(Yes) is the exact log-probability of each answer appended
 # to the prompt (`prompt_logprobs`), so an answer outside a top-k list can never read as probability 0.
@@ -277,11 +324,11 @@ def require_vllm():
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU).")
+        raise UnavailableError("backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU).")
     try:
         import vllm
     except ImportError as err:
-        raise RuntimeError("backend `vllm` needs the [gpu] extra: pip install -e '.[gpu]'.") from err
+        raise UnavailableError("backend `vllm` needs the [gpu] extra: pip install -e '.[gpu]'.") from err
     return vllm
 
 

@@ -27,13 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from latentsim.errors import BadInputError, MissingInputError
 from latentsim.io import atomic_save, atomic_write_json, sha256_file
 
 SHARD_PREFIX = "rows_"
 
 
-class CorruptCacheError(RuntimeError):
-    pass
+class CorruptCacheError(BadInputError, RuntimeError):
+    """A cache file is damaged, incomplete or missing; the message says which and how to regenerate it."""
 
 
 # ----------------------------------------------------------------------------------------- file helpers
@@ -145,14 +146,12 @@ class SparseCache:
 
     def subject_tokenizer(self):
         """The subject model's tokenizer: the model recorded in our config block, else delphi's `model_name`."""
-        from transformers import AutoTokenizer
-
-        from latentsim.models import resolve_model_path
+        from latentsim.models import load_tokenizer
 
         ref = self.config.get("latentsim", {}).get("model", {}).get("model", self.config.get("model_name"))
         if not ref:
-            raise ValueError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
-        return AutoTokenizer.from_pretrained(resolve_model_path(ref))
+            raise BadInputError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
+        return load_tokenizer(ref)
 
     def token_major(self) -> SparseCache:
         """Sorted by (row, position, latent): a context's active latents are contiguous."""
@@ -170,12 +169,12 @@ def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
     folder = Path(latents_dir) / hookpoint
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} holds no finished cache (no config.json); run data_gen/cache_activations.py.")
+        raise MissingInputError(f"{folder} holds no finished cache (no config.json); run data_gen/cache_activations.py.")
     config = json.loads(config_path.read_text())
     recorded = config.get("latentsim", {}).get("files", {})
     files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
     if not files:
-        raise FileNotFoundError(f"{folder} has a config.json but no <start>_<end>.safetensors files.")
+        raise MissingInputError(f"{folder} has a config.json but no <start>_<end>.safetensors files.")
     missing = sorted(set(recorded) - {p.name for p in files})
     if missing:
         raise CorruptCacheError(f"{folder} is missing split files {missing}; rerun with `overwrite: true`.")

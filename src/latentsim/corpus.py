@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.io import atomic_write_text
 from latentsim.models import EMBEDDED_PREFIX, cache_root
 
@@ -87,13 +88,13 @@ def pydoc_documents(pydoc_dir: Path = PYDOC_DIR) -> list[dict]:
 def prepare_embedded_corpus(name: str = "debian-english") -> Path:
     """Write the embedded corpus as JSON lines (once) and return the file."""
     if name not in EMBEDDED_CORPORA:
-        raise ValueError(f"unknown embedded corpus {name!r}; choose one of {sorted(EMBEDDED_CORPORA)}.")
+        raise ConfigError(f"unknown embedded corpus {name!r}; choose one of {sorted(EMBEDDED_CORPORA)}.")
     out = cache_root() / "corpora" / f"{name}.jsonl"
     if out.is_file():
         return out
     missing = [str(d) for d in (FORTUNES_DIR, PYDOC_DIR) if not d.is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"embedded corpus {name!r} is built from Debian packages that are not installed ({', '.join(missing)} "
             "missing): run `apt-get install -y fortunes python3.11-doc` (./launch.sh setup does this).")
     docs = fortune_documents() + pydoc_documents()
@@ -112,24 +113,25 @@ def load_corpus(corpus: str, split: str = "train", text_column: str = "text", co
     path = Path(corpus)
     looks_local = corpus.startswith((".", "/", "~")) or path.suffix in LOCAL_BUILDERS
     if looks_local and not path.exists() and not any(ch in corpus for ch in "*?["):
-        raise FileNotFoundError(f"config key `corpus`: {corpus} does not exist; give an existing file/folder/glob, "
+        raise MissingInputError(f"config key `corpus`: {corpus} does not exist; give an existing file/folder/glob, "
                                 "a Hub dataset id, or `embedded:debian-english`.")
     if path.exists() or any(ch in corpus for ch in "*?["):
         files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else sorted(_glob.glob(corpus))
         files = [f for f in files if Path(f).suffix in LOCAL_BUILDERS]
         if not files:
-            raise FileNotFoundError(f"corpus {corpus!r}: no .txt/.jsonl/.json/.parquet files found.")
+            raise MissingInputError(f"config key `corpus`: {corpus!r} holds no .txt/.jsonl/.json/.parquet files.")
         builders = {LOCAL_BUILDERS[Path(f).suffix] for f in files}
         if len(builders) > 1:
-            raise ValueError(f"corpus {corpus!r} mixes file types {sorted(builders)}; point it at one kind.")
+            raise BadInputError(f"config key `corpus`: {corpus!r} mixes file types {sorted(builders)}; point it at "
+                                "one kind.")
         # Local files always form a single "train" split; slicing (train[:10%]) still applies.
         local_split = re.sub(r"^[A-Za-z_]+", "train", split)
         ds = load_dataset(builders.pop(), data_files=files, split=local_split)
     else:
         ds = load_dataset(corpus, name=config_name, split=split, revision=revision)
     if text_column not in ds.column_names:
-        raise KeyError(f"corpus {corpus!r} has no column {text_column!r} (set `corpus_text_column`); "
-                       f"columns are {ds.column_names}.")
+        raise ConfigError(f"config key `corpus_text_column`: corpus {corpus!r} has no column {text_column!r}; "
+                          f"its columns are {ds.column_names}.")
     return ds
 
 
@@ -137,7 +139,7 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
                   text_column: str = "text", batch_docs: int = 256) -> torch.Tensor:
     """Rows [row_start, row_start + n_rows) of the shuffled, EOS-joined, BOS-prefixed corpus, as int64."""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
+        raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
     body = ctx_len - 1
     needed = (row_start + n_rows) * body
     order = np.random.default_rng(seed).permutation(len(ds))
@@ -151,8 +153,9 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
             break
     available = len(stream) // body
     if available < row_start + n_rows:
-        raise ValueError(f"the corpus yields only {available} rows of {ctx_len} tokens; asked for rows "
-                         f"[{row_start}, {row_start + n_rows}). Lower `n_rows`/`row_start` or use a larger corpus.")
+        raise ConfigError(f"config key `n_rows`: the corpus yields only {available} rows of {ctx_len} tokens; asked "
+                          f"for rows [{row_start}, {row_start + n_rows}). Lower `n_rows`/`row_start` or use a larger "
+                          "corpus.")
     chunk = torch.tensor(stream[row_start * body:(row_start + n_rows) * body], dtype=torch.long).view(n_rows, body)
     bos = torch.full((n_rows, 1), tokenizer.bos_token_id, dtype=torch.long)
     return torch.cat([bos, chunk], dim=1)

@@ -4,16 +4,28 @@ A context is a window of subject tokens ending at a sampled position of a cache 
 its last token is judged. Its labels come straight from the cache (latent ids are global: the cache loader adds
 each delphi split's start back, the offset the seed forgot). Splits never leak: in `latents` mode train /
 validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode only the rows are disjoint.
+
+data_gen/build_dataset.py reads its inputs, then for each split: `build_split` (its rows), `split_summary`;
+last `dataset_card`. One seeded generator is shared by the splits in order, so a config and seed give the same
+bytes.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from latentsim.cache import SparseCache
+from latentsim.config import DatasetArguments, SAEArguments
+from latentsim.errors import ConfigError
+from latentsim.prompts import marked_context, render_completion, render_prompt
+from latentsim.sae import load_sae
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,6 +62,24 @@ def split_ids(ids: np.ndarray, validation_fraction: float, test_fraction: float,
             "train": np.sort(perm[n_test + n_val:])}
 
 
+def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, float] | None) -> np.ndarray:
+    """The latents with an interpretation in at least one set (and a score, when scores are given), sorted."""
+    explained = np.array(sorted(set().union(*interpretations)), dtype=np.int64)
+    if scores is not None:
+        explained = explained[[lat in scores for lat in explained.tolist()]]
+    return explained
+
+
+def split_pools(explained: np.ndarray, n_rows: int, args: DatasetArguments,
+                rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees all
+    explained latents in `contexts` mode), always disjoint rows."""
+    latent_splits = (split_ids(explained, args.validation_fraction, args.test_fraction, rng)
+                     if args.split_mode == "latents" else {s: explained for s in SPLITS})
+    row_splits = split_ids(np.arange(n_rows), args.validation_fraction, args.test_fraction, rng)
+    return latent_splits, row_splits
+
+
 def activation_bin(value: float, max_value: float) -> int:
     """0-9, linear in the latent's max activation (delphi's floor(10 a / max), 10 folded into 9)."""
     return int(min(9, np.floor(10 * value / max_value))) if max_value > 0 else 0
@@ -75,6 +105,16 @@ def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, ch
         for i in range(sims.shape[0]):
             out[int(ids[a + i])] = ids[top[i]].numpy()
     return out
+
+
+def same_token_latents(cache: SparseCache) -> dict[int, np.ndarray]:
+    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`)."""
+    loc = cache.locations.numpy()
+    tok_of = cache.tokens.numpy()[loc[:, 0], loc[:, 1]]
+    by_token: dict[int, set[int]] = {}
+    for t, lat in zip(tok_of.tolist(), loc[:, 2].tolist(), strict=True):
+        by_token.setdefault(t, set()).add(lat)
+    return {t: np.array(sorted(v)) for t, v in by_token.items()}
 
 
 @dataclass
@@ -120,3 +160,150 @@ def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[
     report.negatives_short += need - len(picked)
     out += [Candidate(lat, "random_negative") for lat in sorted(picked)]
     return out
+
+
+@dataclass
+class BuildInputs:
+    """What the examples of every split are drawn from, read once: the cache's tokens and active latents, the
+    interpretation sets with their mixture weights, optional scores, the latents' bin statistics and the lookup
+    `hard_negatives` asks for."""
+
+    tokens: np.ndarray                            # [rows, ctx_len] subject token ids
+    index: ActiveIndex
+    subject_tokenizer: object
+    interpretations: list[dict[int, str]]         # one {latent: text} per set of `args.interpretations`
+    weights: np.ndarray                           # the sets' mixture weights
+    scores: dict[int, float] | None
+    explained: set[int]
+    max_activation: np.ndarray
+    quantile_edges: np.ndarray
+    same_token: dict[int, np.ndarray] | None      # `hard_negatives: same_token`, see same_token_latents
+    neighbours: dict[int, np.ndarray] | None      # `hard_negatives: decoder`, see decoder_neighbours
+
+    @classmethod
+    def load(cls, args: DatasetArguments, cache: SparseCache, interpretations: list[dict[int, str]],
+             scores: dict[int, float] | None, stats: dict, explained: np.ndarray) -> BuildInputs:
+        tokens = cache.tokens.numpy()
+        ctx_len = tokens.shape[1]
+        if args.window_min > ctx_len - 1 or args.contexts_per_row > ctx_len - args.window_min:
+            raise ConfigError(f"config keys `window_min`/`contexts_per_row`: {args.contexts_per_row} windows of at "
+                              f"least {args.window_min} tokens do not fit rows of {ctx_len} tokens (position 0 is "
+                              "never used).")
+        neighbours = None
+        if args.hard_negatives == "decoder":
+            sae_info = cache.config.get("latentsim", {}).get("sae", {})
+            sae = load_sae(SAEArguments(hookpoint=args.hookpoint, **sae_info))
+            neighbours = decoder_neighbours(sae.W_dec.detach(), explained)
+        return cls(
+            tokens=tokens, index=ActiveIndex.build(cache), subject_tokenizer=cache.subject_tokenizer(),
+            interpretations=interpretations,
+            weights=np.array(args.interpretation_weights or [1.0] * len(interpretations), dtype=float),
+            scores=scores, explained=set(explained.tolist()), max_activation=stats["max_activation"].numpy(),
+            quantile_edges=stats["quantile_edges"].numpy(),
+            same_token=same_token_latents(cache) if args.hard_negatives == "same_token" else None,
+            neighbours=neighbours)
+
+    def hard_pool(self, active: dict[int, float], judged_token: int, pool_set: set[int]) -> np.ndarray | None:
+        """The hard-negative candidates of one context (None without hard negatives): latents that fire on the
+        judged token elsewhere, or the decoder neighbours of the split's active latents."""
+        if self.same_token is not None:
+            return self.same_token.get(judged_token, np.zeros(0, dtype=np.int64))
+        if self.neighbours is not None:
+            positives = [lat for lat in active if lat in pool_set]
+            return np.concatenate([self.neighbours[lat] for lat in positives]) if positives else np.zeros(0, np.int64)
+        return None
+
+    def pick_interpretation(self, latent: int, rng: np.random.Generator) -> int:
+        """Which interpretation set explains `latent` in this example: drawn by mixture weight among the sets
+        that have it (no draw when only one does)."""
+        usable = [i for i, interpretations in enumerate(self.interpretations) if latent in interpretations]
+        if len(usable) == 1:
+            return usable[0]
+        w = self.weights[usable] / self.weights[usable].sum()
+        return usable[int(rng.choice(len(usable), p=w))]
+
+
+def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInputs, args: DatasetArguments,
+                rng: np.random.Generator, report: BuildReport) -> list[dict]:
+    """The examples of one split: for each of its cache rows, `contexts_per_row` judged positions (windows of
+    `window_min`..`window_max` tokens ending there), and per position one row per candidate latent of `pool`
+    (choose_candidates). `rng` is shared by the splits: every draw happens in a fixed order."""
+    pool_set = set(pool.tolist())
+    ctx_len = inputs.tokens.shape[1]
+    out = []
+    for row in tqdm(rows.tolist(), desc=f"examples ({split})", unit="row"):
+        # Distinct judged positions per row; the window [end - length + 1, end] never holds position 0.
+        for end in sorted(rng.choice(np.arange(args.window_min, ctx_len), size=args.contexts_per_row,
+                                     replace=False).tolist()):
+            length = int(rng.integers(args.window_min, min(args.window_max, end) + 1))
+            window = inputs.tokens[row, end - length + 1:end + 1]
+            active = inputs.index.at(row, end)
+            report.active_without_interpretation += sum(1 for lat in active if lat not in inputs.explained)
+            hard_pool = inputs.hard_pool(active, int(window[-1]), pool_set)
+            candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report)
+            if not candidates:
+                continue
+            tok = inputs.subject_tokenizer
+            context = marked_context(tok.decode(window[:-1].tolist()), tok.decode(window[-1:].tolist()))
+            for cand in candidates:
+                src = inputs.pick_interpretation(cand.latent, rng)
+                interpretation = inputs.interpretations[src][cand.latent]
+                is_active = cand.kind == "positive"
+                a_bin = activation_bin(cand.activation, inputs.max_activation[cand.latent]) if is_active else -1
+                q_bin = quantile_bin(cand.activation, inputs.quantile_edges[cand.latent]) if is_active else -1
+                label = {"active": int(is_active), "activation_bin": a_bin, "quantile_bin": q_bin}[args.label]
+                score = inputs.scores[cand.latent] if inputs.scores is not None else None
+                out.append({
+                    "prompt": render_prompt(args.prompt_format, context, interpretation, score),
+                    "completion": render_completion(args.prompt_format, label),
+                    "latent": cand.latent, "row": row, "position": end, "window_start": end - length + 1,
+                    "context": context, "context_ids": window.tolist(), "n_active": len(active),
+                    "active": int(is_active), "activation": float(cand.activation),
+                    "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
+                    "interpretation": interpretation,
+                    "interpretation_source": args.interpretations[src], "score": score,
+                    "prompt_format": args.prompt_format,
+                })
+    return out
+
+
+def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict:
+    """Counts of one built split for dataset_stats.json and the card."""
+    return {
+        "examples": len(rows), "positives": sum(r["active"] for r in rows),
+        "contexts": len({(r["row"], r["position"]) for r in rows}), "latents": len({r["latent"] for r in rows}),
+        "latent_pool": len(pool), "rows": n_cache_rows, "candidates": dict(Counter(r["candidate"] for r in rows)),
+    }
+
+
+def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str:
+    """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split counts."""
+    lat = cache_config.get("latentsim", {})
+    files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+{files}
+tags: [latentsim, sae, interpretability, simulator]
+---
+# Simulator examples: {Path(args.output_dir).name}
+
+Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-completion format.
+
+- subject model: {lat.get('model', {}).get('model', cache_config.get('model_name'))}, hookpoint `{args.hookpoint}`
+- SAE: {json.dumps(lat.get('sae'))} ({stats['width']} latents)
+- interpretations: {', '.join(args.interpretations)} (weights {args.interpretation_weights or 'equal'})
+- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives {f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} (hard: {args.hard_negatives})
+- score in prompt: {args.score_path or 'no'}
+- split mode: `{args.split_mode}` (train/validation/test disjoint in {'latents and rows' if args.split_mode == 'latents' else 'rows'})
+
+| split | examples | positives | contexts | latents |
+|---|---|---|---|---|
+""" + "\n".join(f"| {s} | {v['examples']} | {v['positives']} | {v['contexts']} | {v['latents']} |"
+                 for s, v in stats["splits"].items()) + f"""
+
+Active latents without an interpretation (left out, counted): {stats['active_without_interpretation']}.
+Latents of the SAE without an interpretation: {stats['latents_without_interpretation']}.
+"""
+

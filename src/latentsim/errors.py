@@ -2,7 +2,7 @@
 
 Entry scripts (latentsim.cli.run) print them as `error: <message>` and exit 2, without a traceback; any other
 exception is a bug and keeps its traceback. Each class also derives from the builtin a caller would expect
-(ValueError, FileNotFoundError), so `except ValueError` keeps working.
+(ValueError, FileNotFoundError, RuntimeError), so `except ValueError` keeps working.
 """
 
 
@@ -20,3 +20,7 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class BadInputError(InputError, ValueError):
     """An input exists but does not fit: corrupt, of another format, SAE, hookpoint or prompt format."""
+
+
+class UnavailableError(InputError, RuntimeError):
+    """The config asks for something this machine lacks: a CUDA GPU, an optional extra such as vLLM."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from latentsim.cache import SparseCache
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.io import atomic_write_text
 
 FILE_RE = re.compile(r"^(?P<module>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
@@ -100,7 +101,7 @@ def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.rand
                 pick = rng.choice(chunk, size=min(per_quantile, len(chunk)), replace=False)
                 out.extend(index.example(latent, windows[i], quantile=q) for i in sorted(pick))
         return out
-    raise ValueError(f"config key `sampling`: {sampling!r} is not `top` or `quantiles`.")
+    raise ConfigError(f"config key `sampling`: {sampling!r} is not `top` or `quantiles`.")
 
 
 def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.random.Generator) -> list[Example]:
@@ -146,18 +147,19 @@ def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[i
     """Interpretations {latent: text} from any supported format, checked against the SAE's hookpoint and width."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"interpretations {path} not found; generate them with data_gen/explain.py.")
+        raise MissingInputError(f"config key `interpretations`: {path} not found; generate them with "
+                                "data_gen/explain.py.")
     out: dict[int, str] = {}
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"{path} holds no <hookpoint>_latent<id>.txt explanation files.")
+            raise MissingInputError(f"{path} holds no <hookpoint>_latent<id>.txt explanation files.")
         for file in files:
             match = FILE_RE.match(file.name)
             if not match:
-                raise ValueError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
+                raise BadInputError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
             if _normalise_module(match["module"]) != _normalise_module(hookpoint):
-                raise ValueError(f"{file} explains hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
+                raise BadInputError(f"{file} explains hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
             raw = file.read_text(encoding="utf-8")
             try:
                 text = json.loads(raw)
@@ -165,27 +167,32 @@ def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[i
                 text = raw  # plain-text files are accepted too
             out[int(match["latent"])] = str(text)
     else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInputError(f"{path}: not valid JSON ({err}); expected {{latent: text}} or a Neuronpedia list.") from None
         if isinstance(data, dict) and "explanations" in data:
             data = data["explanations"]
         if isinstance(data, dict):  # the seed's {latent id: text}
+            if not all(str(k).isdigit() for k in data):
+                raise BadInputError(f"{path}: keys must be latent ids (integers), got e.g. {next(iter(data))!r}.")
             out = {int(k): str(v) for k, v in data.items()}
         elif isinstance(data, list):  # Neuronpedia-style export
             for item in data:
                 latent = item.get("index", item.get("feature"))
                 text = item.get("description", item.get("explanation"))
                 if latent is None or text is None:
-                    raise ValueError(f"{path}: entries need `index` and `description` (Neuronpedia export).")
+                    raise BadInputError(f"{path}: entries need `index` and `description` (Neuronpedia export).")
                 layer = str(item.get("layer", ""))
                 match = re.match(r"(\d+)", layer)
                 if match and f"layers.{match[1]}" != _normalise_module(hookpoint):
-                    raise ValueError(f"{path}: entry for layer {layer!r}, but the SAE reads {hookpoint!r}.")
+                    raise BadInputError(f"{path}: entry for layer {layer!r}, but the SAE reads {hookpoint!r}.")
                 out[int(latent)] = str(text)
         else:
-            raise ValueError(f"{path}: expected a JSON dict {{latent: text}} or a Neuronpedia list.")
+            raise BadInputError(f"{path}: expected a JSON dict {{latent: text}} or a Neuronpedia list.")
     bad = sorted(k for k in out if not 0 <= k < width)
     if bad:
-        raise ValueError(f"{path}: latents {bad[:5]} are outside the SAE's {width} latents; wrong SAE?")
+        raise BadInputError(f"{path}: latents {bad[:5]} are outside the SAE's {width} latents; wrong SAE?")
     return out
 
 

@@ -8,7 +8,8 @@
 
 The score of a latent is the balanced accuracy of the judge's predictions (P(Yes) > 0.5), mean of the rates on
 activating and non-activating windows. Per-latent records are written in delphi's layout (a JSON list of
-classifier outputs per latent), so delphi's own score files load the same way.
+classifier outputs per latent), so delphi's own score files load the same way; `load_scores` reads either that
+folder or the {latent: score} JSON file data_gen/score.py writes next to it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.explain import FILE_RE, Example, highlighted_text
 
 SCORERS = ("detection", "fuzz")
@@ -61,7 +63,7 @@ def scorer_items(scorer: str, interpretation: str, activating: list[Example], no
             items.append({"text": text, "activating": False,
                           "prompt": FUZZ_PROMPT.format(interpretation=interpretation, text=text)})
     else:
-        raise ValueError(f"config key `scorer`: {scorer!r} is not one of {SCORERS}.")
+        raise ConfigError(f"config key `scorer`: {scorer!r} is not one of {SCORERS}.")
     return items
 
 
@@ -70,7 +72,7 @@ def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int 
     """P(Yes) renormalised over {Yes, No} at the answer position, from the last position's logits only."""
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No"))
     if len(yes) != 1 or len(no) != 1:
-        raise ValueError("the judge's tokenizer must encode `Yes` and `No` as single tokens.")
+        raise BadInputError("the judge's tokenizer must encode `Yes` and `No` as single tokens.")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -103,13 +105,35 @@ def load_score_folder(folder: str | Path, hookpoint: str) -> dict[int, float]:
     for file in sorted(folder.glob("*.txt")):
         match = FILE_RE.match(file.name)
         if not match:
-            raise ValueError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
+            raise BadInputError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
         if match["module"].replace("--", ".").removeprefix("model.") != hookpoint.removeprefix("model."):
-            raise ValueError(f"{file} scores hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
+            raise BadInputError(f"{file} scores hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
         records = json.loads(file.read_text())
         if not isinstance(records, list) or (records and not {"activating", "prediction"} <= set(records[0])):
-            raise ValueError(f"{file}: expected a JSON list of classifier outputs with `activating` and `prediction`.")
+            raise BadInputError(f"{file}: expected a JSON list of classifier outputs with `activating` and `prediction`.")
         out[int(match["latent"])] = balanced_accuracy(records)
     if not out:
-        raise FileNotFoundError(f"{folder} holds no per-latent score files; run data_gen/score.py.")
+        raise MissingInputError(f"{folder} holds no per-latent score files; run data_gen/score.py.")
     return out
+
+
+def load_scores(path: str | Path, hookpoint: str, width: int, key: str = "score_path") -> dict[int, float]:
+    """{latent: score} from a JSON dict (data_gen/score.py writes one per scorer) or a per-latent score folder
+    (load_score_folder), checked against the SAE's `width`. `key` is the config key errors name."""
+    if Path(path).is_dir():
+        scores = load_score_folder(path, hookpoint)
+    else:
+        wrong = (f"config key `{key}`: {path} must be a JSON file {{latent: score}} or a folder of per-latent "
+                 "score files (data_gen/score.py writes both).")
+        if not Path(path).is_file():
+            raise MissingInputError(wrong)
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise BadInputError(wrong) from err
+        if not isinstance(data, dict):
+            raise BadInputError(wrong)
+        scores = {int(k): float(v) for k, v in data.items()}
+    if any(not 0 <= k < width for k in scores):
+        raise BadInputError(f"config key `{key}`: {path} scores latents outside the SAE's {width}; wrong SAE?")
+    return scores

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from latentsim.errors import ConfigError
+
 # Packages whose versions are recorded in every run_config.json.
 TRACKED_PACKAGES = (
     "latentsim", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate",
@@ -191,4 +193,4 @@ def require_same_config(output_dir: str | os.PathLike, configs: dict[str, Any], 
     """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`)."""
     diffs = config_differences(output_dir, configs, ignore)
     if diffs:
-        raise ValueError(f"{output_dir} holds {what} made with another config ({'; '.join(diffs)}); {fix}.")
+        raise ConfigError(f"{output_dir} holds {what} made with another config ({'; '.join(diffs)}); {fix}.")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentsim.cache import SparseCache
+from latentsim.errors import MissingInputError
 from latentsim.io import atomic_save, atomic_write_json
 
 N_QUANTILE_BINS = 10
@@ -86,7 +87,7 @@ def save_statistics(stats_dir: Path, hookpoint: str, stats: dict[str, torch.Tens
 def load_statistics(stats_dir: Path, hookpoint: str) -> dict[str, torch.Tensor]:
     path = Path(stats_dir) / f"{hookpoint}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; it is written by data_gen/cache_activations.py.")
+        raise MissingInputError(f"{path} not found; it is written by data_gen/cache_activations.py.")
     return load_file(str(path))
 
 

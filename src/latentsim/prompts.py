@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentsim.errors import BadInputError, ConfigError
+
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 # The sections of a rendered user message, in order: question, TEXT_MARK + context, INTERPRETATION_MARK +
 # interpretation, optionally SCORE_MARK + score. Released formats pin these bytes (tests/golden/).
@@ -50,7 +52,7 @@ PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1)}
 
 def get_format(name: str) -> PromptFormat:
     if name not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {name!r}; known formats: {sorted(PROMPT_FORMATS)}.")
+        raise ConfigError(f"unknown prompt format {name!r}; known formats: {sorted(PROMPT_FORMATS)}.")
     return PROMPT_FORMATS[name]
 
 
@@ -98,16 +100,16 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
         full = list(full["input_ids"] if hasattr(full, "keys") else full)
         if full[:len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"format {fmt}: the tokenized prompt is not a prefix of prompt + answer {answer!r} "
+            raise BadInputError(f"format {fmt}: the tokenized prompt is not a prefix of prompt + answer {answer!r} "
                              "for this tokenizer's chat template; the label would be misaligned.")
         rest = full[len(prompt_ids):]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if len(answer_ids) != 1 or rest[:1] != answer_ids:
-            raise ValueError(f"format {fmt}: answer {answer!r} is not one token for this tokenizer "
+            raise BadInputError(f"format {fmt}: answer {answer!r} is not one token for this tokenizer "
                              f"({tokenizer.convert_ids_to_tokens(rest[:3])}); use another format.")
         ids.append(answer_ids[0])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"format {fmt}: two answers share a token for this tokenizer.")
+        raise BadInputError(f"format {fmt}: two answers share a token for this tokenizer.")
     return ids
 
 
@@ -116,7 +118,7 @@ def split_context(content: str) -> tuple[str, str, str]:
     head, sep, rest = content.partition(TEXT_MARK)
     context, sep2, tail = rest.partition(INTERPRETATION_MARK)
     if not sep or not sep2 or MARK_OPEN not in context:
-        raise ValueError("not a latentsim simulator prompt (no `Text: ...<<token>>` block).")
+        raise BadInputError("not a latentsim simulator prompt (no `Text: ...<<token>>` block).")
     prefix, _, judged = context.rpartition(MARK_OPEN)
     return head + sep, prefix, MARK_OPEN + judged + sep2 + tail
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from latentsim.config import hookpoint_layer
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
 
 ACTIVE_THRESHOLD = 1e-5  # delphi's: a latent is active where |a| > 1e-5
 
@@ -35,14 +36,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
             continue
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; expected `model.layers`.")
+    raise BadInputError(f"cannot find the decoder layers of {type(model).__name__}; expected `model.layers`.")
 
 
 def check_hookpoint(model, hookpoint: str) -> int:
     layer = hookpoint_layer(hookpoint)
     n_layers = len(decoder_layers(model))
     if layer >= n_layers:
-        raise ValueError(f"config key `hookpoint`: {hookpoint!r} but the model has only {n_layers} layers "
+        raise ConfigError(f"config key `hookpoint`: {hookpoint!r} but the model has only {n_layers} layers "
                          f"(layers.0 .. layers.{n_layers - 1}).")
     return layer
 
@@ -76,21 +77,21 @@ def load_sae(sae_args, device: torch.device | str = "cpu", d_model: int | None =
     if sae_args.sae_path:
         path = Path(sae_args.sae_path)
         if not (path / "cfg.json").is_file():
-            raise FileNotFoundError(f"config key `sae_path`: {path} is not a sae-lens folder (no cfg.json). "
+            raise MissingInputError(f"config key `sae_path`: {path} is not a sae-lens folder (no cfg.json). "
                                     "Train one with data_gen/train_sae.py or point to an existing folder.")
         sae = SAE.load_from_disk(str(path), device=str(device))
     elif sae_args.sae_release:
         sae = SAE.from_pretrained(sae_args.sae_release, sae_args.sae_id, device=str(device))
     else:
-        raise ValueError("no SAE given: set `sae_path` (local folder) or `sae_release` + `sae_id`.")
+        raise ConfigError("no SAE given: set `sae_path` (local folder) or `sae_release` + `sae_id`.")
     sae.eval().requires_grad_(False)
     if d_model is not None and sae.cfg.d_in != d_model:
-        raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has d_model={d_model}; "
+        raise BadInputError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has d_model={d_model}; "
                          "the SAE belongs to another model.")
     hook_name = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None) or ""
     match = re.search(r"(?:blocks|layers)\.(\d+)", hook_name)
     if match and int(match.group(1)) != hookpoint_layer(sae_args.hookpoint):
-        raise ValueError(f"config key `hookpoint`: {sae_args.hookpoint!r} but the SAE was trained on {hook_name!r}.")
+        raise BadInputError(f"config key `hookpoint`: {sae_args.hookpoint!r} but the SAE was trained on {hook_name!r}.")
     return sae
 
 

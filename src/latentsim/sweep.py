@@ -12,14 +12,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from latentsim.backends import HFScorer, chat_template_sha256, probabilities
-from latentsim.errors import MissingInputError
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
+from latentsim.eval_set import EvalSet
 from latentsim.io import atomic_write_json
 from latentsim.prompts import get_format, render_completion, render_prompt
 from latentsim.training import CHECKPOINT_COMPLETE
@@ -50,7 +52,7 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
     run = Path(run_dir)
     config_path = run / "run_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?")
+        raise MissingInputError(f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?")
     config = json.loads(config_path.read_text())["config"]
     script, model = config["script"], config["model"]
     common = dict(kind="finetuned", base_model=model["model_name_or_path"], prompt_format=script["prompt_format"],
@@ -74,7 +76,7 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
         out = [s for s in out if step is None or s.step != step]
         out.append(Simulator(name=f"{run.name}__final", adapter=str(run), step=step, **common))
     if not out:
-        raise FileNotFoundError(f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors).")
+        raise MissingInputError(f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors).")
     return out
 
 
@@ -88,11 +90,11 @@ def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
     if sim.kind != "finetuned":
         return
     if sim.prompt_format != eval_format:
-        raise ValueError(f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
+        raise BadInputError(f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
                          f"{eval_format!r}; build an eval set with prompt_format: {sim.prompt_format}.")
     sha = chat_template_sha256(tokenizer)
     if sim.chat_template_sha256 and sim.chat_template_sha256 != sha:
-        raise ValueError(f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
+        raise BadInputError(f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
                          f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training.")
 
 
@@ -115,33 +117,15 @@ def seen_latents(sim: Simulator, latents: set[int]) -> set[int]:
     return seen
 
 
-def load_split(eval_set: str | Path, split: str, max_contexts: int, seed: int) -> pd.DataFrame:
-    path = Path(eval_set) / f"{split}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"config key `eval_set`: {path} does not exist; build it with data_gen/build_dataset.py.")
-    df = pd.read_parquet(path)
-    missing = {"context", "interpretation", "n_active", "prompt_format"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path} lacks columns {sorted(missing)}: it was built by an older build_dataset; rebuild it.")
-    df["context_id"] = df["row"].astype(np.int64) * 1_000_000 + df["position"].astype(np.int64)
-    if max_contexts:
-        ids = np.sort(df["context_id"].unique())
-        if len(ids) > max_contexts:
-            keep = np.random.default_rng(seed).choice(ids, size=max_contexts, replace=False)
-            df = df[df["context_id"].isin(keep)]
-    return df.reset_index(drop=True)
-
-
-def few_shot_messages(eval_set: str | Path, shots: int, fmt: str, label: str, seed: int, interpretations,
-                      score: bool) -> list[dict]:
+def few_shot_messages(eval_set: EvalSet, shots: int, seed: int, interpretations, score: bool) -> list[dict]:
     """`shots` solved examples from the eval set's train split (other latents than the test split in `latents`
     mode), half positive for binary formats, as user/assistant turns in the same format."""
     if not shots:
         return []
-    train = pd.read_parquet(Path(eval_set) / "train.parquet")
+    fmt, label = eval_set.prompt_format, eval_set.label
+    train = pd.read_parquet(eval_set.path / "train.parquet")
     rng = np.random.default_rng(seed)
-    binary = get_format(fmt).label == "active"
-    if binary:
+    if eval_set.binary:
         pos, neg = train[train["active"] == 1], train[train["active"] == 0]
         n_pos = min(len(pos), (shots + 1) // 2)
         picks = pd.concat([pos.iloc[rng.choice(len(pos), n_pos, replace=False)],
@@ -164,7 +148,7 @@ def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[di
     prompts, keep = [], np.ones(len(df), dtype=bool)
     has_score = df["score"].notna().all() if "score" in df else False
     if sim.score and not has_score:
-        raise ValueError(f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path.")
+        raise ConfigError(f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path.")
     own = interpretations is None and sim.score == has_score
     for i, row in enumerate(df.itertuples(index=False)):
         interp = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
@@ -173,7 +157,7 @@ def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[di
             continue
         messages = render_prompt(fmt, row.context, interp, row.score if sim.score else None)
         if own and messages != list(row.prompt):
-            raise ValueError(f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
+            raise BadInputError(f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
                              f"{fmt} changed since the eval set was built. Rebuild it.")
         prompts.append(prefix + messages)
     return prompts, keep
@@ -193,22 +177,103 @@ def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.Data
     return out
 
 
-def load_scores(paths: list[str]) -> dict[str, dict[int, float]]:
-    out = {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"config key `score_files`: {path} must be a JSON dict {{latent: score}}.")
-        out[Path(path).stem] = {int(k): float(v) for k, v in data.items()}
-    return out
+def simulators_to_score(args, api=None) -> list[Simulator]:
+    """Every simulator an EvalArguments names: checkpoints and final adapters of `run_dirs`, each branch of the
+    `hub_runs` repos (downloaded), then the prompting `baselines`. Resolved (and refused) before any model loads."""
+    from latentsim.hub import download_adapter_branches
+
+    sims = [s for run in args.run_dirs for s in run_simulators(run, args.include_checkpoints)]
+    for repo in args.hub_runs:
+        for branch, folder in download_adapter_branches(repo, Path(args.output_dir) / "hub", api=api):
+            sim = run_simulators(folder, include_checkpoints=False)[-1]
+            sim.name = f"{repo.replace('/', '--')}@{branch}"
+            sims.append(sim)
+    return sims + [baseline_simulator(b) for b in args.parsed_baselines]
+
+
+def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
+    """What a simulator's folder holds results of (spec.json): a finished folder answers only the same spec."""
+    return {"simulator": asdict(sim), "eval_set": str(Path(args.eval_set)), "splits": list(splits),
+            "max_contexts": args.max_contexts, "seed": args.seed, "backend": args.backend, "dtype": args.dtype}
+
+
+def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | None:
+    """The finished results of `folder` (None when there are none yet), refusing a folder of another spec;
+    `overwrite` empties it first. Predictions of finished splits stay for the resumed run."""
+    if overwrite and folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+    old = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else None
+    if old is not None and old != spec:
+        diff = sorted(k for k in spec if spec[k] != old.get(k))
+        raise BadInputError(f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "
+                            "or choose another output_dir.")
+    return read_results(folder)
+
+
+def refuse_seen_latents(sim: Simulator, test: pd.DataFrame, allow: bool) -> None:
+    """A finetuned simulator is scored on held-out latents only (unless `allow_seen_latents`)."""
+    seen = seen_latents(sim, set(test["latent"].tolist()))
+    if seen and not allow:
+        raise BadInputError(f"{sim.name} was trained on {len(seen)} latents of the eval set (e.g. {sorted(seen)[:5]}); "
+                            "evaluate on held-out latents (same seed and fractions as the training mixture, "
+                            "split_mode: latents) or set allow_seen_latents: true.")
+
+
+def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], pool,
+                    folder: Path) -> dict:
+    """Predictions of `sim` for every split (reusing finished ones, each written as it completes) and the
+    scoring speed. `pool` is a latentsim.backends.ModelPool."""
+    from tqdm.auto import tqdm
+
+    from latentsim.explain import load_interpretations
+    from latentsim.io import atomic_save
+    from latentsim.prompts import answer_token_ids
+
+    fmt = eval_set.prompt_format
+    tokenizer = pool.tokenizer_for(sim)
+    check_simulator(sim, tokenizer, fmt)
+    answer_ids = answer_token_ids(fmt, tokenizer)
+    interpretations = (load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
+                       if sim.interpretations else None)
+    prefix = few_shot_messages(eval_set, sim.shots, args.seed, interpretations, sim.score)
+    predictions, timing, scorer = {}, {}, None
+    for split, df in splits.items():
+        path = folder / f"predictions_{split}.parquet"
+        if path.is_file():
+            predictions[split] = pd.read_parquet(path)
+            continue
+        prompts, keep = judgment_prompts(df, sim, fmt, prefix, interpretations)
+        if scorer is None:
+            scorer = pool.scorer(sim, tokenizer, answer_ids)
+        t0 = time.perf_counter()
+        with tqdm(total=len(prompts), desc=f"{sim.name} ({split})", unit="judgment") as bar:
+            logits = scorer.label_logits(prompts, progress=bar)
+        seconds = time.perf_counter() - t0
+        timing[split] = {"judgments": len(prompts), "seconds": seconds, "judgments_per_s": len(prompts) / seconds,
+                         "dropped_without_interpretation": int((~keep).sum())}
+        table = predictions_table(df[keep], logits, fmt)
+        atomic_save(path, lambda tmp, table=table: table.to_parquet(tmp, index=False))
+        predictions[split] = table
+    if scorer is not None:
+        pool.release(scorer)
+    return {"predictions": predictions, "timing": timing, "chat_template_sha256": chat_template_sha256(tokenizer),
+            "answer_token_ids": answer_ids}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]) + "\n"
 
 
 def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32) -> tuple[HFScorer, str]:
     """An hf scorer for one simulator: a train/sft.py run folder (its final adapter, its own tokenizer, checked
     against `fmt`) or a model reference (untuned). Returns (scorer, simulator name)."""
-    from transformers import AutoTokenizer
-
-    from latentsim.models import load_model_and_tokenizer
+    from latentsim.models import load_model_and_tokenizer, load_tokenizer
     from latentsim.prompts import answer_token_ids
 
     sim = run_simulators(ref, include_checkpoints=False)[-1] if (Path(ref) / "run_config.json").is_file() else None
@@ -216,7 +281,7 @@ def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_siz
     if sim:
         from peft import PeftModel
 
-        tokenizer = AutoTokenizer.from_pretrained(sim.adapter)
+        tokenizer = load_tokenizer(sim.adapter)
         check_simulator(sim, tokenizer, fmt)
         model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
     return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref

@@ -1,7 +1,8 @@
-"""Pieces of simulator finetuning that train/sft.py composes: data, label-logit metrics, guards, checks.
+"""Pieces of simulator finetuning that train/sft.py composes: data, the trainer, label-logit metrics, guards, checks.
 
 The eval during training keeps only the answer tokens' logits at the answer position (`label_logits`), never a
-full-vocabulary tensor, and reports recall, precision, F1, AUC, ECE and mean P(yes) on the validation split.
+full-vocabulary tensor, and reports recall, precision, F1, AUC, ECE and mean P(yes) on the validation split
+(latentsim.metrics' definitions: NaN where undefined, e.g. precision when nothing is predicted positive).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import SFTTrainer
 
 from latentsim.backends import HFScorer, probabilities
-from latentsim.metrics import reliability, roc_auc
+from latentsim.config import SimScriptArguments
+from latentsim.errors import BadInputError, ConfigError, MissingInputError
+from latentsim.metrics import confusion_metrics, reliability, roc_auc
+from latentsim.prompts import drop_context_tokens
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a checkpoint folder
@@ -30,7 +35,7 @@ def load_sim_dataset(name: str, config: str | None = None):
     if folder.is_dir():
         files = {s: str(folder / f"{s}.parquet") for s in ("train", "validation", "test") if (folder / f"{s}.parquet").is_file()}
         if "train" not in files:
-            raise FileNotFoundError(f"config key `dataset_name`: {folder} has no train.parquet; "
+            raise MissingInputError(f"config key `dataset_name`: {folder} has no train.parquet; "
                                     "build it with data_gen/build_dataset.py.")
         return load_dataset("parquet", data_files=files)
     return load_dataset(name, name=config)
@@ -50,15 +55,30 @@ def mix_train_sets(train_sets: list, weights: list[float], seed: int):
                                stopping_strategy="first_exhausted")
 
 
+def load_training_data(script_args: SimScriptArguments, seed: int):
+    """The run's dataset (`dataset_name`) with its train split mixed with the `extra_datasets`' train splits by
+    `dataset_weights`; every dataset must have been rendered with the run's `prompt_format`."""
+    dataset = load_sim_dataset(script_args.dataset_name, script_args.dataset_config)
+    check_prompt_format(dataset, script_args.prompt_format)
+    extra = [load_sim_dataset(name) for name in script_args.extra_datasets]
+    for ds in extra:
+        check_prompt_format(ds, script_args.prompt_format)
+    train_split = script_args.dataset_train_split
+    dataset[train_split] = mix_train_sets([dataset[train_split]] + [ds[train_split] for ds in extra],
+                                          script_args.dataset_weights, seed)
+    return dataset
+
+
 def check_prompt_format(dataset, prompt_format: str) -> None:
     """Refuse to train on rows rendered with another prompt format than the one the run records."""
     for split, ds in dataset.items():
         if "prompt_format" not in ds.column_names:
-            raise ValueError(f"split {split} has no `prompt_format` column; build the data with data_gen/build_dataset.py.")
+            raise BadInputError(f"split {split} has no `prompt_format` column; "
+                                "build the data with data_gen/build_dataset.py.")
         found = set(ds.unique("prompt_format"))
         if found != {prompt_format}:
-            raise ValueError(f"config key `prompt_format`: {prompt_format!r}, but split {split} was rendered with "
-                             f"{sorted(found)}; rebuild the data or fix the key.")
+            raise BadInputError(f"config key `prompt_format`: {prompt_format!r}, but split {split} was rendered "
+                                f"with {sorted(found)}; rebuild the data or fix the key.")
 
 
 def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int],
@@ -68,17 +88,91 @@ def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids
     return probabilities(HFScorer(model, tokenizer, answer_ids, batch_size).label_logits(prompts))
 
 
-def binary_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    pred = p_yes > threshold
-    tp, fp, fn = int((pred & (truth == 1)).sum()), int((pred & (truth == 0)).sum()), int((~pred & (truth == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+def answer_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """The training eval's metrics of P(yes) against the 0/1 labels: recall, precision, F1 and accuracy at
+    p >= threshold, AUC, ECE and mean P(yes) (latentsim.metrics; NaN where undefined)."""
+    confusion = confusion_metrics(p_yes, truth, threshold)
     return {
-        "recall": recall, "precision": precision,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "recall": confusion["recall"], "precision": confusion["precision"], "f1": confusion["f1"],
         "auc": roc_auc(p_yes, truth), "ece": reliability(p_yes, truth)["ece"],
-        "mean_p_yes": float(p_yes.mean()), "accuracy": float((pred == (truth == 1)).mean()),
+        "mean_p_yes": float(np.mean(p_yes)), "accuracy": confusion["accuracy"],
     }
+
+
+def fit_contexts(split, tokenizer, max_length: int | None):
+    """TRL cuts the right end of long examples, where the one-token label sits (and then drops them silently).
+    Instead, drop tokens from the start of the context until prompt + answer fit; count the examples changed.
+    Examples that cannot fit even with no context left are an error."""
+    if max_length is None:
+        return split, 0
+
+    def length(prompt, completion):
+        ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def fit(row):
+        excess = length(row["prompt"], row["completion"]) - max_length
+        prompt, truncated = row["prompt"], excess > 0
+        while excess > 0:
+            shorter = drop_context_tokens(prompt, excess, tokenizer)
+            if shorter == prompt:
+                raise ConfigError(f"an example does not fit max_length={max_length} even without context; raise it.")
+            prompt = shorter
+            excess = length(prompt, row["completion"]) - max_length
+        return {"prompt": prompt, "context_truncated": truncated}
+
+    split = split.map(fit, desc="fitting contexts to max_length")
+    return split, int(sum(split["context_truncated"]))
+
+
+def check_supervision(train_dataset, answer_ids: list[int]) -> None:
+    """Every tokenized example supervises its answer token first, then at least the end of turn."""
+    bad = []
+    for i, ex in enumerate(train_dataset):
+        supervised = [j for j, label in enumerate(ex["labels"]) if label != -100]
+        if len(supervised) < 2 or ex["labels"][supervised[0]] not in answer_ids:
+            bad.append(i)
+    if bad:
+        raise BadInputError(f"{len(bad)} training examples (e.g. #{bad[:5]}) do not supervise their answer token "
+                            "and end of turn; the chat template's prompt/completion boundary is not where it "
+                            "should be.")
+
+
+class SimulatorTrainer(SFTTrainer):
+    """SFTTrainer whose evaluate() adds the simulator metrics (binary formats), from the answer tokens' logits
+    only. `raw_eval` keeps the untokenized eval prompts and labels the metrics are computed on."""
+
+    def __init__(self, *args, answer_ids: list[int], binary: bool, eval_dataset=None, **kwargs):
+        super().__init__(*args, eval_dataset=eval_dataset, **kwargs)
+        self.answer_ids, self.binary = answer_ids, binary
+        self.raw_eval = (eval_dataset.select_columns(["prompt", "active"]).to_dict()
+                         if eval_dataset is not None else None)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # eval_loss
+        if self.binary and self.raw_eval is not None:
+            probs = answer_probabilities(self.model, self.processing_class, self.raw_eval["prompt"], self.answer_ids,
+                                         self.args.per_device_eval_batch_size)
+            extra = answer_metrics(probs[:, 1], np.asarray(self.raw_eval["active"]))
+            extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+
+def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: str | None) -> float:
+    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on
+    the eval prompts must equal the trainer's. Returns the largest difference."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype or "float32"))
+    reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.model.device)
+    prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, trainer.args.per_device_eval_batch_size
+    diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs)
+                        - answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs)).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model; not kept.")
+    return diff
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -106,7 +200,8 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     if resume != "auto":
         path = Path(resume)
         if not (path / CHECKPOINT_COMPLETE).is_file():
-            raise FileNotFoundError(f"config key `resume`: {path} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}).")
+            raise MissingInputError(f"config key `resume`: {path} is not a complete checkpoint "
+                                    f"(no {CHECKPOINT_COMPLETE}).")
         return str(path)
     checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for path in reversed(checkpoints):
@@ -122,17 +217,17 @@ def check_adapter(folder: str | Path) -> dict:
 
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} was not written.")
+        raise MissingInputError(f"{path} was not written.")
     tensors = load_file(str(path))
     if not tensors:
-        raise ValueError(f"{path} holds no tensors (ZeRO-3 + PEFT is known to write empty adapters).")
+        raise BadInputError(f"{path} holds no tensors (ZeRO-3 + PEFT is known to write empty adapters).")
     for name, t in tensors.items():
         if "lora_" not in name:
-            raise ValueError(f"{path}: non-LoRA tensor {name} (modules_to_save?); vLLM would refuse the adapter.")
+            raise BadInputError(f"{path}: non-LoRA tensor {name} (modules_to_save?); vLLM would refuse the adapter.")
         if t.numel() == 0:
-            raise ValueError(f"{path}: tensor {name} is empty (ZeRO-3 partitioned weights saved without gathering).")
+            raise BadInputError(f"{path}: tensor {name} is empty (ZeRO-3 partitioned weights saved without gathering).")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{path}: tensor {name} has NaN/inf values; refusing to keep this adapter.")
+            raise BadInputError(f"{path}: tensor {name} has NaN/inf values; refusing to keep this adapter.")
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
     return {"n_tensors": len(tensors), "n_parameters": int(sum(t.numel() for t in tensors.values())),
             "r": config.get("r"), "target_modules": config.get("target_modules")}

@@ -30,6 +30,7 @@ from latentsim.config.eval import (
     GenerateArguments,
     PatchArguments,
     ReportArguments,
+    SummaryArguments,
     parse_baseline,
 )
 from latentsim.config.parser import parse_config
@@ -41,4 +42,5 @@ __all__ = [
     "DatasetArguments", "EvalArguments", "ExplainArguments", "GenerateArguments", "ModelArguments", "PatchArguments",
     "PrepareArguments", "PublishArguments", "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments",
     "TrainSAEArguments", "check_device", "check_dtype", "hookpoint_layer", "parse_baseline", "parse_config",
+    "SummaryArguments",
 ]

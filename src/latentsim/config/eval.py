@@ -196,3 +196,10 @@ class ReportArguments:
     sweep_dir: str = field(default="outputs/eval", metadata={"help": "eval/sweep.py's output_dir."})
     output_dir: str = field(default="", metadata={"help": "Where report.html and figures/ go (default <sweep_dir>/report)."})
     title: str = field(default="latentsim simulator evaluation", metadata={"help": "The report's title."})
+
+
+@dataclass
+class SummaryArguments:
+    """eval/summary.py: what a quickstart-style run folder holds, printed."""
+
+    run_dir: str = field(default="outputs/quickstart", metadata={"help": "The run folder (launch.sh quickstart's)."})

@@ -1,0 +1,153 @@
+"""Print what a quickstart-style run folder holds: the SAE's quality, the cache, a few latents' top contexts,
+interpretation scores, datasets, simulators, and the eval sweeps, patching and generation results.
+
+    python eval/summary.py --run_dir outputs/quickstart
+
+The layout is launch.sh quickstart's: <run_dir>/{sae,cache,explanations,scores,datasets,sft,eval}; a part that
+is absent is skipped.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentsim.cache import load_cache
+from latentsim.cli import run
+from latentsim.config import SummaryArguments
+from latentsim.explain import load_interpretations
+from latentsim.generation import read_generation
+from latentsim.latent_stats import load_statistics
+from latentsim.rewrite import read_patch_results
+from latentsim.sweep import read_summary
+from latentsim.tables import patch_cell, patch_lines, sweep_lines
+
+DATACLASSES = (SummaryArguments,)
+
+
+def top_contexts(cache, latent: int, tokenizer, n: int = 3, window: int = 12) -> list[str]:
+    """The `n` highest activations of `latent`, each with the preceding tokens; the active token in [[ ]]."""
+    idx = torch.nonzero(cache.locations[:, 2] == latent).flatten()
+    best = idx[torch.argsort(cache.activations[idx], descending=True)[:n]]
+    out = []
+    for i in best.tolist():
+        row, pos, _ = cache.locations[i].tolist()
+        before = tokenizer.decode(cache.tokens[row, max(1, pos - window):pos])
+        token = tokenizer.decode(cache.tokens[row, pos:pos + 1])
+        out.append(f"{cache.activations[i]:6.2f}  ...{before}[[{token}]]".replace("\n", "\\n"))
+    return out
+
+
+def main(args: SummaryArguments) -> None:
+    run_dir = Path(args.run_dir)
+    report_path = run_dir / "sae" / "training_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        held = report["held_out"]
+        print(f"\nSAE   {run_dir / 'sae'}  ({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})")
+        print(f"      held-out FVE {held['fve']:.3f} | L0 {held['l0']:.1f} | dead latents (training tokens) "
+              f"{report['train']['dead_fraction']:.1%} | trained {report['train_seconds']:.0f} s on "
+              f"{report['distinct_training_tokens']} tokens")
+    latents_root = run_dir / "cache" / "latents"
+    for folder in sorted(p for p in latents_root.glob("*") if p.is_dir()):
+        hookpoint = folder.name
+        cache = load_cache(latents_root, hookpoint)
+        stats = load_statistics(run_dir / "cache" / "stats", hookpoint)
+        summary = json.loads((run_dir / "cache" / "stats" / f"{hookpoint}.json").read_text())
+        print(f"\nCACHE {folder}  (delphi layout: {len(list(folder.glob('*.safetensors')))} split files)")
+        print(f"      {cache.tokens.shape[0]} rows x {cache.tokens.shape[1]} tokens, {len(cache.activations)} non-zeros, "
+              f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
+        print(f"STATS {run_dir / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
+        tokenizer = cache.subject_tokenizer()
+        rate = stats["firing_rate"]
+        alive = torch.nonzero((rate > 0.001) & (rate < 0.05)).flatten()
+        picks = alive[torch.randperm(len(alive), generator=torch.Generator().manual_seed(0))[:4]].tolist()
+        interpretation_sets = {p.name: p for p in sorted((run_dir / "explanations").glob("*")) if p.is_dir()}
+        llm_set = interpretation_sets.get("llm-quantiles")
+        if llm_set is not None:  # show latents that also have an LLM interpretation
+            llm_latents = sorted(load_interpretations(llm_set, hookpoint, cache.width))
+            picks = (llm_latents[:2] + picks)[:4]
+        for latent in picks:
+            print(f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}")
+            for line in top_contexts(cache, latent, tokenizer):
+                print(f"    {line}")
+            for name, interpretations in interpretation_sets.items():
+                path = interpretations / f"{hookpoint}_latent{latent}.txt"
+                if path.is_file():
+                    print(f"    [{name}] {json.loads(path.read_text())}")
+        print_scores(run_dir)
+        print_datasets(run_dir)
+    print_simulators(run_dir)
+    print_evaluation(run_dir)
+    print()
+
+
+def print_simulators(run_dir: Path) -> None:
+    for path in sorted((run_dir / "sft").glob("*/eval_results.json")):
+        results = json.loads(path.read_text())
+        m = {k.removeprefix("eval_"): v for k, v in results["metrics"].items()}
+        adapter = results.get("adapter", {})
+        print(f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} parameters, "
+              f"{results['prompt_format']})")
+        print(f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall {m.get('recall', 0):.3f} | "
+              f"precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | ECE {m.get('ece', 0):.3f} | "
+              f"mean P(yes) {m.get('mean_p_yes', 0):.3f}")
+        if "reload_max_abs_diff_p_yes" in adapter:
+            print(f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
+                  f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})")
+
+
+def print_table(header: str, lines: list[str]) -> None:
+    print(header)
+    for line in lines:
+        print(f"      {line}")
+
+
+def print_evaluation(run_dir: Path) -> None:
+    """The eval sweeps' tables (eval/sweep.py), patching (eval/patch_kl.py), generations (eval/generate.py) and
+    where the HTML report is."""
+    eval_sets = sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir())
+    for folder in eval_sets:
+        if (summary := read_summary(folder)) is not None:
+            rows = summary["rows"]
+            print_table(f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
+                        f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; per-context medians)", sweep_lines(rows))
+    for folder in (s / "patch_kl" for s in eval_sets):
+        if (patch := read_patch_results(folder)) is not None:
+            print_table(f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
+                        f"{patch['kl_direction']}, median; CE of the next token; the clean model's CE: "
+                        f"{patch_cell(patch, 'clean', 'ce_judged')} judged, {patch_cell(patch, 'clean', 'ce_all')} all)",
+                        patch_lines(patch))
+    for folder in (s / "generate" for s in eval_sets):
+        if (generation := read_generation(folder)) is not None:
+            print_table(f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; mean "
+                        f"{generation['kl_direction']} per token; share of active latents recovered)",
+                        [f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
+                         f"{g['prompt']!r} -> {g['text']!r}" for g in generation["generations"]])
+    report = run_dir / "eval" / "report" / "report.html"
+    if report.is_file():
+        print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")
+
+
+def print_scores(run_dir: Path) -> None:
+    for path in sorted((run_dir / "scores").glob("*/*.json")):
+        values = np.array(list(json.loads(path.read_text()).values()))
+        print(f"\nSCORES {path}: {path.stem} balanced accuracy of {path.parent.name} interpretations over "
+              f"{len(values)} latents: median {np.median(values):.3f} (25-75%: {np.percentile(values, 25):.3f}-"
+              f"{np.percentile(values, 75):.3f}; 0.5 is chance)")
+
+
+def print_datasets(run_dir: Path) -> None:
+    for stats_path in sorted((run_dir / "datasets").glob("*/dataset_stats.json")):
+        stats = json.loads(stats_path.read_text())
+        print(f"\nDATASET {stats_path.parent}  ({stats['prompt_format']}, label {stats['label']}; card in README.md)")
+        for split, v in stats["splits"].items():
+            print(f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, {v['latents']:>5} latents, "
+                  f"{v['rows']:>4} rows")
+        print(f"      latents without an interpretation: {stats['latents_without_interpretation']} of {stats['width']}; "
+              f"active latents left out for lack of one: {stats['active_without_interpretation']}")
+
+
+if __name__ == "__main__":
+    run(main, DATACLASSES)

@@ -1,0 +1,63 @@
+"""Eval results as tables: rows (dicts) for the HTML report (latentsim.htmlpage.table_html) and fixed-width
+text lines for the terminal (eval/summary.py)."""
+
+from __future__ import annotations
+
+import functools
+
+# summary.json column -> its header in the terminal table, in print order.
+SWEEP_COLUMNS = {"auc": "AUC", "recall": "recall", "precision": "precision", "f1": "F1",
+                 "precision_top_active": "prec@|A|", "ece": "ECE", "ece_temperature_scaled": "ECE (T)",
+                 "expected_flagged_at_0.5": "E[flagged]@0.5", "l0_matched_active_accuracy": "recall@L0-thr",
+                 "alignment": "align", "alignment_random_pool": "align (rand)",
+                 "pearson_mean_vs_quantile_bin": "r(mean, decile)",
+                 "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
+PATCH_CHECKS = ("sae", "sae_plus_error", "zero_ablation", "mean_ablation", "no_simulator")
+
+
+def sweep_lines(rows: list[dict]) -> list[str]:
+    """An eval sweep's table (summary.json rows): a header, then a simulator per line; the columns some row has."""
+    cols = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)]
+    lines = [f"{'simulator':<44}" + "".join(f"{SWEEP_COLUMNS[c]:>19}" for c in cols)]
+    for r in rows:
+        cells = "".join(f"{r[c]:>19.3f}" if isinstance(r.get(c), float) else f"{'':>19}" for c in cols)
+        lines.append(f"{r['simulator'][:43]:<44}{cells}")
+    return lines
+
+
+def patch_cell(patch: dict, source: str, key: str = "kl_judged") -> str:
+    """A patched source's median `key` (eval/patch_kl.py results), or `-` where it has none."""
+    s = patch["sources"].get(source, {}).get(key)
+    return f"{s['median']:.3f}" if s and s["n"] else "-"
+
+
+def patch_lines(patch: dict) -> list[str]:
+    """The patched-KL table: ceiling, checks, ablations, fraction curves, simulators (judged position)."""
+    cell = functools.partial(patch_cell, patch)
+    lines = [f"{'source':<44}{'KL judged':>12}{'CE judged':>12}{'KL all pos':>12}{'CE all pos':>12}"]
+    lines += [f"{name:<44}{cell(name):>12}{cell(name, 'ce_judged'):>12}{cell(name, 'kl_all'):>12}"
+              f"{cell(name, 'ce_all'):>12}" for name in PATCH_CHECKS if name in patch["sources"]]
+    fractions = patch["fractions"]
+    for mode in fractions["modes"]:
+        curve = "  ".join(f"f={f:g}: {cell(f'fraction:{mode}:{f:g}')}" for f in fractions["values"])
+        lines.append(f"fraction ({mode}) KL judged   {curve}")
+    simulated = [k for k in patch["sources"] if k.startswith("sim:")]  # sim:<simulator>@<variant>
+    sims = sorted({k.split("@")[0][4:] for k in simulated})
+    variants = sorted({k.split("@")[1] for k in simulated})
+    if sims:
+        lines.append(f"{'simulator (KL judged)':<44}" + "".join(f"{v:>24}" for v in variants))
+        lines += [f"{sim[:43]:<44}" + "".join(f"{cell(f'sim:{sim}@{v}'):>24}" for v in variants) for sim in sims]
+    return lines
+
+
+def patch_rows(patch: dict) -> list[dict]:
+    """The report's patch table: a row per source, median and 25-75 % range per metric, latents inserted."""
+    rows = []
+    for name, s in patch["sources"].items():
+        row = {"source": name}
+        for key in ("kl_judged", "ce_judged", "kl_all", "ce_all"):
+            if key in s and s[key]["n"]:
+                row[f"{key} median"], row[f"{key} q25-q75"] = s[key]["median"], f"{s[key]['q25']:.3f}-{s[key]['q75']:.3f}"
+        row.update({f"inserted {k}": v for k, v in s.get("inserted", {}).items()})
+        rows.append(row)
+    return rows
