@@ -11,17 +11,20 @@ depend on what an SAE learned. Each entry also gives the FLOP ratio that bounds 
 and a 4k SAE it is 2.3x (naive: 30 layers + lm_head + encoder; ours: 16 layers + encoder).
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from latentsim.bench import bench_cache, bench_patch_kl, bench_scoring, bench_sft, matmul_gflops
-from latentsim.config import SAEArguments
+from latentsim.cli import run
+from latentsim.config import BenchArguments, SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
 from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 from latentsim.sae import load_sae
+
+# The config dataclasses this script parses.
+DATACLASSES = (BenchArguments,)
 
 
 def random_topk_sae(d_in: int, d_sae: int, k: int):
@@ -63,7 +66,7 @@ def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[l
     return prompts
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: BenchArguments) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
     d_model = model.config.get_text_config().hidden_size
@@ -120,25 +123,5 @@ def main(args: argparse.Namespace) -> None:
     print(f"[bench] wrote {out}")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m")
-    parser.add_argument("--hookpoint", default="layers.15")
-    parser.add_argument("--sae_path", default="outputs/quickstart/sae")
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--ctx_len", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--wide_d_sae", type=int, default=32768)
-    parser.add_argument("--shallow_layer", type=int, default=7)
-    parser.add_argument("--eval_set", default="outputs/quickstart/datasets/eval_quantiles")
-    parser.add_argument("--score_contexts", type=int, default=4)
-    parser.add_argument("--score_latents", type=int, default=32)
-    parser.add_argument("--patch_rows", type=int, default=4)
-    parser.add_argument("--patch_len", type=int, default=64)
-    parser.add_argument("--patch_variants", type=int, default=8)
-    parser.add_argument("--output", default="outputs/bench/results.json")
-    return parser
-
-
 if __name__ == "__main__":
-    main(make_parser().parse_args())
+    run(main, DATACLASSES)

@@ -36,9 +36,8 @@ DATACLASSES = (ExplainArguments,)
 
 def main(args: ExplainArguments) -> None:
     set_dir = Path(args.explanations_dir) / args.set_name
-    if any(set_dir.glob("*.txt")):  # only finished interpretations bind the config: a failed first run is rerun fixed
-        require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
-                            "choose another set_name or delete the folder")
+    require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
+                        "choose another set_name or delete the folder", finished="*.txt")
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)

@@ -15,17 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsim import backends
+from latentsim import backends, explain
 from latentsim.cache import load_cache
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
-from latentsim.explain import (
-    LatentIndex,
-    explanation_path,
-    load_interpretations,
-    non_activating_examples,
-    sample_examples,
-)
 from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
@@ -36,13 +29,12 @@ DATACLASSES = (ScoreArguments,)
 
 def main(args: ScoreArguments) -> None:
     out = Path(args.scores_dir) / args.scorer
-    if any(out.glob("*.txt")):  # only finished scores bind the config: a failed first run is rerun fixed
-        require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
-                            "choose another scores_dir or delete the folder")
+    require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
+                        "choose another scores_dir or delete the folder", finished="*.txt")
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
-    interpretations = load_interpretations(args.interpretations, args.hookpoint, cache.width)
+    interpretations = explain.load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "score", {"score": args}, args.seed)
 
@@ -50,10 +42,10 @@ def main(args: ScoreArguments) -> None:
     if args.max_latents:
         latents = np.sort(np.random.default_rng(args.seed).choice(latents, size=min(args.max_latents, len(latents)),
                                                                   replace=False))
-    todo = [int(lat) for lat in latents if not explanation_path(out, args.hookpoint, int(lat)).exists()]
+    todo = [int(lat) for lat in latents if not explain.explanation_path(out, args.hookpoint, int(lat)).exists()]
     print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
     subject_tokenizer = cache.subject_tokenizer()
-    index = LatentIndex(cache, args.window)
+    index = explain.LatentIndex(cache, args.window)
     if args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.judge_model))
         tokenizer = load_tokenizer(args.judge_model)
@@ -68,14 +60,14 @@ def main(args: ScoreArguments) -> None:
             return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
     for latent in tqdm(todo, desc=f"score ({args.scorer})", unit="latent"):
         rng = np.random.default_rng([args.seed, latent])
-        activating = sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
-        non_activating = non_activating_examples(index, latent, args.n_non_activating, rng)
+        activating = explain.sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
+        non_activating = explain.non_activating_examples(index, latent, args.n_non_activating, rng)
         items = scorer_items(args.scorer, interpretations[latent], activating, non_activating, subject_tokenizer, rng)
         probs = judge([it["prompt"] for it in items])
         records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": p,
                     "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
                    for it, p in zip(items, probs, strict=True)]
-        atomic_write_text(explanation_path(out, args.hookpoint, latent), json.dumps(records))
+        atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
     scores = load_score_folder(out, args.hookpoint)
     atomic_write_json(Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())})
     values = np.array(list(scores.values()))

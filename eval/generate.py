@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from latentsim.cli import run
 from latentsim.config import GenerateArguments
 from latentsim.eval_set import EvalSet
-from latentsim.generation import generate, make_sources, write_generation
+from latentsim.generation import generate, make_sources
 from latentsim.htmlpage import STYLE, generation_fragment
-from latentsim.io import atomic_write_text, write_run_config
+from latentsim.io import atomic_write_text, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
@@ -54,7 +54,7 @@ def main(args: GenerateArguments) -> dict:
     result = {"eval_set": str(eval_set.path), "hookpoint": eval_set.hookpoint, "prompts": args.prompts,
               "kl_direction": "KL(p_clean || p_patched), nats", "sampling": "seeded" if args.do_sample else "greedy",
               "generations": generations}
-    write_generation(out, result)
+    write_results(out, result)
     atomic_write_text(out / "generation.html", f"<!doctype html><html><head><meta charset=\"utf-8\"><title>latentsim "
                       f"generation</title><style>{STYLE}</style></head><body><h1>Generation with {eval_set.hookpoint} "
                       f"rewritten</h1>{generation_fragment(result)}</body></html>")

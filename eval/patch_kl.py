@@ -26,20 +26,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from latentsim import rewrite
 from latentsim.cli import run
 from latentsim.config import PatchArguments
 from latentsim.eval_set import EvalSet, context_row_position
-from latentsim.io import atomic_save, require_same_config, write_run_config
+from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
-from latentsim.rewrite import (
-    mean_contribution,
-    patch_context,
-    predicted_values,
-    read_patch_results,
-    summarise_patching,
-    sweep_simulators,
-    write_patch_results,
-)
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (PatchArguments,)
@@ -49,13 +41,13 @@ def main(args: PatchArguments) -> dict:
     eval_set = EvalSet.open(args.eval_set)
     eval_set.require_binary("patching")
     sweep_root = Path(args.sweep_dir or ".") / eval_set.name
-    sims = sweep_simulators(sweep_root, args.split, args.simulators, args.thresholds) if args.sweep_dir else {}
+    sims = rewrite.sweep_simulators(sweep_root, args.split, args.simulators, args.thresholds) if args.sweep_dir else {}
     out = Path(args.output_dir or sweep_root / "patch_kl")
     if args.overwrite:
         for name in ("results.json", "per_context.parquet"):
             (out / name).unlink(missing_ok=True)
-    if (finished := read_patch_results(out)) is not None:
-        require_same_config(out, {"patch": args}, {"overwrite"}, "patching results",
+    if (finished := read_results(out)) is not None:
+        require_same_config(out, {"patch": args}, {"patch.overwrite"}, "patching results",
                             "pass --overwrite true or choose another output_dir")
         print(f"[patch_kl] {out / 'results.json'} exists for this config; skipped")
         return finished
@@ -73,20 +65,20 @@ def main(args: PatchArguments) -> dict:
     sae = eval_set.load_sae(device)
     edges = eval_set.decile_edges(device)
     medians = edges[:, 5]
-    value_of = (predicted_values(eval_set, args.split, contexts, args.value_simulator, edges, args.dtype, args.device,
-                                 args.seed) if "predicted" in args.values else None)
+    value_of = (rewrite.predicted_values(eval_set, args.split, contexts, args.value_simulator, edges, args.dtype,
+                                         args.device, args.seed) if "predicted" in args.values else None)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "patch_kl", {"patch": args}, args.seed)
     tokens = eval_set.cache.tokens
-    mean_vec = mean_contribution(model, tokens, eval_set.layer, args.mean_contexts, device)
+    mean_vec = rewrite.mean_contribution(model, tokens, eval_set.layer, args.mean_contexts, device)
     gen = torch.Generator().manual_seed(args.seed)
     fraction_keys = [(m, f) for m in args.fraction_modes for f in args.fractions]
     records, sim_counts = [], {}
     by_context = {n: dict(tuple(s["predictions"].groupby("context_id"))) for n, s in sims.items()}
     for cid in tqdm(contexts, desc="patching", unit="context"):
-        per_source, counts = patch_context(model, sae, tokens, cid, eval_set.layer, mean_vec, fraction_keys, gen, sims,
-                                           {n: by_context[n][cid] for n in sims}, args.values, medians, value_of,
-                                           args.all_positions)
+        per_source, counts = rewrite.patch_context(model, sae, tokens, cid, eval_set.layer, mean_vec, fraction_keys,
+                                                   gen, sims, {n: by_context[n][cid] for n in sims}, args.values,
+                                                   medians, value_of, args.all_positions)
         for k, v in counts.items():
             sim_counts.setdefault(k, []).append(v)
         row, pos = context_row_position(cid)
@@ -94,11 +86,11 @@ def main(args: PatchArguments) -> dict:
 
     table = pd.DataFrame(records)
     atomic_save(out / "per_context.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    summary = summarise_patching(table, sim_counts)
+    summary = rewrite.summarise_patching(table, sim_counts)
     result = {"eval_set": str(eval_set.path), "split": args.split, "hookpoint": eval_set.hookpoint,
               "n_contexts": len(contexts), "kl_direction": "KL(p_clean || p_patched), nats", "sources": summary,
               "fractions": {"modes": args.fraction_modes, "values": args.fractions}}
-    write_patch_results(out, result)
+    write_results(out, result)
     print(f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) at the judged position")
     for source, s in summary.items():
         kl = s["kl_judged"]

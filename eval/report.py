@@ -18,11 +18,9 @@ from pathlib import Path
 from latentsim import figures
 from latentsim.cli import run
 from latentsim.config import ReportArguments
-from latentsim.generation import read_generation
 from latentsim.htmlpage import STYLE, generation_fragment, table_html
-from latentsim.io import atomic_write_bytes, atomic_write_text, write_run_config
+from latentsim.io import atomic_write_bytes, atomic_write_text, read_results, write_run_config
 from latentsim.metrics import summary_row
-from latentsim.rewrite import read_patch_results
 from latentsim.sweep import read_sweeps
 from latentsim.tables import patch_rows
 
@@ -95,9 +93,9 @@ def main(args: ReportArguments) -> Path:
     sections = []
     for eval_name, records in sweeps.items():
         sections.append(eval_set_html(eval_name, records, out / "figures"))
-        if (patch := read_patch_results(sweep_dir / eval_name / "patch_kl")) is not None:
+        if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:
             sections.append(patch_html(eval_name, patch, out / "figures"))
-        if (generation := read_generation(sweep_dir / eval_name / "generate")) is not None:
+        if (generation := read_results(sweep_dir / eval_name / "generate")) is not None:
             sections.append(f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
                             f"{generation_fragment(generation)}")
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever

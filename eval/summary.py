@@ -17,9 +17,8 @@ from latentsim.cache import load_cache
 from latentsim.cli import run
 from latentsim.config import SummaryArguments
 from latentsim.explain import load_interpretations
-from latentsim.generation import read_generation
+from latentsim.io import read_results
 from latentsim.latent_stats import load_statistics
-from latentsim.rewrite import read_patch_results
 from latentsim.sweep import read_summary
 from latentsim.tables import patch_cell, patch_lines, sweep_lines
 
@@ -114,13 +113,13 @@ def print_evaluation(run_dir: Path) -> None:
             print_table(f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
                         f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; per-context medians)", sweep_lines(rows))
     for folder in (s / "patch_kl" for s in eval_sets):
-        if (patch := read_patch_results(folder)) is not None:
+        if (patch := read_results(folder)) is not None:
             print_table(f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
                         f"{patch['kl_direction']}, median; CE of the next token; the clean model's CE: "
                         f"{patch_cell(patch, 'clean', 'ce_judged')} judged, {patch_cell(patch, 'clean', 'ce_all')} all)",
                         patch_lines(patch))
     for folder in (s / "generate" for s in eval_sets):
-        if (generation := read_generation(folder)) is not None:
+        if (generation := read_results(folder)) is not None:
             print_table(f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; mean "
                         f"{generation['kl_direction']} per token; share of active latents recovered)",
                         [f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "

@@ -17,7 +17,7 @@ from latentsim.cli import run
 from latentsim.config import EvalArguments
 from latentsim.eval_set import EvalSet
 from latentsim.interpretation_scores import load_scores
-from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_run_config
+from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_results, write_run_config
 from latentsim.metrics import evaluate, summary_row
 from latentsim.sweep import (
     markdown_table,
@@ -26,7 +26,6 @@ from latentsim.sweep import (
     score_simulator,
     simulator_spec,
     simulators_to_score,
-    write_results,
     write_summary,
 )
 

@@ -216,9 +216,9 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path
     """Simulated latents patched into the subject model: SAE + error gives KL 0, f = 1 equals the SAE, a perfect
     simulator with oracle values equals the SAE, and a simulator's false positives are inserted."""
     from latentsim.config import PatchArguments
+    from latentsim.eval_set import EvalSet
 
-    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
-    test["context_id"] = test["row"] * 1_000_000 + test["position"]
+    test = EvalSet.open(assets / "eval_set").split("test")
     keep = sorted(test["context_id"].unique())[:4]
     test = test[test["context_id"].isin(keep)]
     sweep_root = tmp_path / "eval" / "eval_set"

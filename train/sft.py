@@ -21,7 +21,7 @@ from latentsim.cli import run
 from latentsim.config import SimScriptArguments
 from latentsim.hub import adapter_card
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
-from latentsim.models import describe_model_source, load_tokenizer, resolve_model_path
+from latentsim.models import describe_model_source, load_tokenizer, resolve_dtype, resolve_model_path
 from latentsim.prompts import answer_token_ids, get_format
 from latentsim.training import (
     NonFiniteGuard,
@@ -71,8 +71,9 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
 
     # Model and trainer.
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision,
-                                                 dtype=getattr(torch, model_args.dtype or "float32"),
+    # `auto`: bfloat16 on a GPU, float32 on a CPU (as every stage); unset: float32.
+    dtype = resolve_dtype(model_args.dtype or "float32", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype,
                                                  trust_remote_code=False)
     binary = get_format(script_args.prompt_format).label == "active"
     if model_args.use_peft and not model_args.lora_target_modules:
@@ -94,7 +95,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     tokenizer.save_pretrained(training_args.output_dir)
     adapter = check_adapter(output_dir) if model_args.use_peft else {}
     if model_args.use_peft and binary and eval_dataset is not None:
-        adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, model_args.dtype)
+        adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, dtype)
     base_model = describe_model_source(model_args.model_name_or_path)
     atomic_write_json(output_dir / "eval_results.json",
                       {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,

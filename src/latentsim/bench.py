@@ -31,6 +31,14 @@ def non_embedding_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
+def speed_fields(gflops: float, calibration: float, times: dict[str, list[float]], repeats: int) -> dict:
+    """The fields every benchmark reports beside its ratio: achieved GFLOP/s against the same run's matmul
+    calibration, and the raw timings."""
+    return {"achieved_gflops": gflops, "matmul_calibration_gflops": calibration,
+            "pct_of_matmul": 100 * gflops / calibration,
+            "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}, "repeats": repeats}
+
+
 def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, list[float]]:
     """Run each variant `repeats` times, round-robin (so drift hits all equally), after one warm-up each."""
     for fn in variants.values():
@@ -81,17 +89,13 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
         "name": "cache_activations",
         "ratio_vs_naive": naive_s / ours_s,
         "tokens_per_s": {"naive": tokens / naive_s, "ours": tokens / ours_s},
-        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "flop_ratio_bound": naive_per_token / per_token,
         "pct_of_flop_bound": 100 * (naive_s / ours_s) / (naive_per_token / per_token),
-        "achieved_gflops": gflops,
-        "matmul_calibration_gflops": calibration,
-        "pct_of_matmul": 100 * gflops / calibration,
         "exact": same_set and same_values,
         "exactness_check": "identical (row, position, latent) sets and values equal after fp16 rounding",
         "n_nonzero": int(len(o_act)),
         "tokens": tokens,
-        "repeats": repeats,
+        **speed_fields(gflops, calibration, times, repeats),
     }
 
 
@@ -190,14 +194,10 @@ def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[
         "mean_prompt_tokens": prompt_tokens / len(prompts),
         "mean_computed_tokens_per_judgment": computed / len(prompts),
         "flop_ratio_bound": prompt_tokens / computed,
-        "achieved_gflops": gflops,
-        "matmul_calibration_gflops": calibration,
-        "pct_of_matmul": 100 * gflops / calibration,
         "exact": max_diff < 1e-4,
         "exactness_check": "|delta(logit_yes - logit_no)| prefix-shared vs naive < 1e-4 (fp32)",
         "max_abs_diff_margin": max_diff,
-        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
-        "repeats": repeats,
+        **speed_fields(gflops, calibration, times, repeats),
     }
 
 
@@ -266,12 +266,8 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
         "naive": "per variant: a clean and a patched full forward, full-sequence logits, dense decode",
         "variants_per_s": per_s,
         "flop_ratio_bound": (2 * t * n_variants) / (t + n_variants),
-        "achieved_gflops": gflops,
-        "matmul_calibration_gflops": calibration,
-        "pct_of_matmul": 100 * gflops / calibration,
         "exact": max_diff < 1e-5,
         "exactness_check": "KL(clean || patched) of every variant equal to the naive full forwards (< 1e-5 nats)",
         "max_abs_diff_kl": max_diff,
-        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "repeats": repeats,
+        **speed_fields(gflops, calibration, times, repeats),
     }

@@ -37,8 +37,13 @@ def context_row_position(cid: int) -> tuple[int, int]:
 @dataclass
 class EvalSet:
     path: Path
-    stats: dict    # dataset_stats.json: prompt_format, label, width, splits
-    build: dict    # the build_dataset config it was made with (cache_dir, hookpoint, interpretations, ...)
+    stats: dict          # dataset_stats.json: prompt_format, label, width, splits
+    build: dict          # the build_dataset config it was made with (cache_dir, hookpoint, interpretations, ...)
+    prompt_format: str
+    label: str           # the label column its answers encode: `active` or a bin column
+    width: int           # the SAE's number of latents
+    hookpoint: str
+    cache_dir: Path
 
     @classmethod
     def open(cls, path: str | Path) -> EvalSet:
@@ -49,40 +54,20 @@ class EvalSet:
                                         "data_gen/build_dataset.py.")
         stats = json.loads((path / "dataset_stats.json").read_text())
         build = json.loads((path / "run_config.json").read_text())["config"]["dataset"]
-        return cls(path, stats, build)
+        return cls(path, stats, build, stats["prompt_format"], stats["label"], stats["width"], build["hookpoint"],
+                   Path(build["cache_dir"]))
 
     @property
     def name(self) -> str:
         return self.path.name
 
     @property
-    def prompt_format(self) -> str:
-        return self.stats["prompt_format"]
-
-    @property
-    def label(self) -> str:
-        """The label column its answers encode: `active` or a bin column."""
-        return self.stats["label"]
-
-    @property
     def binary(self) -> bool:
         return get_format(self.prompt_format).label == "active"
 
     @property
-    def width(self) -> int:
-        return self.stats["width"]
-
-    @property
-    def hookpoint(self) -> str:
-        return self.build["hookpoint"]
-
-    @property
     def layer(self) -> int:
         return hookpoint_layer(self.hookpoint)
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.build["cache_dir"])
 
     def require_binary(self, what: str) -> None:
         if not self.binary:

@@ -9,21 +9,16 @@ clean copy follows the same tokens, so every generated token has KL(p_clean || p
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from latentsim.backends import cache_keyword, probabilities
 from latentsim.config import GenerateArguments
-from latentsim.io import atomic_write_json
 from latentsim.patching import keep_fraction, kl_and_ce
 from latentsim.prompts import marked_context, render_prompt
 from latentsim.sae import decoder_layers
 from latentsim.sweep import load_simulator_scorer
-
-RESULTS_FILE = "results.json"
 
 
 class SimulatorSource:
@@ -123,12 +118,3 @@ def make_sources(args: GenerateArguments, interpretations: dict[int, str], media
             sources[name] = FractionSource(mode, float(f), fraction_gen)
     return sources
 
-
-def write_generation(folder: Path, result: dict) -> None:
-    atomic_write_json(Path(folder) / RESULTS_FILE, result)
-
-
-def read_generation(folder: str | Path) -> dict | None:
-    """eval/generate.py's results.json in `folder` (None when it has not run there)."""
-    path = Path(folder) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

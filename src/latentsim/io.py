@@ -189,8 +189,27 @@ def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], i
 
 
 def require_same_config(output_dir: str | os.PathLike, configs: dict[str, Any], ignore: set[str], what: str,
-                        fix: str) -> None:
-    """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`)."""
+                        fix: str, finished: str | None = None) -> None:
+    """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`).
+    With `finished` (a glob), only finished work binds the config: a folder holding no matching file yet (a first
+    run that failed early) may be rerun with a corrected config."""
+    if finished is not None and not any(Path(output_dir).glob(finished)):
+        return
     diffs = config_differences(output_dir, configs, ignore)
     if diffs:
         raise ConfigError(f"{output_dir} holds {what} made with another config ({'; '.join(diffs)}); {fix}.")
+
+
+# Every eval stage (sweep, patch_kl, generate) records what it measured, and what produced it, in
+# <its folder>/results.json; written and read only through these two.
+RESULTS_FILE = "results.json"
+
+
+def write_results(folder: str | os.PathLike, record: dict) -> None:
+    atomic_write_json(Path(folder) / RESULTS_FILE, record)
+
+
+def read_results(folder: str | os.PathLike) -> dict | None:
+    """The results.json record in `folder`, or None when the stage has not finished there."""
+    path = Path(folder) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -10,7 +10,6 @@ the stage.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from latentsim.backends import probabilities
 from latentsim.errors import MissingInputError
 from latentsim.eval_set import EvalSet, context_row_position
-from latentsim.io import atomic_write_json
+from latentsim.io import read_results
 from latentsim.metrics import summarise
 from latentsim.patching import (
     all_positions_logits,
@@ -31,9 +30,8 @@ from latentsim.patching import (
     value_from_digits,
 )
 from latentsim.prompts import render_prompt
-from latentsim.sweep import load_simulator_scorer, read_results
+from latentsim.sweep import load_simulator_scorer
 
-RESULTS_FILE = "results.json"
 ALL_POSITIONS_CHUNK = 4  # full patched passes at a time: [4, T, V] logits
 
 
@@ -174,12 +172,3 @@ def summarise_patching(table: pd.DataFrame, sim_counts: dict[str, list[dict]]) -
                                            for k in ("predicted", "true_positives", "false_positives")}
     return summary
 
-
-def write_patch_results(folder: Path, result: dict) -> None:
-    atomic_write_json(Path(folder) / RESULTS_FILE, result)
-
-
-def read_patch_results(folder: str | Path) -> dict | None:
-    """eval/patch_kl.py's results.json in `folder` (None when it has not run there)."""
-    path = Path(folder) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -22,7 +22,7 @@ import pandas as pd
 from latentsim.backends import HFScorer, chat_template_sha256, probabilities
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.eval_set import EvalSet
-from latentsim.io import atomic_write_json
+from latentsim.io import atomic_write_json, read_results
 from latentsim.prompts import get_format, render_completion, render_prompt
 from latentsim.training import CHECKPOINT_COMPLETE
 
@@ -287,19 +287,9 @@ def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_siz
     return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref
 
 
-# The sweep's files: `<root>/<simulator>/results.json` per simulator and `<root>/summary.json` across them, with
-# root = <output_dir>/<eval set>. Written and read only here.
-RESULTS_FILE, SUMMARY_FILE = "results.json", "summary.json"
-
-
-def write_results(folder: Path, record: dict) -> None:
-    atomic_write_json(Path(folder) / RESULTS_FILE, record)
-
-
-def read_results(folder: str | Path) -> dict | None:
-    """One simulator's results.json record, or None when it has not finished."""
-    path = Path(folder) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+# The sweep's files: `<root>/<simulator>/results.json` per simulator (latentsim.io.write_results) and
+# `<root>/summary.json` across them, with root = <output_dir>/<eval set>. Written and read only here.
+SUMMARY_FILE = "summary.json"
 
 
 def write_summary(root: Path, summary: dict) -> None:

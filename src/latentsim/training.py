@@ -160,12 +160,12 @@ class SimulatorTrainer(SFTTrainer):
         return metrics
 
 
-def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: str | None) -> float:
+def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float:
     """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on
     the eval prompts must equal the trainer's. Returns the largest difference."""
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype or "float32"))
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.model.device)
     prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, trainer.args.per_device_eval_batch_size
     diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs)

@@ -5,6 +5,7 @@ so entry scripts import from `latentsim.config`. Parsing is strict: an unknown k
 the file and the closest valid key.
 """
 
+from latentsim.config.bench import BenchArguments
 from latentsim.config.common import (
     DTYPES,
     EMBEDDED_PREFIX,
@@ -38,9 +39,9 @@ from latentsim.config.train import PublishArguments, SimScriptArguments
 from latentsim.errors import ConfigError
 
 __all__ = [
-    "BASELINE_KEYS", "DTYPES", "EMBEDDED_PREFIX", "HOOKPOINT_RE", "CacheArguments", "ConfigError", "CorpusArguments",
-    "DatasetArguments", "EvalArguments", "ExplainArguments", "GenerateArguments", "ModelArguments", "PatchArguments",
-    "PrepareArguments", "PublishArguments", "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments",
-    "TrainSAEArguments", "check_device", "check_dtype", "hookpoint_layer", "parse_baseline", "parse_config",
-    "SummaryArguments",
+    "BASELINE_KEYS", "BenchArguments", "DTYPES", "EMBEDDED_PREFIX", "HOOKPOINT_RE", "CacheArguments",
+    "ConfigError", "CorpusArguments", "DatasetArguments", "EvalArguments", "ExplainArguments",
+    "GenerateArguments", "ModelArguments", "PatchArguments", "PrepareArguments", "PublishArguments",
+    "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments", "TrainSAEArguments",
+    "check_device", "check_dtype", "hookpoint_layer", "parse_baseline", "parse_config", "SummaryArguments",
 ]

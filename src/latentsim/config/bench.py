@@ -1,0 +1,35 @@
+"""bench/ arguments: sizes of the benchmarks `./launch.sh bench` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from latentsim.config.common import _require_positive, hookpoint_layer
+
+
+@dataclass
+class BenchArguments:
+    """bench/run_all.py: every benchmark against its naive way, in one run."""
+
+    model: str = field(default="embedded:smollm2-135m", metadata={"help": "The subject model benchmarked."})
+    hookpoint: str = field(default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."})
+    sae_path: str = field(default="outputs/quickstart/sae", metadata={"help": "An SAE of this hookpoint (a random "
+                                                                             "TopK SAE of its shape if missing)."})
+    rows: int = field(default=32, metadata={"help": "Caching: corpus rows."})
+    ctx_len: int = field(default=128, metadata={"help": "Caching and SFT: tokens per row."})
+    batch_size: int = field(default=16, metadata={"help": "Caching: rows per forward pass."})
+    wide_d_sae: int = field(default=32768, metadata={"help": "Caching: width of the second (random) SAE."})
+    shallow_layer: int = field(default=7, metadata={"help": "Caching: a shallower hook layer."})
+    eval_set: str = field(default="outputs/quickstart/datasets/eval_quantiles",
+                          metadata={"help": "Scoring: the eval set whose judgments are scored."})
+    score_contexts: int = field(default=4, metadata={"help": "Scoring: contexts."})
+    score_latents: int = field(default=32, metadata={"help": "Scoring: latents per context at most."})
+    patch_rows: int = field(default=4, metadata={"help": "Patched KL: contexts."})
+    patch_len: int = field(default=64, metadata={"help": "Patched KL: tokens per context."})
+    patch_variants: int = field(default=8, metadata={"help": "Patched KL: latent variants per context."})
+    output: str = field(default="outputs/bench/results.json", metadata={"help": "Where the results go."})
+
+    def __post_init__(self):
+        hookpoint_layer(self.hookpoint)
+        _require_positive(self, "rows", "ctx_len", "batch_size", "wide_d_sae", "score_contexts", "score_latents",
+                          "patch_rows", "patch_len", "patch_variants")
