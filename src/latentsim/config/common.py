@@ -26,6 +26,30 @@ def _require_positive(args, *keys: str) -> None:
             _fail(key, f"must be >= 1, got {getattr(args, key)}.")
 
 
+def _check_embedded(key: str, ref: str, known, kind: str) -> None:
+    """An `embedded:<name>` reference must name one of the `known` embedded models or corpora."""
+    name = ref.removeprefix(EMBEDDED_PREFIX)
+    if ref.startswith(EMBEDDED_PREFIX) and name not in known:
+        _fail(key, f"unknown embedded {kind} {name!r}; choose one of {[EMBEDDED_PREFIX + k for k in known]}.")
+
+
+def check_dtype_device(args) -> None:
+    """The `dtype` and `device` of a stage that loads a model."""
+    check_dtype("dtype", args.dtype)
+    check_device("device", args.device)
+
+
+def dtype_field():
+    """The `dtype` knob of every stage that loads a model (one help text, one set of values: DTYPES)."""
+    return field(default="auto", metadata={"help": "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` "
+                                                   "or `float16`."})
+
+
+def device_field(scope: str = ""):
+    """The `device` knob of every stage that runs a model; `scope` says when it applies (e.g. "`llm`: ")."""
+    return field(default="auto", metadata={"help": f"{scope}`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."})
+
+
 def check_dtype(key: str, value: str | None) -> None:
     """Model dtypes the loaders accept (`auto`: float32 on CPU, bfloat16 on GPU); None is the loader's default."""
     if value is not None and value not in DTYPES:
@@ -46,23 +70,16 @@ class ModelArguments:
         metadata={"help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, `embedded:gemma3-270m`)."},
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    model_dtype: str = field(
-        default="auto",
-        metadata={"help": "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`."},
-    )
-    device: str = field(default="auto", metadata={"help": "`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."})
+    model_dtype: str = dtype_field()
+    device: str = device_field()
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off by default)."})
 
     def __post_init__(self):
         if not self.model_name_or_path:
             _fail("model_name_or_path", "is empty; give a Hub id, a local folder or `embedded:smollm2-135m`.")
-        if self.model_name_or_path.startswith(EMBEDDED_PREFIX):
-            from latentsim.models import EMBEDDED_MODELS
+        from latentsim.models import EMBEDDED_MODELS
 
-            name = self.model_name_or_path[len(EMBEDDED_PREFIX):]
-            if name not in EMBEDDED_MODELS:
-                _fail("model_name_or_path", f"unknown embedded model {name!r}; choose one of "
-                      f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS]}.")
+        _check_embedded("model_name_or_path", self.model_name_or_path, EMBEDDED_MODELS, "model")
         check_dtype("model_dtype", self.model_dtype)
         check_device("device", self.device)
 
@@ -88,13 +105,9 @@ class CorpusArguments:
     def __post_init__(self):
         if not self.corpus:
             _fail("corpus", "is empty; give a Hub dataset id, local files, or `embedded:debian-english`.")
-        if self.corpus.startswith(EMBEDDED_PREFIX):
-            from latentsim.corpus import EMBEDDED_CORPORA
+        from latentsim.corpus import EMBEDDED_CORPORA
 
-            name = self.corpus[len(EMBEDDED_PREFIX):]
-            if name not in EMBEDDED_CORPORA:
-                _fail("corpus", f"unknown embedded corpus {name!r}; choose one of "
-                      f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_CORPORA]}.")
+        _check_embedded("corpus", self.corpus, EMBEDDED_CORPORA, "corpus")
         if self.ctx_len < 2:
             _fail("ctx_len", f"must be >= 2 (BOS + at least one token), got {self.ctx_len}.")
         if self.row_start < 0:

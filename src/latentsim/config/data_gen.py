@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentsim.config.common import _fail, _require_positive, check_device, hookpoint_layer
+from latentsim.config.common import _fail, _require_positive, check_device, device_field, hookpoint_layer
 
 
 @dataclass
@@ -96,7 +96,7 @@ class ExplainArguments:
     backend: str = field(default="hf", metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
-    device: str = field(default="auto", metadata={"help": "`llm`: auto, cpu, cuda, cuda:N."})
+    device: str = device_field("`llm`: ")
     seed: int = field(default=22, metadata={"help": "Seed for sampling latents and examples."})
 
     def __post_init__(self):
@@ -133,7 +133,7 @@ class ScoreArguments:
     window: int = field(default=32, metadata={"help": "Tokens per window."})
     max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    device: str = device_field()
     seed: int = field(default=22, metadata={"help": "Seed for latents and windows."})
 
     def __post_init__(self):

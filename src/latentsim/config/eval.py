@@ -7,7 +7,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentsim.config.common import EMBEDDED_PREFIX, _fail, _require_positive, check_device, check_dtype
+from latentsim.config.common import (
+    EMBEDDED_PREFIX,
+    _fail,
+    _require_positive,
+    check_dtype_device,
+    device_field,
+    dtype_field,
+)
 
 BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations")
 
@@ -62,16 +69,15 @@ class EvalArguments:
     allow_seen_latents: bool = field(default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."})
     backend: str = field(default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."})
     batch_size: int = field(default=32, metadata={"help": "Suffixes per forward pass (hf)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = dtype_field()
+    device: str = device_field()
     max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."})
     overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
     seed: int = field(default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."})
 
     def __post_init__(self):
-        check_dtype("dtype", self.dtype)
-        check_device("device", self.device)
+        check_dtype_device(self)
         if not self.eval_set:
             _fail("eval_set", "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).")
         if self.backend not in ("hf", "vllm", "fake"):
@@ -113,15 +119,14 @@ class PatchArguments:
     all_positions: bool = field(default=True, metadata={"help": "Also patch every position (SAE, ablations, fractions)."})
     max_contexts: int = field(default=0, metadata={"help": "Contexts (0: those the sweep scored, else all of the split)."})
     mean_contexts: int = field(default=32, metadata={"help": "Cache rows averaged for the mean-ablation vector."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
+    device: str = device_field()
+    dtype: str = dtype_field()
     output_dir: str = field(default="", metadata={"help": "Default <sweep_dir>/<eval set>/patch_kl."})
     overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
     seed: int = field(default=22, metadata={"help": "Seed for random fractions and context sampling."})
 
     def __post_init__(self):
-        check_dtype("dtype", self.dtype)
-        check_device("device", self.device)
+        check_dtype_device(self)
         if not self.eval_set:
             _fail("eval_set", "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).")
         for t in self.thresholds:
@@ -164,15 +169,14 @@ class GenerateArguments:
     n_inactive: int = field(default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."})
     window: int = field(default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."})
     do_sample: bool = field(default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."})
+    device: str = device_field()
+    dtype: str = dtype_field()
     batch_size: int = field(default=32, metadata={"help": "Simulator suffixes per forward pass."})
     output_dir: str = field(default="outputs/generate", metadata={"help": "results.json and generation.html go here."})
     seed: int = field(default=22, metadata={"help": "Seed for inactive latents, random fractions and sampling."})
 
     def __post_init__(self):
-        check_dtype("dtype", self.dtype)
-        check_device("device", self.device)
+        check_dtype_device(self)
         if not self.eval_set:
             _fail("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml).")
         for source in self.sources:
