@@ -20,6 +20,7 @@ from latentsim.interpretation_scores import load_scores
 from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_results, write_run_config
 from latentsim.metrics import evaluate, summary_row
 from latentsim.sweep import (
+    add_lift_over_prior,
     markdown_table,
     open_simulator_folder,
     refuse_seen_latents,
@@ -73,13 +74,15 @@ def main(args: EvalArguments, api=None) -> None:
             "eval_set": {"path": str(eval_set.path), "split": args.eval_split,
                          "calibration_split": args.calibration_split, "prompt_format": eval_set.prompt_format,
                          "build_config": eval_set.build},
-            "scoring": {"backend": args.backend, "timing": scored["timing"],
-                        "chat_template_sha256": scored["chat_template_sha256"],
-                        "answer_token_ids": scored["answer_token_ids"]},
+            "scoring": {"backend": "reference" if sim.kind == "reference" else args.backend,
+                        "timing": scored["timing"], "chat_template_sha256": scored["chat_template_sha256"],
+                        "answer_token_ids": scored["answer_token_ids"], "reference_model": scored.get("reference")},
             "provenance": provenance("eval_sweep", {"eval": args}, args.seed)})
         rows.append(summary_row(sim.name, sim.kind, sim.step, results))
         print(f"[sweep] {sim.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                    if isinstance(v, float) and k in HEADLINE))
+    if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
+        rows = add_lift_over_prior(root, sims, args.eval_split, args.seed)
     write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
                          "width": eval_set.width, "l0": l0, "rows": rows})
     atomic_write_text(root / "summary.md", f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"

@@ -173,3 +173,125 @@ def test_accuracy_vs_score_and_strength():
     assert [b["score"] for b in out["bins"]] == [0.5, 0.9] and out["n_latents"] == 3
     strength = {b["quantile_bin"]: b["active_accuracy"] for b in metrics.accuracy_vs_strength(df)["by_quantile_bin"]}
     assert strength == {1: 0.0, 5: 1.0, 9: 1.0}
+
+
+def test_bootstrap_ci_of_the_median_covers_the_true_median_at_its_level():
+    # 200 samples of 60 per-context values from an exponential (true median ln 2): the 95 % interval should cover
+    # it in ~95 % of them, and a 50 % interval in ~50 % (so the level is what sets the width).
+    rng = np.random.default_rng(7)
+    samples = rng.exponential(1.0, size=(200, 60))
+    covered = {level: np.mean([low <= np.log(2) <= high for low, high in
+                               (metrics.bootstrap_ci(s, seed=i, level=level) for i, s in enumerate(samples))])
+               for level in (0.95, 0.5)}
+    assert 0.88 <= covered[0.95] <= 0.99
+    assert 0.35 <= covered[0.5] <= 0.65
+
+
+def test_bootstrap_ci_ignores_undefined_values_and_is_deterministic():
+    values = np.array([0.2, np.nan, 0.9, 0.4, np.inf, 0.7, 0.5, 0.6])
+    defined = values[np.isfinite(values)]
+    assert metrics.bootstrap_ci(values, seed=3) == metrics.bootstrap_ci(defined, seed=3)
+    assert metrics.bootstrap_ci(values, seed=3) == metrics.bootstrap_ci(values, seed=3)
+    assert metrics.bootstrap_ci(values, seed=3) != metrics.bootstrap_ci(values, seed=4)
+    assert all(np.isnan(metrics.bootstrap_ci([np.nan, np.nan])))
+    low, high = metrics.bootstrap_ci(defined, np.mean, seed=0)
+    assert low < defined.mean() < high
+
+
+def test_binary_metrics_intervals_bracket_the_medians_and_keep_the_numbers():
+    df = synthetic(n_contexts=60)
+    out = metrics.binary_metrics(df, width=4096, l0=32)
+    for k in metrics.CI_METRICS:
+        low, high = out["per_context"][k]["ci95"]
+        assert low <= out["per_context"][k]["median"] <= high and low < high, k
+        assert set(out["per_context"][k]) == {"median", "q25", "q75", "mean", "n", "ci95"}
+    assert "ci95" not in out["per_context"]["balanced_accuracy"]
+    low, high = out["pooled"]["auc_ci95"]
+    assert low < out["pooled"]["auc"] < high
+    assert out == metrics.binary_metrics(df, width=4096, l0=32, seed=0)  # deterministic from the seed
+    other = metrics.binary_metrics(df, width=4096, l0=32, seed=1)
+    assert other["per_context"]["auc"]["median"] == out["per_context"]["auc"]["median"]
+    assert other["pooled"]["auc_ci95"] != out["pooled"]["auc_ci95"]
+
+
+def test_pooled_auc_replicates_equal_the_auc_of_the_copied_rows():
+    df = synthetic(n_contexts=12, n_inactive=6, seed=4)
+    df["p_yes"] = df["p_yes"].round(1)  # ties across contexts
+    codes, n = metrics.cluster_codes(df)
+    counts = metrics.bootstrap_counts(n, 5, seed=2)
+    replicates = metrics.pooled_auc_replicates(df["p_yes"].to_numpy(), df["active"].to_numpy(), codes, counts)
+    groups = [g for _, g in df.groupby("context_id")]
+    for b in range(5):
+        copied = pd.concat([groups[c] for c in range(n) for _ in range(counts[b, c])])
+        assert replicates[b] == pytest.approx(roc_auc_score(copied["active"], copied["p_yes"]))
+    assert counts.sum(axis=1).tolist() == [n] * 5
+    # counts and indices are the same draws
+    assert (np.bincount(metrics.bootstrap_indices(n, 5, seed=2)[3], minlength=n) == counts[3]).all()
+
+
+def test_clustered_interval_is_wider_than_a_row_level_one_when_rows_move_together():
+    # Each context's rows share its score (plus a little noise) and its active/inactive status, so a context is
+    # one observation, not 20: resampling rows pretends there are 20 times more and gives a too-narrow interval.
+    rng = np.random.default_rng(0)
+    n_contexts, per = 40, 20
+    level = rng.normal(size=n_contexts)
+    context_active = (rng.uniform(size=n_contexts) < 1 / (1 + np.exp(-2 * level))).astype(int)
+    scores = np.repeat(level, per) + rng.normal(0, 0.01, n_contexts * per)
+    truth = np.repeat(context_active, per)
+    clustered = np.repeat(np.arange(n_contexts), per)
+    rows = np.arange(n_contexts * per)
+    width = {}
+    for name, codes in (("clustered", clustered), ("rows", rows)):
+        counts = metrics.bootstrap_counts(codes.max() + 1, 1000, seed=0)
+        low, high = metrics.percentile_interval(metrics.pooled_auc_replicates(scores, truth, codes, counts))
+        width[name] = high - low
+    assert width["clustered"] > 2.5 * width["rows"]
+
+
+def test_lift_against_itself_is_exactly_zero():
+    df = synthetic(n_contexts=40)
+    lift = metrics.lift_over_reference(df, df.sample(frac=1, random_state=0))  # row order does not matter
+    assert lift["per_context_auc"]["median"] == 0 and lift["per_context_auc"]["mean"] == 0
+    assert lift["per_context_auc"]["ci95"] == [0.0, 0.0]
+    assert lift["pooled_auc"]["difference"] == 0 and lift["pooled_auc"]["ci95"] == [0.0, 0.0]
+    assert lift["per_context_auc"]["n"] == 40 and lift["n_judgments"] == len(df)
+
+
+def test_lift_of_a_perfect_simulator_over_a_random_one_is_positive():
+    df = synthetic(n_contexts=40)
+    perfect = df.assign(p_yes=df["active"] * 0.5 + 0.25)
+    random = df.assign(p_yes=np.random.default_rng(0).uniform(size=len(df)))
+    random_auc = [roc_auc_score(g["active"], g["p_yes"]) for _, g in random.groupby("context_id")]
+    lift = metrics.lift_over_reference(perfect, random)
+    assert lift["per_context_auc"]["median"] == pytest.approx(np.median(1 - np.array(random_auc)))
+    assert lift["per_context_auc"]["ci95"][0] > 0.2
+    assert lift["pooled_auc"]["difference"] == pytest.approx(1 - roc_auc_score(random["active"], random["p_yes"]))
+    assert lift["pooled_auc"]["ci95"][0] > 0.2
+    low, high = lift["pooled_auc"]["ci95"]
+    assert low < lift["pooled_auc"]["difference"] < high
+
+
+def test_lift_pairs_only_shared_judgments_and_drops_undefined_contexts():
+    df = synthetic(n_contexts=20)
+    one_class = df[(df["context_id"] != 3) | (df["active"] == 0)]  # context 3 keeps inactives only: no AUC
+    lift = metrics.lift_over_reference(one_class, df.iloc[5:])
+    assert lift["n_judgments"] == len(one_class.merge(df.iloc[5:], on=["context_id", "latent"]))
+    assert lift["per_context_auc"]["n"] == 19
+    with pytest.raises(ValueError, match="disagree on `active`"):
+        metrics.lift_over_reference(df, df.assign(active=1 - df["active"]))
+
+
+def test_summary_row_reads_intervals_and_lift_when_present():
+    df = synthetic(n_contexts=30)
+    results = metrics.evaluate(df, None, binary=True, width=4096, l0=32, w_dec=None, scores={}, seed=0)
+    row = metrics.summary_row("sim", "base", None, results)
+    assert [row["auc_ci_low"], row["auc_ci_high"]] == results["binary"]["per_context"]["auc"]["ci95"]
+    assert "lift_auc" not in row
+    results["lift_over_prior"] = metrics.lift_over_reference(df, df.assign(p_yes=0.5))
+    row = metrics.summary_row("sim", "base", None, results)
+    assert row["lift_auc"] == pytest.approx(results["binary"]["per_context"]["auc"]["median"] - 0.5)
+    assert row["lift_auc_ci_low"] < row["lift_auc"] < row["lift_auc_ci_high"]
+    # a results.json from before the intervals: same row as ever, no new keys
+    del results["lift_over_prior"], results["binary"]["per_context"]["auc"]["ci95"]
+    old = metrics.summary_row("sim", "base", None, results)
+    assert not {"auc_ci_low", "auc_ci_high", "lift_auc", "lift_auc_ci_low", "lift_auc_ci_high"} & set(old)

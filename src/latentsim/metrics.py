@@ -16,6 +16,11 @@ scored, the expected number flagged at threshold t is
 with n_active the token's true active count (from the cache, every latent, explained or not). This fixes the
 seed's denominators (its inactive accuracy divided by all candidates and bootstrapped 130k draws) and assumes
 the pool's latents are representative of the dictionary (they are a random split of the explained latents).
+
+Uncertainty. Judgments of one context share its text and its candidate pool, so they are not independent: the
+confidence intervals are percentile bootstraps that resample whole contexts (clusters) with replacement, never
+single rows. Lift over a reference (a baseline that reads nothing, e.g. the latent's firing rate) pairs the two
+on the same contexts and resamples those contexts jointly, so what both share cancels out of the interval.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import numpy as np
 import pandas as pd
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+# Per-context metrics whose median gets a bootstrap confidence interval in `binary_metrics`.
+CI_METRICS = ("auc", "recall", "precision", "f1", "precision_top_active")
+N_BOOT = 1000
 
 
 def summarise(values) -> dict[str, float]:
@@ -36,6 +44,43 @@ def summarise(values) -> dict[str, float]:
     return {"median": float(med), "q25": float(q25), "q75": float(q75), "mean": float(v.mean()), "n": int(len(v))}
 
 
+def bootstrap_indices(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_clusters) cluster indices drawn uniformly with replacement: row b is bootstrap resample b."""
+    return np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+
+
+def bootstrap_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_clusters): how often each cluster is drawn in each resample of `bootstrap_indices` (same seed,
+    same draws), for statistics that weight a cluster's rows instead of copying them."""
+    offsets = np.arange(n_boot)[:, None] * n_clusters  # one bincount for all resamples: resample b owns its own bins
+    draws = bootstrap_indices(n_clusters, n_boot, seed) + offsets
+    return np.bincount(draws.ravel(), minlength=n_boot * n_clusters).reshape(n_boot, n_clusters)
+
+
+def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of bootstrap replicates (resamples where the statistic is undefined, e.g. an
+    AUC with one class only, are left out); (nan, nan) when none is defined."""
+    r = np.asarray(replicates, dtype=float)
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return float("nan"), float("nan")
+    low, high = np.percentile(r, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def bootstrap_ci(values_by_cluster, statistic=np.median, *, n_boot: int = N_BOOT, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of `statistic` over one value per cluster (context), resampling the clusters
+    with replacement. NaN-aware like `summarise`: clusters where the value is undefined are left out before
+    resampling, so the interval is about the same defined contexts the point estimate is. `statistic` is a numpy
+    reduction taking `axis` (np.median, np.mean, ...); all resamples are drawn at once, n_boot x n_clusters values."""
+    v = np.asarray(values_by_cluster, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan")
+    return percentile_interval(statistic(v[bootstrap_indices(len(v), n_boot, seed)], axis=1), level)
+
+
 def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties); nan with one class only."""
     from scipy.stats import rankdata
@@ -46,6 +91,48 @@ def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[truth == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pooled_auc_replicates(scores: np.ndarray, truth: np.ndarray, cluster: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pooled AUC of every bootstrap resample, without copying rows: resample b repeats each row of cluster c
+    counts[b, c] times (`cluster`: each row's cluster code, 0..n_clusters-1). With rows grouped by score level,
+    the weighted Mann-Whitney AUC is the sum over levels of (negatives' weight) x (positives' weight above + half
+    the positives' weight tied), over (total positive weight) x (total negative weight); nan without both classes."""
+    from scipy import sparse
+
+    levels, level_of_row = np.unique(np.asarray(scores, dtype=float), return_inverse=True)
+    positive, cluster = np.asarray(truth) == 1, np.asarray(cluster)
+    shape = (counts.shape[1], len(levels))
+
+    def rows_per_cluster_and_level(mask):  # duplicate (cluster, level) entries are summed: row counts
+        return sparse.csr_matrix((np.ones(int(mask.sum())), (cluster[mask], level_of_row[mask])), shape=shape).T.tocsr()
+
+    pos_rows, neg_rows = rows_per_cluster_and_level(positive), rows_per_cluster_and_level(~positive)
+    out = np.empty(len(counts))
+    chunk = max(1, 1_000_000 // len(levels))  # resamples per step: bounds the (resamples x levels) arrays
+    for start in range(0, len(counts), chunk):
+        weights = counts[start:start + chunk].T.astype(float)
+        pos, neg = (pos_rows @ weights).T, (neg_rows @ weights).T  # (resamples, levels) weights
+        pos_total, neg_total = pos.sum(axis=1), neg.sum(axis=1)
+        pos_above = pos_total[:, None] - np.cumsum(pos, axis=1)
+        wins = (neg * (pos_above + 0.5 * pos)).sum(axis=1)
+        pairs = pos_total * neg_total
+        out[start:start + chunk] = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
+    return out
+
+
+def cluster_codes(df: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """Each row's context as a code 0..n-1 (contexts sorted, as in `contexts`), and n."""
+    codes, uniques = pd.factorize(df["context_id"], sort=True)
+    return codes, len(uniques)
+
+
+def pooled_auc_ci(df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows together)."""
+    codes, n_contexts = cluster_codes(df)
+    counts = bootstrap_counts(n_contexts, n_boot, seed)
+    return percentile_interval(pooled_auc_replicates(df["p_yes"].to_numpy(), df["active"].to_numpy(), codes, counts),
+                               level)
 
 
 def confusion_metrics(p: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -75,11 +162,15 @@ def contexts(df: pd.DataFrame):
     return df.groupby("context_id", sort=True)
 
 
-def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5) -> dict:
+def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5, *, seed: int = 0,
+                   n_boot: int = N_BOOT) -> dict:
     """Per-context recall/precision/F1/balanced accuracy/AUC (median, IQR) and pooled, plus precision among the
     top candidates: `precision_top_active` (the |A| most probable candidates of the pool, |A| = the context's
     scored actives) and `precision_at_l0` (among the L0 latents the simulator would rank highest in the whole
-    dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0)."""
+    dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0).
+
+    The medians of CI_METRICS carry `ci95`, and the pooled AUC `auc_ci95`: 95 % percentile-bootstrap intervals
+    resampling contexts (`n_boot` resamples drawn from `seed`)."""
     per = {k: [] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc", "precision_top_active",
                            "precision_at_l0")}
     for _, g in contexts(df):
@@ -93,8 +184,59 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
         per["precision_at_l0"].append(precision_at_budget(p[y == 1], p[y == 0], int(g["n_active"].iloc[0]), width, l0))
     pooled = confusion_metrics(df["p_yes"].to_numpy(), df["active"].to_numpy(), threshold)
     pooled["auc"] = roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy())
-    return {"per_context": {k: summarise(v) for k, v in per.items()}, "pooled": pooled,
+    pooled["auc_ci95"] = list(pooled_auc_ci(df, n_boot=n_boot, seed=seed))
+    per_context = {k: summarise(v) for k, v in per.items()}
+    for k in CI_METRICS:
+        per_context[k]["ci95"] = list(bootstrap_ci(per[k], n_boot=n_boot, seed=seed))
+    return {"per_context": per_context, "pooled": pooled,
             "n_contexts": int(df["context_id"].nunique()), "n_judgments": len(df), "threshold": threshold}
+
+
+def per_context_auc(df: pd.DataFrame) -> pd.Series:
+    """AUC of `p_yes` within each context (index: context_id, sorted); nan where a context has one class only."""
+    return pd.Series({c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in contexts(df)},
+                     dtype=float)
+
+
+def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT,
+                        level: float = 0.95) -> dict:
+    """How much better the simulator (`test`) ranks than a reference that scored the same judgments (e.g. the
+    latent's firing-rate prior), both prediction tables joined on (context_id, latent).
+
+    `per_context_auc`: the paired per-context differences AUC(test) - AUC(reference) over the contexts where
+    both are defined: their median (the headline, as every per-context number is a median), mean, count and a
+    percentile-bootstrap interval of the median resampling those contexts (jointly: one draw serves both
+    simulators, so it is an interval of the paired difference). `pooled_auc`: both pooled AUCs on the joined
+    rows, their difference and its interval, resampling contexts with the same draws for both. A test identical
+    to the reference gets 0 with interval [0, 0]."""
+    columns = ["context_id", "latent", "active", "p_yes"]
+    joined = test[columns].merge(reference[columns], on=["context_id", "latent"], suffixes=("", "_reference"),
+                                 validate="one_to_one")
+    if (joined["active"] != joined["active_reference"]).any():
+        raise ValueError("lift_over_reference: test and reference disagree on `active` for the same "
+                         "(context_id, latent): they are not predictions of the same eval set")
+    as_reference = joined.assign(p_yes=joined["p_yes_reference"])
+    test_auc, reference_auc = per_context_auc(joined), per_context_auc(as_reference)
+    difference = (test_auc - reference_auc).to_numpy()
+    difference = difference[np.isfinite(difference)]
+
+    codes, n_contexts = cluster_codes(joined)
+    counts = bootstrap_counts(n_contexts, n_boot, seed)
+    truth = joined["active"].to_numpy()
+    pooled_test, pooled_reference = roc_auc(joined["p_yes"], truth), roc_auc(joined["p_yes_reference"], truth)
+    pooled_difference = (pooled_auc_replicates(joined["p_yes"].to_numpy(), truth, codes, counts)
+                         - pooled_auc_replicates(joined["p_yes_reference"].to_numpy(), truth, codes, counts))
+    nan = float("nan")
+    return {
+        "per_context_auc": {
+            "median": float(np.median(difference)) if len(difference) else nan,
+            "mean": float(difference.mean()) if len(difference) else nan, "n": int(len(difference)),
+            "ci95": list(bootstrap_ci(difference, n_boot=n_boot, seed=seed, level=level)),
+            "test_median": summarise(test_auc)["median"], "reference_median": summarise(reference_auc)["median"]},
+        "pooled_auc": {"test": pooled_test, "reference": pooled_reference,
+                       "difference": pooled_test - pooled_reference,
+                       "ci95": list(percentile_interval(pooled_difference, level))},
+        "n_contexts": n_contexts, "n_judgments": len(joined)}
 
 
 def precision_at_budget(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int, budget: float) -> float:
@@ -303,7 +445,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: boo
     """Every metric of one simulator on one eval set, from its predictions."""
     if not binary:
         return {"value": value_metrics(test), "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
-    out = {"binary": binary_metrics(test, width, l0), "threshold_sweep": threshold_sweep(test, width),
+    out = {"binary": binary_metrics(test, width, l0, seed=seed), "threshold_sweep": threshold_sweep(test, width),
            "calibration": calibration(test, validation, width, l0),
            "accuracy_vs_strength": accuracy_vs_strength(test),
            "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
@@ -327,7 +469,13 @@ def summary_row(name: str, kind: str, step, results: dict) -> dict:
     per = results["binary"]["per_context"]
     row.update({k: per[k]["median"] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc",
                                               "precision_top_active", "precision_at_l0")})
+    if "ci95" in per["auc"]:  # results.json files written before the intervals existed have none
+        row["auc_ci_low"], row["auc_ci_high"] = per["auc"]["ci95"]
     row["pooled_auc"] = results["binary"]["pooled"]["auc"]
+    if "lift_over_prior" in results:
+        lift = results["lift_over_prior"]["per_context_auc"]
+        row["lift_auc"] = lift["median"]
+        row["lift_auc_ci_low"], row["lift_auc_ci_high"] = lift["ci95"]
     cal = results["calibration"]
     row["ece"], row["brier"] = cal["raw"]["ece"], cal["raw"]["brier"]
     if "temperature" in cal:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from latentsim.backends import HFScorer, chat_template_sha256, probabilities
+from latentsim.config import REFERENCE_BASELINES
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.eval_set import EvalSet
 from latentsim.io import atomic_write_json, read_results
@@ -34,7 +35,7 @@ PREDICTION_COLUMNS = ("context_id", "row", "position", "latent", "active", "acti
 @dataclass
 class Simulator:
     name: str                       # its results folder under <output_dir>/<eval set>/
-    kind: str                       # `finetuned` or `baseline`
+    kind: str                       # `finetuned`, `baseline` (prompted) or `reference` (reads nothing)
     base_model: str                 # model reference (Hub id, folder, embedded:...)
     adapter: str | None = None      # LoRA adapter folder (finetuned)
     shots: int = 0                  # few-shot examples prepended (baselines)
@@ -81,7 +82,8 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
 
 
 def baseline_simulator(spec: dict) -> Simulator:
-    return Simulator(name=f"baseline__{spec['name']}", kind="baseline", base_model=spec["model"],
+    kind = "reference" if spec["model"] in REFERENCE_BASELINES else "baseline"
+    return Simulator(name=f"baseline__{spec['name']}", kind=kind, base_model=spec["model"],
                      shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"])
 
 
@@ -230,6 +232,8 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     from latentsim.io import atomic_save
     from latentsim.prompts import answer_token_ids
 
+    if sim.kind == "reference":
+        return score_reference(sim, args, eval_set, splits, folder)
     fmt = eval_set.prompt_format
     tokenizer = pool.tokenizer_for(sim)
     check_simulator(sim, tokenizer, fmt)
@@ -259,6 +263,60 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
         pool.release(scorer)
     return {"predictions": predictions, "timing": timing, "chat_template_sha256": chat_template_sha256(tokenizer),
             "answer_token_ids": answer_ids}
+
+
+def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], folder: Path) -> dict:
+    """Predictions of a reference baseline (latentsim.reference), fitted on the eval set's calibration split (held-out
+    latents like the test split's, so the same share of positives; the train split's larger latent pool holds more
+    actives per context) or, without one, its train split."""
+    from latentsim.explain import load_interpretations
+    from latentsim.io import atomic_save
+    from latentsim.reference import ReferenceModel
+
+    eval_set.require_binary(f"the reference baseline {sim.base_model}")
+    interpretations = (load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
+                       if sim.interpretations else None)
+    firing_rate = eval_set.statistics["firing_rate"].double().numpy()
+    fit_split = args.calibration_split or "train"
+    fit = eval_set.split(fit_split)
+    if interpretations is not None:
+        fit = fit[fit["latent"].isin(interpretations)]
+    model = ReferenceModel(sim.base_model, fit, firing_rate, interpretations)
+    predictions, timing = {}, {}
+    for split, df in splits.items():
+        keep = df["latent"].isin(interpretations).to_numpy() if interpretations is not None else np.ones(len(df), bool)
+        t0 = time.perf_counter()
+        logits = model.label_logits(df[keep])
+        seconds = time.perf_counter() - t0
+        timing[split] = {"judgments": int(keep.sum()), "seconds": seconds,
+                         "dropped_without_interpretation": int((~keep).sum())}
+        predictions[split] = predictions_table(df[keep], logits, eval_set.prompt_format)
+        path = folder / f"predictions_{split}.parquet"
+        atomic_save(path, lambda tmp, table=predictions[split]: table.to_parquet(tmp, index=False))
+    return {"predictions": predictions, "timing": timing, "chat_template_sha256": None, "answer_token_ids": None,
+            "reference": {"features": model.columns, "weights": model.weights.tolist(),
+                          "feature_mean": model.mean.tolist(), "feature_scale": model.scale.tolist(),
+                          "fitted_on": {"split": fit_split, "judgments": len(fit)}}}
+
+
+def add_lift_over_prior(root: Path, sims: list[Simulator], split: str, seed: int) -> list[dict]:
+    """Every simulator's per-context AUC lift over the firing-rate prior on the same contexts, with its paired
+    bootstrap CI, written into its results.json (`lift_over_prior`); returns the updated summary rows. Nothing
+    when the sweep scores no `model=prior` reference."""
+    from latentsim.io import write_results
+    from latentsim.metrics import lift_over_reference, summary_row
+
+    prior = next((s for s in sims if s.kind == "reference" and s.base_model == "prior"), None)
+    rows = []
+    for sim in sims:
+        record = read_results(root / sim.name)
+        if prior is not None:
+            preds, reference = (pd.read_parquet(root / s.name / f"predictions_{split}.parquet") for s in (sim, prior))
+            record["results"]["lift_over_prior"] = {"reference": prior.name,
+                                                    **lift_over_reference(preds, reference, seed=seed)}
+            write_results(root / sim.name, record)
+        rows.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -27,6 +27,7 @@ from latentsim.config.data_gen import (
 )
 from latentsim.config.eval import (
     BASELINE_KEYS,
+    REFERENCE_BASELINES,
     EvalArguments,
     GenerateArguments,
     PatchArguments,
@@ -41,7 +42,7 @@ from latentsim.errors import ConfigError
 __all__ = [
     "BASELINE_KEYS", "BenchArguments", "DTYPES", "EMBEDDED_PREFIX", "HOOKPOINT_RE", "CacheArguments",
     "ConfigError", "CorpusArguments", "DatasetArguments", "EvalArguments", "ExplainArguments",
-    "GenerateArguments", "ModelArguments", "PatchArguments", "PrepareArguments", "PublishArguments",
+    "GenerateArguments", "ModelArguments", "PatchArguments", "PrepareArguments", "REFERENCE_BASELINES", "PublishArguments",
     "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments", "TrainSAEArguments",
     "check_device", "check_dtype", "hookpoint_layer", "parse_baseline", "parse_config", "SummaryArguments",
 ]

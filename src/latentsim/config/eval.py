@@ -17,12 +17,15 @@ from latentsim.config.common import (
 )
 
 BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations")
+# Baselines that read no text with a language model (latentsim.reference): `model=prior` etc.
+REFERENCE_BASELINES = ("prior", "string_match", "prior+string_match")
 
 
 def parse_baseline(spec: str) -> dict:
     """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
-    model (default embedded:smollm2-135m), shots (few-shot examples, 0), score (show the eval set's
-    interpretation score, false), interpretations (another interpretation set; default the eval set's), name."""
+    model (default embedded:smollm2-135m; or a reference baseline that reads nothing: prior, string_match,
+    prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
+    interpretations (another interpretation set; default the eval set's), name."""
     out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
@@ -40,6 +43,12 @@ def parse_baseline(spec: str) -> dict:
             out[key] = value == "true"
         else:
             out[key] = value
+    if out["model"] in REFERENCE_BASELINES and (out["shots"] or out["score"]):
+        _fail("baselines", f"{spec!r}: the reference baseline {out['model']} reads no prompt; shots and score do "
+              "not apply to it.")
+    if not out.get("name") and out["model"] in REFERENCE_BASELINES:
+        out["name"] = out["model"].replace("+", "_") + (f"_{Path(out['interpretations']).name}"
+                                                         if out["interpretations"] else "")
     if not out.get("name"):
         model = out["model"].rsplit("/", 1)[-1].removeprefix(EMBEDDED_PREFIX)
         out["name"] = (f"{model}_{out['shots']}shot" + ("_score" if out["score"] else "")

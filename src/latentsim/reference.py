@@ -1,0 +1,99 @@
+"""Baselines that read nothing a simulator should need: how far a latent's frequency and a string match go.
+
+A per-context AUC can be high without reading the context: at a token the active latents are mostly frequent
+ones and uniformly drawn negatives mostly rare ones. These reference baselines put a number on that, scored by
+eval/sweep.py like any simulator (same predictions files, metrics, report and patched-KL rows):
+
+- `prior`: the latent's firing rate in the cache (reads neither the interpretation nor the context);
+- `string_match`: is the judged token one the interpretation names (the quoted tokens of a token-list
+  interpretation; for free text, its words)? Reads the interpretation and the judged token only;
+- `prior+string_match`: both.
+
+Each is a logistic regression on its features (log firing rate, match), fitted on the eval set's calibration
+split (eval/sweep.py: `validation`, held-out latents of other rows than the test split's), so its P(yes) is
+calibrated like a simulator's and its thresholded metrics mean something. Logits are written as [0, z]: P(yes) = sigmoid(z).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+
+from latentsim.prompts import MARK_CLOSE, MARK_OPEN
+
+REFERENCE_FEATURES = {"prior": ("log_firing_rate",), "string_match": ("string_match",),
+                      "prior+string_match": ("log_firing_rate", "string_match")}
+QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+FIRING_RATE_FLOOR = 1e-7  # log of a latent that never fired in the cache
+
+
+def normalise_token(text: str) -> str:
+    """Case and surrounding space do not matter (`" No"` names `no`); an all-space token stays itself."""
+    return text.strip().casefold() or text.casefold()
+
+
+def named_tokens(interpretation: str) -> set[str]:
+    """The tokens an interpretation names: the quoted strings before `, as in` of a token-list interpretation
+    (`the token " not" (also " no", "No"), as in "..."`), else the words of the text; normalised."""
+    head = interpretation.split(", as in ")[0]
+    quoted = []
+    for raw in QUOTED.findall(head):
+        try:
+            quoted.append(json.loads(f'"{raw}"'))
+        except json.JSONDecodeError:
+            quoted.append(raw)
+    names = quoted if quoted else re.findall(r"\w+", interpretation)
+    return {normalise_token(n) for n in names if n}
+
+
+def judged_token(context: str) -> str:
+    """The judged (marked, last) token of a context rendered by latentsim.prompts.marked_context."""
+    return context[context.rindex(MARK_OPEN) + len(MARK_OPEN):context.rindex(MARK_CLOSE)]
+
+
+def features(df: pd.DataFrame, firing_rate: np.ndarray, interpretations: dict[int, str] | None = None) -> pd.DataFrame:
+    """Per judgment: log firing rate of the latent and whether the interpretation names the judged token
+    (`interpretations` overrides the rows' own interpretation texts)."""
+    texts = (df["interpretation"] if interpretations is None
+             else df["latent"].map(lambda lat: interpretations.get(int(lat), "")))
+    match = [normalise_token(judged_token(c)) in named_tokens(t) for c, t in zip(df["context"], texts, strict=True)]
+    rate = np.maximum(firing_rate[df["latent"].to_numpy()], FIRING_RATE_FLOOR)
+    return pd.DataFrame({"log_firing_rate": np.log(rate), "string_match": np.asarray(match, dtype=float)},
+                        index=df.index)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iterations: int = 100) -> np.ndarray:
+    """Weights [bias, w...] of a logistic regression (Newton's method with a small L2 penalty on w, so a feature
+    that separates the classes perfectly still gives finite weights)."""
+    design = np.column_stack([np.ones(len(x)), x])
+    w = np.zeros(design.shape[1])
+    penalty = l2 * len(x) * np.diag([0.0] + [1.0] * x.shape[1])
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-design @ w))
+        grad = design.T @ (p - y) + penalty @ w
+        hess = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+class ReferenceModel:
+    """One reference baseline: its features standardised on the train split, then a logistic fit."""
+
+    def __init__(self, kind: str, train: pd.DataFrame, firing_rate: np.ndarray,
+                 interpretations: dict[int, str] | None = None):
+        self.columns, self.firing_rate, self.interpretations = list(REFERENCE_FEATURES[kind]), firing_rate, interpretations
+        x = features(train, firing_rate, interpretations)[self.columns].to_numpy()
+        self.mean, self.scale = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
+        self.weights = fit_logistic((x - self.mean) / self.scale, train["active"].to_numpy(dtype=float))
+
+    def label_logits(self, df: pd.DataFrame) -> np.ndarray:
+        """[N, 2] logits (No, Yes) of the rows: [0, z] with P(yes) = sigmoid(z)."""
+        x = (features(df, self.firing_rate, self.interpretations)[self.columns].to_numpy() - self.mean) / self.scale
+        z = self.weights[0] + x @ self.weights[1:]
+        return np.column_stack([np.zeros(len(z)), z]).astype(np.float32)
