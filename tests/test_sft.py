@@ -61,6 +61,12 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     assert metrics["mean_p_yes"] == pytest.approx(results["metrics"]["eval_mean_p_yes"], abs=1e-5)
     assert metrics["auc"] == pytest.approx(results["metrics"]["eval_auc"], abs=1e-6)
 
+    # A rerun of the finished run is skipped: no step past max_steps, no new checkpoint, the results untouched.
+    before = (out / "eval_results.json").read_bytes()
+    load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out))
+    assert (out / "eval_results.json").read_bytes() == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+
 
 def test_only_the_answer_and_end_of_turn_are_supervised(dataset_dir, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer

@@ -28,6 +28,7 @@ from latentsim.training import (
     SimulatorTrainer,
     check_adapter,
     check_supervision,
+    finished_step,
     fit_contexts,
     load_training_data,
     reload_parity,
@@ -49,6 +50,10 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
                        training_args.bf16, training_args.gradient_checkpointing)
     training_args.logging_nan_inf_filter = False  # NonFiniteGuard must see NaN losses, not a running average
     output_dir = Path(training_args.output_dir)
+    done = finished_step(output_dir) if script_args.resume == "auto" else None
+    if done is not None and 0 < training_args.max_steps <= done:  # resuming would take an extra step past the end
+        logger.info("%s finished at step %d earlier; skipped (resume: never retrains it)", output_dir, done)
+        return
 
     # Data, tokenizer and the run's provenance.
     dataset = load_training_data(script_args, training_args.seed)

@@ -192,6 +192,15 @@ class NonFiniteGuard(TrainerCallback):
             self.bad = 0
 
 
+def finished_step(output_dir: str | Path) -> int | None:
+    """The step a finished run in `output_dir` ended at (train/sft.py writes eval_results.json last, after the
+    adapter), or None when it has not finished."""
+    results = Path(output_dir) / "eval_results.json"
+    if not (results.is_file() and (Path(output_dir) / "adapter_model.safetensors").is_file()):
+        return None
+    return json.loads(results.read_text()).get("global_step")
+
+
 def resolve_resume(resume: str, output_dir: str) -> str | None:
     """`auto`: the last complete checkpoint-N in output_dir (incomplete ones skipped with a warning), `never`: None,
     else a path that must be a complete checkpoint."""
