@@ -40,7 +40,8 @@ def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str
     results = records[0]["results"]  # what describes the eval set is the same in every record
     binary = "binary" in results
     if binary:
-        drawn = {"recall_precision": figures.recall_precision(records),
+        drawn = {"auc_against_references": figures.auc_against_references(records),
+                 "recall_precision": figures.recall_precision(records),
                  "threshold_sweep": figures.threshold_sweep(records), "reliability": figures.reliability(records),
                  "accuracy_vs_strength": figures.accuracy_vs_strength(records),
                  "accuracy_vs_score": figures.accuracy_vs_score(records),

@@ -91,3 +91,16 @@ def test_figures_draw_a_bar_or_line_per_simulator_and_metric():
                                                                   "run__final@median"]
     assert [round(p.get_width(), 3) for p in sources.patches] == [0.125, 1.5, 0.4, 0.6]
     assert len(figures.png_bytes(sources.figure)) > 1000
+
+
+def test_auc_figure_sets_simulators_against_the_references():
+    records = [binary_record("run__final", "finetuned", 12), binary_record("baseline__prior", "reference"),
+               binary_record("baseline__string_match", "reference")]
+    assert figures.auc_against_references(records) is None  # no CI recorded: nothing to draw
+    for r, (median, ci) in zip(records, ((0.4, [0.25, 0.5]), (0.8, [0.7, 0.9]), (0.6, [0.5, 0.75])), strict=True):
+        r["simulator"]["base_model"] = r["name"].removeprefix("baseline__")
+        r["results"]["binary"]["per_context"]["auc"] = {**stat(median), "ci95": ci}
+    ax = figures.auc_against_references(records).axes[0]
+    assert [round(p.get_height(), 3) for p in ax.patches] == [0.4, 0.8, 0.6]
+    assert [p.get_facecolor()[:3] == ax.patches[1].get_facecolor()[:3] for p in ax.patches] == [False, True, True]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["firing-rate prior 0.80", "chance"]

@@ -47,6 +47,29 @@ def recall_precision(records: list[dict]) -> Figure:
     return fig
 
 
+def auc_against_references(records: list[dict]) -> Figure | None:
+    """Per-context AUC (median) of every simulator with its 95% bootstrap CI over contexts; the baselines that read
+    nothing (kind `reference`) in grey, the firing-rate prior as a line: what a simulator must beat."""
+    with_ci = [r for r in records if "ci95" in r["results"]["binary"]["per_context"]["auc"]]
+    if not with_ci:
+        return None
+    fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(with_ci), 3.4))
+    for i, r in enumerate(with_ci):
+        s = r["results"]["binary"]["per_context"]["auc"]
+        low, high = s["ci95"]
+        ax.bar(i, s["median"], 0.7, color="C7" if r["simulator"]["kind"] == "reference" else "C0",
+               yerr=[[max(0.0, s["median"] - low)], [max(0.0, high - s["median"])]], capsize=3)
+        if r["simulator"]["kind"] == "reference" and r["simulator"]["base_model"] == "prior":
+            ax.axhline(s["median"], color="C3", ls="--", lw=0.8, label=f"firing-rate prior {s['median']:.2f}")
+    ax.axhline(0.5, color="k", ls=":", lw=0.8, label="chance")
+    ax.set_xticks(range(len(with_ci)), [short(r["name"]) for r in with_ci], rotation=20, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("per-context AUC (median, 95% CI)")
+    ax.legend(fontsize=7)
+    ax.set_title("Simulators against baselines that read nothing (grey)")
+    return fig
+
+
 def threshold_sweep(records: list[dict]) -> Figure:
     """Accuracy and expected latents flagged (whole dictionary) against 1 - threshold, with the SAE's L0 (Fig. 5)."""
     l0 = records[0]["results"]["l0"]
