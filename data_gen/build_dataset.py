@@ -24,6 +24,7 @@ from latentsim.dataset import (
     build_split,
     dataset_card,
     explained_latents,
+    negative_sampling_summary,
     split_pools,
     split_summary,
 )
@@ -67,6 +68,7 @@ def main(args: DatasetArguments, api=None) -> None:
         "latents_with_interpretation": len(explained), "latents_without_interpretation": cache.width - len(explained),
         "active_without_interpretation": report.active_without_interpretation,
         "negatives_short": report.negatives_short, "prompt_format": args.prompt_format, "label": args.label,
+        **negative_sampling_summary(args, report),
     }
     atomic_write_json(out / "dataset_stats.json", summary)
     atomic_write_text(out / "README.md", dataset_card(args, cache.config, summary))

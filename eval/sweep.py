@@ -37,6 +37,7 @@ HEADLINE = ("auc", "recall", "precision", "f1", "ece", "pearson_mean_vs_quantile
 
 def main(args: EvalArguments, api=None) -> None:
     eval_set = EvalSet.open(args.eval_set)
+    eval_set.require_uniform_negatives()
     sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
     splits = {s: eval_set.split(s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}

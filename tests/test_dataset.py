@@ -1,4 +1,5 @@
-"""Simulator examples: labels checked against the cache, leak-free splits, mixtures, determinism, errors."""
+"""Simulator examples: labels checked against the cache, leak-free splits, mixtures, frequency-matched negatives,
+determinism, errors."""
 
 import json
 from collections import Counter
@@ -11,10 +12,11 @@ from helpers import FakeHubApi, build_char_tokenizer, load_script, make_cache
 
 from latentsim.cache import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
-from latentsim.dataset import activation_bin, quantile_bin, split_ids
+from latentsim.dataset import BuildReport, FrequencyBins, activation_bin, quantile_bin, split_ids
 from latentsim.explain import write_explanation
 from latentsim.interpretation_scores import load_scores
 from latentsim.latent_stats import load_statistics
+from latentsim.metrics import roc_auc
 
 HOOK = "layers.1"
 
@@ -132,6 +134,74 @@ def test_judged_token_stays_marked_for_another_tokenizer(built, tiny_model_dir):
         assert "".join(pieces).endswith(f"<<{judged}>>".replace(" ", ""))  # ...with the marked token intact
 
 
+def prior_scores(rows: list[dict], firing_rate: np.ndarray) -> tuple[float, float]:
+    """(KS statistic between the positives' and negatives' log firing rates, per-context median AUC of ranking the
+    candidates by firing rate alone): how far the frequency prior gets on a split."""
+    from scipy.stats import ks_2samp
+
+    log_rate = np.log(np.maximum(firing_rate[[r["latent"] for r in rows]], 1e-7))
+    active = np.array([r["active"] for r in rows])
+    ks = ks_2samp(log_rate[active == 1], log_rate[active == 0]).statistic
+    contexts: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        contexts.setdefault((r["row"], r["position"]), []).append(r)
+    aucs = [roc_auc(firing_rate[[r["latent"] for r in c]], np.array([r["active"] for r in c])) for c in contexts.values()]
+    return float(ks), float(np.nanmedian(aucs))
+
+
+def test_frequency_matched_negatives_defeat_the_firing_rate_prior(built, tiny_model_dir):
+    firing_rate = load_statistics(built / "cache" / "stats", HOOK)["firing_rate"].numpy()
+    uniform = build(built, tiny_model_dir, "prior_uniform", negatives_per_positive=2.0)
+    matched = build(built, tiny_model_dir, "prior_matched", negatives_per_positive=2.0,
+                    negative_sampling="frequency_matched")
+    ks_uniform, auc_uniform = prior_scores(uniform["train"], firing_rate)
+    ks_matched, auc_matched = prior_scores(matched["train"], firing_rate)
+    # Measured on this cache: KS 0.30 -> 0.07, prior AUC 0.72 -> 0.53.
+    assert ks_uniform > 0.2 and ks_matched < 0.1 and ks_matched < ks_uniform / 3, (ks_uniform, ks_matched)
+    assert auc_uniform > 0.65 and abs(auc_matched - 0.5) < 0.05, (auc_uniform, auc_matched)
+    # Still the right labels: every negative is inactive at its token, every positive active with its value.
+    cache = load_cache(built / "cache" / "latents", HOOK)
+    truth = {(int(r), int(p), int(lat)): float(a) for (r, p, lat), a in zip(cache.locations.tolist(), cache.activations.tolist(), strict=True)}
+    rows = [r for split in matched.values() for r in split]
+    per_context = Counter((r["row"], r["position"], r["candidate"]) for r in rows)
+    for row, position, kind in per_context:
+        if kind == "random_negative":  # as many as uniform gives: 2 per positive (2 without any)
+            assert per_context[row, position, kind] == 2 * max(per_context[row, position, "positive"], 1)
+    for r in rows:
+        key = (r["row"], r["position"], r["latent"])
+        assert r["active"] == int(key in truth) == int(r["candidate"] == "positive"), key
+        assert r["activation"] == pytest.approx(truth.get(key, 0.0))
+    stats = json.loads((built / "prior_matched" / "dataset_stats.json").read_text())
+    assert stats["negative_sampling"] == "frequency_matched" and stats["frequency_bins"] == 10
+    assert stats["negatives_off_bin"] > 0 and stats["negatives_short"] == 0  # the fallback ran, and sufficed
+    assert "negative sampling: `frequency_matched`" in (built / "prior_matched" / "README.md").read_text()
+    uniform_stats = json.loads((built / "prior_uniform" / "dataset_stats.json").read_text())
+    assert "negative_sampling" not in uniform_stats  # uniform files stay as they were before the key existed
+    assert "negative sampling" not in (built / "prior_uniform" / "README.md").read_text()
+    build(built, tiny_model_dir, "prior_matched_again", negatives_per_positive=2.0, negative_sampling="frequency_matched")
+    for split in ("train", "validation", "test"):
+        assert ((built / "prior_matched" / f"{split}.parquet").read_bytes()
+                == (built / "prior_matched_again" / f"{split}.parquet").read_bytes())
+
+
+def test_frequency_bins_draw_from_the_positives_bins_then_the_nearest():
+    firing_rate = np.logspace(-5, -1, 100)  # latent i in bin i // 10
+    bins = FrequencyBins.build(np.arange(100), firing_rate, 10)
+    assert [m.tolist() for m in bins.members] == [list(range(10 * b, 10 * b + 10)) for b in range(10)]
+    report = BuildReport()
+    taken = {95, 96, 97}  # active at the token (two of them the positives)
+    picked = bins.draw([95, 96], 5, taken, np.random.default_rng(0), report)
+    assert len(set(picked)) == 5 and set(picked) <= {90, 91, 92, 93, 94, 98, 99} and report.negatives_off_bin == 0
+    picked = bins.draw([95, 96], 10, taken, np.random.default_rng(0), report)
+    assert sorted(p for p in picked if p >= 90) == [90, 91, 92, 93, 94, 98, 99]
+    assert len([p for p in picked if 80 <= p < 90]) == 3 and report.negatives_off_bin == 3  # bin 9 ran out
+    assert picked == bins.draw([95, 96], 10, taken, np.random.default_rng(0), BuildReport())  # seeded
+    # No positives: bins weighted by summed firing rate (a random token's active latents), the frequent ones.
+    picked = bins.draw([], 200, set(), np.random.default_rng(1), BuildReport())
+    assert len(picked) == 100 and bins.random_token_shares.argmax() == 9
+    assert bins.draw([], 0, set(), np.random.default_rng(1), report) == []
+
+
 def test_split_ids_partition():
     parts = split_ids(np.arange(100), 0.1, 0.2, np.random.default_rng(0))
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(100))
@@ -149,6 +219,10 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
         DatasetArguments(interpretations=["x"], prompt_format="sim_value_v1", label="quantile_bin")
     with pytest.raises(ConfigError, match="`label`"):
         DatasetArguments(interpretations=["x"], prompt_format="sim_v1", label="quantile_bin", negatives_per_positive=0)
+    with pytest.raises(ConfigError, match="`negative_sampling`: 'matched' is not one of uniform, frequency_matched"):
+        DatasetArguments(interpretations=["x"], negative_sampling="matched")
+    with pytest.raises(ConfigError, match="`frequency_bins`: must be >= 1"):
+        DatasetArguments(interpretations=["x"], negative_sampling="frequency_matched", frequency_bins=0)
     recipe = tmp_path / "mix.yaml"
     recipe.write_text("interpretations: [x]\npositive: top_k\n")
     with pytest.raises(ConfigError, match="`positive` \\(did you mean `positives`"):

@@ -129,3 +129,17 @@ def test_reference_model_calibrated_on_train():
     model = ReferenceModel("prior", df, rate)
     p = 1 / (1 + np.exp(-model.label_logits(df)[:, 1]))
     assert abs(p.mean() - active.mean()) < 0.01  # a logistic fit with a bias reproduces the base rate
+
+
+def test_sweep_refuses_extrapolating_from_frequency_matched_negatives(eval_set, tiny_model_dir, tmp_path):
+    """Dictionary-wide numbers read the negatives as a uniform sample of the inactive latents."""
+    from latentsim.errors import BadInputError
+
+    build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
+        **{k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__},
+        "negative_sampling": "frequency_matched", "output_dir": str(tmp_path / "matched")}))
+    with pytest.raises(BadInputError, match="negative_sampling: uniform"):
+        load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "matched"), output_dir=str(tmp_path),
+                                                        baselines=["model=prior"]))
+    assert not (tmp_path / "matched" / "summary.json").exists()

@@ -8,6 +8,10 @@ validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode 
 data_gen/build_dataset.py reads its inputs, then for each split: `build_split` (its rows), `split_summary`;
 last `dataset_card`. One seeded generator is shared by the splits in order, so a config and seed give the same
 bytes.
+
+Negatives are `uniform` over the split's latents (a firing-rate prior then ranks most positives above them: the
+active latents of a token are mostly frequent ones, a uniform draw mostly rare ones) or `frequency_matched`
+(FrequencyBins: their log firing rates distributed like the context's positives').
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from latentsim.cache import SparseCache
 from latentsim.config import DatasetArguments, SAEArguments
 from latentsim.errors import ConfigError
 from latentsim.prompts import marked_context, render_completion, render_prompt
+from latentsim.reference import FIRING_RATE_FLOOR
 from latentsim.sae import load_sae
 
 SPLITS = ("train", "validation", "test")
@@ -128,11 +133,116 @@ class Candidate:
 class BuildReport:
     active_without_interpretation: int = 0
     negatives_short: int = 0  # negatives wanted but no eligible latent left
+    negatives_off_bin: int = 0  # `frequency_matched`: negatives taken from a neighbouring bin (theirs ran out)
+
+
+@dataclass
+class FrequencyBins:
+    """`negative_sampling: frequency_matched`: one split's latents binned by log firing rate, to draw a context's
+    negatives so that their firing rates are distributed like its positives' (a firing-rate prior then ranks
+    positives and negatives alike).
+
+    - Bins: edges at `n_bins` + 1 evenly spaced quantiles (numpy's linear) of the pool's log firing rates (floored
+      at FIRING_RATE_FLOOR, as the `prior` baseline does); a latent's bin is where its log rate falls among the inner
+      edges (tied rates share a bin; duplicate edges leave bins empty, and no positive is ever in an empty bin).
+    - Target: the bin shares of the context's positives; a context without positives gets the shares positives have
+      at a random token (each bin's summed firing rate).
+    - Draw, for `need` negatives: `need` bins by one `rng.choice` with the target as probabilities; then, bin by bin in
+      ascending order, that many latents uniformly without replacement among the bin's eligible latents (in the pool,
+      not active at the token, not already a hard negative).
+    - Fallback: what a bin cannot supply comes from the nearest bin with eligible latents left (the lower on a tie),
+      counted in `BuildReport.negatives_off_bin`; with none left anywhere, in `negatives_short`.
+
+    Every draw comes from the shared generator in this fixed order, so a config and seed give the same bytes.
+    """
+
+    edges: np.ndarray                 # [n_bins + 1] quantiles of the pool's log firing rates
+    bin_of: dict[int, int]            # pool latent -> its bin
+    members: list[np.ndarray]         # per bin, its pool latents (sorted)
+    random_token_shares: np.ndarray   # per bin, the share of a random token's active pool latents
+
+    @classmethod
+    def build(cls, pool: np.ndarray, firing_rate: np.ndarray, n_bins: int) -> FrequencyBins:
+        pool = np.sort(np.asarray(pool, dtype=np.int64))
+        rate = firing_rate[pool].astype(np.float64)
+        log_rate = np.log(np.maximum(rate, FIRING_RATE_FLOOR))
+        edges = np.quantile(log_rate, np.linspace(0, 1, n_bins + 1)) if len(pool) else np.zeros(n_bins + 1)
+        bins = np.searchsorted(edges[1:-1], log_rate, side="right")
+        members = [pool[bins == b] for b in range(n_bins)]
+        mass = np.bincount(bins, weights=rate, minlength=n_bins)
+        if mass.sum() <= 0:  # no latent of the pool ever fired: weigh the bins by their size instead
+            mass = np.array([len(m) for m in members], dtype=np.float64)
+        return cls(edges, dict(zip(pool.tolist(), bins.tolist(), strict=True)), members,
+                   mass / mass.sum() if mass.sum() > 0 else mass)
+
+    def draw(self, positives: list[int], need: int, taken: set[int], rng: np.random.Generator,
+             report: BuildReport) -> list[int]:
+        """Up to `need` distinct pool latents outside `taken`, matched in frequency to `positives` (see the class)."""
+        if need <= 0 or not any(len(m) for m in self.members):
+            return []
+        n_bins = len(self.members)
+        counts = np.bincount([self.bin_of[lat] for lat in positives], minlength=n_bins).astype(np.float64)
+        target = counts / counts.sum() if counts.sum() else self.random_token_shares
+        wanted = np.bincount(rng.choice(n_bins, size=need, p=target), minlength=n_bins)
+        taken_ids = np.fromiter(taken, dtype=np.int64, count=len(taken))
+        eligible: dict[int, np.ndarray] = {}  # filled lazily: only the bins drawn from are scanned
+
+        def left(b: int) -> np.ndarray:
+            if b not in eligible:
+                eligible[b] = without(self.members[b], taken_ids)
+            return eligible[b]
+
+        def take(b: int, k: int) -> list[int]:
+            pick = rng.choice(left(b), size=k, replace=False)
+            eligible[b] = without(left(b), pick)
+            return pick.tolist()
+
+        picked, short = [], {}
+        for b in np.flatnonzero(wanted).tolist():
+            k = min(int(wanted[b]), len(left(b)))
+            picked += take(b, k) if k else []
+            if wanted[b] > k:
+                short[b] = int(wanted[b]) - k
+        for b, missing in short.items():
+            for c in sorted(range(n_bins), key=lambda c, b=b: (abs(c - b), c)):
+                k = min(missing, len(left(c)))
+                if k:
+                    picked += take(c, k)
+                    report.negatives_off_bin += k
+                    missing -= k
+                if not missing:
+                    break
+        return picked
+
+
+def without(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`sorted_ids` less those in `ids`, still sorted: a binary search per id (a bin of a 131k-latent SAE holds
+    thousands of latents, a context takes a few dozen)."""
+    at = np.searchsorted(sorted_ids, ids)
+    hit = at < len(sorted_ids)
+    hit[hit] = sorted_ids[at[hit]] == ids[hit]
+    return np.delete(sorted_ids, at[hit])
+
+
+def uniform_negatives(pool: np.ndarray, need: int, taken: set[int], rng: np.random.Generator) -> set[int]:
+    """Up to `need` distinct latents of `pool` outside `taken`, uniformly (`negative_sampling: uniform`)."""
+    # Rejection sampling from the pool: active latents are a tiny share of it.
+    picked: set[int] = set()
+    tries = 0
+    while len(picked) < need and tries < 20:
+        draw = pool[rng.integers(0, len(pool), size=2 * need + 8)]
+        for lat in draw.tolist():
+            if lat not in taken and lat not in picked and len(picked) < need:
+                picked.add(lat)
+        tries += 1
+    return picked
 
 
 def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[int], args, rng: np.random.Generator,
-                      hard_pool: np.ndarray | None, report: BuildReport) -> list[Candidate]:
-    """Positives (all or top-k active latents of the split) and negatives (random, optionally hard)."""
+                      hard_pool: np.ndarray | None, report: BuildReport,
+                      frequency_bins: FrequencyBins | None = None) -> list[Candidate]:
+    """Positives (all or top-k active latents of the split) and negatives (random, optionally hard): the random ones
+    uniform over `pool`, or matched in firing rate to the positives when `frequency_bins` is given."""
     mine = sorted(((lat, val) for lat, val in active.items() if lat in pool_set), key=lambda x: (-x[1], x[0]))
     if args.positives == "top_k":
         mine = mine[:args.top_k]
@@ -148,15 +258,10 @@ def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[
         out += [Candidate(int(h), "hard_negative") for h in sorted(pick)]
         taken |= {int(h) for h in pick}
     need = n_neg - (len(out) - len(mine))
-    # Rejection sampling from the pool: active latents are a tiny share of it.
-    picked: set[int] = set()
-    tries = 0
-    while len(picked) < need and tries < 20:
-        draw = pool[rng.integers(0, len(pool), size=2 * need + 8)]
-        for lat in draw.tolist():
-            if lat not in taken and lat not in picked and len(picked) < need:
-                picked.add(lat)
-        tries += 1
+    if frequency_bins is None:
+        picked = uniform_negatives(pool, need, taken, rng)
+    else:
+        picked = frequency_bins.draw([lat for lat, _ in mine], need, taken, rng, report)
     report.negatives_short += need - len(picked)
     out += [Candidate(lat, "random_negative") for lat in sorted(picked)]
     return out
@@ -165,8 +270,8 @@ def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[
 @dataclass
 class BuildInputs:
     """What the examples of every split are drawn from, read once: the cache's tokens and active latents, the
-    interpretation sets with their mixture weights, optional scores, the latents' bin statistics and the lookup
-    `hard_negatives` asks for."""
+    interpretation sets with their mixture weights, optional scores, the latents' bin statistics and firing rates,
+    and the lookup `hard_negatives` asks for."""
 
     tokens: np.ndarray                            # [rows, ctx_len] subject token ids
     index: ActiveIndex
@@ -177,6 +282,7 @@ class BuildInputs:
     explained: set[int]
     max_activation: np.ndarray
     quantile_edges: np.ndarray
+    firing_rate: np.ndarray                       # per latent, share of the cache's tokens it fires on
     same_token: dict[int, np.ndarray] | None      # `hard_negatives: same_token`, see same_token_latents
     neighbours: dict[int, np.ndarray] | None      # `hard_negatives: decoder`, see decoder_neighbours
 
@@ -199,7 +305,7 @@ class BuildInputs:
             interpretations=interpretations,
             weights=np.array(args.interpretation_weights or [1.0] * len(interpretations), dtype=float),
             scores=scores, explained=set(explained.tolist()), max_activation=stats["max_activation"].numpy(),
-            quantile_edges=stats["quantile_edges"].numpy(),
+            quantile_edges=stats["quantile_edges"].numpy(), firing_rate=stats["firing_rate"].numpy(),
             same_token=same_token_latents(cache) if args.hard_negatives == "same_token" else None,
             neighbours=neighbours)
 
@@ -229,6 +335,8 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     `window_min`..`window_max` tokens ending there), and per position one row per candidate latent of `pool`
     (choose_candidates). `rng` is shared by the splits: every draw happens in a fixed order."""
     pool_set = set(pool.tolist())
+    frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
+                      if args.negative_sampling == "frequency_matched" else None)
     ctx_len = inputs.tokens.shape[1]
     out = []
     for row in tqdm(rows.tolist(), desc=f"examples ({split})", unit="row"):
@@ -240,7 +348,7 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
             active = inputs.index.at(row, end)
             report.active_without_interpretation += sum(1 for lat in active if lat not in inputs.explained)
             hard_pool = inputs.hard_pool(active, int(window[-1]), pool_set)
-            candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report)
+            candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report, frequency_bins)
             if not candidates:
                 continue
             tok = inputs.subject_tokenizer
@@ -276,10 +384,21 @@ def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict
     }
 
 
+def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> dict:
+    """dataset_stats.json's record of frequency-matched negatives; empty for `uniform` (its files stay as they were)."""
+    if args.negative_sampling == "uniform":
+        return {}
+    return {"negative_sampling": args.negative_sampling, "frequency_bins": args.frequency_bins,
+            "negatives_off_bin": report.negatives_off_bin}
+
+
 def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str:
     """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split counts."""
     lat = cache_config.get("latentsim", {})
     files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
+    matched = (f"\n- negative sampling: `{stats['negative_sampling']}` (log firing rates distributed like the "
+               f"positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
+               f"{stats['negatives_off_bin']} negatives from a neighbouring bin)" if "negative_sampling" in stats else "")
     return f"""---
 configs:
 - config_name: default
@@ -294,7 +413,7 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - subject model: {lat.get('model', {}).get('model', cache_config.get('model_name'))}, hookpoint `{args.hookpoint}`
 - SAE: {json.dumps(lat.get('sae'))} ({stats['width']} latents)
 - interpretations: {', '.join(args.interpretations)} (weights {args.interpretation_weights or 'equal'})
-- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives {f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} (hard: {args.hard_negatives})
+- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives {f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} (hard: {args.hard_negatives}){matched}
 - score in prompt: {args.score_path or 'no'}
 - split mode: `{args.split_mode}` (train/validation/test disjoint in {'latents and rows' if args.split_mode == 'latents' else 'rows'})
 

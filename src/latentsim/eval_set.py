@@ -74,6 +74,16 @@ class EvalSet:
             raise BadInputError(f"config key `eval_set`: {self.path} is a value eval set ({self.prompt_format}); "
                                 f"{what} needs the binary one.")
 
+    def require_uniform_negatives(self) -> None:
+        """The dictionary-wide extrapolations (expected latents flagged, precision at L0, the L0-matched threshold)
+        read the scored inactive candidates as a uniform sample of the inactive latents; frequency-matched
+        negatives over-represent frequent latents, and reweighting them is not implemented yet."""
+        sampling = self.stats.get("negative_sampling", "uniform")
+        if sampling != "uniform":
+            raise BadInputError(f"config key `eval_set`: {self.path} draws its negatives `{sampling}`; eval/sweep.py's "
+                                "dictionary-wide extrapolations need uniformly drawn ones (negative_sampling: uniform, "
+                                "configs/data/eval_quantiles.yaml). Frequency-matched sets serve training mixtures.")
+
     def split(self, split: str, max_contexts: int = 0, seed: int = 0) -> pd.DataFrame:
         """One split's rows with their `context_id`; `max_contexts` > 0 keeps a seeded sample of its contexts."""
         path = self.path / f"{split}.parquet"

@@ -168,6 +168,13 @@ class DatasetArguments:
     hard_negatives: str = field(default="none", metadata={"help": "`none`, `same_token` (latents that fire on this token "
                                                                   "elsewhere) or `decoder` (decoder neighbours of the positives)."})
     hard_negative_fraction: float = field(default=0.5, metadata={"help": "Share of the negatives that are hard."})
+    negative_sampling: str = field(default="uniform", metadata={"help": "The non-hard negatives: `uniform` over the "
+                                                                        "split's latents, or `frequency_matched` (their "
+                                                                        "log firing rates distributed like the positives', "
+                                                                        "so a firing-rate prior cannot rank them; see "
+                                                                        "latentsim.dataset.FrequencyBins)."})
+    frequency_bins: int = field(default=10, metadata={"help": "`frequency_matched`: quantile bins of the split's latents "
+                                                              "by log firing rate."})
     label: str = field(default="active", metadata={"help": "`active` (binary), `activation_bin` or `quantile_bin` (0-9)."})
     prompt_format: str = field(default="sim_v1", metadata={"help": "A format of latentsim.prompts (sim_v1, sim_value_v1)."})
     window_min: int = field(default=32, metadata={"help": "Shortest context window (tokens, judged token last)."})
@@ -198,6 +205,7 @@ class DatasetArguments:
                                                                 sum(self.interpretation_weights) <= 0):
             _fail("interpretation_weights", "weights must be >= 0 with a positive sum.")
         choices = {"positives": ("all", "top_k"), "hard_negatives": ("none", "same_token", "decoder"),
+                   "negative_sampling": ("uniform", "frequency_matched"),
                    "label": ("active", "activation_bin", "quantile_bin"), "split_mode": ("latents", "contexts")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -219,6 +227,7 @@ class DatasetArguments:
             _fail("negatives_per_positive", "must be >= 0.")
         if not 0 <= self.hard_negative_fraction <= 1:
             _fail("hard_negative_fraction", "must be in [0, 1].")
+        _require_positive(self, "frequency_bins")
         if not 2 <= self.window_min <= self.window_max:
             _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
         if not (0 < self.validation_fraction and 0 < self.test_fraction
