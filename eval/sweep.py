@@ -83,7 +83,7 @@ def main(args: EvalArguments, api=None) -> None:
         print(f"[sweep] {sim.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                    if isinstance(v, float) and k in HEADLINE))
     if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
-        rows = add_lift_over_prior(root, sims, args.eval_split, args.seed)
+        rows = add_lift_over_prior(root, sims, rows, args.eval_split, args.seed)
     write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
                          "width": eval_set.width, "l0": l0, "rows": rows})
     atomic_write_text(root / "summary.md", f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"

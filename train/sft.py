@@ -8,7 +8,6 @@ tokens' logits. Saves the adapter, tokenizer and chat template in output_dir, re
 tensors only, non-empty, finite) and writes eval_results.json and a model card.
 """
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, get_peft_config
 
+from latentsim.backends import chat_template_sha256
 from latentsim.cli import run
 from latentsim.config import SimScriptArguments
 from latentsim.hub import adapter_card
@@ -60,7 +60,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     answer_ids = answer_token_ids(script_args.prompt_format, tokenizer)
-    template_sha = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+    template_sha = chat_template_sha256(tokenizer)
     if training_args.process_index == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(output_dir, "sft", {"script": script_args, "training": training_args.to_dict(),

@@ -156,7 +156,6 @@ class FrequencyBins:
     Every draw comes from the shared generator in this fixed order, so a config and seed give the same bytes.
     """
 
-    edges: np.ndarray                 # [n_bins + 1] quantiles of the pool's log firing rates
     bin_of: dict[int, int]            # pool latent -> its bin
     members: list[np.ndarray]         # per bin, its pool latents (sorted)
     random_token_shares: np.ndarray   # per bin, the share of a random token's active pool latents
@@ -172,7 +171,7 @@ class FrequencyBins:
         mass = np.bincount(bins, weights=rate, minlength=n_bins)
         if mass.sum() <= 0:  # no latent of the pool ever fired: weigh the bins by their size instead
             mass = np.array([len(m) for m in members], dtype=np.float64)
-        return cls(edges, dict(zip(pool.tolist(), bins.tolist(), strict=True)), members,
+        return cls(dict(zip(pool.tolist(), bins.tolist(), strict=True)), members,
                    mass / mass.sum() if mass.sum() > 0 else mass)
 
     def draw(self, positives: list[int], need: int, taken: set[int], rng: np.random.Generator,

@@ -59,7 +59,8 @@ def features(df: pd.DataFrame, firing_rate: np.ndarray, interpretations: dict[in
     (`interpretations` overrides the rows' own interpretation texts)."""
     texts = (df["interpretation"] if interpretations is None
              else df["latent"].map(lambda lat: interpretations.get(int(lat), "")))
-    match = [normalise_token(judged_token(c)) in named_tokens(t) for c, t in zip(df["context"], texts, strict=True)]
+    names = {t: named_tokens(t) for t in set(texts)}  # a latent's interpretation recurs in every context it is judged in
+    match = [normalise_token(judged_token(c)) in names[t] for c, t in zip(df["context"], texts, strict=True)]
     rate = np.maximum(firing_rate[df["latent"].to_numpy()], FIRING_RATE_FLOOR)
     return pd.DataFrame({"log_firing_rate": np.log(rate), "string_match": np.asarray(match, dtype=float)},
                         index=df.index)

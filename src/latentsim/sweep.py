@@ -229,7 +229,6 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     from tqdm.auto import tqdm
 
     from latentsim.explain import load_interpretations
-    from latentsim.io import atomic_save
     from latentsim.prompts import answer_token_ids
 
     if sim.kind == "reference":
@@ -256,9 +255,7 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
         seconds = time.perf_counter() - t0
         timing[split] = {"judgments": len(prompts), "seconds": seconds, "judgments_per_s": len(prompts) / seconds,
                          "dropped_without_interpretation": int((~keep).sum())}
-        table = predictions_table(df[keep], logits, fmt)
-        atomic_save(path, lambda tmp, table=table: table.to_parquet(tmp, index=False))
-        predictions[split] = table
+        predictions[split] = save_predictions(path, df[keep], logits, fmt)
     if scorer is not None:
         pool.release(scorer)
     return {"predictions": predictions, "timing": timing, "chat_template_sha256": chat_template_sha256(tokenizer),
@@ -270,7 +267,6 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     latents like the test split's, so the same share of positives; the train split's larger latent pool holds more
     actives per context) or, without one, its train split."""
     from latentsim.explain import load_interpretations
-    from latentsim.io import atomic_save
     from latentsim.reference import ReferenceModel
 
     eval_set.require_binary(f"the reference baseline {sim.base_model}")
@@ -290,33 +286,34 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
         seconds = time.perf_counter() - t0
         timing[split] = {"judgments": int(keep.sum()), "seconds": seconds,
                          "dropped_without_interpretation": int((~keep).sum())}
-        predictions[split] = predictions_table(df[keep], logits, eval_set.prompt_format)
-        path = folder / f"predictions_{split}.parquet"
-        atomic_save(path, lambda tmp, table=predictions[split]: table.to_parquet(tmp, index=False))
+        predictions[split] = save_predictions(folder / f"predictions_{split}.parquet", df[keep], logits,
+                                              eval_set.prompt_format)
     return {"predictions": predictions, "timing": timing, "chat_template_sha256": None, "answer_token_ids": None,
             "reference": {"features": model.columns, "weights": model.weights.tolist(),
                           "feature_mean": model.mean.tolist(), "feature_scale": model.scale.tolist(),
                           "fitted_on": {"split": fit_split, "judgments": len(fit)}}}
 
 
-def add_lift_over_prior(root: Path, sims: list[Simulator], split: str, seed: int) -> list[dict]:
+def add_lift_over_prior(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int) -> list[dict]:
     """Every simulator's per-context AUC lift over the firing-rate prior on the same contexts, with its paired
-    bootstrap CI, written into its results.json (`lift_over_prior`); returns the updated summary rows. Nothing
-    when the sweep scores no `model=prior` reference."""
+    bootstrap CI, written into its results.json (`lift_over_prior`); returns the summary rows (one per simulator,
+    in `sims` order) updated. Unchanged when the sweep scores no `model=prior` reference."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
     prior = next((s for s in sims if s.kind == "reference" and s.base_model == "prior"), None)
-    rows = []
+    if prior is None:
+        return rows
+    reference = pd.read_parquet(root / prior.name / f"predictions_{split}.parquet")
+    updated = []
     for sim in sims:
         record = read_results(root / sim.name)
-        if prior is not None:
-            preds, reference = (pd.read_parquet(root / s.name / f"predictions_{split}.parquet") for s in (sim, prior))
-            record["results"]["lift_over_prior"] = {"reference": prior.name,
-                                                    **lift_over_reference(preds, reference, seed=seed)}
-            write_results(root / sim.name, record)
-        rows.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
-    return rows
+        preds = pd.read_parquet(root / sim.name / f"predictions_{split}.parquet")
+        record["results"]["lift_over_prior"] = {"reference": prior.name,
+                                                **lift_over_reference(preds, reference, seed=seed)}
+        write_results(root / sim.name, record)
+        updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
+    return updated
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -326,6 +323,15 @@ def markdown_table(rows: list[dict]) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                      + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]) + "\n"
+
+
+def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
+    """One split's predictions table (predictions_table), written atomically to `path`; returns it."""
+    from latentsim.io import atomic_save
+
+    table = predictions_table(df, logits, fmt)
+    atomic_save(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return table
 
 
 def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32) -> tuple[HFScorer, str]:
