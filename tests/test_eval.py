@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import load_script, make_cache, sft_args
+from helpers import load_script, make_explained_cache, sft_args
 from sklearn.metrics import roc_auc_score
 
 from latentsim.backends import HFScorer
-from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments
+from latentsim.config import DatasetArguments, EvalArguments
 
 HOOK = "layers.1"
 
@@ -22,12 +22,7 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     """A cache, a training mixture, held-out eval sets (binary, value, and one sharing latents with training) and a
     LoRA run with checkpoints at steps 6 and 12."""
     root = tmp_path_factory.mktemp("eval")
-    make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2))
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2,
-        sampling="top"))
+    make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus, samplings=("quantiles", "top"))
     build = load_script("data_gen/build_dataset.py").main
     common = dict(cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
                   interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6,

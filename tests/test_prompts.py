@@ -9,6 +9,7 @@ from helpers import build_char_tokenizer, build_tiny_tokenizer
 from latentsim.prompts import (
     PROMPT_FORMATS,
     answer_token_ids,
+    dense_header,
     marked_context,
     parse_answer,
     render_completion,
@@ -24,6 +25,10 @@ def test_golden_rendering(fmt):
     assert cases, f"no golden cases for {fmt}"
     for case in cases:
         given = case["input"]
+        if PROMPT_FORMATS[fmt].dense:  # no per-judgment prompt: the header before the text, and the answers
+            assert dense_header(fmt, given["interpretation"]) == case["header"]
+            assert list(PROMPT_FORMATS[fmt].answers) == case["answers"]
+            continue
         context = marked_context(given["prefix"], given["judged"])
         assert render_prompt(fmt, context, given["interpretation"], given["score"]) == case["prompt"]
         assert render_completion(fmt, given["label"]) == case["completion"]

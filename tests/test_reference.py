@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import load_script, make_cache
+from helpers import load_script, make_explained_cache
 from sklearn.linear_model import LogisticRegression
 
-from latentsim.config import ConfigError, DatasetArguments, EvalArguments, ExplainArguments, parse_baseline
+from latentsim.config import ConfigError, DatasetArguments, EvalArguments, parse_baseline
 from latentsim.metrics import roc_auc
 from latentsim.prompts import marked_context
 from latentsim.reference import ReferenceModel, features, fit_logistic, judged_token, named_tokens
@@ -58,9 +58,7 @@ def test_reference_baseline_specs():
 @pytest.fixture(scope="module")
 def eval_set(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     root = tmp_path_factory.mktemp("reference")
-    make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"), window=8, min_activations=2))
+    make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
     load_script("data_gen/build_dataset.py").main(DatasetArguments(
         cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
         interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6, contexts_per_row=2,

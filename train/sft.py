@@ -3,7 +3,8 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml train/sft.py --config configs/sft/smollm2-135m_quickstart.yaml
     ./launch.sh sft configs/sft/smollm2-135m_quickstart.yaml [--key value ...]
 
-Completion-only loss on the answer token and the end of turn; the eval during training reads only the answer
+Completion-only loss on the answer token and the end of turn (dense formats: No/Yes cross-entropy at every aligned
+text token, latentsim.training.dense_features); the eval during training reads only the answer
 tokens' logits. Saves the adapter, tokenizer and chat template in output_dir, re-reads the adapter (LoRA
 tensors only, non-empty, finite) and writes eval_results.json and a model card.
 """
@@ -27,7 +28,9 @@ from latentsim.training import (
     NonFiniteGuard,
     SimulatorTrainer,
     check_adapter,
+    check_dense_supervision,
     check_supervision,
+    dense_features,
     finished_step,
     fit_contexts,
     load_training_data,
@@ -65,12 +68,16 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(output_dir, "sft", {"script": script_args, "training": training_args.to_dict(),
                          "model": model_args, "chat_template_sha256": template_sha}, training_args.seed)
-    truncated = {}
+    fmt, truncated = get_format(script_args.prompt_format), {}
     for split in list(dataset):
-        dataset[split], truncated[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
+        if fmt.dense:  # tokenized here: a label at every aligned text token (`truncated` counts unaligned ones)
+            dataset[split], truncated[split] = dense_features(dataset[split], tokenizer, fmt.name, answer_ids,
+                                                              training_args.max_length)
+        else:
+            dataset[split], truncated[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
     if any(truncated.values()):
-        logger.warning("contexts shortened from the left to fit max_length=%s (labels untouched): %s",
-                       training_args.max_length, truncated)
+        logger.warning("%s: %s", "token labels without an aligned simulator position (dropped)" if fmt.dense else
+                       f"contexts shortened from the left to fit max_length={training_args.max_length}", truncated)
     eval_dataset = dataset["validation"] if "validation" in dataset else None
     if eval_dataset is not None and script_args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
@@ -80,15 +87,16 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     dtype = resolve_dtype(model_args.dtype or "float32", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype,
                                                  trust_remote_code=False)
-    binary = get_format(script_args.prompt_format).label == "active"
+    binary = fmt.label == "active"
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = "all-linear"
     trainer = SimulatorTrainer(
         model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args),
         callbacks=[NonFiniteGuard(script_args.nan_patience)], answer_ids=answer_ids, binary=binary,
+        dense_format=fmt.name if fmt.dense else None,
     )
-    check_supervision(trainer.train_dataset, answer_ids)
+    (check_dense_supervision if fmt.dense else check_supervision)(trainer.train_dataset, answer_ids)
 
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     trainer.save_model(training_args.output_dir)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from latentsim.errors import BadInputError, ConfigError, UnavailableError
-from latentsim.prompts import INTERPRETATION_MARK
+from latentsim.prompts import INTERPRETATION_MARK, dense_judgment, dense_token_ids, get_format
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -121,19 +121,26 @@ class HFScorer:
     def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
         groups: dict[tuple, list[int]] = {}
         for i, messages in enumerate(prompts):
-            groups.setdefault(context_key(messages), []).append(i)
+            groups.setdefault(self.group_key(messages), []).append(i)
         out = np.zeros((len(prompts), len(self.answer_ids)), dtype=np.float32)
         was_training = self.model.training
         self.model.eval()
         try:
             for members in groups.values():
-                ids = [prompt_token_ids(self.tokenizer, prompts[i]) for i in members]
+                ids = [self.judgment_ids(prompts[i]) for i in members]
                 out[members] = self.score_group(ids)
                 if progress is not None:
                     progress.update(len(members))
         finally:
             self.model.train(was_training)
         return out
+
+    def group_key(self, messages: list[dict]) -> tuple:
+        return context_key(messages)
+
+    def judgment_ids(self, messages: list[dict]) -> list[int]:
+        """The token ids whose last position is read: the chat prompt with the generation prompt."""
+        return prompt_token_ids(self.tokenizer, messages)
 
     def score_group(self, ids: list[list[int]]) -> np.ndarray:
         """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV cache."""
@@ -165,6 +172,68 @@ class HFScorer:
         self.stats["judgments"] += len(ids)
         self.stats["prompt_tokens"] += sum(len(s) for s in ids)
         return torch.cat(results).cpu().numpy()
+
+
+class DenseScorer(HFScorer):
+    """A dense simulator (prompts.py: `sim_dense_v1`) scoring per-judgment prompts: each judgment is its
+    interpretation's header + the context up to the judged token, read at that token. An eval set's judgments
+    rarely share an interpretation (and their texts come after it), so there is no prefix to share: judgments go
+    through in right-padded batches of similar length (causal attention never lets a real token see the padding)."""
+
+    def __init__(self, model, tokenizer, answer_ids: list[int], batch_size: int = 32, fmt: str = "sim_dense_v1"):
+        super().__init__(model, tokenizer, answer_ids, batch_size)
+        self.fmt = fmt
+
+    @torch.no_grad()
+    def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
+        ids = [self.judgment_ids(m) for m in prompts]
+        decoder, head, softcap = _parts(self.model)
+        device = head.weight.device
+        answer = torch.tensor(self.answer_ids, device=device)
+        out = np.zeros((len(prompts), len(self.answer_ids)), dtype=np.float32)
+        order = np.argsort([len(s) for s in ids], kind="stable")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for a in range(0, len(order), self.batch_size):
+                members = order[a:a + self.batch_size]
+                width = max(len(ids[i]) for i in members)
+                batch = torch.tensor([ids[i] + [self.pad_id] * (width - len(ids[i])) for i in members], device=device)
+                hidden = decoder(input_ids=batch).last_hidden_state
+                last = torch.tensor([len(ids[i]) - 1 for i in members], device=device)
+                rows = hidden[torch.arange(len(members), device=device), last]
+                out[members] = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                self.stats["computed_tokens"] += len(members) * width
+                if progress is not None:
+                    progress.update(len(members))
+        finally:
+            self.model.train(was_training)
+        self.stats["judgments"] += len(ids)
+        self.stats["prompt_tokens"] += sum(len(s) for s in ids)
+        return out
+
+    def judgment_ids(self, messages: list[dict]) -> list[int]:
+        interpretation, text = dense_judgment(messages)
+        ids, (position,) = dense_token_ids(self.tokenizer, self.fmt, interpretation, text, [len(text)])
+        if position < 0:
+            raise BadInputError(f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
+                                "simulator cannot read this judgment.")
+        return ids[:position + 1]
+
+
+def naive_dense_logits(model, tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int],
+                       answer_ids: list[int]) -> np.ndarray:
+    """One full forward of a dense example; the answers' logits at every judged token ([n_tokens, n_answers], NaN
+    where unaligned): the exactness reference for DenseScorer and for training's label positions."""
+    ids, positions = dense_token_ids(tokenizer, fmt, interpretation, text, token_ends)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0][:, answer_ids].float().cpu().numpy()
+    out = np.full((len(positions), len(answer_ids)), np.nan, dtype=np.float32)
+    for i, p in enumerate(positions):
+        if p >= 0:
+            out[i] = logits[p]
+    return out
 
 
 @torch.no_grad()
@@ -287,6 +356,7 @@ class ModelPool:
         return load_tokenizer(sim.adapter if own else sim.base_model)
 
     def scorer(self, sim, tokenizer, answer_ids):
+        dense = bool(sim.prompt_format) and get_format(sim.prompt_format).dense  # vLLM: refused by the sweep
         if self.args.backend == "fake":
             return FakeScorer(answer_ids)
         if self.args.backend == "vllm":
@@ -310,6 +380,8 @@ class ModelPool:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(self.model, sim.adapter).eval()  # LoRA layers stay unmerged
+        if dense:
+            return DenseScorer(model, tokenizer, answer_ids, self.args.batch_size, sim.prompt_format)
         return HFScorer(model, tokenizer, answer_ids, self.args.batch_size)
 
     def release(self, scorer):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from latentsim.cache import SparseCache
 from latentsim.config import DatasetArguments, SAEArguments
 from latentsim.errors import ConfigError
-from latentsim.prompts import marked_context, render_completion, render_prompt
+from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
 from latentsim.reference import FIRING_RATE_FLOOR
 from latentsim.sae import load_sae
 
@@ -337,6 +337,8 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
                       if args.negative_sampling == "frequency_matched" else None)
     ctx_len = inputs.tokens.shape[1]
+    fmt = get_format(args.prompt_format)
+    judged_fmt = fmt.judges if fmt.dense else fmt.name  # dense rows also carry their judgment's prompt
     out = []
     for row in tqdm(rows.tolist(), desc=f"examples ({split})", unit="row"):
         # Distinct judged positions per row; the window [end - length + 1, end] never holds position 0.
@@ -352,6 +354,8 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
                 continue
             tok = inputs.subject_tokenizer
             context = marked_context(tok.decode(window[:-1].tolist()), tok.decode(window[-1:].tolist()))
+            dense = dense_window(tok, window, [inputs.index.at(row, p) for p in range(end - length + 1, end + 1)]) \
+                if fmt.dense else None
             for cand in candidates:
                 src = inputs.pick_interpretation(cand.latent, rng)
                 interpretation = inputs.interpretations[src][cand.latent]
@@ -361,8 +365,8 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
                 label = {"active": int(is_active), "activation_bin": a_bin, "quantile_bin": q_bin}[args.label]
                 score = inputs.scores[cand.latent] if inputs.scores is not None else None
                 out.append({
-                    "prompt": render_prompt(args.prompt_format, context, interpretation, score),
-                    "completion": render_completion(args.prompt_format, label),
+                    "prompt": render_prompt(judged_fmt, context, interpretation, score),
+                    "completion": render_completion(judged_fmt, label),
                     "latent": cand.latent, "row": row, "position": end, "window_start": end - length + 1,
                     "context": context, "context_ids": window.tolist(), "n_active": len(active),
                     "active": int(is_active), "activation": float(cand.activation),
@@ -370,8 +374,36 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
                     "interpretation": interpretation,
                     "interpretation_source": args.interpretations[src], "score": score,
                     "prompt_format": args.prompt_format,
+                    **(dense.labels_of(cand.latent) if dense else {}),
                 })
     return out
+
+
+@dataclass
+class DenseWindow:
+    """A context's text for dense formats: the decoded window, each subject token's character end in it (-1 where
+    a token's text is not a prefix extension, e.g. half of a multi-byte character: that token stays unlabelled),
+    and the active latents at each of its positions."""
+
+    text: str
+    token_ends: list[int]
+    active: list[dict[int, float]]
+
+    def labels_of(self, latent: int) -> dict:
+        """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1: none)."""
+        labels = [int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)]
+        return {"text": self.text, "token_ends": self.token_ends, "token_labels": labels,
+                "token_activations": [float(a.get(latent, 0.0)) for a in self.active]}
+
+
+def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) -> DenseWindow:
+    ids = window.tolist()
+    text = tokenizer.decode(ids)
+    ends = []
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[:i + 1])
+        ends.append(len(prefix) if text.startswith(prefix) and len(prefix) > max(ends + [0]) else -1)
+    return DenseWindow(text, ends, active)
 
 
 def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict:
@@ -380,6 +412,10 @@ def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict
         "examples": len(rows), "positives": sum(r["active"] for r in rows),
         "contexts": len({(r["row"], r["position"]) for r in rows}), "latents": len({r["latent"] for r in rows}),
         "latent_pool": len(pool), "rows": n_cache_rows, "candidates": dict(Counter(r["candidate"] for r in rows)),
+        **({"token_labels": sum(sum(v >= 0 for v in r["token_labels"]) for r in rows),
+            "token_positives": sum(sum(v == 1 for v in r["token_labels"]) for r in rows),
+            "tokens_unaligned": sum(sum(v < 0 for v in r["token_labels"]) for r in rows)}
+           if rows and "token_labels" in rows[0] else {}),
     }
 
 

@@ -8,6 +8,13 @@ the interpretation (+ the chat template's closing tokens) differs per judgment (
 
 The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
 unambiguous whatever tokenizer the simulator uses.
+
+Dense formats (`sim_dense_v1`) judge every token of a text in one forward pass: plain text, no chat template,
+the interpretation first (`dense_header`; its KV is shared by every text judged for that latent), then the text
+unmarked; the verdict for a token is read at the last simulator token that ends exactly where it ends (no
+simulator position ever reads a character of the next token), as the answer tokens' logits there. A dense
+simulator also scores the per-judgment eval sets of its `judges` format: a judgment is its context read up to
+the judged token (`dense_judgment`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ MARK_OPEN, MARK_CLOSE = "<<", ">>"
 TEXT_MARK = "\n\nText: "
 INTERPRETATION_MARK = "\n\nInterpretation: "
 SCORE_MARK = "\nInterpretation score: "
+DENSE_TEXT_MARK = "\nText:"  # dense formats: `<question> <interpretation>` + this + the text
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class PromptFormat:
     question: str          # the instruction that opens the user message
     answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
     label: str             # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
+    dense: bool = False    # a verdict at every text token (no chat template), see the module docstring
+    judges: str | None = None  # dense: the per-judgment format whose eval sets it scores
 
 
 SIM_V1 = PromptFormat(
@@ -47,7 +57,20 @@ SIM_VALUE_V1 = PromptFormat(
     answers=tuple(str(d) for d in range(10)),
     label="bin",
 )
-PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1)}
+# Why this layout: the interpretation comes first so its KV is computed once per latent and reused across texts;
+# the text follows unmarked (every token is judged, none is special); no chat template, whose closing tokens would
+# sit after the text and make the last token's position unlike the others'. The header is short and the answers
+# are the space-led words a text continues with: with the 40-token instruction of sim_v1 and bare "No"/"Yes", the
+# same 60-step CPU run reached per-context AUC 0.75 instead of 0.96 on 15 validation contexts (README, study).
+SIM_DENSE_V1 = PromptFormat(
+    name="sim_dense_v1",
+    question="Latent:",
+    answers=(" No", " Yes"),
+    label="active",
+    dense=True,
+    judges="sim_v1",
+)
+PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1, SIM_DENSE_V1)}
 
 
 def get_format(name: str) -> PromptFormat:
@@ -64,10 +87,49 @@ def marked_context(prefix: str, judged: str) -> str:
 def render_prompt(fmt: str, context: str, interpretation: str, score: float | None = None) -> list[dict]:
     """The prompt messages for one (context, latent) judgment. `context` comes from `marked_context`."""
     f = get_format(fmt)
+    if f.dense:
+        raise ConfigError(f"format {fmt} is dense: it has no per-judgment prompt (see dense_header).")
     text = f"{f.question}{TEXT_MARK}{context}{INTERPRETATION_MARK}{interpretation.strip()}"
     if score is not None:
         text += f"{SCORE_MARK}{score:.2f}"
     return [{"role": "user", "content": text}]
+
+
+def dense_header(fmt: str, interpretation: str) -> str:
+    """The text before the judged text in a dense format: `Latent: <interpretation>` and `Text:` on a new line."""
+    f = get_format(fmt)
+    if not f.dense:
+        raise ConfigError(f"format {fmt} is not dense.")
+    return f"{f.question} {interpretation.strip()}{DENSE_TEXT_MARK}"
+
+
+def dense_token_ids(tokenizer, fmt: str, interpretation: str, text: str,
+                    token_ends: list[int]) -> tuple[list[int], list[int]]:
+    """Simulator token ids of a dense example (header, then the text) and, per judged token (its character end
+    in `text`), the position its verdict is read at: the simulator token that ends exactly there, or -1 when none
+    does (that token would be read mid-way or together with the next one's characters: ambiguous, not guessed).
+    Needs a fast tokenizer (character offsets)."""
+    header = tokenizer(dense_header(fmt, interpretation), add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and header and header[-1] == tokenizer.eos_token_id:
+        header = header[:-1]  # tokenizers that close every sequence: the text continues it
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = {}
+    for j, (_, end) in enumerate(encoded["offset_mapping"]):
+        ends[end] = j  # the last simulator token ending at `end`
+    positions = [len(header) + ends[e] if e in ends else -1 for e in token_ends]
+    return header + list(encoded["input_ids"]), positions
+
+
+def dense_judgment(messages: list[dict]) -> tuple[str, str]:
+    """A per-judgment prompt (one user message of `judges` format) -> (interpretation, text up to and including
+    the judged token, unmarked): what a dense simulator reads for it."""
+    if len(messages) != 1:
+        raise BadInputError("a dense simulator reads one judgment per prompt (no few-shot examples).")
+    head, prefix, rest = split_context(messages[0]["content"])
+    judged, _, tail = rest[len(MARK_OPEN):].partition(MARK_CLOSE + INTERPRETATION_MARK)
+    if SCORE_MARK in tail:
+        raise BadInputError("a dense simulator does not read interpretation scores; score it without them.")
+    return tail, prefix + judged
 
 
 def render_completion(fmt: str, label: int) -> list[dict]:
@@ -92,6 +154,12 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
     must be a prefix of prompt+completion, or the label would be split or shifted.
     """
     f = get_format(fmt)
+    if f.dense:  # read at text positions, not after a chat prompt: each answer must be one token on its own
+        ids = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in f.answers]
+        if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+            raise BadInputError(f"format {fmt}: the answers {f.answers} are not distinct single tokens for this "
+                                "tokenizer; use another format.")
+        return [i[0] for i in ids]
     messages = render_prompt(fmt, marked_context("a", "b"), "c")
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from latentsim.backends import HFScorer, chat_template_sha256, probabilities
+from latentsim.backends import DenseScorer, HFScorer, chat_template_sha256, probabilities
 from latentsim.config import REFERENCE_BASELINES
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.eval_set import EvalSet
@@ -87,13 +87,24 @@ def baseline_simulator(spec: dict) -> Simulator:
                      shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"])
 
 
+def judged_format(fmt: str) -> str:
+    """The per-judgment format whose eval sets a simulator trained on `fmt` scores (a dense format's `judges`)."""
+    f = get_format(fmt)
+    return f.judges if f.dense else f.name
+
+
+def scorer_format(sim: Simulator, eval_format: str) -> str:
+    """The format whose answer tokens a simulator is read at: its own when dense, else the eval set's."""
+    return sim.prompt_format if sim.prompt_format and get_format(sim.prompt_format).dense else eval_format
+
+
 def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
     """Refuse a finetuned simulator trained with another prompt format or chat template than the eval's."""
     if sim.kind != "finetuned":
         return
-    if sim.prompt_format != eval_format:
+    if judged_format(sim.prompt_format) != eval_format:
         raise BadInputError(f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
-                         f"{eval_format!r}; build an eval set with prompt_format: {sim.prompt_format}.")
+                         f"{eval_format!r}; build an eval set with prompt_format: {judged_format(sim.prompt_format)}.")
     sha = chat_template_sha256(tokenizer)
     if sim.chat_template_sha256 and sim.chat_template_sha256 != sha:
         raise BadInputError(f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
@@ -190,6 +201,10 @@ def simulators_to_score(args, api=None) -> list[Simulator]:
             sim = run_simulators(folder, include_checkpoints=False)[-1]
             sim.name = f"{repo.replace('/', '--')}@{branch}"
             sims.append(sim)
+    for sim in sims:
+        if args.backend == "vllm" and get_format(sim.prompt_format).dense:
+            raise ConfigError(f"{sim.name}: dense simulators are scored with backend: hf (the vLLM backend reads a "
+                              "chat prompt's next token, not a verdict at a text position).")
     return sims + [baseline_simulator(b) for b in args.parsed_baselines]
 
 
@@ -236,7 +251,7 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     fmt = eval_set.prompt_format
     tokenizer = pool.tokenizer_for(sim)
     check_simulator(sim, tokenizer, fmt)
-    answer_ids = answer_token_ids(fmt, tokenizer)
+    answer_ids = answer_token_ids(scorer_format(sim, fmt), tokenizer)
     interpretations = (load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
                        if sim.interpretations else None)
     prefix = few_shot_messages(eval_set, sim.shots, args.seed, interpretations, sim.score)
@@ -348,6 +363,9 @@ def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_siz
         tokenizer = load_tokenizer(sim.adapter)
         check_simulator(sim, tokenizer, fmt)
         model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
+        if get_format(sim.prompt_format).dense:
+            ids = answer_token_ids(sim.prompt_format, tokenizer)
+            return DenseScorer(model, tokenizer, ids, batch_size, sim.prompt_format), sim.name
     return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref
 
 

@@ -17,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
-from latentsim.backends import HFScorer, probabilities
+from latentsim.backends import DenseScorer, HFScorer, probabilities
 from latentsim.config import SimScriptArguments
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.metrics import confusion_metrics, reliability, roc_auc
-from latentsim.prompts import drop_context_tokens
+from latentsim.prompts import dense_token_ids, drop_context_tokens
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a checkpoint folder
@@ -82,10 +82,52 @@ def check_prompt_format(dataset, prompt_format: str) -> None:
 
 
 def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int],
-                         batch_size: int = 16) -> np.ndarray:
+                         batch_size: int = 16, dense_format: str | None = None) -> np.ndarray:
     """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
-    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends)."""
-    return probabilities(HFScorer(model, tokenizer, answer_ids, batch_size).label_logits(prompts))
+    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends). A dense simulator
+    (`dense_format`) reads the same judgments at their judged token."""
+    scorer = (DenseScorer(model, tokenizer, answer_ids, batch_size, dense_format) if dense_format
+              else HFScorer(model, tokenizer, answer_ids, batch_size))
+    return probabilities(scorer.label_logits(prompts))
+
+
+def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
+    """Tokenize a dense split (latentsim.prompts.dense_token_ids): `input_ids` = header + text + one closing token,
+    and `labels` in the causal-LM convention (the verdict read at position p sits at p + 1) holding the answer
+    token of each aligned label, -100 elsewhere; `label_positions` keeps the positions for check_dense_supervision.
+    Labels whose token has no aligned simulator position are dropped and counted."""
+    closing = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    def tokenize(row):
+        ids, positions = dense_token_ids(tokenizer, fmt, row["interpretation"], row["text"], row["token_ends"])
+        labels, kept = [-100] * (len(ids) + 1), []
+        for p, y in zip(positions, row["token_labels"], strict=True):
+            if p >= 0 and y >= 0:
+                labels[p + 1] = answer_ids[y]
+                kept.append(p)
+        return {"input_ids": ids + [closing], "labels": labels, "label_positions": kept,
+                "unaligned": sum(1 for p, y in zip(positions, row["token_labels"], strict=True) if y >= 0 and p < 0)}
+
+    split = split.map(tokenize, desc="tokenizing dense examples")
+    longest = max(len(ids) for ids in split["input_ids"])
+    if max_length is not None and longest > max_length:
+        raise ConfigError(f"config key `max_length`: a dense example has {longest} tokens (> {max_length}); raise "
+                          "max_length or build shorter windows (window_max).")
+    return split, int(sum(split["unaligned"]))
+
+
+def check_dense_supervision(train_dataset, answer_ids: list[int]) -> None:
+    """Every tokenized dense example supervises exactly its aligned label positions (shifted by one) with answer
+    tokens, and nothing was cut off: a shifted or truncated label would train the wrong token's verdict."""
+    bad = []
+    for i, ex in enumerate(train_dataset):
+        supervised = [j for j, label in enumerate(ex["labels"]) if label != -100]
+        if (supervised != [p + 1 for p in ex["label_positions"]] or not supervised
+                or any(ex["labels"][j] not in answer_ids for j in supervised) or supervised[-1] >= len(ex["input_ids"])):
+            bad.append(i)
+    if bad:
+        raise BadInputError(f"{len(bad)} dense training examples (e.g. #{bad[:5]}) do not supervise their label "
+                            "positions with answer tokens; the tokenized data no longer lines up with the labels.")
 
 
 def answer_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -142,9 +184,10 @@ class SimulatorTrainer(SFTTrainer):
     """SFTTrainer whose evaluate() adds the simulator metrics (binary formats), from the answer tokens' logits
     only. `raw_eval` keeps the untokenized eval prompts and labels the metrics are computed on."""
 
-    def __init__(self, *args, answer_ids: list[int], binary: bool, eval_dataset=None, **kwargs):
+    def __init__(self, *args, answer_ids: list[int], binary: bool, eval_dataset=None, dense_format: str | None = None,
+                 **kwargs):
         super().__init__(*args, eval_dataset=eval_dataset, **kwargs)
-        self.answer_ids, self.binary = answer_ids, binary
+        self.answer_ids, self.binary, self.dense_format = answer_ids, binary, dense_format
         self.raw_eval = (eval_dataset.select_columns(["prompt", "active"]).to_dict()
                          if eval_dataset is not None else None)
 
@@ -152,12 +195,31 @@ class SimulatorTrainer(SFTTrainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # eval_loss
         if self.binary and self.raw_eval is not None:
             probs = answer_probabilities(self.model, self.processing_class, self.raw_eval["prompt"], self.answer_ids,
-                                         self.args.per_device_eval_batch_size)
+                                         self.args.per_device_eval_batch_size, self.dense_format)
             extra = answer_metrics(probs[:, 1], np.asarray(self.raw_eval["active"]))
             extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Dense formats: cross-entropy over the answers only (No/Yes) at every label position, which a verdict
+        per text token needs (most are No; full-vocabulary CE would spend its first steps moving mass onto the
+        answer tokens). Per-judgment formats: TRL's loss."""
+        if not self.dense_format:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        target = labels[:, 1:]
+        mask = target != -100
+        answer = torch.tensor(self.answer_ids, device=labels.device)
+        logits = outputs.logits[:, :-1][mask][:, answer].float()
+        truth = (target[mask][:, None] == answer[None]).float().argmax(1)
+        loss = torch.nn.functional.cross_entropy(logits, truth, reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank's labels (as TRL)
+        return (loss, outputs) if return_outputs else loss
 
 
 def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float:
@@ -168,8 +230,9 @@ def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.model.device)
     prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, trainer.args.per_device_eval_batch_size
-    diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs)
-                        - answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs)).max())
+    dense = trainer.dense_format
+    diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense)
+                        - answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs, dense)).max())
     if diff > 1e-4:
         raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model; not kept.")
     return diff

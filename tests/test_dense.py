@@ -1,0 +1,173 @@
+"""Dense simulators (sim_dense_v1): alignment across tokenizers, labels at the right positions, the dense dataset,
+training, and scoring equal to a naive forward."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import build_char_tokenizer, build_tiny_tokenizer, load_script, make_explained_cache, sft_args
+
+from latentsim.backends import DenseScorer, naive_dense_logits
+from latentsim.config import DatasetArguments, EvalArguments
+from latentsim.errors import BadInputError, ConfigError
+from latentsim.prompts import (
+    answer_token_ids,
+    dense_judgment,
+    dense_token_ids,
+    marked_context,
+    render_prompt,
+)
+from latentsim.training import check_dense_supervision, dense_features
+
+HOOK = "layers.1"
+FMT = "sim_dense_v1"
+
+
+def test_alignment_reads_the_simulator_token_that_ends_with_each_subject_token():
+    text = "the cat sat"
+    # Subject tokens "the", " cat", " sat" end at characters 3, 7, 11.
+    chars = build_char_tokenizer()
+    ids, positions = dense_token_ids(chars, FMT, "x", text, [3, 7, 11])
+    header = len(chars("Latent: x\nText:", add_special_tokens=True)["input_ids"])
+    assert positions == [header + 2, header + 6, header + 10]  # the last character of each word
+    assert [chars.convert_ids_to_tokens(ids[p]) for p in positions] == ["e", "t", "t"]
+    # Character-level subject tokens read by a word-level simulator: only word ends have a token ending there;
+    # a position inside a word would be read mid-way (or with the next characters): refused, never guessed.
+    words = build_tiny_tokenizer()
+    ids, positions = dense_token_ids(words, FMT, "x", text, list(range(1, 12)))
+    head = len(ids) - 3
+    assert positions == [-1, -1, head, -1, -1, -1, head + 1, -1, -1, -1, head + 2]
+
+
+def test_a_dense_judgment_is_its_context_up_to_the_judged_token():
+    messages = render_prompt("sim_v1", marked_context("the cat", " sat"), "the word sat")
+    assert dense_judgment(messages) == ("the word sat", "the cat sat")
+    with pytest.raises(BadInputError, match="few-shot"):
+        dense_judgment(messages + messages)
+    with pytest.raises(BadInputError, match="scores"):
+        dense_judgment(render_prompt("sim_v1", marked_context("a", " b"), "c", 0.5))
+    with pytest.raises(ConfigError, match="dense"):
+        render_prompt(FMT, "a<<b>>", "c")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """A cache, a dense training mixture and a per-judgment eval set sharing its held-out latents."""
+    root = tmp_path_factory.mktemp("dense")
+    make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    build = load_script("data_gen/build_dataset.py").main
+    common = dict(cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
+                  interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
+                  contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3)
+    build(DatasetArguments(**common, positives="top_k", top_k=3, prompt_format=FMT, output_dir=str(root / "dense")))
+    build(DatasetArguments(**common, positives="top_k", top_k=3, output_dir=str(root / "per_judgment")))
+    build(DatasetArguments(**common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")))
+    return root
+
+
+def test_dense_rows_label_every_window_token_from_the_cache(assets):
+    from latentsim.cache import load_cache
+
+    cache = load_cache(assets / "cache" / "latents", HOOK)
+    active = {(int(r), int(p), int(lat)) for r, p, lat in cache.locations.tolist()}
+    dense = pd.read_parquet(assets / "dense" / "train.parquet")
+    judged = pd.read_parquet(assets / "per_judgment" / "train.parquet")
+    # The same candidates and judgment prompts as the per-judgment mixture of the same seed.
+    assert dense[["latent", "row", "position", "active"]].equals(judged[["latent", "row", "position", "active"]])
+    assert dense["prompt"].map(lambda m: m[0]["content"]).equals(judged["prompt"].map(lambda m: m[0]["content"]))
+    positives = 0
+    for r in dense.itertuples():
+        start = r.window_start
+        expected = [int((r.row, start + i, r.latent) in active) for i in range(r.position - start + 1)]
+        assert list(r.token_labels) == expected
+        assert r.token_labels[-1] == r.active and r.text.endswith(r.context.split("<<")[-1][:-2])
+        assert [r.text[:e] for e in r.token_ends] == [" ".join(r.text.split(" ")[:i + 1]) for i in range(len(expected))]
+        positives += sum(expected[:-1])
+    assert positives > 0  # labels before the judged token carry signal too
+    stats = json.loads((assets / "dense" / "dataset_stats.json").read_text())["splits"]["train"]
+    assert stats["token_labels"] == sum(len(x) for x in dense["token_labels"]) and stats["tokens_unaligned"] == 0
+
+
+def test_labels_sit_one_after_the_position_that_reads_them(assets, tiny_model_dir):
+    """A planted label: the causal-LM label at p + 1 is the answer for the token ending at p (an off-by-one in
+    either direction would put it on a neighbour)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    no, yes = answer_token_ids(FMT, tok)
+    row = {"interpretation": "the word dog", "text": "the cat sat on", "token_ends": [3, 7, 11, 14],
+           "token_labels": [0, 1, -1, 0]}
+    split, unaligned = dense_features(Dataset.from_list([row]), tok, FMT, [no, yes], max_length=64)
+    ex = split[0]
+    assert unaligned == 0
+    supervised = {j: label for j, label in enumerate(ex["labels"]) if label != -100}
+    cat = ex["input_ids"].index(tok.convert_tokens_to_ids("cat"))
+    the = cat - 1
+    on = cat + 2
+    assert supervised == {the + 1: no, cat + 1: yes, on + 1: no}  # "sat" (-1) stays unlabelled
+    assert tok.convert_ids_to_tokens(ex["input_ids"][cat]) == "cat" and ex["label_positions"] == [the, cat, on]
+    check_dense_supervision(split, [no, yes])
+    shifted = split.map(lambda e: {"labels": [-100] + e["labels"][:-1]})
+    with pytest.raises(BadInputError, match="lines up"):
+        check_dense_supervision(shifted, [no, yes])
+    with pytest.raises(ConfigError, match="max_length"):
+        dense_features(Dataset.from_list([row]), tok, FMT, [no, yes], max_length=4)
+
+
+def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = answer_token_ids(FMT, tok)
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet").head(40)
+    prompts = [list(m) for m in test["prompt"]]
+    fast = DenseScorer(model, tok, ids, batch_size=7, fmt=FMT).label_logits(prompts)
+    naive = np.stack([naive_dense_logits(model, tok, FMT, *dense_judgment(m), [len(dense_judgment(m)[1])], ids)[-1]
+                      for m in prompts])
+    assert len({len(p[0]["content"]) for p in prompts}) > 1  # batches hold judgments of different lengths
+    assert np.abs(fast - naive).max() < 1e-4
+    # Every position of one dense forward equals reading each prefix on its own (causal: no look-ahead).
+    r = pd.read_parquet(assets / "dense" / "train.parquet").iloc[0]
+    full = naive_dense_logits(model, tok, FMT, r.interpretation, r.text, list(r.token_ends), ids)
+    each = [naive_dense_logits(model, tok, FMT, r.interpretation, r.text[:e], [e], ids)[-1] for e in r.token_ends]
+    assert np.abs(full - np.stack(each)).max() < 1e-4
+
+
+def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    load_script("train/sft.py").main(*sft_args(assets / "dense", tiny_model_dir, out,
+                                               script={"prompt_format": FMT}))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["prompt_format"] == FMT and results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    curve = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert np.mean(curve[-3:]) < np.mean(curve[:3])
+    # The sweep scores the dense simulator on the per-judgment eval set, with the dense scorer.
+    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
+                                                    output_dir=str(tmp_path / "eval"), batch_size=4,
+                                                    include_checkpoints=False))
+    root = tmp_path / "eval" / "eval_set"
+    record = json.loads((root / "run__final" / "results.json").read_text())
+    assert record["simulator"]["prompt_format"] == FMT
+    preds = pd.read_parquet(root / "run__final" / "predictions_test.parquet")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out)).eval()
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    m = list(test["prompt"].iloc[0])
+    interp, text = dense_judgment(m)
+    ids = answer_token_ids(FMT, tok)
+    expected = naive_dense_logits(model, tok, FMT, interp, text, [len(text)], ids)[-1]
+    assert np.allclose(preds.loc[0, ["logit_0", "logit_1"]].to_numpy(dtype=float), expected, atol=1e-4)
+    # vLLM cannot read verdicts at text positions: refused with the reason, not scored some other way.
+    with pytest.raises(ConfigError, match="backend: hf"):
+        load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
+                                                        output_dir=str(tmp_path / "eval_vllm"), backend="vllm",
+                                                        include_checkpoints=False))
