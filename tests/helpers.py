@@ -124,6 +124,23 @@ def sft_args(dataset_dir, model_dir, out, **overrides):
             ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
 
 
+def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
+    """`accelerate launch` train/sft.py (the quickstart recipe, shrunk) as a subprocess; checkpoint-4's state."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / config),
+           str(root / "train" / "sft.py"), "--config", str(root / "configs/sft/smollm2-135m_quickstart.yaml"),
+           "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
+           "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--max_length", "128", "--lora_r", "4",
+           "--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--logging_steps", "1", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+
+
 class FakeHubApi:
     """Records the huggingface_hub calls our thin upload function makes (no network)."""
 

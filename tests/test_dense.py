@@ -7,7 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import build_char_tokenizer, build_tiny_tokenizer, load_script, make_explained_cache, sft_args
+from helpers import (
+    build_char_tokenizer,
+    build_tiny_tokenizer,
+    load_script,
+    make_explained_cache,
+    run_accelerate,
+    sft_args,
+)
 
 from latentsim.backends import DenseScorer, naive_dense_logits
 from latentsim.config import DatasetArguments, EvalArguments
@@ -147,6 +154,8 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     curve = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert np.mean(curve[-3:]) < np.mean(curve[:3])
+    # A random tiny model gives No and Yes nearly equal logits: its first loss is the two-way CE, ~ln 2.
+    assert curve[0] == pytest.approx(np.log(2), abs=0.15)
     # The sweep scores the dense simulator on the per-judgment eval set, with the dense scorer.
     load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
                                                     output_dir=str(tmp_path / "eval"), batch_size=4,
@@ -171,3 +180,12 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
         load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
                                                         output_dir=str(tmp_path / "eval_vllm"), backend="vllm",
                                                         include_checkpoints=False))
+
+
+def test_dense_loss_is_scaled_right_under_ddp(assets, tiny_model_dir, tmp_path):
+    """Two CPU processes (gloo): each rank's loss is divided by the labels of every rank, then multiplied back by
+    the number of processes, so the logged loss stays the per-label mean (~ln 2 at the start), not half or twice it."""
+    state = run_accelerate("configs/accelerate/multi_cpu.yaml", assets / "dense", tiny_model_dir, tmp_path / "ddp",
+                           extra=["--prompt_format", FMT])
+    first = next(e for e in state["log_history"] if "loss" in e)
+    assert first["loss"] == pytest.approx(np.log(2), abs=0.15)

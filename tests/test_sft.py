@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_script, sft_args
+from helpers import load_script, run_accelerate, sft_args
 
 from latentsim.metrics import reliability, roc_auc
 from latentsim.prompts import split_context
@@ -175,21 +175,6 @@ def test_metrics_by_hand():
     assert roc_auc(p, y) == pytest.approx(5 / 6)  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
     assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
     assert reliability(np.array([0.95, 0.95]), np.array([1, 1]))["ece"] == pytest.approx(0.05)
-
-
-def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / config),
-           str(root / "train" / "sft.py"), "--config", str(root / "configs/sft/smollm2-135m_quickstart.yaml"),
-           "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-           "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--max_length", "128", "--lora_r", "4",
-           "--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--logging_steps", "1", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
 
 
 def test_accelerate_launch_ddp_on_two_cpu_processes(dataset_dir, tiny_model_dir, tmp_path):
