@@ -151,6 +151,8 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
                                                script={"prompt_format": FMT}))
     results = json.loads((out / "eval_results.json").read_text())
     assert results["prompt_format"] == FMT and results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
+    assert set(results["labels_unaligned"]) == {"train", "validation", "test"}  # word tokens align exactly
+    assert not any(results["labels_unaligned"].values()) and "contexts_truncated" not in results
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     curve = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert np.mean(curve[-3:]) < np.mean(curve[:3])

@@ -68,16 +68,19 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(output_dir, "sft", {"script": script_args, "training": training_args.to_dict(),
                          "model": model_args, "chat_template_sha256": template_sha}, training_args.seed)
-    fmt, truncated = get_format(script_args.prompt_format), {}
+    # Per split, what fitting the examples changed: contexts shortened from the left to fit max_length, or for
+    # dense formats (tokenized here, a label at every aligned text token) the labels without an aligned position.
+    fmt, changed = get_format(script_args.prompt_format), {}
+    changed_key = "labels_unaligned" if fmt.dense else "contexts_truncated"
     for split in list(dataset):
-        if fmt.dense:  # tokenized here: a label at every aligned text token (`truncated` counts unaligned ones)
-            dataset[split], truncated[split] = dense_features(dataset[split], tokenizer, fmt.name, answer_ids,
-                                                              training_args.max_length)
+        if fmt.dense:
+            dataset[split], changed[split] = dense_features(dataset[split], tokenizer, fmt.name, answer_ids,
+                                                            training_args.max_length)
         else:
-            dataset[split], truncated[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
-    if any(truncated.values()):
-        logger.warning("%s: %s", "token labels without an aligned simulator position (dropped)" if fmt.dense else
-                       f"contexts shortened from the left to fit max_length={training_args.max_length}", truncated)
+            dataset[split], changed[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
+    if any(changed.values()):
+        logger.warning("%s (max_length=%s, labels untouched or dropped, never shifted): %s", changed_key,
+                       training_args.max_length, changed)
     eval_dataset = dataset["validation"] if "validation" in dataset else None
     if eval_dataset is not None and script_args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
@@ -112,7 +115,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     base_model = describe_model_source(model_args.model_name_or_path)
     atomic_write_json(output_dir / "eval_results.json",
                       {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
-                       "global_step": trainer.state.global_step, "contexts_truncated": truncated,
+                       "global_step": trainer.state.global_step, changed_key: changed,
                        "chat_template_sha256": template_sha, "base_model": base_model})
     atomic_write_text(output_dir / "README.md",
                       adapter_card(base_model.get("hub_equivalent", model_args.model_name_or_path),

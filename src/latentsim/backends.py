@@ -121,26 +121,19 @@ class HFScorer:
     def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
         groups: dict[tuple, list[int]] = {}
         for i, messages in enumerate(prompts):
-            groups.setdefault(self.group_key(messages), []).append(i)
+            groups.setdefault(context_key(messages), []).append(i)
         out = np.zeros((len(prompts), len(self.answer_ids)), dtype=np.float32)
         was_training = self.model.training
         self.model.eval()
         try:
             for members in groups.values():
-                ids = [self.judgment_ids(prompts[i]) for i in members]
+                ids = [prompt_token_ids(self.tokenizer, prompts[i]) for i in members]
                 out[members] = self.score_group(ids)
                 if progress is not None:
                     progress.update(len(members))
         finally:
             self.model.train(was_training)
         return out
-
-    def group_key(self, messages: list[dict]) -> tuple:
-        return context_key(messages)
-
-    def judgment_ids(self, messages: list[dict]) -> list[int]:
-        """The token ids whose last position is read: the chat prompt with the generation prompt."""
-        return prompt_token_ids(self.tokenizer, messages)
 
     def score_group(self, ids: list[list[int]]) -> np.ndarray:
         """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV cache."""
@@ -213,12 +206,20 @@ class DenseScorer(HFScorer):
         return out
 
     def judgment_ids(self, messages: list[dict]) -> list[int]:
+        """The dense ids of one judgment, up to and including the simulator token that reads the judged token."""
         interpretation, text = dense_judgment(messages)
         ids, (position,) = dense_token_ids(self.tokenizer, self.fmt, interpretation, text, [len(text)])
         if position < 0:
             raise BadInputError(f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
                                 "simulator cannot read this judgment.")
         return ids[:position + 1]
+
+
+def hf_scorer(model, tokenizer, answer_ids: list[int], batch_size: int, trained_format: str | None = None) -> HFScorer:
+    """The hf scorer for a simulator trained on `trained_format`: DenseScorer for a dense format, else HFScorer."""
+    if trained_format and get_format(trained_format).dense:
+        return DenseScorer(model, tokenizer, answer_ids, batch_size, trained_format)
+    return HFScorer(model, tokenizer, answer_ids, batch_size)
 
 
 def naive_dense_logits(model, tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int],
@@ -356,7 +357,6 @@ class ModelPool:
         return load_tokenizer(sim.adapter if own else sim.base_model)
 
     def scorer(self, sim, tokenizer, answer_ids):
-        dense = bool(sim.prompt_format) and get_format(sim.prompt_format).dense  # vLLM: refused by the sweep
         if self.args.backend == "fake":
             return FakeScorer(answer_ids)
         if self.args.backend == "vllm":
@@ -380,9 +380,7 @@ class ModelPool:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(self.model, sim.adapter).eval()  # LoRA layers stay unmerged
-        if dense:
-            return DenseScorer(model, tokenizer, answer_ids, self.args.batch_size, sim.prompt_format)
-        return HFScorer(model, tokenizer, answer_ids, self.args.batch_size)
+        return hf_scorer(model, tokenizer, answer_ids, self.args.batch_size, sim.prompt_format)  # vLLM refuses dense ones
 
     def release(self, scorer):
         if self.args.backend == "hf" and hasattr(scorer.model, "unload"):

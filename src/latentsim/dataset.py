@@ -399,10 +399,12 @@ class DenseWindow:
 def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) -> DenseWindow:
     ids = window.tolist()
     text = tokenizer.decode(ids)
-    ends = []
+    ends, last = [], 0
     for i in range(len(ids)):
         prefix = tokenizer.decode(ids[:i + 1])
-        ends.append(len(prefix) if text.startswith(prefix) and len(prefix) > max(ends + [0]) else -1)
+        aligned = text.startswith(prefix) and len(prefix) > last
+        ends.append(len(prefix) if aligned else -1)
+        last = len(prefix) if aligned else last
     return DenseWindow(text, ends, active)
 
 

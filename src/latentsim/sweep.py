@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from latentsim.backends import DenseScorer, HFScorer, chat_template_sha256, probabilities
+from latentsim.backends import HFScorer, chat_template_sha256, hf_scorer, probabilities
 from latentsim.config import REFERENCE_BASELINES
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.eval_set import EvalSet
@@ -363,10 +363,9 @@ def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_siz
         tokenizer = load_tokenizer(sim.adapter)
         check_simulator(sim, tokenizer, fmt)
         model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
-        if get_format(sim.prompt_format).dense:
-            ids = answer_token_ids(sim.prompt_format, tokenizer)
-            return DenseScorer(model, tokenizer, ids, batch_size, sim.prompt_format), sim.name
-    return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), sim.name if sim else ref
+        ids = answer_token_ids(scorer_format(sim, fmt), tokenizer)
+        return hf_scorer(model, tokenizer, ids, batch_size, sim.prompt_format), sim.name
+    return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), ref
 
 
 # The sweep's files: `<root>/<simulator>/results.json` per simulator (latentsim.io.write_results) and

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
-from latentsim.backends import DenseScorer, HFScorer, probabilities
+from latentsim.backends import hf_scorer, probabilities
 from latentsim.config import SimScriptArguments
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.metrics import confusion_metrics, reliability, roc_auc
@@ -86,9 +86,7 @@ def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids
     """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
     the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends). A dense simulator
     (`dense_format`) reads the same judgments at their judged token."""
-    scorer = (DenseScorer(model, tokenizer, answer_ids, batch_size, dense_format) if dense_format
-              else HFScorer(model, tokenizer, answer_ids, batch_size))
-    return probabilities(scorer.label_logits(prompts))
+    return probabilities(hf_scorer(model, tokenizer, answer_ids, batch_size, dense_format).label_logits(prompts))
 
 
 def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
@@ -100,13 +98,16 @@ def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length
 
     def tokenize(row):
         ids, positions = dense_token_ids(tokenizer, fmt, row["interpretation"], row["text"], row["token_ends"])
-        labels, kept = [-100] * (len(ids) + 1), []
+        labels, kept, unaligned = [-100] * (len(ids) + 1), [], 0
         for p, y in zip(positions, row["token_labels"], strict=True):
-            if p >= 0 and y >= 0:
-                labels[p + 1] = answer_ids[y]
-                kept.append(p)
-        return {"input_ids": ids + [closing], "labels": labels, "label_positions": kept,
-                "unaligned": sum(1 for p, y in zip(positions, row["token_labels"], strict=True) if y >= 0 and p < 0)}
+            if y < 0:  # unlabelled by build_dataset already
+                continue
+            if p < 0:
+                unaligned += 1
+                continue
+            labels[p + 1] = answer_ids[y]
+            kept.append(p)
+        return {"input_ids": ids + [closing], "labels": labels, "label_positions": kept, "unaligned": unaligned}
 
     split = split.map(tokenize, desc="tokenizing dense examples")
     longest = max(len(ids) for ids in split["input_ids"])
