@@ -15,12 +15,19 @@ from pathlib import Path
 
 import torch
 
-from latentsim.bench import bench_cache, bench_patch_kl, bench_scoring, bench_sft, matmul_gflops
+from latentsim.bench import (
+    bench_cache,
+    bench_dense_scoring,
+    bench_patch_kl,
+    bench_scoring,
+    bench_sft,
+    matmul_gflops,
+)
 from latentsim.cli import run
 from latentsim.config import BenchArguments, SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
-from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+from latentsim.prompts import answer_token_ids, dense_header_ids, marked_context, render_prompt
 from latentsim.sae import load_sae
 
 # The config dataclasses this script parses.
@@ -66,6 +73,28 @@ def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[l
     return prompts
 
 
+def whole_layer_inputs(eval_set: Path, tokenizer, n_latents: int, n_tokens: int):
+    """Interpretations of one dense header length (the quickstart eval set's when it exists, else token-list-like
+    ones) and the first `n_tokens` tokens of TEXT with each token's character end."""
+    import random
+
+    if (eval_set / "test.parquet").is_file():
+        import pandas as pd
+
+        interpretations = pd.read_parquet(eval_set / "test.parquet")["interpretation"].drop_duplicates().tolist()
+    else:
+        rng = random.Random(0)
+        interpretations = [", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
+                           for _ in range(2048)]
+    by_length = {}
+    for i in interpretations:
+        by_length.setdefault(len(dense_header_ids(tokenizer, "sim_dense_v1", i)), []).append(i)
+    chosen = max(by_length.values(), key=len)[:n_latents]
+    encoded = tokenizer(" ".join(TEXT), add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"][:n_tokens]]
+    return chosen, " ".join(TEXT)[:ends[-1]], ends
+
+
 def main(args: BenchArguments) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -104,6 +133,21 @@ def main(args: BenchArguments) -> None:
           f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
           f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
           f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})", flush=True)
+    interpretations, text, ends = whole_layer_inputs(Path(args.eval_set), tokenizer, args.whole_layer_latents,
+                                                     args.whole_layer_tokens)
+    step = max(1, len(ends) // args.whole_layer_sim_v1_positions)
+    dense = bench_dense_scoring(model, tokenizer, interpretations, text, ends,
+                                list(range(step - 1, len(ends), step))[:args.whole_layer_sim_v1_positions],
+                                calibration_gflops=calibration)
+    results.append(dense)
+    print(f"[bench] {dense['name']}: dense with KV reuse {dense['ratio_vs_sim_v1_prefix_shared']:.1f}x prefix-shared "
+          f"sim_v1, {dense['ratio_vs_naive']:.1f}x one dense forward per judgment "
+          f"({dense['judgments_per_s']['dense_kv_shared']:.0f} vs {dense['judgments_per_s']['sim_v1_prefix_shared']:.1f} "
+          f"vs {dense['judgments_per_s']['dense_per_position']:.1f} judgments/s; "
+          f"{dense['computed_tokens_per_judgment']['dense_kv_shared']:.2f} vs "
+          f"{dense['computed_tokens_per_judgment']['sim_v1_prefix_shared']:.0f} tokens computed per judgment), "
+          f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: {dense['exact']} "
+          f"(max |delta margin| {dense['max_abs_diff_margin']:.1e})", flush=True)
     patch_rows = rows[:args.patch_rows, :args.patch_len].clone()
     patch_rows[:, 0] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else patch_rows[:, 0]
     patch = bench_patch_kl(model, cases[0][2], patch_rows, layer, n_variants=args.patch_variants,

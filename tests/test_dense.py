@@ -145,6 +145,53 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
     assert np.abs(full - np.stack(each)).max() < 1e-4
 
 
+def test_whole_layer_scores_equal_one_forward_per_judgment(tiny_model_dir):
+    """text_logits (each header's KV reused across texts, latents batched by header length) equals reading each
+    (latent, token) on its own; unaligned tokens stay NaN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = answer_token_ids(FMT, tok)
+    interpretations = ["cat", "red blue", "dog", "one two three four", "the mat", "tree"]
+    texts = [("the cat sat on a mat", [3, 7, 11, 14, 16, 20]), ("a dog ran far", [1, 5, 8, 13]),
+             ("big red house", [3, 5, 6, 13])]  # characters 5 and 6 end inside "red": no simulator token ends there
+    scorer = DenseScorer(model, tok, ids, batch_size=2, fmt=FMT)
+    out = scorer.text_logits(interpretations, texts)
+    assert [o.shape for o in out] == [(6, 6, 2), (6, 4, 2), (6, 4, 2)]
+    for (text, ends), got in zip(texts, out, strict=True):
+        for i, interp in enumerate(interpretations):
+            expected = naive_dense_logits(model, tok, FMT, interp, text, ends, ids)
+            assert np.array_equal(np.isnan(got[i]), np.isnan(expected))
+            each = [naive_dense_logits(model, tok, FMT, interp, text[:e], [e], ids)[-1] if not np.isnan(expected[j, 0])
+                    else [np.nan, np.nan] for j, e in enumerate(ends)]
+            assert np.nanmax(np.abs(got[i] - np.array(each))) < 1e-4
+    assert np.isnan(out[2][:, 1:3]).all() and not np.isnan(out[2][:, [0, 3]]).any()
+    judged = sum(np.isfinite(o[..., 0]).sum() for o in out)
+    assert scorer.stats["judgments"] == judged
+    # Every header once, every text once per latent: far fewer tokens than one forward per judgment.
+    headers = sum(len(tok(f"Latent: {i}\nText:")["input_ids"]) for i in interpretations)
+    text_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t, _ in texts)
+    assert scorer.stats["computed_tokens"] == headers + len(interpretations) * text_tokens
+
+
+def test_bench_whole_layer_checks_exactness(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentsim.bench import bench_dense_scoring
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    text, ends = "the cat sat on a mat", [3, 7, 11, 14, 16, 20]
+    result = bench_dense_scoring(model, tok, ["cat", "dog", "mat"], text, ends, [1, 4], batch_size=4, repeats=1,
+                                 calibration_gflops=1.0)
+    assert result["exact"] is True and result["max_abs_diff_margin"] < 1e-4
+    assert set(result["judgments_per_s"]) == {"dense_kv_shared", "dense_per_position", "sim_v1_prefix_shared"}
+    per = result["computed_tokens_per_judgment"]
+    assert per["dense_kv_shared"] < per["sim_v1_prefix_shared"] and per["dense_kv_shared"] < per["dense_per_position"]
+
+
 def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     load_script("train/sft.py").main(*sft_args(assets / "dense", tiny_model_dir, out,

@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from latentsim.errors import BadInputError, ConfigError, UnavailableError
-from latentsim.prompts import INTERPRETATION_MARK, dense_judgment, dense_token_ids, get_format
+from latentsim.prompts import (
+    INTERPRETATION_MARK,
+    dense_header_ids,
+    dense_judgment,
+    dense_text_ids,
+    dense_token_ids,
+    get_format,
+)
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -203,6 +210,52 @@ class DenseScorer(HFScorer):
             self.model.train(was_training)
         self.stats["judgments"] += len(ids)
         self.stats["prompt_tokens"] += sum(len(s) for s in ids)
+        return out
+
+    @torch.no_grad()
+    def text_logits(self, interpretations: list[str], texts: list[tuple[str, list[int]]],
+                    progress=None) -> list[np.ndarray]:
+        """Every latent's verdict at every judged token of every text: per text (its string and the character end
+        of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where unaligned.
+
+        Each interpretation's header goes through the model once; its KV is reused for every text. Latents whose
+        headers have the same token length share a batch (no padding anywhere), the text repeated over the
+        batch, and only the aligned positions meet the answer rows of the output embedding."""
+        decoder, head, softcap = _parts(self.model)
+        device = head.weight.device
+        answer = torch.tensor(self.answer_ids, device=device)
+        encoded = [dense_text_ids(self.tokenizer, text, ends) for text, ends in texts]
+        out = [np.full((len(interpretations), len(ends), len(self.answer_ids)), np.nan, dtype=np.float32)
+               for _, ends in texts]
+        headers = [dense_header_ids(self.tokenizer, self.fmt, i) for i in interpretations]
+        by_length: dict[int, list[int]] = {}
+        for i, h in enumerate(headers):
+            by_length.setdefault(len(h), []).append(i)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for length, members in sorted(by_length.items()):
+                for a in range(0, len(members), self.batch_size):
+                    chunk = members[a:a + self.batch_size]
+                    header = decoder(input_ids=torch.tensor([headers[i] for i in chunk], device=device), use_cache=True)
+                    header_cache = header.cache if "cache" in header else header.past_key_values
+                    self.stats["computed_tokens"] += len(chunk) * length
+                    for t, (ids, positions) in enumerate(encoded):
+                        judged = [j for j, p in enumerate(positions) if p >= 0]
+                        batch = torch.tensor([ids], device=device).expand(len(chunk), -1)
+                        at = torch.arange(length, length + len(ids), device=device).expand(len(chunk), -1)
+                        hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
+                                         **{cache_keyword(decoder): copy.deepcopy(header_cache)}).last_hidden_state
+                        rows = hidden[:, [positions[j] for j in judged]]
+                        logits = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                        out[t][np.ix_(chunk, judged)] = logits
+                        self.stats["computed_tokens"] += len(chunk) * len(ids)
+                        self.stats["judgments"] += len(chunk) * len(judged)
+                        self.stats["prompt_tokens"] += len(chunk) * (length + len(ids))
+                        if progress is not None:
+                            progress.update(len(chunk) * len(judged))
+        finally:
+            self.model.train(was_training)
         return out
 
     def judgment_ids(self, messages: list[dict]) -> list[int]:

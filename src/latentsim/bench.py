@@ -271,3 +271,62 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
         "max_abs_diff_kl": max_diff,
         **speed_fields(gflops, calibration, times, repeats),
     }
+
+
+def bench_dense_scoring(model, tokenizer, interpretations: list[str], text: str, token_ends: list[int],
+                        sim_v1_positions: list[int], batch_size: int = 64, repeats: int = 2,
+                        calibration_gflops: float | None = None) -> dict:
+    """Whole-layer judging: every latent at every token of a text. The dense format with each interpretation's KV
+    reused (`DenseScorer.text_logits`) vs today's prefix-shared sim_v1 scoring and vs the naive dense way (one
+    forward per judgment: header + text up to the judged token), on the same (latent, token) pairs.
+
+    The dense scorer judges all latents x all tokens; the per-judgment variants judge all latents at the tokens
+    `sim_v1_positions` (their cost per judgment does not depend on how many positions: each position is its own
+    context). Ratios are judgments/s. Exactness: the dense scores equal the naive per-position forwards
+    (|delta (logit yes - logit no)| < 1e-4, fp32) on every pair both judged."""
+    from latentsim.backends import DenseScorer, HFScorer
+    from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+
+    dense_ids, sim_ids = answer_token_ids("sim_dense_v1", tokenizer), answer_token_ids("sim_v1", tokenizer)
+    starts = [0] + token_ends[:-1]
+    prompts = [render_prompt("sim_v1", marked_context(text[:starts[t]], text[starts[t]:token_ends[t]]), i)
+               for t in sim_v1_positions for i in interpretations]
+    dense = DenseScorer(model, tokenizer, dense_ids, batch_size)
+    naive = DenseScorer(model, tokenizer, dense_ids, batch_size)  # its per-judgment path: one forward per judgment
+    sim_v1 = HFScorer(model, tokenizer, sim_ids, batch_size)
+    outputs = {}
+    variants = {
+        "dense_kv_shared": lambda: outputs.__setitem__("dense_kv_shared",
+                                                       dense.text_logits(interpretations, [(text, token_ends)])[0]),
+        "dense_per_position": lambda: outputs.__setitem__("dense_per_position", naive.label_logits(prompts)),
+        "sim_v1_prefix_shared": lambda: outputs.__setitem__("sim_v1_prefix_shared", sim_v1.label_logits(prompts)),
+    }
+    times = interleaved_timings(variants, repeats)
+    n_all, n_sub = len(interpretations) * len(token_ends), len(prompts)
+    per_s = {"dense_kv_shared": n_all / statistics.median(times["dense_kv_shared"]),
+             "dense_per_position": n_sub / statistics.median(times["dense_per_position"]),
+             "sim_v1_prefix_shared": n_sub / statistics.median(times["sim_v1_prefix_shared"])}
+    kv = outputs["dense_kv_shared"][:, sim_v1_positions]  # [latents, positions, 2]
+    kv_margin = (kv[..., 1] - kv[..., 0]).T.reshape(-1)  # position-major, like the prompts
+    naive_out = outputs["dense_per_position"]
+    max_diff = float(np.abs(kv_margin - (naive_out[:, 1] - naive_out[:, 0])).max())
+    runs = repeats + 1
+    computed = {"dense_kv_shared": dense.stats["computed_tokens"] / runs / n_all,
+                "dense_per_position": naive.stats["computed_tokens"] / runs / n_sub,
+                "sim_v1_prefix_shared": sim_v1.stats["computed_tokens"] / runs / n_sub}
+    n_nonembed = non_embedding_parameters(model)
+    calibration = calibration_gflops or matmul_gflops()
+    gflops = 2 * n_nonembed * computed["dense_kv_shared"] * per_s["dense_kv_shared"] / 1e9
+    return {
+        "name": f"score_whole_layer[{len(interpretations)} latents x {len(token_ends)} tokens of one text]",
+        "ratio_vs_naive": per_s["dense_kv_shared"] / per_s["dense_per_position"],
+        "ratio_vs_sim_v1_prefix_shared": per_s["dense_kv_shared"] / per_s["sim_v1_prefix_shared"],
+        "naive": "the dense format read one judgment per forward (header + text up to the judged token)",
+        "judgments_per_s": per_s,
+        "computed_tokens_per_judgment": computed,
+        "exact": max_diff < 1e-4,
+        "exactness_check": "|delta(logit_yes - logit_no)| KV-shared dense vs one forward per judgment < 1e-4 (fp32), "
+                           f"on {n_sub} pairs",
+        "max_abs_diff_margin": max_diff,
+        **speed_fields(gflops, calibration, times, repeats),
+    }

@@ -103,21 +103,34 @@ def dense_header(fmt: str, interpretation: str) -> str:
     return f"{f.question} {interpretation.strip()}{DENSE_TEXT_MARK}"
 
 
-def dense_token_ids(tokenizer, fmt: str, interpretation: str, text: str,
-                    token_ends: list[int]) -> tuple[list[int], list[int]]:
-    """Simulator token ids of a dense example (header, then the text) and, per judged token (its character end
-    in `text`), the position its verdict is read at: the simulator token that ends exactly there, or -1 when none
-    does (that token would be read mid-way or together with the next one's characters: ambiguous, not guessed).
-    Needs a fast tokenizer (character offsets)."""
+def dense_header_ids(tokenizer, fmt: str, interpretation: str) -> list[int]:
+    """Simulator token ids of a dense header (with the tokenizer's leading special tokens): the part of every
+    dense example that depends only on the latent, so its KV can be computed once and reused across texts."""
     header = tokenizer(dense_header(fmt, interpretation), add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None and header and header[-1] == tokenizer.eos_token_id:
         header = header[:-1]  # tokenizers that close every sequence: the text continues it
+    return list(header)
+
+
+def dense_text_ids(tokenizer, text: str, token_ends: list[int]) -> tuple[list[int], list[int]]:
+    """Simulator token ids of a dense text (tokenized on its own, after the header) and, per judged token (its
+    character end in `text`), the text position its verdict is read at: the simulator token that ends exactly
+    there, or -1 when none does (that token would be read mid-way or together with the next one's characters:
+    ambiguous, not guessed). Needs a fast tokenizer (character offsets)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ends = {}
     for j, (_, end) in enumerate(encoded["offset_mapping"]):
         ends[end] = j  # the last simulator token ending at `end`
-    positions = [len(header) + ends[e] if e in ends else -1 for e in token_ends]
-    return header + list(encoded["input_ids"]), positions
+    return list(encoded["input_ids"]), [ends.get(e, -1) for e in token_ends]
+
+
+def dense_token_ids(tokenizer, fmt: str, interpretation: str, text: str,
+                    token_ends: list[int]) -> tuple[list[int], list[int]]:
+    """Simulator token ids of a dense example (header, then the text) and, per judged token, the position of the
+    whole sequence its verdict is read at (-1 when unaligned; see dense_text_ids)."""
+    header = dense_header_ids(tokenizer, fmt, interpretation)
+    ids, positions = dense_text_ids(tokenizer, text, token_ends)
+    return header + ids, [len(header) + p if p >= 0 else -1 for p in positions]
 
 
 def dense_judgment(messages: list[dict]) -> tuple[str, str]:

@@ -27,9 +27,15 @@ class BenchArguments:
     patch_rows: int = field(default=4, metadata={"help": "Patched KL: contexts."})
     patch_len: int = field(default=64, metadata={"help": "Patched KL: tokens per context."})
     patch_variants: int = field(default=8, metadata={"help": "Patched KL: latent variants per context."})
+    whole_layer_latents: int = field(default=64, metadata={"help": "Whole-layer judging: latents (of one header "
+                                                                         "length, as batches are in a whole run)."})
+    whole_layer_tokens: int = field(default=64, metadata={"help": "Whole-layer judging: tokens of the text."})
+    whole_layer_sim_v1_positions: int = field(default=4, metadata={"help": "Whole-layer judging: tokens the "
+                                                                             "per-judgment variants judge."})
     output: str = field(default="outputs/bench/results.json", metadata={"help": "Where the results go."})
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
         _require_positive(self, "rows", "ctx_len", "batch_size", "wide_d_sae", "score_contexts", "score_latents",
-                          "patch_rows", "patch_len", "patch_variants")
+                          "patch_rows", "patch_len", "patch_variants",
+                          "whole_layer_latents", "whole_layer_tokens", "whole_layer_sim_v1_positions")
