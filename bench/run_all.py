@@ -22,12 +22,13 @@ from latentsim.bench import (
     bench_scoring,
     bench_sft,
     matmul_gflops,
+    whole_layer_inputs,
 )
 from latentsim.cli import run
 from latentsim.config import BenchArguments, SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
-from latentsim.prompts import answer_token_ids, dense_header_ids, marked_context, render_prompt
+from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 from latentsim.sae import load_sae
 
 # The config dataclasses this script parses.
@@ -73,28 +74,6 @@ def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[l
     return prompts
 
 
-def whole_layer_inputs(eval_set: Path, tokenizer, n_latents: int, n_tokens: int):
-    """Interpretations of one dense header length (the quickstart eval set's when it exists, else token-list-like
-    ones) and the first `n_tokens` tokens of TEXT with each token's character end."""
-    import random
-
-    if (eval_set / "test.parquet").is_file():
-        import pandas as pd
-
-        interpretations = pd.read_parquet(eval_set / "test.parquet")["interpretation"].drop_duplicates().tolist()
-    else:
-        rng = random.Random(0)
-        interpretations = [", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
-                           for _ in range(2048)]
-    by_length = {}
-    for i in interpretations:
-        by_length.setdefault(len(dense_header_ids(tokenizer, "sim_dense_v1", i)), []).append(i)
-    chosen = max(by_length.values(), key=len)[:n_latents]
-    encoded = tokenizer(" ".join(TEXT), add_special_tokens=False, return_offsets_mapping=True)
-    ends = [end for _, end in encoded["offset_mapping"][:n_tokens]]
-    return chosen, " ".join(TEXT)[:ends[-1]], ends
-
-
 def main(args: BenchArguments) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -134,7 +113,7 @@ def main(args: BenchArguments) -> None:
           f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
           f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})", flush=True)
     interpretations, text, ends = whole_layer_inputs(Path(args.eval_set), tokenizer, args.whole_layer_latents,
-                                                     args.whole_layer_tokens)
+                                                     args.whole_layer_tokens, TEXT)
     step = max(1, len(ends) // args.whole_layer_sim_v1_positions)
     dense = bench_dense_scoring(model, tokenizer, interpretations, text, ends,
                                 list(range(step - 1, len(ends), step))[:args.whole_layer_sim_v1_positions],

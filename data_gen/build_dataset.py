@@ -68,6 +68,9 @@ def main(args: DatasetArguments, api=None) -> None:
         "latents_with_interpretation": len(explained), "latents_without_interpretation": cache.width - len(explained),
         "active_without_interpretation": report.active_without_interpretation,
         "negatives_short": report.negatives_short, "prompt_format": args.prompt_format, "label": args.label,
+        "candidates": args.candidates,
+        **({"contexts_per_latent": args.contexts_per_latent, "latents_never_active": report.latents_never_active}
+           if args.candidates == "per_latent" else {}),
         **negative_sampling_summary(args, report),
     }
     atomic_write_json(out / "dataset_stats.json", summary)

@@ -46,6 +46,8 @@ def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str
                  "accuracy_vs_strength": figures.accuracy_vs_strength(records),
                  "accuracy_vs_score": figures.accuracy_vs_score(records),
                  "decoder_alignment": figures.decoder_alignment(records), "checkpoints": figures.checkpoints(records)}
+    elif "per_latent" in results:  # latent-major: one table of per-latent numbers
+        drawn = {}
     else:
         drawn = {"value_vs_activation": figures.value_vs_activation(records)}
     imgs = [figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png") for key, fig in drawn.items() if fig is not None]
@@ -55,7 +57,8 @@ def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str
             f"{results['n_contexts']} contexts, {results['n_judgments']} judgments per simulator")
     if binary:
         info += f", dictionary width {results['width']}, SAE L0 {results['l0']:.1f}"
-    return (f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over contexts unless marked pooled.</p>"
+    over = "contexts" if binary or "per_latent" not in results else "latents (latent-major eval set)"
+    return (f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked pooled.</p>"
             f"{table_html(rows)}{''.join(imgs)}")
 
 

@@ -110,8 +110,9 @@ def print_evaluation(run_dir: Path) -> None:
     for folder in eval_sets:
         if (summary := read_summary(folder)) is not None:
             rows = summary["rows"]
+            per = "per-latent" if summary.get("candidates") == "per_latent" else "per-context"
             print_table(f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
-                        f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; per-context medians)", sweep_lines(rows))
+                        f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; {per} medians)", sweep_lines(rows))
     for folder in (s / "patch_kl" for s in eval_sets):
         if (patch := read_results(folder)) is not None:
             print_table(f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "

@@ -32,12 +32,13 @@ from latentsim.sweep import (
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (EvalArguments,)
-HEADLINE = ("auc", "recall", "precision", "f1", "ece", "pearson_mean_vs_quantile_bin")
+HEADLINE = ("auc", "per_latent_auc", "recall", "precision", "f1", "ece", "pearson_mean_vs_quantile_bin")
 
 
 def main(args: EvalArguments, api=None) -> None:
     eval_set = EvalSet.open(args.eval_set)
-    eval_set.require_uniform_negatives()
+    if not eval_set.latent_major:  # latent-major sets have no dictionary-wide extrapolation to protect
+        eval_set.require_uniform_negatives()
     sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
     splits = {s: eval_set.split(s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
@@ -69,7 +70,8 @@ def main(args: EvalArguments, api=None) -> None:
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)
         preds = scored["predictions"]
         results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=eval_set.binary,
-                           width=eval_set.width, l0=l0, w_dec=w_dec, scores=scores, seed=args.seed)
+                           width=eval_set.width, l0=l0, w_dec=w_dec, scores=scores, seed=args.seed,
+                           latent_major=eval_set.latent_major)
         write_results(folder, {
             "results": results, "simulator": asdict(sim),
             "eval_set": {"path": str(eval_set.path), "split": args.eval_split,
@@ -83,11 +85,14 @@ def main(args: EvalArguments, api=None) -> None:
         print(f"[sweep] {sim.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                    if isinstance(v, float) and k in HEADLINE))
     if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
-        rows = add_lift_over_prior(root, sims, rows, args.eval_split, args.seed)
+        rows = add_lift_over_prior(root, sims, rows, args.eval_split, args.seed,
+                                   by="latent" if eval_set.latent_major else "context_id")
     write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
+                         "candidates": "per_latent" if eval_set.latent_major else "per_context",
                          "width": eval_set.width, "l0": l0, "rows": rows})
     atomic_write_text(root / "summary.md", f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"
-                      "Per-context medians unless marked pooled.\n\n" + markdown_table(rows))
+                      f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
+                      + markdown_table(rows))
     print(f"[sweep] {len(rows)} simulators: {root / 'summary.md'} (every metric: */results.json)")
 
 

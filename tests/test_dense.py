@@ -224,6 +224,47 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     ids = answer_token_ids(FMT, tok)
     expected = naive_dense_logits(model, tok, FMT, interp, text, [len(text)], ids)[-1]
     assert np.allclose(preds.loc[0, ["logit_0", "logit_1"]].to_numpy(dtype=float), expected, atol=1e-4)
+    # The whole layer at every position: every explained latent judged at every token of held-out texts.
+    import shutil
+
+    from latentsim.backends import DenseScorer
+    from latentsim.config import WholeLayerArguments
+    from latentsim.eval_set import EvalSet
+    from latentsim.whole_layer import simulator_p_yes, text_of_row
+
+    whole = load_script("eval/whole_layer.py")
+    args = dict(eval_set=str(assets / "eval_set"), simulator=str(out), texts=2, tokens=8, calibration_texts=1,
+                batch_size=4, output_dir=str(tmp_path / "whole"))
+    result = whole.main(WholeLayerArguments(**args))
+    eval_set = EvalSet.open(assets / "eval_set")
+    interpretations = eval_set.interpretations()
+    assert result["explained_latents"] == len(interpretations)
+    (timing,) = result["timing"]  # calibration and test texts judged together: each header once
+    assert len(timing["rows"]) == 3 and timing["judgments"] == len(interpretations) * 8 * 3  # word-level: all aligned
+    assert result["sources"]["sae"]["recovery"] == 1.0 and result["sources"]["no_latents"]["recovery"] == 0.0
+    table = pd.read_parquet(tmp_path / "whole" / "per_position.parquet")
+    assert len(table) == 2 * 8 * len(result["sources"]) and set(table["row"]) == set(result["rows"])
+    assert set(result["rows"]) <= set(pd.read_parquet(assets / "eval_set" / "test.parquet")["row"])
+    assert not set(result["rows"]) & set(pd.read_parquet(assets / "dense" / "train.parquet")["row"])
+    # Each text's shard holds the simulator's P(yes) for every explained latent at every position.
+    saved = np.load(tmp_path / "whole" / "scores" / f"row{result['rows'][0]}.npy")
+    first = sorted(interpretations)[0]
+    _, text, ends = text_of_row(eval_set.cache.tokens, result["rows"][0], 8, tok)
+    (again,) = simulator_p_yes(DenseScorer(model, tok, ids, 4, FMT), [interpretations[first]], [(text, ends)])
+    assert saved.shape == (8, len(interpretations)) and np.allclose(saved[:, 0], again[:, 0], atol=1e-5)
+    # A rerun of the same config returns the finished results; another config in the same folder is refused.
+    assert whole.main(WholeLayerArguments(**args)) == json.loads((tmp_path / "whole" / "results.json").read_text())
+    with pytest.raises(ConfigError, match="another config"):
+        whole.main(WholeLayerArguments(**{**args, "tokens": 6}))
+    # A per-judgment simulator cannot answer for every position: refused before any model loads.
+    per_judgment = tmp_path / "per_judgment_run"
+    shutil.copytree(out, per_judgment)
+    config = json.loads((per_judgment / "run_config.json").read_text())
+    config["config"]["script"]["prompt_format"] = "sim_v1"
+    (per_judgment / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="dense format"):
+        whole.main(WholeLayerArguments(**{**args, "simulator": str(per_judgment), "output_dir": str(tmp_path / "w2")}))
+
     # vLLM cannot read verdicts at text positions: refused with the reason, not scored some other way.
     with pytest.raises(ConfigError, match="backend: hf"):
         load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],

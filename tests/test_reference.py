@@ -141,3 +141,67 @@ def test_sweep_refuses_extrapolating_from_frequency_matched_negatives(eval_set, 
         load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "matched"), output_dir=str(tmp_path),
                                                         baselines=["model=prior"]))
     assert not (tmp_path / "matched" / "summary.json").exists()
+
+
+def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eval_set, tmp_path):
+    """`candidates: per_latent`: each held-out latent judged on up to k contexts where it fires and as many where
+    it does not, labels from the cache; the prior ranks one latent's contexts alike (per-latent AUC 0.5, lift 0)."""
+    from latentsim.cache import load_cache
+
+    build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]
+    common = {k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__}
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
+        **common, "candidates": "per_latent", "contexts_per_latent": 3, "negatives_per_context": 0,
+        "output_dir": str(tmp_path / "per_latent")}))
+    cache = load_cache(eval_set / "cache" / "latents", HOOK)
+    active = {(int(r), int(p), int(lat)) for r, p, lat in cache.locations.tolist()}
+    stats = json.loads((tmp_path / "per_latent" / "dataset_stats.json").read_text())
+    assert stats["candidates"] == "per_latent"
+    for split in ("test", "validation"):
+        df = pd.read_parquet(tmp_path / "per_latent" / f"{split}.parquet")
+        pooled = pd.read_parquet(eval_set / "eval_set" / f"{split}.parquet")  # context-major, same seed
+        train = pd.read_parquet(eval_set / "eval_set" / "train.parquet")
+        assert set(df["row"]) <= set(pooled["row"])  # the same held-out rows
+        assert not set(df["latent"]) & set(train["latent"]) and set(df["latent"]) & set(pooled["latent"])
+        assert [int((r.row, r.position, r.latent) in active) for r in df.itertuples()] == df["active"].tolist()
+        per = df.groupby("latent")["active"].agg(["sum", "count"])
+        assert (per["sum"] >= 1).all() and (per["sum"] <= 3).all() and (per["count"] == 2 * per["sum"]).all()
+        assert (df["position"] >= 4).all() and not df.duplicated(["latent", "row", "position"]).any()
+    # The sweep: per-latent metrics only (no per-context ones, no dictionary-wide extrapolation).
+    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "per_latent"), output_dir=str(tmp_path),
+                                                    baselines=["model=prior", "model=string_match"]))
+    root = tmp_path / "per_latent"
+    record = json.loads((root / "baseline__prior" / "results.json").read_text())["results"]
+    assert "binary" not in record and record["per_latent"]["auc"]["median"] == 0.5
+    lift = record["lift_over_prior"]
+    assert lift["by"] == "latent" and lift["per_context_auc"]["median"] == 0 and lift["per_context_auc"]["ci95"] == [0, 0]
+    sm = pd.read_parquet(root / "baseline__string_match" / "predictions_test.parquet")
+    by_hand = [roc_auc(g["p_yes"], g["active"]) for _, g in sm.groupby("latent")]
+    sm_record = json.loads((root / "baseline__string_match" / "results.json").read_text())["results"]
+    assert sm_record["per_latent"]["auc"]["median"] == pytest.approx(np.nanmedian(by_hand))
+    assert sm_record["per_latent"]["n_latents_defined"] == int(np.isfinite(by_hand).sum())
+    rows = {r["simulator"]: r for r in json.loads((root / "summary.json").read_text())["rows"]}
+    assert rows["baseline__string_match"]["per_latent_auc"] == pytest.approx(np.nanmedian(by_hand))
+    assert "auc" not in rows["baseline__prior"]
+
+
+def test_per_latent_auc_and_its_interval_on_planted_scores():
+    from latentsim.metrics import lift_over_reference, per_latent_metrics
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for latent in range(60):
+        rate = rng.uniform(0.01, 0.3)
+        for c in range(8):
+            y = int(c < 4)
+            rows.append({"context_id": latent * 100 + c, "latent": latent, "active": y,
+                         "p_yes": rate + (0.2 * y + rng.normal(0, 0.1) if latent % 2 else 0.0)})
+    df = pd.DataFrame(rows)
+    m = per_latent_metrics(df, seed=0)
+    assert m["n_latents"] == 60 and m["n_latents_defined"] == 60
+    # Half the latents read nothing (0.5), half separate their contexts well: the median sits between.
+    assert 0.5 <= m["auc"]["median"] <= 1.0 and m["auc"]["ci95"][0] <= m["auc"]["median"] <= m["auc"]["ci95"][1]
+    prior = df.assign(p_yes=df.groupby("latent")["p_yes"].transform("min"))
+    lift = lift_over_reference(df, prior, by="latent", seed=0)
+    assert lift["per_context_auc"]["reference_median"] == 0.5 and lift["per_context_auc"]["n"] == 60
+    assert lift["per_context_auc"]["ci95"][1] >= lift["per_context_auc"]["median"] > 0

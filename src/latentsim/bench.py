@@ -330,3 +330,28 @@ def bench_dense_scoring(model, tokenizer, interpretations: list[str], text: str,
         "max_abs_diff_margin": max_diff,
         **speed_fields(gflops, calibration, times, repeats),
     }
+
+
+def whole_layer_inputs(eval_set: Path, tokenizer, n_latents: int, n_tokens: int, words: list[str]):
+    """bench_dense_scoring's inputs: interpretations of one dense header length (the quickstart eval set's when it
+    exists, else token-list-like ones from `words`) and the first `n_tokens` tokens of the words joined, with each
+    token's character end."""
+    import random
+
+    from latentsim.prompts import dense_header_ids
+
+    if (eval_set / "test.parquet").is_file():
+        import pandas as pd
+
+        interpretations = pd.read_parquet(eval_set / "test.parquet")["interpretation"].drop_duplicates().tolist()
+    else:
+        rng = random.Random(0)
+        interpretations = [", ".join(f'"{w.strip(".,")}"' for w in rng.sample(words, rng.randint(3, 12)))
+                           for _ in range(2048)]
+    by_length = {}
+    for i in interpretations:
+        by_length.setdefault(len(dense_header_ids(tokenizer, "sim_dense_v1", i)), []).append(i)
+    chosen = max(by_length.values(), key=len)[:n_latents]
+    encoded = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"][:n_tokens]]
+    return chosen, " ".join(words)[:ends[-1]], ends

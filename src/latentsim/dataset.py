@@ -134,6 +134,7 @@ class BuildReport:
     active_without_interpretation: int = 0
     negatives_short: int = 0  # negatives wanted but no eligible latent left
     negatives_off_bin: int = 0  # `frequency_matched`: negatives taken from a neighbouring bin (theirs ran out)
+    latents_never_active: int = 0  # `per_latent`: pool latents that never fire in the split's rows (left out)
 
 
 @dataclass
@@ -333,12 +334,12 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     """The examples of one split: for each of its cache rows, `contexts_per_row` judged positions (windows of
     `window_min`..`window_max` tokens ending there), and per position one row per candidate latent of `pool`
     (choose_candidates). `rng` is shared by the splits: every draw happens in a fixed order."""
+    if args.candidates == "per_latent":
+        return build_latent_major_split(split, rows, pool, inputs, args, rng, report)
     pool_set = set(pool.tolist())
     frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
                       if args.negative_sampling == "frequency_matched" else None)
     ctx_len = inputs.tokens.shape[1]
-    fmt = get_format(args.prompt_format)
-    judged_fmt = fmt.judges if fmt.dense else fmt.name  # dense rows also carry their judgment's prompt
     out = []
     for row in tqdm(rows.tolist(), desc=f"examples ({split})", unit="row"):
         # Distinct judged positions per row; the window [end - length + 1, end] never holds position 0.
@@ -352,31 +353,105 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
             candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report, frequency_bins)
             if not candidates:
                 continue
-            tok = inputs.subject_tokenizer
-            context = marked_context(tok.decode(window[:-1].tolist()), tok.decode(window[-1:].tolist()))
-            dense = dense_window(tok, window, [inputs.index.at(row, p) for p in range(end - length + 1, end + 1)]) \
-                if fmt.dense else None
-            for cand in candidates:
-                src = inputs.pick_interpretation(cand.latent, rng)
-                interpretation = inputs.interpretations[src][cand.latent]
-                is_active = cand.kind == "positive"
-                a_bin = activation_bin(cand.activation, inputs.max_activation[cand.latent]) if is_active else -1
-                q_bin = quantile_bin(cand.activation, inputs.quantile_edges[cand.latent]) if is_active else -1
-                label = {"active": int(is_active), "activation_bin": a_bin, "quantile_bin": q_bin}[args.label]
-                score = inputs.scores[cand.latent] if inputs.scores is not None else None
-                out.append({
-                    "prompt": render_prompt(judged_fmt, context, interpretation, score),
-                    "completion": render_completion(judged_fmt, label),
-                    "latent": cand.latent, "row": row, "position": end, "window_start": end - length + 1,
-                    "context": context, "context_ids": window.tolist(), "n_active": len(active),
-                    "active": int(is_active), "activation": float(cand.activation),
-                    "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
-                    "interpretation": interpretation,
-                    "interpretation_source": args.interpretations[src], "score": score,
-                    "prompt_format": args.prompt_format,
-                    **(dense.labels_of(cand.latent) if dense else {}),
-                })
+            judged = JudgedContext.of(inputs, args, row, end, length)
+            out += [judged.example(cand, inputs, args, rng) for cand in candidates]
     return out
+
+
+def latent_contexts(index: ActiveIndex, rows: np.ndarray, pool: np.ndarray, first_position: int,
+                    ctx_len: int) -> dict[int, np.ndarray]:
+    """{latent of `pool`: the keys (row * ctx_len + position) of its active positions in `rows`, positions >=
+    `first_position`, sorted}; latents that never fire there are absent."""
+    row_of, position = index.keys // ctx_len, index.keys % ctx_len
+    keep = np.isin(row_of, rows) & (position >= first_position) & np.isin(index.latents, pool)
+    keys, latents = index.keys[keep], index.latents[keep]
+    order = np.lexsort((keys, latents))
+    keys, latents = keys[order], latents[order]
+    starts = np.flatnonzero(np.r_[True, latents[1:] != latents[:-1]]) if len(latents) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(latents)]
+    return {int(latents[a]): keys[a:b] for a, b in zip(starts, ends, strict=True)}
+
+
+def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInputs,
+                             args: DatasetArguments, rng: np.random.Generator, report: BuildReport) -> list[dict]:
+    """`candidates: per_latent`: for each latent of `pool` that fires in the split's rows, up to
+    `contexts_per_latent` of its active positions (uniformly, without replacement) and as many positions of the
+    same rows where it is inactive (uniformly), each judged at the end of a window as in build_split. A firing-rate
+    prior ranks all of one latent's contexts alike: per-latent AUC measures reading the context alone."""
+    ctx_len = inputs.tokens.shape[1]
+    fires = latent_contexts(inputs.index, rows, pool, args.window_min, ctx_len)
+    report.latents_never_active += len(pool) - len(fires)
+    n_positions = ctx_len - args.window_min
+    out = []
+    for latent in tqdm(sorted(fires), desc=f"examples ({split}, per latent)", unit="latent"):
+        keys = fires[latent]
+        fired = set(keys.tolist())
+        k = min(args.contexts_per_latent, len(keys))
+        active_keys = np.sort(rng.choice(keys, size=k, replace=False))
+        inactive: set[int] = set()
+        for _ in range(20):  # rejection: a latent is inactive at almost every position
+            draw = rows[rng.integers(0, len(rows), size=2 * k)] * ctx_len + args.window_min + \
+                rng.integers(0, n_positions, size=2 * k)
+            for key in draw.tolist():
+                if len(inactive) < k and key not in inactive and key not in fired:
+                    inactive.add(key)
+            if len(inactive) == k:
+                break
+        report.negatives_short += k - len(inactive)
+        for key, is_active in [(int(x), True) for x in active_keys] + [(x, False) for x in sorted(inactive)]:
+            row, end = divmod(key, ctx_len)
+            length = int(rng.integers(args.window_min, min(args.window_max, end) + 1))
+            judged = JudgedContext.of(inputs, args, row, end, length)
+            value = judged.active.get(latent, 0.0)
+            cand = Candidate(latent, "positive" if is_active else "random_negative", value)
+            out.append(judged.example(cand, inputs, args, rng))
+    return out
+
+
+@dataclass
+class JudgedContext:
+    """One judged context of a split: its window of subject tokens, the marked context text, the active latents at
+    the judged token, and (dense formats) the window's text with every token's labels."""
+
+    row: int
+    end: int
+    window: np.ndarray
+    context: str
+    active: dict[int, float]
+    dense: DenseWindow | None
+
+    @classmethod
+    def of(cls, inputs: BuildInputs, args: DatasetArguments, row: int, end: int, length: int) -> JudgedContext:
+        window = inputs.tokens[row, end - length + 1:end + 1]
+        tok = inputs.subject_tokenizer
+        context = marked_context(tok.decode(window[:-1].tolist()), tok.decode(window[-1:].tolist()))
+        dense = dense_window(tok, window, [inputs.index.at(row, p) for p in range(end - length + 1, end + 1)]) \
+            if get_format(args.prompt_format).dense else None
+        return cls(row, end, window, context, inputs.index.at(row, end), dense)
+
+    def example(self, cand: Candidate, inputs: BuildInputs, args: DatasetArguments, rng: np.random.Generator) -> dict:
+        """The dataset row judging `cand` here (its interpretation drawn by mixture weight)."""
+        fmt = get_format(args.prompt_format)
+        judged_fmt = fmt.judges if fmt.dense else fmt.name  # dense rows also carry their judgment's prompt
+        src = inputs.pick_interpretation(cand.latent, rng)
+        interpretation = inputs.interpretations[src][cand.latent]
+        is_active = cand.kind == "positive"
+        a_bin = activation_bin(cand.activation, inputs.max_activation[cand.latent]) if is_active else -1
+        q_bin = quantile_bin(cand.activation, inputs.quantile_edges[cand.latent]) if is_active else -1
+        label = {"active": int(is_active), "activation_bin": a_bin, "quantile_bin": q_bin}[args.label]
+        score = inputs.scores[cand.latent] if inputs.scores is not None else None
+        return {
+            "prompt": render_prompt(judged_fmt, self.context, interpretation, score),
+            "completion": render_completion(judged_fmt, label),
+            "latent": cand.latent, "row": self.row, "position": self.end, "window_start": self.end - len(self.window) + 1,
+            "context": self.context, "context_ids": self.window.tolist(), "n_active": len(self.active),
+            "active": int(is_active), "activation": float(cand.activation),
+            "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
+            "interpretation": interpretation,
+            "interpretation_source": args.interpretations[src], "score": score,
+            "prompt_format": args.prompt_format,
+            **(self.dense.labels_of(cand.latent) if self.dense else {}),
+        }
 
 
 @dataclass
@@ -436,6 +511,12 @@ def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str
     matched = (f"\n- negative sampling: `{stats['negative_sampling']}` (log firing rates distributed like the "
                f"positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
                f"{stats['negatives_off_bin']} negatives from a neighbouring bin)" if "negative_sampling" in stats else "")
+    candidates = (f"latent-major: per latent, up to {args.contexts_per_latent} contexts where it fires and as many where "
+                  f"it does not ({stats.get('latents_never_active', 0)} latents never fire in their split's rows)"
+                  if args.candidates == "per_latent" else
+                  f"positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives "
+                  f"{f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} "
+                  f"(hard: {args.hard_negatives})")
     return f"""---
 configs:
 - config_name: default
@@ -450,7 +531,7 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - subject model: {lat.get('model', {}).get('model', cache_config.get('model_name'))}, hookpoint `{args.hookpoint}`
 - SAE: {json.dumps(lat.get('sae'))} ({stats['width']} latents)
 - interpretations: {', '.join(args.interpretations)} (weights {args.interpretation_weights or 'equal'})
-- prompt format: `{args.prompt_format}`, label `{args.label}`, positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives {f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} (hard: {args.hard_negatives}){matched}
+- prompt format: `{args.prompt_format}`, label `{args.label}`, {candidates}{matched}
 - score in prompt: {args.score_path or 'no'}
 - split mode: `{args.split_mode}` (train/validation/test disjoint in {'latents and rows' if args.split_mode == 'latents' else 'rows'})
 

@@ -66,6 +66,11 @@ class EvalSet:
         return get_format(self.prompt_format).label == "active"
 
     @property
+    def latent_major(self) -> bool:
+        """Built with `candidates: per_latent`: each latent judged on a fixed number of active and inactive contexts."""
+        return self.stats.get("candidates", "per_context") == "per_latent"
+
+    @property
     def layer(self) -> int:
         return hookpoint_layer(self.hookpoint)
 

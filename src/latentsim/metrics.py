@@ -121,15 +121,17 @@ def pooled_auc_replicates(scores: np.ndarray, truth: np.ndarray, cluster: np.nda
     return out
 
 
-def cluster_codes(df: pd.DataFrame) -> tuple[np.ndarray, int]:
-    """Each row's context as a code 0..n-1 (contexts sorted, as in `contexts`), and n."""
-    codes, uniques = pd.factorize(df["context_id"], sort=True)
+def cluster_codes(df: pd.DataFrame, by: str = "context_id") -> tuple[np.ndarray, int]:
+    """Each row's cluster (its context, or its latent with by="latent") as a code 0..n-1 (sorted), and n."""
+    codes, uniques = pd.factorize(df[by], sort=True)
     return codes, len(uniques)
 
 
-def pooled_auc_ci(df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows together)."""
-    codes, n_contexts = cluster_codes(df)
+def pooled_auc_ci(df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
+                  by: str = "context_id") -> tuple[float, float]:
+    """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows together), or
+    latents with by="latent"."""
+    codes, n_contexts = cluster_codes(df, by)
     counts = bootstrap_counts(n_contexts, n_boot, seed)
     return percentile_interval(pooled_auc_replicates(df["p_yes"].to_numpy(), df["active"].to_numpy(), codes, counts),
                                level)
@@ -192,14 +194,27 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
             "n_contexts": int(df["context_id"].nunique()), "n_judgments": len(df), "threshold": threshold}
 
 
-def per_context_auc(df: pd.DataFrame) -> pd.Series:
-    """AUC of `p_yes` within each context (index: context_id, sorted); nan where a context has one class only."""
-    return pd.Series({c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in contexts(df)},
+def per_context_auc(df: pd.DataFrame, by: str = "context_id") -> pd.Series:
+    """AUC of `p_yes` within each context (index: context_id, sorted), or within each latent with by="latent" (its
+    active vs inactive contexts); nan where a group has one class only."""
+    return pd.Series({c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in df.groupby(by, sort=True)},
                      dtype=float)
 
 
+def per_latent_metrics(df: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> dict:
+    """Per-latent AUC: for each latent, its judgments where it is active against those where it is not (a
+    firing-rate prior, constant per latent, gets exactly 0.5). Median over the latents where it is defined, its
+    95% bootstrap interval resampling latents, and the pooled AUC with an interval resampling latents."""
+    auc = per_context_auc(df, by="latent")
+    out = {"auc": {**summarise(auc), "ci95": list(bootstrap_ci(auc.to_numpy(), n_boot=n_boot, seed=seed))},
+           "n_latents": int(df["latent"].nunique()), "n_latents_defined": int(np.isfinite(auc).sum()),
+           "pooled_auc": roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy()),
+           "pooled_auc_ci95": list(pooled_auc_ci(df, n_boot=n_boot, seed=seed, by="latent"))}
+    return out
+
+
 def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT,
-                        level: float = 0.95) -> dict:
+                        level: float = 0.95, by: str = "context_id") -> dict:
     """How much better the simulator (`test`) ranks than a reference that scored the same judgments (e.g. the
     latent's firing-rate prior), both prediction tables joined on (context_id, latent).
 
@@ -208,7 +223,8 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
     percentile-bootstrap interval of the median resampling those contexts (jointly: one draw serves both
     simulators, so it is an interval of the paired difference). `pooled_auc`: both pooled AUCs on the joined
     rows, their difference and its interval, resampling contexts with the same draws for both. A test identical
-    to the reference gets 0 with interval [0, 0]."""
+    to the reference gets 0 with interval [0, 0]. With by="latent" the groups are latents instead of contexts
+    (latent-major eval sets: differences of per-latent AUCs, resampling latents; the keys keep their names)."""
     columns = ["context_id", "latent", "active", "p_yes"]
     joined = test[columns].merge(reference[columns], on=["context_id", "latent"], suffixes=("", "_reference"),
                                  validate="one_to_one")
@@ -216,11 +232,11 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
         raise ValueError("lift_over_reference: test and reference disagree on `active` for the same "
                          "(context_id, latent): they are not predictions of the same eval set")
     as_reference = joined.assign(p_yes=joined["p_yes_reference"])
-    test_auc, reference_auc = per_context_auc(joined), per_context_auc(as_reference)
+    test_auc, reference_auc = per_context_auc(joined, by), per_context_auc(as_reference, by)
     difference = (test_auc - reference_auc).to_numpy()
     difference = difference[np.isfinite(difference)]
 
-    codes, n_contexts = cluster_codes(joined)
+    codes, n_contexts = cluster_codes(joined, by)
     counts = bootstrap_counts(n_contexts, n_boot, seed)
     truth = joined["active"].to_numpy()
     pooled_test, pooled_reference = roc_auc(joined["p_yes"], truth), roc_auc(joined["p_yes_reference"], truth)
@@ -236,7 +252,7 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
         "pooled_auc": {"test": pooled_test, "reference": pooled_reference,
                        "difference": pooled_test - pooled_reference,
                        "ci95": list(percentile_interval(pooled_difference, level))},
-        "n_contexts": n_contexts, "n_judgments": len(joined)}
+        "n_contexts": n_contexts, "n_judgments": len(joined), "by": by}
 
 
 def precision_at_budget(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int, budget: float) -> float:
@@ -441,11 +457,22 @@ def decoder_alignment(df: pd.DataFrame, w_dec: np.ndarray, rng: np.random.Genera
 
 
 def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: bool, width: int, l0: float,
-             w_dec: np.ndarray | None, scores: dict[str, dict[int, float]], seed: int) -> dict:
-    """Every metric of one simulator on one eval set, from its predictions."""
+             w_dec: np.ndarray | None, scores: dict[str, dict[int, float]], seed: int,
+             latent_major: bool = False) -> dict:
+    """Every metric of one simulator on one eval set, from its predictions. A latent-major eval set (each latent
+    judged on a fixed number of contexts where it fires and where it does not) gets the per-latent metrics, the
+    pooled confusion and calibration: its contexts hold one judgment each, so no per-context metric and no
+    dictionary-wide extrapolation is defined on it."""
     if not binary:
         return {"value": value_metrics(test), "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
-    out = {"binary": binary_metrics(test, width, l0, seed=seed), "threshold_sweep": threshold_sweep(test, width),
+    if latent_major:
+        pooled = confusion_metrics(test["p_yes"].to_numpy(), test["active"].to_numpy())
+        return {"per_latent": per_latent_metrics(test, seed=seed), "pooled": pooled,
+                "reliability": reliability(test["p_yes"].to_numpy(), test["active"].to_numpy()),
+                "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique()),
+                "n_latents": int(test["latent"].nunique())}
+    out = {"binary": binary_metrics(test, width, l0, seed=seed), "per_latent": per_latent_metrics(test, seed=seed),
+           "threshold_sweep": threshold_sweep(test, width),
            "calibration": calibration(test, validation, width, l0),
            "accuracy_vs_strength": accuracy_vs_strength(test),
            "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
@@ -465,6 +492,17 @@ def summary_row(name: str, kind: str, step, results: dict) -> dict:
                     "spearman_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["spearman"],
                     "pearson_mean_vs_activation_bin": v["mean_vs_activation_bin"]["pearson"],
                     "mode_accuracy_quantile_bin": v["mode_accuracy_quantile_bin"]})
+        return row
+    if "binary" not in results:  # a latent-major eval set: per-latent numbers only
+        per = results["per_latent"]
+        row.update({"per_latent_auc": per["auc"]["median"], "per_latent_auc_ci_low": per["auc"]["ci95"][0],
+                    "per_latent_auc_ci_high": per["auc"]["ci95"][1], "latents_defined": per["n_latents_defined"],
+                    "pooled_auc": per["pooled_auc"], "recall": results["pooled"]["recall"],
+                    "precision": results["pooled"]["precision"], "ece": results["reliability"]["ece"]})
+        if "lift_over_prior" in results:
+            lift = results["lift_over_prior"]["per_context_auc"]
+            row["lift_auc"] = lift["median"]
+            row["lift_auc_ci_low"], row["lift_auc_ci_high"] = lift["ci95"]
         return row
     per = results["binary"]["per_context"]
     row.update({k: per[k]["median"] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc",

@@ -309,10 +309,11 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
                           "fitted_on": {"split": fit_split, "judgments": len(fit)}}}
 
 
-def add_lift_over_prior(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int) -> list[dict]:
-    """Every simulator's per-context AUC lift over the firing-rate prior on the same contexts, with its paired
-    bootstrap CI, written into its results.json (`lift_over_prior`); returns the summary rows (one per simulator,
-    in `sims` order) updated. Unchanged when the sweep scores no `model=prior` reference."""
+def add_lift_over_prior(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int,
+                        by: str = "context_id") -> list[dict]:
+    """Every simulator's per-context (by="latent": per-latent) AUC lift over the firing-rate prior on the same
+    judgments, with its paired bootstrap CI, written into its results.json (`lift_over_prior`); returns the summary
+    rows (one per simulator, in `sims` order) updated. Unchanged when the sweep scores no `model=prior` reference."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
@@ -325,7 +326,7 @@ def add_lift_over_prior(root: Path, sims: list[Simulator], rows: list[dict], spl
         record = read_results(root / sim.name)
         preds = pd.read_parquet(root / sim.name / f"predictions_{split}.parquet")
         record["results"]["lift_over_prior"] = {"reference": prior.name,
-                                                **lift_over_reference(preds, reference, seed=seed)}
+                                                **lift_over_reference(preds, reference, seed=seed, by=by)}
         write_results(root / sim.name, record)
         updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
     return updated

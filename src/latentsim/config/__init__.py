@@ -33,6 +33,7 @@ from latentsim.config.eval import (
     PatchArguments,
     ReportArguments,
     SummaryArguments,
+    WholeLayerArguments,
     parse_baseline,
 )
 from latentsim.config.parser import parse_config
@@ -45,4 +46,5 @@ __all__ = [
     "GenerateArguments", "ModelArguments", "PatchArguments", "PrepareArguments", "REFERENCE_BASELINES", "PublishArguments",
     "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments", "TrainSAEArguments",
     "check_device", "check_dtype", "hookpoint_layer", "parse_baseline", "parse_config", "SummaryArguments",
+    "WholeLayerArguments",
 ]

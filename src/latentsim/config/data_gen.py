@@ -160,6 +160,13 @@ class DatasetArguments:
     interpretation_weights: list[float] = field(default_factory=list, metadata={"help": "One weight per set (default equal)."})
     score_path: str | None = field(default=None, metadata={"help": "Per-latent scores shown in the prompt (JSON {latent: "
                                                                    "score} or a scores folder); latents without one are left out and counted."})
+    candidates: str = field(default="per_context", metadata={"help": "`per_context`: for each context, its active "
+                                                                   "latents and sampled inactive ones; `per_latent` "
+                                                                   "(latent-major eval sets, for per-latent AUC): for "
+                                                                   "each latent of the split, `contexts_per_latent` "
+                                                                   "contexts where it fires and as many where it does not."})
+    contexts_per_latent: int = field(default=5, metadata={"help": "`per_latent`: active (and as many inactive) contexts "
+                                                                  "per latent, fewer where it fires less often."})
     positives: str = field(default="all", metadata={"help": "`all` active latents or the `top_k` strongest."})
     top_k: int = field(default=5, metadata={"help": "With `positives: top_k`."})
     negatives_per_positive: float = field(default=1.0, metadata={"help": "Inactive candidates per positive (0 for value labels)."})
@@ -206,7 +213,8 @@ class DatasetArguments:
             _fail("interpretation_weights", "weights must be >= 0 with a positive sum.")
         choices = {"positives": ("all", "top_k"), "hard_negatives": ("none", "same_token", "decoder"),
                    "negative_sampling": ("uniform", "frequency_matched"),
-                   "label": ("active", "activation_bin", "quantile_bin"), "split_mode": ("latents", "contexts")}
+                   "label": ("active", "activation_bin", "quantile_bin"), "split_mode": ("latents", "contexts"),
+                   "candidates": ("per_context", "per_latent")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 _fail(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}.")
@@ -227,7 +235,11 @@ class DatasetArguments:
             _fail("negatives_per_positive", "must be >= 0.")
         if not 0 <= self.hard_negative_fraction <= 1:
             _fail("hard_negative_fraction", "must be in [0, 1].")
-        _require_positive(self, "frequency_bins")
+        _require_positive(self, "frequency_bins", "contexts_per_latent")
+        if self.candidates == "per_latent" and (self.label != "active" or self.hard_negatives != "none"
+                                                or self.negative_sampling != "uniform"):
+            _fail("candidates", "`per_latent` builds binary eval sets whose inactive contexts are drawn uniformly "
+                  "(label: active, hard_negatives: none, negative_sampling: uniform).")
         if not 2 <= self.window_min <= self.window_max:
             _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
         if not (0 < self.validation_fraction and 0 < self.test_fraction

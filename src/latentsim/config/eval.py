@@ -100,8 +100,22 @@ class EvalArguments:
         _require_positive(self, "batch_size", "max_lora_rank")
         if self.max_contexts < 0:
             _fail("max_contexts", "must be >= 0.")
+        if self.calibration_split in ("", "null", "none", "None"):  # YAML null, or the same on a command line
+            self.calibration_split = None
         if self.eval_split == self.calibration_split:
             _fail("calibration_split", "must differ from eval_split (a temperature fitted on the test split is not a result).")
+
+
+def check_thresholds(thresholds: list[str]) -> None:
+    """P(yes) thresholds of patching configs: numbers in (0, 1) or `l0_matched`."""
+    for t in thresholds:
+        if t != "l0_matched":
+            try:
+                ok = 0 < float(t) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                _fail("thresholds", f"{t!r} is neither a number in (0, 1) nor `l0_matched`.")
 
 
 @dataclass
@@ -138,14 +152,7 @@ class PatchArguments:
         check_dtype_device(self)
         if not self.eval_set:
             _fail("eval_set", "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).")
-        for t in self.thresholds:
-            if t != "l0_matched":
-                try:
-                    ok = 0 < float(t) < 1
-                except ValueError:
-                    ok = False
-                if not ok:
-                    _fail("thresholds", f"{t!r} is neither a number in (0, 1) nor `l0_matched`.")
+        check_thresholds(self.thresholds)
         if bad := set(self.values) - {"oracle", "median", "predicted"}:
             _fail("values", f"{sorted(bad)}: choose from oracle, median, predicted.")
         if "predicted" in self.values and not self.value_simulator:
@@ -156,6 +163,56 @@ class PatchArguments:
             _fail("fractions", "every fraction must be in [0, 1].")
         if self.max_contexts < 0 or self.mean_contexts < 1:
             _fail("max_contexts" if self.max_contexts < 0 else "mean_contexts", "must be >= 0 (mean_contexts >= 1).")
+
+
+@dataclass
+class WholeLayerArguments:
+    """eval/whole_layer.py: a dense simulator judges every explained latent at every position of held-out texts;
+    the layer is rebuilt from its verdicts alone and patched in at every position; KL and CE per position."""
+
+    eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache (tokens, SAE, statistics), its "
+                                                         "interpretations and its row splits."})
+    simulator: str = field(default="", metadata={"help": "A train/sft.py run folder of a dense format (its final adapter)."})
+    split: str = field(default="test", metadata={"help": "The rows the texts come from (never the simulator's training rows)."})
+    texts: int = field(default=2, metadata={"help": "Held-out texts (cache rows) judged and patched."})
+    tokens: int = field(default=64, metadata={"help": "Positions per text (1..tokens of its row; BOS is never encoded)."})
+    calibration_texts: int = field(default=1, metadata={"help": "Validation rows judged to fit the `l0_matched` "
+                                                                 "threshold (0: no l0_matched)."})
+    thresholds: list[str] = field(default_factory=lambda: ["0.5", "l0_matched"],
+                                  metadata={"help": "P(yes) thresholds: numbers in (0, 1) and/or `l0_matched` (as many "
+                                                    "latents flagged per position as the SAE has explained active ones, "
+                                                    "on the calibration texts)."})
+    values: list[str] = field(default_factory=lambda: ["oracle", "median"],
+                              metadata={"help": "Values of flagged latents: `oracle` (true value where truly active, "
+                                                "median otherwise) and/or `median` (the latent's median activation)."})
+    batch_size: int = field(default=64, metadata={"help": "Latents per forward pass (each over one whole text)."})
+    merge_adapter: bool = field(default=True, metadata={"help": "Merge the LoRA into the simulator's weights for scoring "
+                                                                "(~15% faster here; the adapter files are untouched)."})
+    device: str = device_field()
+    dtype: str = dtype_field()
+    output_dir: str = field(default="", metadata={"help": "Where scores/, per_position.parquet and results.json go."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute everything, the saved text scores included."})
+    seed: int = field(default=22, metadata={"help": "Seed for the choice of rows and the random reference."})
+
+    def __post_init__(self):
+        check_dtype_device(self)
+        for key, fix in (("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
+                         ("simulator", "give a train/sft.py run folder trained on sim_dense_v1"),
+                         ("output_dir", "give the folder the results go to")):
+            if not getattr(self, key):
+                _fail(key, f"{fix}.")
+        _require_positive(self, "texts", "tokens", "batch_size")
+        if self.calibration_texts < 0:
+            _fail("calibration_texts", "must be >= 0.")
+        check_thresholds(self.thresholds)
+        if "l0_matched" in self.thresholds and not self.calibration_texts:
+            _fail("thresholds", "`l0_matched` needs calibration_texts >= 1.")
+        if not self.thresholds:
+            _fail("thresholds", "give at least one.")
+        if not self.values or set(self.values) - {"oracle", "median"}:
+            _fail("values", f"{self.values}: choose from oracle, median.")
+        if self.split not in ("validation", "test"):
+            _fail("split", f"{self.split!r}: texts come from held-out rows, `validation` or `test`.")
 
 
 @dataclass
