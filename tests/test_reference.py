@@ -167,6 +167,21 @@ def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eva
         per = df.groupby("latent")["active"].agg(["sum", "count"])
         assert (per["sum"] >= 1).all() and (per["sum"] <= 3).all() and (per["count"] == 2 * per["sum"]).all()
         assert (df["position"] >= 4).all() and not df.duplicated(["latent", "row", "position"]).any()
+    # Same-token inactive contexts: the judged token is one the latent fires on in these rows, yet it is off.
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
+        **common, "candidates": "per_latent", "contexts_per_latent": 3, "negatives_per_context": 0,
+        "hard_negatives": "same_token", "hard_negative_fraction": 1.0, "output_dir": str(tmp_path / "same_token")}))
+    hard = pd.read_parquet(tmp_path / "same_token" / "test.parquet")
+    tokens = cache.tokens.numpy()
+    split_rows = set(pd.read_parquet(eval_set / "eval_set" / "test.parquet")["row"])
+    fired_on: dict[int, set[int]] = {}
+    for r, p, lat in active:
+        if r in split_rows and p >= 4:  # the split's rows, judgeable positions (window_min 4)
+            fired_on.setdefault(lat, set()).add(int(tokens[r, p]))
+    negatives = hard[hard["candidate"] == "hard_negative"]
+    assert len(negatives) > 0 and (negatives["active"] == 0).all()
+    assert all(int(tokens[r.row, r.position]) in fired_on[r.latent] for r in negatives.itertuples())
+    assert [int((r.row, r.position, r.latent) in active) for r in hard.itertuples()] == hard["active"].tolist()
     # The sweep: per-latent metrics only (no per-context ones, no dictionary-wide extrapolation).
     load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "per_latent"), output_dir=str(tmp_path),
                                                     baselines=["model=prior", "model=string_match"]))

@@ -376,35 +376,49 @@ def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inp
                              args: DatasetArguments, rng: np.random.Generator, report: BuildReport) -> list[dict]:
     """`candidates: per_latent`: for each latent of `pool` that fires in the split's rows, up to
     `contexts_per_latent` of its active positions (uniformly, without replacement) and as many positions of the
-    same rows where it is inactive (uniformly), each judged at the end of a window as in build_split. A firing-rate
-    prior ranks all of one latent's contexts alike: per-latent AUC measures reading the context alone."""
+    same rows where it is inactive, each judged at the end of a window as in build_split. The inactive ones are
+    uniform, or (`hard_negatives: same_token`) a `hard_negative_fraction` of them on a token the latent fires on
+    in these rows, so that naming the token is not enough. A firing-rate prior ranks all of one latent's contexts
+    alike: per-latent AUC measures reading the context alone."""
     ctx_len = inputs.tokens.shape[1]
     fires = latent_contexts(inputs.index, rows, pool, args.window_min, ctx_len)
     report.latents_never_active += len(pool) - len(fires)
     n_positions = ctx_len - args.window_min
+    # Every judgeable position of the split's rows, as keys grouped by token (for same-token inactive contexts).
+    keys_all = (rows[:, None] * ctx_len + np.arange(args.window_min, ctx_len)[None, :]).ravel()
+    token_of = inputs.tokens.reshape(-1)[keys_all]
+    by_token = {int(t): keys_all[token_of == t] for t in np.unique(token_of)} if args.hard_negatives != "none" else {}
     out = []
     for latent in tqdm(sorted(fires), desc=f"examples ({split}, per latent)", unit="latent"):
         keys = fires[latent]
         fired = set(keys.tolist())
         k = min(args.contexts_per_latent, len(keys))
         active_keys = np.sort(rng.choice(keys, size=k, replace=False))
+        hard: list[int] = []
+        if by_token:
+            tokens = np.unique(inputs.tokens.reshape(-1)[keys])
+            same = np.concatenate([by_token[int(t)] for t in tokens])
+            same = same[~np.isin(same, keys)]
+            n_hard = min(int(round(k * args.hard_negative_fraction)), len(same))
+            hard = sorted(rng.choice(same, size=n_hard, replace=False).tolist()) if n_hard else []
         inactive: set[int] = set()
+        want = k - len(hard)
         for _ in range(20):  # rejection: a latent is inactive at almost every position
+            if len(inactive) == want:
+                break
             draw = rows[rng.integers(0, len(rows), size=2 * k)] * ctx_len + args.window_min + \
                 rng.integers(0, n_positions, size=2 * k)
             for key in draw.tolist():
-                if len(inactive) < k and key not in inactive and key not in fired:
+                if len(inactive) < want and key not in inactive and key not in fired and key not in hard:
                     inactive.add(key)
-            if len(inactive) == k:
-                break
-        report.negatives_short += k - len(inactive)
-        for key, is_active in [(int(x), True) for x in active_keys] + [(x, False) for x in sorted(inactive)]:
+        report.negatives_short += want - len(inactive)
+        chosen = [(int(x), "positive") for x in active_keys] + [(x, "hard_negative") for x in hard] + \
+            [(x, "random_negative") for x in sorted(inactive)]
+        for key, kind in chosen:
             row, end = divmod(key, ctx_len)
             length = int(rng.integers(args.window_min, min(args.window_max, end) + 1))
             judged = JudgedContext.of(inputs, args, row, end, length)
-            value = judged.active.get(latent, 0.0)
-            cand = Candidate(latent, "positive" if is_active else "random_negative", value)
-            out.append(judged.example(cand, inputs, args, rng))
+            out.append(judged.example(Candidate(latent, kind, judged.active.get(latent, 0.0)), inputs, args, rng))
     return out
 
 

@@ -236,10 +236,11 @@ class DatasetArguments:
         if not 0 <= self.hard_negative_fraction <= 1:
             _fail("hard_negative_fraction", "must be in [0, 1].")
         _require_positive(self, "frequency_bins", "contexts_per_latent")
-        if self.candidates == "per_latent" and (self.label != "active" or self.hard_negatives != "none"
+        if self.candidates == "per_latent" and (self.label != "active" or self.hard_negatives == "decoder"
                                                 or self.negative_sampling != "uniform"):
-            _fail("candidates", "`per_latent` builds binary eval sets whose inactive contexts are drawn uniformly "
-                  "(label: active, hard_negatives: none, negative_sampling: uniform).")
+            _fail("candidates", "`per_latent` builds binary eval sets whose inactive contexts are drawn uniformly, or "
+                  "on the latent's own tokens (label: active, hard_negatives: none or same_token, "
+                  "negative_sampling: uniform).")
         if not 2 <= self.window_min <= self.window_max:
             _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
         if not (0 < self.validation_fraction and 0 < self.test_fraction
