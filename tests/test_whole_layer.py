@@ -103,8 +103,8 @@ def test_judgment_metrics_give_a_firing_rate_simulator_no_per_latent_skill():
     assert m["all"]["auc_pooled"] > 0.6  # frequency alone ranks pooled pairs well...
     assert m["all"]["per_latent_auc"]["median"] == pytest.approx(0.5)  # ...and says nothing about when a latent fires
     assert (m["trained_on"]["latents"], m["held_out"]["latents"]) == (25, 15)
-    perfect = m_perfect = whole_layer.judgment_metrics(truth.astype(np.float32), truth, trained, rate, thresholds, 0)
-    assert perfect["all"]["per_latent_auc"]["median"] == 1.0 and m_perfect["all"]["auc_pooled"] == 1.0
+    perfect = whole_layer.judgment_metrics(truth.astype(np.float32), truth, trained, rate, thresholds, 0)
+    assert perfect["all"]["per_latent_auc"]["median"] == 1.0 and perfect["all"]["auc_pooled"] == 1.0
     at = perfect["all"]["thresholds"]["0.5"]
     assert at["recall"] == 1.0 and at["precision"] == 1.0
     assert at["flagged_per_position"] == pytest.approx(truth.sum(1).mean())

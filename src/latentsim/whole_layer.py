@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from latentsim.dataset import dense_window
 from latentsim.errors import BadInputError, ConfigError
 from latentsim.io import atomic_write_bytes, atomic_write_json
-from latentsim.metrics import bootstrap_ci, percentile_interval, roc_auc
+from latentsim.metrics import N_BOOT, bootstrap_ci, bootstrap_counts, percentile_interval, roc_auc
 from latentsim.patching import all_positions_logits, clean_pass, kl_and_ce
 
 if TYPE_CHECKING:
@@ -85,13 +85,9 @@ def simulator_p_yes(scorer, interpretations: list[str], texts: list[tuple[str, l
                     progress=None) -> list[np.ndarray]:
     """Per text, P(yes) [n_tokens, n_latents] of a dense simulator (renormalised over No/Yes); NaN where unaligned.
     Each interpretation's header is computed once for all the texts."""
-    safe = [(text, [e if e >= 0 else 0 for e in ends]) for text, ends in texts]  # no character end: never aligned
-    out = []
-    for (_, ends), logits in zip(texts, scorer.text_logits(interpretations, safe, progress), strict=True):
-        p = 1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))  # [latents, tokens]
-        p[:, [j for j, e in enumerate(ends) if e < 0]] = np.nan
-        out.append(p.T.astype(np.float32))
-    return out
+    # A token without a character end (-1) matches no simulator token: text_logits leaves it NaN.
+    return [(1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
+            for logits in scorer.text_logits(interpretations, texts, progress)]
 
 
 def judge_texts(scorer, interpretations: list[str], tokens: torch.Tensor, rows: list[int], n_tokens: int, tokenizer,
@@ -201,10 +197,9 @@ def controlled_share(z: torch.Tensor, explained: torch.Tensor, decoder_norms: to
 def mean_ci(values: np.ndarray, clusters: np.ndarray, seed: int) -> dict:
     """Mean over positions with a 95% bootstrap interval resampling `clusters` (blocks of positions)."""
     codes = np.unique(clusters, return_inverse=True)[1]
-    sums = np.bincount(codes, weights=values)
-    counts = np.bincount(codes).astype(float)
-    draws = np.random.default_rng(seed).integers(0, len(sums), size=(2000, len(sums)))
-    low, high = percentile_interval(sums[draws].sum(1) / counts[draws].sum(1))
+    sums, counts = np.bincount(codes, weights=values), np.bincount(codes).astype(float)
+    drawn = bootstrap_counts(len(sums), N_BOOT, seed)  # [resamples, clusters]: the metrics module's draws
+    low, high = percentile_interval(drawn @ sums / (drawn @ counts))
     return {"mean": float(values.mean()), "ci95": [low, high], "n_positions": int(len(values))}
 
 
