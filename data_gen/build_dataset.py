@@ -6,6 +6,7 @@ Writes `<output_dir>/{train,validation,test}.parquet` (TRL conversational prompt
 columns: latent, row, position, the marked context, labels, the token's active count in the whole SAE,
 interpretation source) and a README.md dataset card. Splits are disjoint
 in latents and rows (`split_mode: latents`) or in rows only (`contexts`). Same config + seed: identical bytes.
+An interpretation set made from any validation or test row is refused (it could quote the judged context).
 """
 
 from pathlib import Path
@@ -28,7 +29,7 @@ from latentsim.dataset import (
     split_pools,
     split_summary,
 )
-from latentsim.explain import load_interpretations
+from latentsim.explain import load_interpretations, refuse_eval_rows
 from latentsim.hub import upload_folder
 from latentsim.interpretation_scores import load_scores
 from latentsim.io import atomic_save, atomic_write_json, atomic_write_text, write_run_config
@@ -48,13 +49,14 @@ def main(args: DatasetArguments, api=None) -> None:
     stats = load_statistics(Path(args.cache_dir) / "stats", args.hookpoint)
     sim_tok = load_tokenizer(args.simulator_tokenizer)
     answer_token_ids(args.prompt_format, sim_tok)  # refuse formats whose answers are not single tokens
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
-
     # One generator for everything, drawn from in a fixed order (splits, then each split's rows): same bytes.
     rng = np.random.default_rng(args.seed)
     explained = explained_latents(interpretations, scores)
     latent_splits, row_splits = split_pools(explained, cache.tokens.shape[0], args, rng)
+    interpretation_rows = refuse_eval_rows(args.interpretations, np.concatenate(
+        [row_splits["validation"], row_splits["test"]]), cache.tokens.shape[0])
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
     inputs = BuildInputs.load(args, cache, interpretations, scores, stats, explained)
     report, split_stats = BuildReport(), {}
     for split in SPLITS:
@@ -68,7 +70,7 @@ def main(args: DatasetArguments, api=None) -> None:
         "latents_with_interpretation": len(explained), "latents_without_interpretation": cache.width - len(explained),
         "active_without_interpretation": report.active_without_interpretation,
         "negatives_short": report.negatives_short, "prompt_format": args.prompt_format, "label": args.label,
-        "candidates": args.candidates,
+        "candidates": args.candidates, "interpretation_rows": interpretation_rows,
         **({"contexts_per_latent": args.contexts_per_latent, "latents_never_active": report.latents_never_active}
            if args.candidates == "per_latent" else {}),
         **negative_sampling_summary(args, report),

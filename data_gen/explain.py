@@ -6,6 +6,8 @@ Samples each latent's examples `top` or `quantiles` (delphi's schemes), explains
 explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanations_dir>/<set_name>/
 <hookpoint>_latent<id>.txt` one latent at a time, atomically: a rerun explains only the latents still missing.
 Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently skipped.
+Examples come from the training rows of the cache's row split only (`rows: train`; recorded in source_rows.json),
+so an interpretation never quotes a validation or test context; build_dataset.py refuses sets that could.
 """
 
 from pathlib import Path
@@ -19,6 +21,7 @@ from latentsim.cli import run
 from latentsim.config import ExplainArguments
 from latentsim.explain import (
     LatentIndex,
+    example_rows,
     explainer_messages,
     explanation_path,
     first_line,
@@ -26,6 +29,7 @@ from latentsim.explain import (
     sample_examples,
     token_list_explanation,
     write_explanation,
+    write_source_rows,
 )
 from latentsim.io import atomic_write_json, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
@@ -45,7 +49,9 @@ def main(args: ExplainArguments) -> None:
     write_run_config(set_dir, "explain", {"explain": args}, args.seed)
 
     subject_tokenizer = cache.subject_tokenizer()
-    index = LatentIndex(cache, args.window)
+    rows = example_rows(args, cache.tokens.shape[0])  # `rows: train`: never an eval row (build_dataset checks)
+    write_source_rows(set_dir, args, rows, cache.tokens.shape[0])
+    index = LatentIndex(cache, args.window, rows)
     counts = np.diff(index.offsets)
     eligible = np.nonzero(counts >= args.min_activations)[0]
     if args.max_latents:

@@ -6,7 +6,8 @@ For each latent: `n_activating` windows (one per quantile of its activating wind
 and `n_non_activating` windows, one judge prompt each; the judge's P(Yes) > 0.5 is its prediction. Writes the
 per-latent classifier outputs to `<scores_dir>/<scorer>/<hookpoint>_latent<id>.txt` (delphi's layout; a rerun
 scores only missing latents) and `<scores_dir>/<scorer>.json` = {latent: balanced accuracy}, which
-build_dataset's `score_path` reads.
+build_dataset's `score_path` reads. Windows come from the training rows of the cache's row split (`rows: train`),
+as the interpretations' examples do.
 """
 
 import json
@@ -45,7 +46,7 @@ def main(args: ScoreArguments) -> None:
     todo = [int(lat) for lat in latents if not explain.explanation_path(out, args.hookpoint, int(lat)).exists()]
     print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
     subject_tokenizer = cache.subject_tokenizer()
-    index = explain.LatentIndex(cache, args.window)
+    index = explain.LatentIndex(cache, args.window, explain.example_rows(args, cache.tokens.shape[0]))
     if args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.judge_model))
         tokenizer = load_tokenizer(args.judge_model)

@@ -4,9 +4,10 @@
 
 For each eval context (a cache row up to the judged position: the very tokens and positions the latents were
 recorded on) the residual stream after the hook layer is replaced by a vector built from latents of:
-- the SAE itself (`sae`: the ceiling), the SAE plus its error term (`sae_plus_error`: must give KL ~0),
-  zero ablation (`zero_ablation`: the layer's contribution removed, its input kept) and mean ablation (its
-  contribution replaced by the mean over `mean_contexts` cache rows);
+- the SAE itself (`sae`: the ceiling), the SAE plus its error term (`sae_plus_error`: must give KL ~0), no latent
+  at all (`no_latents`: b_dec, the floor of any layer rebuilt from latents), and two references that are not
+  built from latents: the layer's update skipped (`skip_layer_update`: its input passed on) or replaced by its
+  mean over `mean_contexts` cache rows (`mean_layer_update`);
 - a fraction f of the truly active latents with their true values, the strongest (`top`) or random (Figure 1);
 - each simulator of an eval/sweep.py run (Figure 3): the latents it scored active at a threshold replace the
   truly active latents it scored, false positives included (value: `oracle` = the true value where the latent

@@ -16,6 +16,7 @@ from latentsim.backends import ModelPool
 from latentsim.cli import run
 from latentsim.config import EvalArguments
 from latentsim.eval_set import EvalSet
+from latentsim.held_out import refuse_seen
 from latentsim.interpretation_scores import load_scores
 from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_results, write_run_config
 from latentsim.metrics import evaluate, summary_row
@@ -23,7 +24,6 @@ from latentsim.sweep import (
     add_lift_over_prior,
     markdown_table,
     open_simulator_folder,
-    refuse_seen_latents,
     score_simulator,
     simulator_spec,
     simulators_to_score,
@@ -64,7 +64,7 @@ def main(args: EvalArguments, api=None) -> None:
             rows.append(summary_row(sim.name, sim.kind, sim.step, finished["results"]))
             continue
         if sim.kind == "finetuned":
-            refuse_seen_latents(sim, test, args.allow_seen_latents)
+            refuse_seen(sim, eval_set, splits, args.allow_seen_latents)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "spec.json", spec)
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)

@@ -24,6 +24,7 @@ from latentsim.cli import run
 from latentsim.config import WholeLayerArguments
 from latentsim.errors import ConfigError
 from latentsim.eval_set import EvalSet
+from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import clean_pass
@@ -51,7 +52,7 @@ def main(args: WholeLayerArguments) -> dict:
     if args.tokens > tokens.shape[1] - 2:
         raise ConfigError(f"config key `tokens`: cache rows have {tokens.shape[1]} tokens; at most "
                           f"{tokens.shape[1] - 2} positions have a next token to score.")
-    trained_rows, trained_latents = whole_layer.training_rows_and_latents(sim)
+    trained_rows, trained_latents = training_rows_and_latents(sim)
     rows = whole_layer.held_out_rows(eval_set, args.split, args.texts, args.seed, trained_rows)
     calibration = whole_layer.held_out_rows(eval_set, "validation", args.calibration_texts, args.seed, trained_rows) \
         if args.calibration_texts else []

@@ -97,14 +97,15 @@ def make_cache(out: Path, model_dir: Path, sae_dir: Path, corpus: Path, n_rows: 
 
 
 def make_explained_cache(root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)) -> Path:
-    """A 40-row tiny cache in root/cache and its token-list interpretations in root/expl/token_list-<sampling>."""
+    """A 40-row tiny cache in root/cache and its token-list interpretations in root/expl/token_list-<sampling>,
+    made from the training rows of the row split the tests' datasets use (seed 3, 0.2 validation, 0.2 test)."""
     from latentsim.config import ExplainArguments
 
     make_cache(root / "cache", model_dir, sae_dir, corpus, n_rows=40, ctx_len=16)
     for sampling in samplings:
         load_script("data_gen/explain.py").main(ExplainArguments(
             cache_dir=str(root / "cache"), hookpoint="layers.1", explanations_dir=str(root / "expl"), window=8,
-            min_activations=2, sampling=sampling))
+            min_activations=2, sampling=sampling, seed=3, validation_fraction=0.2, test_fraction=0.2))
     return root
 
 

@@ -12,11 +12,12 @@ from helpers import FakeHubApi, build_char_tokenizer, load_script, make_cache
 
 from latentsim.cache import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
-from latentsim.dataset import BuildReport, FrequencyBins, activation_bin, quantile_bin, split_ids
+from latentsim.dataset import BuildReport, FrequencyBins, activation_bin, quantile_bin
 from latentsim.explain import write_explanation
 from latentsim.interpretation_scores import load_scores
 from latentsim.latent_stats import load_statistics
 from latentsim.metrics import roc_auc
+from latentsim.splits import split_ids
 
 HOOK = "layers.1"
 
@@ -37,7 +38,7 @@ def build(root, tiny_model_dir, name, **kwargs):
     args = DatasetArguments(**{
         "cache_dir": str(root / "cache"), "hookpoint": HOOK, "interpretations": [str(root / "expl" / "token_list-quantiles")],
         "simulator_tokenizer": str(tiny_model_dir), "output_dir": str(root / name), "window_min": 4, "window_max": 8,
-        "contexts_per_row": 2, "seed": 3, **kwargs})
+        "contexts_per_row": 2, "seed": 22, **kwargs})
     load_script("data_gen/build_dataset.py").main(args)
     return {s: pq.read_table(root / name / f"{s}.parquet").to_pylist() for s in ("train", "validation", "test")}
 
@@ -75,6 +76,34 @@ def test_splits_do_not_leak(built, tiny_model_dir):
     rows_c = {s: {r["row"] for r in rows} for s, rows in contexts.items()}
     assert not rows_c["train"] & rows_c["test"]
     assert {r["latent"] for r in contexts["train"]} & {r["latent"] for r in contexts["test"]}
+
+
+def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_path):
+    """explain.py reads the row split's training rows only; build_dataset refuses a set made from eval rows."""
+    from latentsim.splits import split_rows
+
+    record = json.loads((built / "expl" / "token_list-quantiles" / "source_rows.json").read_text())
+    split = split_rows(60, 0.1, 0.1, 22)
+    assert record["rows"] == "train" and record["row_ids"] == split["train"].tolist()
+    data = build(built, tiny_model_dir, "rows_ok")
+    assert {r["row"] for r in data["test"]} <= set(split["test"].tolist())
+    stats = json.loads((built / "rows_ok" / "dataset_stats.json").read_text())
+    assert "none of them validation or test rows" in next(iter(stats["interpretation_rows"].values()))
+    with pytest.raises(ValueError, match="`interpretations`: .* validation/test rows"):
+        build(built, tiny_model_dir, "rows_other_seed", seed=5)  # another seed: another row split
+    explain = load_script("data_gen/explain.py")
+    explain.main(ExplainArguments(cache_dir=str(built / "cache"), hookpoint=HOOK, explanations_dir=str(tmp_path),
+                                  window=8, min_activations=2, rows="all"))
+    with pytest.raises(ValueError, match="can quote eval contexts"):
+        build(built, tiny_model_dir, "rows_all", interpretations=[str(tmp_path / "token_list-quantiles")])
+    (tmp_path / "token_list-quantiles" / "source_rows.json").unlink()  # as an older explain.py left it
+    with pytest.raises(ValueError, match="older data_gen/explain.py"):
+        build(built, tiny_model_dir, "rows_old", interpretations=[str(tmp_path / "token_list-quantiles")])
+    external = tmp_path / "external.json"  # the seed's {latent: text}: made elsewhere, nothing to check
+    external.write_text(json.dumps({str(lat): "the token x" for lat in range(64)}))
+    build(built, tiny_model_dir, "rows_external", interpretations=[str(external)])
+    stats = json.loads((built / "rows_external" / "dataset_stats.json").read_text())
+    assert stats["interpretation_rows"] == {str(external): "not recorded (external set)"}
 
 
 def test_positive_selection_and_negative_ratio(built, tiny_model_dir):

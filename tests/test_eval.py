@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from latentsim.backends import HFScorer
 from latentsim.config import DatasetArguments, EvalArguments
+from latentsim.explain import load_interpretations
 
 HOOK = "layers.1"
 
@@ -129,6 +130,18 @@ def test_latents_seen_in_training_are_refused(assets, tiny_model_dir, tmp_path):
               include_checkpoints=False)
     sweep(assets, tiny_model_dir, tmp_path / "b", eval_set=str(assets / "eval_seen"), baselines=[],
           include_checkpoints=False, allow_seen_latents=True)
+    # Another seed: another row split, so some eval (or calibration) rows trained the simulator. Never allowed.
+    # (An external interpretation set, which records no rows: ours would be refused when building.)
+    external = tmp_path / "external.json"
+    external.write_text(json.dumps(load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)))
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(
+        cache_dir=str(assets / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
+        interpretations=[str(external)], window_min=4, window_max=6, contexts_per_row=2, validation_fraction=0.2,
+        test_fraction=0.2, seed=4, split_mode="contexts", positives="all", negatives_per_context=6,
+        output_dir=str(tmp_path / "eval_rows")))
+    with pytest.raises(ValueError, match="trained on .* cache rows of the eval set's (test|validation) split"):
+        sweep(assets, tiny_model_dir, tmp_path / "c", eval_set=str(tmp_path / "eval_rows"), baselines=[],
+              include_checkpoints=False, allow_seen_latents=True)
 
 
 def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_path):
@@ -233,6 +246,10 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path
     assert (per.xs("sae_plus_error", level="source")[["kl_judged", "kl_all"]].abs() < 1e-6).all().all()
     for column in ("kl_judged", "kl_all", "ce_judged"):
         assert np.allclose(per.xs("fraction:top:1", level="source")[column], sae[column], atol=1e-6)
+        # no_latents (b_dec) is the f = 0 point: the floor, far below the SAE
+        assert np.allclose(per.xs("fraction:top:0", level="source")[column],
+                           per.xs("no_latents", level="source")[column], atol=1e-6)
+    assert (per.xs("no_latents", level="source")["kl_all"] > sae["kl_all"]).all()
     assert np.allclose(per.xs("sim:perfect@0.5:oracle", level="source")["kl_judged"], sae["kl_judged"], atol=1e-6)
     contrarian = result["sources"]["sim:contrarian@0.5:oracle"]["inserted"]
     n_neg = (test["active"] == 0).sum() / 4
@@ -270,6 +287,27 @@ def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="generation"') == 2 and dom.count('class="tok"') == 2 * 5 * 5
+
+
+def test_generation_simulator_judges_held_out_latents_only(assets, tiny_model_dir):
+    import torch
+
+    from latentsim.config import GenerateArguments
+    from latentsim.generation import SimulatorSource
+    from latentsim.models import load_tokenizer
+
+    interpretations = load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)
+    trained = set(pd.read_parquet(assets / "mix" / "train.parquet")["latent"])
+    args = dict(eval_set=str(assets / "eval_set"), simulator_run=str(assets / "run"), n_inactive=4, window=6)
+    source = SimulatorSource(GenerateArguments(**args), interpretations, torch.ones(64), load_tokenizer(str(tiny_model_dir)))
+    assert set(source.interpretations) == set(interpretations) - trained and source.seen_latents_kept == len(trained)
+    z = torch.zeros(64)
+    z[sorted(trained)[0]] = 2.0  # a training latent, active: the simulator never rewrites it
+    out, _ = source(z, [1, 5, 6, 7])
+    assert out[sorted(trained)[0]] == 2.0
+    everything = SimulatorSource(GenerateArguments(**args, allow_seen_latents=True), interpretations, torch.ones(64),
+                                 load_tokenizer(str(tiny_model_dir)))
+    assert set(everything.interpretations) == set(interpretations)
 
 
 def test_patched_positions_are_the_judged_tokens(assets):

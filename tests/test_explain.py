@@ -56,6 +56,16 @@ def test_non_activating_examples_never_fire():
     assert len(examples) == 4 and all(e.max_activation == 0 for e in examples)  # 8 windows, 4 active
 
 
+def test_index_restricted_to_rows_sees_nothing_of_the_others():
+    index = LatentIndex(synthetic_cache(), window=4, rows=np.array([1, 3]))
+    windows, maxima = index.activating_windows(2)
+    assert windows.tolist() == [3] and maxima.tolist() == [5.0]  # row 0's and row 2's windows are gone
+    assert index.count(0) == 1 and index.count(2) == 2  # row 1's entries only (row 3's sits outside any window)
+    assert index.window_ids().tolist() == [2, 3, 6, 7]
+    examples = non_activating_examples(index, 2, n=10, rng=np.random.default_rng(0))
+    assert sorted(e.row for e in examples) == [1, 3, 3]
+
+
 def test_token_list_explanation_names_the_strongest_tokens():
     tok = build_tiny_tokenizer()
     ids = tok("the cat sat on a mat", add_special_tokens=False)["input_ids"]

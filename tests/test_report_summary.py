@@ -21,7 +21,7 @@ def patch_results() -> dict:
             "fractions": {"modes": ["top"], "values": [0.5, 1.0]},
             "sources": {"clean": {"kl_judged": stat(0.0), "ce_judged": stat(2.5), "ce_all": stat(3.25)},
                         "sae": {"kl_judged": stat(0.125), "ce_judged": stat(2.75), "kl_all": stat(0.2)},
-                        "zero_ablation": {"kl_judged": stat(1.5), "ce_judged": stat(9.0, n=0)},
+                        "skip_layer_update": {"kl_judged": stat(1.5), "ce_judged": stat(9.0, n=0)},
                         "fraction:top:0.5": {"kl_judged": stat(0.8)}, "fraction:top:1": {"kl_judged": stat(0.1)},
                         "sim:run__final@oracle": {"kl_judged": stat(0.4), "inserted": {"false_positives": 1.5}},
                         "sim:run__final@median": {"kl_judged": stat(0.6)}}}
@@ -57,7 +57,7 @@ def test_summary_prints_sweep_patch_and_generation_tables(tmp_path, capsys):
         pad + "source".ljust(44) + "KL judged".rjust(12) + "CE judged".rjust(12) + "KL all pos".rjust(12)
         + "CE all pos".rjust(12),
         pad + "sae".ljust(44) + "0.125".rjust(12) + "2.750".rjust(12) + "0.200".rjust(12) + "-".rjust(12),
-        pad + "zero_ablation".ljust(44) + "1.500".rjust(12) + "-".rjust(12) * 3,  # n=0: no value
+        pad + "skip_layer_update".ljust(44) + "1.500".rjust(12) + "-".rjust(12) * 3,  # n=0: no value
         pad + "fraction (top) KL judged   f=0.5: 0.800  f=1: 0.100",
         pad + "simulator (KL judged)".ljust(44) + "median".rjust(24) + "oracle".rjust(24),
         pad + "run__final".ljust(44) + "0.600".rjust(24) + "0.400".rjust(24)]
@@ -87,7 +87,7 @@ def test_figures_draw_a_bar_or_line_per_simulator_and_metric():
     assert len(figures.checkpoints(records + [binary_record("run__final", "finetuned", 12)]).axes[0].lines) == 4
     assert figures.decoder_alignment(records) is None
     sources = figures.patch_sources(patch_results()).axes[0]
-    assert [t.get_text() for t in sources.get_yticklabels()] == ["sae", "zero_ablation", "run__final@oracle",
+    assert [t.get_text() for t in sources.get_yticklabels()] == ["sae", "skip_layer_update", "run__final@oracle",
                                                                   "run__final@median"]
     assert [round(p.get_width(), 3) for p in sources.patches] == [0.125, 1.5, 0.4, 0.6]
     assert len(figures.png_bytes(sources.figure)) > 1000

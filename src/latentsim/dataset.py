@@ -31,6 +31,7 @@ from latentsim.errors import ConfigError
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
 from latentsim.reference import FIRING_RATE_FLOOR
 from latentsim.sae import load_sae
+from latentsim.splits import split_ids, split_rows
 
 SPLITS = ("train", "validation", "test")
 
@@ -57,16 +58,6 @@ class ActiveIndex:
         return dict(zip(self.latents[a:b].tolist(), self.values[a:b].tolist(), strict=True))
 
 
-def split_ids(ids: np.ndarray, validation_fraction: float, test_fraction: float,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A seeded partition of `ids` into train / validation / test (each sorted)."""
-    perm = rng.permutation(np.asarray(ids))
-    n_test = max(1, round(len(perm) * test_fraction))
-    n_val = max(1, round(len(perm) * validation_fraction))
-    return {"test": np.sort(perm[:n_test]), "validation": np.sort(perm[n_test:n_test + n_val]),
-            "train": np.sort(perm[n_test + n_val:])}
-
-
 def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, float] | None) -> np.ndarray:
     """The latents with an interpretation in at least one set (and a score, when scores are given), sorted."""
     explained = np.array(sorted(set().union(*interpretations)), dtype=np.int64)
@@ -81,8 +72,7 @@ def split_pools(explained: np.ndarray, n_rows: int, args: DatasetArguments,
     explained latents in `contexts` mode), always disjoint rows."""
     latent_splits = (split_ids(explained, args.validation_fraction, args.test_fraction, rng)
                      if args.split_mode == "latents" else {s: explained for s in SPLITS})
-    row_splits = split_ids(np.arange(n_rows), args.validation_fraction, args.test_fraction, rng)
-    return latent_splits, row_splits
+    return latent_splits, split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)
 
 
 def activation_bin(value: float, max_value: float) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 
 from latentsim.cache import SparseCache
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
-from latentsim.io import atomic_write_text
+from latentsim.io import atomic_write_json, atomic_write_text
+from latentsim.splits import split_rows
 
 FILE_RE = re.compile(r"^(?P<module>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
 
@@ -42,23 +43,28 @@ class Example:
 
 
 class LatentIndex:
-    """Latent-major view of a cache: the entries of latent l are `order[offsets[l]:offsets[l + 1]]`."""
+    """Latent-major view of a cache: the entries of latent l are `order[offsets[l]:offsets[l + 1]]`. Given `rows`,
+    only those cache rows exist for it (examples, counts and non-activating windows alike)."""
 
-    def __init__(self, cache: SparseCache, window: int = 32):
+    def __init__(self, cache: SparseCache, window: int = 32, rows: np.ndarray | None = None):
         self.cache = cache
         self.window = window
         self.windows_per_row = cache.tokens.shape[1] // window
+        n_rows = cache.tokens.shape[0]
+        self.row_ids = np.arange(n_rows) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
         loc = cache.locations.numpy()
+        keep = np.isin(loc[:, 0], self.row_ids) if rows is not None else slice(None)
+        loc = loc[keep]
         self.rows, self.positions, self.latents = loc[:, 0], loc[:, 1], loc[:, 2]
-        self.values = cache.activations.numpy()
+        self.values = cache.activations.numpy()[keep]
         self.order = np.argsort(self.latents, kind="stable")
         counts = np.bincount(self.latents, minlength=cache.width)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.tokens = cache.tokens.numpy()
 
-    @property
-    def n_windows(self) -> int:
-        return self.tokens.shape[0] * self.windows_per_row
+    def window_ids(self) -> np.ndarray:
+        """Every window of the index's rows."""
+        return (self.row_ids[:, None] * self.windows_per_row + np.arange(self.windows_per_row)[None, :]).ravel()
 
     def count(self, latent: int) -> int:
         return int(self.offsets[latent + 1] - self.offsets[latent])
@@ -107,7 +113,7 @@ def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.rand
 def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.random.Generator) -> list[Example]:
     """Random windows where `latent` never fires."""
     active = set(index.activating_windows(latent)[0].tolist())
-    candidates = np.setdiff1d(np.arange(index.n_windows), np.fromiter(active, dtype=np.int64, count=len(active)))
+    candidates = np.setdiff1d(index.window_ids(), np.fromiter(active, dtype=np.int64, count=len(active)))
     pick = rng.choice(candidates, size=min(n, len(candidates)), replace=False)
     return [index.example(latent, int(w)) for w in sorted(pick)]
 
@@ -133,6 +139,59 @@ def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3
 # ---------------------------------------------------------------------------------------- file layout
 def explanation_path(set_dir: Path, hookpoint: str, latent: int) -> Path:
     return Path(set_dir) / f"{hookpoint}_latent{latent}.txt"
+
+
+# Which cache rows a set's examples came from: written by explain.py, checked by build_dataset.py.
+SOURCE_ROWS_FILE = "source_rows.json"
+
+
+def example_rows(args, n_rows: int) -> np.ndarray:
+    """The rows explain.py / score.py draw examples from: the row split's training rows (`rows: train`), or all."""
+    if args.rows == "all":
+        return np.arange(n_rows)
+    return split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)["train"]
+
+
+def write_source_rows(set_dir: Path, args, rows: np.ndarray, n_rows: int) -> None:
+    atomic_write_json(Path(set_dir) / SOURCE_ROWS_FILE, {
+        "rows": args.rows, "seed": args.seed, "validation_fraction": args.validation_fraction,
+        "test_fraction": args.test_fraction, "n_rows": n_rows, "row_ids": [int(r) for r in rows]})
+
+
+def interpretation_source_rows(path: str | Path, n_rows: int) -> np.ndarray | None:
+    """The cache rows an interpretation set was made from; None for a set that cannot say (a JSON dict, a
+    Neuronpedia export or a delphi folder: made elsewhere, from other text)."""
+    path = Path(path)
+    record = path / SOURCE_ROWS_FILE
+    if record.is_file():
+        data = json.loads(record.read_text())
+        if data["n_rows"] != n_rows:
+            raise BadInputError(f"config key `interpretations`: {path} was made from a cache of {data['n_rows']} rows, "
+                                f"this one has {n_rows}; explain this cache (data_gen/explain.py).")
+        return np.asarray(data["row_ids"], dtype=np.int64)
+    if (path / "run_config.json").is_file():
+        raise BadInputError(f"config key `interpretations`: {path} was made by an older data_gen/explain.py that read "
+                            "every cache row (eval rows included) and did not record them; re-run data_gen/explain.py "
+                            "into a new set_name (rows: train).")
+    return None
+
+
+def refuse_eval_rows(paths: list[str], eval_rows: np.ndarray, n_rows: int) -> dict[str, str]:
+    """Refuse interpretation sets made from any of `eval_rows` (an interpretation could quote the judged context);
+    returns {set: what its rows were} for the dataset card."""
+    out = {}
+    for path in paths:
+        rows = interpretation_source_rows(path, n_rows)
+        if rows is None:
+            out[str(path)] = "not recorded (external set)"
+            continue
+        if overlap := sorted(set(rows.tolist()) & set(np.asarray(eval_rows).tolist())):
+            raise BadInputError(f"config key `interpretations`: {path} was made from {len(overlap)} of this dataset's "
+                                f"validation/test rows (e.g. {overlap[:5]}): its interpretations can quote eval "
+                                "contexts. Explain with `rows: train` and the dataset's seed, validation_fraction "
+                                "and test_fraction.")
+        out[str(path)] = f"{len(rows)} cache rows, none of them validation or test rows"
+    return out
 
 
 def write_explanation(set_dir: Path, hookpoint: str, latent: int, text: str) -> None:

@@ -200,7 +200,7 @@ def patch_sources(patch: dict) -> Figure:
     med = [sources[n]["kl_judged"]["median"] for n in names]
     lo = [max(0.0, m - sources[n]["kl_judged"]["q25"]) for m, n in zip(med, names, strict=True)]
     hi = [max(0.0, sources[n]["kl_judged"]["q75"] - m) for m, n in zip(med, names, strict=True)]
-    colors = ["C3" if n.startswith("sim:") else "C7" if n == "no_simulator" else "C0" for n in names]
+    colors = ["C3" if n.startswith("sim:") else "C7" if n.startswith("no_simulator") else "C0" for n in names]
     ax.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=2)
     ax.set_yticks(range(len(names)), [n.replace("sim:", "").replace("baseline__", "") for n in names], fontsize=6)
     ax.invert_yaxis()

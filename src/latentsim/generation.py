@@ -15,10 +15,12 @@ import torch
 
 from latentsim.backends import cache_keyword, probabilities
 from latentsim.config import GenerateArguments
+from latentsim.errors import BadInputError
+from latentsim.held_out import training_rows_and_latents
 from latentsim.patching import keep_fraction, kl_and_ce
 from latentsim.prompts import marked_context, render_prompt
 from latentsim.sae import decoder_layers
-from latentsim.sweep import load_simulator_scorer
+from latentsim.sweep import load_simulator_scorer, run_simulators
 
 
 class SimulatorSource:
@@ -28,8 +30,16 @@ class SimulatorSource:
         self.scorer, self.name = load_simulator_scorer(args.simulator_run or args.simulator_model, "sim_v1",
                                                        args.dtype, args.device, args.batch_size)
         self.args, self.medians, self.subject_tok = args, medians, subject_tok
-        self.explained = torch.tensor(sorted(interpretations))
-        self.interpretations = interpretations
+        # A finetuned simulator judges only latents it never trained on; the others keep their SAE values, as
+        # unexplained latents do (`allow_seen_latents` lifts this).
+        trained = set() if not args.simulator_run or args.allow_seen_latents else \
+            training_rows_and_latents(run_simulators(args.simulator_run, include_checkpoints=False)[-1])[1]
+        self.interpretations = {lat: text for lat, text in interpretations.items() if lat not in trained}
+        self.seen_latents_kept = len(interpretations) - len(self.interpretations)
+        if not self.interpretations:
+            raise BadInputError(f"{self.name} trained on every explained latent of the eval set; give an eval set "
+                                "with held-out latents or set allow_seen_latents: true.")
+        self.explained = torch.tensor(sorted(self.interpretations))
         self.rng = np.random.default_rng(args.seed)
 
     def __call__(self, z: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
@@ -112,7 +122,8 @@ def make_sources(args: GenerateArguments, interpretations: dict[int, str], media
             sources[name] = lambda z, ids: (z, 1.0)
         elif name == "simulator":
             sim = SimulatorSource(args, interpretations, medians, subject_tok)
-            sources[f"simulator ({sim.name})"] = sim
+            held_out = f"; judges {len(sim.interpretations)} held-out latents" if sim.seen_latents_kept else ""
+            sources[f"simulator ({sim.name}{held_out})"] = sim
         else:
             _, mode, f = name.split(":")
             sources[name] = FractionSource(mode, float(f), fraction_gen)

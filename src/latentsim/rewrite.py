@@ -88,14 +88,14 @@ def simulator_vectors(z: torch.Tensor, preds: dict[str, pd.DataFrame], sims: dic
                       medians: torch.Tensor, sae, value_of: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Latent vectors at the judged position for every simulator x threshold x value mode (and the floor), with
     counts of what each inserts."""
-    out, info = {}, {}
+    out, info, floors = {}, {}, {}
     for name, sim in sims.items():
         rows = preds[name]
         lat = torch.tensor(rows["latent"].to_numpy())
         active = torch.tensor(rows["active"].to_numpy()) == 1
         floor = z.clone()
         floor[lat[active]] = 0  # the simulator replaces exactly the latents it scored
-        out["no_simulator"] = sae.decode(floor[None])[0]
+        floors[name] = (tuple(sorted(lat[active].tolist())), floor)
         for label, t in sim["thresholds"].items():
             predicted = lat[torch.tensor(rows["p_yes"].to_numpy()) >= t]
             for mode in values:
@@ -113,6 +113,12 @@ def simulator_vectors(z: torch.Tensor, preds: dict[str, pd.DataFrame], sims: dic
                 true_pos = int((z[predicted] > 0).sum())
                 info[key] = {"predicted": len(predicted), "true_positives": true_pos,
                              "false_positives": len(predicted) - true_pos}
+    # `no_simulator`: the scored active latents off. One floor when every simulator scored the same latents here
+    # (one eval set), else one per simulator: never one simulator's floor reported for another.
+    if len({scored for scored, _ in floors.values()}) == 1:
+        out["no_simulator"] = sae.decode(next(iter(floors.values()))[1][None])[0]
+    else:
+        out.update({f"no_simulator:{name}": sae.decode(floor[None])[0] for name, (_, floor) in floors.items()})
     return out, info
 
 
@@ -129,8 +135,9 @@ def patch_context(model, sae, tokens: torch.Tensor, cid: int, layer: int, mean_v
     logits, x_in, x_out, kv = clean_pass(model, ids, layer)
     z = sae.encode(x_out[1:].to(sae.W_dec.dtype))  # [T-1, W]: position 0 is never encoded
     recon = sae.decode(z)
-    judged = {"sae": recon[-1], "sae_plus_error": recon[-1] + (x_out[-1] - recon[-1]),
-              "zero_ablation": x_in[-1], "mean_ablation": x_in[-1] + mean_vec}
+    no_latents = sae.decode(torch.zeros_like(z[-1:]))[0]  # b_dec: the floor of a layer rebuilt from latents
+    judged = {"sae": recon[-1], "sae_plus_error": recon[-1] + (x_out[-1] - recon[-1]), "no_latents": no_latents,
+              "skip_layer_update": x_in[-1], "mean_layer_update": x_in[-1] + mean_vec}
     for mode, f in fraction_keys:
         judged[f"fraction:{mode}:{f:g}"] = sae.decode(keep_fraction(z[-1:], f, mode, gen))[0]
     sim_vecs, counts = simulator_vectors(z[-1], preds, sims, values, medians, sae, value_of)
@@ -145,8 +152,9 @@ def patch_context(model, sae, tokens: torch.Tensor, cid: int, layer: int, mean_v
     if all_positions:
         targets = ids[2:] if nxt is None else torch.cat([ids[2:], nxt[None]])  # next tokens of positions 1..
         scored = slice(1, len(targets) + 1)
-        every = {"sae": recon, "sae_plus_error": recon + (x_out[1:] - recon), "zero_ablation": x_in[1:],
-                 "mean_ablation": x_in[1:] + mean_vec}
+        every = {"sae": recon, "sae_plus_error": recon + (x_out[1:] - recon),
+                 "no_latents": no_latents.expand_as(recon), "skip_layer_update": x_in[1:],
+                 "mean_layer_update": x_in[1:] + mean_vec}
         for mode, f in fraction_keys:
             every[f"fraction:{mode}:{f:g}"] = sae.decode(keep_fraction(z, f, mode, gen))
         per_source["clean"].update(kl_all=0.0, ce_all=float(kl_and_ce(logits[scored], logits[None, scored],

@@ -9,7 +9,6 @@ then tokenized with the simulator's own chat template.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -111,25 +110,6 @@ def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
                          f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training.")
 
 
-@functools.lru_cache(maxsize=8)
-def train_latents(path: Path) -> frozenset[int]:
-    """The latents of a build_dataset train split (read once per sweep, however many checkpoints use it)."""
-    return frozenset(pd.read_parquet(path, columns=["latent"])["latent"].tolist())
-
-
-def seen_latents(sim: Simulator, latents: set[int]) -> set[int]:
-    """Latents of the eval set that a finetuned simulator's training data (train splits) holds."""
-    seen = set()
-    for name in sim.train_datasets:
-        train = Path(name) / "train.parquet"
-        if train.is_file():
-            seen |= train_latents(train.resolve()) & latents
-        else:
-            logger.warning("%s: cannot check held-out latents against %s (not a local build_dataset folder)",
-                           sim.name, name)
-    return seen
-
-
 def few_shot_messages(eval_set: EvalSet, shots: int, seed: int, interpretations, score: bool) -> list[dict]:
     """`shots` solved examples from the eval set's train split (other latents than the test split in `latents`
     mode), half positive for binary formats, as user/assistant turns in the same format."""
@@ -226,15 +206,6 @@ def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | N
         raise BadInputError(f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "
                             "or choose another output_dir.")
     return read_results(folder)
-
-
-def refuse_seen_latents(sim: Simulator, test: pd.DataFrame, allow: bool) -> None:
-    """A finetuned simulator is scored on held-out latents only (unless `allow_seen_latents`)."""
-    seen = seen_latents(sim, set(test["latent"].tolist()))
-    if seen and not allow:
-        raise BadInputError(f"{sim.name} was trained on {len(seen)} latents of the eval set (e.g. {sorted(seen)[:5]}); "
-                            "evaluate on held-out latents (same seed and fractions as the training mixture, "
-                            "split_mode: latents) or set allow_seen_latents: true.")
 
 
 def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], pool,

@@ -13,7 +13,7 @@ SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% C
                  "pearson_mean_vs_quantile_bin": "r(mean, decile)",
                  "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
 WITH_CI = ("auc", "per_latent_auc", "lift_auc")  # columns printed with their CI (wider)
-PATCH_CHECKS = ("sae", "sae_plus_error", "zero_ablation", "mean_ablation", "no_simulator")
+PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mean_layer_update", "no_simulator")
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:

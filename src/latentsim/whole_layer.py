@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -244,20 +243,6 @@ def summarise_sources(kl_ce: dict[str, dict[str, np.ndarray]], clusters: np.ndar
     for rec in out.values():
         rec["recovery"] = (floor - rec["kl"]["mean"]) / (floor - ceiling) if floor != ceiling else float("nan")
     return out
-
-
-def training_rows_and_latents(sim) -> tuple[set[int], set[int]]:
-    """The cache rows and latents of a finetuned simulator's training splits (refused when they cannot be read)."""
-    rows, latents = set(), set()
-    for name in sim.train_datasets:
-        path = Path(name) / "train.parquet"
-        if not path.is_file():
-            raise BadInputError(f"{sim.name}: its training data {path} is not a local build_dataset folder; the "
-                                "held-out rows and latents cannot be checked.")
-        df = pd.read_parquet(path, columns=["row", "latent"])
-        rows |= set(df["row"].tolist())
-        latents |= set(df["latent"].tolist())
-    return rows, latents
 
 
 def held_out_rows(eval_set: EvalSet, split: str, n: int, seed: int, trained_rows: set[int]) -> list[int]:

@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 from latentsim.config.common import _fail, _require_positive, check_device, device_field, hookpoint_layer
 
 
+def check_split_fractions(args) -> None:
+    if not (0 < args.validation_fraction and 0 < args.test_fraction and args.validation_fraction + args.test_fraction < 1):
+        _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
+
+
+def check_row_choice(args) -> None:
+    """explain.py / score.py: which cache rows their examples may come from."""
+    if args.rows not in ("train", "all"):
+        _fail("rows", f"{args.rows!r} is not `train` (the row split's training rows) or `all`.")
+    check_split_fractions(args)
+
+
 @dataclass
 class PrepareArguments:
     """data_gen/prepare_embedded.py: build the embedded default (models converted once, corpus files)."""
@@ -97,6 +109,11 @@ class ExplainArguments:
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
     device: str = device_field("`llm`: ")
+    rows: str = field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split "
+                      "(seed, validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; "
+                      "`all`: every row (build_dataset then refuses eval splits built on it)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's validation share."})
+    test_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's test share."})
     seed: int = field(default=22, metadata={"help": "Seed for sampling latents and examples."})
 
     def __post_init__(self):
@@ -106,6 +123,7 @@ class ExplainArguments:
             _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
         if self.explainer not in ("token_list", "llm"):
             _fail("explainer", f"{self.explainer!r} is not `token_list` or `llm`.")
+        check_row_choice(self)
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
         _require_positive(self, "window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size",
@@ -134,6 +152,11 @@ class ScoreArguments:
     max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
     device: str = device_field()
+    rows: str = field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split "
+                      "(seed, validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; "
+                      "`all`: every row (build_dataset then refuses eval splits built on it)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's validation share."})
+    test_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's test share."})
     seed: int = field(default=22, metadata={"help": "Seed for latents and windows."})
 
     def __post_init__(self):
@@ -141,6 +164,7 @@ class ScoreArguments:
         check_device("device", self.device)
         if self.backend not in ("hf", "vllm"):
             _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
+        check_row_choice(self)
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
         _require_positive(self, "n_activating", "n_non_activating", "window", "batch_size")
@@ -243,6 +267,4 @@ class DatasetArguments:
                   "negative_sampling: uniform).")
         if not 2 <= self.window_min <= self.window_max:
             _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
-        if not (0 < self.validation_fraction and 0 < self.test_fraction
-                and self.validation_fraction + self.test_fraction < 1):
-            _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
+        check_split_fractions(self)

@@ -233,6 +233,8 @@ class GenerateArguments:
     values: str = field(default="oracle", metadata={"help": "`oracle` (true value where truly active, median otherwise) "
                                                            "or `median` (no oracle)."})
     n_inactive: int = field(default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."})
+    allow_seen_latents: bool = field(default=False, metadata={"help": "Let a finetuned simulator judge latents it trained "
+                                                                      "on (by default those keep their SAE values)."})
     window: int = field(default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."})
     do_sample: bool = field(default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."})
     device: str = device_field()
