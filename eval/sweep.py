@@ -43,7 +43,8 @@ def main(args: EvalArguments, api=None) -> None:
     splits = {s: eval_set.split(s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
     test = splits[args.eval_split]
-    l0 = eval_set.mean_l0(test)
+    # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones.
+    width, l0 = eval_set.judged_width, eval_set.judged_l0(test)
     w_dec = eval_set.decoder_weights() if eval_set.binary else None
     scores = {Path(p).stem: load_scores(p, eval_set.hookpoint, eval_set.width, key="score_files")
               for p in args.score_files}
@@ -51,8 +52,8 @@ def main(args: EvalArguments, api=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     write_run_config(root, "eval_sweep", {"eval": args}, args.seed)
     sizes = ", ".join(f"{s}: {len(d)} judgments, {d.context_id.nunique()} contexts" for s, d in splits.items())
-    print(f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; width "
-          f"{eval_set.width}, L0 {l0:.1f})")
+    print(f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
+          f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)")
 
     pool, rows = ModelPool(args), []
     for sim in sims:
@@ -70,7 +71,7 @@ def main(args: EvalArguments, api=None) -> None:
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)
         preds = scored["predictions"]
         results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=eval_set.binary,
-                           width=eval_set.width, l0=l0, w_dec=w_dec, scores=scores, seed=args.seed,
+                           width=width, l0=l0, w_dec=w_dec, scores=scores, seed=args.seed,
                            latent_major=eval_set.latent_major)
         write_results(folder, {
             "results": results, "simulator": asdict(sim),
@@ -89,7 +90,8 @@ def main(args: EvalArguments, api=None) -> None:
                                    by="latent" if eval_set.latent_major else "context_id")
     write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
                          "candidates": "per_latent" if eval_set.latent_major else "per_context",
-                         "width": eval_set.width, "l0": l0, "rows": rows})
+                         "width": eval_set.width, "judged_width": width, "l0": l0,
+                         "rows": rows})
     atomic_write_text(root / "summary.md", f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"
                       f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
                       + markdown_table(rows))

@@ -136,6 +136,12 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     stats = load_statistics(tmp_path / "stats", "layers.11")
     assert stats["firing_count"].shape == (200,) and stats["firing_count"][3] == 2
 
+    # delphi records no file list: a lost split file must not read as 100 latents that never fire.
+    (folder / "0_99.safetensors").unlink()
+    with pytest.raises(CorruptCacheError, match="do not tile the latents: 100_199.safetensors starts at latent 100, "
+                                                "latents 0-99 have no file"):
+        load_cache(tmp_path / "latents", "layers.11")
+
 
 def test_statistics_are_exact(tmp_path):
     rng = np.random.default_rng(0)

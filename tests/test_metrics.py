@@ -70,22 +70,74 @@ def test_per_context_medians_and_iqr():
 
 
 def test_threshold_sweep_extrapolates_with_the_right_denominators():
-    # One context: 2 scored actives, 4 scored inactives; 10 truly active latents in a 1000-latent dictionary.
-    df = pd.DataFrame({"context_id": 0, "active": [1, 1, 0, 0, 0, 0], "n_active": 10,
-                       "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96]})
+    # One context: 2 scored actives, 4 uniform negatives (+1 hard negative, which must not count); 10 of the
+    # token's explained latents are active in a 1000-latent judged dictionary.
+    df = pd.DataFrame({"context_id": 0, "active": [1, 1, 0, 0, 0, 0, 0], "n_active": 40, "n_active_explained": 10,
+                       "candidate": ["positive"] * 2 + ["random_negative"] * 4 + ["hard_negative"],
+                       "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96, 0.99]})
     rows = {r["threshold"]: r for r in metrics.threshold_sweep(df, width=1000, thresholds=(0.5, 0.9))}
     assert rows[0.5]["active_accuracy"]["median"] == 1.0
-    assert rows[0.5]["inactive_accuracy"]["median"] == pytest.approx(0.5)  # 2 of 4 inactives flagged: over inactives only
+    assert rows[0.5]["inactive_accuracy"]["median"] == pytest.approx(0.5)  # 2 of 4 uniform negatives flagged
+    assert rows[0.5]["false_positive_rate"]["rate"] == pytest.approx(0.5)
+    assert rows[0.5]["false_positive_rate"]["n_negatives"] == 4
     assert rows[0.5]["expected_flagged"]["median"] == pytest.approx(10 * 1.0 + 990 * 0.5)
     assert rows[0.9]["active_accuracy"]["median"] == pytest.approx(0.5)
     assert rows[0.9]["expected_flagged"]["median"] == pytest.approx(10 * 0.5 + 990 * 0.25)
+    # The same judgments weighted to the dictionary: an active stands for 5 latents, a uniform negative for 247.5.
+    w = metrics.dictionary_weights(df, 1000)
+    assert w.tolist() == [5.0, 5.0, 247.5, 247.5, 247.5, 247.5, 0.0]
+    d = metrics.weighted_confusion(df["p_yes"].to_numpy(), df["active"].to_numpy(), w, 0.5)
+    assert d["precision"] == pytest.approx(10 / (10 * 1.0 + 990 * 0.5)) and d["recall"] == 1.0
 
 
 def test_precision_at_l0_budget_hand_worked():
     # Thresholds from the candidates: at t=0.95 hit 1/2 and fpr 1/4 -> E = 10*0.5 + 990*0.25 = 252.5;
     # at t=0.96: hit 0, fpr 1/4 -> 247.5; at t=0.6: hit 1, fpr 2/4 -> 505. A budget of 250 picks 252.5 (closest).
-    p = metrics.precision_at_budget(np.array([0.95, 0.6]), np.array([0.7, 0.2, 0.1, 0.96]), 10, 1000, 250)
+    df = pd.DataFrame({"context_id": 0, "active": [1, 1, 0, 0, 0, 0], "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96]})
+    rates = metrics.PooledRates(df)
+    p = metrics.precision_at_budget(np.array([0.6, 0.95]), rates, 10, 1000, 250)
     assert p == pytest.approx(10 * 0.5 / 252.5)
+
+
+def test_pooled_false_positive_rate_recovers_a_planted_rate():
+    """200 contexts x 10 uniform negatives flagged at a planted 3%: each context's own rate is 0 or >= 10%, the
+    pooled one recovers 3% within its interval (and hard negatives, all flagged, do not move it)."""
+    rng = np.random.default_rng(0)
+    n_ctx, planted = 200, 0.03
+    flagged = rng.uniform(size=(n_ctx, 10)) < planted
+    df = pd.DataFrame({"context_id": np.repeat(np.arange(n_ctx), 12), "active": 0,
+                       "candidate": np.tile(["random_negative"] * 10 + ["hard_negative"] * 2, n_ctx),
+                       "p_yes": np.concatenate([np.r_[np.where(f, 0.9, 0.1), 0.99, 0.99] for f in flagged])})
+    fpr = metrics.pooled_fpr_ci(df, 0.5)
+    low, high = fpr["ci95"]
+    assert low < planted < high and high - low < 0.03 and fpr["n_negatives"] == 2000
+    assert set(np.round(flagged.mean(axis=1), 1)) <= {0.0, 0.1, 0.2, 0.3}  # what one context alone would say
+
+
+def test_precision_at_l0_of_a_chance_simulator_is_the_base_rate():
+    """A simulator at chance (P(yes) uniform whatever the truth) must not look precise: with 10 negatives per
+    context the old per-context rate made its precision at L0 exactly 1.0 in many contexts."""
+    rng = np.random.default_rng(1)
+    rows = [{"context_id": c, "active": int(k < 8), "n_active": 32, "n_active_explained": 32,
+             "candidate": "positive" if k < 8 else "random_negative", "p_yes": float(rng.uniform())}
+            for c in range(300) for k in range(18)]
+    out = metrics.binary_metrics(pd.DataFrame(rows), width=4096, l0=32, n_boot=200)
+    base_rate = 32 / 4096
+    assert out["per_context"]["precision_at_l0"]["q75"] < 10 * base_rate
+    assert out["dictionary"]["precision"] == pytest.approx(base_rate, rel=0.3)
+    assert out["dictionary"]["precision_ci95"][0] < base_rate < out["dictionary"]["precision_ci95"][1]
+    assert out["pooled"]["precision"] > 0.3  # the pool's precision: 8 of 18 candidates are active
+
+
+def test_weighted_reliability_equals_repeating_the_judgments():
+    rng = np.random.default_rng(4)
+    p, y, w = rng.uniform(size=300), rng.integers(0, 2, 300), rng.integers(0, 5, 300)
+    weighted = metrics.reliability(p, y, weights=w)
+    repeated = metrics.reliability(np.repeat(p, w), np.repeat(y, w))
+    assert weighted["ece"] == pytest.approx(repeated["ece"]) and weighted["brier"] == pytest.approx(repeated["brier"])
+    margin = rng.normal(size=300)
+    assert metrics.fit_temperature(margin, y, w) == pytest.approx(
+        metrics.fit_temperature(np.repeat(margin, w), np.repeat(y, w)), rel=1e-4)
 
 
 def test_reliability_ece_brier_match_sklearn():
@@ -121,10 +173,11 @@ def test_temperature_scaling_recovers_the_temperature_and_lowers_ece():
 def test_l0_matched_threshold_hits_l0():
     df = synthetic(n_contexts=40, n_inactive=50, seed=2)
     t = metrics.l0_matched_threshold(df, width=2000, l0=120)
-    flagged = [metrics.expected_flagged(g["p_yes"][g["active"] == 1].to_numpy(), g["p_yes"][g["active"] == 0].to_numpy(),
-                                        int(g["n_active"].iloc[0]), 2000, t)[2] for _, g in df.groupby("context_id")]
-    # E[flagged] is a step function of t: the bisection lands at the step that crosses L0.
-    assert abs(np.mean(flagged) - 120) < 2000 / 50
+    rates = metrics.PooledRates(df)
+    flagged = [metrics.expected_flagged(metrics.share_at_or_above(np.sort(g["p_yes"][g["active"] == 1].to_numpy()), t),
+                                        rates.fpr(t), int(g["n_active"].iloc[0]), 2000) for _, g in df.groupby("context_id")]
+    # E[flagged] is a step function of t (pooled over 2000 negatives, so the steps are small): it crosses L0.
+    assert abs(np.mean(flagged) - 120) < 2000 / 500
 
 
 def test_value_metrics_match_scipy():

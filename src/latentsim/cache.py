@@ -178,6 +178,16 @@ def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
     missing = sorted(set(recorded) - {p.name for p in files})
     if missing:
         raise CorruptCacheError(f"{folder} is missing split files {missing}; rerun with `overwrite: true`.")
+    # The split files' latent ranges must tile [0, W): a missing one (a delphi cache records no file list)
+    # would otherwise read as latents that never fire.
+    ranges = [tuple(int(x) for x in p.stem.split("_")[:2]) for p in files]
+    expected = 0
+    for (start, end), path in zip(ranges, files, strict=True):
+        if start != expected:
+            raise CorruptCacheError(f"{folder}: the split files do not tile the latents: {path.name} starts at latent "
+                                    f"{start}, latents {expected}-{start - 1} have no file; restore it or rerun "
+                                    "data_gen/cache_activations.py with `overwrite: true`.")
+        expected = end + 1
     locs, acts, tokens = [], [], None
     for path in files:
         data = load_verified(path, recorded.get(path.name))

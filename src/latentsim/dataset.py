@@ -449,6 +449,7 @@ class JudgedContext:
             "completion": render_completion(judged_fmt, label),
             "latent": cand.latent, "row": self.row, "position": self.end, "window_start": self.end - len(self.window) + 1,
             "context": self.context, "context_ids": self.window.tolist(), "n_active": len(self.active),
+            "n_active_explained": sum(1 for lat in self.active if lat in inputs.explained),
             "active": int(is_active), "activation": float(cand.activation),
             "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
             "interpretation": interpretation,

@@ -21,7 +21,7 @@ from latentsim.errors import BadInputError, MissingInputError
 from latentsim.prompts import get_format
 
 CONTEXT_ID_STRIDE = 1_000_000  # > any cache row length: row * stride + position is unique and sorts by row
-SPLIT_COLUMNS = {"context", "interpretation", "n_active", "prompt_format"}
+SPLIT_COLUMNS = {"context", "interpretation", "n_active", "n_active_explained", "prompt_format"}
 
 
 def context_id(row, position):
@@ -149,13 +149,17 @@ class EvalSet:
         """[W, 11] deciles of each latent's non-zero activations; column 5 is its median."""
         return self.statistics["quantile_edges"].to(device)
 
-    def mean_l0(self, test: pd.DataFrame) -> float:
-        """The SAE's mean number of active latents per token: over the whole cache (its statistics), else over
-        the eval contexts."""
-        path = self.cache_dir / "stats" / f"{self.hookpoint}.json"
-        if path.is_file() and "mean_l0" in (summary := json.loads(path.read_text())):
-            return float(summary["mean_l0"])
-        return float(test.groupby("context_id")["n_active"].first().mean())
+    @property
+    def judged_width(self) -> int:
+        """The dictionary a simulator answers for: the latents with an interpretation (not the SAE's width: it
+        cannot be asked about the unexplained ones, and most dead latents are among them)."""
+        return int(self.stats["latents_with_interpretation"])
+
+    @staticmethod
+    def judged_l0(df: pd.DataFrame) -> float:
+        """Mean number of explained latents active at the judged tokens (the budget the L0-matched threshold and
+        precision at L0 aim at)."""
+        return float(df.groupby("context_id")["n_active_explained"].first().mean())
 
     def interpretations(self) -> dict[int, str]:
         """The interpretations of the eval set's (first) interpretation set."""

@@ -36,7 +36,8 @@ def recall_precision(records: list[dict]) -> Figure:
     for j, m in enumerate(metrics):
         for i, r in enumerate(records):
             s = r["results"]["binary"]["per_context"][m]
-            ax.bar(i + j * width, s["median"], width, color=f"C{j}", label=m if i == 0 else None,
+            label = m if m in ("recall", "auc") else f"{m} (pool)"  # pool: ~25% positive, not the dictionary
+            ax.bar(i + j * width, s["median"], width, color=f"C{j}", label=label if i == 0 else None,
                    yerr=[[max(0.0, s["median"] - s["q25"])], [max(0.0, s["q75"] - s["median"])]], capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(records))], [short(r["name"]) for r in records],
                   rotation=20, ha="right", fontsize=7)
@@ -94,15 +95,17 @@ def threshold_sweep(records: list[dict]) -> Figure:
 
 
 def reliability(records: list[dict]) -> Figure:
-    """One reliability diagram per simulator, before and after temperature scaling."""
+    """One reliability diagram per simulator: on the pool, after temperature scaling, and weighted to the
+    dictionary's base rate."""
     fig, axes = plt.subplots(1, len(records), figsize=(3 * len(records), 3), squeeze=False)
     for ax, r in zip(axes[0], records, strict=True):
         cal = r["results"]["calibration"]
-        for key, style in (("raw", "-o"), ("temperature_scaled", "-s")):
+        for key, style, name in (("raw", "-o", "pool"), ("temperature_scaled", "-s", "pool, T"),
+                                 ("dictionary", "-^", "dictionary")):
             if key in cal:
                 b = cal[key]["bins"]
                 ax.plot([x["mean_p"] for x in b], [x["positive_rate"] for x in b], style, ms=3,
-                        label=f"{key} (ECE {cal[key]['ece']:.3f})")
+                        label=f"{name} (ECE {cal[key]['ece']:.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set_title(short(r["name"]), fontsize=8)
         ax.set_xlabel("mean P(yes)")

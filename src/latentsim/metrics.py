@@ -151,14 +151,6 @@ def confusion_metrics(p: np.ndarray, truth: np.ndarray, threshold: float = 0.5) 
             "accuracy": (tp + tn) / len(truth) if len(truth) else nan, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def expected_flagged(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int,
-                     threshold: float) -> tuple[float, float, float]:
-    """(hit rate on actives, false-positive rate on inactives, E[flagged]) of one context at `threshold`."""
-    hit = float((p_active >= threshold).mean()) if len(p_active) else float("nan")
-    fpr = float((p_inactive >= threshold).mean()) if len(p_inactive) else float("nan")
-    return hit, fpr, n_active * hit + (width - n_active) * fpr
-
-
 def contexts(df: pd.DataFrame):
     """(context_id, its rows) in a stable order."""
     return df.groupby("context_id", sort=True)
@@ -172,9 +164,13 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
     dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0).
 
     The medians of CI_METRICS carry `ci95`, and the pooled AUC `auc_ci95`: 95 % percentile-bootstrap intervals
-    resampling contexts (`n_boot` resamples drawn from `seed`)."""
+    resampling contexts (`n_boot` resamples drawn from `seed`).
+
+    Precision, F1 and the pooled confusion are pool metrics: the pool is ~25% positive where the dictionary is
+    ~L0/W. `dictionary` holds the same at the dictionary's base rate (dictionary_weights), with an interval."""
     per = {k: [] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc", "precision_top_active",
                            "precision_at_l0")}
+    rates = PooledRates(df)
     for _, g in contexts(df):
         p, y = g["p_yes"].to_numpy(), g["active"].to_numpy()
         m = confusion_metrics(p, y, threshold)
@@ -183,14 +179,18 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
         per["auc"].append(roc_auc(p, y))
         n_pos = int(y.sum())
         per["precision_top_active"].append(float(y[np.argsort(-p, kind="stable")[:n_pos]].mean()) if n_pos else np.nan)
-        per["precision_at_l0"].append(precision_at_budget(p[y == 1], p[y == 0], int(g["n_active"].iloc[0]), width, l0))
+        per["precision_at_l0"].append(precision_at_budget(np.sort(p[y == 1]), rates, judged_active_count(g), width, l0))
     pooled = confusion_metrics(df["p_yes"].to_numpy(), df["active"].to_numpy(), threshold)
+    weights = dictionary_weights(df, width)
+    dictionary = weighted_confusion(df["p_yes"].to_numpy(), df["active"].to_numpy(), weights, threshold)
+    dictionary["precision_ci95"] = dictionary_precision_ci(df, weights, threshold, n_boot=n_boot, seed=seed)
     pooled["auc"] = roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy())
     pooled["auc_ci95"] = list(pooled_auc_ci(df, n_boot=n_boot, seed=seed))
     per_context = {k: summarise(v) for k, v in per.items()}
     for k in CI_METRICS:
         per_context[k]["ci95"] = list(bootstrap_ci(per[k], n_boot=n_boot, seed=seed))
-    return {"per_context": per_context, "pooled": pooled,
+    return {"per_context": per_context, "pooled": pooled, "dictionary": dictionary,
+            "contexts_without_scored_active": int(sum(1 for a, _ in context_groups(df) if not len(a))),
             "n_contexts": int(df["context_id"].nunique()), "n_judgments": len(df), "threshold": threshold}
 
 
@@ -255,48 +255,166 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
         "n_contexts": n_contexts, "n_judgments": len(joined), "by": by}
 
 
-def precision_at_budget(p_active: np.ndarray, p_inactive: np.ndarray, n_active: int, width: int, budget: float) -> float:
-    """Expected share of true actives among the `budget` latents flagged when the whole dictionary is scored with
-    the threshold whose E[flagged] is closest to the budget (from above: the candidate probabilities)."""
-    if not len(p_active) or not len(p_inactive):
+def judged_active_count(g: pd.DataFrame) -> int:
+    """The token's active latents that the simulator could be asked about (explained ones; every active latent
+    for predictions made before eval sets recorded `n_active_explained`)."""
+    return int(g["n_active_explained" if "n_active_explained" in g else "n_active"].iloc[0])
+
+
+def uniform_negative_mask(df: pd.DataFrame) -> np.ndarray:
+    """The inactive candidates drawn uniformly from the pool: the only ones that estimate the dictionary's false-
+    positive rate (hard negatives are chosen to be confusable, so they would overstate it)."""
+    if "candidate" in df:
+        return (df["candidate"] == "random_negative").to_numpy()
+    return (df["active"] == 0).to_numpy()
+
+
+def share_at_or_above(sorted_p: np.ndarray, t) -> np.ndarray | float:
+    """Share of `sorted_p` (ascending) that is >= t, for a threshold or an array of them (nan if empty)."""
+    if not len(sorted_p):
+        return np.full(np.shape(t), np.nan) if np.ndim(t) else float("nan")
+    return (len(sorted_p) - np.searchsorted(sorted_p, t, side="left")) / len(sorted_p)
+
+
+class PooledRates:
+    """Hit rate over every scored active and false-positive rate over every uniform negative, pooled across the
+    contexts. A context holds ~10 negatives, so its own rate is 0 or >= 0.1: multiplied by the ~W inactive
+    latents of the dictionary, that quantisation decides every extrapolation. The pooled rate is smooth in the
+    threshold (it assumes the rate varies little from one token to the next; the per-context hit rate stays)."""
+
+    def __init__(self, df: pd.DataFrame):
+        p = df["p_yes"].to_numpy()
+        self.negatives = np.sort(p[uniform_negative_mask(df)])
+        self.actives = np.sort(p[df["active"].to_numpy() == 1])
+
+    def fpr(self, t):
+        return share_at_or_above(self.negatives, t)
+
+    def hit(self, t):
+        return share_at_or_above(self.actives, t)
+
+
+def pooled_fpr_ci(df: pd.DataFrame, threshold: float, *, n_boot: int = N_BOOT, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """The pooled false-positive rate at `threshold` with a percentile-bootstrap interval resampling contexts."""
+    neg = uniform_negative_mask(df)
+    codes, n_contexts = cluster_codes(df)
+    flagged = np.bincount(codes[neg], weights=(df["p_yes"].to_numpy()[neg] >= threshold), minlength=n_contexts)
+    scored = np.bincount(codes[neg], minlength=n_contexts).astype(float)
+    counts = bootstrap_counts(n_contexts, n_boot, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        replicates = (counts @ flagged) / (counts @ scored)
+    return {"rate": float(flagged.sum() / scored.sum()) if scored.sum() else float("nan"),
+            "ci95": list(percentile_interval(replicates, level)), "n_negatives": int(scored.sum())}
+
+
+def context_groups(df: pd.DataFrame) -> list[tuple[np.ndarray, int]]:
+    """Per context (sorted): its scored actives' P(yes), ascending, and its judged active count."""
+    return [(np.sort(g["p_yes"].to_numpy()[g["active"].to_numpy() == 1]), judged_active_count(g))
+            for _, g in contexts(df)]
+
+
+def expected_flagged(hit, fpr, n_active: int, width: int):
+    """E[flagged] when all `width` judged latents are scored: n_active * hit + (width - n_active) * fpr."""
+    return n_active * hit + (width - n_active) * fpr
+
+
+def context_hit(sorted_active: np.ndarray, rates: PooledRates, t):
+    """The context's hit rate at t; the pooled one where it has no scored active (so it still counts)."""
+    return share_at_or_above(sorted_active, t) if len(sorted_active) else rates.hit(t)
+
+
+def precision_at_budget(sorted_active: np.ndarray, rates: PooledRates, n_active: int, width: int,
+                        budget: float) -> float:
+    """Expected share of true actives among the `budget` latents flagged when the whole judged dictionary is
+    scored, at the threshold whose E[flagged] is closest to the budget (candidates: every scored probability)."""
+    if not len(sorted_active) or not len(rates.negatives):
         return float("nan")
-    best = None
-    for t in np.unique(np.concatenate([p_active, p_inactive])):
-        hit, _, flagged = expected_flagged(p_active, p_inactive, n_active, width, t)
-        if flagged > 0 and (best is None or abs(flagged - budget) < abs(best[1] - budget)):
-            best = (hit, flagged)
-    return float(n_active * best[0] / best[1]) if best else float("nan")
+    t = np.unique(np.concatenate([sorted_active, rates.negatives]))
+    hit = share_at_or_above(sorted_active, t)
+    flagged = expected_flagged(hit, rates.fpr(t), n_active, width)
+    ok = np.nonzero(flagged > 0)[0]
+    if not len(ok):
+        return float("nan")
+    best = ok[np.argmin(np.abs(flagged[ok] - budget))]  # the first (lowest threshold) of equally close ones
+    return float(n_active * hit[best] / flagged[best])
 
 
-def threshold_sweep(df: pd.DataFrame, width: int, thresholds=THRESHOLDS) -> list[dict]:
-    """Figure 5: per threshold, active accuracy (hit rate), inactive accuracy (1 - fp rate, over inactives only)
-    and the expected number of latents flagged in the whole dictionary; median and IQR over contexts."""
+def threshold_sweep(df: pd.DataFrame, width: int, thresholds=THRESHOLDS, *, seed: int = 0,
+                    n_boot: int = N_BOOT) -> list[dict]:
+    """Figure 5: per threshold, active accuracy (hit rate, per context), inactive accuracy (1 - the context's own
+    fp rate over its uniform negatives: the pool's view), the pooled false-positive rate with its interval, and
+    the expected number of latents flagged in the judged dictionary (pooled fp rate); median and IQR over
+    contexts."""
+    rates, groups = PooledRates(df), context_groups(df)
+    negatives = [np.sort(g["p_yes"].to_numpy()[uniform_negative_mask(g)]) for _, g in contexts(df)]
     rows = []
     for t in thresholds:
-        hit, inact, flagged = [], [], []
-        for _, g in contexts(df):
-            y, p = g["active"].to_numpy(), g["p_yes"].to_numpy()
-            h, f, e = expected_flagged(p[y == 1], p[y == 0], int(g["n_active"].iloc[0]), width, t)
-            hit.append(h)
-            inact.append(1 - f)
-            flagged.append(e)
-        rows.append({"threshold": t, "active_accuracy": summarise(hit), "inactive_accuracy": summarise(inact),
+        hit = [share_at_or_above(a, t) for a, _ in groups]
+        inactive = [1 - share_at_or_above(n, t) for n in negatives]
+        flagged = [expected_flagged(context_hit(a, rates, t), rates.fpr(t), n, width) for a, n in groups]
+        rows.append({"threshold": t, "active_accuracy": summarise(hit), "inactive_accuracy": summarise(inactive),
+                     "false_positive_rate": pooled_fpr_ci(df, t, n_boot=n_boot, seed=seed),
                      "expected_flagged": summarise(flagged)})
     return rows
 
 
-def reliability(p: np.ndarray, truth: np.ndarray, n_bins: int = 10) -> dict:
-    """Uniform-bin reliability diagram, ECE (bin-size weighted |mean p - positive rate|) and Brier score."""
+def dictionary_weights(df: pd.DataFrame, width: int) -> np.ndarray:
+    """Per judgment, how many latents of the judged dictionary it stands for at its token, so that weighted pool
+    metrics are dictionary metrics: a scored active stands for n_active / n_scored_actives of the token's
+    actives, a uniform negative for (width - n_active) / n_uniform_negatives of its inactives, a hard negative
+    for none (it is not a sample of them). The pool is ~25% positive; the dictionary ~L0 / W."""
+    out = np.zeros(len(df))
+    uniform = uniform_negative_mask(df)
+    active = df["active"].to_numpy() == 1
+    for _, g in contexts(df):
+        at = df.index.get_indexer(g.index)
+        n = judged_active_count(g)
+        pos, neg = at[active[at]], at[uniform[at]]
+        if len(pos):
+            out[pos] = n / len(pos)
+        if len(neg):
+            out[neg] = (width - n) / len(neg)
+    return out
+
+
+def weighted_confusion(p: np.ndarray, truth: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, float]:
+    """Recall, precision and F1 at p >= threshold with each judgment counted `weights` times."""
+    pred, truth = np.asarray(p) >= threshold, np.asarray(truth) == 1
+    tp, fp, fn = (float(weights[m].sum()) for m in (pred & truth, pred & ~truth, ~pred & truth))
+    nan = float("nan")
+    return {"recall": tp / (tp + fn) if tp + fn else nan, "precision": tp / (tp + fp) if tp + fp else nan,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan}
+
+
+def dictionary_precision_ci(df: pd.DataFrame, weights: np.ndarray, threshold: float, *, n_boot: int = N_BOOT,
+                            seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile-bootstrap interval of the dictionary-weighted precision, resampling contexts."""
+    codes, n_contexts = cluster_codes(df)
+    pred, truth = df["p_yes"].to_numpy() >= threshold, df["active"].to_numpy() == 1
+    tp = np.bincount(codes, weights=weights * (pred & truth), minlength=n_contexts)
+    flagged = np.bincount(codes, weights=weights * pred, minlength=n_contexts)
+    counts = bootstrap_counts(n_contexts, n_boot, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return list(percentile_interval((counts @ tp) / (counts @ flagged), level))
+
+
+def reliability(p: np.ndarray, truth: np.ndarray, n_bins: int = 10, weights: np.ndarray | None = None) -> dict:
+    """Uniform-bin reliability diagram, ECE (bin-weight weighted |mean p - positive rate|) and Brier score; each
+    judgment counted `weights` times if given (dictionary_weights: the dictionary's base rate, not the pool's)."""
     p, truth = np.asarray(p, dtype=float), np.asarray(truth, dtype=float)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=float)
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    table, ece = [], 0.0
+    table, ece, total = [], 0.0, w.sum()
     for b in range(n_bins):
-        mask = bins == b
+        mask = (bins == b) & (w > 0)
         if mask.any():
+            mean_p, rate = np.average(p[mask], weights=w[mask]), np.average(truth[mask], weights=w[mask])
             table.append({"bin": b, "lower": b / n_bins, "upper": (b + 1) / n_bins, "count": int(mask.sum()),
-                          "mean_p": float(p[mask].mean()), "positive_rate": float(truth[mask].mean())})
-            ece += mask.mean() * abs(p[mask].mean() - truth[mask].mean())
-    return {"bins": table, "ece": float(ece), "brier": float(np.mean((p - truth) ** 2)), "n": int(len(p))}
+                          "mean_p": float(mean_p), "positive_rate": float(rate)})
+            ece += w[mask].sum() / total * abs(mean_p - rate)
+    return {"bins": table, "ece": float(ece), "brier": float(np.average((p - truth) ** 2, weights=w)),
+            "n": int(len(p))}
 
 
 def yes_margin(df: pd.DataFrame) -> np.ndarray:
@@ -308,30 +426,31 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.clip(z, -500, 500)))
 
 
-def fit_temperature(margin: np.ndarray, truth: np.ndarray) -> float:
-    """The temperature T minimising the NLL of sigmoid(margin / T) (searched over log T)."""
+def fit_temperature(margin: np.ndarray, truth: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The temperature T minimising the (weighted) NLL of sigmoid(margin / T) (searched over log T)."""
     from scipy.optimize import minimize_scalar
 
     truth = np.asarray(truth, dtype=float)
+    w = np.ones_like(truth) if weights is None else np.asarray(weights, dtype=float)
 
     def nll(log_t):
         p = np.clip(sigmoid(margin / np.exp(log_t)), 1e-12, 1 - 1e-12)
-        return -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
+        return -np.average(truth * np.log(p) + (1 - truth) * np.log(1 - p), weights=w)
 
     return float(np.exp(minimize_scalar(nll, bounds=(-5, 5), method="bounded").x))
 
 
 def l0_matched_threshold(df: pd.DataFrame, width: int, l0: float) -> float:
-    """The threshold at which the mean over contexts of E[flagged] equals the SAE's L0 (bisection in logit
-    space; E[flagged] only falls as the threshold rises)."""
-    groups = [(g["p_yes"].to_numpy()[g["active"].to_numpy() == 1], g["p_yes"].to_numpy()[g["active"].to_numpy() == 0],
-               int(g["n_active"].iloc[0])) for _, g in contexts(df)]
+    """The threshold at which the mean over contexts of E[flagged] (pooled fp rate; a context with no scored
+    active takes the pooled hit rate, so it is not dropped) equals `l0` (bisection in logit space; E[flagged]
+    only falls as the threshold rises)."""
+    rates, groups = PooledRates(df), context_groups(df)
 
     def mean_flagged(t):
-        return float(np.nanmean([expected_flagged(a, i, n, width, t)[2] for a, i, n in groups]))
+        return float(np.mean([expected_flagged(context_hit(a, rates, t), rates.fpr(t), n, width) for a, n in groups]))
 
     lo, hi = -30.0, 30.0  # logit(t)
-    for _ in range(80):
+    for _ in range(60):
         mid = (lo + hi) / 2
         if mean_flagged(float(sigmoid(np.array(mid)))) > l0:
             lo = mid
@@ -341,21 +460,31 @@ def l0_matched_threshold(df: pd.DataFrame, width: int, l0: float) -> float:
 
 
 def calibration(test: pd.DataFrame, validation: pd.DataFrame | None, width: int, l0: float) -> dict:
-    """Reliability/ECE/Brier on test, before and after a temperature fitted on validation; and the threshold
-    fitted on validation so E[flagged] = L0, with what it gives on test."""
-    out = {"raw": reliability(test["p_yes"].to_numpy(), test["active"].to_numpy())}
+    """Reliability/ECE/Brier on test, on the pool (`raw`, ~25% positive) and weighted to the dictionary's base rate
+    (`dictionary`); a temperature fitted on validation (pool NLL, and dictionary-weighted NLL) with what each
+    gives on test; and the threshold fitted on validation so that E[flagged] = L0, with what it gives on test."""
+    truth = test["active"].to_numpy()
+    weights = dictionary_weights(test, width)
+    out = {"raw": reliability(test["p_yes"].to_numpy(), truth),
+           "dictionary": reliability(test["p_yes"].to_numpy(), truth, weights=weights)}
     if validation is None or not len(validation):
         return out
     temperature = fit_temperature(yes_margin(validation), validation["active"].to_numpy())
-    scaled = sigmoid(yes_margin(test) / temperature)
     out["temperature"] = temperature
-    out["temperature_scaled"] = reliability(scaled, test["active"].to_numpy())
+    out["temperature_scaled"] = reliability(sigmoid(yes_margin(test) / temperature), truth)
+    dict_t = fit_temperature(yes_margin(validation), validation["active"].to_numpy(),
+                             dictionary_weights(validation, width))
+    out["temperature_dictionary"] = dict_t
+    out["temperature_dictionary_scaled"] = reliability(sigmoid(yes_margin(test) / dict_t), truth, weights=weights)
     t = l0_matched_threshold(validation, width, l0)
     sweep = threshold_sweep(test, width, (t,))[0]
+    pooled = confusion_metrics(test["p_yes"].to_numpy(), truth, t)
     out["l0_matched"] = {"threshold": t, "l0": l0, **{k: v for k, v in sweep.items() if k != "threshold"},
-                         **{f"pooled_{k}": v for k, v in confusion_metrics(test["p_yes"].to_numpy(),
-                                                                            test["active"].to_numpy(), t).items()
-                            if k in ("recall", "precision", "f1")}}
+                         **{f"pooled_{k}": pooled[k] for k in ("recall", "precision", "f1")},
+                         **{f"dictionary_{k}": v for k, v in weighted_confusion(test["p_yes"].to_numpy(), truth,
+                                                                                 weights, t).items()},
+                         "validation_contexts_without_scored_active": sum(
+                             1 for a, _ in context_groups(validation) if not len(a))}
     return out
 
 
@@ -472,7 +601,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: boo
                 "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique()),
                 "n_latents": int(test["latent"].nunique())}
     out = {"binary": binary_metrics(test, width, l0, seed=seed), "per_latent": per_latent_metrics(test, seed=seed),
-           "threshold_sweep": threshold_sweep(test, width),
+           "threshold_sweep": threshold_sweep(test, width, seed=seed),
            "calibration": calibration(test, validation, width, l0),
            "accuracy_vs_strength": accuracy_vs_strength(test),
            "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
@@ -510,12 +639,18 @@ def summary_row(name: str, kind: str, step, results: dict) -> dict:
     if "ci95" in per["auc"]:  # results.json files written before the intervals existed have none
         row["auc_ci_low"], row["auc_ci_high"] = per["auc"]["ci95"]
     row["pooled_auc"] = results["binary"]["pooled"]["auc"]
+    if "dictionary" in results["binary"]:  # base-rate corrected, next to the pool's precision and F1
+        d = results["binary"]["dictionary"]
+        row["precision_dictionary"], row["f1_dictionary"] = d["precision"], d["f1"]
+        row["precision_dictionary_ci_low"], row["precision_dictionary_ci_high"] = d["precision_ci95"]
     if "lift_over_prior" in results:
         lift = results["lift_over_prior"]["per_context_auc"]
         row["lift_auc"] = lift["median"]
         row["lift_auc_ci_low"], row["lift_auc_ci_high"] = lift["ci95"]
     cal = results["calibration"]
     row["ece"], row["brier"] = cal["raw"]["ece"], cal["raw"]["brier"]
+    if "dictionary" in cal:
+        row["ece_dictionary"], row["brier_dictionary"] = cal["dictionary"]["ece"], cal["dictionary"]["brier"]
     if "temperature" in cal:
         row["ece_temperature_scaled"] = cal["temperature_scaled"]["ece"]
         row["l0_matched_threshold"] = cal["l0_matched"]["threshold"]

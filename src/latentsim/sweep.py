@@ -28,7 +28,7 @@ from latentsim.training import CHECKPOINT_COMPLETE
 
 logger = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("context_id", "row", "position", "latent", "active", "activation", "activation_bin",
-                      "quantile_bin", "n_active", "candidate")
+                      "quantile_bin", "n_active", "n_active_explained", "candidate")
 
 
 @dataclass

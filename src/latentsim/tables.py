@@ -6,20 +6,25 @@ from __future__ import annotations
 import functools
 
 # summary.json column -> its header in the terminal table, in print order.
-SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% CI]", "lift_auc": "AUC - prior [95% CI]", "recall": "recall", "precision": "precision", "f1": "F1",
-                 "precision_top_active": "prec@|A|", "ece": "ECE", "ece_temperature_scaled": "ECE (T)",
+# "(pool)": computed on the eval pool (~25% positive); "(dict)": weighted to the judged dictionary's base rate.
+SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% CI]", "lift_auc": "AUC - prior [95% CI]",
+                 "recall": "recall", "precision": "precision (pool)", "f1": "F1 (pool)",
+                 "precision_dictionary": "precision (dict) [95% CI]", "precision_at_l0": "prec@L0 (dict)",
+                 "precision_top_active": "prec@|A| (pool)", "ece": "ECE (pool)", "ece_dictionary": "ECE (dict)",
+                 "ece_temperature_scaled": "ECE (pool, T)",
                  "expected_flagged_at_0.5": "E[flagged]@0.5", "l0_matched_active_accuracy": "recall@L0-thr",
                  "alignment": "align", "alignment_random_pool": "align (rand)",
                  "pearson_mean_vs_quantile_bin": "r(mean, decile)",
                  "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
-WITH_CI = ("auc", "per_latent_auc", "lift_auc")  # columns printed with their CI (wider)
+WITH_CI = ("auc", "per_latent_auc", "lift_auc", "precision_dictionary")  # columns printed with their CI (wider)
 PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mean_layer_update", "no_simulator")
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:
     """An eval sweep's table (summary.json rows): a header, then a simulator per line; the columns some row has."""
     cols = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)]
-    width = {c: 25 if c == "per_latent_auc" else 23 if c in WITH_CI else 19 for c in cols}
+    width = {c: 28 if c == "precision_dictionary" else 25 if c == "per_latent_auc" else 23 if c in WITH_CI else 19
+             for c in cols}
     lines = [f"{'simulator':<44}" + "".join(f"{SWEEP_COLUMNS[c]:>{width[c]}}" for c in cols)]
     for r in rows:
         lines.append(f"{r['simulator'][:43]:<44}" + "".join(f"{sweep_cell(r, c):>{width[c]}}" for c in cols))
