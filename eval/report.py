@@ -56,7 +56,8 @@ def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str
     info = (f"prompt format <code>{eval_set['prompt_format']}</code>, split <code>{eval_set['split']}</code>, "
             f"{results['n_contexts']} contexts, {results['n_judgments']} judgments per simulator")
     if binary:
-        info += f", dictionary width {results['width']}, SAE L0 {results['l0']:.1f}"
+        info += (f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active per "
+                 "token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate")
     over = "contexts" if binary or "per_latent" not in results else "latents (latent-major eval set)"
     return (f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked pooled.</p>"
             f"{table_html(rows)}{''.join(imgs)}")

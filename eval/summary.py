@@ -21,6 +21,7 @@ from latentsim.io import read_results
 from latentsim.latent_stats import load_statistics
 from latentsim.sweep import read_summary
 from latentsim.tables import patch_cell, patch_lines, sweep_lines
+from latentsim.whole_layer import format_table
 
 DATACLASSES = (SummaryArguments,)
 
@@ -112,7 +113,8 @@ def print_evaluation(run_dir: Path) -> None:
             rows = summary["rows"]
             per = "per-latent" if summary.get("candidates") == "per_latent" else "per-context"
             print_table(f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
-                        f"dictionary {summary['width']}, L0 {summary['l0']:.1f}; {per} medians)", sweep_lines(rows))
+                        f"judged dictionary {summary.get('judged_width', summary['width'])} explained latents, L0 "
+                        f"{summary['l0']:.1f} of them; {per} medians)", sweep_lines(rows))
     for folder in (s / "patch_kl" for s in eval_sets):
         if (patch := read_results(folder)) is not None:
             print_table(f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
@@ -125,6 +127,10 @@ def print_evaluation(run_dir: Path) -> None:
                         f"{generation['kl_direction']} per token; share of active latents recovered)",
                         [f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
                          f"{g['prompt']!r} -> {g['text']!r}" for g in generation["generations"]])
+    if (whole := read_results(run_dir / "eval" / "whole_layer")) is not None:  # the end-to-end number, last
+        print(f"\nWHOLE LAYER {run_dir / 'eval' / 'whole_layer'}  (every explained latent judged by the simulator; "
+              "the layer rebuilt from its verdicts alone)")
+        print(format_table(whole))
     report = run_dir / "eval" / "report" / "report.html"
     if report.is_file():
         print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")

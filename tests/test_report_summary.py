@@ -36,7 +36,8 @@ def test_summary_prints_sweep_patch_and_generation_tables(tmp_path, capsys):
     eval_dir = tmp_path / "eval" / "eval_set"
     write_json(eval_dir / "summary.json", {"prompt_format": "binary", "width": 64, "l0": 3.25, "rows": [
         {"simulator": "run__final", "contexts": 7, "auc": 0.75, "auc_ci_low": 0.5, "auc_ci_high": 0.875,
-         "lift_auc": 0.25, "lift_auc_ci_low": -0.125, "lift_auc_ci_high": 0.5, "recall": 0.5},
+         "lift_auc": 0.25, "lift_auc_ci_low": -0.125, "lift_auc_ci_high": 0.5, "recall": 0.5,
+         "precision": float("nan"), "f1": 0.0},  # nan: flags nothing; F1 is not a terminal column
         {"simulator": "baseline__zero", "contexts": 7, "auc": 0.5, "recall": 1}]})  # an int is no metric: blank
     write_json(eval_dir / "patch_kl" / "results.json", patch_results())
     write_json(eval_dir / "generate" / "results.json", {"hookpoint": "layers.1", "sampling": "greedy",
@@ -46,11 +47,13 @@ def test_summary_prints_sweep_patch_and_generation_tables(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     pad = " " * 6
     assert lines[1:5] == [
-        f"EVAL {eval_dir}  (binary, 7 held-out contexts, dictionary 64, L0 3.2; per-context medians)",
-        pad + "simulator".ljust(44) + "AUC [95% CI]".rjust(23) + "AUC - prior [95% CI]".rjust(23) + "recall".rjust(19),
-        pad + "run__final".ljust(44) + "0.750 [0.50, 0.88]".rjust(23) + "0.250 [-0.12, 0.50]".rjust(23)
-        + "0.500".rjust(19),
-        pad + "baseline__zero".ljust(44) + "0.500".rjust(23) + " " * 23 + " " * 19]  # no CI, no lift: plain
+        f"EVAL {eval_dir}  (binary, 7 held-out contexts, judged dictionary 64 explained latents, L0 3.2 of them; "
+        "per-context medians)",
+        pad + "simulator".ljust(44) + "AUC [95% CI]".rjust(20) + "AUC - prior [95% CI]".rjust(22) + "recall".rjust(8)
+        + "precision (pool)".rjust(18),
+        pad + "run__final".ljust(44) + "0.750 [0.50, 0.88]".rjust(20) + "0.250 [-0.12, 0.50]".rjust(22)
+        + "0.500".rjust(8) + "-".rjust(18),
+        pad + "baseline__zero".ljust(44) + "0.500".rjust(20) + " " * 22 + " " * 8 + " " * 18]  # no CI, no lift
     assert lines[6:13] == [
         f"PATCH {eval_dir / 'patch_kl'}  (5 contexts, layers.1; {KL}, median; CE of the next token; the clean "
         "model's CE: 2.500 judged, 3.250 all)",

@@ -122,8 +122,8 @@ def make_sources(args: GenerateArguments, interpretations: dict[int, str], media
             sources[name] = lambda z, ids: (z, 1.0)
         elif name == "simulator":
             sim = SimulatorSource(args, interpretations, medians, subject_tok)
-            held_out = f"; judges {len(sim.interpretations)} held-out latents" if sim.seen_latents_kept else ""
-            sources[f"simulator ({sim.name}{held_out})"] = sim
+            held_out = f", {len(sim.interpretations)} held-out latents" if sim.seen_latents_kept else ""
+            sources[f"simulator{held_out} ({sim.name})"] = sim
         else:
             _, mode, f = name.split(":")
             sources[name] = FractionSource(mode, float(f), fraction_gen)

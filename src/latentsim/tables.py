@@ -17,14 +17,18 @@ SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% C
                  "pearson_mean_vs_quantile_bin": "r(mean, decile)",
                  "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
 WITH_CI = ("auc", "per_latent_auc", "lift_auc", "precision_dictionary")  # columns printed with their CI (wider)
+# The terminal shows these (summary.md and the report show every column).
+TERMINAL_COLUMNS = ("auc", "per_latent_auc", "lift_auc", "recall", "precision", "precision_dictionary",
+                    "precision_at_l0", "ece", "ece_dictionary", "pearson_mean_vs_quantile_bin",
+                    "spearman_mean_vs_quantile_bin", "mode_accuracy_quantile_bin")
 PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mean_layer_update", "no_simulator")
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:
-    """An eval sweep's table (summary.json rows): a header, then a simulator per line; the columns some row has."""
-    cols = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)]
-    width = {c: 28 if c == "precision_dictionary" else 25 if c == "per_latent_auc" else 23 if c in WITH_CI else 19
-             for c in cols}
+    """An eval sweep's table (summary.json rows): a header, then a simulator per line; the terminal's columns
+    that some row has, each as wide as its header or widest cell, plus 2."""
+    cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
+    width = {c: 2 + max([len(SWEEP_COLUMNS[c])] + [len(sweep_cell(r, c)) for r in rows]) for c in cols}
     lines = [f"{'simulator':<44}" + "".join(f"{SWEEP_COLUMNS[c]:>{width[c]}}" for c in cols)]
     for r in rows:
         lines.append(f"{r['simulator'][:43]:<44}" + "".join(f"{sweep_cell(r, c):>{width[c]}}" for c in cols))
@@ -36,6 +40,8 @@ def sweep_cell(row: dict, column: str) -> str:
     value = row.get(column)
     if not isinstance(value, float):
         return ""
+    if value != value:  # nan: undefined (e.g. the precision of a simulator that flags nothing)
+        return "-"
     low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
     return f"{value:.3f} [{low:.2f}, {high:.2f}]" if isinstance(low, float) and isinstance(high, float) else f"{value:.3f}"
 
