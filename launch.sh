@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one front door of latentsim.
 #   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
+#   ./launch.sh study                 the CPU study (<= 90 min): two simulators vs every baseline, into outputs/study/
 #   ./launch.sh test [--slow] [ARGS]  set up, run the test suite (--slow adds the tier that uses the real model)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
@@ -14,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup() {
   if [ ! -x "$PY" ]; then
@@ -70,12 +71,13 @@ setup_chromium() {
     echo "[setup] could not install chromium; the report rendering test will be skipped"
 }
 
+RUN=quickstart
 stage() {
   # Run one pipeline stage and say how long it took.
   local name=$1 t=$SECONDS
   shift
   "$@"
-  echo "[quickstart] stage $name: $((SECONDS - t)) s"
+  echo "[$RUN] stage $name: $((SECONDS - t)) s"
 }
 
 quickstart() {
@@ -109,6 +111,41 @@ quickstart() {
   echo "[quickstart] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html)"
 }
 
+study() {
+  # The CPU study (configs/study/, README "Does a simulator learn?"): a larger SAE and cache than the quickstart's,
+  # two dense simulators (uniform vs frequency-matched negatives) with checkpoints, every baseline on the
+  # per-context and latent-major held-out sets, the pooled patching table, and the whole layer judged by
+  # simulator A; ends with the report (HTML + report.md, the tables the README quotes).
+  setup
+  setup_embedded
+  setup_corpus
+  RUN=study
+  local out=outputs/study t0=$SECONDS c=configs/study
+  mkdir -p "$out"
+  stage prepare "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml --models smollm2-135m
+  stage train_sae "$PY" data_gen/train_sae.py --config $c/sae_smollm2-135m_l15.yaml
+  stage cache "$PY" data_gen/cache_activations.py --config $c/cache_smollm2-135m_l15.yaml
+  stage explain bash -c "'$PY' data_gen/explain.py --config $c/explain_token_list_quantiles.yaml &&
+    '$PY' data_gen/explain.py --config $c/explain_token_list_top.yaml"
+  local mix
+  for mix in quantiles_top5 quantiles_top5_frequency_matched; do
+    stage "build_$mix" "$PY" data_gen/build_dataset.py --config $c/mix_dense_$mix.yaml
+    stage "sft_$mix" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+      --config $c/sft_smollm2-135m_dense_$mix.yaml
+  done
+  stage build_eval_sets bash -c "'$PY' data_gen/build_dataset.py --config $c/eval_quantiles.yaml &&
+    '$PY' data_gen/build_dataset.py --config $c/eval_per_latent_quantiles.yaml &&
+    '$PY' data_gen/build_dataset.py --config $c/eval_per_latent_same_token.yaml"
+  stage eval_sweep "$PY" eval/sweep.py --config $c/sweep_quantiles.yaml
+  stage eval_sweep_per_latent "$PY" eval/sweep.py --config $c/sweep_per_latent_quantiles.yaml
+  stage eval_sweep_same_token "$PY" eval/sweep.py --config $c/sweep_per_latent_same_token.yaml
+  stage patch_kl "$PY" eval/patch_kl.py --config $c/patch_kl.yaml
+  stage whole_layer "$PY" eval/whole_layer.py --config $c/whole_layer.yaml
+  stage report "$PY" eval/report.py --config $c/report.yaml
+  "$PY" eval/summary.py --run_dir "$out"
+  echo "[study] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html, tables: $out/eval/report/report.md)"
+}
+
 verb=${1:-}
 [ $# -gt 0 ] && shift
 case "$verb" in
@@ -120,6 +157,7 @@ case "$verb" in
     if [ "${1:-}" = "--slow" ]; then shift; setup_embedded; marker=(-m "slow or not slow"); fi
     exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;
   quickstart) quickstart ;;
+  study) study ;;
   bench)
     setup
     setup_embedded

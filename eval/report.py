@@ -8,7 +8,8 @@ follow the seed's: recall/precision per simulator with 25-75 % ranges (Fig. 2/6)
 expected number of latents flagged over the whole dictionary (Fig. 5), reliability diagrams before/after
 temperature scaling, accuracy vs activation strength and vs interpretation score, decoder alignment vs random
 baselines (Fig. 2 right), predicted value vs activation bin (Fig. 4), and metrics across checkpoints; with
-eval/patch_kl.py and eval/generate.py results in an eval set's folder, their tables, figures and texts too.
+eval/patch_kl.py and eval/generate.py results in an eval set's folder, their tables, figures and texts too, and
+eval/whole_layer.py's table from `<sweep_dir>/whole_layer`. `report.md` holds the headline tables in markdown.
 """
 
 import base64
@@ -21,8 +22,9 @@ from latentsim.config import ReportArguments
 from latentsim.htmlpage import STYLE, generation_fragment, table_html
 from latentsim.io import atomic_write_bytes, atomic_write_text, read_results, write_run_config
 from latentsim.metrics import summary_row
-from latentsim.sweep import read_sweeps
-from latentsim.tables import patch_rows
+from latentsim.sweep import markdown_table, read_sweeps
+from latentsim.tables import headline_rows, patch_rows, whole_layer_rows
+from latentsim.whole_layer import format_table
 
 DATACLASSES = (ReportArguments,)
 
@@ -95,17 +97,28 @@ def main(args: ReportArguments) -> Path:
     sweeps = read_sweeps(sweep_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     write_run_config(out, "eval_report", {"report": args}, None)
-    sections = []
+    sections, markdown = [], [f"# {args.title}\n"]
     for eval_name, records in sweeps.items():
         sections.append(eval_set_html(eval_name, records, out / "figures"))
+        rows = [summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"]) for r in records]
+        markdown.append(f"## {eval_name} ({records[0]['results']['n_contexts']} held-out contexts)\n\n"
+                        + markdown_table(headline_rows(rows)))
         if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:
             sections.append(patch_html(eval_name, patch, out / "figures"))
         if (generation := read_results(sweep_dir / eval_name / "generate")) is not None:
             sections.append(f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
                             f"{generation_fragment(generation)}")
+    if (whole := read_results(sweep_dir / "whole_layer")) is not None:  # the end-to-end number: every latent judged
+        head = format_table(whole).splitlines()[0].removeprefix("[whole_layer] ")
+        sections.append(f"<h2>The whole layer, rebuilt from the simulator's verdicts</h2><p>{html.escape(head)}; "
+                        "recovery = (KL_no_latents - KL) / (KL_no_latents - KL_sae).</p>"
+                        f"{table_html(whole_layer_rows(whole))}")
+        markdown.append(f"## The whole layer\n\n{head}\n\n" + markdown_table(whole_layer_rows(whole)))
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever
     atomic_write_text(out / "report.html", page_html(args.title, sweep_dir, provenance, sections))
-    print(f"[report] {out / 'report.html'} ({len(sweeps)} eval sets, figures in {out / 'figures'})")
+    atomic_write_text(out / "report.md", "\n".join(markdown))
+    print(f"[report] {out / 'report.html'} ({len(sweeps)} eval sets, figures in {out / 'figures'}; tables: "
+          f"{out / 'report.md'})")
     return out / "report.html"
 
 

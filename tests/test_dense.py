@@ -131,12 +131,16 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ids = answer_token_ids(FMT, tok)
-    test = pd.read_parquet(assets / "eval_set" / "test.parquet").head(40)
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    test = test.sort_values(["latent", "row"], kind="stable").head(40).sample(frac=1.0, random_state=0)
     prompts = [list(m) for m in test["prompt"]]
-    fast = DenseScorer(model, tok, ids, batch_size=7, fmt=FMT).label_logits(prompts)
+    scorer = DenseScorer(model, tok, ids, batch_size=7, fmt=FMT)
+    fast = scorer.label_logits(prompts)
     naive = np.stack([naive_dense_logits(model, tok, FMT, *dense_judgment(m), [len(dense_judgment(m)[1])], ids)[-1]
                       for m in prompts])
     assert len({len(p[0]["content"]) for p in prompts}) > 1  # batches hold judgments of different lengths
+    assert test["latent"].value_counts().max() > 1  # judgments of one latent share its header's KV
+    assert scorer.stats["computed_tokens"] < scorer.stats["prompt_tokens"]
     assert np.abs(fast - naive).max() < 1e-4
     # Every position of one dense forward equals reading each prefix on its own (causal: no look-ahead).
     r = pd.read_parquet(assets / "dense" / "train.parquet").iloc[0]

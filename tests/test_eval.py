@@ -164,6 +164,11 @@ def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_
     assert "eval_set_threshold_sweep.png" in figures and "eval_value_value_vs_activation.png" in figures
     text = page.read_text()
     assert text.count("<table>") == 2 and text.count("data:image/png;base64,") == len(figures)
+    summary = json.loads((tmp_path / "eval" / "eval_set" / "summary.json").read_text())
+    auc = next(r for r in summary["rows"] if r["simulator"] == "baseline__zero")["auc"]
+    markdown = (page.parent / "report.md").read_text()  # the headline tables, for a README to quote
+    assert "## eval_set (" in markdown and "## eval_value (" in markdown
+    assert f"| baseline__zero | {auc:.3f} [" in markdown
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (./launch.sh test installs it)")

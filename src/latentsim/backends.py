@@ -176,9 +176,10 @@ class HFScorer:
 
 class DenseScorer(HFScorer):
     """A dense simulator (prompts.py: `sim_dense_v1`) scoring per-judgment prompts: each judgment is its
-    interpretation's header + the context up to the judged token, read at that token. An eval set's judgments
-    rarely share an interpretation (and their texts come after it), so there is no prefix to share: judgments go
-    through in right-padded batches of similar length (causal attention never lets a real token see the padding)."""
+    interpretation's header + the context up to the judged token, read at that token. The header comes first, so
+    judgments of one latent (an eval set judges each held-out latent in several contexts) share it: its KV is
+    computed once per batch of latents with headers of one length, then each judgment's text runs on a copy of
+    its latent's KV, texts right-padded (causal attention never lets a real token see the padding)."""
 
     def __init__(self, model, tokenizer, answer_ids: list[int], batch_size: int = 32, fmt: str = "sim_dense_v1"):
         super().__init__(model, tokenizer, answer_ids, batch_size)
@@ -186,31 +187,68 @@ class DenseScorer(HFScorer):
 
     @torch.no_grad()
     def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
-        ids = [self.judgment_ids(m) for m in prompts]
+        judgments = [self.judgment_text_ids(m) for m in prompts]
+        by_interpretation: dict[str, list[int]] = {}
+        for i, (interpretation, _) in enumerate(judgments):
+            by_interpretation.setdefault(interpretation, []).append(i)
+        interpretations = list(by_interpretation)
+        headers = [dense_header_ids(self.tokenizer, self.fmt, x) for x in interpretations]
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
         out = np.zeros((len(prompts), len(self.answer_ids)), dtype=np.float32)
-        order = np.argsort([len(s) for s in ids], kind="stable")
         was_training = self.model.training
         self.model.eval()
         try:
-            for a in range(0, len(order), self.batch_size):
-                members = order[a:a + self.batch_size]
-                width = max(len(ids[i]) for i in members)
-                batch = torch.tensor([ids[i] + [self.pad_id] * (width - len(ids[i])) for i in members], device=device)
-                hidden = decoder(input_ids=batch).last_hidden_state
-                last = torch.tensor([len(ids[i]) - 1 for i in members], device=device)
-                rows = hidden[torch.arange(len(members), device=device), last]
-                out[members] = _answer_logits(rows, head, answer, softcap).cpu().numpy()
-                self.stats["computed_tokens"] += len(members) * width
-                if progress is not None:
-                    progress.update(len(members))
+            for length, chunk, header_cache in self.header_batches(decoder, headers, device):
+                # (row of the header batch, judgment) pairs, shortest texts together
+                pairs = sorted(((c, i) for c, k in enumerate(chunk) for i in by_interpretation[interpretations[k]]),
+                               key=lambda p: len(judgments[p[1]][1]))
+                for b in range(0, len(pairs), self.batch_size):
+                    batch_pairs = pairs[b:b + self.batch_size]
+                    texts = [judgments[i][1] for _, i in batch_pairs]
+                    width = max(len(t) for t in texts)
+                    cache = copy.deepcopy(header_cache)
+                    cache.batch_select_indices(torch.tensor([c for c, _ in batch_pairs], device=device))
+                    batch = torch.tensor([t + [self.pad_id] * (width - len(t)) for t in texts], device=device)
+                    at = torch.arange(length, length + width, device=device).expand(len(texts), -1)
+                    hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
+                                     **{cache_keyword(decoder): cache}).last_hidden_state
+                    last = torch.tensor([len(t) - 1 for t in texts], device=device)
+                    rows = hidden[torch.arange(len(texts), device=device), last]
+                    out[[i for _, i in batch_pairs]] = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                    self.stats["computed_tokens"] += len(texts) * width
+                    if progress is not None:
+                        progress.update(len(texts))
         finally:
             self.model.train(was_training)
-        self.stats["judgments"] += len(ids)
-        self.stats["prompt_tokens"] += sum(len(s) for s in ids)
+        self.stats["judgments"] += len(prompts)
+        self.stats["prompt_tokens"] += sum(len(t) for _, t in judgments) + sum(
+            len(h) * len(by_interpretation[x]) for x, h in zip(interpretations, headers, strict=True))
         return out
+
+    def header_batches(self, decoder, headers: list[list[int]], device):
+        """(header length, the indices of a batch of headers of that length, their KV cache): every header once,
+        batched by token length so that no batch holds padding."""
+        by_length: dict[int, list[int]] = {}
+        for k, h in enumerate(headers):
+            by_length.setdefault(len(h), []).append(k)
+        for length, members in sorted(by_length.items()):
+            for a in range(0, len(members), self.batch_size):
+                chunk = members[a:a + self.batch_size]
+                header = decoder(input_ids=torch.tensor([headers[k] for k in chunk], device=device), use_cache=True)
+                self.stats["computed_tokens"] += len(chunk) * length
+                yield length, chunk, header.cache if "cache" in header else header.past_key_values
+
+    def judgment_text_ids(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """(interpretation, the judgment's text ids after the header, up to and including the simulator token that
+        reads the judged token)."""
+        interpretation, text = dense_judgment(messages)
+        ids, (position,) = dense_text_ids(self.tokenizer, text, [len(text)])
+        if position < 0:
+            raise BadInputError(f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
+                                "simulator cannot read this judgment.")
+        return interpretation, ids[:position + 1]
 
     @torch.no_grad()
     def text_logits(self, interpretations: list[str], texts: list[tuple[str, list[int]]],
@@ -228,44 +266,27 @@ class DenseScorer(HFScorer):
         out = [np.full((len(interpretations), len(ends), len(self.answer_ids)), np.nan, dtype=np.float32)
                for _, ends in texts]
         headers = [dense_header_ids(self.tokenizer, self.fmt, i) for i in interpretations]
-        by_length: dict[int, list[int]] = {}
-        for i, h in enumerate(headers):
-            by_length.setdefault(len(h), []).append(i)
         was_training = self.model.training
         self.model.eval()
         try:
-            for length, members in sorted(by_length.items()):
-                for a in range(0, len(members), self.batch_size):
-                    chunk = members[a:a + self.batch_size]
-                    header = decoder(input_ids=torch.tensor([headers[i] for i in chunk], device=device), use_cache=True)
-                    header_cache = header.cache if "cache" in header else header.past_key_values
-                    self.stats["computed_tokens"] += len(chunk) * length
-                    for t, (ids, positions) in enumerate(encoded):
-                        judged = [j for j, p in enumerate(positions) if p >= 0]
-                        batch = torch.tensor([ids], device=device).expand(len(chunk), -1)
-                        at = torch.arange(length, length + len(ids), device=device).expand(len(chunk), -1)
-                        hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
-                                         **{cache_keyword(decoder): copy.deepcopy(header_cache)}).last_hidden_state
-                        rows = hidden[:, [positions[j] for j in judged]]
-                        logits = _answer_logits(rows, head, answer, softcap).cpu().numpy()
-                        out[t][np.ix_(chunk, judged)] = logits
-                        self.stats["computed_tokens"] += len(chunk) * len(ids)
-                        self.stats["judgments"] += len(chunk) * len(judged)
-                        self.stats["prompt_tokens"] += len(chunk) * (length + len(ids))
-                        if progress is not None:
-                            progress.update(len(chunk) * len(judged))
+            for length, chunk, header_cache in self.header_batches(decoder, headers, device):
+                for t, (ids, positions) in enumerate(encoded):
+                    judged = [j for j, p in enumerate(positions) if p >= 0]
+                    batch = torch.tensor([ids], device=device).expand(len(chunk), -1)
+                    at = torch.arange(length, length + len(ids), device=device).expand(len(chunk), -1)
+                    hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
+                                     **{cache_keyword(decoder): copy.deepcopy(header_cache)}).last_hidden_state
+                    rows = hidden[:, [positions[j] for j in judged]]
+                    logits = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                    out[t][np.ix_(chunk, judged)] = logits
+                    self.stats["computed_tokens"] += len(chunk) * len(ids)
+                    self.stats["judgments"] += len(chunk) * len(judged)
+                    self.stats["prompt_tokens"] += len(chunk) * (length + len(ids))
+                    if progress is not None:
+                        progress.update(len(chunk) * len(judged))
         finally:
             self.model.train(was_training)
         return out
-
-    def judgment_ids(self, messages: list[dict]) -> list[int]:
-        """The dense ids of one judgment, up to and including the simulator token that reads the judged token."""
-        interpretation, text = dense_judgment(messages)
-        ids, (position,) = dense_token_ids(self.tokenizer, self.fmt, interpretation, text, [len(text)])
-        if position < 0:
-            raise BadInputError(f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
-                                "simulator cannot read this judgment.")
-        return ids[:position + 1]
 
 
 def hf_scorer(model, tokenizer, answer_ids: list[int], batch_size: int, trained_format: str | None = None) -> HFScorer:

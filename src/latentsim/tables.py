@@ -82,3 +82,19 @@ def patch_rows(patch: dict) -> list[dict]:
         row.update({f"inserted {k}": v for k, v in s.get("inserted", {}).items()})
         rows.append(row)
     return rows
+
+
+def headline_rows(rows: list[dict]) -> list[dict]:
+    """An eval sweep's rows reduced to the terminal's columns, as strings with their CIs (report.md, the README)."""
+    cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
+    return [{"simulator": r["simulator"], **{SWEEP_COLUMNS[c]: sweep_cell(r, c) for c in cols}} for r in rows]
+
+
+def whole_layer_rows(result: dict) -> list[dict]:
+    """eval/whole_layer.py's sources as table rows: KL with its CI, CE and recovery (strings)."""
+    rows = []
+    for name, s in result["sources"].items():
+        low, high = s["kl"]["ci95"]
+        rows.append({"source": name, "KL [95% CI]": f"{s['kl']['mean']:.3f} [{low:.3f}, {high:.3f}]",
+                     "CE": f"{s['ce']['mean']:.3f}", "recovery": "" if name == "clean" else f"{s['recovery']:.2f}"})
+    return rows
