@@ -29,9 +29,10 @@ def sweep_lines(rows: list[dict]) -> list[str]:
     that some row has, each as wide as its header or widest cell, plus 2."""
     cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
     width = {c: 2 + max([len(SWEEP_COLUMNS[c])] + [len(sweep_cell(r, c)) for r in rows]) for c in cols}
-    lines = [f"{'simulator':<44}" + "".join(f"{SWEEP_COLUMNS[c]:>{width[c]}}" for c in cols)]
+    name = max([44] + [len(r["simulator"]) + 1 for r in rows])
+    lines = [f"{'simulator':<{name}}" + "".join(f"{SWEEP_COLUMNS[c]:>{width[c]}}" for c in cols)]
     for r in rows:
-        lines.append(f"{r['simulator'][:43]:<44}" + "".join(f"{sweep_cell(r, c):>{width[c]}}" for c in cols))
+        lines.append(f"{r['simulator']:<{name}}" + "".join(f"{sweep_cell(r, c):>{width[c]}}" for c in cols))
     return lines
 
 
