@@ -37,8 +37,9 @@ def figure_html(fig, key: str, path: Path) -> str:
             f"<figcaption>{key.replace('_', ' ')}</figcaption></figure>")
 
 
-def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str:
-    """The eval set's table (a row per simulator) and figures: binary formats get seven, value formats one."""
+def eval_set_html(eval_name: str, records: list[dict], rows: list[dict], figures_dir: Path) -> str:
+    """The eval set's table (`rows`: a summary row per simulator) and figures: binary formats get seven, value
+    formats one."""
     results = records[0]["results"]  # what describes the eval set is the same in every record
     binary = "binary" in results
     if binary:
@@ -53,7 +54,6 @@ def eval_set_html(eval_name: str, records: list[dict], figures_dir: Path) -> str
     else:
         drawn = {"value_vs_activation": figures.value_vs_activation(records)}
     imgs = [figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png") for key, fig in drawn.items() if fig is not None]
-    rows = [summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"]) for r in records]
     eval_set = records[0]["eval_set"]
     info = (f"prompt format <code>{eval_set['prompt_format']}</code>, split <code>{eval_set['split']}</code>, "
             f"{results['n_contexts']} contexts, {results['n_judgments']} judgments per simulator")
@@ -99,8 +99,8 @@ def main(args: ReportArguments) -> Path:
     write_run_config(out, "eval_report", {"report": args}, None)
     sections, markdown = [], [f"# {args.title}\n"]
     for eval_name, records in sweeps.items():
-        sections.append(eval_set_html(eval_name, records, out / "figures"))
         rows = [summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"]) for r in records]
+        sections.append(eval_set_html(eval_name, records, rows, out / "figures"))
         markdown.append(f"## {eval_name} ({records[0]['results']['n_contexts']} held-out contexts)\n\n"
                         + markdown_table(headline_rows(rows)))
         if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:

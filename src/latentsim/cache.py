@@ -182,24 +182,24 @@ def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
     # would otherwise read as latents that never fire.
     ranges = [tuple(int(x) for x in p.stem.split("_")[:2]) for p in files]
     expected = 0
-    for (start, end), path in zip(ranges, files, strict=True):
+    for (start, end), path in zip(ranges, files, strict=True):  # sorted by start
         if start != expected:
             raise CorruptCacheError(f"{folder}: the split files do not tile the latents: {path.name} starts at latent "
                                     f"{start}, latents {expected}-{start - 1} have no file; restore it or rerun "
                                     "data_gen/cache_activations.py with `overwrite: true`.")
         expected = end + 1
     locs, acts, tokens = [], [], None
-    for path in files:
+    for path, (start, _) in zip(files, ranges, strict=True):
         data = load_verified(path, recorded.get(path.name))
         loc = data["locations"].astype(np.int64)
-        loc[:, 2] += int(path.stem.split("_")[0])
+        loc[:, 2] += start
         locs.append(loc)
         acts.append(data["activations"].astype(np.float32))
         if tokens is None and "tokens" in data:
             tokens = data["tokens"].astype(np.int64)
     if tokens is None:
         raise CorruptCacheError(f"{folder}: no split file stores `tokens`; the cache cannot be used.")
-    width = int(files[-1].stem.split("_")[1]) + 1
+    width = ranges[-1][1] + 1
     return SparseCache(torch.from_numpy(tokens), torch.from_numpy(np.concatenate(locs)),
                        torch.from_numpy(np.concatenate(acts)), config, width)
 

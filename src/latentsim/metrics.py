@@ -255,10 +255,14 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
         "n_contexts": n_contexts, "n_judgments": len(joined), "by": by}
 
 
+def judged_active_column(df: pd.DataFrame) -> str:
+    """The column counting a token's active latents that the simulator could be asked about (explained ones;
+    every active latent for predictions made before eval sets recorded `n_active_explained`)."""
+    return "n_active_explained" if "n_active_explained" in df else "n_active"
+
+
 def judged_active_count(g: pd.DataFrame) -> int:
-    """The token's active latents that the simulator could be asked about (explained ones; every active latent
-    for predictions made before eval sets recorded `n_active_explained`)."""
-    return int(g["n_active_explained" if "n_active_explained" in g else "n_active"].iloc[0])
+    return int(g[judged_active_column(g)].iloc[0])
 
 
 def uniform_negative_mask(df: pd.DataFrame) -> np.ndarray:
@@ -364,18 +368,13 @@ def dictionary_weights(df: pd.DataFrame, width: int) -> np.ndarray:
     metrics are dictionary metrics: a scored active stands for n_active / n_scored_actives of the token's
     actives, a uniform negative for (width - n_active) / n_uniform_negatives of its inactives, a hard negative
     for none (it is not a sample of them). The pool is ~25% positive; the dictionary ~L0 / W."""
-    out = np.zeros(len(df))
-    uniform = uniform_negative_mask(df)
-    active = df["active"].to_numpy() == 1
-    for _, g in contexts(df):
-        at = df.index.get_indexer(g.index)
-        n = judged_active_count(g)
-        pos, neg = at[active[at]], at[uniform[at]]
-        if len(pos):
-            out[pos] = n / len(pos)
-        if len(neg):
-            out[neg] = (width - n) / len(neg)
-    return out
+    codes, n_contexts = cluster_codes(df)
+    uniform, active = uniform_negative_mask(df), df["active"].to_numpy() == 1
+    n = df[judged_active_column(df)].to_numpy(dtype=float)
+    n_pos = np.bincount(codes, weights=active, minlength=n_contexts)[codes]
+    n_neg = np.bincount(codes, weights=uniform, minlength=n_contexts)[codes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(active, n / n_pos, 0.0) + np.where(uniform, (width - n) / n_neg, 0.0)
 
 
 def weighted_confusion(p: np.ndarray, truth: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, float]:

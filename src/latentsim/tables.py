@@ -16,7 +16,6 @@ SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% C
                  "alignment": "align", "alignment_random_pool": "align (rand)",
                  "pearson_mean_vs_quantile_bin": "r(mean, decile)",
                  "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
-WITH_CI = ("auc", "per_latent_auc", "lift_auc", "precision_dictionary")  # columns printed with their CI (wider)
 # The terminal shows these (summary.md and the report show every column).
 TERMINAL_COLUMNS = ("auc", "per_latent_auc", "lift_auc", "recall", "precision", "precision_dictionary",
                     "precision_at_l0", "ece", "ece_dictionary", "pearson_mean_vs_quantile_bin",
@@ -25,15 +24,14 @@ PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mea
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:
-    """An eval sweep's table (summary.json rows): a header, then a simulator per line; the terminal's columns
-    that some row has, each as wide as its header or widest cell, plus 2."""
-    cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
-    width = {c: 2 + max([len(SWEEP_COLUMNS[c])] + [len(sweep_cell(r, c)) for r in rows]) for c in cols}
-    name = max([44] + [len(r["simulator"]) + 1 for r in rows])
-    lines = [f"{'simulator':<{name}}" + "".join(f"{SWEEP_COLUMNS[c]:>{width[c]}}" for c in cols)]
-    for r in rows:
-        lines.append(f"{r['simulator']:<{name}}" + "".join(f"{sweep_cell(r, c):>{width[c]}}" for c in cols))
-    return lines
+    """An eval sweep's table (summary.json rows) as fixed-width lines: the headline_rows, each column as wide as
+    its header or widest cell, plus 2."""
+    table = headline_rows(rows)
+    headers = [h for h in table[0] if h != "simulator"] if table else []
+    width = {h: 2 + max([len(h)] + [len(r[h]) for r in table]) for h in headers}
+    name = max([44] + [len(r["simulator"]) + 1 for r in table])
+    return [f"{'simulator':<{name}}" + "".join(f"{h:>{width[h]}}" for h in headers)] + [
+        f"{r['simulator']:<{name}}" + "".join(f"{r[h]:>{width[h]}}" for h in headers) for r in table]
 
 
 def sweep_cell(row: dict, column: str) -> str:
@@ -86,7 +84,8 @@ def patch_rows(patch: dict) -> list[dict]:
 
 
 def headline_rows(rows: list[dict]) -> list[dict]:
-    """An eval sweep's rows reduced to the terminal's columns, as strings with their CIs (report.md, the README)."""
+    """An eval sweep's rows reduced to the terminal's columns (those some row has), as strings with their CIs: the
+    terminal table, report.md and the README."""
     cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
     return [{"simulator": r["simulator"], **{SWEEP_COLUMNS[c]: sweep_cell(r, c) for c in cols}} for r in rows]
 

@@ -12,6 +12,16 @@ def check_split_fractions(args) -> None:
         _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
 
 
+def rows_field():
+    return field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split (seed, "
+                 "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: every "
+                 "row (build_dataset then refuses eval splits built on it)."})
+
+
+def row_fraction_field(split: str):
+    return field(default=0.1, metadata={"help": f"`rows: train`: the row split's {split} share."})
+
+
 def check_row_choice(args) -> None:
     """explain.py / score.py: which cache rows their examples may come from."""
     if args.rows not in ("train", "all"):
@@ -109,11 +119,9 @@ class ExplainArguments:
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
     device: str = device_field("`llm`: ")
-    rows: str = field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split "
-                      "(seed, validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; "
-                      "`all`: every row (build_dataset then refuses eval splits built on it)."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's validation share."})
-    test_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's test share."})
+    rows: str = rows_field()
+    validation_fraction: float = row_fraction_field("validation")
+    test_fraction: float = row_fraction_field("test")
     seed: int = field(default=22, metadata={"help": "Seed for sampling latents and examples."})
 
     def __post_init__(self):
@@ -152,11 +160,9 @@ class ScoreArguments:
     max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
     device: str = device_field()
-    rows: str = field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split "
-                      "(seed, validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; "
-                      "`all`: every row (build_dataset then refuses eval splits built on it)."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's validation share."})
-    test_fraction: float = field(default=0.1, metadata={"help": "`rows: train`: the row split's test share."})
+    rows: str = rows_field()
+    validation_fraction: float = row_fraction_field("validation")
+    test_fraction: float = row_fraction_field("test")
     seed: int = field(default=22, metadata={"help": "Seed for latents and windows."})
 
     def __post_init__(self):
