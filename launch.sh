@@ -2,6 +2,7 @@
 # The one front door of latentsim.
 #   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
 #   ./launch.sh study                 the CPU study (<= 90 min): two simulators vs every baseline, into outputs/study/
+#   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
 #   ./launch.sh test [--slow] [ARGS]  set up, run the test suite (--slow adds the tier that uses the real model)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
@@ -15,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup() {
   if [ ! -x "$PY" ]; then
@@ -146,6 +147,34 @@ study() {
   echo "[study] done in $((SECONDS - t0)) s; outputs are in $out/ (report: $out/eval/report/report.html, tables: $out/eval/report/report.md)"
 }
 
+levers() {
+  # The study's levers (configs/study/levers/, README "Does a simulator learn?"), run on a finished study: simulator A
+  # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; richer interpretations),
+  # scored on the study's held-out sets beside A and the references. ~65 min on 2 cores.
+  setup
+  RUN=levers
+  local out=outputs/study/levers t0=$SECONDS c=configs/study/levers a=smollm2-135m_dense_quantiles_top5__final
+  [ -d outputs/study/eval/eval_quantiles/$a ] || { echo "error: run ./launch.sh study first (outputs/study)"; exit 2; }
+  stage explain_rich "$PY" data_gen/explain.py --config $c/explain_token_list_quantiles_rich.yaml
+  stage build_datasets bash -c "for f in mix_dense_quantiles_top5_rich mix_dense_quantiles_all eval_quantiles_rich \
+    eval_per_latent_quantiles_rich; do '$PY' data_gen/build_dataset.py --config $c/\$f.yaml || exit 1; done"
+  local lever
+  for lever in top5_r64 top5_320steps top5_rich all; do
+    stage "sft_$lever" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+      --config $c/sft_smollm2-135m_dense_quantiles_$lever.yaml
+  done
+  # A's finished study results answer the same spec (same adapter, eval set, contexts, seed): reused, not rescored.
+  for set in eval_quantiles eval_per_latent_quantiles; do
+    mkdir -p "$out/eval/$set" && cp -rn "outputs/study/eval/$set/$a" "$out/eval/$set/"
+  done
+  for sweep in sweep_quantiles sweep_quantiles_rich sweep_per_latent_quantiles sweep_per_latent_quantiles_rich; do
+    stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
+  done
+  stage report "$PY" eval/report.py --config $c/report.yaml
+  "$PY" eval/summary.py --run_dir "$out"
+  echo "[levers] done in $((SECONDS - t0)) s; outputs are in $out/ (tables: $out/eval/report/report.md)"
+}
+
 verb=${1:-}
 [ $# -gt 0 ] && shift
 case "$verb" in
@@ -158,6 +187,7 @@ case "$verb" in
     exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;
   quickstart) quickstart ;;
   study) study ;;
+  levers) levers ;;
   bench)
     setup
     setup_embedded

@@ -68,7 +68,8 @@ def main(args: ExplainArguments) -> None:
     empty = []
     if args.explainer == "token_list":
         for latent in tqdm(todo, desc=f"explain ({args.set_name})", unit="latent"):
-            write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(examples_of(latent), subject_tokenizer))
+            write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(
+                examples_of(latent), subject_tokenizer, args.n_tokens, args.context_tokens, args.n_contexts, args.n_preceding))
     elif args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.explainer_model))
         tokenizer = load_tokenizer(args.explainer_model)

@@ -9,7 +9,7 @@ expected number of latents flagged over the whole dictionary (Fig. 5), reliabili
 temperature scaling, accuracy vs activation strength and vs interpretation score, decoder alignment vs random
 baselines (Fig. 2 right), predicted value vs activation bin (Fig. 4), and metrics across checkpoints; with
 eval/patch_kl.py and eval/generate.py results in an eval set's folder, their tables, figures and texts too, and
-eval/whole_layer.py's table from `<sweep_dir>/whole_layer`. `report.md` holds the headline tables in markdown.
+eval/whole_layer.py's tables from `<sweep_dir>/whole_layer*`. `report.md` holds the headline tables in markdown.
 """
 
 import base64
@@ -108,12 +108,15 @@ def main(args: ReportArguments) -> Path:
         if (generation := read_results(sweep_dir / eval_name / "generate")) is not None:
             sections.append(f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
                             f"{generation_fragment(generation)}")
-    if (whole := read_results(sweep_dir / "whole_layer")) is not None:  # the end-to-end number: every latent judged
+    for folder in sorted(sweep_dir.glob("whole_layer*")):  # the end-to-end numbers: every latent judged
+        if (whole := read_results(folder)) is None:
+            continue
         head = format_table(whole).splitlines()[0].removeprefix("[whole_layer] ")
-        sections.append(f"<h2>The whole layer, rebuilt from the simulator's verdicts</h2><p>{html.escape(head)}; "
+        name = f"The whole layer, rebuilt from the simulator's verdicts ({folder.name}: {whole['simulator']})"
+        sections.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(head)}; "
                         "recovery = (KL_no_latents - KL) / (KL_no_latents - KL_sae).</p>"
                         f"{table_html(whole_layer_rows(whole))}")
-        markdown.append(f"## The whole layer\n\n{head}\n\n" + markdown_table(whole_layer_rows(whole)))
+        markdown.append(f"## {name}\n\n{head}\n\n" + markdown_table(whole_layer_rows(whole)))
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever
     atomic_write_text(out / "report.html", page_html(args.title, sweep_dir, provenance, sections))
     atomic_write_text(out / "report.md", "\n".join(markdown))

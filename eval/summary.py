@@ -127,10 +127,11 @@ def print_evaluation(run_dir: Path) -> None:
                         f"{generation['kl_direction']} per token; share of active latents recovered)",
                         [f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
                          f"{g['prompt']!r} -> {g['text']!r}" for g in generation["generations"]])
-    if (whole := read_results(run_dir / "eval" / "whole_layer")) is not None:  # the end-to-end number, last
-        print(f"\nWHOLE LAYER {run_dir / 'eval' / 'whole_layer'}  (every explained latent judged by the simulator; "
-              "the layer rebuilt from its verdicts alone)")
-        print(format_table(whole))
+    for folder in sorted((run_dir / "eval").glob("whole_layer*")):  # the end-to-end numbers, last
+        if (whole := read_results(folder)) is not None:
+            print(f"\nWHOLE LAYER {folder}  (every explained latent judged by {whole['simulator']}; the layer rebuilt "
+                  "from its verdicts alone)")
+            print(format_table(whole))
     report = run_dir / "eval" / "report" / "report.html"
     if report.is_file():
         print(f"\nREPORT {report}  (figures: {report.parent / 'figures'})")

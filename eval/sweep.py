@@ -21,7 +21,7 @@ from latentsim.interpretation_scores import load_scores
 from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_results, write_run_config
 from latentsim.metrics import evaluate, summary_row
 from latentsim.sweep import (
-    add_lift_over_prior,
+    add_lifts,
     markdown_table,
     open_simulator_folder,
     score_simulator,
@@ -86,7 +86,7 @@ def main(args: EvalArguments, api=None) -> None:
         print(f"[sweep] {sim.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                    if isinstance(v, float) and k in HEADLINE))
     if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
-        rows = add_lift_over_prior(root, sims, rows, args.eval_split, args.seed,
+        rows = add_lifts(root, sims, rows, args.eval_split, args.seed,
                                    by="latent" if eval_set.latent_major else "context_id")
     write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
                          "candidates": "per_latent" if eval_set.latent_major else "per_context",

@@ -1,13 +1,16 @@
-"""The whole layer rewritten by a dense simulator: every explained latent judged at every position of held-out texts.
+"""The whole layer rewritten by a simulator: every explained latent judged at the judged positions of held-out texts.
 
     python eval/whole_layer.py --config configs/eval/whole_layer_quickstart.yaml [--key value ...]
 
 For each held-out text (a cache row of the eval set's `split`, positions 1..`tokens`; never a row the simulator
-trained on) the dense simulator judges every explained latent of the SAE at every position, the layer output is
-rebuilt from its verdicts alone and patched in at every position, and KL(p_clean || p_patched) and the CE of the
-next token are measured per position against the SAE (ceiling), `no_latents` (b_dec: floor) and a reference that
-flags latents at random with their firing rates (latentsim.whole_layer). `l0_matched` is fitted on validation
-rows. Writes `scores/<row>.npy` per text (P(yes) [tokens, explained latents]; a rerun reuses them),
+trained on) the simulator judges every explained latent of the SAE at every position (`positions: all`) or at the
+last one only (`last`: the seed's setting), the layer output is rebuilt from its verdicts alone and patched in
+there, and KL(p_clean || p_patched) and the CE of the next token are measured per judged position against the SAE
+(ceiling), `no_latents` (b_dec: floor) and a reference that flags latents at random with their firing rates
+(latentsim.whole_layer). A dense simulator reads every position in one pass; a sim_v1 simulator (finetuned, or a
+prompted `baseline`) costs one prompt per (position, latent), sharing each position's context prefix.
+`l0_matched` is fitted on validation rows. Writes `scores/<row>.npy` per text (P(yes) [tokens, explained latents],
+NaN where not judged; a rerun reuses them),
 `per_position.parquet`, `results.json` (KL/CE with 95% CIs, recovery, the share of the active latents the
 simulator controls, judgment metrics, judgments/s) and `run_config.json` to `output_dir`.
 """
@@ -28,6 +31,7 @@ from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import clean_pass
+from latentsim.sweep import few_shot_messages
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (WholeLayerArguments,)
@@ -36,7 +40,7 @@ DATACLASSES = (WholeLayerArguments,)
 def main(args: WholeLayerArguments) -> dict:
     eval_set = EvalSet.open(args.eval_set)
     eval_set.require_binary("whole-layer patching")
-    sim = whole_layer.dense_simulator(args.simulator)
+    sim = whole_layer.simulator_for(args)
     out = Path(args.output_dir)
     if args.overwrite:
         for path in [out / "results.json", out / "per_position.parquet", out / "run_config.json",
@@ -64,10 +68,15 @@ def main(args: WholeLayerArguments) -> dict:
     subject, subject_tok = load_model_and_tokenizer(eval_set.subject_model, dtype=args.dtype, device=args.device)
     device = next(subject.parameters()).device
     sae = eval_set.load_sae(device)
-    scorer = whole_layer.load_dense_scorer(sim, args.dtype, args.device, args.batch_size, args.merge_adapter)
+    scorer = whole_layer.load_scorer(sim, args.dtype, args.device, args.batch_size, args.merge_adapter)
     listed = [interpretations[i] for i in explained]
-    # Every text judged in one pass over the latents: each interpretation's header is computed once.
-    scores = whole_layer.judge_texts(scorer, listed, tokens, calibration + rows, args.tokens, subject_tok, out / "scores")
+    judged = np.arange(args.tokens) if args.positions == "all" else np.array([args.tokens - 1])
+    sim_v1 = None if whole_layer.is_dense(sim) else {
+        "judged": judged, "context_tokens": args.context_tokens,
+        "prefix": few_shot_messages(eval_set, sim.shots, args.seed, None, sim.score)}
+    # A dense simulator judges every text in one pass over the latents: each interpretation's header once.
+    scores = whole_layer.judge_texts(scorer, listed, tokens, calibration + rows, args.tokens, subject_tok,
+                                     out / "scores", sim_v1)
 
     explained_t = torch.tensor(explained, device=device)
     stats = eval_set.statistics
@@ -81,8 +90,8 @@ def main(args: WholeLayerArguments) -> dict:
 
     thresholds = {t: float(t) for t in args.thresholds if t != "l0_matched"}
     if "l0_matched" in args.thresholds:
-        cal_p = [scores[r] for r in calibration]
-        cal_truth = [(true_latents(r)[:, explained_t] > 0).cpu().numpy() for r in calibration]
+        cal_p = [scores[r][judged] for r in calibration]
+        cal_truth = [(true_latents(r)[judged][:, explained_t] > 0).cpu().numpy() for r in calibration]
         thresholds["l0_matched"] = whole_layer.l0_matched_threshold(cal_p, cal_truth)
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -95,13 +104,14 @@ def main(args: WholeLayerArguments) -> dict:
         flagged = whole_layer.decisions(p, thresholds, firing_rate[explained_t].cpu(), gen)
         per_source, z, clean_ce = whole_layer.patch_text(
             subject, sae, ids, next_ids, eval_set.layer,
-            lambda z, flagged=flagged: whole_layer.layer_sources(z, explained_t, flagged, args.values, medians, sae))
-        p_all.append(p)
-        truth_all.append((z[:, explained_t] > 0).cpu().numpy())
-        shares.append(whole_layer.controlled_share(z, explained_t, decoder_norms))
-        for source, (kl, ce) in {"clean": (np.zeros(args.tokens), clean_ce), **per_source}.items():
-            records += [{"row": row, "position": j + 1, "source": source, "kl": float(kl[j]), "ce": float(ce[j])}
-                        for j in range(args.tokens)]
+            lambda z, flagged=flagged: whole_layer.layer_sources(z, explained_t, flagged, args.values, medians, sae),
+            None if args.positions == "all" else judged)
+        p_all.append(p[judged])
+        truth_all.append((z[judged][:, explained_t] > 0).cpu().numpy())
+        shares.append(whole_layer.controlled_share(z[judged], explained_t, decoder_norms))
+        for source, (kl, ce) in {"clean": (np.zeros(len(judged)), clean_ce), **per_source}.items():
+            records += [{"row": row, "position": int(j) + 1, "source": source, "kl": float(kl[i]), "ce": float(ce[i])}
+                        for i, j in enumerate(judged)]
 
     table = pd.DataFrame(records)
     atomic_save(out / "per_position.parquet", lambda tmp: table.to_parquet(tmp, index=False))
@@ -113,9 +123,9 @@ def main(args: WholeLayerArguments) -> dict:
     timing = {json.dumps(t): t for t in (json.loads((out / "scores" / f"row{r}.json").read_text())
                                          for r in calibration + rows)}
     result = {
-        "eval_set": str(eval_set.path), "simulator": sim.adapter, "prompt_format": sim.prompt_format,
-        "hookpoint": eval_set.hookpoint, "split": args.split, "rows": rows, "calibration_rows": calibration,
-        "tokens_per_text": args.tokens, "explained_latents": len(explained), "width": eval_set.width,
+        "eval_set": str(eval_set.path), "simulator": sim.adapter or sim.name,
+        "prompt_format": sim.prompt_format or "sim_v1", "hookpoint": eval_set.hookpoint, "split": args.split,
+        "rows": rows, "calibration_rows": calibration, "tokens_per_text": args.tokens, "positions": args.positions, "explained_latents": len(explained), "width": eval_set.width,
         "kl_direction": "KL(p_clean || p_patched), nats, mean over positions 1..tokens of every text",
         "thresholds": thresholds,
         "sources": whole_layer.summarise_sources(kl_ce, clusters, args.seed),

@@ -260,14 +260,37 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     assert whole.main(WholeLayerArguments(**args)) == json.loads((tmp_path / "whole" / "results.json").read_text())
     with pytest.raises(ConfigError, match="another config"):
         whole.main(WholeLayerArguments(**{**args, "tokens": 6}))
-    # A per-judgment simulator cannot answer for every position: refused before any model loads.
-    per_judgment = tmp_path / "per_judgment_run"
-    shutil.copytree(out, per_judgment)
-    config = json.loads((per_judgment / "run_config.json").read_text())
-    config["config"]["script"]["prompt_format"] = "sim_v1"
-    (per_judgment / "run_config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="dense format"):
-        whole.main(WholeLayerArguments(**{**args, "simulator": str(per_judgment), "output_dir": str(tmp_path / "w2")}))
+    # A prompted sim_v1 simulator over the whole dictionary at each text's last position (the seed's setting): one
+    # prompt per latent, P(yes) equal to the naive forward of that prompt, only that position patched and measured.
+    base = dict(args, simulator="", baseline=f"name=zero-shot,model={tiny_model_dir}", positions="last",
+                output_dir=str(tmp_path / "whole_v1"))
+    result = whole.main(WholeLayerArguments(**base))
+    (timing,) = result["timing"]
+    assert result["prompt_format"] == "sim_v1" and result["positions"] == "last"
+    assert timing["judgments"] == len(interpretations) * 3 and timing["computed_tokens_per_judgment"] > 1
+    table = pd.read_parquet(tmp_path / "whole_v1" / "per_position.parquet")
+    assert len(table) == 2 * len(result["sources"]) and set(table["position"]) == {8}
+    row = result["rows"][0]
+    saved = np.load(tmp_path / "whole_v1" / "scores" / f"row{row}.npy")
+    assert np.isnan(saved[:7]).all() and np.isfinite(saved[7]).all()
+    from latentsim.backends import naive_label_logits
+    from latentsim.prompts import marked_context, render_prompt
+
+    base_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    window = eval_set.cache.tokens[row, 1:9].tolist()
+    prompt = render_prompt("sim_v1", marked_context(base_tok.decode(window[:-1]), base_tok.decode(window[-1:])),
+                           interpretations[first])
+    naive = naive_label_logits(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), base_tok, [prompt],
+                               answer_token_ids("sim_v1", base_tok))[0]
+    assert saved[7, 0] == pytest.approx(1 / (1 + np.exp(naive[0] - naive[1])), abs=1e-5)
+    # A simulator trained to answer activation bins has no Yes/No verdict: refused before any model loads.
+    binned = tmp_path / "binned_run"
+    shutil.copytree(out, binned)
+    config = json.loads((binned / "run_config.json").read_text())
+    config["config"]["script"]["prompt_format"] = "sim_value_v1"
+    (binned / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="Yes/No verdicts"):
+        whole.main(WholeLayerArguments(**{**args, "simulator": str(binned), "output_dir": str(tmp_path / "w2")}))
 
     # vLLM cannot read verdicts at text positions: refused with the reason, not scored some other way.
     with pytest.raises(ConfigError, match="backend: hf"):

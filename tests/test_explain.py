@@ -79,6 +79,20 @@ def test_token_list_explanation_names_the_strongest_tokens():
     assert text == 'the token "cat" (also "mat"), as in "...thecat"'
 
 
+def test_richer_token_list_names_more_tokens_what_they_follow_and_more_contexts():
+    tok = build_tiny_tokenizer()
+    from latentsim.explain import Example
+
+    ids = [np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in ("the cat sat", "a mat sat", "the dog sat")]
+    acts = [np.array([0, 3.0, 0]), np.array([0, 2.0, 0]), np.array([0, 1.0, 0]), np.array([0, 0.5, 0])]
+    examples = [Example(0, 0, i, a.astype(np.float32)) for i, a in zip([ids[0], ids[1], ids[2], ids[0]], acts, strict=True)]
+    text = token_list_explanation(examples, tok, n_tokens=5, context=1, n_contexts=3, n_preceding=2)
+    # weights: cat 3.5, mat 2, dog 1; before them: "the" 4.5, "a" 2. The repeated "...thecat" is quoted once.
+    assert text == ('the token "cat" (also "mat", "dog"), often after "the", "a", '
+                    'as in "...thecat" and "...amat" and "...thedog"')
+    assert token_list_explanation(examples, tok, n_contexts=1) == 'the token "cat" (also "mat", "dog"), as in "...thecat"'
+
+
 def test_load_every_format(tmp_path):
     folder = tmp_path / "delphi"
     write_explanation(folder, "layers.3", 7, "commas in lists")

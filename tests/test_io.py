@@ -56,3 +56,22 @@ def test_command_line_secrets_are_redacted():
     argv = ["sft.py", "--hub_token", "abc", "--api_key=xyz", "--lr", "1e-4", "hf_" + "a" * 34, "--n_tokens", "5"]
     assert redact_argv(argv) == ["sft.py", "--hub_token", "***", "--api_key=***", "--lr", "1e-4", "***",
                                  "--n_tokens", "5"]
+
+
+def test_a_key_added_since_a_run_differs_only_off_its_default(tmp_path):
+    from latentsim.io import config_differences
+
+    @dataclass
+    class Old:
+        learning_rate: float = 1.0e-4
+
+    @dataclass
+    class New:
+        learning_rate: float = 1.0e-4
+        n_contexts: int = 1
+
+    write_run_config(tmp_path, "stage_x", {"args": Old()}, seed=3)
+    assert config_differences(tmp_path, {"args": New()}, set()) == []
+    assert config_differences(tmp_path, {"args": New(n_contexts=3)}, set()) == ["args.n_contexts: None -> 3"]
+    assert config_differences(tmp_path, {"args": New(learning_rate=2.0e-4)}, set()) == [
+        "args.learning_rate: 0.0001 -> 0.0002"]

@@ -107,6 +107,13 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     assert lift["per_context_auc"]["median"] == 0 and lift["per_context_auc"]["ci95"] == [0, 0]
     rows = {r["simulator"]: r for r in summary["rows"]}
     assert rows["baseline__prior"]["lift_auc"] == 0
+    # Beside it, every row's lift over the best reference that reads nothing (prior+string_match): 0 for itself,
+    # and the prior's is minus the combination's own lift over the prior, context by context.
+    assert rows["baseline__prior_string_match"]["lift_psm_auc"] == 0
+    psm = json.loads((root / "baseline__prior_string_match" / "results.json").read_text())["results"]
+    prior_psm = record["results"]["lift_over_prior_string_match"]
+    assert prior_psm["reference"] == "baseline__prior_string_match"
+    assert prior_psm["pooled_auc"]["difference"] == pytest.approx(-psm["lift_over_prior"]["pooled_auc"]["difference"])
 
     # string_match: two P(yes) values, the higher one exactly where the interpretation names the judged token.
     test = pd.read_parquet(eval_set / "eval_set" / "test.parquet")

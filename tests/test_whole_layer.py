@@ -118,3 +118,22 @@ def test_summaries_give_recovery_between_floor_and_ceiling():
     assert (s["sae"]["recovery"], s["no_latents"]["recovery"], s["half"]["recovery"]) == (1.0, 0.0, 0.5)
     noisy = whole_layer.mean_ci(np.random.default_rng(0).normal(1.0, 0.5, 400), np.arange(400) // 8, seed=0)
     assert noisy["ci95"][0] < noisy["mean"] < noisy["ci95"][1] and noisy["ci95"][1] - noisy["ci95"][0] < 0.3
+
+
+def test_patching_only_the_judged_positions_keeps_the_others_clean(subject):
+    """positions: last. A source patched at the judged positions only equals patching everywhere a layer output that
+    is the clean one elsewhere; the KL/CE come back for the judged positions alone."""
+    model, sae, rows = subject
+    from latentsim.patching import clean_pass
+
+    judged = np.array([4, 11])
+    only, _, clean_ce = whole_layer.patch_text(model, sae, rows[0, :13], rows[0, 2:14], LAYER,
+                                               lambda z: {"sae": sae.decode(z)}, judged)
+    _, _, x_out, _ = clean_pass(model, rows[0, :13], LAYER)
+    _, z, _ = patched(subject, 0, lambda z: {"sae": sae.decode(z)})
+    mixed = x_out[1:].clone()
+    mixed[judged] = sae.decode(z)[judged].to(mixed.dtype)
+    everywhere, _, full_ce = patched(subject, 0, lambda z: {"mixed": mixed})
+    assert only["sae"][0].shape == (2,) and clean_ce.shape == (2,)
+    assert np.allclose(only["sae"][0], everywhere["mixed"][0][judged], atol=1e-6)
+    assert np.allclose(clean_ce, full_ce[judged]) and (only["sae"][0] > 0).all()

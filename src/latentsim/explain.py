@@ -119,21 +119,37 @@ def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.ran
 
 
 # ------------------------------------------------------------------------------------------ explainers
-def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3, context: int = 8) -> str:
-    """No LLM: the tokens the latent fires on most strongly across the examples, with one example context."""
+def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3, context: int = 8,
+                           n_contexts: int = 1, n_preceding: int = 0) -> str:
+    """No LLM: the `n_tokens` tokens the latent fires on most strongly across the examples (each example's
+    strongest token, weighted by its activation), optionally the `n_preceding` tokens those most often follow,
+    and `n_contexts` distinct example contexts (`context` tokens before the judged one), the strongest first.
+    The defaults are the original interpretation, unchanged."""
     weight: Counter = Counter()
+    preceding: Counter = Counter()
     for ex in examples:
-        weight[int(ex.tokens[int(ex.activations.argmax())])] += ex.max_activation
+        at = int(ex.activations.argmax())
+        weight[int(ex.tokens[at])] += ex.max_activation
+        if at > 0:
+            preceding[int(ex.tokens[at - 1])] += ex.max_activation
     top = [tok for tok, _ in weight.most_common(n_tokens)]
     names = [json.dumps(tokenizer.decode([t]), ensure_ascii=False) for t in top]
-    best = max(examples, key=lambda ex: ex.max_activation)
-    at = int(best.activations.argmax())
-    before = tokenizer.decode(best.tokens[max(0, at - context):at].tolist(), skip_special_tokens=True)
-    judged = tokenizer.decode(best.tokens[at:at + 1].tolist())
     text = f"the token {names[0]}"
     if len(names) > 1:
         text += f" (also {', '.join(names[1:])})"
-    return text + f", as in \"...{before}{judged}\"".replace("\n", " ")
+    if n_preceding and preceding:
+        text += ", often after " + ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
+                                             for t, _ in preceding.most_common(n_preceding))
+    quotes: list[str] = []
+    for ex in sorted(examples, key=lambda ex: -ex.max_activation):  # stable: the first of equal maxima first
+        at = int(ex.activations.argmax())
+        before = tokenizer.decode(ex.tokens[max(0, at - context):at].tolist(), skip_special_tokens=True)
+        quote = f"\"...{before}{tokenizer.decode(ex.tokens[at:at + 1].tolist())}\"".replace("\n", " ")
+        if quote not in quotes:
+            quotes.append(quote)
+        if len(quotes) == n_contexts:
+            break
+    return text + ", as in " + " and ".join(quotes)
 
 
 # ---------------------------------------------------------------------------------------- file layout

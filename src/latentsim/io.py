@@ -178,11 +178,18 @@ def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], i
         return []
     old = json.loads(path.read_text()).get("config", {})
     new = to_jsonable(configs)
+    # A key added after the run was recorded, left at its default, is no difference: defaults of new keys keep the
+    # old behaviour (that is how keys are added here).
+    defaults = {section: to_jsonable({f.name: f.default for f in dataclasses.fields(c)
+                                      if f.default is not dataclasses.MISSING})
+                for section, c in configs.items() if dataclasses.is_dataclass(c)}
     diffs = []
     for section in sorted(set(old) | set(new)):
         old_s, new_s = old.get(section, {}), new.get(section, {})
         for key in sorted(set(old_s) | set(new_s)):
             name = f"{section}.{key}"
+            if key not in old_s and key in defaults.get(section, {}) and new_s.get(key) == defaults[section][key]:
+                continue
             if name not in ignore and old_s.get(key) != new_s.get(key):
                 diffs.append(f"{name}: {old_s.get(key)!r} -> {new_s.get(key)!r}")
     return diffs

@@ -610,6 +610,16 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: boo
     return out
 
 
+def add_lift_columns(row: dict, results: dict) -> None:
+    """The paired per-context (per-latent) AUC lifts a sweep wrote (eval/sweep.py: `lift_over_prior`, and
+    `lift_over_prior_string_match` over the best reference that reads nothing) as summary columns with their CIs."""
+    for key, column in (("lift_over_prior", "lift_auc"), ("lift_over_prior_string_match", "lift_psm_auc")):
+        if key in results:
+            lift = results[key]["per_context_auc"]
+            row[column] = lift["median"]
+            row[f"{column}_ci_low"], row[f"{column}_ci_high"] = lift["ci95"]
+
+
 def summary_row(name: str, kind: str, step, results: dict) -> dict:
     """One line of the sweep's table: the headline numbers (per-context medians unless named pooled)."""
     row = {"simulator": name, "kind": kind, "step": step, "judgments": results["n_judgments"],
@@ -627,10 +637,7 @@ def summary_row(name: str, kind: str, step, results: dict) -> dict:
                     "per_latent_auc_ci_high": per["auc"]["ci95"][1], "latents_defined": per["n_latents_defined"],
                     "pooled_auc": per["pooled_auc"], "recall": results["pooled"]["recall"],
                     "precision": results["pooled"]["precision"], "ece": results["reliability"]["ece"]})
-        if "lift_over_prior" in results:
-            lift = results["lift_over_prior"]["per_context_auc"]
-            row["lift_auc"] = lift["median"]
-            row["lift_auc_ci_low"], row["lift_auc_ci_high"] = lift["ci95"]
+        add_lift_columns(row, results)
         return row
     per = results["binary"]["per_context"]
     row.update({k: per[k]["median"] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc",
@@ -642,10 +649,7 @@ def summary_row(name: str, kind: str, step, results: dict) -> dict:
         d = results["binary"]["dictionary"]
         row["precision_dictionary"], row["f1_dictionary"] = d["precision"], d["f1"]
         row["precision_dictionary_ci_low"], row["precision_dictionary_ci_high"] = d["precision_ci95"]
-    if "lift_over_prior" in results:
-        lift = results["lift_over_prior"]["per_context_auc"]
-        row["lift_auc"] = lift["median"]
-        row["lift_auc_ci_low"], row["lift_auc_ci_high"] = lift["ci95"]
+    add_lift_columns(row, results)
     cal = results["calibration"]
     row["ece"], row["brier"] = cal["raw"]["ece"], cal["raw"]["brier"]
     if "dictionary" in cal:

@@ -280,24 +280,32 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
                           "fitted_on": {"split": fit_split, "judgments": len(fit)}}}
 
 
-def add_lift_over_prior(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int,
-                        by: str = "context_id") -> list[dict]:
-    """Every simulator's per-context (by="latent": per-latent) AUC lift over the firing-rate prior on the same
-    judgments, with its paired bootstrap CI, written into its results.json (`lift_over_prior`); returns the summary
-    rows (one per simulator, in `sims` order) updated. Unchanged when the sweep scores no `model=prior` reference."""
+# The references a simulator's AUC lift is measured against (results.json key -> reference model): the firing-rate
+# prior, and the best reference that reads nothing, prior+string_match (the bar a simulator must clear).
+LIFT_REFERENCES = {"lift_over_prior": "prior", "lift_over_prior_string_match": "prior+string_match"}
+
+
+def add_lifts(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int,
+              by: str = "context_id") -> list[dict]:
+    """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference the
+    sweep scored (with the eval set's own interpretations) on the same judgments, with its paired bootstrap CI,
+    written into its results.json; returns the summary rows (one per simulator, in `sims` order) updated."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
-    prior = next((s for s in sims if s.kind == "reference" and s.base_model == "prior"), None)
-    if prior is None:
+    references = {key: next((s for s in sims if s.kind == "reference" and s.base_model == model
+                             and not s.interpretations), None) for key, model in LIFT_REFERENCES.items()}
+    references = {key: ref for key, ref in references.items() if ref is not None}
+    if not references:
         return rows
-    reference = pd.read_parquet(root / prior.name / f"predictions_{split}.parquet")
+    tables = {key: pd.read_parquet(root / ref.name / f"predictions_{split}.parquet") for key, ref in references.items()}
     updated = []
     for sim in sims:
         record = read_results(root / sim.name)
         preds = pd.read_parquet(root / sim.name / f"predictions_{split}.parquet")
-        record["results"]["lift_over_prior"] = {"reference": prior.name,
-                                                **lift_over_reference(preds, reference, seed=seed, by=by)}
+        for key, ref in references.items():
+            record["results"][key] = {"reference": ref.name,
+                                      **lift_over_reference(preds, tables[key], seed=seed, by=by)}
         write_results(root / sim.name, record)
         updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
     return updated

@@ -8,6 +8,7 @@ import functools
 # summary.json column -> its header in the terminal table, in print order.
 # "(pool)": computed on the eval pool (~25% positive); "(dict)": weighted to the judged dictionary's base rate.
 SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% CI]", "lift_auc": "AUC - prior [95% CI]",
+                 "lift_psm_auc": "AUC - (prior+sm) [95% CI]",
                  "recall": "recall", "precision": "precision (pool)", "f1": "F1 (pool)",
                  "precision_dictionary": "precision (dict) [95% CI]", "precision_at_l0": "prec@L0 (dict)",
                  "precision_top_active": "prec@|A| (pool)", "ece": "ECE (pool)", "ece_dictionary": "ECE (dict)",
@@ -17,7 +18,7 @@ SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% C
                  "pearson_mean_vs_quantile_bin": "r(mean, decile)",
                  "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
 # The terminal shows these (summary.md and the report show every column).
-TERMINAL_COLUMNS = ("auc", "per_latent_auc", "lift_auc", "recall", "precision", "precision_dictionary",
+TERMINAL_COLUMNS = ("auc", "per_latent_auc", "lift_auc", "lift_psm_auc", "recall", "precision", "precision_dictionary",
                     "precision_at_l0", "ece", "ece_dictionary", "pearson_mean_vs_quantile_bin",
                     "spearman_mean_vs_quantile_bin", "mode_accuracy_quantile_bin")
 PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mean_layer_update", "no_simulator")

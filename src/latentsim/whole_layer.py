@@ -43,34 +43,48 @@ PATCH_CHUNK = 4  # full patched passes at a time: [4, T, V] logits
 BLOCK = 8  # bootstrap clusters: blocks of 8 consecutive positions of one text (neighbours are correlated)
 
 
-def dense_simulator(ref: str):
-    """A train/sft.py run's final adapter, refused unless it was trained on a dense format."""
+def simulator_for(args):
+    """The simulator of a WholeLayerArguments: a train/sft.py run's final adapter (a dense format or sim_v1) or a
+    prompted sim_v1 baseline (eval/sweep.py's `name=...,model=...` spec)."""
+    from latentsim.config.eval import parse_baseline
     from latentsim.prompts import get_format
-    from latentsim.sweep import run_simulators
+    from latentsim.sweep import baseline_simulator, judged_format, run_simulators
 
-    sim = run_simulators(ref, include_checkpoints=False)[-1]
-    if not get_format(sim.prompt_format).dense:
-        raise ConfigError(f"config key `simulator`: {ref} was trained on {sim.prompt_format!r}, which reads one "
-                          "judgment per prompt; the whole layer at every position needs a dense format "
-                          "(configs/sft/smollm2-135m_dense_quickstart.yaml).")
+    if args.baseline:
+        return baseline_simulator(parse_baseline(args.baseline))
+    sim = run_simulators(args.simulator, include_checkpoints=False)[-1]
+    if judged_format(sim.prompt_format) != "sim_v1" or get_format(sim.prompt_format).label != "active":
+        raise ConfigError(f"config key `simulator`: {args.simulator} was trained on {sim.prompt_format!r}; the whole "
+                          "layer needs Yes/No verdicts (sim_v1 or a dense format that judges like it).")
     return sim
 
 
-def load_dense_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
-    """The simulator's DenseScorer: its base model with the LoRA attached (merged into the weights for speed when
-    `merge`: the adapter files are untouched) and the tokenizer it was trained with."""
-    from peft import PeftModel
+def is_dense(sim) -> bool:
+    from latentsim.prompts import get_format
 
-    from latentsim.backends import DenseScorer
+    return bool(sim.prompt_format) and get_format(sim.prompt_format).dense
+
+
+def load_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
+    """The simulator's scorer (DenseScorer for a dense format, else the prefix-shared HFScorer): its base model with
+    the LoRA attached (merged into the weights for speed when `merge`: the adapter files are untouched) and the
+    tokenizer it was trained with (the base model's for a baseline)."""
+    from latentsim.backends import hf_scorer
     from latentsim.models import load_model_and_tokenizer, load_tokenizer
     from latentsim.prompts import answer_token_ids
+    from latentsim.sweep import scorer_format
 
-    base, _ = load_model_and_tokenizer(sim.base_model, dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(base, sim.adapter).eval()
-    if merge:
-        model = model.merge_and_unload()
-    tokenizer = load_tokenizer(sim.adapter)
-    return DenseScorer(model, tokenizer, answer_token_ids(sim.prompt_format, tokenizer), batch_size, sim.prompt_format)
+    model, _ = load_model_and_tokenizer(sim.base_model, dtype=dtype, device=device)
+    if sim.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, sim.adapter).eval()
+        if merge:
+            model = model.merge_and_unload()
+    own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(sim.adapter if own else sim.base_model)
+    fmt = scorer_format(sim, "sim_v1")
+    return hf_scorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size, sim.prompt_format)
 
 
 def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
@@ -89,22 +103,50 @@ def simulator_p_yes(scorer, interpretations: list[str], texts: list[tuple[str, l
             for logits in scorer.text_logits(interpretations, texts, progress)]
 
 
+def sim_v1_p_yes(scorer, interpretations: list[str], tokens: torch.Tensor, rows: list[int], n_tokens: int,
+                 judged: np.ndarray, context_tokens: int, tokenizer, prefix: list[dict], progress=None) -> list[np.ndarray]:
+    """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one prompt per (judged position, latent), the
+    context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at the
+    positions not judged. Prompts of one position share its context prefix (HFScorer)."""
+    from latentsim.prompts import marked_context, render_prompt
+
+    out = []
+    for row in rows:
+        p = np.full((n_tokens, len(interpretations)), np.nan, dtype=np.float32)
+        for j in judged:
+            pos = int(j) + 1  # positions 1..n of the row
+            window = tokens[row, max(1, pos - context_tokens + 1):pos + 1].tolist()
+            context = marked_context(tokenizer.decode(window[:-1]), tokenizer.decode(window[-1:]))
+            logits = scorer.label_logits([prefix + render_prompt("sim_v1", context, i) for i in interpretations],
+                                         progress)
+            p[j] = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
+        out.append(p)
+    return out
+
+
 def judge_texts(scorer, interpretations: list[str], tokens: torch.Tensor, rows: list[int], n_tokens: int, tokenizer,
-                shard_dir: Path) -> dict[int, np.ndarray]:
+                shard_dir: Path, sim_v1: dict | None = None) -> dict[int, np.ndarray]:
     """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the run
     that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed per
-    judgment); finished rows are read back, the others judged together (each header once)."""
+    judgment); finished rows are read back, the others judged together (a dense simulator: each header once).
+    `sim_v1` (judged, context_tokens, prefix): judged by a sim_v1 simulator at those positions only."""
     shard_dir = Path(shard_dir)
     out = {r: np.load(shard_dir / f"row{r}.npy") for r in rows if (shard_dir / f"row{r}.npy").is_file()}
     todo = [r for r in rows if r not in out]
     if not todo:
         return out
-    texts = [text_of_row(tokens, r, n_tokens, tokenizer)[1:] for r in todo]
     before = dict(scorer.stats)
     start = time.perf_counter()
-    total = len(interpretations) * sum(e >= 0 for _, ends in texts for e in ends)
-    with tqdm(total=total, desc=f"judging {len(todo)} texts", unit="judgment") as bar:
-        scores = simulator_p_yes(scorer, interpretations, texts, bar)
+    if sim_v1 is None:
+        texts = [text_of_row(tokens, r, n_tokens, tokenizer)[1:] for r in todo]
+        total = len(interpretations) * sum(e >= 0 for _, ends in texts for e in ends)
+        with tqdm(total=total, desc=f"judging {len(todo)} texts", unit="judgment") as bar:
+            scores = simulator_p_yes(scorer, interpretations, texts, bar)
+    else:
+        total = len(interpretations) * len(sim_v1["judged"]) * len(todo)
+        with tqdm(total=total, desc=f"judging {len(todo)} texts (sim_v1)", unit="judgment") as bar:
+            scores = sim_v1_p_yes(scorer, interpretations, tokens, todo, n_tokens, sim_v1["judged"],
+                                  sim_v1["context_tokens"], tokenizer, sim_v1["prefix"], bar)
     seconds = time.perf_counter() - start
     judged = scorer.stats["judgments"] - before["judgments"]
     timing = {"rows": todo, "seconds": seconds, "judgments": judged, "judgments_per_s": judged / seconds,
@@ -162,13 +204,18 @@ def layer_sources(z: torch.Tensor, explained: torch.Tensor, flagged: dict[str, t
 
 
 @torch.no_grad()
-def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int,
-               build_sources) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor, np.ndarray]:
+def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int, build_sources,
+               judged: np.ndarray | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor, np.ndarray]:
     """KL(p_clean || p_patched) and CE of the next token at positions 1..n for every source; `build_sources(z)`
-    gives {source: [n, d]} from the true latents z [n, W]. Returns ({source: (kl [n], ce [n])}, z, clean CE [n])."""
+    gives {source: [n, d]} from the true latents z [n, W]. Returns ({source: (kl [n], ce [n])}, z, clean CE [n]).
+    With `judged` (indices into 0..n-1) only those positions are patched (the others keep the clean layer output)
+    and measured: kl, ce and clean CE are [len(judged)]."""
     logits, _, x_out, _ = clean_pass(model, ids, layer)
     z = sae.encode(x_out[1:].to(sae.W_dec.dtype))
     sources = build_sources(z)
+    if judged is not None:
+        clean, at = x_out[1:], torch.as_tensor(judged, device=x_out.device)
+        sources = {k: clean.clone().index_copy_(0, at, v[at].to(clean.dtype)) for k, v in sources.items()}
     names = list(sources)
     out = {}
     for a in range(0, len(names), PATCH_CHUNK):
@@ -178,6 +225,9 @@ def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int
         for j, k in enumerate(chunk):
             out[k] = (kl[j].cpu().numpy(), ce[j].cpu().numpy())
     clean_ce = kl_and_ce(logits[1:], logits[None, 1:], next_ids)[1][0].cpu().numpy()
+    if judged is not None:
+        out = {k: (kl[judged], ce[judged]) for k, (kl, ce) in out.items()}
+        clean_ce = clean_ce[judged]
     return out, z, clean_ce
 
 
@@ -260,8 +310,9 @@ def held_out_rows(eval_set: EvalSet, split: str, n: int, seed: int, trained_rows
 def format_table(result: dict) -> str:
     """What eval/whole_layer.py prints: the timing, the controlled share, KL/CE per source, the judgments."""
     t, c = result["timing"], result["controlled"]
+    at = "its last position" if result.get("positions") == "last" else "every position"
     lines = [f"[whole_layer] {len(result['rows'])} held-out texts x {result['tokens_per_text']} positions; every one of "
-             f"{result['explained_latents']} explained latents judged at every position "
+             f"{result['explained_latents']} explained latents judged by {result['prompt_format']} at {at} "
              f"({sum(x['seconds'] for x in t) / sum(len(x['rows']) for x in t):.0f} s per text, "
              f"{sum(x['judgments'] for x in t) / sum(x['seconds'] for x in t):.0f} judgments/s, "
              f"{np.mean([x['computed_tokens_per_judgment'] for x in t]):.2f} tokens computed per judgment)",

@@ -114,6 +114,10 @@ class ExplainArguments:
     per_quantile: int = field(default=2, metadata={"help": "`quantiles`: windows drawn per quantile."})
     min_activations: int = field(default=5, metadata={"help": "Latents firing fewer times are reported, not explained."})
     max_latents: int = field(default=0, metadata={"help": "Explain a seeded random sample of this many latents (0: all)."})
+    n_tokens: int = field(default=3, metadata={"help": "`token_list`: the latent's strongest tokens named."})
+    n_contexts: int = field(default=1, metadata={"help": "`token_list`: example contexts quoted, the strongest first."})
+    context_tokens: int = field(default=8, metadata={"help": "`token_list`: tokens quoted before each example's token."})
+    n_preceding: int = field(default=0, metadata={"help": "`token_list`: the tokens it most often follows, named."})
     explainer_model: str = field(default="embedded:smollm2-135m", metadata={"help": "`llm`: chat model (Hub id, folder, embedded)."})
     backend: str = field(default="hf", metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
@@ -135,9 +139,10 @@ class ExplainArguments:
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
         _require_positive(self, "window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size",
-                          "max_new_tokens")
-        if self.max_latents < 0:
-            _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
+                          "max_new_tokens", "n_tokens", "n_contexts", "context_tokens")
+        for key in ("max_latents", "n_preceding"):
+            if getattr(self, key) < 0:
+                _fail(key, f"must be >= 0, got {getattr(self, key)}.")
         if self.set_name is None:
             self.set_name = f"{self.explainer}-{self.sampling}"
 

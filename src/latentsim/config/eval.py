@@ -167,12 +167,20 @@ class PatchArguments:
 
 @dataclass
 class WholeLayerArguments:
-    """eval/whole_layer.py: a dense simulator judges every explained latent at every position of held-out texts;
-    the layer is rebuilt from its verdicts alone and patched in at every position; KL and CE per position."""
+    """eval/whole_layer.py: a simulator judges every explained latent at the judged positions of held-out texts;
+    the layer is rebuilt from its verdicts alone and patched in there; KL and CE per position."""
 
     eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache (tokens, SAE, statistics), its "
                                                          "interpretations and its row splits."})
-    simulator: str = field(default="", metadata={"help": "A train/sft.py run folder of a dense format (its final adapter)."})
+    simulator: str = field(default="", metadata={"help": "A train/sft.py run folder (its final adapter): a dense format "
+                                                          "or sim_v1."})
+    baseline: str = field(default="", metadata={"help": "Instead of `simulator`: a prompted sim_v1 baseline, as in "
+                                                         "eval/sweep.py (`name=...,model=...,shots=N`)."})
+    positions: str = field(default="all", metadata={"help": "`all`: every position judged and patched at once; `last`: "
+                                                             "only each text's last one (the seed's setting; a sim_v1 "
+                                                             "simulator costs one prompt per latent and position)."})
+    context_tokens: int = field(default=32, metadata={"help": "sim_v1: tokens of context up to the judged one (the eval "
+                                                               "sets' 32-token windows)."})
     split: str = field(default="test", metadata={"help": "The rows the texts come from (never the simulator's training rows)."})
     texts: int = field(default=2, metadata={"help": "Held-out texts (cache rows) judged and patched."})
     tokens: int = field(default=64, metadata={"help": "Positions per text (1..tokens of its row; BOS is never encoded)."})
@@ -197,11 +205,23 @@ class WholeLayerArguments:
     def __post_init__(self):
         check_dtype_device(self)
         for key, fix in (("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
-                         ("simulator", "give a train/sft.py run folder trained on sim_dense_v1"),
                          ("output_dir", "give the folder the results go to")):
             if not getattr(self, key):
                 _fail(key, f"{fix}.")
-        _require_positive(self, "texts", "tokens", "batch_size")
+        if bool(self.simulator) == bool(self.baseline):
+            _fail("simulator", "give either a train/sft.py run folder (`simulator`) or a prompted baseline "
+                  "(`baseline: name=...`), not both or neither.")
+        if self.baseline:
+            spec = parse_baseline(self.baseline)
+            if spec["model"] in REFERENCE_BASELINES:
+                _fail("baseline", f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "
+                      "`firing_rate_random`, reported beside every simulator.")
+            if spec["score"] or spec["interpretations"]:
+                _fail("baseline", f"{self.baseline!r}: `score` and `interpretations` are eval/sweep.py options; the "
+                      "whole layer reads the eval set's interpretations, without scores.")
+        if self.positions not in ("all", "last"):
+            _fail("positions", f"{self.positions!r} is not `all` or `last`.")
+        _require_positive(self, "texts", "tokens", "batch_size", "context_tokens")
         if self.calibration_texts < 0:
             _fail("calibration_texts", "must be >= 0.")
         check_thresholds(self.thresholds)
