@@ -5,6 +5,7 @@
 #   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
 #   ./launch.sh test [--slow] [ARGS]  set up, run the test suite (--slow adds the tier that uses the real model)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
+#   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
 #   ./launch.sh python SCRIPT [ARGS]  run any entry script inside the project's environment
 #   ./launch.sh setup                 only create .venv and install the project
@@ -16,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup() {
   if [ ! -x "$PY" ]; then
@@ -192,6 +193,14 @@ case "$verb" in
     setup
     setup_embedded
     exec "$PY" bench/run_all.py "$@" ;;
+  gpu_check)
+    setup
+    if [[ " $* " != *" --dry_run true "* ]]; then
+      setup_embedded
+      echo "[setup] installing latentsim[gpu,dev] (vLLM, DeepSpeed)"
+      "$PY" -m pip install -q -e '.[gpu,dev]'
+    fi
+    exec "$PY" bench/gpu_check.py "$@" ;;
   sft)
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sft CONFIG [--key value ...]"; exit 2; }
     setup

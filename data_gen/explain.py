@@ -71,7 +71,7 @@ def main(args: ExplainArguments) -> None:
             write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(
                 examples_of(latent), subject_tokenizer, args.n_tokens, args.context_tokens, args.n_contexts, args.n_preceding))
     elif args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.explainer_model))
+        llm = backends.load_llm(resolve_model_path(args.explainer_model), args.tensor_parallel_size, args.max_model_len)
         tokenizer = load_tokenizer(args.explainer_model)
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
         texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)

@@ -20,12 +20,23 @@ from latentsim import backends, explain
 from latentsim.cache import load_cache
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
-from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items
+from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items, yes_no_ids
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ScoreArguments,)
+
+
+VLLM_LATENTS_PER_CALL = 256
+
+
+def latent_items(args: ScoreArguments, index, interpretation: str, latent: int, subject_tokenizer) -> list[dict]:
+    """The scorer's items (prompt, text, activating) for one latent, from its own seeded examples."""
+    rng = np.random.default_rng([args.seed, latent])
+    activating = explain.sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
+    non_activating = explain.non_activating_examples(index, latent, args.n_non_activating, rng)
+    return scorer_items(args.scorer, interpretation, activating, non_activating, subject_tokenizer, rng)
 
 
 def main(args: ScoreArguments) -> None:
@@ -48,9 +59,9 @@ def main(args: ScoreArguments) -> None:
     subject_tokenizer = cache.subject_tokenizer()
     index = explain.LatentIndex(cache, args.window, explain.example_rows(args, cache.tokens.shape[0]))
     if args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.judge_model))
+        llm = backends.load_llm(resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len)
         tokenizer = load_tokenizer(args.judge_model)
-        yes_no = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No")]
+        yes_no = yes_no_ids(tokenizer)
 
         def judge(prompts):
             return backends.vllm_yes_probability(llm, backends.chat_token_ids(tokenizer, prompts), *yes_no)
@@ -59,16 +70,20 @@ def main(args: ScoreArguments) -> None:
 
         def judge(prompts):
             return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
-    for latent in tqdm(todo, desc=f"score ({args.scorer})", unit="latent"):
-        rng = np.random.default_rng([args.seed, latent])
-        activating = explain.sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
-        non_activating = explain.non_activating_examples(index, latent, args.n_non_activating, rng)
-        items = scorer_items(args.scorer, interpretations[latent], activating, non_activating, subject_tokenizer, rng)
-        probs = judge([it["prompt"] for it in items])
-        records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": p,
-                    "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
-                   for it, p in zip(items, probs, strict=True)]
-        atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
+    # vLLM judges many latents per call (one request per judgment, batched by the engine); hf one latent at a time.
+    per_call = VLLM_LATENTS_PER_CALL if args.backend == "vllm" else 1
+    with tqdm(total=len(todo), desc=f"score ({args.scorer})", unit="latent") as bar:
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start:start + per_call]
+            items = {latent: latent_items(args, index, interpretations[latent], latent, subject_tokenizer)
+                     for latent in chunk}
+            probs = iter(judge([it["prompt"] for latent in chunk for it in items[latent]]))
+            for latent in chunk:  # each latent's file written atomically: a rerun judges only the missing ones
+                records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": (p := next(probs)),
+                            "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
+                           for it in items[latent]]
+                atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
+            bar.update(len(chunk))
     scores = load_score_folder(out, args.hookpoint)
     atomic_write_json(Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())})
     values = np.array(list(scores.values()))

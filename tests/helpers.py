@@ -115,7 +115,7 @@ def sft_args(dataset_dir, model_dir, out, **overrides):
 
     from latentsim.config import SimScriptArguments
 
-    training = dict(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=12,
+    training = dict(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=12,
                     per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5.0e-3,
                     logging_steps=1, save_strategy="steps", save_steps=6, eval_strategy="no", report_to="none",
                     max_length=128, seed=0, disable_tqdm=True)

@@ -2,6 +2,7 @@
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from latentsim.backends import (
     common_prefix_length,
     context_key,
     lora_int_id,
+    lora_name,
     naive_label_logits,
     probabilities,
     prompt_token_ids,
@@ -101,8 +103,6 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     sent = {}
 
     class SamplingParams:
-        __annotations__ = {"logprob_token_ids": list}
-
         def __init__(self, **kw):
             sent["params"] = kw
 
@@ -132,8 +132,16 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     assert sent["llm"]["enable_prefix_caching"] and sent["llm"]["enable_lora"]
     assert sent["params"]["logprob_token_ids"] == answer and sent["params"]["temperature"] == 0.0
     assert sorted(sent["requests"]) == sorted(prompt_token_ids(tok, p) for p in prompts)
-    assert sent["lora"] == ("checkpoint-6", lora_int_id(str(adapter)), str(adapter))
+    assert sent["lora"] == (str(adapter.resolve()), lora_int_id(str(adapter)), str(adapter))
     assert lora_int_id(str(adapter)) == lora_int_id(str(tmp_path / "." / "checkpoint-6"))  # stable per path
+    # Two runs' checkpoint-6 never share a LoRA name or id: vLLM keys its prefix cache on the name (#30931).
+    other = tmp_path / "another_run" / "checkpoint-6"
+    other.mkdir(parents=True)
+    (other / "adapter_config.json").write_text('{"r": 8}')
+    scorer.use_adapter(str(other))
+    assert scorer.lora[0] != str(adapter.resolve()) and scorer.lora[1] != lora_int_id(str(adapter))
+    assert lora_name(str(other)) == scorer.lora[0] and Path(scorer.lora[0]).name == "checkpoint-6"
+    scorer.use_adapter(str(adapter))
     for i, p in enumerate(prompts):  # results come back in the caller's order
         assert logits[i, 0] == pytest.approx(-1.0 - len(prompt_token_ids(tok, p)) / 100)
     # The first wave holds one judgment per context (its prefix is then cached for the rest).
@@ -148,3 +156,64 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     (adapter / "adapter_config.json").write_text('{"r": 128}')
     with pytest.raises(ValueError, match="max_lora_rank"):
         scorer.use_adapter(str(adapter))
+
+
+def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkeypatch):
+    """Defect: the next base model's engine was built while the old one still held its GPU memory (an 8B, then a
+    70B baseline). The pool now shuts the old engine down before it builds the new one, with each model's own
+    tensor_parallel_size where the baseline names one."""
+    from latentsim.backends import ModelPool
+    from latentsim.config import EvalArguments
+    from latentsim.sweep import baseline_simulator
+
+    events = []
+
+    class Engine:
+        def __init__(self, base_model, tokenizer, answer_ids, **kw):
+            events.append(("build", base_model, kw["tensor_parallel_size"]))
+            self.base = base_model
+
+        def shutdown(self):
+            events.append(("shutdown", self.base))
+
+        def use_adapter(self, adapter):
+            pass
+
+    monkeypatch.setattr("latentsim.backends.VLLMScorer", Engine)
+    monkeypatch.setattr("latentsim.models.resolve_model_path", lambda ref: ref)
+    args = EvalArguments(eval_set="x", backend="vllm", tensor_parallel_size=2,
+                         baselines=["name=small,model=org/small", "name=big,model=org/big,tensor_parallel_size=4"])
+    pool = ModelPool(args)
+    small, big = (baseline_simulator(b) for b in args.parsed_baselines)
+    pool.scorer(small, None, [1, 2])
+    pool.scorer(small, None, [1, 2])  # same base model: the engine is reused
+    pool.scorer(big, None, [1, 2])
+    assert events == [("build", "org/small", 2), ("shutdown", "org/small"), ("build", "org/big", 4)]
+
+
+def test_vllm_judge_sends_one_request_per_judgment_and_reads_both_answers_by_id(monkeypatch):
+    """Defect: the LLM judge sent two prompts per judgment with prompt_logprobs (no prefix-cache reads). Now one
+    request each, Yes/No log-probs read by id; a missing one is an error, never probability 0."""
+    from latentsim.backends import vllm_yes_probability
+
+    sent = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            sent["params"] = kw
+
+    class LLM:
+        def generate(self, requests, params, use_tqdm=False):
+            sent["requests"] = [r["prompt_token_ids"] for r in requests]
+            lp = lambda v: types.SimpleNamespace(logprob=v)  # noqa: E731
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[{7: lp(-0.5 * len(ids)), 9: lp(-1.0)}])])
+                    for ids in sent["requests"]]
+
+    monkeypatch.setattr("latentsim.backends.require_vllm", lambda: types.SimpleNamespace(SamplingParams=SamplingParams))
+    probs = vllm_yes_probability(LLM(), [[1, 2], [1, 2, 3, 4]], yes_id=7, no_id=9)
+    assert sent["requests"] == [[1, 2], [1, 2, 3, 4]] and sent["params"]["logprob_token_ids"] == [7, 9]
+    assert "prompt_logprobs" not in sent["params"] and sent["params"]["max_tokens"] == 1
+    assert probs == pytest.approx([1 / (1 + np.exp(-1.0 + 1.0)), 1 / (1 + np.exp(-1.0 + 2.0))])
+    with pytest.raises(RuntimeError, match="refusing"):
+        vllm_yes_probability(types.SimpleNamespace(generate=lambda r, p, use_tqdm=False: [types.SimpleNamespace(
+            outputs=[types.SimpleNamespace(logprobs=[{7: None}])])]), [[1]], 7, 9)

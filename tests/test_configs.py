@@ -132,7 +132,11 @@ def test_baseline_specs_parse_with_defaults_and_names():
     from latentsim.config import parse_baseline
 
     assert parse_baseline("shots=3") == {"model": "embedded:smollm2-135m", "shots": 3, "score": False,
-                                         "interpretations": None, "name": "smollm2-135m_3shot"}
+                                         "interpretations": None, "tensor_parallel_size": None,
+                                         "name": "smollm2-135m_3shot"}
+    assert parse_baseline("model=org/big,tensor_parallel_size=4")["tensor_parallel_size"] == 4
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
+        parse_baseline("model=org/big,tensor_parallel_size=0")
     spec = parse_baseline("model=meta-llama/Llama-3.1-70B-Instruct, score=true, interpretations=out/token_list-top")
     assert spec["name"] == "Llama-3.1-70B-Instruct_0shot_score_token_list-top" and spec["score"] is True
     with pytest.raises(ConfigError, match="did you mean `shots`"):

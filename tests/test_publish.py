@@ -35,7 +35,8 @@ def test_dry_run_stages_exactly_the_adapter_and_a_card(run_dir, monkeypatch, cap
     meta = front_matter((stage / "README.md").read_text())
     assert meta["library_name"] == "peft" and meta["base_model_relation"] == "adapter"
     assert meta["base_model"] == json.loads((stage / "run_config.json").read_text())["config"]["model"]["model_name_or_path"]
-    assert meta["prompt_format"] == "sim_v1" and meta["datasets"]
+    # The training set is a local folder that was never pushed: a card's `datasets:` takes Hub ids only.
+    assert meta["prompt_format"] == "sim_v1" and "datasets" not in meta
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     results = json.loads((stage / "eval_results.json").read_text())["metrics"]
     assert metrics["auc"] == pytest.approx(results["eval_auc"], abs=1e-4)
@@ -56,6 +57,42 @@ def test_checkpoint_goes_to_a_step_branch_through_one_thin_function(run_dir):
     staged = api.calls[2][1]["folder_path"]
     assert load_file(f"{staged}/adapter_model.safetensors").keys() == load_file(
         str(run_dir / "checkpoint-2" / "adapter_model.safetensors")).keys()
+    # The branch claims its own step and numbers (its trainer state's eval at step 2), not the final run's.
+    own = json.loads((run_dir / "publish" / "step-000000002" / "eval_results.json").read_text())
+    final = json.loads((run_dir / "eval_results.json").read_text())
+    assert own["global_step"] == 2 != final["global_step"] and own["metrics"]["step"] == 2
+    card = (run_dir / "publish" / "step-000000002" / "README.md").read_text()
+    metrics = {m["type"]: m["value"] for m in front_matter(card)["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["auc"] == pytest.approx(own["metrics"]["eval_auc"], abs=1e-4) and "step 2" in card
+    assert own["metrics"]["eval_auc"] != pytest.approx(final["metrics"]["eval_auc"], abs=1e-6)
+
+
+def test_a_card_shows_the_sweeps_held_out_numbers_with_their_cis(run_dir, dataset_dir, tmp_path):
+    from latentsim.config import EvalArguments
+
+    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(dataset_dir), run_dirs=[str(run_dir)],
+                                                    backend="fake", output_dir=str(tmp_path / "eval"),
+                                                    allow_seen_latents=True))  # the fixture splits by context
+    load_script("train/publish.py").main(PublishArguments(run_dir=str(run_dir), repo_id="me/sim", dry_run=True,
+                                                          checkpoint="checkpoint-2", sweep_dir=str(tmp_path / "eval")))
+    card = (run_dir / "publish" / "step-000000002" / "README.md").read_text()
+    result = json.loads((tmp_path / "eval" / dataset_dir.name / "run__checkpoint-2" / "results.json").read_text())
+    auc = result["results"]["binary"]["per_context"]["auc"]
+    index = front_matter(card)["model-index"][0]["results"][0]
+    assert index["dataset"]["split"] == "test" and index["dataset"]["type"] == dataset_dir.name
+    assert {m["type"]: m["value"] for m in index["metrics"]}["auc"] == pytest.approx(auc["median"], abs=1e-4)
+    assert f"| auc ({dataset_dir.name}) | {auc['median']:.4f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}] |" in card
+
+
+def test_a_published_dataset_is_named_by_its_hub_id(tmp_path):
+    from latentsim.hub import hub_dataset_id
+
+    pushed = tmp_path / "pushed"
+    pushed.mkdir()
+    (pushed / "run_config.json").write_text(json.dumps({"config": {"dataset": {"push_to_hub": "org/sim-data"}}}))
+    assert hub_dataset_id(str(pushed)) == "org/sim-data"
+    assert hub_dataset_id("org/sim-data") == "org/sim-data"
+    assert hub_dataset_id(str(tmp_path)) is None and hub_dataset_id("outputs/datasets/mix") is None
 
 
 def test_a_broken_adapter_is_never_published(run_dir, tmp_path):

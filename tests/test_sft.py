@@ -195,6 +195,38 @@ def test_deepspeed_zero2_on_cpu_saves_a_non_empty_adapter(dataset_dir, tiny_mode
     assert summary["n_parameters"] > 0
 
 
+def test_deepspeed_zero3_on_cpu_checks_the_reload_on_every_rank(dataset_dir, tiny_model_dir, tmp_path):
+    """Defect: the reload check ran the trained model's forward on rank 0 alone, which hangs under ZeRO-3 (each
+    layer's forward gathers its shards from every rank). Two ZeRO-3 processes must finish, with the check done."""
+    pytest.importorskip("deepspeed")
+    run_accelerate("configs/accelerate/deepspeed_zero3_cpu.yaml", dataset_dir, tiny_model_dir, tmp_path / "z3",
+                   extra=("--ddp_backend", "gloo"))
+    results = json.loads((tmp_path / "z3" / "eval_results.json").read_text())
+    assert results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-4  # fp32: the fp32 tolerance
+    assert check_adapter(tmp_path / "z3")["n_parameters"] > 0
+
+
+def test_reload_tolerance_fits_the_trained_dtype(dataset_dir, tiny_model_dir):
+    """Under bf16 (DeepSpeed's or a bf16 model) an fp32-tight 1e-4 would refuse every correct adapter: the same
+    model's fp32 and bf16 forwards differ by more than that, and by less than the bf16 tolerance."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentsim.prompts import answer_token_ids
+    from latentsim.training import RELOAD_TOLERANCE, answer_probabilities, load_sim_dataset, trained_dtype
+
+    assert trained_dtype(types.SimpleNamespace(bf16=True, fp16=False), torch.float32) == torch.bfloat16
+    assert trained_dtype(types.SimpleNamespace(bf16=False, fp16=False), torch.float32) == torch.float32
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompts = list(load_sim_dataset(str(dataset_dir))["validation"]["prompt"][:16])
+    ids = answer_token_ids("sim_v1", tok)
+    p = {dt: answer_probabilities(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dt).eval(), tok,
+                                  prompts, ids) for dt in (torch.float32, torch.bfloat16)}
+    diff = float(np.abs(p[torch.float32] - p[torch.bfloat16]).max())
+    assert RELOAD_TOLERANCE[torch.float32] < diff < RELOAD_TOLERANCE[torch.bfloat16]
+
+
 def test_training_sets_mix_by_weight(dataset_dir):
     from latentsim.training import mix_train_sets
 

@@ -4,8 +4,9 @@
 
 Stages exactly what is uploaded in `<run_dir>/publish/<revision>/`: adapter weights (safetensors, re-checked:
 LoRA tensors only, non-empty, finite), adapter_config.json, tokenizer + chat template, and a model card whose
-YAML names the base model, `library_name: peft`, the dataset, the prompt format and a model-index from
-eval_results.json. A checkpoint goes to branch `step-<N>`. `--dry_run true` writes the folder and
+YAML names the base model, `library_name: peft`, the dataset's Hub id (if it has one), the prompt format and a
+model-index of this adapter's own numbers: eval/sweep.py's held-out results with CIs (`--sweep_dir`) when the sweep
+scored it, else its validation metrics. A checkpoint goes to branch `step-<N>` with its own step and trainer state. `--dry_run true` writes the folder and
 `planned_operations.json` and stops. The token comes from HF_TOKEN / `huggingface-cli login` only.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from latentsim.cli import run
 from latentsim.config import PublishArguments
 from latentsim.errors import MissingInputError
-from latentsim.hub import adapter_card, upload_folder
+from latentsim.hub import adapter_card, checkpoint_results, held_out_metrics, upload_folder
 from latentsim.io import atomic_write_json, atomic_write_text
 from latentsim.training import check_adapter
 
@@ -41,19 +42,24 @@ def main(args: PublishArguments, api=None) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for name in UPLOADED:
-        for folder in (source, run):  # a checkpoint lacks some run-level files (tokenizer, eval results)
-            if (folder / name).is_file():
+        for folder in (source, run):  # a checkpoint lacks some run-level files (tokenizer, run config)
+            if (folder / name).is_file() and not (args.checkpoint and name == "eval_results.json"):
                 shutil.copy2(folder / name, stage / name)
                 break
-    results = json.loads((stage / "eval_results.json").read_text()) if (stage / "eval_results.json").is_file() else {}
+    run_results = json.loads((run / "eval_results.json").read_text()) if (run / "eval_results.json").is_file() else {}
+    # A checkpoint carries its own step and validation metrics (its trainer_state.json), never the final run's.
+    results = checkpoint_results(source, run_results) if args.checkpoint else run_results
+    if args.checkpoint:
+        atomic_write_json(stage / "eval_results.json", results)
+        shutil.copy2(source / "trainer_state.json", stage / "trainer_state.json")
+    held_out = held_out_metrics(args.sweep_dir, f"{run.name}__{args.checkpoint or 'final'}") if args.sweep_dir else []
     run_config = json.loads((stage / "run_config.json").read_text()) if (stage / "run_config.json").is_file() else {}
     script = run_config.get("config", {}).get("script", {})
     base = results.get("base_model", {}).get("hub_equivalent") or run_config.get("config", {}).get("model", {}).get(
         "model_name_or_path", "unknown")
-    atomic_write_text(stage / "README.md", adapter_card(base, script.get("prompt_format", "unknown"),
-                                                        script.get("dataset_name", "unknown"),
-                                                        results.get("metrics") if not args.checkpoint else None,
-                                                        args.repo_id.split("/")[-1]))
+    atomic_write_text(stage / "README.md", adapter_card(
+        base, script.get("prompt_format", "unknown"), script.get("dataset_name", "unknown"), results.get("metrics"),
+        args.repo_id.split("/")[-1], held_out, results.get("global_step") if args.checkpoint else None))
     plan = [{"op": "create_repo", "repo_id": args.repo_id, "repo_type": "model", "private": args.private,
              "exist_ok": True}]
     if revision:

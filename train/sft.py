@@ -47,10 +47,10 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     set_seed(training_args.seed)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not torch.cuda.is_available() and (training_args.bf16 or training_args.gradient_checkpointing):
-        logger.warning("bf16=%s, gradient_checkpointing=%s on a CPU: bf16 matmuls are ~80x slower without native "
+    if not torch.cuda.is_available() and (training_args.bf16 or training_args.activation_checkpointing):
+        logger.warning("bf16=%s, activation_checkpointing=%s on a CPU: bf16 matmuls are ~80x slower without native "
                        "support and checkpointing adds a forward; set both false for CPU runs.",
-                       training_args.bf16, training_args.gradient_checkpointing)
+                       training_args.bf16, training_args.activation_checkpointing)
     training_args.logging_nan_inf_filter = False  # NonFiniteGuard must see NaN losses, not a running average
     output_dir = Path(training_args.output_dir)
     done = finished_step(output_dir) if script_args.resume == "auto" else None
@@ -104,14 +104,17 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     trainer.save_model(training_args.output_dir)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
+    # Every rank takes part in the reload check (under ZeRO-3 the trained model's forward needs all of them).
+    check = model_args.use_peft and binary and eval_dataset is not None
+    parity = reload_parity(trainer, model_path, dtype) if check else None
     if not trainer.is_world_process_zero():
         return
 
     # Tokenizer, adapter checks, eval results and the model card.
     tokenizer.save_pretrained(training_args.output_dir)
     adapter = check_adapter(output_dir) if model_args.use_peft else {}
-    if model_args.use_peft and binary and eval_dataset is not None:
-        adapter["reload_max_abs_diff_p_yes"] = reload_parity(trainer, model_path, dtype)
+    if parity is not None:
+        adapter["reload_max_abs_diff_p_yes"] = parity
     base_model = describe_model_source(model_args.model_name_or_path)
     atomic_write_json(output_dir / "eval_results.json",
                       {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,

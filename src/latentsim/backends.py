@@ -353,23 +353,31 @@ def lora_int_id(adapter_path: str) -> int:
     return zlib.crc32(str(Path(adapter_path).resolve()).encode()) % (2**31 - 1) + 1
 
 
+def lora_name(adapter_path: str) -> str:
+    """vLLM's LoRA name for an adapter: its resolved path. Since vLLM 0.11.1 the prefix cache is keyed on the
+    name (vllm issue #30931), so two runs' `checkpoint-100` (or two Hub repos' `main`) must never share one."""
+    return str(Path(adapter_path).resolve())
+
+
 class VLLMScorer:
     """vLLM offline scoring (GPU): prefix caching, one LoRARequest per adapter, label log-probs by token id."""
 
     backend = "vllm"
 
     def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096):
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, tensor_parallel_size: int = 1):
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
-        self.by_id = "logprob_token_ids" in getattr(vllm.SamplingParams, "__struct_fields__", ()) or \
-            "logprob_token_ids" in getattr(vllm.SamplingParams, "__annotations__", {})
-        # Without per-id logprobs, ask for the whole vocabulary: a label outside a top-k list must never read as 0.
         self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, enable_prefix_caching=True,
-                            tensor_parallel_size=max(1, torch.cuda.device_count()),
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
-                            max_logprobs=20 if self.by_id else -1)
+                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=max_model_len, seed=0)
+
+    def shutdown(self) -> None:
+        """Free the engine (its GPU memory and engine-core process) before another base model's engine is built:
+        a sweep that switches base models would otherwise hold both."""
+        shutdown_llm(self.llm)
+        self.llm = None
 
     def use_adapter(self, adapter: str | None) -> None:
         """Score through this LoRA adapter (one LoRARequest with a stable id per path), or the base model."""
@@ -384,13 +392,11 @@ class VLLMScorer:
                               f"{self.max_lora_rank}; raise it.")
         from vllm.lora.request import LoRARequest
 
-        self.lora = LoRARequest(Path(adapter).name, lora_int_id(adapter), str(adapter))
+        self.lora = LoRARequest(lora_name(adapter), lora_int_id(adapter), str(adapter))
 
     def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
-        if self.by_id:
-            params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=self.answer_ids)
-        else:
-            params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=-1)
+        # The answers' log-probs by token id (vLLM >= 0.32, pyproject's [gpu] bound): exact, whatever their rank.
+        params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=self.answer_ids)
         ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
         # Contexts contiguous; the first judgment of each context goes first so its prefix is cached once.
         order = sorted(range(len(ids)), key=lambda i: (context_key(prompts[i]), i))
@@ -437,8 +443,14 @@ class ModelPool:
             from latentsim.models import resolve_model_path
 
             if self.ref != sim.base_model:
+                if self.vllm is not None:  # the old engine goes first: two would not fit (an 8B, then a 70B)
+                    self.vllm.shutdown()
+                    self.vllm = None
                 self.vllm = VLLMScorer(resolve_model_path(sim.base_model), tokenizer, answer_ids,
-                                       max_lora_rank=self.args.max_lora_rank)
+                                       max_lora_rank=self.args.max_lora_rank,
+                                       gpu_memory_utilization=self.args.gpu_memory_utilization,
+                                       max_model_len=self.args.max_model_len,
+                                       tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size)
                 self.ref = sim.base_model
             self.vllm.tokenizer, self.vllm.answer_ids = tokenizer, list(answer_ids)
             self.vllm.use_adapter(sim.adapter)
@@ -476,9 +488,31 @@ def require_vllm():
     return vllm
 
 
-def load_llm(model_path: str):
+def load_llm(model_path: str, tensor_parallel_size: int = 1, max_model_len: int = 4096,
+             gpu_memory_utilization: float = 0.85):
     vllm = require_vllm()
-    return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0)
+    return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
+                    max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
+
+
+def shutdown_llm(llm) -> None:
+    """Release a vLLM engine: its engine-core process, its distributed state and the GPU memory it holds."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm, core
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:
+        pass
+    else:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def chat_token_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:
@@ -499,14 +533,16 @@ def vllm_generate(llm, prompt_ids: list[list[int]], max_new_tokens: int) -> list
 
 
 def vllm_yes_probability(llm, prompt_ids: list[list[int]], yes_id: int, no_id: int) -> list[float]:
-    """P(Yes) renormalised over {Yes, No}: the logprob of each answer token appended to the prompt."""
+    """P(Yes) renormalised over {Yes, No}: one request per judgment (all judgments of a batch of latents at once),
+    both answers' next-token log-probs read by token id. (prompt_logprobs would need a prompt per answer and
+    disables prefix-cache reads.)"""
     vllm = require_vllm()
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-    requests = [{"prompt_token_ids": ids + [answer]} for ids in prompt_ids for answer in (yes_id, no_id)]
-    outputs = llm.generate(requests, params)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=[yes_id, no_id])
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     probs = []
-    for i in range(0, len(outputs), 2):
-        lp_yes = outputs[i].prompt_logprobs[-1][yes_id].logprob
-        lp_no = outputs[i + 1].prompt_logprobs[-1][no_id].logprob
-        probs.append(1 / (1 + math.exp(lp_no - lp_yes)))
+    for out in outputs:
+        logprobs = out.outputs[0].logprobs[0]
+        if yes_id not in logprobs or no_id not in logprobs:
+            raise RuntimeError("vLLM returned no log-prob for Yes or No; refusing to read it as probability 0.")
+        probs.append(1 / (1 + math.exp(logprobs[no_id].logprob - logprobs[yes_id].logprob)))
     return probs

@@ -67,12 +67,18 @@ def scorer_items(scorer: str, interpretation: str, activating: list[Example], no
     return items
 
 
-@torch.no_grad()
-def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
-    """P(Yes) renormalised over {Yes, No} at the answer position, from the last position's logits only."""
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """The judge's single-token `Yes` and `No` ids (refused if either takes more than one token)."""
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No"))
     if len(yes) != 1 or len(no) != 1:
         raise BadInputError("the judge's tokenizer must encode `Yes` and `No` as single tokens.")
+    return yes[0], no[0]
+
+
+@torch.no_grad()
+def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
+    """P(Yes) renormalised over {Yes, No} at the answer position, from the last position's logits only."""
+    yes, no = yes_no_ids(tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -83,7 +89,7 @@ def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int 
         batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(model.device)
         logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
-        pair = torch.stack([logits[:, no[0]], logits[:, yes[0]]], dim=1).float()
+        pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
         out.extend(torch.softmax(pair, dim=1)[:, 1].tolist())
     return out
 

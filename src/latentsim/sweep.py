@@ -44,6 +44,7 @@ class Simulator:
     chat_template_sha256: str | None = None
     train_datasets: list[str] = field(default_factory=list)
     step: int | None = None
+    tensor_parallel_size: int | None = None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
 
 
 def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> list[Simulator]:
@@ -83,7 +84,8 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
 def baseline_simulator(spec: dict) -> Simulator:
     kind = "reference" if spec["model"] in REFERENCE_BASELINES else "baseline"
     return Simulator(name=f"baseline__{spec['name']}", kind=kind, base_model=spec["model"],
-                     shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"])
+                     shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"],
+                     tensor_parallel_size=spec.get("tensor_parallel_size"))
 
 
 def judged_format(fmt: str) -> str:
@@ -201,6 +203,9 @@ def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | N
         for f in folder.iterdir():
             f.unlink()
     old = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else None
+    if old is not None:  # a simulator field added since, left at None, is no difference (the old behaviour)
+        spec = {**spec, "simulator": {k: v for k, v in spec["simulator"].items()
+                                      if k in old.get("simulator", {}) or v is not None}}
     if old is not None and old != spec:
         diff = sorted(k for k in spec if spec[k] != old.get(k))
         raise BadInputError(f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "

@@ -223,19 +223,37 @@ class SimulatorTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float:
-    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on
-    the eval prompts must equal the trainer's. Returns the largest difference."""
+# How far the reloaded adapter's P(yes) may sit from the trained model's, by the dtype it was trained in: fp32
+# reproduces to rounding; a bf16 forward (DeepSpeed's bf16, or a bf16 model) carries ~3 significant digits.
+RELOAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def trained_dtype(args, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward ran in: bf16/fp16 mixed precision (Trainer or DeepSpeed) over the loaded dtype."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model_dtype
+
+
+def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float | None:
+    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on the
+    eval prompts must equal the trainer's within RELOAD_TOLERANCE of the trained dtype. Call it on every rank: the
+    trained model's P(yes) is computed by all of them together (under ZeRO-3 each forward gathers the layers' shards
+    from every rank, so a forward on rank 0 alone hangs); rank 0 alone then reloads, in the trained dtype, and
+    compares. Returns the largest difference (None on the other ranks)."""
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.model.device)
     prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, trainer.args.per_device_eval_batch_size
     dense = trainer.dense_format
+    trained = answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs, dense)
+    if not trainer.is_world_process_zero():
+        return None
+    run_dtype = trained_dtype(trainer.args, dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype)
+    reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
     diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense)
-                        - answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs, dense)).max())
-    if diff > 1e-4:
-        raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model; not kept.")
+                        - trained).max())
+    if diff > RELOAD_TOLERANCE[run_dtype]:
+        raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model (tolerance "
+                           f"{RELOAD_TOLERANCE[run_dtype]:.0e} in {run_dtype}); not kept.")
     return diff
 
 

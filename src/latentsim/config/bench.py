@@ -39,3 +39,11 @@ class BenchArguments:
         _require_positive(self, "rows", "ctx_len", "batch_size", "wide_d_sae", "score_contexts", "score_latents",
                           "patch_rows", "patch_len", "patch_variants",
                           "whole_layer_latents", "whole_layer_tokens", "whole_layer_sim_v1_positions")
+
+
+@dataclass
+class GpuCheckArguments:
+    """bench/gpu_check.py: the GPU paths (vLLM, bf16, ZeRO-3, a base-model switch) run for real on one GPU."""
+
+    dry_run: bool = field(default=False, metadata={"help": "Print the steps and what is checked; run nothing."})
+    output_dir: str = field(default="outputs/gpu_check", metadata={"help": "Where every step writes, and results.json."})

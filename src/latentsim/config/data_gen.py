@@ -122,6 +122,8 @@ class ExplainArguments:
     backend: str = field(default="hf", metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."})
+    max_model_len: int = field(default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."})
     device: str = device_field("`llm`: ")
     rows: str = rows_field()
     validation_fraction: float = row_fraction_field("validation")
@@ -139,7 +141,8 @@ class ExplainArguments:
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
         _require_positive(self, "window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size",
-                          "max_new_tokens", "n_tokens", "n_contexts", "context_tokens")
+                          "max_new_tokens", "n_tokens", "n_contexts", "context_tokens", "tensor_parallel_size",
+                          "max_model_len")
         for key in ("max_latents", "n_preceding"):
             if getattr(self, key) < 0:
                 _fail(key, f"must be >= 0, got {getattr(self, key)}.")
@@ -164,6 +167,8 @@ class ScoreArguments:
     window: int = field(default=32, metadata={"help": "Tokens per window."})
     max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."})
+    max_model_len: int = field(default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."})
     device: str = device_field()
     rows: str = rows_field()
     validation_fraction: float = row_fraction_field("validation")
@@ -178,7 +183,8 @@ class ScoreArguments:
         check_row_choice(self)
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
-        _require_positive(self, "n_activating", "n_non_activating", "window", "batch_size")
+        _require_positive(self, "n_activating", "n_non_activating", "window", "batch_size", "tensor_parallel_size",
+                          "max_model_len")
         if self.max_latents < 0:
             _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
 

@@ -16,7 +16,7 @@ from latentsim.config.common import (
     dtype_field,
 )
 
-BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations")
+BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size")
 # Baselines that read no text with a language model (latentsim.reference): `model=prior` etc.
 REFERENCE_BASELINES = ("prior", "string_match", "prior+string_match")
 
@@ -25,17 +25,20 @@ def parse_baseline(spec: str) -> dict:
     """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
     model (default embedded:smollm2-135m; or a reference baseline that reads nothing: prior, string_match,
     prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
-    interpretations (another interpretation set; default the eval set's), name."""
-    out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None}
+    interpretations (another interpretation set; default the eval set's), tensor_parallel_size (vLLM: GPUs for this
+    model's engine, default the sweep's), name."""
+    out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None,
+           "tensor_parallel_size": None}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in BASELINE_KEYS:
             close = difflib.get_close_matches(key, BASELINE_KEYS, n=1)
             _fail("baselines", f"{spec!r}: `{part}` is not key=value with a key in {', '.join(BASELINE_KEYS)}"
                   + (f" (did you mean `{close[0]}`?)" if close else "") + ".")
-        if key == "shots":
-            if not value.isdigit():
-                _fail("baselines", f"{spec!r}: shots must be a non-negative integer.")
+        if key in ("shots", "tensor_parallel_size"):
+            if not value.isdigit() or (key == "tensor_parallel_size" and int(value) < 1):
+                _fail("baselines", f"{spec!r}: {key} must be a {'positive' if key != 'shots' else 'non-negative'} "
+                      "integer.")
             out[key] = int(value)
         elif key == "score":
             if value not in ("true", "false"):
@@ -81,6 +84,10 @@ class EvalArguments:
     dtype: str = dtype_field()
     device: str = device_field()
     max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine (1 for an 8B on one 80 GB "
+                                                                    "card; a divisor of the model's attention heads)."})
+    max_model_len: int = field(default=4096, metadata={"help": "vLLM: the engine's context length (prompt + answer)."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM: share of each GPU's memory it may take."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."})
     overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
     seed: int = field(default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."})
@@ -97,7 +104,9 @@ class EvalArguments:
         names = [b["name"] for b in self.parsed_baselines]
         if len(set(names)) != len(names):
             _fail("baselines", f"two baselines share a name ({names}); give them distinct `name=`.")
-        _require_positive(self, "batch_size", "max_lora_rank")
+        _require_positive(self, "batch_size", "max_lora_rank", "tensor_parallel_size", "max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            _fail("gpu_memory_utilization", f"{self.gpu_memory_utilization} is not in (0, 1].")
         if self.max_contexts < 0:
             _fail("max_contexts", "must be >= 0.")
         if self.calibration_split in ("", "null", "none", "None"):  # YAML null, or the same on a command line

@@ -50,6 +50,8 @@ class PublishArguments:
     checkpoint: str | None = field(default=None, metadata={"help": "`checkpoint-N` inside run_dir: published to "
                                                                    "branch step-<N, 9 digits>; default: the final adapter on main."})
     repo_id: str = field(default="", metadata={"help": "Hub repo `<org>/<name>`."})
+    sweep_dir: str | None = field(default=None, metadata={"help": "An eval/sweep.py output_dir: the card shows the "
+                                                                   "held-out results it holds for this adapter."})
     private: bool = field(default=True, metadata={"help": "Create the repo as private."})
     dry_run: bool = field(default=False, metadata={"help": "Write the exact folder and planned operations; no network."})
 
