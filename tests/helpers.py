@@ -138,6 +138,7 @@ def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
            "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--max_length", "128", "--lora_r", "4",
            "--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--logging_steps", "1", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    (Path(out).parent / f"{Path(out).name}.stderr.txt").write_text(result.stderr)  # the whole log, for a failure
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
 

