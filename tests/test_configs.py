@@ -146,3 +146,29 @@ def test_baseline_specs_parse_with_defaults_and_names():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="no such file"):
         parse_config((SAEArguments,), ["--config", "configs/does_not_exist.yaml"])
+
+
+def test_dependency_bounds_admit_only_versions_that_work_together():
+    """vLLM < 0.32 lacks answer log-probs by token id (and up to 0.19 declares transformers<5); PEFT < 0.18.1 breaks
+    on transformers 5. The bounds must keep a resolver from picking them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {d.split(">=")[0].strip(): d.split(">=")[1].split(",")[0].strip() for d in project["dependencies"]}
+    gpu = {d.split(">=")[0].strip(): d.split(">=")[1].strip() for d in project["optional-dependencies"]["gpu"]}
+    version = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert version(core["transformers"]) >= (5, 0) and version(core["peft"]) >= (0, 18, 1)
+    assert version(gpu["vllm"]) >= (0, 32)
+
+
+def test_8b_lora_recipes_use_ddp_without_deprecated_keys():
+    """transformers 5 renamed gradient_checkpointing (a deprecated alias now); LoRA under DDP needs
+    ddp_find_unused_parameters: false; the recipes name plain DDP, not ZeRO, for a LoRA on an 8B."""
+    for path in sorted((ROOT / "configs" / "sft").glob("llama-3.1-8b_*.yaml")):
+        text = path.read_text()
+        config = yaml.safe_load(text)
+        assert "gradient_checkpointing" not in config and config["activation_checkpointing"] is True, path.name
+        assert config["ddp_find_unused_parameters"] is False and config["per_device_train_batch_size"] >= 16, path.name
+        assert text.splitlines()[0].startswith("# accelerate launch --config_file configs/accelerate/multi_gpu.yaml")
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        assert "gradient_checkpointing:" not in path.read_text(), path

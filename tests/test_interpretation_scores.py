@@ -66,7 +66,7 @@ def test_delphi_score_files(tmp_path):
         load_score_folder(tmp_path, "layers.4")
 
 
-def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch):
     make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=20)
     load_script("data_gen/explain.py").main(ExplainArguments(
         cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", explanations_dir=str(tmp_path / "expl"), window=8,
@@ -85,6 +85,25 @@ def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sa
     mtimes = [f.stat().st_mtime_ns for f in files]
     script.main(args)  # resumable: nothing is judged again
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+    # backend vllm (a stand-in engine): every latent's judgments in one call, one request per judgment, the same
+    # items (texts, labels) as the hf run, each probability written back to its own latent and item.
+    from latentsim import backends
+
+    calls = []
+    monkeypatch.setattr(backends, "require_vllm", lambda: None)
+    monkeypatch.setattr(backends, "load_llm", lambda *a, **k: "engine")
+    monkeypatch.setattr(backends, "vllm_yes_probability",
+                        lambda llm, ids, yes, no: calls.append(ids) or [i / 1000 for i in range(len(ids))])
+    script.main(ScoreArguments(**{**args.__dict__, "backend": "vllm", "scores_dir": str(tmp_path / "scores_vllm")}))
+    assert len(calls) == 1 and len(calls[0]) == sum(len(json.loads(f.read_text())) for f in files)
+    by_latent = lambda f: int(f.stem.rsplit("latent", 1)[1])  # noqa: E731  (the order latents are judged in)
+    vllm_files = sorted((tmp_path / "scores_vllm" / "fuzz").glob("*.txt"), key=by_latent)
+    assert [f.name for f in vllm_files] == [f.name for f in sorted(files, key=by_latent)]
+    flat = [r for f in vllm_files for r in json.loads(f.read_text())]
+    assert [r["probability"] for r in flat] == [i / 1000 for i in range(len(flat))]
+    assert [(r["str_tokens"], r["activating"]) for r in flat] == [
+        (r["str_tokens"], r["activating"]) for f in sorted(files, key=by_latent) for r in json.loads(f.read_text())]
 
     from latentsim.config import DatasetArguments
 
