@@ -125,7 +125,8 @@ def main(args: WholeLayerArguments) -> dict:
     result = {
         "eval_set": str(eval_set.path), "simulator": sim.adapter or sim.name,
         "prompt_format": sim.prompt_format or "sim_v1", "hookpoint": eval_set.hookpoint, "split": args.split,
-        "rows": rows, "calibration_rows": calibration, "tokens_per_text": args.tokens, "positions": args.positions, "explained_latents": len(explained), "width": eval_set.width,
+        "rows": rows, "calibration_rows": calibration, "tokens_per_text": args.tokens, "positions": args.positions,
+        "explained_latents": len(explained), "width": eval_set.width,
         "kl_direction": "KL(p_clean || p_patched), nats, mean over positions 1..tokens of every text",
         "thresholds": thresholds,
         "sources": whole_layer.summarise_sources(kl_ce, clusters, args.seed),

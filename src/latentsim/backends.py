@@ -423,6 +423,15 @@ class VLLMScorer:
         return out
 
 
+def simulator_tokenizer(sim):
+    """A simulator's tokenizer: its adapter's own (saved by train/sft.py with its chat template), else the base
+    model's (a prompted baseline)."""
+    from latentsim.models import load_tokenizer
+
+    own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()
+    return load_tokenizer(sim.adapter if own else sim.base_model)
+
+
 class ModelPool:
     """The simulators' models for a sweep (EvalArguments): one base model loaded at a time; a finetuned
     simulator's adapter attaches unmerged (PEFT) and detaches again after scoring (`release`)."""
@@ -431,11 +440,7 @@ class ModelPool:
         self.args, self.ref, self.model, self.vllm = args, None, None, None
 
     def tokenizer_for(self, sim):
-        """The adapter's own tokenizer (saved by train/sft.py with its chat template), else the base model's."""
-        from latentsim.models import load_tokenizer
-
-        own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()
-        return load_tokenizer(sim.adapter if own else sim.base_model)
+        return simulator_tokenizer(sim)
 
     def scorer(self, sim, tokenizer, answer_ids):
         if self.args.backend == "fake":

@@ -6,6 +6,7 @@ Tests inject a fake API object; nothing else here touches the network.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -67,13 +68,25 @@ def hub_dataset_id(dataset: str) -> str | None:
     `datasets:` takes Hub ids only)."""
     run_config = Path(dataset) / "run_config.json"
     if run_config.is_file():
-        import json
-
         pushed = json.loads(run_config.read_text()).get("config", {}).get("dataset", {}).get("push_to_hub")
         return pushed or None
     if Path(dataset).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
         return None
     return dataset
+
+
+def index_result(dataset_type: str, dataset_name: str, split: str, metrics: list[tuple[str, float]]) -> str:
+    """One `results:` entry of a card's model-index: the simulation task, the data it was measured on, the metrics."""
+    entries = "\n".join(f"      - type: {k}\n        value: {v:.4f}" for k, v in metrics)
+    return f"""  - task:
+      type: text-classification
+      name: SAE latent activation simulation
+    dataset:
+      type: {dataset_type}
+      name: {dataset_name}
+      split: {split}
+    metrics:
+{entries}"""
 
 
 def adapter_card(base_model: str, prompt_format: str, dataset: str, metrics: dict | None = None,
@@ -85,30 +98,13 @@ def adapter_card(base_model: str, prompt_format: str, dataset: str, metrics: dic
     shown = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()  # undefined (NaN) metrics: left out
              if isinstance(v, float) and math.isfinite(v) and k.removeprefix("eval_") in CARD_METRICS}
     hub_id = hub_dataset_id(dataset)
-    results = []
-    for eval_set in dict.fromkeys(h["eval_set"] for h in held_out or []):
-        entries = "\n".join(f"      - type: {h['metric']}\n        value: {h['value']:.4f}"
-                             for h in held_out if h["eval_set"] == eval_set)
-        results.append(f"""  - task:
-      type: text-classification
-      name: SAE latent activation simulation
-    dataset:
-      type: {eval_set}
-      name: {eval_set} (held-out latents)
-      split: test
-    metrics:
-{entries}""")
-    if shown and not held_out:
-        entries = "\n".join(f"      - type: {k}\n        value: {v:.4f}" for k, v in sorted(shown.items()))
-        results.append(f"""  - task:
-      type: text-classification
-      name: SAE latent activation simulation
-    dataset:
-      type: {hub_id or Path(dataset).name}
-      name: {hub_id or Path(dataset).name}
-      split: validation
-    metrics:
-{entries}""")
+    if held_out:
+        results = [index_result(eval_set, f"{eval_set} (held-out latents)", "test",
+                                [(h["metric"], h["value"]) for h in held_out if h["eval_set"] == eval_set])
+                   for eval_set in dict.fromkeys(h["eval_set"] for h in held_out)]
+    else:
+        name = hub_id or Path(dataset).name
+        results = [index_result(name, name, "validation", sorted(shown.items()))] if shown else []
     index = f"model-index:\n- name: {model_name}\n  results:\n" + "\n".join(results) + "\n" if results else ""
     if held_out:
         table = "| held-out metric (eval set, test split) | value [95% CI] |\n|---|---|\n" + "\n".join(
@@ -141,8 +137,6 @@ this adapter makes `{base_model}` answer whether the latent is active there. Pro
 def checkpoint_results(checkpoint: Path, run_results: dict) -> dict:
     """A checkpoint's own eval_results.json: its step and its last validation metrics from its trainer_state.json
     (never the run's final ones), with the run's format, template and base model."""
-    import json
-
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     evals = [e for e in state.get("log_history", []) if any(k.startswith("eval_") for k in e)]
     return {"global_step": state["global_step"], "metrics": evals[-1] if evals else {},
@@ -153,8 +147,6 @@ def checkpoint_results(checkpoint: Path, run_results: dict) -> dict:
 def held_out_metrics(sweep_dir: str | Path, simulator: str) -> list[dict]:
     """eval/sweep.py's held-out numbers for one simulator (`<run>__final`, `<run>__checkpoint-N`) in every eval set
     of `sweep_dir`: [{eval_set, metric, value, ci95}] (empty when the sweep never scored it)."""
-    import json
-
     from latentsim.metrics import summary_row
 
     out = []

@@ -69,8 +69,8 @@ def load_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
     """The simulator's scorer (DenseScorer for a dense format, else the prefix-shared HFScorer): its base model with
     the LoRA attached (merged into the weights for speed when `merge`: the adapter files are untouched) and the
     tokenizer it was trained with (the base model's for a baseline)."""
-    from latentsim.backends import hf_scorer
-    from latentsim.models import load_model_and_tokenizer, load_tokenizer
+    from latentsim.backends import hf_scorer, simulator_tokenizer
+    from latentsim.models import load_model_and_tokenizer
     from latentsim.prompts import answer_token_ids
     from latentsim.sweep import scorer_format
 
@@ -81,8 +81,7 @@ def load_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
         model = PeftModel.from_pretrained(model, sim.adapter).eval()
         if merge:
             model = model.merge_and_unload()
-    own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(sim.adapter if own else sim.base_model)
+    tokenizer = simulator_tokenizer(sim)
     fmt = scorer_format(sim, "sim_v1")
     return hf_scorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size, sim.prompt_format)
 
@@ -108,6 +107,7 @@ def sim_v1_p_yes(scorer, interpretations: list[str], tokens: torch.Tensor, rows:
     """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one prompt per (judged position, latent), the
     context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at the
     positions not judged. Prompts of one position share its context prefix (HFScorer)."""
+    from latentsim.backends import probabilities
     from latentsim.prompts import marked_context, render_prompt
 
     out = []
@@ -119,7 +119,7 @@ def sim_v1_p_yes(scorer, interpretations: list[str], tokens: torch.Tensor, rows:
             context = marked_context(tokenizer.decode(window[:-1]), tokenizer.decode(window[-1:]))
             logits = scorer.label_logits([prefix + render_prompt("sim_v1", context, i) for i in interpretations],
                                          progress)
-            p[j] = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
+            p[j] = probabilities(logits)[:, 1]
         out.append(p)
     return out
 
