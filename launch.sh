@@ -5,6 +5,7 @@
 #   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
 #   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
+#   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~25 min)
 #   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
 #   ./launch.sh python SCRIPT [ARGS]  run any entry script inside the project's environment
@@ -17,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup() {
   if [ ! -x "$PY" ]; then
@@ -217,6 +218,10 @@ case "$verb" in
   levers) levers ;;
   bench)
     setup
+    if [ "${1:-}" = "--scale" ]; then
+      shift
+      exec "$PY" bench/scale.py "$@"  # synthetic caches: no model needed
+    fi
     setup_embedded
     exec "$PY" bench/run_all.py "$@" ;;
   gpu_check)

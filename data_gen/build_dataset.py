@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentsim.cache import load_cache
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import DatasetArguments
 from latentsim.dataset import (
@@ -28,6 +28,7 @@ from latentsim.dataset import (
     negative_sampling_summary,
     split_pools,
     split_summary,
+    subsample_rows,
 )
 from latentsim.explain import load_interpretations, refuse_eval_rows
 from latentsim.hub import upload_folder
@@ -43,7 +44,7 @@ DATACLASSES = (DatasetArguments,)
 
 def main(args: DatasetArguments, api=None) -> None:
     out = Path(args.output_dir)
-    cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
+    cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read a chunk of rows at a time
     interpretations = [load_interpretations(p, args.hookpoint, cache.width) for p in args.interpretations]
     scores = load_scores(args.score_path, args.hookpoint, cache.width) if args.score_path else None
     stats = load_statistics(Path(args.cache_dir) / "stats", args.hookpoint)
@@ -52,9 +53,10 @@ def main(args: DatasetArguments, api=None) -> None:
     # One generator for everything, drawn from in a fixed order (splits, then each split's rows): same bytes.
     rng = np.random.default_rng(args.seed)
     explained = explained_latents(interpretations, scores)
-    latent_splits, row_splits = split_pools(explained, cache.tokens.shape[0], args, rng)
+    latent_splits, row_splits = split_pools(explained, cache.n_rows, args, rng)
     interpretation_rows = refuse_eval_rows(args.interpretations, np.concatenate(
-        [row_splits["validation"], row_splits["test"]]), cache.tokens.shape[0])
+        [row_splits["validation"], row_splits["test"]]), cache.n_rows)
+    row_splits = subsample_rows(row_splits, args.max_rows_per_split, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
     inputs = BuildInputs.load(args, cache, interpretations, scores, stats, explained)

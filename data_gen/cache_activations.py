@@ -19,20 +19,19 @@ from tqdm.auto import tqdm
 from latentsim.cache import (
     cache_is_complete,
     completed_shards,
-    load_cache,
-    read_shards,
+    finalise_shards,
     record_rows,
     remove_shards,
     shard_ranges,
-    write_delphi_splits,
     write_shard,
 )
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows, load_corpus_from_args
 from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
-from latentsim.latent_stats import latent_statistics, save_statistics
+from latentsim.latent_stats import cache_statistics, save_statistics
 from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
 from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
 
@@ -101,16 +100,13 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
                 locations, activations = record_rows(model, sae, rows[a:b], layer, args.batch_size, progress=bar)
                 locations[:, 0] += a
                 write_shard(shard_dir, a, b, locations, activations, rows[a:b].numpy())
-        locations, activations, tokens = read_shards(shard_dir, ranges)
         config = delphi_config(model_args, corpus_args, sae_args, args, sae.cfg.d_sae)
-        write_delphi_splits(latents_dir, sae_args.hookpoint, locations, activations, tokens, sae.cfg.d_sae,
-                            args.n_splits, config)
+        finalise_shards(shard_dir, ranges, latents_dir, sae_args.hookpoint, sae.cfg.d_sae, args.n_splits, config)
         remove_shards(shard_dir)
 
-    cache = load_cache(latents_dir, sae_args.hookpoint)
-    summary = save_statistics(stats_dir, sae_args.hookpoint,
-                              latent_statistics(cache, cache.width, args.quantile_sample_size))
-    print(f"[cache] {latents_dir / sae_args.hookpoint}: {len(cache.activations)} non-zeros over "
+    reader = CacheReader(latents_dir, sae_args.hookpoint)  # read one latent split at a time
+    summary = save_statistics(stats_dir, sae_args.hookpoint, cache_statistics(reader, args.quantile_sample_size))
+    print(f"[cache] {latents_dir / sae_args.hookpoint}: {reader.n_nonzero} non-zeros over "
           f"{summary['n_tokens_excluding_bos']} tokens (L0 {summary['mean_l0']:.1f}, "
           f"{summary['dead_fraction']:.1%} of latents never fire); stats in {stats_dir}")
 

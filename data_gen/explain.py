@@ -16,11 +16,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsim import backends
-from latentsim.cache import load_cache
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ExplainArguments
 from latentsim.explain import (
-    LatentIndex,
+    SplitLatentIndexes,
     example_rows,
     explainer_messages,
     explanation_path,
@@ -44,15 +44,15 @@ def main(args: ExplainArguments) -> None:
                         "choose another set_name or delete the folder", finished="*.txt")
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
-    cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
+    cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     set_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(set_dir, "explain", {"explain": args}, args.seed)
 
     subject_tokenizer = cache.subject_tokenizer()
-    rows = example_rows(args, cache.tokens.shape[0])  # `rows: train`: never an eval row (build_dataset checks)
-    write_source_rows(set_dir, args, rows, cache.tokens.shape[0])
-    index = LatentIndex(cache, args.window, rows)
-    counts = np.diff(index.offsets)
+    rows = example_rows(args, cache.n_rows)  # `rows: train`: never an eval row (build_dataset checks)
+    write_source_rows(set_dir, args, rows, cache.n_rows)
+    indexes = SplitLatentIndexes(cache, args.window, rows)
+    counts = indexes.counts()
     eligible = np.nonzero(counts >= args.min_activations)[0]
     if args.max_latents:
         rng = np.random.default_rng(args.seed)
@@ -63,7 +63,7 @@ def main(args: ExplainArguments) -> None:
 
     def examples_of(latent: int):
         rng = np.random.default_rng([args.seed, latent])  # per latent: same examples whatever the resume point
-        return sample_examples(index, latent, args.sampling, rng, args.n_top, args.n_quantiles, args.per_quantile)
+        return sample_examples(indexes.of(latent), latent, args.sampling, rng, args.n_top, args.n_quantiles, args.per_quantile)
 
     empty = []
     if args.explainer == "token_list":

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsim import backends, explain
-from latentsim.cache import load_cache
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
 from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items, yes_no_ids
@@ -45,7 +45,7 @@ def main(args: ScoreArguments) -> None:
                         "choose another scores_dir or delete the folder", finished="*.txt")
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
-    cache = load_cache(Path(args.cache_dir) / "latents", args.hookpoint)
+    cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     interpretations = explain.load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "score", {"score": args}, args.seed)
@@ -57,7 +57,7 @@ def main(args: ScoreArguments) -> None:
     todo = [int(lat) for lat in latents if not explain.explanation_path(out, args.hookpoint, int(lat)).exists()]
     print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
     subject_tokenizer = cache.subject_tokenizer()
-    index = explain.LatentIndex(cache, args.window, explain.example_rows(args, cache.tokens.shape[0]))
+    indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
     if args.backend == "vllm":
         llm = backends.load_llm(resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len)
         tokenizer = load_tokenizer(args.judge_model)
@@ -75,7 +75,7 @@ def main(args: ScoreArguments) -> None:
     with tqdm(total=len(todo), desc=f"score ({args.scorer})", unit="latent") as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start:start + per_call]
-            items = {latent: latent_items(args, index, interpretations[latent], latent, subject_tokenizer)
+            items = {latent: latent_items(args, indexes.of(latent), interpretations[latent], latent, subject_tokenizer)
                      for latent in chunk}
             probs = iter(judge([it["prompt"] for latent in chunk for it in items[latent]]))
             for latent in chunk:  # each latent's file written atomically: a rerun judges only the missing ones

@@ -70,7 +70,7 @@ def main(args: PatchArguments) -> dict:
                                          args.device, args.seed) if "predicted" in args.values else None)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "patch_kl", {"patch": args}, args.seed)
-    tokens = eval_set.cache.tokens
+    tokens = eval_set.tokens
     mean_vec = rewrite.mean_contribution(model, tokens, eval_set.layer, args.mean_contexts, device)
     gen = torch.Generator().manual_seed(args.seed)
     fraction_keys = [(m, f) for m in args.fraction_modes for f in args.fractions]

@@ -3,9 +3,7 @@ interpretation scores, datasets, simulators, and the eval sweeps, patching and g
 
     python eval/summary.py --run_dir outputs/quickstart
 
-The layout is launch.sh quickstart's: <run_dir>/{sae,cache,explanations,scores,datasets,sft,eval}; a part that
-is absent is skipped.
-"""
+The layout is launch.sh quickstart's: <run_dir>/{sae,cache,explanations,scores,datasets,sft,eval}; absent parts are skipped."""
 
 import json
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentsim.cache import load_cache
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import SummaryArguments
 from latentsim.explain import load_interpretations
@@ -26,8 +24,9 @@ from latentsim.whole_layer import format_table
 DATACLASSES = (SummaryArguments,)
 
 
-def top_contexts(cache, latent: int, tokenizer, n: int = 3, window: int = 12) -> list[str]:
+def top_contexts(reader, latent: int, tokenizer, n: int = 3, window: int = 12) -> list[str]:
     """The `n` highest activations of `latent`, each with the preceding tokens; the active token in [[ ]]."""
+    cache = reader.select(splits=[reader.split_of(latent)])  # only the latent's split file
     idx = torch.nonzero(cache.locations[:, 2] == latent).flatten()
     best = idx[torch.argsort(cache.activations[idx], descending=True)[:n]]
     out = []
@@ -52,11 +51,11 @@ def main(args: SummaryArguments) -> None:
     latents_root = run_dir / "cache" / "latents"
     for folder in sorted(p for p in latents_root.glob("*") if p.is_dir()):
         hookpoint = folder.name
-        cache = load_cache(latents_root, hookpoint)
+        cache = CacheReader(latents_root, hookpoint)
         stats = load_statistics(run_dir / "cache" / "stats", hookpoint)
         summary = json.loads((run_dir / "cache" / "stats" / f"{hookpoint}.json").read_text())
         print(f"\nCACHE {folder}  (delphi layout: {len(list(folder.glob('*.safetensors')))} split files)")
-        print(f"      {cache.tokens.shape[0]} rows x {cache.tokens.shape[1]} tokens, {len(cache.activations)} non-zeros, "
+        print(f"      {cache.n_rows} rows x {cache.ctx_len} tokens, {cache.n_nonzero} non-zeros, "
               f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
         print(f"STATS {run_dir / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
         tokenizer = cache.subject_tokenizer()

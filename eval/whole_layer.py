@@ -52,7 +52,7 @@ def main(args: WholeLayerArguments) -> dict:
         if (finished := read_results(out)) is not None:
             print(f"[whole_layer] {out / 'results.json'} exists for this config; skipped")
             return finished
-    tokens = eval_set.cache.tokens
+    tokens = eval_set.tokens
     if args.tokens > tokens.shape[1] - 2:
         raise ConfigError(f"config key `tokens`: cache rows have {tokens.shape[1]} tokens; at most "
                           f"{tokens.shape[1] - 2} positions have a next token to score.")

@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from latentsim.scale import word_level_tokenizer
+
 WORDS = ("the cat dog sat on a mat and ran far away yes no it was red blue green big small house tree "
          "river sun moon star day night one two three four five run jump sing read write code data "
          "Yes No 0 1 2 3 4 5 6 7 8 9").split()
@@ -16,14 +18,7 @@ SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over WORDS (+ specials) with a ChatML-style chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
-                          "{% if add_generation_prompt %}<bos> assistant {% endif %}")
-    return fast
+    return word_level_tokenizer(WORDS)
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:

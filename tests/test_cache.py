@@ -14,7 +14,6 @@ from latentsim.cache import (
     CorruptCacheError,
     SparseCache,
     load_cache,
-    read_shards,
     record_rows,
     shard_ranges,
     split_bounds,
@@ -217,7 +216,7 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_m
 
 def test_resume_refuses_shards_of_another_config(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch):
     script = cache_script()
-    monkeypatch.setattr(script, "read_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(script, "finalise_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     base = dict(model_name_or_path=str(tiny_model_dir))
     corpus = CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=8, seed=5)
     sae = SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir))
@@ -243,5 +242,5 @@ def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir,
     cache_mod.write_shard(shard_dir, 0, 6, *arrays)
     (shard_dir / "rows_0000000_0000006.safetensors").write_bytes(b"garbage")
     with pytest.raises(CorruptCacheError, match="rows_0000000_0000006.safetensors is corrupt"):
-        read_shards(shard_dir, shard_ranges(6, 6))
+        cache_mod.verified_shard_paths(shard_dir, shard_ranges(6, 6))
     assert cache_mod.completed_shards(shard_dir, shard_ranges(6, 6)) == set()  # a rerun regenerates it

@@ -253,7 +253,7 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     # Each text's shard holds the simulator's P(yes) for every explained latent at every position.
     saved = np.load(tmp_path / "whole" / "scores" / f"row{result['rows'][0]}.npy")
     first = sorted(interpretations)[0]
-    _, text, ends = text_of_row(eval_set.cache.tokens, result["rows"][0], 8, tok)
+    _, text, ends = text_of_row(eval_set.tokens, result["rows"][0], 8, tok)
     (again,) = simulator_p_yes(DenseScorer(model, tok, ids, 4, FMT), [interpretations[first]], [(text, ends)])
     assert saved.shape == (8, len(interpretations)) and np.allclose(saved[:, 0], again[:, 0], atol=1e-5)
     # A rerun of the same config returns the finished results; another config in the same folder is refused.

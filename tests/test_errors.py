@@ -298,10 +298,10 @@ def test_a_real_bug_keeps_its_traceback(tmp_path):
 
 
 def test_a_real_bug_propagates_in_process(paths, monkeypatch):
-    def broken_load_cache(*_args):
+    def broken_reader(*_args, **_kwargs):
         raise AssertionError("a bug, not the user's")
 
-    monkeypatch.setattr("latentsim.cache.load_cache", broken_load_cache)
+    monkeypatch.setattr("latentsim.cache_reader.CacheReader.__init__", broken_reader)
     monkeypatch.setattr(sys, "argv", ["explain.py", *cache_reader_args(paths, explanations_dir=paths.out)])
     with pytest.raises(AssertionError, match="a bug"):
         runpy.run_path(str(ROOT / "data_gen/explain.py"), run_name="__main__")

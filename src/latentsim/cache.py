@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from latentsim.errors import BadInputError, MissingInputError
+from latentsim.errors import BadInputError
 from latentsim.io import atomic_save, atomic_write_json, sha256_file
 
 SHARD_PREFIX = "rows_"
@@ -97,41 +97,64 @@ def completed_shards(shard_dir: Path, ranges: list[tuple[int, int]]) -> set[tupl
     return done
 
 
-def read_shards(shard_dir: Path, ranges: list[tuple[int, int]]):
-    """Concatenate complete row shards: (locations int32 [N,3] with global latents, activations f16, tokens)."""
-    locs, acts, toks = [], [], []
+def verified_shard_paths(shard_dir: Path, ranges: list[tuple[int, int]]) -> list[Path]:
+    """The row shards of `ranges`, each checked against its completion marker's sha256."""
+    paths = []
     for a, b in ranges:
         path = shard_path(shard_dir, a, b)
         marker = _marker(path)
         if not marker.is_file():
             raise CorruptCacheError(f"{path} has no completion marker; rerun the stage to finish it.")
-        data = load_verified(path, json.loads(marker.read_text())["sha256"])
-        locs.append(data["locations"])  # int32: half the memory of int64 for a 10M-token cache
-        acts.append(data["activations"])
-        toks.append(data["tokens"])
-    return np.concatenate(locs), np.concatenate(acts), np.concatenate(toks)
+        expected = json.loads(marker.read_text())["sha256"]
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CorruptCacheError(f"{path} is corrupt (sha256 differs from the one recorded when it was written). "
+                                    "Delete it and rerun the stage to regenerate it.")
+        paths.append(path)
+    return paths
 
 
 # -------------------------------------------------------------------------------------- delphi layout
-def write_delphi_splits(latents_dir: Path, hookpoint: str, locations: np.ndarray, activations: np.ndarray,
-                        tokens: np.ndarray, width: int, n_splits: int, config: dict) -> Path:
-    """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks completion)."""
+def finalise_shards(shard_dir: Path, ranges: list[tuple[int, int]], latents_dir: Path, hookpoint: str, width: int,
+                    n_splits: int, config: dict) -> Path:
+    """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks completion)
+    from complete row shards, one latent split at a time: each split file gathers its latents from every shard in
+    row order, so peak memory is one split file plus one shard, never the whole cache (the shards are read once
+    per split). Each file holds the tokens of every row, as delphi's do."""
+    paths = verified_shard_paths(shard_dir, ranges)
+    tokens = np.concatenate([load_verified(p)["tokens"] for p in paths]).astype(np.int32)
     out = latents_dir / hookpoint
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for start, end in split_bounds(width, n_splits):
-        mask = (locations[:, 2] >= start) & (locations[:, 2] <= end)
-        loc = locations[mask].copy()
+        locs, acts = [], []
+        for path in paths:
+            data = load_verified(path)
+            mask = (data["locations"][:, 2] >= start) & (data["locations"][:, 2] <= end)
+            locs.append(data["locations"][mask])
+            acts.append(data["activations"][mask])
+        loc = np.concatenate(locs)
         loc[:, 2] -= start
         small = len(loc) == 0 or (loc[:, 2].max() < 2**16 and loc[:, 0].max() < 2**16 and loc[:, 1].max() < 2**16)
         arrays = {"locations": loc.astype(np.uint16 if small else np.uint32),
-                  "activations": activations[mask].astype(np.float16), "tokens": tokens.astype(np.int32)}
+                  "activations": np.concatenate(acts).astype(np.float16), "tokens": tokens}
+        del locs, acts, loc
         name = f"{start}_{end}.safetensors"
         atomic_save(out / name, lambda tmp, arrays=arrays: save_file(arrays, str(tmp)))
         files[name] = sha256_file(out / name)
     config = {**config, "latentsim": {**config.get("latentsim", {}), "files": files}}
     atomic_write_json(out / "config.json", config)
     return out
+
+
+def subject_tokenizer_of(config: dict):
+    """The subject model's tokenizer: the model recorded in a cache config's `latentsim` block, else delphi's
+    `model_name`."""
+    from latentsim.models import load_tokenizer
+
+    ref = config.get("latentsim", {}).get("model", {}).get("model", config.get("model_name"))
+    if not ref:
+        raise BadInputError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
+    return load_tokenizer(ref)
 
 
 @dataclass
@@ -145,13 +168,7 @@ class SparseCache:
     width: int                 # d_sae: the last split file's end + 1
 
     def subject_tokenizer(self):
-        """The subject model's tokenizer: the model recorded in our config block, else delphi's `model_name`."""
-        from latentsim.models import load_tokenizer
-
-        ref = self.config.get("latentsim", {}).get("model", {}).get("model", self.config.get("model_name"))
-        if not ref:
-            raise BadInputError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
-        return load_tokenizer(ref)
+        return subject_tokenizer_of(self.config)
 
     def token_major(self) -> SparseCache:
         """Sorted by (row, position, latent): a context's active latents are contiguous."""
@@ -165,43 +182,11 @@ def cache_is_complete(latents_dir: Path, hookpoint: str) -> bool:
 
 
 def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
-    """Read a delphi-layout cache (ours or delphi's), verifying the sha256 of every file we recorded."""
-    folder = Path(latents_dir) / hookpoint
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise MissingInputError(f"{folder} holds no finished cache (no config.json); run data_gen/cache_activations.py.")
-    config = json.loads(config_path.read_text())
-    recorded = config.get("latentsim", {}).get("files", {})
-    files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
-    if not files:
-        raise MissingInputError(f"{folder} has a config.json but no <start>_<end>.safetensors files.")
-    missing = sorted(set(recorded) - {p.name for p in files})
-    if missing:
-        raise CorruptCacheError(f"{folder} is missing split files {missing}; rerun with `overwrite: true`.")
-    # The split files' latent ranges must tile [0, W): a missing one (a delphi cache records no file list)
-    # would otherwise read as latents that never fire.
-    ranges = [tuple(int(x) for x in p.stem.split("_")[:2]) for p in files]
-    expected = 0
-    for (start, end), path in zip(ranges, files, strict=True):  # sorted by start
-        if start != expected:
-            raise CorruptCacheError(f"{folder}: the split files do not tile the latents: {path.name} starts at latent "
-                                    f"{start}, latents {expected}-{start - 1} have no file; restore it or rerun "
-                                    "data_gen/cache_activations.py with `overwrite: true`.")
-        expected = end + 1
-    locs, acts, tokens = [], [], None
-    for path, (start, _) in zip(files, ranges, strict=True):
-        data = load_verified(path, recorded.get(path.name))
-        loc = data["locations"].astype(np.int64)
-        loc[:, 2] += start
-        locs.append(loc)
-        acts.append(data["activations"].astype(np.float32))
-        if tokens is None and "tokens" in data:
-            tokens = data["tokens"].astype(np.int64)
-    if tokens is None:
-        raise CorruptCacheError(f"{folder}: no split file stores `tokens`; the cache cannot be used.")
-    width = ranges[-1][1] + 1
-    return SparseCache(torch.from_numpy(tokens), torch.from_numpy(np.concatenate(locs)),
-                       torch.from_numpy(np.concatenate(acts)), config, width)
+    """Read a whole delphi-layout cache (ours or delphi's) into memory, verifying the sha256 of every file we
+    recorded. For small caches; stages that must scale read through latentsim.cache_reader.CacheReader."""
+    from latentsim.cache_reader import CacheReader
+
+    return CacheReader(latents_dir, hookpoint).select()
 
 
 def remove_shards(shard_dir: Path) -> None:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentsim.cache import SparseCache
+from latentsim.cache_reader import CacheReader
 from latentsim.config import DatasetArguments, SAEArguments
 from latentsim.errors import ConfigError
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
@@ -34,6 +35,8 @@ from latentsim.sae import load_sae
 from latentsim.splits import split_ids, split_rows
 
 SPLITS = ("train", "validation", "test")
+# Non-zeros held in memory while building (a chunk of a split's rows, token-major): ~1 GB at 16M.
+INDEX_ENTRIES = 1 << 24
 
 
 @dataclass
@@ -75,6 +78,15 @@ def split_pools(explained: np.ndarray, n_rows: int, args: DatasetArguments,
     return latent_splits, split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)
 
 
+def subsample_rows(row_splits: dict[str, np.ndarray], max_rows: int, seed: int) -> dict[str, np.ndarray]:
+    """`max_rows_per_split`: a seeded random `max_rows` of each split's rows (sorted), from a generator of its own
+    (the mixture's other draws are unchanged); 0 keeps every row."""
+    if not max_rows:
+        return row_splits
+    rng = np.random.default_rng([seed, 2])
+    return {s: np.sort(rng.choice(r, size=min(max_rows, len(r)), replace=False)) for s, r in row_splits.items()}
+
+
 def activation_bin(value: float, max_value: float) -> int:
     """0-9, linear in the latent's max activation (delphi's floor(10 a / max), 10 folded into 9)."""
     return int(min(9, np.floor(10 * value / max_value))) if max_value > 0 else 0
@@ -102,14 +114,18 @@ def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, ch
     return out
 
 
-def same_token_latents(cache: SparseCache) -> dict[int, np.ndarray]:
-    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`)."""
-    loc = cache.locations.numpy()
-    tok_of = cache.tokens.numpy()[loc[:, 0], loc[:, 1]]
-    by_token: dict[int, set[int]] = {}
-    for t, lat in zip(tok_of.tolist(), loc[:, 2].tolist(), strict=True):
-        by_token.setdefault(t, set()).add(lat)
-    return {t: np.array(sorted(v)) for t, v in by_token.items()}
+def same_token_latents(reader: CacheReader) -> dict[int, np.ndarray]:
+    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read one
+    latent split at a time."""
+    pairs = []
+    for i in range(len(reader.splits)):
+        loc = reader.entries(i)[0]
+        pairs.append(np.unique(reader.tokens[loc[:, 0], loc[:, 1]].astype(np.int64) * reader.width + loc[:, 2]))
+        del loc
+    token, latent = np.divmod(np.unique(np.concatenate(pairs)), reader.width)  # sorted by token, then latent
+    starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]]) if len(token) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(token)]
+    return {int(token[a]): latent[a:b] for a, b in zip(starts, ends, strict=True)}
 
 
 @dataclass
@@ -264,7 +280,7 @@ class BuildInputs:
     and the lookup `hard_negatives` asks for."""
 
     tokens: np.ndarray                            # [rows, ctx_len] subject token ids
-    index: ActiveIndex
+    reader: CacheReader                           # the cache, read a chunk of rows at a time (index_rows)
     subject_tokenizer: object
     interpretations: list[dict[int, str]]         # one {latent: text} per set of `args.interpretations`
     weights: np.ndarray                           # the sets' mixture weights
@@ -275,11 +291,17 @@ class BuildInputs:
     firing_rate: np.ndarray                       # per latent, share of the cache's tokens it fires on
     same_token: dict[int, np.ndarray] | None      # `hard_negatives: same_token`, see same_token_latents
     neighbours: dict[int, np.ndarray] | None      # `hard_negatives: decoder`, see decoder_neighbours
+    index: ActiveIndex | None = None              # the active latents of the rows being built (index_rows)
+
+    def index_rows(self, rows: np.ndarray) -> None:
+        """Load the active latents of `rows` only (dropping the previous rows'): memory holds one chunk of rows."""
+        self.index = None
+        self.index = ActiveIndex.build(self.reader.select(rows=rows))
 
     @classmethod
-    def load(cls, args: DatasetArguments, cache: SparseCache, interpretations: list[dict[int, str]],
+    def load(cls, args: DatasetArguments, cache: CacheReader, interpretations: list[dict[int, str]],
              scores: dict[int, float] | None, stats: dict, explained: np.ndarray) -> BuildInputs:
-        tokens = cache.tokens.numpy()
+        tokens = cache.tokens.astype(np.int64)
         ctx_len = tokens.shape[1]
         if args.window_min > ctx_len - 1 or args.contexts_per_row > ctx_len - args.window_min:
             raise ConfigError(f"config keys `window_min`/`contexts_per_row`: {args.contexts_per_row} windows of at "
@@ -291,7 +313,7 @@ class BuildInputs:
             sae = load_sae(SAEArguments(hookpoint=args.hookpoint, **sae_info))
             neighbours = decoder_neighbours(sae.W_dec.detach(), explained)
         return cls(
-            tokens=tokens, index=ActiveIndex.build(cache), subject_tokenizer=cache.subject_tokenizer(),
+            tokens=tokens, reader=cache, subject_tokenizer=cache.subject_tokenizer(),
             interpretations=interpretations,
             weights=np.array(args.interpretation_weights or [1.0] * len(interpretations), dtype=float),
             scores=scores, explained=set(explained.tolist()), max_activation=stats["max_activation"].numpy(),
@@ -327,11 +349,14 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     if args.candidates == "per_latent":
         return build_latent_major_split(split, rows, pool, inputs, args, rng, report)
     pool_set = set(pool.tolist())
+    chunk_rows = len(inputs.reader.row_chunks(rows, INDEX_ENTRIES)[0]) if len(rows) else 1
     frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
                       if args.negative_sampling == "frequency_matched" else None)
     ctx_len = inputs.tokens.shape[1]
     out = []
-    for row in tqdm(rows.tolist(), desc=f"examples ({split})", unit="row"):
+    for i, row in enumerate(tqdm(rows.tolist(), desc=f"examples ({split})", unit="row")):
+        if i % chunk_rows == 0:  # rows are read in chunks, in order: the draws are those of one pass
+            inputs.index_rows(rows[i:i + chunk_rows])
         # Distinct judged positions per row; the window [end - length + 1, end] never holds position 0.
         for end in sorted(rng.choice(np.arange(args.window_min, ctx_len), size=args.contexts_per_row,
                                      replace=False).tolist()):
@@ -371,6 +396,7 @@ def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inp
     in these rows, so that naming the token is not enough. A firing-rate prior ranks all of one latent's contexts
     alike: per-latent AUC measures reading the context alone."""
     ctx_len = inputs.tokens.shape[1]
+    inputs.index_rows(rows)  # every row of the split: its contexts are drawn from all of them
     fires = latent_contexts(inputs.index, rows, pool, args.window_min, ctx_len)
     report.latents_never_active += len(pool) - len(fires)
     n_positions = ctx_len - args.window_min

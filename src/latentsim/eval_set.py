@@ -110,10 +110,17 @@ class EvalSet:
 
     @functools.cached_property
     def cache(self):
-        """The sparse cache the eval set was built from (its tokens are the ones every context was judged on)."""
-        from latentsim.cache import load_cache
+        """The cache the eval set was built from, opened (not loaded: CacheReader reads what is asked for)."""
+        from latentsim.cache_reader import CacheReader
 
-        return load_cache(self.cache_dir / "latents", self.hookpoint)
+        return CacheReader(self.cache_dir / "latents", self.hookpoint)
+
+    @functools.cached_property
+    def tokens(self):
+        """The cache's tokens [rows, ctx_len] (torch int64): the ones every context was judged on."""
+        import torch
+
+        return torch.from_numpy(self.cache.tokens.astype(np.int64))
 
     @property
     def subject_model(self) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from latentsim.cache import SparseCache
+from latentsim.cache_reader import CacheReader
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.io import atomic_write_json, atomic_write_text
 from latentsim.splits import split_rows
@@ -90,6 +91,32 @@ class LatentIndex:
         acts = np.zeros(self.window, dtype=np.float32)
         acts[self.positions[mine] - start] = self.values[mine]
         return Example(row, start, self.tokens[row, start:start + self.window].copy(), acts, quantile)
+
+
+class SplitLatentIndexes:
+    """LatentIndex of a cache read one latent split file at a time: `of(latent)` builds the index of the latent's
+    split (dropping the previous one), so asking for latents in ascending order reads each split once and memory
+    holds one split's entries, never the whole cache. `rows` as for LatentIndex."""
+
+    def __init__(self, reader: CacheReader, window: int = 32, rows: np.ndarray | None = None):
+        self.reader, self.window, self.rows = reader, window, rows
+        self.split, self.index = -1, None
+
+    def counts(self) -> np.ndarray:
+        """Each latent's non-zeros in `rows`, one split at a time."""
+        counts = np.zeros(self.reader.width, dtype=np.int64)
+        for i in range(len(self.reader.splits)):
+            latents = self.reader.entries(i, self.rows)[0][:, 2]
+            counts += np.bincount(latents, minlength=self.reader.width)
+        return counts
+
+    def of(self, latent: int) -> LatentIndex:
+        split = self.reader.split_of(latent)
+        if split != self.split:
+            self.index = None  # free the previous split before reading the next
+            self.index = LatentIndex(self.reader.select(self.rows, [split]), self.window, self.rows)
+            self.split = split
+        return self.index
 
 
 def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.random.Generator, n_top: int = 20,

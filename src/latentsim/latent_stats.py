@@ -13,20 +13,47 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from latentsim.cache import SparseCache
+from latentsim.cache_reader import CacheReader
 from latentsim.errors import MissingInputError
 from latentsim.io import atomic_save, atomic_write_json
 
 N_QUANTILE_BINS = 10
+PER_LATENT = ("firing_count", "firing_rate", "max_activation", "mean_activation", "quantile_edges")
 
 
 def latent_statistics(cache: SparseCache, width: int, sample_size: int) -> dict[str, torch.Tensor]:
+    """The statistics of an in-memory cache (see cache_statistics for one read a split at a time)."""
     keep = cache.locations[:, 1] > 0
-    latents = cache.locations[keep, 2]
-    values = cache.activations[keep].double()
     n_tokens = cache.tokens.shape[0] * (cache.tokens.shape[1] - 1)
+    return value_statistics(cache.locations[keep, 2], cache.activations[keep], width, n_tokens, sample_size)
 
+
+def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.Tensor]:
+    """latent_statistics of a whole cache, one latent split file at a time (a latent lives in one split file, so
+    each latent's statistics come from its file alone): peak memory grows with the largest split."""
+    n_tokens = reader.n_rows * (reader.ctx_len - 1)
+    parts = []
+    for i, sf in enumerate(tqdm(reader.splits, desc="statistics", unit="split")):
+        latents, values = reader.latent_values(i)
+        parts.append(value_statistics(torch.from_numpy(latents).long(), torch.from_numpy(values),
+                                      sf.end - sf.start + 1, n_tokens, sample_size))
+        del latents, values
+    out = {key: torch.cat([p[key] for p in parts]) for key in PER_LATENT}
+    out["sample_values"] = torch.cat([p["sample_values"] for p in parts])
+    sample_counts = torch.cat([torch.diff(p["sample_offsets"]) for p in parts])
+    out["sample_offsets"] = torch.zeros(reader.width + 1, dtype=torch.long)
+    out["sample_offsets"][1:] = torch.cumsum(sample_counts, 0)
+    out["n_tokens"] = torch.tensor([n_tokens])
+    return out
+
+
+def value_statistics(latents: torch.Tensor, values: torch.Tensor, width: int, n_tokens: int,
+                     sample_size: int) -> dict[str, torch.Tensor]:
+    """Per-latent statistics of non-zeros given as (latent id in 0..width-1, value), position 0 already left out."""
+    values = values.double()
     order = torch.argsort(values, stable=True)                      # by value ...
     order = order[torch.argsort(latents[order], stable=True)]       # ... then by latent (stable keeps value order)
     latents, values = latents[order], values[order]

@@ -5,7 +5,7 @@ so entry scripts import from `latentsim.config`. Parsing is strict: an unknown k
 the file and the closest valid key.
 """
 
-from latentsim.config.bench import BenchArguments, GpuCheckArguments
+from latentsim.config.bench import BenchArguments, GpuCheckArguments, ScaleArguments
 from latentsim.config.common import (
     DTYPES,
     EMBEDDED_PREFIX,
@@ -41,7 +41,7 @@ from latentsim.config.train import PublishArguments, SimScriptArguments
 from latentsim.errors import ConfigError
 
 __all__ = [
-    "BASELINE_KEYS", "BenchArguments", "GpuCheckArguments", "DTYPES", "EMBEDDED_PREFIX", "HOOKPOINT_RE", "CacheArguments",
+    "BASELINE_KEYS", "BenchArguments", "GpuCheckArguments", "ScaleArguments", "DTYPES", "EMBEDDED_PREFIX", "HOOKPOINT_RE", "CacheArguments",
     "ConfigError", "CorpusArguments", "DatasetArguments", "EvalArguments", "ExplainArguments",
     "GenerateArguments", "ModelArguments", "PatchArguments", "PrepareArguments", "REFERENCE_BASELINES", "PublishArguments",
     "ReportArguments", "SAEArguments", "ScoreArguments", "SimScriptArguments", "TrainSAEArguments",

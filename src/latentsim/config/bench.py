@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentsim.config.common import _require_positive, hookpoint_layer
+from latentsim.config.common import _fail, _require_positive, hookpoint_layer
 
 
 @dataclass
@@ -47,3 +47,25 @@ class GpuCheckArguments:
 
     dry_run: bool = field(default=False, metadata={"help": "Print the steps and what is checked; run nothing."})
     output_dir: str = field(default="outputs/gpu_check", metadata={"help": "Where every step writes, and results.json."})
+
+
+@dataclass
+class ScaleArguments:
+    """bench/scale.py: the cache readers on synthetic caches of the seed's shape, at growing sizes."""
+
+    sizes: list[int] = field(default_factory=lambda: [1_000_000, 3_000_000, 10_000_000],
+                             metadata={"help": "Cache sizes in tokens, one synthetic cache each."})
+    width: int = field(default=131072, metadata={"help": "SAE latents (the seed's Gemma Scope width)."})
+    l0: int = field(default=50, metadata={"help": "Latents drawn per token (duplicates merged: L0 a little lower)."})
+    n_splits: int = field(default=5, metadata={"help": "delphi split files."})
+    ctx_len: int = field(default=256, metadata={"help": "Tokens per cache row."})
+    explain_latents: int = field(default=1000, metadata={"help": "Latents whose examples are sampled and explained."})
+    max_rows_per_split: int = field(default=2048, metadata={"help": "Dataset and eval set: rows per split."})
+    keep_caches: bool = field(default=False, metadata={"help": "Keep each synthetic cache (~0.4 GB per 1M tokens)."})
+    output_dir: str = field(default="outputs/bench/scale", metadata={"help": "results.json and one folder per size."})
+    seed: int = field(default=0, metadata={"help": "Recorded in the provenance (the caches use their own seed)."})
+
+    def __post_init__(self):
+        _require_positive(self, "width", "l0", "n_splits", "ctx_len", "explain_latents", "max_rows_per_split")
+        if not self.sizes or min(self.sizes) < self.ctx_len:
+            _fail("sizes", f"each size must be at least ctx_len ({self.ctx_len}) tokens.")

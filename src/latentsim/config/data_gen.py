@@ -228,6 +228,8 @@ class DatasetArguments:
     window_min: int = field(default=32, metadata={"help": "Shortest context window (tokens, judged token last)."})
     window_max: int = field(default=32, metadata={"help": "Longest context window."})
     contexts_per_row: int = field(default=1, metadata={"help": "Contexts sampled per cache row."})
+    max_rows_per_split: int = field(default=0, metadata={"help": "0: every row of each split; N: a seeded random N of "
+                                                                 "each split's rows (a seed-sized cache has ~40k rows)."})
     split_mode: str = field(default="latents", metadata={"help": "`latents`: splits disjoint in latents and rows; "
                                                                  "`contexts`: disjoint in rows only."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for validation."})
@@ -268,8 +270,8 @@ class DatasetArguments:
         if self.label != "active" and (self.negatives_per_positive != 0 or self.negatives_per_context != 0):
             _fail("negatives_per_positive" if self.negatives_per_positive else "negatives_per_context",
                   "value labels (bins) exist only for active latents; set it to 0.")
-        if self.negatives_per_context < 0:
-            _fail("negatives_per_context", "must be >= 0.")
+        if self.negatives_per_context < 0 or self.max_rows_per_split < 0:
+            _fail("negatives_per_context" if self.negatives_per_context < 0 else "max_rows_per_split", "must be >= 0.")
         if self.top_k < 1 or self.contexts_per_row < 1:
             _fail("top_k" if self.top_k < 1 else "contexts_per_row", "must be >= 1.")
         if self.negatives_per_positive < 0:
