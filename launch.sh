@@ -5,7 +5,7 @@
 #   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
 #   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
-#   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~25 min)
+#   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~17 min)
 #   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
 #   ./launch.sh python SCRIPT [ARGS]  run any entry script inside the project's environment

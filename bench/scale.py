@@ -8,7 +8,7 @@ statistics (data_gen/cache_activations.py's, one split at a time), explanation s
 latents (data_gen/explain.py, token-list), one mixture's dataset and an eval set (data_gen/build_dataset.py, at most
 `max_rows_per_split` rows per split). Every stage runs in its own process; its peak RSS is that process's
 ru_maxrss (os.wait4). Writes <output_dir>/results.json (+ provenance) and prints the table the README quotes.
-The caches are deleted after each size unless --keep_caches true. ~25 min at the default sizes on 2 cores.
+The caches are deleted after each size unless --keep_caches true. ~17 min at the default sizes on 2 cores.
 """
 
 import json

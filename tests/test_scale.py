@@ -119,3 +119,19 @@ def test_subsample_rows_is_seeded_and_optional():
     assert all(np.array_equal(a[s], b[s]) for s in splits)
     assert len(a["train"]) == 7 and len(a["test"]) == 7 and np.all(np.diff(a["train"]) > 0)
     assert set(a["train"]) <= set(splits["train"]) and not np.array_equal(a["train"], subsample_rows(splits, 7, 2)["train"])
+
+
+def test_scale_benchmark_measures_every_stage_in_its_own_process(tmp_path):
+    import json
+
+    from latentsim.config import ScaleArguments
+
+    out = tmp_path / "scale"
+    load_script("bench/scale.py").main(ScaleArguments(sizes=[8192], width=1024, l0=8, n_splits=4, ctx_len=64,
+                                                      explain_latents=40, max_rows_per_split=16, output_dir=str(out)))
+    result = json.loads((out / "results.json").read_text())["sizes"]["8192"]
+    assert len(result["stages"]) == 5
+    assert all(s["seconds"] > 0 and 0.01 < s["peak_rss_gb"] < 8 for s in result["stages"].values())
+    assert 7.0 < result["mean_l0"] <= 8.0 and result["non_zeros"] > 7 * 128 * 63
+    assert not (out / "tokens_8192" / "cache").exists()  # deleted unless keep_caches
+    assert len(list((out / "tokens_8192" / "explanations" / "token_list").glob("*.txt"))) == 40
