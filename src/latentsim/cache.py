@@ -56,11 +56,17 @@ def _marker(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def load_verified(path: Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
-    """Load a safetensors file, checking its sha256 when known; raise CorruptCacheError with the fix."""
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+def check_sha256(path: Path, expected_sha256: str) -> None:
+    """Raise CorruptCacheError (with the fix) when `path` is missing or its sha256 is not the recorded one."""
+    if not path.is_file() or sha256_file(path) != expected_sha256:
         raise CorruptCacheError(f"{path} is corrupt (sha256 differs from the one recorded when it was written). "
                                 "Delete it and rerun the stage to regenerate it.")
+
+
+def load_verified(path: Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
+    """Load a safetensors file, checking its sha256 when known; raise CorruptCacheError with the fix."""
+    if expected_sha256 is not None:
+        check_sha256(path, expected_sha256)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -105,10 +111,7 @@ def verified_shard_paths(shard_dir: Path, ranges: list[tuple[int, int]]) -> list
         marker = _marker(path)
         if not marker.is_file():
             raise CorruptCacheError(f"{path} has no completion marker; rerun the stage to finish it.")
-        expected = json.loads(marker.read_text())["sha256"]
-        if not path.is_file() or sha256_file(path) != expected:
-            raise CorruptCacheError(f"{path} is corrupt (sha256 differs from the one recorded when it was written). "
-                                    "Delete it and rerun the stage to regenerate it.")
+        check_sha256(path, json.loads(marker.read_text())["sha256"])
         paths.append(path)
     return paths
 
@@ -121,23 +124,25 @@ def finalise_shards(shard_dir: Path, ranges: list[tuple[int, int]], latents_dir:
     row order, so peak memory is one split file plus one shard, never the whole cache (the shards are read once
     per split). Each file holds the tokens of every row, as delphi's do."""
     paths = verified_shard_paths(shard_dir, ranges)
-    tokens = np.concatenate([load_verified(p)["tokens"] for p in paths]).astype(np.int32)
     out = latents_dir / hookpoint
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files, tokens = {}, None
     for start, end in split_bounds(width, n_splits):
-        locs, acts = [], []
+        locs, acts, toks = [], [], []
         for path in paths:
             data = load_verified(path)
             mask = (data["locations"][:, 2] >= start) & (data["locations"][:, 2] <= end)
             locs.append(data["locations"][mask])
             acts.append(data["activations"][mask])
+            toks.append(data["tokens"] if tokens is None else None)  # gathered on the first split's pass
+        if tokens is None:
+            tokens = np.concatenate(toks).astype(np.int32)
         loc = np.concatenate(locs)
         loc[:, 2] -= start
         small = len(loc) == 0 or (loc[:, 2].max() < 2**16 and loc[:, 0].max() < 2**16 and loc[:, 1].max() < 2**16)
         arrays = {"locations": loc.astype(np.uint16 if small else np.uint32),
                   "activations": np.concatenate(acts).astype(np.float16), "tokens": tokens}
-        del locs, acts, loc
+        del locs, acts, toks, loc
         name = f"{start}_{end}.safetensors"
         atomic_save(out / name, lambda tmp, arrays=arrays: save_file(arrays, str(tmp)))
         files[name] = sha256_file(out / name)

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentsim.cache import CorruptCacheError, SparseCache, subject_tokenizer_of
+from latentsim.cache import CorruptCacheError, SparseCache, check_sha256, subject_tokenizer_of
 from latentsim.errors import MissingInputError
-from latentsim.io import sha256_file
 
 CHUNK_ENTRIES = 1 << 23  # 8M non-zeros per read: ~64 MB of uint16 locations + activations, ~200 MB filtered as int64
 SAFETENSORS_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I32": np.int32, "I64": np.int64,
@@ -122,9 +121,8 @@ class CacheReader:
                                         f"at latent {start}, latents {expected}-{start - 1} have no file; restore it or "
                                         "rerun data_gen/cache_activations.py with `overwrite: true`.")
             expected = end + 1
-            if path.name in recorded and sha256_file(path) != recorded[path.name]:
-                raise CorruptCacheError(f"{path} is corrupt (sha256 differs from the one recorded when it was "
-                                        "written). Delete it and rerun the stage to regenerate it.")
+            if path.name in recorded:
+                check_sha256(path, recorded[path.name])
             spans = safetensors_spans(path)
             if not {"locations", "activations"} <= set(spans):
                 raise CorruptCacheError(f"{path} lacks `locations` or `activations`; it is not a cache split file.")
@@ -138,23 +136,28 @@ class CacheReader:
     def split_of(self, latent: int) -> int:
         return next(i for i, s in enumerate(self.splits) if s.start <= latent <= s.end)
 
+    def chunks(self, split: int):
+        """(locations [m, 3] as stored, activations float16) of one split file, `chunk_entries` at a time."""
+        sf = self.splits[split]
+        for first in range(0, sf.n_entries, self.chunk_entries):
+            yield (sf.spans["locations"].read(sf.path, first, self.chunk_entries),
+                   sf.spans["activations"].read(sf.path, first, self.chunk_entries))
+
     def entries(self, split: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The non-zeros of one split file (those of `rows` only, when given): locations int64 [n, 3] with global
         latent ids, activations float32, in file order. Read `chunk_entries` at a time."""
-        sf = self.splits[split]
         keep_row = None
         if rows is not None:
             keep_row = np.zeros(self.n_rows, dtype=bool)
             keep_row[np.asarray(rows, dtype=np.int64)] = True
+        start = self.splits[split].start
         locs, acts = [], []
-        for first in range(0, sf.n_entries, self.chunk_entries):
-            loc = sf.spans["locations"].read(sf.path, first, self.chunk_entries)
-            act = sf.spans["activations"].read(sf.path, first, self.chunk_entries)
+        for loc, act in self.chunks(split):
             if keep_row is not None:
                 mask = keep_row[loc[:, 0]]
                 loc, act = loc[mask], act[mask]
             loc = loc.astype(np.int64)
-            loc[:, 2] += sf.start
+            loc[:, 2] += start
             locs.append(loc)
             acts.append(act.astype(np.float32))
         if not locs:
@@ -169,21 +172,15 @@ class CacheReader:
         return SparseCache(torch.from_numpy(self.tokens.astype(np.int64)), torch.from_numpy(locations),
                            torch.from_numpy(activations), self.config, self.width)
 
-    def row_chunks(self, rows: np.ndarray, max_entries: int) -> list[np.ndarray]:
-        """`rows` (in their order) cut into consecutive chunks of at most ~`max_entries` non-zeros each, estimated
-        from the cache's mean non-zeros per row (one chunk holds at least one row)."""
-        per_row = max(1.0, self.n_nonzero / max(self.n_rows, 1))
-        size = max(1, int(max_entries // per_row))
-        return [rows[a:a + size] for a in range(0, len(rows), size)] or [rows]
+    def rows_per_chunk(self, max_entries: int) -> int:
+        """How many rows hold ~`max_entries` non-zeros, from the cache's mean per row (at least one)."""
+        return max(1, int(max_entries // max(1.0, self.n_nonzero / max(self.n_rows, 1))))
 
     def latent_values(self, split: int) -> tuple[np.ndarray, np.ndarray]:
         """(latent ids relative to the split's start, int32; activations float32) of one split file, position 0
         left out (even when a delphi cache has it): what the statistics need, at 8 bytes a non-zero."""
-        sf = self.splits[split]
         lats, vals = [], []
-        for first in range(0, sf.n_entries, self.chunk_entries):
-            loc = sf.spans["locations"].read(sf.path, first, self.chunk_entries)
-            act = sf.spans["activations"].read(sf.path, first, self.chunk_entries)
+        for loc, act in self.chunks(split):
             keep = loc[:, 1] > 0
             lats.append(loc[keep, 2].astype(np.int32))
             vals.append(act[keep].astype(np.float32))

@@ -349,7 +349,7 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     if args.candidates == "per_latent":
         return build_latent_major_split(split, rows, pool, inputs, args, rng, report)
     pool_set = set(pool.tolist())
-    chunk_rows = len(inputs.reader.row_chunks(rows, INDEX_ENTRIES)[0]) if len(rows) else 1
+    chunk_rows = inputs.reader.rows_per_chunk(INDEX_ENTRIES)
     frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
                       if args.negative_sampling == "frequency_matched" else None)
     ctx_len = inputs.tokens.shape[1]
