@@ -8,6 +8,11 @@ redoes the rest. When every shard is done they are merged into `<output_dir>/lat
 `<start>_<end>.safetensors` + `config.json`) and per-latent statistics go to `<output_dir>/stats/`.
 Position 0 (BOS) is never cached. To use a cache made by delphi, copy its `latents/` folder into `output_dir`:
 the run finds a finished cache, loads no model and only computes the statistics.
+
+    accelerate launch --num_processes N data_gen/cache_activations.py --config ...
+
+shares the row shards out across N processes (shard i to rank i % N; each loads the model on its own GPU);
+rank 0 finalises once every shard is done. A killed rank loses only the shard it was writing.
 """
 
 import shutil
@@ -29,6 +34,7 @@ from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows, load_corpus_from_args
+from latentsim.distributed import Ranks
 from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
 from latentsim.latent_stats import cache_statistics, save_statistics
@@ -60,13 +66,15 @@ def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
 
 
 def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAEArguments, args: CacheArguments) -> None:
-    out = Path(args.output_dir)
+    out, ranks = Path(args.output_dir), Ranks.from_env()
     latents_dir, shard_dir, stats_dir = out / "latents", out / "shards" / sae_args.hookpoint, out / "stats"
     if args.overwrite:
-        for path in (latents_dir / sae_args.hookpoint, shard_dir):
-            shutil.rmtree(path, ignore_errors=True)
-        for suffix in (".safetensors", ".json"):
-            (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
+        if ranks.is_main:
+            for path in (latents_dir / sae_args.hookpoint, shard_dir):
+                shutil.rmtree(path, ignore_errors=True)
+            for suffix in (".safetensors", ".json"):
+                (stats_dir / f"{sae_args.hookpoint}{suffix}").unlink(missing_ok=True)
+        ranks.wait_for_all()  # no rank looks for finished shards before they are gone
     configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     recorded = cache_is_complete(latents_dir, sae_args.hookpoint)
     # Finished or half-done work is reused only if it was made with the same config.
@@ -81,25 +89,33 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
         raise MissingInputError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
                                 "train one with data_gen/train_sae.py or fix the path.")
     out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, "cache_activations", configs, corpus_args.seed)
+    if ranks.is_main:
+        write_run_config(out, "cache_activations", configs, corpus_args.seed)
 
     if not recorded:
         corpus = load_corpus_from_args(corpus_args)
         model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
-                                                    device=model_args.device, revision=model_args.model_revision,
+                                                    device=ranks.device(model_args.device),
+                                                    revision=model_args.model_revision,
                                                     trust_remote_code=model_args.trust_remote_code)
         layer = check_hookpoint(model, sae_args.hookpoint)
         sae = load_sae(sae_args, device=model.device, d_model=model.config.get_text_config().hidden_size)
         rows = corpus_rows(corpus_args, tokenizer, corpus)
         ranges = shard_ranges(len(rows), args.shard_rows)
-        done = completed_shards(shard_dir, ranges)
-        todo = [r for r in ranges if r not in done]
-        print(f"[cache] {len(ranges)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
+        mine = ranks.share(ranges)  # by position, so every rank agrees on who does what without talking
+        done = completed_shards(shard_dir, mine)
+        todo = [r for r in mine if r not in done]
+        who = f"rank {ranks.rank} of {ranks.world}: " if ranks.world > 1 else ""
+        print(f"[cache] {who}{len(mine)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
         with tqdm(total=sum(b - a for a, b in todo) * rows.shape[1], desc="caching", unit="tok", unit_scale=True) as bar:
             for a, b in todo:
                 locations, activations = record_rows(model, sae, rows[a:b], layer, args.batch_size, progress=bar)
                 locations[:, 0] += a
                 write_shard(shard_dir, a, b, locations, activations, rows[a:b].numpy())
+        ranks.wait_for_all()
+    if not ranks.is_main:
+        return  # rank 0 finalises every rank's shards and computes the statistics
+    if not recorded:
         config = delphi_config(model_args, corpus_args, sae_args, args, sae.cfg.d_sae)
         finalise_shards(shard_dir, ranges, latents_dir, sae_args.hookpoint, sae.cfg.d_sae, args.n_splits, config)
         remove_shards(shard_dir)

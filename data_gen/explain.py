@@ -8,6 +8,8 @@ explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanatio
 Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently skipped.
 Examples come from the training rows of the cache's row split only (`rows: train`; recorded in source_rows.json),
 so an interpretation never quotes a validation or test context; build_dataset.py refuses sets that could.
+Under `accelerate launch --num_processes N` the latents are shared out across the processes (one GPU each, or
+one vLLM engine per `tensor_parallel_size` of them); rank 0 writes the report when all are done.
 """
 
 from pathlib import Path
@@ -19,6 +21,7 @@ from latentsim import backends
 from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ExplainArguments
+from latentsim.distributed import Ranks
 from latentsim.explain import (
     SplitLatentIndexes,
     example_rows,
@@ -44,21 +47,26 @@ def main(args: ExplainArguments) -> None:
                         "choose another set_name or delete the folder", finished="*.txt")
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
+    ranks = Ranks.from_env()
+    if args.explainer == "llm" and args.backend == "vllm":
+        ranks = ranks.with_tensor_parallel(args.tensor_parallel_size)
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     set_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(set_dir, "explain", {"explain": args}, args.seed)
-
     subject_tokenizer = cache.subject_tokenizer()
     rows = example_rows(args, cache.n_rows)  # `rows: train`: never an eval row (build_dataset checks)
-    write_source_rows(set_dir, args, rows, cache.n_rows)
+    if ranks.is_main:
+        write_run_config(set_dir, "explain", {"explain": args}, args.seed)
+        write_source_rows(set_dir, args, rows, cache.n_rows)
     indexes = SplitLatentIndexes(cache, args.window, rows)
     counts = indexes.counts()
     eligible = np.nonzero(counts >= args.min_activations)[0]
     if args.max_latents:
         rng = np.random.default_rng(args.seed)
         eligible = np.sort(rng.choice(eligible, size=min(args.max_latents, len(eligible)), replace=False))
-    todo = [int(lat) for lat in eligible if not explanation_path(set_dir, args.hookpoint, int(lat)).exists()]
-    print(f"[explain] {set_dir}: {len(eligible)} latents to explain ({len(eligible) - len(todo)} done), "
+    mine = ranks.share([int(lat) for lat in eligible])  # by position: the ranks need not talk to split the work
+    todo = [lat for lat in mine if not explanation_path(set_dir, args.hookpoint, lat).exists()]
+    who = f" rank {ranks.rank} of {ranks.world}:" if ranks.world > 1 else ""
+    print(f"[explain] {set_dir}:{who} {len(mine)} latents to explain ({len(mine) - len(todo)} done), "
           f"{int((counts < args.min_activations).sum())} fire fewer than {args.min_activations} times")
 
     def examples_of(latent: int):
@@ -71,17 +79,18 @@ def main(args: ExplainArguments) -> None:
             write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(
                 examples_of(latent), subject_tokenizer, args.n_tokens, args.context_tokens, args.n_contexts, args.n_preceding))
     elif args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.explainer_model), args.tensor_parallel_size, args.max_model_len)
+        llm = backends.load_llm(resolve_model_path(args.explainer_model), args.tensor_parallel_size, args.max_model_len,
+                                ranks=ranks)
         tokenizer = load_tokenizer(args.explainer_model)
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
         texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
         for latent, text in zip(todo, map(first_line, texts), strict=True):
-            if text:
-                write_explanation(set_dir, args.hookpoint, latent, text)
-            else:
+            if not text:
                 empty.append(latent)
+            elif ranks.writes:  # the other ranks of a tensor-parallel engine computed the same text
+                write_explanation(set_dir, args.hookpoint, latent, text)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=args.device)
+        model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=ranks.device(args.device))
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
             chunk = todo[i:i + args.batch_size]
             messages = explainer_messages([examples_of(lat) for lat in chunk], subject_tokenizer)
@@ -91,6 +100,9 @@ def main(args: ExplainArguments) -> None:
                     write_explanation(set_dir, args.hookpoint, latent, text)
                 else:
                     empty.append(latent)
+    empty = sorted({lat for rank_empty in ranks.gather(empty) for lat in rank_empty})  # waits for every rank
+    if not ranks.is_main:
+        return
     explained = sum(explanation_path(set_dir, args.hookpoint, int(lat)).exists() for lat in eligible)
     report = {"set": args.set_name, "explainer": args.explainer, "sampling": args.sampling, "width": cache.width,
               "eligible": len(eligible), "explained": explained, "empty_outputs": empty,

@@ -7,7 +7,8 @@ and `n_non_activating` windows, one judge prompt each; the judge's P(Yes) > 0.5 
 per-latent classifier outputs to `<scores_dir>/<scorer>/<hookpoint>_latent<id>.txt` (delphi's layout; a rerun
 scores only missing latents) and `<scores_dir>/<scorer>.json` = {latent: balanced accuracy}, which
 build_dataset's `score_path` reads. Windows come from the training rows of the cache's row split (`rows: train`),
-as the interpretations' examples do.
+as the interpretations' examples do. Under `accelerate launch --num_processes N` the latents are shared out
+across the processes (as data_gen/explain.py does); rank 0 writes `<scorer>.json` when all are done.
 """
 
 import json
@@ -20,6 +21,7 @@ from latentsim import backends, explain
 from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
+from latentsim.distributed import Ranks
 from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items, yes_no_ids
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
 from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
@@ -45,28 +47,34 @@ def main(args: ScoreArguments) -> None:
                         "choose another scores_dir or delete the folder", finished="*.txt")
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
+    ranks = Ranks.from_env()
+    ranks = ranks.with_tensor_parallel(args.tensor_parallel_size) if args.backend == "vllm" else ranks
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     interpretations = explain.load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, "score", {"score": args}, args.seed)
+    if ranks.is_main:
+        write_run_config(out, "score", {"score": args}, args.seed)
 
     latents = np.array(sorted(interpretations))
     if args.max_latents:
         latents = np.sort(np.random.default_rng(args.seed).choice(latents, size=min(args.max_latents, len(latents)),
                                                                   replace=False))
-    todo = [int(lat) for lat in latents if not explain.explanation_path(out, args.hookpoint, int(lat)).exists()]
-    print(f"[score] {args.scorer} of {args.interpretations}: {len(latents)} latents ({len(latents) - len(todo)} done)")
+    mine = ranks.share([int(lat) for lat in latents])  # by position: the ranks need not talk to split the work
+    todo = [lat for lat in mine if not explain.explanation_path(out, args.hookpoint, lat).exists()]
+    who = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+    print(f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents ({len(mine) - len(todo)} done)")
     subject_tokenizer = cache.subject_tokenizer()
     indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
     if args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len)
+        llm = backends.load_llm(resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len,
+                                ranks=ranks)
         tokenizer = load_tokenizer(args.judge_model)
         yes_no = yes_no_ids(tokenizer)
 
         def judge(prompts):
             return backends.vllm_yes_probability(llm, backends.chat_token_ids(tokenizer, prompts), *yes_no)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.judge_model, device=args.device)
+        model, tokenizer = load_model_and_tokenizer(args.judge_model, device=ranks.device(args.device))
 
         def judge(prompts):
             return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
@@ -82,8 +90,12 @@ def main(args: ScoreArguments) -> None:
                 records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": (p := next(probs)),
                             "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
                            for it in items[latent]]
-                atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
+                if ranks.writes:  # the other ranks of a tensor-parallel engine judged the same
+                    atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
             bar.update(len(chunk))
+    ranks.wait_for_all()
+    if not ranks.is_main:
+        return
     scores = load_score_folder(out, args.hookpoint)
     atomic_write_json(Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())})
     values = np.array(list(scores.values()))

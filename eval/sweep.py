@@ -7,6 +7,8 @@ For each simulator writes `<output_dir>/<eval set>/<simulator>/`: `spec.json` (w
 P(yes) or the digit distribution: every metric can be recomputed from it) and `results.json` (metrics +
 config, git sha, versions, seed, prompt format, backend). Finished simulators are skipped unless `--overwrite`;
 an interrupted one resumes at the next unscored split. Then `summary.json` / `summary.md` across simulators.
+`accelerate launch --num_processes N eval/sweep.py ...` shares the simulators out across N processes (one GPU
+or vLLM engine each); rank 0 writes the summary once all are scored.
 """
 
 from dataclasses import asdict
@@ -15,10 +17,18 @@ from pathlib import Path
 from latentsim.backends import ModelPool
 from latentsim.cli import run
 from latentsim.config import EvalArguments
+from latentsim.distributed import Ranks
 from latentsim.eval_set import EvalSet
 from latentsim.held_out import refuse_seen
 from latentsim.interpretation_scores import load_scores
-from latentsim.io import atomic_write_json, atomic_write_text, provenance, write_results, write_run_config
+from latentsim.io import (
+    atomic_write_json,
+    atomic_write_text,
+    provenance,
+    read_results,
+    write_results,
+    write_run_config,
+)
 from latentsim.metrics import evaluate, summary_row
 from latentsim.sweep import (
     add_lifts,
@@ -27,6 +37,7 @@ from latentsim.sweep import (
     score_simulator,
     simulator_spec,
     simulators_to_score,
+    sweep_ranks,
     write_summary,
 )
 
@@ -40,6 +51,7 @@ def main(args: EvalArguments, api=None) -> None:
     if not eval_set.latent_major:  # latent-major sets have no dictionary-wide extrapolation to protect
         eval_set.require_uniform_negatives()
     sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
+    ranks = sweep_ranks(sims, args, Ranks.from_env())
     splits = {s: eval_set.split(s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
     test = splits[args.eval_split]
@@ -50,24 +62,25 @@ def main(args: EvalArguments, api=None) -> None:
               for p in args.score_files}
     root = Path(args.output_dir) / eval_set.name
     root.mkdir(parents=True, exist_ok=True)
-    write_run_config(root, "eval_sweep", {"eval": args}, args.seed)
+    if ranks.is_main:
+        write_run_config(root, "eval_sweep", {"eval": args}, args.seed)
     sizes = ", ".join(f"{s}: {len(d)} judgments, {d.context_id.nunique()} contexts" for s, d in splits.items())
     print(f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
           f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)")
 
-    pool, rows = ModelPool(args), []
-    for sim in sims:
+    pool = ModelPool(args, ranks)
+    if args.backend == "vllm" and ranks.world > 1 and any(s.kind != "reference" for s in sims):
+        pool.start_engine(next(s for s in sims if s.kind != "reference"))  # every rank starts it, together
+    for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work
         folder = root / sim.name
         spec = simulator_spec(sim, args, splits)
-        finished = open_simulator_folder(folder, spec, args.overwrite)
-        if finished is not None:
+        if open_simulator_folder(folder, spec, args.overwrite) is not None:
             print(f"[sweep] {sim.name}: finished earlier, skipped")
-            rows.append(summary_row(sim.name, sim.kind, sim.step, finished["results"]))
             continue
         if sim.kind == "finetuned":
             refuse_seen(sim, eval_set, splits, args.allow_seen_latents)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "spec.json", spec)
+        atomic_write_json(folder / "spec.json", spec)  # a tensor-parallel engine's ranks all write the same files
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)
         preds = scored["predictions"]
         results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=eval_set.binary,
@@ -82,9 +95,14 @@ def main(args: EvalArguments, api=None) -> None:
                         "timing": scored["timing"], "chat_template_sha256": scored["chat_template_sha256"],
                         "answer_token_ids": scored["answer_token_ids"], "reference_model": scored.get("reference")},
             "provenance": provenance("eval_sweep", {"eval": args}, args.seed)})
-        rows.append(summary_row(sim.name, sim.kind, sim.step, results))
-        print(f"[sweep] {sim.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
+        row = summary_row(sim.name, sim.kind, sim.step, results)
+        who = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+        print(f"[sweep] {sim.name}{who}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                    if isinstance(v, float) and k in HEADLINE))
+    ranks.wait_for_all()
+    if not ranks.is_main:
+        return  # rank 0 merges every rank's simulators into the summary
+    rows = [summary_row(sim.name, sim.kind, sim.step, read_results(root / sim.name)["results"]) for sim in sims]
     if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
         rows = add_lifts(root, sims, rows, args.eval_split, args.seed,
                                    by="latent" if eval_set.latent_major else "context_id")
