@@ -28,12 +28,13 @@ from latentsim.cache import (
     record_rows,
     remove_shards,
     shard_ranges,
+    stream_states,
     write_shard,
 )
 from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
-from latentsim.corpus import corpus_rows, load_corpus_from_args
+from latentsim.corpus import corpus_rows, load_corpus_from_args, streamed_rows
 from latentsim.distributed import Ranks
 from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
@@ -59,6 +60,7 @@ def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
             "hookpoint": sae_args.hookpoint, "d_sae": d_sae, "model": describe_model_source(model_args.model_name_or_path),
             "sae": {"sae_path": sae_args.sae_path, "sae_release": sae_args.sae_release, "sae_id": sae_args.sae_id},
             "row_start": corpus_args.row_start, "n_rows": corpus_args.n_rows, "seed": corpus_args.seed,
+            "corpus_streaming": corpus_args.corpus_streaming,
             "position_0_excluded": True, "active_threshold": ACTIVE_THRESHOLD,
             "row_index": "rows are indices into `tokens`; corpus row = row_start + row",
         },
@@ -100,18 +102,25 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
                                                     trust_remote_code=model_args.trust_remote_code)
         layer = check_hookpoint(model, sae_args.hookpoint)
         sae = load_sae(sae_args, device=model.device, d_model=model.config.get_text_config().hidden_size)
-        rows = corpus_rows(corpus_args, tokenizer, corpus)
-        ranges = shard_ranges(len(rows), args.shard_rows)
+        ranges = shard_ranges(corpus_args.n_rows, args.shard_rows)
         mine = ranks.share(ranges)  # by position, so every rank agrees on who does what without talking
         done = completed_shards(shard_dir, mine)
         todo = [r for r in mine if r not in done]
         who = f"rank {ranks.rank} of {ranks.world}: " if ranks.world > 1 else ""
         print(f"[cache] {who}{len(mine)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
-        with tqdm(total=sum(b - a for a, b in todo) * rows.shape[1], desc="caching", unit="tok", unit_scale=True) as bar:
+        streaming, first = corpus_args.corpus_streaming, corpus_args.row_start
+        if streaming:  # rows read when needed, from the nearest stream position a finished shard saved
+            stream, states = streamed_rows(corpus_args, tokenizer, corpus), stream_states(shard_dir, ranges)
+        else:
+            rows = corpus_rows(corpus_args, tokenizer, corpus)
+        with tqdm(total=sum(b - a for a, b in todo) * corpus_args.ctx_len, desc="caching", unit="tok",
+                  unit_scale=True) as bar:
             for a, b in todo:
-                locations, activations = record_rows(model, sae, rows[a:b], layer, args.batch_size, progress=bar)
+                batch = stream.rows(first + a, first + b, states) if streaming else rows[a:b]
+                locations, activations = record_rows(model, sae, batch, layer, args.batch_size, progress=bar)
                 locations[:, 0] += a
-                write_shard(shard_dir, a, b, locations, activations, rows[a:b].numpy())
+                write_shard(shard_dir, a, b, locations, activations, batch.numpy(),
+                            stream.state() if streaming else None)
         ranks.wait_for_all()
     if not ranks.is_main:
         return  # rank 0 finalises every rank's shards and computes the statistics

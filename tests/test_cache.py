@@ -244,3 +244,38 @@ def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir,
     with pytest.raises(CorruptCacheError, match="rows_0000000_0000006.safetensors is corrupt"):
         cache_mod.verified_shard_paths(shard_dir, shard_ranges(6, 6))
     assert cache_mod.completed_shards(shard_dir, shard_ranges(6, 6)) == set()  # a rerun regenerates it
+
+
+def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(tmp_path, tiny_model_dir, tiny_sae_dir,
+                                                                      tiny_corpus, monkeypatch):
+    import dataclasses
+
+    from latentsim.corpus import StreamedRows
+
+    model, corpus, sae, cache = make_cache(tmp_path / "plain", tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    corpus = dataclasses.replace(corpus, corpus_streaming=True)
+    cache_script().main(model, corpus, sae, dataclasses.replace(cache, output_dir=str(tmp_path / "whole")))
+    whole = load_cache(tmp_path / "whole" / "latents", HOOK)
+    _, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    assert torch.equal(whole.tokens, corpus_rows(corpus, tok))  # the stream's rows 3..22, in the corpus's order
+    assert not torch.equal(whole.tokens, load_cache(tmp_path / "plain" / "latents", HOOK).tokens)  # not shuffled
+    assert whole.config["latentsim"]["corpus_streaming"] is True
+
+    # Killed before finalising; the last two shards lost. The rerun starts reading at the stream position that
+    # shard (6, 12) saved (corpus row 3 + 12), not at the start of the corpus.
+    part = dataclasses.replace(cache, output_dir=str(tmp_path / "part"))
+    with monkeypatch.context() as patch:
+        patch.setattr("latentsim.cache.finalise_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            cache_script().main(model, corpus, sae, part)
+    for a, b in ((12, 18), (18, 20)):
+        path = cache_mod.shard_path(tmp_path / "part" / "shards" / HOOK, a, b)
+        path.unlink()
+        path.with_suffix(".json").unlink()
+    restored, restore = [], StreamedRows.restore
+    monkeypatch.setattr(StreamedRows, "restore", lambda self, state: (restored.append(state["row"]), restore(self, state)))
+    cache_script().main(model, corpus, sae, part)
+    assert restored == [0, 15]  # the stream's start, then the saved position
+    for name in sorted(p.name for p in (tmp_path / "whole" / "latents" / HOOK).iterdir()):
+        assert (tmp_path / "part" / "latents" / HOOK / name).read_bytes() == \
+            (tmp_path / "whole" / "latents" / HOOK / name).read_bytes(), name

@@ -10,7 +10,8 @@ import torch
 from helpers import build_tiny_tokenizer
 
 from latentsim import corpus as corpus_mod
-from latentsim.corpus import load_corpus, rst_prose_paragraphs, tokenize_rows
+from latentsim.config import CorpusArguments
+from latentsim.corpus import StreamedRows, corpus_rows, load_corpus, rst_prose_paragraphs, tokenize_rows
 from latentsim.errors import ConfigError
 
 
@@ -118,3 +119,46 @@ def test_missing_debian_packages_say_how_to_install(tmp_path, monkeypatch):
 def test_missing_local_corpus_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="config key `corpus`"):
         load_corpus(str(tmp_path / "nope.jsonl"))
+
+
+class CountingTokenizer:
+    """The tiny tokenizer, counting the documents it tokenizes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.documents = tokenizer, 0
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def __call__(self, texts, **kwargs):
+        self.documents += len(texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_streamed_rows_are_the_documents_in_order_and_resume_from_a_saved_state(tiny_corpus, tok):
+    docs = [json.loads(line)["text"] for line in tiny_corpus.read_text().splitlines()]
+    stream = [t for ids in tok(docs, add_special_tokens=False)["input_ids"] for t in [*ids, tok.eos_token_id]]
+    rows = StreamedRows(load_corpus(str(tiny_corpus), streaming=True), tok, ctx_len=9, batch_docs=4)
+    first = rows.rows(0, 60)  # 480 tokens: ~28 documents
+    assert first[:, 0].eq(tok.bos_token_id).all() and first[:, 1:].flatten().tolist() == stream[:480]
+    state = rows.state()
+    assert state["row"] == 60 and rows.rows(60, 62)[:, 1:].flatten().tolist() == stream[480:496]
+    # A new process resumes from the saved state: the same rows, without tokenizing the documents before them.
+    counting = CountingTokenizer(tok)
+    resumed = StreamedRows(load_corpus(str(tiny_corpus), streaming=True), counting, ctx_len=9, batch_docs=4)
+    assert resumed.rows(60, 62, {60: json.loads(json.dumps(state))}).tolist() == rows.rows(60, 62).tolist()
+    assert counting.documents <= 8  # at most two batches of 4 documents after row 60
+    # Going back restarts the stream (no saved state at or before row 1 but the start).
+    assert rows.rows(1, 3).tolist() == first[1:3].tolist()
+    with pytest.raises(ConfigError, match="n_rows"):
+        rows.rows(0, 10_000)
+
+
+def test_streaming_refuses_slices_and_missing_columns(tiny_corpus):
+    with pytest.raises(ConfigError, match="corpus_split"):
+        CorpusArguments(corpus=str(tiny_corpus), corpus_split="train[:10%]", corpus_streaming=True)
+    rows = StreamedRows(load_corpus(str(tiny_corpus), streaming=True), build_tiny_tokenizer(), ctx_len=9)
+    rows.text_column = "content"  # a Hub stream whose columns are only known from its first document
+    with pytest.raises(ConfigError, match="corpus_text_column"):
+        rows.rows(0, 2)
+    args = CorpusArguments(corpus=str(tiny_corpus), ctx_len=9, n_rows=4, row_start=2, corpus_streaming=True)
+    assert corpus_rows(args, build_tiny_tokenizer()).tolist() == StreamedRows(
+        load_corpus(str(tiny_corpus), streaming=True), build_tiny_tokenizer(), ctx_len=9).rows(2, 6).tolist()

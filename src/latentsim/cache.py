@@ -74,14 +74,30 @@ def load_verified(path: Path, expected_sha256: str | None = None) -> dict[str, n
 
 
 def write_shard(shard_dir: Path, a: int, b: int, locations: np.ndarray, activations: np.ndarray,
-                tokens: np.ndarray) -> Path:
-    """Write one row shard, then its completion marker (the marker is what makes it count as done)."""
+                tokens: np.ndarray, stream_state: dict | None = None) -> Path:
+    """Write one row shard, then its completion marker (the marker is what makes it count as done). A streamed
+    corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state) goes into the marker."""
     path = shard_path(shard_dir, a, b)
     arrays = {"locations": locations.astype(np.int32), "activations": activations.astype(np.float16),
               "tokens": tokens.astype(np.int32)}
     atomic_save(path, lambda tmp: save_file(arrays, str(tmp)))
-    atomic_write_json(_marker(path), {"rows": [a, b], "n_nonzero": int(len(activations)), "sha256": sha256_file(path)})
+    marker = {"rows": [a, b], "n_nonzero": int(len(activations)), "sha256": sha256_file(path)}
+    atomic_write_json(_marker(path), marker | ({"stream_state": stream_state} if stream_state else {}))
     return path
+
+
+def stream_states(shard_dir: Path, ranges: list[tuple[int, int]]) -> dict[int, dict]:
+    """{corpus row: stream state} saved by the finished shards of `ranges` (any rank's) that recorded one."""
+    states = {}
+    for a, b in ranges:
+        marker = _marker(shard_path(shard_dir, a, b))
+        try:
+            state = json.loads(marker.read_text()).get("stream_state") if marker.is_file() else None
+        except json.JSONDecodeError:
+            state = None
+        if state:
+            states[state["row"]] = state
+    return states
 
 
 def completed_shards(shard_dir: Path, ranges: list[tuple[int, int]]) -> set[tuple[int, int]]:

@@ -3,7 +3,10 @@
 A row is BOS + (ctx_len - 1) tokens; documents are shuffled with the seed, tokenized, and joined by EOS
 before chunking (as delphi does), so row i is the same for a given (corpus, tokenizer, ctx_len, seed).
 Only as many documents as the requested rows need are tokenized, so a 10B-token Hub corpus costs nothing
-beyond the slice used.
+beyond the slice used. With `corpus_streaming: true` the corpus is read through `datasets` streaming instead
+(`StreamedRows`): nothing is downloaded or held beyond the rows being made, documents come in the corpus's own
+order (a stream has no random access to shuffle), and the stream's position after any row can be saved and
+resumed exactly.
 
 The embedded corpus `embedded:debian-english` is built from two Debian packages that `./launch.sh`
 installs (`apt-get install fortunes python3.11-doc`): the fortune cookie files (BSD-licensed fortune-mod
@@ -15,6 +18,7 @@ cache and then read through `datasets` exactly like a user's local files.
 from __future__ import annotations
 
 import glob as _glob
+import itertools
 import json
 import re
 from pathlib import Path
@@ -104,8 +108,8 @@ def prepare_embedded_corpus(name: str = "debian-english") -> Path:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_corpus(corpus: str, split: str = "train", text_column: str = "text", config_name: str | None = None,
-                revision: str | None = None):
-    """Any corpus reference -> a `datasets.Dataset` with a text column."""
+                revision: str | None = None, streaming: bool = False):
+    """Any corpus reference -> a `datasets.Dataset` (streaming: an `IterableDataset`) with a text column."""
     from datasets import load_dataset
 
     if corpus.startswith(EMBEDDED_PREFIX):
@@ -126,10 +130,11 @@ def load_corpus(corpus: str, split: str = "train", text_column: str = "text", co
                                 "one kind.")
         # Local files always form a single "train" split; slicing (train[:10%]) still applies.
         local_split = re.sub(r"^[A-Za-z_]+", "train", split)
-        ds = load_dataset(builders.pop(), data_files=files, split=local_split)
+        ds = load_dataset(builders.pop(), data_files=files, split=local_split, streaming=streaming)
     else:
-        ds = load_dataset(corpus, name=config_name, split=split, revision=revision)
-    if text_column not in ds.column_names:
+        ds = load_dataset(corpus, name=config_name, split=split, revision=revision, streaming=streaming)
+    # A streamed Hub corpus may not know its columns before the first document (StreamedRows checks it then).
+    if ds.column_names is not None and text_column not in ds.column_names:
         raise ConfigError(f"config key `corpus_text_column`: corpus {corpus!r} has no column {text_column!r}; "
                           f"its columns are {ds.column_names}.")
     return ds
@@ -161,13 +166,75 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
     return torch.cat([bos, chunk], dim=1)
 
 
+class StreamedRows:
+    """Rows of a streamed corpus (`load_corpus(..., streaming=True)`), tokenized as they are read: BOS + ctx_len - 1
+    tokens of the EOS-joined documents, in the stream's order. Row r is corpus row r (row_start is the caller's).
+    `state()` after a row (the stream's `state_dict` + the tokens read past that row) lets `restore` resume there
+    without reading the documents before it again."""
+
+    def __init__(self, ds, tokenizer, ctx_len: int, text_column: str = "text", batch_docs: int = 32):
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
+        self.ds, self.tokenizer, self.body = ds, tokenizer, ctx_len - 1
+        self.text_column, self.batch_docs = text_column, batch_docs
+        self.start = ds.state_dict()
+        self.restore({"dataset": self.start, "pending": [], "row": 0})
+
+    def state(self) -> dict:
+        return {"dataset": self.ds.state_dict(), "pending": list(self.pending), "row": self.row}
+
+    def restore(self, state: dict) -> None:
+        self.ds.load_state_dict(state["dataset"])
+        self.docs, self.pending, self.row = iter(self.ds), list(state["pending"]), state["row"]
+
+    def rows(self, a: int, b: int, states: dict[int, dict] | None = None) -> torch.Tensor:
+        """Corpus rows [a, b), as int64, from the nearest saved `states` ({row: state()}) at or before a."""
+        usable = [r for r in (states or {}) if (self.row if self.row <= a else 0) < r <= a]
+        if usable:
+            self.restore(states[max(usable)])
+        elif self.row > a:
+            self.restore({"dataset": self.start, "pending": [], "row": 0})
+        self._read(a - self.row)
+        chunk = torch.tensor(self._read(b - a), dtype=torch.long).view(b - a, self.body)
+        return torch.cat([torch.full((b - a, 1), self.tokenizer.bos_token_id, dtype=torch.long), chunk], dim=1)
+
+    def _read(self, n_rows: int) -> list[int]:
+        needed = n_rows * self.body
+        while len(self.pending) < needed:
+            texts = [self._text(doc) for doc in itertools.islice(self.docs, self.batch_docs)]
+            if not texts:
+                raise ConfigError(f"config key `n_rows`: the streamed corpus ended after "
+                                  f"{self.row + len(self.pending) // self.body} rows of {self.body + 1} tokens. Lower "
+                                  "`n_rows`/`row_start` or use a larger corpus.")
+            for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                self.pending.extend(ids)
+                self.pending.append(self.tokenizer.eos_token_id)
+        out, self.pending = self.pending[:needed], self.pending[needed:]
+        self.row += n_rows
+        return out
+
+    def _text(self, doc: dict) -> str:
+        if self.text_column not in doc:
+            raise ConfigError(f"config key `corpus_text_column`: the streamed corpus has no column {self.text_column!r}; "
+                              f"its documents have {sorted(doc)}.")
+        return doc[self.text_column]
+
+
 def load_corpus_from_args(args):
     """The dataset a stage's `CorpusArguments` name (load it before any model, so a bad corpus fails fast)."""
     return load_corpus(args.corpus, args.corpus_split, args.corpus_text_column, args.corpus_config_name,
-                       args.corpus_revision)
+                       args.corpus_revision, streaming=args.corpus_streaming)
+
+
+def streamed_rows(args, tokenizer, ds=None) -> StreamedRows:
+    """The row stream of a stage's `CorpusArguments` (`corpus_streaming: true`)."""
+    ds = load_corpus_from_args(args) if ds is None else ds
+    return StreamedRows(ds, tokenizer, args.ctx_len, args.corpus_text_column)
 
 
 def corpus_rows(args, tokenizer, ds=None) -> torch.Tensor:
-    """The rows a stage's `CorpusArguments` ask for."""
+    """The rows a stage's `CorpusArguments` ask for (streamed, when `corpus_streaming`, and then not shuffled)."""
+    if args.corpus_streaming:
+        return streamed_rows(args, tokenizer, ds).rows(args.row_start, args.row_start + args.n_rows)
     ds = load_corpus_from_args(args) if ds is None else ds
     return tokenize_rows(ds, tokenizer, args.ctx_len, args.n_rows, args.row_start, args.seed, args.corpus_text_column)

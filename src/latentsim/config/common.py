@@ -101,8 +101,15 @@ class CorpusArguments:
     row_start: int = field(default=0, metadata={"help": "First row of the tokenized corpus to use."})
     n_rows: int = field(default=1024, metadata={"help": "Number of rows to use, from `row_start`."})
     seed: int = field(default=22, metadata={"help": "Seed for the document shuffle and every random choice of the stage."})
+    corpus_streaming: bool = field(
+        default=False, metadata={"help": "Read the corpus with `datasets` streaming: nothing downloaded or held beyond "
+                                         "the rows used, documents in the corpus's order (not shuffled); a cache "
+                                         "resumes from the stream position saved with each finished shard."})
 
     def __post_init__(self):
+        if self.corpus_streaming and "[" in self.corpus_split:
+            _fail("corpus_split", f"{self.corpus_split!r}: a streamed corpus cannot be sliced; give the split's name "
+                                  "and choose the slice with `row_start` / `n_rows`.")
         if not self.corpus:
             _fail("corpus", "is empty; give a Hub dataset id, local files, or `embedded:debian-english`.")
         from latentsim.corpus import EMBEDDED_CORPORA
