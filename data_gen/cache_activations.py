@@ -106,7 +106,7 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
         mine = ranks.share(ranges)  # by position, so every rank agrees on who does what without talking
         done = completed_shards(shard_dir, mine)
         todo = [r for r in mine if r not in done]
-        who = f"rank {ranks.rank} of {ranks.world}: " if ranks.world > 1 else ""
+        who = f"{ranks.who}: " if ranks.who else ""
         print(f"[cache] {who}{len(mine)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
         streaming, first = corpus_args.corpus_streaming, corpus_args.row_start
         if streaming:  # rows read when needed, from the nearest stream position a finished shard saved

@@ -8,8 +8,8 @@ explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanatio
 Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently skipped.
 Examples come from the training rows of the cache's row split only (`rows: train`; recorded in source_rows.json),
 so an interpretation never quotes a validation or test context; build_dataset.py refuses sets that could.
-Under `accelerate launch --num_processes N` the latents are shared out across the processes (one GPU each, or
-one vLLM engine per `tensor_parallel_size` of them); rank 0 writes the report when all are done.
+Under `accelerate launch --num_processes N` the latents are shared out across the processes (each its own GPU,
+or its own vLLM engine over `tensor_parallel_size` GPUs); rank 0 writes the report when all are done.
 """
 
 from pathlib import Path
@@ -48,8 +48,6 @@ def main(args: ExplainArguments) -> None:
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
-    if args.explainer == "llm" and args.backend == "vllm":
-        ranks = ranks.with_tensor_parallel(args.tensor_parallel_size)
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     set_dir.mkdir(parents=True, exist_ok=True)
     subject_tokenizer = cache.subject_tokenizer()
@@ -65,7 +63,7 @@ def main(args: ExplainArguments) -> None:
         eligible = np.sort(rng.choice(eligible, size=min(args.max_latents, len(eligible)), replace=False))
     mine = ranks.share([int(lat) for lat in eligible])  # by position: the ranks need not talk to split the work
     todo = [lat for lat in mine if not explanation_path(set_dir, args.hookpoint, lat).exists()]
-    who = f" rank {ranks.rank} of {ranks.world}:" if ranks.world > 1 else ""
+    who = f" {ranks.who}:" if ranks.who else ""
     print(f"[explain] {set_dir}:{who} {len(mine)} latents to explain ({len(mine) - len(todo)} done), "
           f"{int((counts < args.min_activations).sum())} fire fewer than {args.min_activations} times")
 
@@ -85,10 +83,10 @@ def main(args: ExplainArguments) -> None:
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
         texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
         for latent, text in zip(todo, map(first_line, texts), strict=True):
-            if not text:
-                empty.append(latent)
-            elif ranks.writes:  # the other ranks of a tensor-parallel engine computed the same text
+            if text:
                 write_explanation(set_dir, args.hookpoint, latent, text)
+            else:
+                empty.append(latent)
     else:
         model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=ranks.device(args.device))
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
@@ -100,7 +98,7 @@ def main(args: ExplainArguments) -> None:
                     write_explanation(set_dir, args.hookpoint, latent, text)
                 else:
                     empty.append(latent)
-    empty = sorted({lat for rank_empty in ranks.gather(empty) for lat in rank_empty})  # waits for every rank
+    empty = sorted(lat for rank_empty in ranks.gather(empty) for lat in rank_empty)  # waits for every rank
     if not ranks.is_main:
         return
     explained = sum(explanation_path(set_dir, args.hookpoint, int(lat)).exists() for lat in eligible)

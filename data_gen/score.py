@@ -48,7 +48,6 @@ def main(args: ScoreArguments) -> None:
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
-    ranks = ranks.with_tensor_parallel(args.tensor_parallel_size) if args.backend == "vllm" else ranks
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     interpretations = explain.load_interpretations(args.interpretations, args.hookpoint, cache.width)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +60,7 @@ def main(args: ScoreArguments) -> None:
                                                                   replace=False))
     mine = ranks.share([int(lat) for lat in latents])  # by position: the ranks need not talk to split the work
     todo = [lat for lat in mine if not explain.explanation_path(out, args.hookpoint, lat).exists()]
-    who = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+    who = f" ({ranks.who})" if ranks.who else ""
     print(f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents ({len(mine) - len(todo)} done)")
     subject_tokenizer = cache.subject_tokenizer()
     indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
@@ -90,8 +89,7 @@ def main(args: ScoreArguments) -> None:
                 records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": (p := next(probs)),
                             "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
                            for it in items[latent]]
-                if ranks.writes:  # the other ranks of a tensor-parallel engine judged the same
-                    atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
+                atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
             bar.update(len(chunk))
     ranks.wait_for_all()
     if not ranks.is_main:

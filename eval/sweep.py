@@ -7,8 +7,8 @@ For each simulator writes `<output_dir>/<eval set>/<simulator>/`: `spec.json` (w
 P(yes) or the digit distribution: every metric can be recomputed from it) and `results.json` (metrics +
 config, git sha, versions, seed, prompt format, backend). Finished simulators are skipped unless `--overwrite`;
 an interrupted one resumes at the next unscored split. Then `summary.json` / `summary.md` across simulators.
-`accelerate launch --num_processes N eval/sweep.py ...` shares the simulators out across N processes (one GPU
-or vLLM engine each); rank 0 writes the summary once all are scored.
+`accelerate launch --num_processes N eval/sweep.py ...` shares the simulators out across N processes (each its
+own GPU, or its own vLLM engine on its own GPUs); rank 0 writes the summary once all are scored.
 """
 
 from dataclasses import asdict
@@ -32,12 +32,12 @@ from latentsim.io import (
 from latentsim.metrics import evaluate, summary_row
 from latentsim.sweep import (
     add_lifts,
+    gpus_per_rank,
     markdown_table,
     open_simulator_folder,
     score_simulator,
     simulator_spec,
     simulators_to_score,
-    sweep_ranks,
     write_summary,
 )
 
@@ -51,7 +51,7 @@ def main(args: EvalArguments, api=None) -> None:
     if not eval_set.latent_major:  # latent-major sets have no dictionary-wide extrapolation to protect
         eval_set.require_uniform_negatives()
     sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
-    ranks = sweep_ranks(sims, args, Ranks.from_env())
+    ranks = Ranks.from_env()
     splits = {s: eval_set.split(s, args.max_contexts, args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
     test = splits[args.eval_split]
@@ -68,9 +68,7 @@ def main(args: EvalArguments, api=None) -> None:
     print(f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
           f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)")
 
-    pool = ModelPool(args, ranks)
-    if args.backend == "vllm" and ranks.world > 1 and any(s.kind != "reference" for s in sims):
-        pool.start_engine(next(s for s in sims if s.kind != "reference"))  # every rank starts it, together
+    pool = ModelPool(args, ranks, gpus_per_rank(sims, args))
     for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work
         folder = root / sim.name
         spec = simulator_spec(sim, args, splits)
@@ -80,7 +78,7 @@ def main(args: EvalArguments, api=None) -> None:
         if sim.kind == "finetuned":
             refuse_seen(sim, eval_set, splits, args.allow_seen_latents)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "spec.json", spec)  # a tensor-parallel engine's ranks all write the same files
+        atomic_write_json(folder / "spec.json", spec)
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)
         preds = scored["predictions"]
         results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=eval_set.binary,
@@ -96,9 +94,9 @@ def main(args: EvalArguments, api=None) -> None:
                         "answer_token_ids": scored["answer_token_ids"], "reference_model": scored.get("reference")},
             "provenance": provenance("eval_sweep", {"eval": args}, args.seed)})
         row = summary_row(sim.name, sim.kind, sim.step, results)
-        who = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+        who = f" ({ranks.who})" if ranks.who else ""
         print(f"[sweep] {sim.name}{who}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                   if isinstance(v, float) and k in HEADLINE))
+                                                     if isinstance(v, float) and k in HEADLINE))
     ranks.wait_for_all()
     if not ranks.is_main:
         return  # rank 0 merges every rank's simulators into the summary

@@ -138,6 +138,50 @@ def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
     return json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
 
 
+def launch(script: str, tmp: Path, *configs, processes: int = 2, timeout: int = 600) -> str:
+    """`accelerate launch --num_processes N script --config <the dataclasses as YAML>` (CPU processes, gloo);
+    returns the processes' output."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    values = {}
+    for config in configs:
+        for key, value in dataclasses.asdict(config).items():
+            if value is not None:
+                values[key] = list(value) if isinstance(value, tuple) else value
+    root = Path(__file__).resolve().parents[1]
+    path = tmp / f"{Path(script).stem}_{len(list(tmp.glob('*.yaml')))}.yaml"
+    path.write_text(f"# python {script} --config {path}\n" + yaml.safe_dump(values))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs/accelerate/multi_cpu.yaml"), "--num_processes", str(processes), str(root / script),
+           "--config", str(path)]
+    # Its own process group, so a hung launch is killed with every process it started.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{script} ran past {timeout} s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout + stderr
+
+
+def same_files(a: Path, b: Path, pattern: str) -> list[str]:
+    """The files matching `pattern` under a and b: the same names, byte for byte the same contents."""
+    names = sorted(p.relative_to(a).as_posix() for p in a.glob(pattern) if p.is_file())
+    assert names and names == sorted(p.relative_to(b).as_posix() for p in b.glob(pattern) if p.is_file())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
 class FakeHubApi:
     """Records the huggingface_hub calls our thin upload function makes (no network)."""
 

@@ -1,46 +1,18 @@
 """Stages under `accelerate launch` with 2 CPU processes (gloo) give the files a 1-process run gives."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
+import os
 
 import pytest
 import yaml
-from helpers import load_script, make_cache
+from helpers import launch, load_script, make_cache, same_files
 
 from latentsim.cache import shard_path
-from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments
+from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments, ScoreArguments
 from latentsim.distributed import Ranks
 from latentsim.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 HOOK = "layers.1"
-
-
-def launch(script: str, tmp: Path, *configs, processes: int = 2) -> str:
-    """`accelerate launch --num_processes N script --config <the dataclasses as YAML>`; returns its output."""
-    values = {}
-    for config in configs:
-        for key, value in dataclasses.asdict(config).items():
-            if value is not None:
-                values[key] = list(value) if isinstance(value, tuple) else value
-    path = tmp / f"{Path(script).stem}_{len(list(tmp.glob('*.yaml')))}.yaml"
-    path.write_text(f"# python {script} --config {path}\n" + yaml.safe_dump(values))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/multi_cpu.yaml"), "--num_processes", str(processes), str(ROOT / script),
-           "--config", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def same_files(a: Path, b: Path, pattern: str) -> list[str]:
-    names = sorted(p.relative_to(a).as_posix() for p in a.glob(pattern) if p.is_file())
-    assert names and names == sorted(p.relative_to(b).as_posix() for p in b.glob(pattern) if p.is_file())
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +32,29 @@ def single(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
 
 
 def test_shares_are_dealt_by_position():
-    ranks = [Ranks(rank=r, world=4, share_index=r, n_shares=4) for r in range(4)]
+    ranks = [Ranks(rank=r, world=4, local_rank=r) for r in range(4)]
     assert [rk.share(list(range(10))) for rk in ranks] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
-    # Two tensor-parallel engines of 2 ranks: ranks 0-1 compute share 0 (rank 0 writes), ranks 2-3 share 1.
-    tp = [rk.with_tensor_parallel(2) for rk in ranks]
-    assert [(t.share_index, t.n_shares, t.writes) for t in tp] == [(0, 2, True), (0, 2, False), (1, 2, True),
-                                                                   (1, 2, False)]
-    assert tp[1].share(list(range(5))) == [0, 2, 4]
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        ranks[0].with_tensor_parallel(3)
+    assert ranks[1].who == "rank 1 of 4" and Ranks().who == ""
     assert Ranks.from_env() == Ranks()  # a plain `python` run is rank 0 of 1
+
+
+def test_a_ranks_vllm_engine_sees_its_own_gpus_and_not_the_launch(monkeypatch):
+    import torch
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    rank = Ranks.from_env()
+    with rank.own_engine(gpus=2):  # local rank 1 of engines over 2 GPUs: GPUs 2 and 3
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
+        assert "MASTER_PORT" not in os.environ
+    assert os.environ["RANK"] == "1" and "CUDA_VISIBLE_DEVICES" not in os.environ  # all restored
+    with rank.own_engine(gpus=1, gpus_per_rank=4):  # a sweep whose largest engine spans 4: its 1-GPU one on GPU 4
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "4"
+    with pytest.raises(ConfigError, match="tensor_parallel_size"), Ranks(1, 4, 3).own_engine(gpus=4):
+        pass  # local rank 3 would need GPUs 12-15 of 8
 
 
 def test_caching_across_two_processes_resumes_and_equals_one(single, tmp_path, monkeypatch):
@@ -101,6 +86,19 @@ def test_explanation_across_two_processes_equals_one(single, tmp_path):
     assert len(names) > 10
     for name in ("explain_report.json", "source_rows.json"):
         same_files(root / "expl" / explain.set_name, tmp_path / "expl" / explain.set_name, name)
+
+
+def test_interpretation_scoring_across_two_processes_equals_one(single, tiny_model_dir, tmp_path):
+    root, _, explain = single
+    args = ScoreArguments(cache_dir=str(root / "cache"), hookpoint=HOOK, scores_dir=str(tmp_path / "one"),
+                          interpretations=str(root / "expl" / explain.set_name), scorer="detection",
+                          judge_model=str(tiny_model_dir), n_activating=2, n_non_activating=2, window=8, max_latents=6,
+                          batch_size=4)
+    load_script("data_gen/score.py").main(args)
+    out = launch("data_gen/score.py", tmp_path, dataclasses.replace(args, scores_dir=str(tmp_path / "two")))
+    assert "(rank 0 of 2): 3 latents" in out and "(rank 1 of 2): 3 latents" in out
+    assert len(same_files(tmp_path / "one", tmp_path / "two", "detection/*.txt")) == 6
+    same_files(tmp_path / "one", tmp_path / "two", "detection.json")
 
 
 def test_sweep_across_two_processes_equals_one(single, tiny_model_dir, tmp_path):

@@ -7,6 +7,8 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+import dataclasses  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -115,3 +117,47 @@ def test_vllm_judge_and_explainer_match_hf(smollm2):
         assert text == tokenizer.decode(greedy, skip_special_tokens=True)
     finally:
         shutdown_llm(llm)
+
+
+def test_vllm_explainer_across_two_processes_equals_one(smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """Two data-parallel engines under `accelerate launch` (vLLM's external_launcher) write one engine's texts."""
+    from helpers import launch, load_script, make_cache, same_files
+
+    from latentsim.config import ExplainArguments
+
+    make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
+    args = ExplainArguments(cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", explainer="llm", backend="vllm",
+                            explainer_model=smollm2[0], explanations_dir=str(tmp_path / "one"), window=8,
+                            min_activations=2, max_latents=6, max_new_tokens=8, max_model_len=1024, seed=3)
+    load_script("data_gen/explain.py").main(args)
+    out = launch("data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two")))
+    assert "rank 0 of 2: 3 latents" in out and "rank 1 of 2: 3 latents" in out
+    assert len(same_files(tmp_path / "one", tmp_path / "two", "*/*.txt")) == 6
+
+
+def test_vllm_sweep_across_two_processes_equals_one(smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """A 2-process vLLM sweep, one engine per rank (rank 1 scores only a reference baseline, and no engine waits
+    for it): one engine's predictions, to fp32 noise (the launch runs each engine on 1 thread: other sums)."""
+    import pandas as pd
+    from helpers import launch, load_script, make_explained_cache, same_files
+
+    from latentsim.config import DatasetArguments, EvalArguments
+
+    make_explained_cache(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(
+        cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", simulator_tokenizer=smollm2[0],
+        interpretations=[str(tmp_path / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
+        contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3, positives="all",
+        negatives_per_context=4, output_dir=str(tmp_path / "eval_set")))
+    args = EvalArguments(eval_set=str(tmp_path / "eval_set"), output_dir=str(tmp_path / "one"), backend="vllm",
+                         baselines=[f"model={smollm2[0]},name=zero", "model=prior"], max_model_len=1024)
+    load_script("eval/sweep.py").main(args)
+    out = launch("eval/sweep.py", tmp_path, dataclasses.replace(args, output_dir=str(tmp_path / "two")), timeout=300)
+    assert "baseline__zero (rank 0 of 2)" in out and "baseline__prior (rank 1 of 2)" in out
+    assert len(same_files(tmp_path / "one", tmp_path / "two", "*/baseline__prior/predictions_*.parquet")) == 2
+    for split in ("test", "validation"):
+        one, two = (pd.read_parquet(tmp_path / d / "eval_set" / "baseline__zero" / f"predictions_{split}.parquet")
+                    for d in ("one", "two"))
+        floats = ["logit_0", "logit_1", "p_yes"]
+        assert one.drop(columns=floats).equals(two.drop(columns=floats))
+        assert np.abs(one[floats].to_numpy() - two[floats].to_numpy()).max() < TOLERANCE

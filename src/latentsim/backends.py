@@ -29,6 +29,7 @@ import inspect
 import math
 import zlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -366,14 +367,15 @@ class VLLMScorer:
 
     def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
                  gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", ranks=None):
+                 dtype: str = "auto", ranks=None, gpus_per_rank: int | None = None):
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
-        self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, enable_prefix_caching=True,
-                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                            max_model_len=max_model_len, seed=0, dtype=vllm_dtype(dtype), **vllm_launch_kwargs(ranks))
-        check_vllm_share(self.llm, ranks)
+        with own_engine(ranks, tensor_parallel_size, gpus_per_rank):
+            self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank,
+                                enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
+                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
+                                dtype=vllm_dtype(dtype))
 
     def shutdown(self) -> None:
         """Free the engine (its GPU memory and engine-core process) before another base model's engine is built:
@@ -436,36 +438,33 @@ def simulator_tokenizer(sim):
 class ModelPool:
     """The simulators' models for a sweep (EvalArguments): one base model loaded at a time; a finetuned
     simulator's adapter attaches unmerged (PEFT) and detaches again after scoring (`release`). Under a
-    multi-process launch (latentsim.distributed.Ranks) each rank loads its own copy: hf on its own GPU, vLLM as
-    its data-parallel engine, which every rank must start together (`start_engine`)."""
+    multi-process launch (latentsim.distributed.Ranks) each rank loads its own: hf on its own GPU, vLLM on its
+    own `gpus_per_rank` GPUs (the most any of its engines needs)."""
 
-    def __init__(self, args, ranks=None):
-        self.args, self.ranks, self.ref, self.model, self.vllm = args, ranks, None, None, None
+    def __init__(self, args, ranks=None, gpus_per_rank: int | None = None):
+        self.args, self.ranks, self.gpus_per_rank = args, ranks, gpus_per_rank
+        self.ref, self.model, self.vllm = None, None, None
 
     def tokenizer_for(self, sim):
         return simulator_tokenizer(sim)
-
-    def start_engine(self, sim) -> None:
-        """Build the vLLM engine of `sim`'s base model (freeing the previous one first: two would not fit)."""
-        from latentsim.models import resolve_model_path
-
-        if self.ref == sim.base_model:
-            return
-        if self.vllm is not None:
-            self.vllm.shutdown()
-            self.vllm = None
-        self.vllm = VLLMScorer(resolve_model_path(sim.base_model), None, [], max_lora_rank=self.args.max_lora_rank,
-                               gpu_memory_utilization=self.args.gpu_memory_utilization,
-                               max_model_len=self.args.max_model_len,
-                               tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size,
-                               dtype=self.args.dtype, ranks=self.ranks)
-        self.ref = sim.base_model
 
     def scorer(self, sim, tokenizer, answer_ids):
         if self.args.backend == "fake":
             return FakeScorer(answer_ids)
         if self.args.backend == "vllm":
-            self.start_engine(sim)
+            from latentsim.models import resolve_model_path
+
+            if self.ref != sim.base_model:
+                if self.vllm is not None:  # the old engine goes first: two would not fit (an 8B, then a 70B)
+                    self.vllm.shutdown()
+                    self.vllm = None
+                self.vllm = VLLMScorer(resolve_model_path(sim.base_model), tokenizer, answer_ids,
+                                       max_lora_rank=self.args.max_lora_rank,
+                                       gpu_memory_utilization=self.args.gpu_memory_utilization,
+                                       max_model_len=self.args.max_model_len,
+                                       tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size,
+                                       dtype=self.args.dtype, ranks=self.ranks, gpus_per_rank=self.gpus_per_rank)
+                self.ref = sim.base_model
             self.vllm.tokenizer, self.vllm.answer_ids = tokenizer, list(answer_ids)
             self.vllm.use_adapter(sim.adapter)
             return self.vllm
@@ -521,32 +520,24 @@ def vllm_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def vllm_launch_kwargs(ranks) -> dict:
-    """Under `accelerate launch` (torchrun), vLLM's data parallelism: every `tensor_parallel_size` consecutive
-    ranks form one engine (`external_launcher`: vLLM joins the launcher's process group instead of spawning
-    workers), world / tensor_parallel_size engines in all, each fed its own share of the prompts."""
-    if ranks is None or ranks.world == 1:
-        return {}
-    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": ranks.n_shares}
-
-
-def check_vllm_share(llm, ranks) -> None:
-    """The share we feed this rank must be the data-parallel rank vLLM gave it."""
-    if ranks is not None and ranks.world > 1:
-        parallel = llm.llm_engine.vllm_config.parallel_config
-        if (parallel.data_parallel_rank, parallel.data_parallel_size) != (ranks.share_index, ranks.n_shares):
-            raise RuntimeError(f"vLLM placed rank {ranks.rank} in data-parallel group {parallel.data_parallel_rank} "
-                               f"of {parallel.data_parallel_size}, we expected {ranks.share_index} of {ranks.n_shares}.")
+@contextmanager
+def own_engine(ranks, gpus: int, gpus_per_rank: int | None = None):
+    """Under `accelerate launch` (latentsim.distributed.Ranks) a vLLM engine is its rank's alone: it starts on
+    the rank's own GPUs and outside the launch, as under plain `python`; otherwise nothing changes."""
+    if ranks is None:
+        yield
+    else:
+        with ranks.own_engine(gpus, gpus_per_rank):
+            yield
 
 
 def load_llm(model_path: str, tensor_parallel_size: int = 1, max_model_len: int = 4096,
              gpu_memory_utilization: float = 0.85, dtype: str = "auto", ranks=None):
     vllm = require_vllm()
-    llm = vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
-                   max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, dtype=vllm_dtype(dtype),
-                   **vllm_launch_kwargs(ranks))
-    check_vllm_share(llm, ranks)
-    return llm
+    with own_engine(ranks, tensor_parallel_size):
+        return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
+                        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                        dtype=vllm_dtype(dtype))
 
 
 def shutdown_llm(llm) -> None:

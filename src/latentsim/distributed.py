@@ -2,54 +2,56 @@
 
 Every stage that shards its work reads its place from the launcher's environment (RANK, WORLD_SIZE,
 LOCAL_RANK); run as a plain `python` script it is rank 0 of 1 and nothing below does anything. Work is dealt
-out by position in a list every rank computes the same way (shard i goes to rank i % world), so no rank waits
-for another to decide what it does, and a rerun gives each rank the unfinished part of its own share.
-Ranks meet once, at the end (`wait_for_all`), where the main rank merges. A vLLM engine spanning
-`tensor_parallel_size` ranks (vLLM's `external_launcher`) counts as one share: its ranks compute the same
-outputs and only the first of them writes.
+out by position in a list every rank computes the same way (item i goes to rank i % world), so no rank waits
+for another to decide what it does, and a rerun gives each rank the unfinished part of its own share. Each rank
+computes alone (its own model on its own GPUs, its own vLLM engine); the ranks meet once, at the end
+(`wait_for_all` / `gather`), through the launcher's key-value store, where the main rank merges. No
+torch.distributed process group is made: a vLLM engine makes its own, and the ranks' models never talk.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from latentsim.errors import ConfigError
 
 # Ranks wait at the end for the slowest one, which may be hours behind on a big cache.
-BARRIER_TIMEOUT = timedelta(days=2)
+WAIT_TIMEOUT = timedelta(days=2)
+# What torchrun tells its processes; a rank's own vLLM engine must not see it (it would join the launch).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
+                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    share_index: int = 0  # which share of the work this rank computes
-    n_shares: int = 1
-    writes: bool = True  # this rank writes its share's outputs
+    meetings: int = field(default=0, compare=False)  # how many times the ranks have met: each meeting's keys
 
     @classmethod
     def from_env(cls) -> Ranks:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        return cls(rank, world, int(os.environ.get("LOCAL_RANK", 0)), rank, world, True)
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def with_tensor_parallel(self, tensor_parallel_size: int, key: str = "tensor_parallel_size") -> Ranks:
-        """The shares when each vLLM engine spans `tensor_parallel_size` consecutive ranks (vLLM's layout)."""
-        if self.world % tensor_parallel_size:
-            raise ConfigError(f"config key `{key}`: {tensor_parallel_size} does not divide the {self.world} launched "
-                              "processes; launch a multiple of it (accelerate launch --num_processes).")
-        return replace(self, share_index=self.rank // tensor_parallel_size, n_shares=self.world // tensor_parallel_size,
-                       writes=self.rank % tensor_parallel_size == 0)
+    @property
+    def who(self) -> str:
+        """`rank r of n` in a multi-process launch, else empty (for progress lines)."""
+        return f"rank {self.rank} of {self.world}" if self.world > 1 else ""
 
     def share(self, items: list) -> list:
-        """This rank's share: items[i] for i % n_shares == share_index."""
-        return list(items[self.share_index::self.n_shares])
+        """This rank's share: items[i] for i % world == rank."""
+        return list(items[self.rank::self.world])
 
     def device(self, device: str) -> str:
         """One GPU per rank: `auto`/`cuda` become this rank's `cuda:<local_rank>` in a multi-process launch."""
@@ -59,23 +61,58 @@ class Ranks:
             return f"cuda:{self.local_rank}"
         return device
 
-    def _group(self):
-        import torch.distributed as dist
+    @contextmanager
+    def own_engine(self, gpus: int, gpus_per_rank: int | None = None, key: str = "tensor_parallel_size"):
+        """While a vLLM engine starts: this rank's `gpus` GPUs only (from local_rank * gpus_per_rank on), and
+        none of the launcher's variables, so the engine is this rank's alone, as under plain `python`."""
+        if self.world == 1:
+            yield
+            return
+        saved = dict(os.environ)
+        try:
+            import torch
 
-        if not dist.is_initialized():  # a vLLM engine (external_launcher) may have made it already
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-        return dist
+            if torch.cuda.is_available():
+                visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or \
+                    [str(i) for i in range(torch.cuda.device_count())]
+                first = self.local_rank * (gpus_per_rank or gpus)
+                if first + gpus > len(visible):
+                    raise ConfigError(f"config key `{key}`: rank {self.rank} (local rank {self.local_rank}) needs GPUs "
+                                      f"{first}-{first + gpus - 1} but this machine shows {len(visible)}; launch at "
+                                      f"most {len(visible) // (gpus_per_rank or gpus)} processes per machine.")
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[first:first + gpus])
+            for name in LAUNCHER_VARIABLES:
+                os.environ.pop(name, None)
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def _store(self):
+        """The launcher's key-value store (torchrun's agent serves it at MASTER_ADDR:MASTER_PORT)."""
+        if not hasattr(self, "_kv"):
+            from torch.distributed import TCPStore
+
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            self._kv = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
+                                is_master=self.is_main and not agent, timeout=WAIT_TIMEOUT)
+        return self._kv
 
     def wait_for_all(self) -> None:
         """Return once every rank has got here (its share written)."""
-        if self.world > 1:
-            self._group().barrier()
+        if self.world == 1:
+            return
+        store, key = self._store(), f"latentsim/meeting{self.meetings}"
+        self.meetings += 1
+        if store.add(key, 1) == self.world:  # the last to arrive lets everyone go
+            store.set(f"{key}/all", "1")
+        store.wait([f"{key}/all"], WAIT_TIMEOUT)
 
     def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order (small objects: lists of latent ids)."""
+        """Every rank's `obj` (JSON-able: lists of latent ids), in rank order; every rank waits for all."""
         if self.world == 1:
             return [obj]
-        dist = self._group()
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        key = f"latentsim/gather{self.meetings}"
+        self._store().set(f"{key}/{self.rank}", json.dumps(obj))
+        self.wait_for_all()
+        return [json.loads(self._store().get(f"{key}/{r}")) for r in range(self.world)]

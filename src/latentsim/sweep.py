@@ -196,20 +196,10 @@ def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
             "max_contexts": args.max_contexts, "seed": args.seed, "backend": args.backend, "dtype": args.dtype}
 
 
-def sweep_ranks(sims: list[Simulator], args, ranks):
-    """How a sweep under `accelerate launch` shares its simulators (one per share in turn). A vLLM engine spans
-    `tensor_parallel_size` ranks, and every rank starts the same engine together (vLLM's external_launcher), so
-    a multi-process vLLM sweep scores one base model at one tensor-parallel size."""
-    if args.backend != "vllm" or ranks.world == 1:
-        return ranks
-    scored = [s for s in sims if s.kind != "reference"]
-    if len({s.base_model for s in scored}) > 1:
-        raise ConfigError(f"a multi-process vLLM sweep scores one base model; these simulators use "
-                          f"{sorted({s.base_model for s in scored})}: run one sweep per base model.")
-    if {s.tensor_parallel_size for s in scored} - {None, args.tensor_parallel_size}:
-        raise ConfigError("config key `baselines`: a per-simulator tensor_parallel_size cannot differ from the "
-                          "sweep's `tensor_parallel_size` in a multi-process vLLM sweep; drop it.")
-    return ranks.with_tensor_parallel(args.tensor_parallel_size)
+def gpus_per_rank(sims: list[Simulator], args) -> int:
+    """Under `accelerate launch` with vLLM, the GPUs each rank owns: the most any of its engines spans (rank r
+    takes GPUs r*n .. r*n + n - 1 of its machine, so ranks never share one)."""
+    return max([args.tensor_parallel_size] + [s.tensor_parallel_size or 0 for s in sims])
 
 
 def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | None:
