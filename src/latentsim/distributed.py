@@ -64,7 +64,9 @@ class Ranks:
     @contextmanager
     def own_engine(self, gpus: int, gpus_per_rank: int | None = None, key: str = "tensor_parallel_size"):
         """While a vLLM engine starts: this rank's `gpus` GPUs only (from local_rank * gpus_per_rank on), and
-        none of the launcher's variables, so the engine is this rank's alone, as under plain `python`."""
+        none of the launcher's variables, so the engine is this rank's alone, as under plain `python`. vLLM's
+        engine core and workers are processes started in here, so they see only these GPUs even though this
+        process has already looked at CUDA (keep VLLM_ENABLE_V1_MULTIPROCESSING at its default, 1, on GPUs)."""
         if self.world == 1:
             yield
             return
