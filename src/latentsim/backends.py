@@ -29,12 +29,12 @@ import inspect
 import math
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from latentsim.distributed import Ranks
 from latentsim.errors import BadInputError, ConfigError, UnavailableError
 from latentsim.prompts import (
     INTERPRETATION_MARK,
@@ -371,7 +371,7 @@ class VLLMScorer:
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
-        with own_engine(ranks, tensor_parallel_size, gpus_per_rank):
+        with (ranks or Ranks()).own_engine(tensor_parallel_size, gpus_per_rank):
             self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank,
                                 enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
@@ -520,21 +520,10 @@ def vllm_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-@contextmanager
-def own_engine(ranks, gpus: int, gpus_per_rank: int | None = None):
-    """Under `accelerate launch` (latentsim.distributed.Ranks) a vLLM engine is its rank's alone: it starts on
-    the rank's own GPUs and outside the launch, as under plain `python`; otherwise nothing changes."""
-    if ranks is None:
-        yield
-    else:
-        with ranks.own_engine(gpus, gpus_per_rank):
-            yield
-
-
 def load_llm(model_path: str, tensor_parallel_size: int = 1, max_model_len: int = 4096,
              gpu_memory_utilization: float = 0.85, dtype: str = "auto", ranks=None):
     vllm = require_vllm()
-    with own_engine(ranks, tensor_parallel_size):
+    with (ranks or Ranks()).own_engine(tensor_parallel_size):  # under accelerate launch: this rank's engine alone
         return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
                         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                         dtype=vllm_dtype(dtype))

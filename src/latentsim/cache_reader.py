@@ -143,13 +143,18 @@ class CacheReader:
             yield (sf.spans["locations"].read(sf.path, first, self.chunk_entries),
                    sf.spans["activations"].read(sf.path, first, self.chunk_entries))
 
+    def row_mask(self, rows: np.ndarray | None) -> np.ndarray | None:
+        """A boolean [n_rows] mask of `rows` (None: every row, no mask)."""
+        if rows is None:
+            return None
+        keep = np.zeros(self.n_rows, dtype=bool)
+        keep[np.asarray(rows, dtype=np.int64)] = True
+        return keep
+
     def entries(self, split: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The non-zeros of one split file (those of `rows` only, when given): locations int64 [n, 3] with global
         latent ids, activations float32, in file order. Read `chunk_entries` at a time."""
-        keep_row = None
-        if rows is not None:
-            keep_row = np.zeros(self.n_rows, dtype=bool)
-            keep_row[np.asarray(rows, dtype=np.int64)] = True
+        keep_row = self.row_mask(rows)
         start = self.splits[split].start
         locs, acts = [], []
         for loc, act in self.chunks(split):

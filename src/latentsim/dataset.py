@@ -115,14 +115,16 @@ def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, ch
 
 
 def same_token_latents(reader: CacheReader) -> dict[int, np.ndarray]:
-    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read one
-    latent split at a time."""
+    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read a chunk
+    of a split file at a time."""
     pairs = []
-    for i in range(len(reader.splits)):
-        loc = reader.entries(i)[0]
-        pairs.append(np.unique(reader.tokens[loc[:, 0], loc[:, 1]].astype(np.int64) * reader.width + loc[:, 2]))
-        del loc
-    token, latent = np.divmod(np.unique(np.concatenate(pairs)), reader.width)  # sorted by token, then latent
+    for i, sf in enumerate(reader.splits):
+        for loc, _ in reader.chunks(i):
+            loc = loc.astype(np.int64)
+            tokens = reader.tokens[loc[:, 0], loc[:, 1]].astype(np.int64)  # int64 before the product
+            pairs.append(np.unique(tokens * reader.width + loc[:, 2] + sf.start))
+    keys = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, dtype=np.int64)
+    token, latent = np.divmod(keys, reader.width)  # sorted by token, then latent
     starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]]) if len(token) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(token)]
     return {int(token[a]): latent[a:b] for a, b in zip(starts, ends, strict=True)}

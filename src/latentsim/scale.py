@@ -10,13 +10,13 @@ the latents mean.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from latentsim.cache import finalise_shards, remove_shards, shard_ranges, write_shard
+from latentsim.io import atomic_write_json
 
 SYNTHETIC_WORDS = 4096  # subject vocabulary: w0 .. w4095, plus the answers a simulator tokenizer needs
 ANSWERS = ["Yes", "No", *map(str, range(10))]
@@ -80,6 +80,6 @@ def write_synthetic_cache(cache_dir: str | Path, n_tokens: int, width: int, l0: 
                   "width": width, "l0": l0, "seed": seed}}}
     out = finalise_shards(shard_dir, ranges, cache_dir / "latents", hookpoint, width, n_splits, config)
     remove_shards(shard_dir)
-    (cache_dir / "synthetic.json").write_text(json.dumps({"n_rows": n_rows, "ctx_len": ctx_len, "width": width,
-                                                          "l0": l0, "n_splits": n_splits, "seed": seed}))
+    atomic_write_json(cache_dir / "synthetic.json", {"n_rows": n_rows, "ctx_len": ctx_len, "width": width, "l0": l0,
+                                                     "n_splits": n_splits, "seed": seed})
     return out
