@@ -167,8 +167,9 @@ study() {
 
 levers() {
   # The study's levers (configs/study/levers/, README "Does a simulator learn?"), run on a finished study: simulator A
-  # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; richer interpretations),
-  # scored on the study's held-out sets beside A and the references. ~65 min on 2 cores.
+  # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; richer interpretations)
+  # and with the two that helped together (richer interpretations, 320 steps), scored on the study's held-out sets
+  # beside A, the zero-shot model and the references.
   setup
   RUN=levers
   local out=outputs/study/levers t0=$SECONDS c=configs/study/levers a=smollm2-135m_dense_quantiles_top5__final
@@ -177,7 +178,7 @@ levers() {
   stage build_datasets bash -c "for f in mix_dense_quantiles_top5_rich mix_dense_quantiles_all eval_quantiles_rich \
     eval_per_latent_quantiles_rich; do '$PY' data_gen/build_dataset.py --config $c/\$f.yaml || exit 1; done"
   local lever
-  for lever in top5_r64 top5_320steps top5_rich all; do
+  for lever in top5_r64 top5_320steps top5_rich all top5_rich_320steps; do
     stage "sft_$lever" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
       --config $c/sft_smollm2-135m_dense_quantiles_$lever.yaml
   done
