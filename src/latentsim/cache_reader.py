@@ -151,23 +151,25 @@ class CacheReader:
         keep[np.asarray(rows, dtype=np.int64)] = True
         return keep
 
-    def entries(self, split: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The non-zeros of one split file (those of `rows` only, when given): locations int64 [n, 3] with global
-        latent ids, activations float32, in file order. Read `chunk_entries` at a time."""
+    def entry_chunks(self, split: int, rows: np.ndarray | None = None):
+        """The non-zeros of one split file (those of `rows` only, when given), `chunk_entries` at a time and in file
+        order: locations int64 [m, 3] with global latent ids, activations float32."""
         keep_row = self.row_mask(rows)
         start = self.splits[split].start
-        locs, acts = [], []
         for loc, act in self.chunks(split):
             if keep_row is not None:
                 mask = keep_row[loc[:, 0]]
                 loc, act = loc[mask], act[mask]
             loc = loc.astype(np.int64)
             loc[:, 2] += start
-            locs.append(loc)
-            acts.append(act.astype(np.float32))
-        if not locs:
+            yield loc, act.astype(np.float32)
+
+    def entries(self, split: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """entry_chunks of one split file, concatenated."""
+        parts = list(self.entry_chunks(split, rows))
+        if not parts:
             return np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.float32)
-        return np.concatenate(locs), np.concatenate(acts)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def select(self, rows: np.ndarray | None = None, splits: list[int] | None = None) -> SparseCache:
         """A SparseCache of the given rows and latent splits (all by default). Row ids stay global."""

@@ -118,11 +118,10 @@ def same_token_latents(reader: CacheReader) -> dict[int, np.ndarray]:
     """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read a chunk
     of a split file at a time."""
     pairs = []
-    for i, sf in enumerate(reader.splits):
-        for loc, _ in reader.chunks(i):
-            loc = loc.astype(np.int64)
+    for i in range(len(reader.splits)):
+        for loc, _ in reader.entry_chunks(i):
             tokens = reader.tokens[loc[:, 0], loc[:, 1]].astype(np.int64)  # int64 before the product
-            pairs.append(np.unique(tokens * reader.width + loc[:, 2] + sf.start))
+            pairs.append(np.unique(tokens * reader.width + loc[:, 2]))
     keys = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, dtype=np.int64)
     token, latent = np.divmod(keys, reader.width)  # sorted by token, then latent
     starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]]) if len(token) else np.zeros(0, int)

@@ -105,11 +105,9 @@ class SplitLatentIndexes:
     def counts(self) -> np.ndarray:
         """Each latent's non-zeros in `rows`, counted chunk by chunk as the split files are read."""
         counts = np.zeros(self.reader.width, dtype=np.int64)
-        keep_row = self.reader.row_mask(self.rows)
-        for i, sf in enumerate(self.reader.splits):
-            for loc, _ in self.reader.chunks(i):
-                latents = (loc[:, 2] if keep_row is None else loc[keep_row[loc[:, 0]], 2]).astype(np.int64)
-                counts[sf.start:sf.end + 1] += np.bincount(latents, minlength=sf.end - sf.start + 1)
+        for i in range(len(self.reader.splits)):
+            for loc, _ in self.reader.entry_chunks(i, self.rows):
+                counts += np.bincount(loc[:, 2], minlength=self.reader.width)
         return counts
 
     def of(self, latent: int) -> LatentIndex:
