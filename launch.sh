@@ -132,9 +132,10 @@ quickstart() {
 
 study() {
   # The CPU study (configs/study/, README "Does a simulator learn?"): a larger SAE and cache than the quickstart's,
-  # two dense simulators (uniform vs frequency-matched negatives) with checkpoints, every baseline on the
-  # per-context and latent-major held-out sets, the pooled patching table, and the whole layer judged by
-  # simulator A; ends with the report (HTML + report.md, the tables the README quotes).
+  # two interpretation sets (plain and richer token lists) and a dense simulator on each (A: 160 steps; B: 320, with
+  # its step-160 checkpoint), every baseline on the per-context and latent-major held-out sets (the prompted ones on
+  # B's richer text), the pooled patching tables, and the whole layer judged by simulator B; ends with the report
+  # (HTML + report.md, the tables the README quotes).
   setup
   setup_embedded
   setup_corpus
@@ -144,21 +145,25 @@ study() {
   stage prepare "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml --models smollm2-135m
   stage train_sae "$PY" data_gen/train_sae.py --config $c/sae_smollm2-135m_l15.yaml
   stage cache "$PY" data_gen/cache_activations.py --config $c/cache_smollm2-135m_l15.yaml
-  stage explain bash -c "'$PY' data_gen/explain.py --config $c/explain_token_list_quantiles.yaml &&
-    '$PY' data_gen/explain.py --config $c/explain_token_list_top.yaml"
+  stage explain bash -c "for f in quantiles quantiles_rich top; do
+    '$PY' data_gen/explain.py --config $c/explain_token_list_\$f.yaml || exit 1; done"
   local mix
-  for mix in quantiles_top5 quantiles_top5_frequency_matched; do
+  for mix in quantiles_top5 quantiles_top5_rich; do
     stage "build_$mix" "$PY" data_gen/build_dataset.py --config $c/mix_dense_$mix.yaml
-    stage "sft_$mix" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
-      --config $c/sft_smollm2-135m_dense_$mix.yaml
   done
-  stage build_eval_sets bash -c "'$PY' data_gen/build_dataset.py --config $c/eval_quantiles.yaml &&
-    '$PY' data_gen/build_dataset.py --config $c/eval_per_latent_quantiles.yaml &&
-    '$PY' data_gen/build_dataset.py --config $c/eval_per_latent_same_token.yaml"
-  stage eval_sweep "$PY" eval/sweep.py --config $c/sweep_quantiles.yaml
-  stage eval_sweep_per_latent "$PY" eval/sweep.py --config $c/sweep_per_latent_quantiles.yaml
-  stage eval_sweep_same_token "$PY" eval/sweep.py --config $c/sweep_per_latent_same_token.yaml
-  stage patch_kl "$PY" eval/patch_kl.py --config $c/patch_kl.yaml
+  stage sft_a "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+    --config $c/sft_smollm2-135m_dense_quantiles_top5.yaml
+  stage sft_b "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+    --config $c/sft_smollm2-135m_dense_quantiles_top5_rich_320steps.yaml
+  stage build_eval_sets bash -c "for f in eval_quantiles eval_per_latent_quantiles eval_per_latent_same_token; do
+    for g in \$f \${f}_rich; do '$PY' data_gen/build_dataset.py --config $c/\$g.yaml || exit 1; done; done"
+  local sweep
+  for sweep in sweep_quantiles sweep_quantiles_rich sweep_per_latent_quantiles sweep_per_latent_quantiles_rich \
+    sweep_per_latent_same_token sweep_per_latent_same_token_rich; do
+    stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
+  done
+  stage patch_kl bash -c "'$PY' eval/patch_kl.py --config $c/patch_kl.yaml &&
+    '$PY' eval/patch_kl.py --config $c/patch_kl_rich.yaml"
   stage whole_layer "$PY" eval/whole_layer.py --config $c/whole_layer.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"
@@ -167,18 +172,17 @@ study() {
 
 levers() {
   # The study's levers (configs/study/levers/, README "Does a simulator learn?"), run on a finished study: simulator A
-  # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; richer interpretations)
-  # and with the two that helped together (richer interpretations, 320 steps), scored on the study's held-out sets
-  # beside A, the zero-shot model and the references.
+  # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; frequency-matched
+  # negatives), scored on the study's held-out sets beside A, the prompted baselines on the same plain token lists
+  # and the references. (The richer text alone is simulator B's step-160 checkpoint; both levers together are B.)
   setup
   RUN=levers
   local out=outputs/study/levers t0=$SECONDS c=configs/study/levers a=smollm2-135m_dense_quantiles_top5__final
   [ -d outputs/study/eval/eval_quantiles/$a ] || { echo "error: run ./launch.sh study first (outputs/study)"; exit 2; }
-  stage explain_rich "$PY" data_gen/explain.py --config $c/explain_token_list_quantiles_rich.yaml
-  stage build_datasets bash -c "for f in mix_dense_quantiles_top5_rich mix_dense_quantiles_all eval_quantiles_rich \
-    eval_per_latent_quantiles_rich; do '$PY' data_gen/build_dataset.py --config $c/\$f.yaml || exit 1; done"
+  stage build_datasets bash -c "for f in mix_dense_quantiles_all mix_dense_quantiles_top5_frequency_matched; do
+    '$PY' data_gen/build_dataset.py --config $c/\$f.yaml || exit 1; done"
   local lever
-  for lever in top5_r64 top5_320steps top5_rich all top5_rich_320steps; do
+  for lever in top5_r64 top5_320steps all top5_frequency_matched; do
     stage "sft_$lever" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
       --config $c/sft_smollm2-135m_dense_quantiles_$lever.yaml
   done
@@ -186,7 +190,7 @@ levers() {
   for set in eval_quantiles eval_per_latent_quantiles; do
     mkdir -p "$out/eval/$set" && cp -rn "outputs/study/eval/$set/$a" "$out/eval/$set/"
   done
-  for sweep in sweep_quantiles sweep_quantiles_rich sweep_per_latent_quantiles sweep_per_latent_quantiles_rich; do
+  for sweep in sweep_quantiles sweep_per_latent_quantiles; do
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
   stage report "$PY" eval/report.py --config $c/report.yaml

@@ -52,7 +52,8 @@ def main(args: EvalArguments, api=None) -> None:
         eval_set.require_uniform_negatives()
     sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
     ranks = Ranks.from_env()
-    splits = {s: eval_set.split(s, args.max_contexts, args.seed)
+    splits = {s: eval_set.split(s, args.max_contexts if s == args.eval_split else
+                                (args.calibration_contexts or args.max_contexts), args.seed)
               for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
     test = splits[args.eval_split]
     # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones.

@@ -110,6 +110,15 @@ def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monk
     sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, overwrite=True, run_dirs=[], baselines=[
         f"model={tiny_model_dir},name=zero"])
     assert pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")["context_id"].nunique() == 3
+    # Fewer calibration contexts than test ones: another spec, and only the calibration split shrinks.
+    with pytest.raises(ValueError, match="calibration_contexts"):
+        sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, calibration_contexts=2, run_dirs=[],
+              baselines=[f"model={tiny_model_dir},name=zero"])
+    sweep(assets, tiny_model_dir, tmp_path / "cal", max_contexts=3, calibration_contexts=2, run_dirs=[],
+          baselines=["model=prior"])
+    prior = tmp_path / "cal" / "eval_set" / "baseline__prior"
+    assert pd.read_parquet(prior / "predictions_test.parquet")["context_id"].nunique() == 3
+    assert pd.read_parquet(prior / "predictions_validation.parquet")["context_id"].nunique() == 2
 
 
 def test_mismatched_prompt_format_or_template_is_refused(assets, tiny_model_dir, tmp_path):

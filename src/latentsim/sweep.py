@@ -193,7 +193,8 @@ def simulators_to_score(args, api=None) -> list[Simulator]:
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
     """What a simulator's folder holds results of (spec.json): a finished folder answers only the same spec."""
     return {"simulator": asdict(sim), "eval_set": str(Path(args.eval_set)), "splits": list(splits),
-            "max_contexts": args.max_contexts, "seed": args.seed, "backend": args.backend, "dtype": args.dtype}
+            "max_contexts": args.max_contexts, "calibration_contexts": args.calibration_contexts, "seed": args.seed,
+            "backend": args.backend, "dtype": args.dtype}
 
 
 def gpus_per_rank(sims: list[Simulator], args) -> int:

@@ -70,6 +70,9 @@ class EvalArguments:
     calibration_split: str | None = field(default="validation", metadata={"help": "Split for temperature scaling and the "
                                                                                   "L0-matched threshold (null: none)."})
     max_contexts: int = field(default=0, metadata={"help": "Score a seeded sample of this many contexts per split (0: all)."})
+    calibration_contexts: int = field(default=0, metadata={"help": "Contexts sampled from calibration_split (0: as "
+                                                                   "max_contexts): one temperature and one threshold "
+                                                                   "need fewer than the metrics."})
     run_dirs: list[str] = field(default_factory=list, metadata={"help": "train/sft.py output dirs: every complete "
                                                                         "checkpoint-N and the final adapter are evaluated."})
     hub_runs: list[str] = field(default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."})
@@ -107,8 +110,8 @@ class EvalArguments:
         _require_positive(self, "batch_size", "max_lora_rank", "tensor_parallel_size", "max_model_len")
         if not 0 < self.gpu_memory_utilization <= 1:
             _fail("gpu_memory_utilization", f"{self.gpu_memory_utilization} is not in (0, 1].")
-        if self.max_contexts < 0:
-            _fail("max_contexts", "must be >= 0.")
+        if self.max_contexts < 0 or self.calibration_contexts < 0:
+            _fail("max_contexts" if self.max_contexts < 0 else "calibration_contexts", "must be >= 0.")
         if self.calibration_split in ("", "null", "none", "None"):  # YAML null, or the same on a command line
             self.calibration_split = None
         if self.eval_split == self.calibration_split:
