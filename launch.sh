@@ -174,7 +174,8 @@ levers() {
   # The study's levers (configs/study/levers/, README "Does a simulator learn?"), run on a finished study: simulator A
   # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; frequency-matched
   # negatives), scored on the study's held-out sets beside A, the prompted baselines on the same plain token lists
-  # and the references. (The richer text alone is simulator B's step-160 checkpoint; both levers together are B.)
+  # and the references (the richer text alone is simulator B's step-160 checkpoint; both levers together are B), and
+  # the few-shot baseline on the study's per-latent set (left out of the study for time).
   setup
   RUN=levers
   local out=outputs/study/levers t0=$SECONDS c=configs/study/levers a=smollm2-135m_dense_quantiles_top5__final
@@ -190,7 +191,7 @@ levers() {
   for set in eval_quantiles eval_per_latent_quantiles; do
     mkdir -p "$out/eval/$set" && cp -rn "outputs/study/eval/$set/$a" "$out/eval/$set/"
   done
-  for sweep in sweep_quantiles sweep_per_latent_quantiles; do
+  for sweep in sweep_quantiles sweep_per_latent_quantiles sweep_per_latent_quantiles_rich_3shot; do
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
   stage report "$PY" eval/report.py --config $c/report.yaml
