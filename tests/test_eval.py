@@ -117,6 +117,16 @@ def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monk
     sweep(assets, tiny_model_dir, tmp_path / "cal", max_contexts=3, calibration_contexts=2, run_dirs=[],
           baselines=["model=prior"])
     prior = tmp_path / "cal" / "eval_set" / "baseline__prior"
+    # A folder finished before `calibration_contexts` existed answers the default (0: as max_contexts), not 2.
+    zero = root / "baseline__zero" / "spec.json"
+    zero.write_text(json.dumps({k: v for k, v in json.loads(zero.read_text()).items() if k != "calibration_contexts"}))
+    calls.clear()
+    sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, run_dirs=[], baselines=[
+        f"model={tiny_model_dir},name=zero"])
+    assert calls == []
+    with pytest.raises(ValueError, match="calibration_contexts"):
+        sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, calibration_contexts=2, run_dirs=[],
+              baselines=[f"model={tiny_model_dir},name=zero"])
     assert pd.read_parquet(prior / "predictions_test.parquet")["context_id"].nunique() == 3
     assert pd.read_parquet(prior / "predictions_validation.parquet")["context_id"].nunique() == 2
 

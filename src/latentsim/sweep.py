@@ -210,9 +210,9 @@ def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | N
         for f in folder.iterdir():
             f.unlink()
     old = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else None
-    if old is not None:  # a simulator field added since, left at None, is no difference (the old behaviour)
-        spec = {**spec, "simulator": {k: v for k, v in spec["simulator"].items()
-                                      if k in old.get("simulator", {}) or v is not None}}
+    if old is not None:  # a field added since, left at its default (None, 0), is no difference (the old behaviour)
+        spec = {k: v for k, v in spec.items() if k in old or v not in (None, 0)}
+        spec["simulator"] = {k: v for k, v in spec["simulator"].items() if k in old.get("simulator", {}) or v is not None}
     if old is not None and old != spec:
         diff = sorted(k for k in spec if spec[k] != old.get(k))
         raise BadInputError(f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "
