@@ -42,16 +42,32 @@ def main(args: GpuCheckArguments) -> None:
     for name, argv in steps:
         start = time.perf_counter()
         result = subprocess.run(argv, capture_output=True, text=True)
-        records.append({"step": name, "argv": argv, "rc": result.returncode,
-                        "seconds": round(time.perf_counter() - start, 1), "stderr_tail": result.stderr[-2000:]})
+        records.append(
+            {
+                "step": name,
+                "argv": argv,
+                "rc": result.returncode,
+                "seconds": round(time.perf_counter() - start, 1),
+                "stderr_tail": result.stderr[-2000:],
+            }
+        )
         print(f"[gpu_check] {name}: rc {result.returncode}, {records[-1]['seconds']} s", flush=True)
     found = checks(out)
     passed = all(r["rc"] == 0 for r in records) and all(c["ok"] for c in found.values())
-    atomic_write_json(out / "results.json", {
-        "passed": passed, "seconds": round(time.perf_counter() - t0, 1), "steps": records, "checks": found,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "provenance": provenance("gpu_check", {"gpu_check": args}, None)})
-    print(f"[gpu_check] {'passed' if passed else 'FAILED'}: {json.dumps(found)}\n[gpu_check] {out / 'results.json'}")
+    atomic_write_json(
+        out / "results.json",
+        {
+            "passed": passed,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "steps": records,
+            "checks": found,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "provenance": provenance("gpu_check", {"gpu_check": args}, None),
+        },
+    )
+    print(
+        f"[gpu_check] {'passed' if passed else 'FAILED'}: {json.dumps(found)}\n[gpu_check] {out / 'results.json'}"
+    )
     if not passed:
         sys.exit(1)
 

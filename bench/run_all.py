@@ -46,10 +46,12 @@ def random_topk_sae(d_in: int, d_sae: int, k: int):
     return sae.eval()
 
 
-TEXT = ("The standard library offers a wide range of facilities. It contains built-in modules that provide access "
-        "to system functionality such as file input and output, as well as modules written in Python that provide "
-        "standardized solutions for many problems that occur in everyday programming. A fool and his money are soon "
-        "parted, but a wise man keeps a little of both for the days when the rain will not stop falling.").split()
+TEXT = (
+    "The standard library offers a wide range of facilities. It contains built-in modules that provide access "
+    "to system functionality such as file input and output, as well as modules written in Python that provide "
+    "standardized solutions for many problems that occur in everyday programming. A fool and his money are soon "
+    "parted, but a wise man keeps a little of both for the days when the rain will not stop falling."
+).split()
 
 
 def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[list[dict]]:
@@ -66,7 +68,7 @@ def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[l
     rng = random.Random(0)
     prompts = []
     for c in range(n_contexts):
-        words = TEXT[c * 7:c * 7 + 32]
+        words = TEXT[c * 7 : c * 7 + 32]
         context = marked_context(" ".join(words[:-1]) + " ", words[-1])
         for _ in range(per_context):
             interp = ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
@@ -82,12 +84,19 @@ def main(args: BenchArguments) -> None:
     sae_dir = Path(args.sae_path)
     cases = []  # (hookpoint layer, SAE name, SAE)
     if (sae_dir / "cfg.json").is_file():
-        cases.append((layer, f"{sae_dir} (d_sae 4096)",
-                      load_sae(SAEArguments(hookpoint=args.hookpoint, sae_path=str(sae_dir)), d_model=d_model)))
+        cases.append(
+            (
+                layer,
+                f"{sae_dir} (d_sae 4096)",
+                load_sae(SAEArguments(hookpoint=args.hookpoint, sae_path=str(sae_dir)), d_model=d_model),
+            )
+        )
     else:
         cases.append((layer, "random TopK (d_sae 4096, k 32)", random_topk_sae(d_model, 4096, 32)))
     # delphi's SmolLM2 SAEs are ~32k wide: the shared encoder matmul grows, so the ratio shrinks.
-    cases.append((layer, f"random TopK (d_sae {args.wide_d_sae}, k 32)", random_topk_sae(d_model, args.wide_d_sae, 32)))
+    cases.append(
+        (layer, f"random TopK (d_sae {args.wide_d_sae}, k 32)", random_topk_sae(d_model, args.wide_d_sae, 32))
+    )
     # The speed-up is bounded by the layers skipped: a shallower hookpoint skips more.
     cases.append((args.shallow_layer, "random TopK (d_sae 4096, k 32)", random_topk_sae(d_model, 4096, 32)))
     vocab = model.config.get_text_config().vocab_size
@@ -99,48 +108,74 @@ def main(args: BenchArguments) -> None:
         result = bench_cache(model, sae, rows, case_layer, args.batch_size, calibration_gflops=calibration)
         result["name"] = f"cache_activations[{args.model} layers.{case_layer}, SAE {sae_name}]"
         results.append(result)
-        print(f"[bench] {result['name']}: {result['ratio_vs_naive']:.2f}x naive (FLOP bound "
-              f"{result['flop_ratio_bound']:.2f}x) ({result['tokens_per_s']['ours']:.0f} "
-              f"vs {result['tokens_per_s']['naive']:.0f} tok/s), {result['achieved_gflops']:.1f} GFLOP/s = "
-              f"{result['pct_of_matmul']:.0f}% of matmul, exact: {result['exact']}", flush=True)
+        print(
+            f"[bench] {result['name']}: {result['ratio_vs_naive']:.2f}x naive (FLOP bound "
+            f"{result['flop_ratio_bound']:.2f}x) ({result['tokens_per_s']['ours']:.0f} "
+            f"vs {result['tokens_per_s']['naive']:.0f} tok/s), {result['achieved_gflops']:.1f} GFLOP/s = "
+            f"{result['pct_of_matmul']:.0f}% of matmul, exact: {result['exact']}",
+            flush=True,
+        )
     prompts = scoring_prompts(Path(args.eval_set), args.score_contexts, args.score_latents)
-    scoring = bench_scoring(model, tokenizer, prompts, answer_token_ids("sim_v1", tokenizer), calibration_gflops=calibration)
+    scoring = bench_scoring(
+        model, tokenizer, prompts, answer_token_ids("sim_v1", tokenizer), calibration_gflops=calibration
+    )
     results.append(scoring)
-    print(f"[bench] {scoring['name']}: prefix-shared {scoring['ratio_vs_naive']:.2f}x naive, naive+last logits "
-          f"{scoring['ratio_naive_last_logits_vs_naive']:.2f}x ({scoring['judgments_per_s']['prefix_shared']:.1f} vs "
-          f"{scoring['judgments_per_s']['naive']:.1f} judgments/s; {scoring['mean_prompt_tokens']:.0f} prompt tokens, "
-          f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
-          f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
-          f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})", flush=True)
-    interpretations, text, ends = whole_layer_inputs(Path(args.eval_set), tokenizer, args.whole_layer_latents,
-                                                     args.whole_layer_tokens, TEXT)
+    print(
+        f"[bench] {scoring['name']}: prefix-shared {scoring['ratio_vs_naive']:.2f}x naive, naive+last logits "
+        f"{scoring['ratio_naive_last_logits_vs_naive']:.2f}x ({scoring['judgments_per_s']['prefix_shared']:.1f} vs "
+        f"{scoring['judgments_per_s']['naive']:.1f} judgments/s; {scoring['mean_prompt_tokens']:.0f} prompt tokens, "
+        f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
+        f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
+        f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})",
+        flush=True,
+    )
+    interpretations, text, ends = whole_layer_inputs(
+        Path(args.eval_set), tokenizer, args.whole_layer_latents, args.whole_layer_tokens, TEXT
+    )
     step = max(1, len(ends) // args.whole_layer_sim_v1_positions)
-    dense = bench_dense_scoring(model, tokenizer, interpretations, text, ends,
-                                list(range(step - 1, len(ends), step))[:args.whole_layer_sim_v1_positions],
-                                calibration_gflops=calibration)
+    dense = bench_dense_scoring(
+        model,
+        tokenizer,
+        interpretations,
+        text,
+        ends,
+        list(range(step - 1, len(ends), step))[: args.whole_layer_sim_v1_positions],
+        calibration_gflops=calibration,
+    )
     results.append(dense)
-    print(f"[bench] {dense['name']}: dense with KV reuse {dense['ratio_vs_sim_v1_prefix_shared']:.1f}x prefix-shared "
-          f"sim_v1, {dense['ratio_vs_naive']:.1f}x one dense forward per judgment "
-          f"({dense['judgments_per_s']['dense_kv_shared']:.0f} vs {dense['judgments_per_s']['sim_v1_prefix_shared']:.1f} "
-          f"vs {dense['judgments_per_s']['dense_per_position']:.1f} judgments/s; "
-          f"{dense['computed_tokens_per_judgment']['dense_kv_shared']:.2f} vs "
-          f"{dense['computed_tokens_per_judgment']['sim_v1_prefix_shared']:.0f} tokens computed per judgment), "
-          f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: {dense['exact']} "
-          f"(max |delta margin| {dense['max_abs_diff_margin']:.1e})", flush=True)
-    patch_rows = rows[:args.patch_rows, :args.patch_len].clone()
+    print(
+        f"[bench] {dense['name']}: dense with KV reuse {dense['ratio_vs_sim_v1_prefix_shared']:.1f}x prefix-shared "
+        f"sim_v1, {dense['ratio_vs_naive']:.1f}x one dense forward per judgment "
+        f"({dense['judgments_per_s']['dense_kv_shared']:.0f} vs {dense['judgments_per_s']['sim_v1_prefix_shared']:.1f} "
+        f"vs {dense['judgments_per_s']['dense_per_position']:.1f} judgments/s; "
+        f"{dense['computed_tokens_per_judgment']['dense_kv_shared']:.2f} vs "
+        f"{dense['computed_tokens_per_judgment']['sim_v1_prefix_shared']:.0f} tokens computed per judgment), "
+        f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: {dense['exact']} "
+        f"(max |delta margin| {dense['max_abs_diff_margin']:.1e})",
+        flush=True,
+    )
+    patch_rows = rows[: args.patch_rows, : args.patch_len].clone()
     patch_rows[:, 0] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else patch_rows[:, 0]
-    patch = bench_patch_kl(model, cases[0][2], patch_rows, layer, n_variants=args.patch_variants,
-                           calibration_gflops=calibration)
+    patch = bench_patch_kl(
+        model, cases[0][2], patch_rows, layer, n_variants=args.patch_variants, calibration_gflops=calibration
+    )
     results.append(patch)
-    print(f"[bench] {patch['name']}: {patch['ratio_vs_naive']:.2f}x naive (FLOP bound {patch['flop_ratio_bound']:.1f}x; "
-          f"{patch['variants_per_s']['ours']:.1f} vs {patch['variants_per_s']['naive']:.1f} variants/s), "
-          f"{patch['achieved_gflops']:.1f} GFLOP/s = {patch['pct_of_matmul']:.0f}% of matmul; exact: {patch['exact']} "
-          f"(max |delta KL| {patch['max_abs_diff_kl']:.1e})", flush=True)
-    sft = bench_sft(resolve_model_path(args.model), seq_len=args.ctx_len, batch_size=4, calibration_gflops=calibration)
+    print(
+        f"[bench] {patch['name']}: {patch['ratio_vs_naive']:.2f}x naive (FLOP bound {patch['flop_ratio_bound']:.1f}x; "
+        f"{patch['variants_per_s']['ours']:.1f} vs {patch['variants_per_s']['naive']:.1f} variants/s), "
+        f"{patch['achieved_gflops']:.1f} GFLOP/s = {patch['pct_of_matmul']:.0f}% of matmul; exact: {patch['exact']} "
+        f"(max |delta KL| {patch['max_abs_diff_kl']:.1e})",
+        flush=True,
+    )
+    sft = bench_sft(
+        resolve_model_path(args.model), seq_len=args.ctx_len, batch_size=4, calibration_gflops=calibration
+    )
     results.append(sft)
-    print(f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
-          f"{sft['tokens_per_s']['full']:.0f} tok/s); LoRA at {sft['achieved_gflops']:.1f} GFLOP/s of its 4N bound = "
-          f"{sft['pct_of_matmul']:.0f}% of matmul, full at {sft['pct_of_matmul_full']:.0f}% (6N); exact: {sft['exact']}")
+    print(
+        f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
+        f"{sft['tokens_per_s']['full']:.0f} tok/s); LoRA at {sft['achieved_gflops']:.1f} GFLOP/s of its 4N bound = "
+        f"{sft['pct_of_matmul']:.0f}% of matmul, full at {sft['pct_of_matmul_full']:.0f}% (6N); exact: {sft['exact']}"
+    )
     out = Path(args.output)
     atomic_write_json(out, {"provenance": provenance("bench", vars(args), seed=0), "results": results})
     print(f"[bench] wrote {out}")

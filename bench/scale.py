@@ -44,29 +44,77 @@ def stage_commands(args: ScaleArguments, n_tokens: int, folder: Path) -> dict[st
     py, cache = sys.executable, folder / "cache"
     tokenizer = str(cache / "tokenizer")
     shared = ["--cache_dir", str(cache), "--hookpoint", HOOK, "--seed", "22"]
-    mixture = ["--interpretations", str(folder / "explanations" / "token_list"), "--simulator_tokenizer", tokenizer,
-               "--prompt_format", "sim_v1", "--label", "active", "--window_min", "32", "--window_max", "32",
-               "--max_rows_per_split", str(args.max_rows_per_split)]
-    generate = ("from latentsim.scale import write_synthetic_cache; "
-                f"write_synthetic_cache({str(cache)!r}, {n_tokens}, {args.width}, {args.l0}, {args.n_splits}, "
-                f"ctx_len={args.ctx_len}, hookpoint={HOOK!r})")
-    statistics = ("from latentsim.cache_reader import CacheReader; from latentsim.latent_stats import "
-                  "cache_statistics, save_statistics; "
-                  f"print(save_statistics({str(cache / 'stats')!r}, {HOOK!r}, "
-                  f"cache_statistics(CacheReader({str(cache / 'latents')!r}, {HOOK!r}), 64)))")
+    mixture = [
+        "--interpretations",
+        str(folder / "explanations" / "token_list"),
+        "--simulator_tokenizer",
+        tokenizer,
+        "--prompt_format",
+        "sim_v1",
+        "--label",
+        "active",
+        "--window_min",
+        "32",
+        "--window_max",
+        "32",
+        "--max_rows_per_split",
+        str(args.max_rows_per_split),
+    ]
+    generate = (
+        "from latentsim.scale import write_synthetic_cache; "
+        f"write_synthetic_cache({str(cache)!r}, {n_tokens}, {args.width}, {args.l0}, {args.n_splits}, "
+        f"ctx_len={args.ctx_len}, hookpoint={HOOK!r})"
+    )
+    statistics = (
+        "from latentsim.cache_reader import CacheReader; from latentsim.latent_stats import "
+        "cache_statistics, save_statistics; "
+        f"print(save_statistics({str(cache / 'stats')!r}, {HOOK!r}, "
+        f"cache_statistics(CacheReader({str(cache / 'latents')!r}, {HOOK!r}), 64)))"
+    )
     return {
         "synthetic cache (shards + finalise)": [py, "-c", generate],
         "statistics": [py, "-c", statistics],
         f"explanation sampling ({args.explain_latents} latents)": [
-            py, "data_gen/explain.py", *shared, "--explanations_dir", str(folder / "explanations"),
-            "--set_name", "token_list", "--explainer", "token_list", "--sampling", "quantiles",
-            "--max_latents", str(args.explain_latents), "--min_activations", "5"],
+            py,
+            "data_gen/explain.py",
+            *shared,
+            "--explanations_dir",
+            str(folder / "explanations"),
+            "--set_name",
+            "token_list",
+            "--explainer",
+            "token_list",
+            "--sampling",
+            "quantiles",
+            "--max_latents",
+            str(args.explain_latents),
+            "--min_activations",
+            "5",
+        ],
         "dataset (top-5 positives, 1 negative each)": [
-            py, "data_gen/build_dataset.py", *shared, *mixture, "--positives", "top_k", "--top_k", "5",
-            "--output_dir", str(folder / "datasets" / "mixture")],
+            py,
+            "data_gen/build_dataset.py",
+            *shared,
+            *mixture,
+            "--positives",
+            "top_k",
+            "--top_k",
+            "5",
+            "--output_dir",
+            str(folder / "datasets" / "mixture"),
+        ],
         "eval set (all positives, 10 negatives per context)": [
-            py, "data_gen/build_dataset.py", *shared, *mixture, "--positives", "all", "--negatives_per_context", "10",
-            "--output_dir", str(folder / "datasets" / "eval")],
+            py,
+            "data_gen/build_dataset.py",
+            *shared,
+            *mixture,
+            "--positives",
+            "all",
+            "--negatives_per_context",
+            "10",
+            "--output_dir",
+            str(folder / "datasets" / "eval"),
+        ],
     }
 
 
@@ -86,9 +134,13 @@ def main(args: ScaleArguments) -> None:
         latents = folder / "cache" / "latents" / HOOK
         stats = json.loads((folder / "cache" / "stats" / f"{HOOK}.json").read_text())
         results["sizes"][str(n_tokens)] = {
-            "stages": rows, "non_zeros": int(stats["mean_l0"] * stats["n_tokens_excluding_bos"]),
+            "stages": rows,
+            "non_zeros": int(stats["mean_l0"] * stats["n_tokens_excluding_bos"]),
             "mean_l0": round(stats["mean_l0"], 2),
-            "cache_gb_on_disk": round(sum(p.stat().st_size for p in latents.glob("*.safetensors")) / 2**30, 2)}
+            "cache_gb_on_disk": round(
+                sum(p.stat().st_size for p in latents.glob("*.safetensors")) / 2**30, 2
+            ),
+        }
         atomic_write_json(out / "results.json", results)
         if not args.keep_caches:
             shutil.rmtree(folder / "cache")
@@ -102,9 +154,16 @@ def print_table(results: dict) -> None:
     print("|---|" + "---|" * len(sizes))
     for name in results["sizes"][sizes[0]]["stages"]:
         cells = [results["sizes"][s]["stages"][name] for s in sizes]
-        print(f"| {name} | " + " | ".join(f"{c['seconds']:.0f} / {c['peak_rss_gb']:.2f}" for c in cells) + " |")
-    print("| non-zeros (L0) | " + " | ".join(f"{results['sizes'][s]['non_zeros'] / 1e6:.0f}M "
-                                            f"({results['sizes'][s]['mean_l0']})" for s in sizes) + " |")
+        print(
+            f"| {name} | " + " | ".join(f"{c['seconds']:.0f} / {c['peak_rss_gb']:.2f}" for c in cells) + " |"
+        )
+    print(
+        "| non-zeros (L0) | "
+        + " | ".join(
+            f"{results['sizes'][s]['non_zeros'] / 1e6:.0f}M ({results['sizes'][s]['mean_l0']})" for s in sizes
+        )
+        + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def main(args: DatasetArguments, api=None) -> None:
     rng = np.random.default_rng(args.seed)
     explained = explained_latents(interpretations, scores)
     latent_splits, row_splits = split_pools(explained, cache.n_rows, args, rng)
-    interpretation_rows = refuse_eval_rows(args.interpretations, np.concatenate(
-        [row_splits["validation"], row_splits["test"]]), cache.n_rows)
+    interpretation_rows = refuse_eval_rows(
+        args.interpretations, np.concatenate([row_splits["validation"], row_splits["test"]]), cache.n_rows
+    )
     row_splits = subsample_rows(row_splits, args.max_rows_per_split, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
@@ -68,24 +69,48 @@ def main(args: DatasetArguments, api=None) -> None:
         split_stats[split] = split_summary(rows, latent_splits[split], len(row_splits[split]))
 
     summary = {
-        "width": cache.width, "splits": split_stats,
-        "latents_with_interpretation": len(explained), "latents_without_interpretation": cache.width - len(explained),
+        "width": cache.width,
+        "splits": split_stats,
+        "latents_with_interpretation": len(explained),
+        "latents_without_interpretation": cache.width - len(explained),
         "active_without_interpretation": report.active_without_interpretation,
-        "negatives_short": report.negatives_short, "prompt_format": args.prompt_format, "label": args.label,
-        "candidates": args.candidates, "interpretation_rows": interpretation_rows,
-        **({"contexts_per_latent": args.contexts_per_latent, "latents_never_active": report.latents_never_active}
-           if args.candidates == "per_latent" else {}),
+        "negatives_short": report.negatives_short,
+        "prompt_format": args.prompt_format,
+        "label": args.label,
+        "candidates": args.candidates,
+        "interpretation_rows": interpretation_rows,
+        **(
+            {
+                "contexts_per_latent": args.contexts_per_latent,
+                "latents_never_active": report.latents_never_active,
+            }
+            if args.candidates == "per_latent"
+            else {}
+        ),
         **negative_sampling_summary(args, report),
     }
     atomic_write_json(out / "dataset_stats.json", summary)
     atomic_write_text(out / "README.md", dataset_card(args, cache.config, summary))
-    print(f"[build_dataset] {out}: " + ", ".join(f"{s} {v['examples']} examples ({v['positives']} positive, "
-                                                   f"{v['latents']} latents)" for s, v in split_stats.items()))
-    print(f"[build_dataset] active latents left out for lack of an interpretation: "
-          f"{report.active_without_interpretation}; latents without one: {summary['latents_without_interpretation']}")
+    print(
+        f"[build_dataset] {out}: "
+        + ", ".join(
+            f"{s} {v['examples']} examples ({v['positives']} positive, {v['latents']} latents)"
+            for s, v in split_stats.items()
+        )
+    )
+    print(
+        f"[build_dataset] active latents left out for lack of an interpretation: "
+        f"{report.active_without_interpretation}; latents without one: {summary['latents_without_interpretation']}"
+    )
     if args.push_to_hub:
-        url = upload_folder(out, args.push_to_hub, "dataset", private=args.hub_private, api=api,
-                            commit_message=f"latentsim build_dataset ({args.prompt_format})")
+        url = upload_folder(
+            out,
+            args.push_to_hub,
+            "dataset",
+            private=args.hub_private,
+            api=api,
+            commit_message=f"latentsim build_dataset ({args.prompt_format})",
+        )
         print(f"[build_dataset] pushed to {url}")
 
 

@@ -50,24 +50,39 @@ def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
     """delphi's CacheConfig fields + model_name, and our own block."""
     name = embedded_name(model_args.model_name_or_path)
     return {
-        "dataset_repo": corpus_args.corpus, "dataset_split": corpus_args.corpus_split,
-        "dataset_name": corpus_args.corpus_config_name or "", "dataset_column": corpus_args.corpus_text_column,
-        "batch_size": args.batch_size, "cache_ctx_len": corpus_args.ctx_len,
-        "n_tokens": corpus_args.n_rows * corpus_args.ctx_len, "n_splits": args.n_splits,
+        "dataset_repo": corpus_args.corpus,
+        "dataset_split": corpus_args.corpus_split,
+        "dataset_name": corpus_args.corpus_config_name or "",
+        "dataset_column": corpus_args.corpus_text_column,
+        "batch_size": args.batch_size,
+        "cache_ctx_len": corpus_args.ctx_len,
+        "n_tokens": corpus_args.n_rows * corpus_args.ctx_len,
+        "n_splits": args.n_splits,
         # delphi loads the tokenizer from model_name: give it a Hub id it can resolve.
         "model_name": EMBEDDED_MODELS[name].hub_equivalent if name else model_args.model_name_or_path,
         "latentsim": {
-            "hookpoint": sae_args.hookpoint, "d_sae": d_sae, "model": describe_model_source(model_args.model_name_or_path),
-            "sae": {"sae_path": sae_args.sae_path, "sae_release": sae_args.sae_release, "sae_id": sae_args.sae_id},
-            "row_start": corpus_args.row_start, "n_rows": corpus_args.n_rows, "seed": corpus_args.seed,
+            "hookpoint": sae_args.hookpoint,
+            "d_sae": d_sae,
+            "model": describe_model_source(model_args.model_name_or_path),
+            "sae": {
+                "sae_path": sae_args.sae_path,
+                "sae_release": sae_args.sae_release,
+                "sae_id": sae_args.sae_id,
+            },
+            "row_start": corpus_args.row_start,
+            "n_rows": corpus_args.n_rows,
+            "seed": corpus_args.seed,
             "corpus_streaming": corpus_args.corpus_streaming,
-            "position_0_excluded": True, "active_threshold": ACTIVE_THRESHOLD,
+            "position_0_excluded": True,
+            "active_threshold": ACTIVE_THRESHOLD,
             "row_index": "rows are indices into `tokens`; corpus row = row_start + row",
         },
     }
 
 
-def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAEArguments, args: CacheArguments) -> None:
+def main(
+    model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAEArguments, args: CacheArguments
+) -> None:
     out, ranks = Path(args.output_dir), Ranks.from_env()
     latents_dir, shard_dir, stats_dir = out / "latents", out / "shards" / sae_args.hookpoint, out / "stats"
     if args.overwrite:
@@ -82,24 +97,33 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
     # Finished or half-done work is reused only if it was made with the same config.
     ignore = {"cache.overwrite", "cache.batch_size"} | ({"cache.shard_rows"} if recorded else set())
     if recorded or shard_dir.is_dir():
-        require_same_config(out, configs, ignore, "a cache", "set --overwrite true to redo it, or choose another output_dir")
+        require_same_config(
+            out, configs, ignore, "a cache", "set --overwrite true to redo it, or choose another output_dir"
+        )
     # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
     if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
-        print(f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo).")
+        print(
+            f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo)."
+        )
         return
     if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():
-        raise MissingInputError(f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
-                                "train one with data_gen/train_sae.py or fix the path.")
+        raise MissingInputError(
+            f"config key `sae_path`: {sae_args.sae_path} is not a sae-lens folder (no cfg.json); "
+            "train one with data_gen/train_sae.py or fix the path."
+        )
     out.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         write_run_config(out, "cache_activations", configs, corpus_args.seed)
 
     if not recorded:
         corpus = load_corpus_from_args(corpus_args)
-        model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
-                                                    device=ranks.device(model_args.device),
-                                                    revision=model_args.model_revision,
-                                                    trust_remote_code=model_args.trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(
+            model_args.model_name_or_path,
+            dtype=model_args.model_dtype,
+            device=ranks.device(model_args.device),
+            revision=model_args.model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
         layer = check_hookpoint(model, sae_args.hookpoint)
         sae = load_sae(sae_args, device=model.device, d_model=model.config.get_text_config().hidden_size)
         ranges = shard_ranges(corpus_args.n_rows, args.shard_rows)
@@ -107,33 +131,52 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, sae_args: SAE
         done = completed_shards(shard_dir, mine)
         todo = [r for r in mine if r not in done]
         who = f"{ranks.who}: " if ranks.who else ""
-        print(f"[cache] {who}{len(mine)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go")
+        print(
+            f"[cache] {who}{len(mine)} shards of {args.shard_rows} rows: {len(done)} done, {len(todo)} to go"
+        )
         streaming, first = corpus_args.corpus_streaming, corpus_args.row_start
         if streaming:  # rows read when needed, from the nearest stream position a finished shard saved
             stream, states = streamed_rows(corpus_args, tokenizer, corpus), stream_states(shard_dir, ranges)
         else:
             rows = corpus_rows(corpus_args, tokenizer, corpus)
-        with tqdm(total=sum(b - a for a, b in todo) * corpus_args.ctx_len, desc="caching", unit="tok",
-                  unit_scale=True) as bar:
+        with tqdm(
+            total=sum(b - a for a, b in todo) * corpus_args.ctx_len,
+            desc="caching",
+            unit="tok",
+            unit_scale=True,
+        ) as bar:
             for a, b in todo:
                 batch = stream.rows(first + a, first + b, states) if streaming else rows[a:b]
                 locations, activations = record_rows(model, sae, batch, layer, args.batch_size, progress=bar)
                 locations[:, 0] += a
-                write_shard(shard_dir, a, b, locations, activations, batch.numpy(),
-                            stream.state() if streaming else None)
+                write_shard(
+                    shard_dir,
+                    a,
+                    b,
+                    locations,
+                    activations,
+                    batch.numpy(),
+                    stream.state() if streaming else None,
+                )
         ranks.wait_for_all()
     if not ranks.is_main:
         return  # rank 0 finalises every rank's shards and computes the statistics
     if not recorded:
         config = delphi_config(model_args, corpus_args, sae_args, args, sae.cfg.d_sae)
-        finalise_shards(shard_dir, ranges, latents_dir, sae_args.hookpoint, sae.cfg.d_sae, args.n_splits, config)
+        finalise_shards(
+            shard_dir, ranges, latents_dir, sae_args.hookpoint, sae.cfg.d_sae, args.n_splits, config
+        )
         remove_shards(shard_dir)
 
     reader = CacheReader(latents_dir, sae_args.hookpoint)  # read one latent split at a time
-    summary = save_statistics(stats_dir, sae_args.hookpoint, cache_statistics(reader, args.quantile_sample_size))
-    print(f"[cache] {latents_dir / sae_args.hookpoint}: {reader.n_nonzero} non-zeros over "
-          f"{summary['n_tokens_excluding_bos']} tokens (L0 {summary['mean_l0']:.1f}, "
-          f"{summary['dead_fraction']:.1%} of latents never fire); stats in {stats_dir}")
+    summary = save_statistics(
+        stats_dir, sae_args.hookpoint, cache_statistics(reader, args.quantile_sample_size)
+    )
+    print(
+        f"[cache] {latents_dir / sae_args.hookpoint}: {reader.n_nonzero} non-zeros over "
+        f"{summary['n_tokens_excluding_bos']} tokens (L0 {summary['mean_l0']:.1f}, "
+        f"{summary['dead_fraction']:.1%} of latents never fire); stats in {stats_dir}"
+    )
 
 
 if __name__ == "__main__":

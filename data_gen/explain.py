@@ -43,8 +43,14 @@ DATACLASSES = (ExplainArguments,)
 
 def main(args: ExplainArguments) -> None:
     set_dir = Path(args.explanations_dir) / args.set_name
-    require_same_config(set_dir, {"explain": args}, {"explain.batch_size", "explain.device"}, "interpretations",
-                        "choose another set_name or delete the folder", finished="*.txt")
+    require_same_config(
+        set_dir,
+        {"explain": args},
+        {"explain.batch_size", "explain.device"},
+        "interpretations",
+        "choose another set_name or delete the folder",
+        finished="*.txt",
+    )
     if args.explainer == "llm" and args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
@@ -61,24 +67,47 @@ def main(args: ExplainArguments) -> None:
     if args.max_latents:
         rng = np.random.default_rng(args.seed)
         eligible = np.sort(rng.choice(eligible, size=min(args.max_latents, len(eligible)), replace=False))
-    mine = ranks.share([int(lat) for lat in eligible])  # by position: the ranks need not talk to split the work
+    mine = ranks.share(
+        [int(lat) for lat in eligible]
+    )  # by position: the ranks need not talk to split the work
     todo = [lat for lat in mine if not explanation_path(set_dir, args.hookpoint, lat).exists()]
     who = f" {ranks.who}:" if ranks.who else ""
-    print(f"[explain] {set_dir}:{who} {len(mine)} latents to explain ({len(mine) - len(todo)} done), "
-          f"{int((counts < args.min_activations).sum())} fire fewer than {args.min_activations} times")
+    print(
+        f"[explain] {set_dir}:{who} {len(mine)} latents to explain ({len(mine) - len(todo)} done), "
+        f"{int((counts < args.min_activations).sum())} fire fewer than {args.min_activations} times"
+    )
 
     def examples_of(latent: int):
-        rng = np.random.default_rng([args.seed, latent])  # per latent: same examples whatever the resume point
-        return sample_examples(indexes.of(latent), latent, args.sampling, rng, args.n_top, args.n_quantiles, args.per_quantile)
+        rng = np.random.default_rng(
+            [args.seed, latent]
+        )  # per latent: same examples whatever the resume point
+        return sample_examples(
+            indexes.of(latent), latent, args.sampling, rng, args.n_top, args.n_quantiles, args.per_quantile
+        )
 
     empty = []
     if args.explainer == "token_list":
         for latent in tqdm(todo, desc=f"explain ({args.set_name})", unit="latent"):
-            write_explanation(set_dir, args.hookpoint, latent, token_list_explanation(
-                examples_of(latent), subject_tokenizer, args.n_tokens, args.context_tokens, args.n_contexts, args.n_preceding))
+            write_explanation(
+                set_dir,
+                args.hookpoint,
+                latent,
+                token_list_explanation(
+                    examples_of(latent),
+                    subject_tokenizer,
+                    args.n_tokens,
+                    args.context_tokens,
+                    args.n_contexts,
+                    args.n_preceding,
+                ),
+            )
     elif args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.explainer_model), args.tensor_parallel_size, args.max_model_len,
-                                ranks=ranks)
+        llm = backends.load_llm(
+            resolve_model_path(args.explainer_model),
+            args.tensor_parallel_size,
+            args.max_model_len,
+            ranks=ranks,
+        )
         tokenizer = load_tokenizer(args.explainer_model)
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
         texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
@@ -90,7 +119,7 @@ def main(args: ExplainArguments) -> None:
     else:
         model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=ranks.device(args.device))
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
-            chunk = todo[i:i + args.batch_size]
+            chunk = todo[i : i + args.batch_size]
             messages = explainer_messages([examples_of(lat) for lat in chunk], subject_tokenizer)
             texts = llm_explanations(model, tokenizer, messages, args.batch_size, args.max_new_tokens)
             for latent, text in zip(chunk, texts, strict=True):
@@ -102,12 +131,22 @@ def main(args: ExplainArguments) -> None:
     if not ranks.is_main:
         return
     explained = sum(explanation_path(set_dir, args.hookpoint, int(lat)).exists() for lat in eligible)
-    report = {"set": args.set_name, "explainer": args.explainer, "sampling": args.sampling, "width": cache.width,
-              "eligible": len(eligible), "explained": explained, "empty_outputs": empty,
-              "too_rare": int((counts < args.min_activations).sum()), "min_activations": args.min_activations}
+    report = {
+        "set": args.set_name,
+        "explainer": args.explainer,
+        "sampling": args.sampling,
+        "width": cache.width,
+        "eligible": len(eligible),
+        "explained": explained,
+        "empty_outputs": empty,
+        "too_rare": int((counts < args.min_activations).sum()),
+        "min_activations": args.min_activations,
+    }
     atomic_write_json(set_dir / "explain_report.json", report)
-    print(f"[explain] {explained} of {len(eligible)} latents explained in {set_dir}"
-          + (f"; {len(empty)} produced no text (listed in explain_report.json)" if empty else ""))
+    print(
+        f"[explain] {explained} of {len(eligible)} latents explained in {set_dir}"
+        + (f"; {len(empty)} produced no text (listed in explain_report.json)" if empty else "")
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def main(args: PrepareArguments) -> None:
         path = prepare_embedded_corpus(name)
         ds = load_corpus(str(path))
         n_chars = sum(len(t) for t in list(ds["text"]))
-        print(f"[prepare] corpus embedded:{name} -> {path} ({len(ds)} documents, {n_chars / 1e6:.1f}M characters)",
-              flush=True)
+        print(
+            f"[prepare] corpus embedded:{name} -> {path} ({len(ds)} documents, {n_chars / 1e6:.1f}M characters)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

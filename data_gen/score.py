@@ -33,18 +33,28 @@ DATACLASSES = (ScoreArguments,)
 VLLM_LATENTS_PER_CALL = 256
 
 
-def latent_items(args: ScoreArguments, index, interpretation: str, latent: int, subject_tokenizer) -> list[dict]:
+def latent_items(
+    args: ScoreArguments, index, interpretation: str, latent: int, subject_tokenizer
+) -> list[dict]:
     """The scorer's items (prompt, text, activating) for one latent, from its own seeded examples."""
     rng = np.random.default_rng([args.seed, latent])
-    activating = explain.sample_examples(index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1)
+    activating = explain.sample_examples(
+        index, latent, "quantiles", rng, n_quantiles=args.n_activating, per_quantile=1
+    )
     non_activating = explain.non_activating_examples(index, latent, args.n_non_activating, rng)
     return scorer_items(args.scorer, interpretation, activating, non_activating, subject_tokenizer, rng)
 
 
 def main(args: ScoreArguments) -> None:
     out = Path(args.scores_dir) / args.scorer
-    require_same_config(out, {"score": args}, {"score.batch_size", "score.device"}, "scores",
-                        "choose another scores_dir or delete the folder", finished="*.txt")
+    require_same_config(
+        out,
+        {"score": args},
+        {"score.batch_size", "score.device"},
+        "scores",
+        "choose another scores_dir or delete the folder",
+        finished="*.txt",
+    )
     if args.backend == "vllm":
         backends.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
@@ -56,17 +66,25 @@ def main(args: ScoreArguments) -> None:
 
     latents = np.array(sorted(interpretations))
     if args.max_latents:
-        latents = np.sort(np.random.default_rng(args.seed).choice(latents, size=min(args.max_latents, len(latents)),
-                                                                  replace=False))
-    mine = ranks.share([int(lat) for lat in latents])  # by position: the ranks need not talk to split the work
+        latents = np.sort(
+            np.random.default_rng(args.seed).choice(
+                latents, size=min(args.max_latents, len(latents)), replace=False
+            )
+        )
+    mine = ranks.share(
+        [int(lat) for lat in latents]
+    )  # by position: the ranks need not talk to split the work
     todo = [lat for lat in mine if not explain.explanation_path(out, args.hookpoint, lat).exists()]
     who = f" ({ranks.who})" if ranks.who else ""
-    print(f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents ({len(mine) - len(todo)} done)")
+    print(
+        f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents ({len(mine) - len(todo)} done)"
+    )
     subject_tokenizer = cache.subject_tokenizer()
     indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
     if args.backend == "vllm":
-        llm = backends.load_llm(resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len,
-                                ranks=ranks)
+        llm = backends.load_llm(
+            resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len, ranks=ranks
+        )
         tokenizer = load_tokenizer(args.judge_model)
         yes_no = yes_no_ids(tokenizer)
 
@@ -77,29 +95,47 @@ def main(args: ScoreArguments) -> None:
 
         def judge(prompts):
             return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
+
     # vLLM judges many latents per call (one request per judgment, batched by the engine); hf one latent at a time.
     per_call = VLLM_LATENTS_PER_CALL if args.backend == "vllm" else 1
     with tqdm(total=len(todo), desc=f"score ({args.scorer})", unit="latent") as bar:
         for start in range(0, len(todo), per_call):
-            chunk = todo[start:start + per_call]
-            items = {latent: latent_items(args, indexes.of(latent), interpretations[latent], latent, subject_tokenizer)
-                     for latent in chunk}
+            chunk = todo[start : start + per_call]
+            items = {
+                latent: latent_items(
+                    args, indexes.of(latent), interpretations[latent], latent, subject_tokenizer
+                )
+                for latent in chunk
+            }
             probs = iter(judge([it["prompt"] for latent in chunk for it in items[latent]]))
-            for latent in chunk:  # each latent's file written atomically: a rerun judges only the missing ones
-                records = [{"str_tokens": it["text"], "activating": it["activating"], "probability": (p := next(probs)),
-                            "prediction": int(p > 0.5), "correct": int(p > 0.5) == int(it["activating"])}
-                           for it in items[latent]]
+            for (
+                latent
+            ) in chunk:  # each latent's file written atomically: a rerun judges only the missing ones
+                records = [
+                    {
+                        "str_tokens": it["text"],
+                        "activating": it["activating"],
+                        "probability": (p := next(probs)),
+                        "prediction": int(p > 0.5),
+                        "correct": int(p > 0.5) == int(it["activating"]),
+                    }
+                    for it in items[latent]
+                ]
                 atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
             bar.update(len(chunk))
     ranks.wait_for_all()
     if not ranks.is_main:
         return
     scores = load_score_folder(out, args.hookpoint)
-    atomic_write_json(Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())})
+    atomic_write_json(
+        Path(args.scores_dir) / f"{args.scorer}.json", {str(k): v for k, v in sorted(scores.items())}
+    )
     values = np.array(list(scores.values()))
-    print(f"[score] {args.scorer}: {len(scores)} latents, balanced accuracy median {np.median(values):.3f} "
-          f"(25-75%: {np.percentile(values, 25):.3f}-{np.percentile(values, 75):.3f}); "
-          f"{Path(args.scores_dir) / (args.scorer + '.json')}")
+    print(
+        f"[score] {args.scorer}: {len(scores)} latents, balanced accuracy median {np.median(values):.3f} "
+        f"(25-75%: {np.percentile(values, 25):.3f}-{np.percentile(values, 75):.3f}); "
+        f"{Path(args.scores_dir) / (args.scorer + '.json')}"
+    )
 
 
 if __name__ == "__main__":

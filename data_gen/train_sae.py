@@ -33,9 +33,9 @@ def collect_residuals(model, rows: torch.Tensor, layer: int, batch_size: int, de
     out = []
     with tqdm(total=rows.numel(), desc=desc, unit="tok", unit_scale=True) as bar:
         for i in range(0, rows.shape[0], batch_size):
-            h = residual_at(model, rows[i:i + batch_size].to(model.device), layer, stop=True)[:, 1:]
+            h = residual_at(model, rows[i : i + batch_size].to(model.device), layer, stop=True)[:, 1:]
             out.append(h.reshape(-1, h.shape[-1]).float().cpu())
-            bar.update(rows[i:i + batch_size].numel())
+            bar.update(rows[i : i + batch_size].numel())
     return torch.cat(out)
 
 
@@ -43,8 +43,13 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     out = Path(args.output_dir)
     configs = {"model": model_args, "corpus": corpus_args, "train_sae": args}
     if (out / "training_report.json").is_file() and (out / "cfg.json").is_file() and not args.overwrite:
-        require_same_config(out, configs, {"train_sae.overwrite", "train_sae.batch_size"}, "an SAE",
-                            "set --overwrite true to retrain, or choose another output_dir")
+        require_same_config(
+            out,
+            configs,
+            {"train_sae.overwrite", "train_sae.batch_size"},
+            "an SAE",
+            "set --overwrite true to retrain, or choose another output_dir",
+        )
         print(f"[train_sae] {out} already holds a trained SAE; skipping (set --overwrite true to retrain).")
         return
     torch.manual_seed(corpus_args.seed)
@@ -52,24 +57,41 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     write_run_config(out, "train_sae", configs, corpus_args.seed)
 
     corpus = load_corpus_from_args(corpus_args)
-    model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.model_dtype,
-                                                device=model_args.device, revision=model_args.model_revision,
-                                                trust_remote_code=model_args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path,
+        dtype=model_args.model_dtype,
+        device=model_args.device,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     layer = check_hookpoint(model, args.hookpoint)
     # Training rows first, then `eval_rows` held-out rows right after them.
-    rows = corpus_rows(dataclasses.replace(corpus_args, n_rows=corpus_args.n_rows + args.eval_rows), tokenizer, corpus)
-    train_x = collect_residuals(model, rows[:-args.eval_rows], layer, args.batch_size, "residuals (train)")
-    eval_x = collect_residuals(model, rows[-args.eval_rows:], layer, args.batch_size, "residuals (held out)")
+    rows = corpus_rows(
+        dataclasses.replace(corpus_args, n_rows=corpus_args.n_rows + args.eval_rows), tokenizer, corpus
+    )
+    train_x = collect_residuals(model, rows[: -args.eval_rows], layer, args.batch_size, "residuals (train)")
+    eval_x = collect_residuals(model, rows[-args.eval_rows :], layer, args.batch_size, "residuals (held out)")
     del model
     train_x, train_outliers = drop_norm_outliers(train_x, args.outlier_norm_factor)
     eval_x, eval_outliers = drop_norm_outliers(eval_x, args.outlier_norm_factor)
-    print(f"[train_sae] left out {train_outliers + eval_outliers} tokens with residual norm > "
-          f"{args.outlier_norm_factor:g}x the median (massive activations)")
+    print(
+        f"[train_sae] left out {train_outliers + eval_outliers} tokens with residual norm > "
+        f"{args.outlier_norm_factor:g}x the median (massive activations)"
+    )
 
     start = time.perf_counter()
-    sae = train_topk_sae(train_x, args.d_sae, args.k, args.training_tokens, args.train_batch_size_tokens, args.lr,
-                         args.lr_end_fraction, corpus_args.seed, hook_name=args.hookpoint,
-                         model_name=model_args.model_name_or_path)
+    sae = train_topk_sae(
+        train_x,
+        args.d_sae,
+        args.k,
+        args.training_tokens,
+        args.train_batch_size_tokens,
+        args.lr,
+        args.lr_end_fraction,
+        corpus_args.seed,
+        hook_name=args.hookpoint,
+        model_name=model_args.model_name_or_path,
+    )
     train_seconds = time.perf_counter() - start
 
     tmp = Path(tempfile.mkdtemp(prefix=".sae.", dir=out.parent))
@@ -84,16 +106,26 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     report = {
         "held_out": sae_quality(saved, eval_x),
         "train": sae_quality(saved, train_x),
-        "d_sae": args.d_sae, "k": args.k, "hookpoint": args.hookpoint,
-        "training_samples": args.training_tokens, "distinct_training_tokens": int(train_x.shape[0]),
-        "train_seconds": round(train_seconds, 1), "position_0_excluded": True,
-        "norm_outliers_excluded": {"factor": args.outlier_norm_factor, "train": train_outliers, "held_out": eval_outliers},
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "hookpoint": args.hookpoint,
+        "training_samples": args.training_tokens,
+        "distinct_training_tokens": int(train_x.shape[0]),
+        "train_seconds": round(train_seconds, 1),
+        "position_0_excluded": True,
+        "norm_outliers_excluded": {
+            "factor": args.outlier_norm_factor,
+            "train": train_outliers,
+            "held_out": eval_outliers,
+        },
         "model": describe_model_source(model_args.model_name_or_path),
     }
     atomic_write_json(out / "training_report.json", report)
     held = report["held_out"]
-    print(f"[train_sae] saved {out}: held-out FVE {held['fve']:.3f}, L0 {held['l0']:.1f}, "
-          f"dead latents {report['train']['dead_fraction']:.1%} (over {train_x.shape[0]} training tokens)")
+    print(
+        f"[train_sae] saved {out}: held-out FVE {held['fve']:.3f}, L0 {held['l0']:.1f}, "
+        f"dead latents {report['train']['dead_fraction']:.1%} (over {train_x.shape[0]} training tokens)"
+    )
 
 
 if __name__ == "__main__":

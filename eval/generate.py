@@ -48,19 +48,40 @@ def main(args: GenerateArguments) -> dict:
             prompt_ids = [tok.bos_token_id] + prompt_ids  # the cache's rows start with BOS too
         for name, source in tqdm(sources.items(), desc=f"generating from {prompt!r}", unit="source"):
             sampler = torch.Generator().manual_seed(args.seed) if args.do_sample else None
-            new, kls, recovered = generate(model, eval_set.layer, sae, prompt_ids, source, args.max_new_tokens, sampler)
-            generations.append({"prompt": prompt, "source": name, "token_ids": new, "kl": kls, "recovered": recovered,
-                                "tokens": [tok.decode([t]) for t in new], "text": tok.decode(new)})
-    result = {"eval_set": str(eval_set.path), "hookpoint": eval_set.hookpoint, "prompts": args.prompts,
-              "kl_direction": "KL(p_clean || p_patched), nats", "sampling": "seeded" if args.do_sample else "greedy",
-              "generations": generations}
+            new, kls, recovered = generate(
+                model, eval_set.layer, sae, prompt_ids, source, args.max_new_tokens, sampler
+            )
+            generations.append(
+                {
+                    "prompt": prompt,
+                    "source": name,
+                    "token_ids": new,
+                    "kl": kls,
+                    "recovered": recovered,
+                    "tokens": [tok.decode([t]) for t in new],
+                    "text": tok.decode(new),
+                }
+            )
+    result = {
+        "eval_set": str(eval_set.path),
+        "hookpoint": eval_set.hookpoint,
+        "prompts": args.prompts,
+        "kl_direction": "KL(p_clean || p_patched), nats",
+        "sampling": "seeded" if args.do_sample else "greedy",
+        "generations": generations,
+    }
     write_results(out, result)
-    atomic_write_text(out / "generation.html", f"<!doctype html><html><head><meta charset=\"utf-8\"><title>latentsim "
-                      f"generation</title><style>{STYLE}</style></head><body><h1>Generation with {eval_set.hookpoint} "
-                      f"rewritten</h1>{generation_fragment(result)}</body></html>")
+    atomic_write_text(
+        out / "generation.html",
+        f'<!doctype html><html><head><meta charset="utf-8"><title>latentsim '
+        f"generation</title><style>{STYLE}</style></head><body><h1>Generation with {eval_set.hookpoint} "
+        f"rewritten</h1>{generation_fragment(result)}</body></html>",
+    )
     for g in generations:
-        print(f"[generate] {g['source']:<48} mean KL {np.mean(g['kl']):.3f}  recovered {g['recovered']:.2f}  "
-              f"{g['prompt']!r} -> {g['text']!r}")
+        print(
+            f"[generate] {g['source']:<48} mean KL {np.mean(g['kl']):.3f}  recovered {g['recovered']:.2f}  "
+            f"{g['prompt']!r} -> {g['text']!r}"
+        )
     print(f"[generate] {out / 'generation.html'}")
     return result
 

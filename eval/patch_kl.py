@@ -42,14 +42,23 @@ def main(args: PatchArguments) -> dict:
     eval_set = EvalSet.open(args.eval_set)
     eval_set.require_binary("patching")
     sweep_root = Path(args.sweep_dir or ".") / eval_set.name
-    sims = rewrite.sweep_simulators(sweep_root, args.split, args.simulators, args.thresholds) if args.sweep_dir else {}
+    sims = (
+        rewrite.sweep_simulators(sweep_root, args.split, args.simulators, args.thresholds)
+        if args.sweep_dir
+        else {}
+    )
     out = Path(args.output_dir or sweep_root / "patch_kl")
     if args.overwrite:
         for name in ("results.json", "per_context.parquet"):
             (out / name).unlink(missing_ok=True)
     if (finished := read_results(out)) is not None:
-        require_same_config(out, {"patch": args}, {"patch.overwrite"}, "patching results",
-                            "pass --overwrite true or choose another output_dir")
+        require_same_config(
+            out,
+            {"patch": args},
+            {"patch.overwrite"},
+            "patching results",
+            "pass --overwrite true or choose another output_dir",
+        )
         print(f"[patch_kl] {out / 'results.json'} exists for this config; skipped")
         return finished
 
@@ -59,15 +68,22 @@ def main(args: PatchArguments) -> dict:
         ids = set(eval_set.split(args.split, args.max_contexts, args.seed)["context_id"])
     contexts = sorted(ids)
     if args.max_contexts and len(contexts) > args.max_contexts:
-        contexts = sorted(np.random.default_rng(args.seed).choice(contexts, args.max_contexts, replace=False).tolist())
+        contexts = sorted(
+            np.random.default_rng(args.seed).choice(contexts, args.max_contexts, replace=False).tolist()
+        )
 
     model, _ = load_model_and_tokenizer(eval_set.subject_model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
     sae = eval_set.load_sae(device)
     edges = eval_set.decile_edges(device)
     medians = edges[:, 5]
-    value_of = (rewrite.predicted_values(eval_set, args.split, contexts, args.value_simulator, edges, args.dtype,
-                                         args.device, args.seed) if "predicted" in args.values else None)
+    value_of = (
+        rewrite.predicted_values(
+            eval_set, args.split, contexts, args.value_simulator, edges, args.dtype, args.device, args.seed
+        )
+        if "predicted" in args.values
+        else None
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "patch_kl", {"patch": args}, args.seed)
     tokens = eval_set.tokens
@@ -77,22 +93,46 @@ def main(args: PatchArguments) -> dict:
     records, sim_counts = [], {}
     by_context = {n: dict(tuple(s["predictions"].groupby("context_id"))) for n, s in sims.items()}
     for cid in tqdm(contexts, desc="patching", unit="context"):
-        per_source, counts = rewrite.patch_context(model, sae, tokens, cid, eval_set.layer, mean_vec, fraction_keys,
-                                                   gen, sims, {n: by_context[n][cid] for n in sims}, args.values,
-                                                   medians, value_of, args.all_positions)
+        per_source, counts = rewrite.patch_context(
+            model,
+            sae,
+            tokens,
+            cid,
+            eval_set.layer,
+            mean_vec,
+            fraction_keys,
+            gen,
+            sims,
+            {n: by_context[n][cid] for n in sims},
+            args.values,
+            medians,
+            value_of,
+            args.all_positions,
+        )
         for k, v in counts.items():
             sim_counts.setdefault(k, []).append(v)
         row, pos = context_row_position(cid)
-        records += [{"context_id": int(cid), "row": row, "position": pos, "source": n, **v} for n, v in per_source.items()]
+        records += [
+            {"context_id": int(cid), "row": row, "position": pos, "source": n, **v}
+            for n, v in per_source.items()
+        ]
 
     table = pd.DataFrame(records)
     atomic_save(out / "per_context.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     summary = rewrite.summarise_patching(table, sim_counts)
-    result = {"eval_set": str(eval_set.path), "split": args.split, "hookpoint": eval_set.hookpoint,
-              "n_contexts": len(contexts), "kl_direction": "KL(p_clean || p_patched), nats", "sources": summary,
-              "fractions": {"modes": args.fraction_modes, "values": args.fractions}}
+    result = {
+        "eval_set": str(eval_set.path),
+        "split": args.split,
+        "hookpoint": eval_set.hookpoint,
+        "n_contexts": len(contexts),
+        "kl_direction": "KL(p_clean || p_patched), nats",
+        "sources": summary,
+        "fractions": {"modes": args.fraction_modes, "values": args.fractions},
+    }
     write_results(out, result)
-    print(f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) at the judged position")
+    print(
+        f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) at the judged position"
+    )
     for source, s in summary.items():
         kl = s["kl_judged"]
         extra = f", all positions {s['kl_all']['median']:.4f}" if "kl_all" in s and s["kl_all"]["n"] else ""

@@ -33,8 +33,10 @@ def figure_html(fig, key: str, path: Path) -> str:
     """Write `fig` to `path` as PNG and return a <figure> embedding the same bytes, captioned by `key`."""
     data = figures.png_bytes(fig)
     atomic_write_bytes(path, data)
-    return (f'<figure><img alt="{key}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-            f"<figcaption>{key.replace('_', ' ')}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{key}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{key.replace('_', ' ')}</figcaption></figure>"
+    )
 
 
 def eval_set_html(eval_name: str, records: list[dict], rows: list[dict], figures_dir: Path) -> str:
@@ -43,38 +45,58 @@ def eval_set_html(eval_name: str, records: list[dict], rows: list[dict], figures
     results = records[0]["results"]  # what describes the eval set is the same in every record
     binary = "binary" in results
     if binary:
-        drawn = {"auc_against_references": figures.auc_against_references(records),
-                 "recall_precision": figures.recall_precision(records),
-                 "threshold_sweep": figures.threshold_sweep(records), "reliability": figures.reliability(records),
-                 "accuracy_vs_strength": figures.accuracy_vs_strength(records),
-                 "accuracy_vs_score": figures.accuracy_vs_score(records),
-                 "decoder_alignment": figures.decoder_alignment(records), "checkpoints": figures.checkpoints(records)}
+        drawn = {
+            "auc_against_references": figures.auc_against_references(records),
+            "recall_precision": figures.recall_precision(records),
+            "threshold_sweep": figures.threshold_sweep(records),
+            "reliability": figures.reliability(records),
+            "accuracy_vs_strength": figures.accuracy_vs_strength(records),
+            "accuracy_vs_score": figures.accuracy_vs_score(records),
+            "decoder_alignment": figures.decoder_alignment(records),
+            "checkpoints": figures.checkpoints(records),
+        }
     elif "per_latent" in results:  # latent-major: one table of per-latent numbers
         drawn = {}
     else:
         drawn = {"value_vs_activation": figures.value_vs_activation(records)}
-    imgs = [figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png") for key, fig in drawn.items() if fig is not None]
+    imgs = [
+        figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png")
+        for key, fig in drawn.items()
+        if fig is not None
+    ]
     eval_set = records[0]["eval_set"]
-    info = (f"prompt format <code>{eval_set['prompt_format']}</code>, split <code>{eval_set['split']}</code>, "
-            f"{results['n_contexts']} contexts, {results['n_judgments']} judgments per simulator")
+    info = (
+        f"prompt format <code>{eval_set['prompt_format']}</code>, split <code>{eval_set['split']}</code>, "
+        f"{results['n_contexts']} contexts, {results['n_judgments']} judgments per simulator"
+    )
     if binary:
-        info += (f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active per "
-                 "token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate")
+        info += (
+            f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active per "
+            "token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate"
+        )
     over = "contexts" if binary or "per_latent" not in results else "latents (latent-major eval set)"
-    return (f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked pooled.</p>"
-            f"{table_html(rows)}{''.join(imgs)}")
+    return (
+        f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked pooled.</p>"
+        f"{table_html(rows)}{''.join(imgs)}"
+    )
 
 
 def patch_html(eval_name: str, patch: dict, figures_dir: Path) -> str:
-    imgs = [figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png")
-            for key, fig in (("patch_sources", figures.patch_sources(patch)),
-                             ("patch_fractions", figures.patch_fractions(patch)))]
-    return (f"<h3>{html.escape(eval_name)}: latents patched into the subject model</h3><p>"
-            f"{patch['n_contexts']} contexts, hookpoint <code>{patch['hookpoint']}</code>, "
-            f"{html.escape(patch['kl_direction'])}; CE of the true next token. Simulators replace the "
-            "latents they scored (false positives included); latents they never scored keep their "
-            f"SAE values (<code>no_simulator</code>: all scored latents off).</p>"
-            f"{table_html(patch_rows(patch))}{''.join(imgs)}")
+    imgs = [
+        figure_html(fig, key, figures_dir / f"{eval_name}_{key}.png")
+        for key, fig in (
+            ("patch_sources", figures.patch_sources(patch)),
+            ("patch_fractions", figures.patch_fractions(patch)),
+        )
+    ]
+    return (
+        f"<h3>{html.escape(eval_name)}: latents patched into the subject model</h3><p>"
+        f"{patch['n_contexts']} contexts, hookpoint <code>{patch['hookpoint']}</code>, "
+        f"{html.escape(patch['kl_direction'])}; CE of the true next token. Simulators replace the "
+        "latents they scored (false positives included); latents they never scored keep their "
+        f"SAE values (<code>no_simulator</code>: all scored latents off).</p>"
+        f"{table_html(patch_rows(patch))}{''.join(imgs)}"
+    )
 
 
 def page_html(title: str, sweep_dir: Path, provenance: dict, sections: list[str]) -> str:
@@ -82,10 +104,10 @@ def page_html(title: str, sweep_dir: Path, provenance: dict, sections: list[str]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>From <code>{html.escape(str(sweep_dir))}</code>; git {html.escape(str(provenance.get('git_sha')))}, created
-{html.escape(provenance.get('created', ''))}. Expected-flagged counts extrapolate each context's scored candidates to the
+<p>From <code>{html.escape(str(sweep_dir))}</code>; git {html.escape(str(provenance.get("git_sha")))}, created
+{html.escape(provenance.get("created", ""))}. Expected-flagged counts extrapolate each context's scored candidates to the
 whole dictionary (see latentsim/metrics.py).</p>
-{''.join(sections)}
+{"".join(sections)}
 <script>window.addEventListener("load",()=>{{const ok=[...document.images].filter(i=>i.complete&&i.naturalWidth>0);
 document.body.dataset.imagesRendered=ok.length;document.body.dataset.tables=document.querySelectorAll("table").length;}});
 </script></body></html>"""
@@ -99,32 +121,44 @@ def main(args: ReportArguments) -> Path:
     write_run_config(out, "eval_report", {"report": args}, None)
     sections, markdown = [], [f"# {args.title}\n"]
     for eval_name, records in sweeps.items():
-        rows = [summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"]) for r in records]
+        rows = [
+            summary_row(r["name"], r["simulator"]["kind"], r["simulator"]["step"], r["results"])
+            for r in records
+        ]
         sections.append(eval_set_html(eval_name, records, rows, out / "figures"))
         res = records[0]["results"]
         latent_major = "per_latent" in res and "n_latents" in res and "value" not in res
-        held_out = f"{res['n_latents']} held-out latents" if latent_major else f"{res['n_contexts']} held-out contexts"
-        markdown.append(f"## {eval_name} ({held_out})\n\n"
-                        + markdown_table(headline_rows(rows)))
+        held_out = (
+            f"{res['n_latents']} held-out latents"
+            if latent_major
+            else f"{res['n_contexts']} held-out contexts"
+        )
+        markdown.append(f"## {eval_name} ({held_out})\n\n" + markdown_table(headline_rows(rows)))
         if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:
             sections.append(patch_html(eval_name, patch, out / "figures"))
         if (generation := read_results(sweep_dir / eval_name / "generate")) is not None:
-            sections.append(f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
-                            f"{generation_fragment(generation)}")
+            sections.append(
+                f"<h3>{html.escape(eval_name)}: generating with the layer rewritten</h3>"
+                f"{generation_fragment(generation)}"
+            )
     for folder in sorted(sweep_dir.glob("whole_layer*")):  # the end-to-end numbers: every latent judged
         if (whole := read_results(folder)) is None:
             continue
         head = format_table(whole).splitlines()[0].removeprefix("[whole_layer] ")
         name = f"The whole layer, rebuilt from the simulator's verdicts ({folder.name}: {whole['simulator']})"
-        sections.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(head)}; "
-                        "recovery = (KL_no_latents - KL) / (KL_no_latents - KL_sae).</p>"
-                        f"{table_html(whole_layer_rows(whole))}")
+        sections.append(
+            f"<h2>{html.escape(name)}</h2><p>{html.escape(head)}; "
+            "recovery = (KL_no_latents - KL) / (KL_no_latents - KL_sae).</p>"
+            f"{table_html(whole_layer_rows(whole))}"
+        )
         markdown.append(f"## {name}\n\n{head}\n\n" + markdown_table(whole_layer_rows(whole)))
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever
     atomic_write_text(out / "report.html", page_html(args.title, sweep_dir, provenance, sections))
     atomic_write_text(out / "report.md", "\n".join(markdown))
-    print(f"[report] {out / 'report.html'} ({len(sweeps)} eval sets, figures in {out / 'figures'}; tables: "
-          f"{out / 'report.md'})")
+    print(
+        f"[report] {out / 'report.html'} ({len(sweeps)} eval sets, figures in {out / 'figures'}; tables: "
+        f"{out / 'report.md'})"
+    )
     return out / "report.html"
 
 

@@ -32,8 +32,8 @@ def top_contexts(reader, latent: int, tokenizer, n: int = 3, window: int = 12) -
     out = []
     for i in best.tolist():
         row, pos, _ = cache.locations[i].tolist()
-        before = tokenizer.decode(cache.tokens[row, max(1, pos - window):pos])
-        token = tokenizer.decode(cache.tokens[row, pos:pos + 1])
+        before = tokenizer.decode(cache.tokens[row, max(1, pos - window) : pos])
+        token = tokenizer.decode(cache.tokens[row, pos : pos + 1])
         out.append(f"{cache.activations[i]:6.2f}  ...{before}[[{token}]]".replace("\n", "\\n"))
     return out
 
@@ -44,10 +44,14 @@ def main(args: SummaryArguments) -> None:
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         held = report["held_out"]
-        print(f"\nSAE   {run_dir / 'sae'}  ({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})")
-        print(f"      held-out FVE {held['fve']:.3f} | L0 {held['l0']:.1f} | dead latents (training tokens) "
-              f"{report['train']['dead_fraction']:.1%} | trained {report['train_seconds']:.0f} s on "
-              f"{report['distinct_training_tokens']} tokens")
+        print(
+            f"\nSAE   {run_dir / 'sae'}  ({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})"
+        )
+        print(
+            f"      held-out FVE {held['fve']:.3f} | L0 {held['l0']:.1f} | dead latents (training tokens) "
+            f"{report['train']['dead_fraction']:.1%} | trained {report['train_seconds']:.0f} s on "
+            f"{report['distinct_training_tokens']} tokens"
+        )
     latents_root = run_dir / "cache" / "latents"
     for folder in sorted(p for p in latents_root.glob("*") if p.is_dir()):
         hookpoint = folder.name
@@ -55,8 +59,10 @@ def main(args: SummaryArguments) -> None:
         stats = load_statistics(run_dir / "cache" / "stats", hookpoint)
         summary = json.loads((run_dir / "cache" / "stats" / f"{hookpoint}.json").read_text())
         print(f"\nCACHE {folder}  (delphi layout: {len(list(folder.glob('*.safetensors')))} split files)")
-        print(f"      {cache.n_rows} rows x {cache.ctx_len} tokens, {cache.n_nonzero} non-zeros, "
-              f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire")
+        print(
+            f"      {cache.n_rows} rows x {cache.ctx_len} tokens, {cache.n_nonzero} non-zeros, "
+            f"L0 {summary['mean_l0']:.1f}, {summary['dead_fraction']:.1%} of latents never fire"
+        )
         print(f"STATS {run_dir / 'cache' / 'stats' / (hookpoint + '.safetensors')}")
         tokenizer = cache.subject_tokenizer()
         rate = stats["firing_rate"]
@@ -68,7 +74,9 @@ def main(args: SummaryArguments) -> None:
             llm_latents = sorted(load_interpretations(llm_set, hookpoint, cache.width))
             picks = (llm_latents[:2] + picks)[:4]
         for latent in picks:
-            print(f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}")
+            print(
+                f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}"
+            )
             for line in top_contexts(cache, latent, tokenizer):
                 print(f"    {line}")
             for name, interpretations in interpretation_sets.items():
@@ -87,14 +95,20 @@ def print_simulators(run_dir: Path) -> None:
         results = json.loads(path.read_text())
         m = {k.removeprefix("eval_"): v for k, v in results["metrics"].items()}
         adapter = results.get("adapter", {})
-        print(f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} parameters, "
-              f"{results['prompt_format']})")
-        print(f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall {m.get('recall', 0):.3f} | "
-              f"precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | ECE {m.get('ece', 0):.3f} | "
-              f"mean P(yes) {m.get('mean_p_yes', 0):.3f}")
+        print(
+            f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} parameters, "
+            f"{results['prompt_format']})"
+        )
+        print(
+            f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall {m.get('recall', 0):.3f} | "
+            f"precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | ECE {m.get('ece', 0):.3f} | "
+            f"mean P(yes) {m.get('mean_p_yes', 0):.3f}"
+        )
         if "reload_max_abs_diff_p_yes" in adapter:
-            print(f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
-                  f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})")
+            print(
+                f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
+                f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})"
+            )
 
 
 def print_table(header: str, lines: list[str]) -> None:
@@ -111,25 +125,37 @@ def print_evaluation(run_dir: Path) -> None:
         if (summary := read_summary(folder)) is not None:
             rows = summary["rows"]
             per = "per-latent" if summary.get("candidates") == "per_latent" else "per-context"
-            print_table(f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
-                        f"judged dictionary {summary.get('judged_width', summary['width'])} explained latents, L0 "
-                        f"{summary['l0']:.1f} of them; {per} medians)", sweep_lines(rows))
+            print_table(
+                f"\nEVAL {folder}  ({summary['prompt_format']}, {rows[0]['contexts']} held-out contexts, "
+                f"judged dictionary {summary.get('judged_width', summary['width'])} explained latents, L0 "
+                f"{summary['l0']:.1f} of them; {per} medians)",
+                sweep_lines(rows),
+            )
     for folder in (s / "patch_kl" for s in eval_sets):
         if (patch := read_results(folder)) is not None:
-            print_table(f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
-                        f"{patch['kl_direction']}, median; CE of the next token; the clean model's CE: "
-                        f"{patch_cell(patch, 'clean', 'ce_judged')} judged, {patch_cell(patch, 'clean', 'ce_all')} all)",
-                        patch_lines(patch))
+            print_table(
+                f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
+                f"{patch['kl_direction']}, median; CE of the next token; the clean model's CE: "
+                f"{patch_cell(patch, 'clean', 'ce_judged')} judged, {patch_cell(patch, 'clean', 'ce_all')} all)",
+                patch_lines(patch),
+            )
     for folder in (s / "generate" for s in eval_sets):
         if (generation := read_results(folder)) is not None:
-            print_table(f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; mean "
-                        f"{generation['kl_direction']} per token; share of active latents recovered)",
-                        [f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
-                         f"{g['prompt']!r} -> {g['text']!r}" for g in generation["generations"]])
+            print_table(
+                f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; mean "
+                f"{generation['kl_direction']} per token; share of active latents recovered)",
+                [
+                    f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
+                    f"{g['prompt']!r} -> {g['text']!r}"
+                    for g in generation["generations"]
+                ],
+            )
     for folder in sorted((run_dir / "eval").glob("whole_layer*")):  # the end-to-end numbers, last
         if (whole := read_results(folder)) is not None:
-            print(f"\nWHOLE LAYER {folder}  (every explained latent judged by {whole['simulator']}; the layer rebuilt "
-                  "from its verdicts alone)")
+            print(
+                f"\nWHOLE LAYER {folder}  (every explained latent judged by {whole['simulator']}; the layer rebuilt "
+                "from its verdicts alone)"
+            )
             print(format_table(whole))
     report = run_dir / "eval" / "report" / "report.html"
     if report.is_file():
@@ -139,20 +165,28 @@ def print_evaluation(run_dir: Path) -> None:
 def print_scores(run_dir: Path) -> None:
     for path in sorted((run_dir / "scores").glob("*/*.json")):
         values = np.array(list(json.loads(path.read_text()).values()))
-        print(f"\nSCORES {path}: {path.stem} balanced accuracy of {path.parent.name} interpretations over "
-              f"{len(values)} latents: median {np.median(values):.3f} (25-75%: {np.percentile(values, 25):.3f}-"
-              f"{np.percentile(values, 75):.3f}; 0.5 is chance)")
+        print(
+            f"\nSCORES {path}: {path.stem} balanced accuracy of {path.parent.name} interpretations over "
+            f"{len(values)} latents: median {np.median(values):.3f} (25-75%: {np.percentile(values, 25):.3f}-"
+            f"{np.percentile(values, 75):.3f}; 0.5 is chance)"
+        )
 
 
 def print_datasets(run_dir: Path) -> None:
     for stats_path in sorted((run_dir / "datasets").glob("*/dataset_stats.json")):
         stats = json.loads(stats_path.read_text())
-        print(f"\nDATASET {stats_path.parent}  ({stats['prompt_format']}, label {stats['label']}; card in README.md)")
+        print(
+            f"\nDATASET {stats_path.parent}  ({stats['prompt_format']}, label {stats['label']}; card in README.md)"
+        )
         for split, v in stats["splits"].items():
-            print(f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, {v['latents']:>5} latents, "
-                  f"{v['rows']:>4} rows")
-        print(f"      latents without an interpretation: {stats['latents_without_interpretation']} of {stats['width']}; "
-              f"active latents left out for lack of one: {stats['active_without_interpretation']}")
+            print(
+                f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, {v['latents']:>5} latents, "
+                f"{v['rows']:>4} rows"
+            )
+        print(
+            f"      latents without an interpretation: {stats['latents_without_interpretation']} of {stats['width']}; "
+            f"active latents left out for lack of one: {stats['active_without_interpretation']}"
+        )
 
 
 if __name__ == "__main__":

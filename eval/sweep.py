@@ -50,24 +50,38 @@ def main(args: EvalArguments, api=None) -> None:
     eval_set = EvalSet.open(args.eval_set)
     if not eval_set.latent_major:  # latent-major sets have no dictionary-wide extrapolation to protect
         eval_set.require_uniform_negatives()
-    sims = simulators_to_score(args, api)  # every run/baseline is resolved (and refused) before any model loads
+    sims = simulators_to_score(
+        args, api
+    )  # every run/baseline is resolved (and refused) before any model loads
     ranks = Ranks.from_env()
-    splits = {s: eval_set.split(s, args.max_contexts if s == args.eval_split else
-                                (args.calibration_contexts or args.max_contexts), args.seed)
-              for s in (args.eval_split, args.calibration_split) if s and (s == args.eval_split or eval_set.binary)}
+    splits = {
+        s: eval_set.split(
+            s,
+            args.max_contexts if s == args.eval_split else (args.calibration_contexts or args.max_contexts),
+            args.seed,
+        )
+        for s in (args.eval_split, args.calibration_split)
+        if s and (s == args.eval_split or eval_set.binary)
+    }
     test = splits[args.eval_split]
     # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones.
     width, l0 = eval_set.judged_width, eval_set.judged_l0(test)
     w_dec = eval_set.decoder_weights() if eval_set.binary else None
-    scores = {Path(p).stem: load_scores(p, eval_set.hookpoint, eval_set.width, key="score_files")
-              for p in args.score_files}
+    scores = {
+        Path(p).stem: load_scores(p, eval_set.hookpoint, eval_set.width, key="score_files")
+        for p in args.score_files
+    }
     root = Path(args.output_dir) / eval_set.name
     root.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         write_run_config(root, "eval_sweep", {"eval": args}, args.seed)
-    sizes = ", ".join(f"{s}: {len(d)} judgments, {d.context_id.nunique()} contexts" for s, d in splits.items())
-    print(f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
-          f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)")
+    sizes = ", ".join(
+        f"{s}: {len(d)} judgments, {d.context_id.nunique()} contexts" for s, d in splits.items()
+    )
+    print(
+        f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
+        f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)"
+    )
 
     pool = ModelPool(args, ranks, gpus_per_rank(sims, args))
     for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work
@@ -82,36 +96,78 @@ def main(args: EvalArguments, api=None) -> None:
         atomic_write_json(folder / "spec.json", spec)
         scored = score_simulator(sim, args, eval_set, splits, pool, folder)
         preds = scored["predictions"]
-        results = evaluate(preds[args.eval_split], preds.get(args.calibration_split), binary=eval_set.binary,
-                           width=width, l0=l0, w_dec=w_dec, scores=scores, seed=args.seed,
-                           latent_major=eval_set.latent_major)
-        write_results(folder, {
-            "results": results, "simulator": asdict(sim),
-            "eval_set": {"path": str(eval_set.path), "split": args.eval_split,
-                         "calibration_split": args.calibration_split, "prompt_format": eval_set.prompt_format,
-                         "build_config": eval_set.build},
-            "scoring": {"backend": "reference" if sim.kind == "reference" else args.backend,
-                        "timing": scored["timing"], "chat_template_sha256": scored["chat_template_sha256"],
-                        "answer_token_ids": scored["answer_token_ids"], "reference_model": scored.get("reference")},
-            "provenance": provenance("eval_sweep", {"eval": args}, args.seed)})
+        results = evaluate(
+            preds[args.eval_split],
+            preds.get(args.calibration_split),
+            binary=eval_set.binary,
+            width=width,
+            l0=l0,
+            w_dec=w_dec,
+            scores=scores,
+            seed=args.seed,
+            latent_major=eval_set.latent_major,
+        )
+        write_results(
+            folder,
+            {
+                "results": results,
+                "simulator": asdict(sim),
+                "eval_set": {
+                    "path": str(eval_set.path),
+                    "split": args.eval_split,
+                    "calibration_split": args.calibration_split,
+                    "prompt_format": eval_set.prompt_format,
+                    "build_config": eval_set.build,
+                },
+                "scoring": {
+                    "backend": "reference" if sim.kind == "reference" else args.backend,
+                    "timing": scored["timing"],
+                    "chat_template_sha256": scored["chat_template_sha256"],
+                    "answer_token_ids": scored["answer_token_ids"],
+                    "reference_model": scored.get("reference"),
+                },
+                "provenance": provenance("eval_sweep", {"eval": args}, args.seed),
+            },
+        )
         row = summary_row(sim.name, sim.kind, sim.step, results)
         who = f" ({ranks.who})" if ranks.who else ""
-        print(f"[sweep] {sim.name}{who}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                     if isinstance(v, float) and k in HEADLINE))
+        print(
+            f"[sweep] {sim.name}{who}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k in HEADLINE)
+        )
     ranks.wait_for_all()
     if not ranks.is_main:
         return  # rank 0 merges every rank's simulators into the summary
-    rows = [summary_row(sim.name, sim.kind, sim.step, read_results(root / sim.name)["results"]) for sim in sims]
+    rows = [
+        summary_row(sim.name, sim.kind, sim.step, read_results(root / sim.name)["results"]) for sim in sims
+    ]
     if eval_set.binary:  # beside the seed's AUC: how much of it the latent's frequency alone already gives
-        rows = add_lifts(root, sims, rows, args.eval_split, args.seed,
-                                   by="latent" if eval_set.latent_major else "context_id")
-    write_summary(root, {"eval_set": str(eval_set.path), "prompt_format": eval_set.prompt_format,
-                         "candidates": "per_latent" if eval_set.latent_major else "per_context",
-                         "width": eval_set.width, "judged_width": width, "l0": l0,
-                         "rows": rows})
-    atomic_write_text(root / "summary.md", f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"
-                      f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
-                      + markdown_table(rows))
+        rows = add_lifts(
+            root,
+            sims,
+            rows,
+            args.eval_split,
+            args.seed,
+            by="latent" if eval_set.latent_major else "context_id",
+        )
+    write_summary(
+        root,
+        {
+            "eval_set": str(eval_set.path),
+            "prompt_format": eval_set.prompt_format,
+            "candidates": "per_latent" if eval_set.latent_major else "per_context",
+            "width": eval_set.width,
+            "judged_width": width,
+            "l0": l0,
+            "rows": rows,
+        },
+    )
+    atomic_write_text(
+        root / "summary.md",
+        f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"
+        f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
+        + markdown_table(rows),
+    )
     print(f"[sweep] {len(rows)} simulators: {root / 'summary.md'} (every metric: */results.json)")
 
 

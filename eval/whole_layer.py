@@ -43,40 +43,65 @@ def main(args: WholeLayerArguments) -> dict:
     sim = whole_layer.simulator_for(args)
     out = Path(args.output_dir)
     if args.overwrite:
-        for path in [out / "results.json", out / "per_position.parquet", out / "run_config.json",
-                     *(out / "scores").glob("*")]:
+        for path in [
+            out / "results.json",
+            out / "per_position.parquet",
+            out / "run_config.json",
+            *(out / "scores").glob("*"),
+        ]:
             path.unlink(missing_ok=True)
-    if (out / "run_config.json").is_file():  # same config: finished texts are reused, finished results returned
-        require_same_config(out, {"whole_layer": args}, {"whole_layer.overwrite"}, "whole-layer results",
-                            "pass --overwrite true or choose another output_dir")
+    if (
+        out / "run_config.json"
+    ).is_file():  # same config: finished texts are reused, finished results returned
+        require_same_config(
+            out,
+            {"whole_layer": args},
+            {"whole_layer.overwrite"},
+            "whole-layer results",
+            "pass --overwrite true or choose another output_dir",
+        )
         if (finished := read_results(out)) is not None:
             print(f"[whole_layer] {out / 'results.json'} exists for this config; skipped")
             return finished
     tokens = eval_set.tokens
     if args.tokens > tokens.shape[1] - 2:
-        raise ConfigError(f"config key `tokens`: cache rows have {tokens.shape[1]} tokens; at most "
-                          f"{tokens.shape[1] - 2} positions have a next token to score.")
+        raise ConfigError(
+            f"config key `tokens`: cache rows have {tokens.shape[1]} tokens; at most "
+            f"{tokens.shape[1] - 2} positions have a next token to score."
+        )
     trained_rows, trained_latents = training_rows_and_latents(sim)
     rows = whole_layer.held_out_rows(eval_set, args.split, args.texts, args.seed, trained_rows)
-    calibration = whole_layer.held_out_rows(eval_set, "validation", args.calibration_texts, args.seed, trained_rows) \
-        if args.calibration_texts else []
+    calibration = (
+        whole_layer.held_out_rows(eval_set, "validation", args.calibration_texts, args.seed, trained_rows)
+        if args.calibration_texts
+        else []
+    )
     interpretations = eval_set.interpretations()
     explained = sorted(interpretations)
 
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "whole_layer", {"whole_layer": args}, args.seed)
-    subject, subject_tok = load_model_and_tokenizer(eval_set.subject_model, dtype=args.dtype, device=args.device)
+    subject, subject_tok = load_model_and_tokenizer(
+        eval_set.subject_model, dtype=args.dtype, device=args.device
+    )
     device = next(subject.parameters()).device
     sae = eval_set.load_sae(device)
     scorer = whole_layer.load_scorer(sim, args.dtype, args.device, args.batch_size, args.merge_adapter)
     listed = [interpretations[i] for i in explained]
     judged = np.arange(args.tokens) if args.positions == "all" else np.array([args.tokens - 1])
-    sim_v1 = None if whole_layer.is_dense(sim) else {
-        "judged": judged, "context_tokens": args.context_tokens,
-        "prefix": few_shot_messages(eval_set, sim.shots, args.seed, None, sim.score)}
+    sim_v1 = (
+        None
+        if whole_layer.is_dense(sim)
+        else {
+            "judged": judged,
+            "context_tokens": args.context_tokens,
+            "prefix": few_shot_messages(eval_set, sim.shots, args.seed, None, sim.score),
+        }
+    )
     # A dense simulator judges every text in one pass over the latents: each interpretation's header once.
-    scores = whole_layer.judge_texts(scorer, listed, tokens, calibration + rows, args.tokens, subject_tok,
-                                     out / "scores", sim_v1)
+    scores = whole_layer.judge_texts(
+        scorer, listed, tokens, calibration + rows, args.tokens, subject_tok, out / "scores", sim_v1
+    )
 
     explained_t = torch.tensor(explained, device=device)
     stats = eval_set.statistics
@@ -84,7 +109,7 @@ def main(args: WholeLayerArguments) -> dict:
     medians = eval_set.decile_edges(device)[:, 5]
 
     def true_latents(row: int) -> torch.Tensor:
-        ids = tokens[row, :args.tokens + 1].long().to(device)
+        ids = tokens[row, : args.tokens + 1].long().to(device)
         _, _, x_out, _ = clean_pass(subject, ids, eval_set.layer)
         return sae.encode(x_out[1:].to(sae.W_dec.dtype))
 
@@ -99,40 +124,62 @@ def main(args: WholeLayerArguments) -> dict:
     records, p_all, truth_all, shares = [], [], [], []
     for row in rows:
         p = scores[row]
-        ids = tokens[row, :args.tokens + 1].long().to(device)
-        next_ids = tokens[row, 2:args.tokens + 2].long().to(device)
+        ids = tokens[row, : args.tokens + 1].long().to(device)
+        next_ids = tokens[row, 2 : args.tokens + 2].long().to(device)
         flagged = whole_layer.decisions(p, thresholds, firing_rate[explained_t].cpu(), gen)
         per_source, z, clean_ce = whole_layer.patch_text(
-            subject, sae, ids, next_ids, eval_set.layer,
-            lambda z, flagged=flagged: whole_layer.layer_sources(z, explained_t, flagged, args.values, medians, sae),
-            None if args.positions == "all" else judged)
+            subject,
+            sae,
+            ids,
+            next_ids,
+            eval_set.layer,
+            lambda z, flagged=flagged: whole_layer.layer_sources(
+                z, explained_t, flagged, args.values, medians, sae
+            ),
+            None if args.positions == "all" else judged,
+        )
         p_all.append(p[judged])
         truth_all.append((z[judged][:, explained_t] > 0).cpu().numpy())
         shares.append(whole_layer.controlled_share(z[judged], explained_t, decoder_norms))
         for source, (kl, ce) in {"clean": (np.zeros(len(judged)), clean_ce), **per_source}.items():
-            records += [{"row": row, "position": int(j) + 1, "source": source, "kl": float(kl[i]), "ce": float(ce[i])}
-                        for i, j in enumerate(judged)]
+            records += [
+                {"row": row, "position": int(j) + 1, "source": source, "kl": float(kl[i]), "ce": float(ce[i])}
+                for i, j in enumerate(judged)
+            ]
 
     table = pd.DataFrame(records)
     atomic_save(out / "per_position.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    kl_ce = {s: {"kl": g["kl"].to_numpy(), "ce": g["ce"].to_numpy()} for s, g in table.groupby("source", sort=False)}
+    kl_ce = {
+        s: {"kl": g["kl"].to_numpy(), "ce": g["ce"].to_numpy()}
+        for s, g in table.groupby("source", sort=False)
+    }
     blocks = table[table["source"] == "clean"]
     clusters = (blocks["row"] * 10_000 + (blocks["position"] - 1) // whole_layer.BLOCK).to_numpy()
     trained = np.array([lat in trained_latents for lat in explained])
     p_stack, truth_stack = np.concatenate(p_all), np.concatenate(truth_all)
-    timing = {json.dumps(t): t for t in (json.loads((out / "scores" / f"row{r}.json").read_text())
-                                         for r in calibration + rows)}
+    timing = {
+        json.dumps(t): t
+        for t in (json.loads((out / "scores" / f"row{r}.json").read_text()) for r in calibration + rows)
+    }
     result = {
-        "eval_set": str(eval_set.path), "simulator": sim.adapter or sim.name,
-        "prompt_format": sim.prompt_format or "sim_v1", "hookpoint": eval_set.hookpoint, "split": args.split,
-        "rows": rows, "calibration_rows": calibration, "tokens_per_text": args.tokens, "positions": args.positions,
-        "explained_latents": len(explained), "width": eval_set.width,
+        "eval_set": str(eval_set.path),
+        "simulator": sim.adapter or sim.name,
+        "prompt_format": sim.prompt_format or "sim_v1",
+        "hookpoint": eval_set.hookpoint,
+        "split": args.split,
+        "rows": rows,
+        "calibration_rows": calibration,
+        "tokens_per_text": args.tokens,
+        "positions": args.positions,
+        "explained_latents": len(explained),
+        "width": eval_set.width,
         "kl_direction": "KL(p_clean || p_patched), nats, mean over positions 1..tokens of every text",
         "thresholds": thresholds,
         "sources": whole_layer.summarise_sources(kl_ce, clusters, args.seed),
         "controlled": {k: float(np.mean([s[k] for s in shares])) for k in shares[0]},
-        "judgments": whole_layer.judgment_metrics(p_stack, truth_stack, trained,
-                                                  firing_rate[explained_t].cpu().numpy(), thresholds, args.seed),
+        "judgments": whole_layer.judgment_metrics(
+            p_stack, truth_stack, trained, firing_rate[explained_t].cpu().numpy(), thresholds, args.seed
+        ),
         "timing": list(timing.values()),
     }
     write_results(out, result)

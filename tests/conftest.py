@@ -67,11 +67,27 @@ def dataset_dir(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
 
     root = tmp_path_factory.mktemp("sft_data")
     make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(root / "cache"), hookpoint="layers.1", explanations_dir=str(root / "expl"), window=8, min_activations=2))
+    load_script("data_gen/explain.py").main(
+        ExplainArguments(
+            cache_dir=str(root / "cache"),
+            hookpoint="layers.1",
+            explanations_dir=str(root / "expl"),
+            window=8,
+            min_activations=2,
+        )
+    )
     out = root / "data"
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(root / "cache"), hookpoint="layers.1", interpretations=[str(root / "expl" / "token_list-quantiles")],
-        simulator_tokenizer=str(tiny_model_dir), output_dir=str(out), window_min=4, window_max=6, contexts_per_row=2,
-        split_mode="contexts"))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(root / "cache"),
+            hookpoint="layers.1",
+            interpretations=[str(root / "expl" / "token_list-quantiles")],
+            simulator_tokenizer=str(tiny_model_dir),
+            output_dir=str(out),
+            window_min=4,
+            window_max=6,
+            contexts_per_row=2,
+            split_mode="contexts",
+        )
+    )
     return out

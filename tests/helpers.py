@@ -10,9 +10,11 @@ from transformers import PreTrainedTokenizerFast
 
 from latentsim.scale import word_level_tokenizer
 
-WORDS = ("the cat dog sat on a mat and ran far away yes no it was red blue green big small house tree "
-         "river sun moon star day night one two three four five run jump sing read write code data "
-         "Yes No 0 1 2 3 4 5 6 7 8 9").split()
+WORDS = (
+    "the cat dog sat on a mat and ran far away yes no it was red blue green big small house tree "
+    "river sun moon star day night one two three four five run jump sing read write code data "
+    "Yes No 0 1 2 3 4 5 6 7 8 9"
+).split()
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
 
@@ -27,8 +29,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.chat_template = build_tiny_tokenizer().chat_template
     return fast
 
@@ -37,10 +40,18 @@ def save_tiny_model(folder: Path, tokenizer, arch: str = "llama", n_layers: int 
     """A random causal LM with hidden size 16, saved with its tokenizer."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if arch == "llama":
         config = LlamaConfig(**common)
     else:
@@ -78,29 +89,53 @@ def load_script(relative: str):
     return module
 
 
-def make_cache(out: Path, model_dir: Path, sae_dir: Path, corpus: Path, n_rows: int = 20, ctx_len: int = 12,
-               hookpoint: str = "layers.1", **cache_kwargs):
+def make_cache(
+    out: Path,
+    model_dir: Path,
+    sae_dir: Path,
+    corpus: Path,
+    n_rows: int = 20,
+    ctx_len: int = 12,
+    hookpoint: str = "layers.1",
+    **cache_kwargs,
+):
     """Run data_gen/cache_activations.py on tiny assets; returns the parsed argument dataclasses."""
     from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 
-    args = (ModelArguments(model_name_or_path=str(model_dir)),
-            CorpusArguments(corpus=str(corpus), ctx_len=ctx_len, n_rows=n_rows, row_start=3, seed=5),
-            SAEArguments(hookpoint=hookpoint, sae_path=str(sae_dir)),
-            CacheArguments(output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}))
+    args = (
+        ModelArguments(model_name_or_path=str(model_dir)),
+        CorpusArguments(corpus=str(corpus), ctx_len=ctx_len, n_rows=n_rows, row_start=3, seed=5),
+        SAEArguments(hookpoint=hookpoint, sae_path=str(sae_dir)),
+        CacheArguments(
+            output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}
+        ),
+    )
     load_script("data_gen/cache_activations.py").main(*args)
     return args
 
 
-def make_explained_cache(root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)) -> Path:
+def make_explained_cache(
+    root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)
+) -> Path:
     """A 40-row tiny cache in root/cache and its token-list interpretations in root/expl/token_list-<sampling>,
     made from the training rows of the row split the tests' datasets use (seed 3, 0.2 validation, 0.2 test)."""
     from latentsim.config import ExplainArguments
 
     make_cache(root / "cache", model_dir, sae_dir, corpus, n_rows=40, ctx_len=16)
     for sampling in samplings:
-        load_script("data_gen/explain.py").main(ExplainArguments(
-            cache_dir=str(root / "cache"), hookpoint="layers.1", explanations_dir=str(root / "expl"), window=8,
-            min_activations=2, sampling=sampling, seed=3, validation_fraction=0.2, test_fraction=0.2))
+        load_script("data_gen/explain.py").main(
+            ExplainArguments(
+                cache_dir=str(root / "cache"),
+                hookpoint="layers.1",
+                explanations_dir=str(root / "expl"),
+                window=8,
+                min_activations=2,
+                sampling=sampling,
+                seed=3,
+                validation_fraction=0.2,
+                test_fraction=0.2,
+            )
+        )
     return root
 
 
@@ -110,14 +145,32 @@ def sft_args(dataset_dir, model_dir, out, **overrides):
 
     from latentsim.config import SimScriptArguments
 
-    training = dict(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=12,
-                    per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5.0e-3,
-                    logging_steps=1, save_strategy="steps", save_steps=6, eval_strategy="no", report_to="none",
-                    max_length=128, seed=0, disable_tqdm=True)
+    training = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=12,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=5.0e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=6,
+        eval_strategy="no",
+        report_to="none",
+        max_length=128,
+        seed=0,
+        disable_tqdm=True,
+    )
     training.update(overrides.pop("training", {}))
-    return (SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
-            SFTConfig(**training),
-            ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    return (
+        SimScriptArguments(dataset_name=str(dataset_dir), max_eval_samples=32, **overrides.pop("script", {})),
+        SFTConfig(**training),
+        ModelConfig(
+            model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0
+        ),
+    )
 
 
 def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
@@ -127,13 +180,43 @@ def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / config),
-           str(root / "train" / "sft.py"), "--config", str(root / "configs/sft/smollm2-135m_quickstart.yaml"),
-           "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-           "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--max_length", "128", "--lora_r", "4",
-           "--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--logging_steps", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / config),
+        str(root / "train" / "sft.py"),
+        "--config",
+        str(root / "configs/sft/smollm2-135m_quickstart.yaml"),
+        "--dataset_name",
+        str(dataset_dir),
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--max_length",
+        "128",
+        "--lora_r",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_eval_samples",
+        "16",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
-    (Path(out).parent / f"{Path(out).name}.stderr.txt").write_text(result.stderr)  # the whole log, for a failure
+    (Path(out).parent / f"{Path(out).name}.stderr.txt").write_text(
+        result.stderr
+    )  # the whole log, for a failure
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
 
@@ -157,12 +240,22 @@ def launch(script: str, tmp: Path, *configs, processes: int = 2, timeout: int = 
     root = Path(__file__).resolve().parents[1]
     path = tmp / f"{Path(script).stem}_{len(list(tmp.glob('*.yaml')))}.yaml"
     path.write_text(f"# python {script} --config {path}\n" + yaml.safe_dump(values))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "configs/accelerate/multi_cpu.yaml"), "--num_processes", str(processes), str(root / script),
-           "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "configs/accelerate/multi_cpu.yaml"),
+        "--num_processes",
+        str(processes),
+        str(root / script),
+        "--config",
+        str(path),
+    ]
     # Its own process group, so a hung launch is killed with every process it started.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -24,13 +24,21 @@ from latentsim.backends import (
 from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 
 CONTEXTS = [("the cat sat on a", "mat"), ("it was a big red", "house"), ("one two", "three")]
-INTERPRETATIONS = ["cat", "red blue green", "the sun and the moon and a star", "one two three four five six",
-                   "river", "code data read write"]
+INTERPRETATIONS = [
+    "cat",
+    "red blue green",
+    "the sun and the moon and a star",
+    "one two three four five six",
+    "river",
+    "code data read write",
+]
 
 
 def prompts_for(contexts=CONTEXTS, interpretations=INTERPRETATIONS, fmt="sim_v1"):
     # Interleaved on purpose: the scorer must regroup judgments by context and put results back in order.
-    return [render_prompt(fmt, marked_context(p, j), interp) for interp in interpretations for p, j in contexts]
+    return [
+        render_prompt(fmt, marked_context(p, j), interp) for interp in interpretations for p, j in contexts
+    ]
 
 
 def load(folder, lora: bool = False):
@@ -39,7 +47,9 @@ def load(folder, lora: bool = False):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(1)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        ).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -114,8 +124,18 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
             sent.setdefault("requests", []).extend(r["prompt_token_ids"] for r in requests)
             sent["lora"] = lora_request
             lp = lambda v: types.SimpleNamespace(logprob=v)  # noqa: E731
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[
-                {answer[0]: lp(-1.0 - len(r["prompt_token_ids"]) / 100), answer[1]: lp(-2.0)}])]) for r in requests]
+            return [
+                types.SimpleNamespace(
+                    outputs=[
+                        types.SimpleNamespace(
+                            logprobs=[
+                                {answer[0]: lp(-1.0 - len(r["prompt_token_ids"]) / 100), answer[1]: lp(-2.0)}
+                            ]
+                        )
+                    ]
+                )
+                for r in requests
+            ]
 
     lora_mod = types.ModuleType("vllm.lora.request")
     lora_mod.LoRARequest = lambda name, int_id, path: (name, int_id, path)
@@ -145,10 +165,13 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     for i, p in enumerate(prompts):  # results come back in the caller's order
         assert logits[i, 0] == pytest.approx(-1.0 - len(prompt_token_ids(tok, p)) / 100)
     # The first wave holds one judgment per context (its prefix is then cached for the rest).
-    assert len({tuple(r) for r in sent["requests"][:len(CONTEXTS)]}) == len(CONTEXTS)
+    assert len({tuple(r) for r in sent["requests"][: len(CONTEXTS)]}) == len(CONTEXTS)
 
     def missing(self, requests, params, lora_request=None, use_tqdm=False):
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[{answer[1]: None}])]) for _ in requests]
+        return [
+            types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[{answer[1]: None}])])
+            for _ in requests
+        ]
 
     monkeypatch.setattr(LLM, "generate", missing)
     with pytest.raises(RuntimeError, match="refusing to read"):
@@ -181,8 +204,12 @@ def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkey
 
     monkeypatch.setattr("latentsim.backends.VLLMScorer", Engine)
     monkeypatch.setattr("latentsim.models.resolve_model_path", lambda ref: ref)
-    args = EvalArguments(eval_set="x", backend="vllm", tensor_parallel_size=2,
-                         baselines=["name=small,model=org/small", "name=big,model=org/big,tensor_parallel_size=4"])
+    args = EvalArguments(
+        eval_set="x",
+        backend="vllm",
+        tensor_parallel_size=2,
+        baselines=["name=small,model=org/small", "name=big,model=org/big,tensor_parallel_size=4"],
+    )
     pool = ModelPool(args)
     small, big = (baseline_simulator(b) for b in args.parsed_baselines)
     pool.scorer(small, None, [1, 2])
@@ -206,14 +233,28 @@ def test_vllm_judge_sends_one_request_per_judgment_and_reads_both_answers_by_id(
         def generate(self, requests, params, use_tqdm=False):
             sent["requests"] = [r["prompt_token_ids"] for r in requests]
             lp = lambda v: types.SimpleNamespace(logprob=v)  # noqa: E731
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[{7: lp(-0.5 * len(ids)), 9: lp(-1.0)}])])
-                    for ids in sent["requests"]]
+            return [
+                types.SimpleNamespace(
+                    outputs=[types.SimpleNamespace(logprobs=[{7: lp(-0.5 * len(ids)), 9: lp(-1.0)}])]
+                )
+                for ids in sent["requests"]
+            ]
 
-    monkeypatch.setattr("latentsim.backends.require_vllm", lambda: types.SimpleNamespace(SamplingParams=SamplingParams))
+    monkeypatch.setattr(
+        "latentsim.backends.require_vllm", lambda: types.SimpleNamespace(SamplingParams=SamplingParams)
+    )
     probs = vllm_yes_probability(LLM(), [[1, 2], [1, 2, 3, 4]], yes_id=7, no_id=9)
     assert sent["requests"] == [[1, 2], [1, 2, 3, 4]] and sent["params"]["logprob_token_ids"] == [7, 9]
     assert "prompt_logprobs" not in sent["params"] and sent["params"]["max_tokens"] == 1
     assert probs == pytest.approx([1 / (1 + np.exp(-1.0 + 1.0)), 1 / (1 + np.exp(-1.0 + 2.0))])
     with pytest.raises(RuntimeError, match="refusing"):
-        vllm_yes_probability(types.SimpleNamespace(generate=lambda r, p, use_tqdm=False: [types.SimpleNamespace(
-            outputs=[types.SimpleNamespace(logprobs=[{7: None}])])]), [[1]], 7, 9)
+        vllm_yes_probability(
+            types.SimpleNamespace(
+                generate=lambda r, p, use_tqdm=False: [
+                    types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[{7: None}])])
+                ]
+            ),
+            [[1]],
+            7,
+            9,
+        )

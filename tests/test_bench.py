@@ -10,8 +10,9 @@ from latentsim.models import load_model_and_tokenizer
 def test_bench_cache_checks_exactness(tiny_model_dir):
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     sae = build_tiny_sae(d_in=16, d_sae=64, k=4)
-    result = bench_cache(model, sae, torch.randint(4, 40, (6, 10)), layer=1, batch_size=4, repeats=1,
-                         calibration_gflops=1.0)
+    result = bench_cache(
+        model, sae, torch.randint(4, 40, (6, 10)), layer=1, batch_size=4, repeats=1, calibration_gflops=1.0
+    )
     assert result["exact"] is True
     assert result["n_nonzero"] == 6 * 9 * 4  # BOS excluded, k latents per token (random SAE: all positive)
     assert result["ratio_vs_naive"] > 0 and result["pct_of_matmul"] > 0
@@ -25,8 +26,9 @@ def test_bench_cache_detects_a_mismatch(tiny_model_dir, monkeypatch):
 
     real = sae_mod.encode_sparse  # only the fast path uses it; the naive one encodes densely
     monkeypatch.setattr(sae_mod, "encode_sparse", lambda *a: (lambda r: (r[0], r[1], r[2] * 1.01))(real(*a)))
-    result = bench_cache(model, sae, torch.randint(4, 40, (3, 10)), layer=1, batch_size=4, repeats=1,
-                         calibration_gflops=1.0)
+    result = bench_cache(
+        model, sae, torch.randint(4, 40, (3, 10)), layer=1, batch_size=4, repeats=1, calibration_gflops=1.0
+    )
     assert result["exact"] is False
 
 
@@ -41,7 +43,9 @@ def test_interleaved_timings_round_robin():
 def test_bench_sft_compares_lora_with_full_finetuning(tiny_model_dir):
     from latentsim.bench import bench_sft
 
-    result = bench_sft(str(tiny_model_dir), seq_len=16, batch_size=2, repeats=1, lora_r=2, calibration_gflops=1.0)
+    result = bench_sft(
+        str(tiny_model_dir), seq_len=16, batch_size=2, repeats=1, lora_r=2, calibration_gflops=1.0
+    )
     assert result["exact"] is True  # LoRA starts as the identity: same first loss as the full model
     assert set(result["tokens_per_s"]) == {"full", "lora"} and result["ratio_vs_naive"] > 0
     assert result["flop_bound_per_token"]["N_nonembedding"] > 0
@@ -52,14 +56,21 @@ def test_bench_scoring_checks_exactness(tiny_model_dir):
     from latentsim.prompts import answer_token_ids, marked_context, render_prompt
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    prompts = [render_prompt("sim_v1", marked_context(c, "mat"), i) for c in ("the cat sat on a", "a dog ran far on the")
-               for i in ("cat", "red blue", "one two three four", "river tree house")]
-    result = bench_scoring(model, tok, prompts, answer_token_ids("sim_v1", tok), batch_size=3, repeats=1,
-                           calibration_gflops=1.0)
+    prompts = [
+        render_prompt("sim_v1", marked_context(c, "mat"), i)
+        for c in ("the cat sat on a", "a dog ran far on the")
+        for i in ("cat", "red blue", "one two three four", "river tree house")
+    ]
+    result = bench_scoring(
+        model, tok, prompts, answer_token_ids("sim_v1", tok), batch_size=3, repeats=1, calibration_gflops=1.0
+    )
     assert result["exact"] is True and result["max_abs_diff_margin"] < 1e-4
     assert result["name"].endswith("8 judgments, 2 contexts]")
     # Each context's prefix is computed once: fewer tokens than the prompts hold.
-    assert result["flop_ratio_bound"] > 1.5 and result["mean_computed_tokens_per_judgment"] < result["mean_prompt_tokens"]
+    assert (
+        result["flop_ratio_bound"] > 1.5
+        and result["mean_computed_tokens_per_judgment"] < result["mean_prompt_tokens"]
+    )
     assert set(result["judgments_per_s"]) == {"naive", "naive_last_logits", "prefix_shared"}
 
 

@@ -91,8 +91,11 @@ def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, ti
     make_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     folder = tmp_path / "c" / "latents" / HOOK
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json"])
-    assert [p.name for p in (tmp_path / "c" / "latents").iterdir()] == [HOOK]  # delphi lists modules from here
+        ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json"]
+    )
+    assert [p.name for p in (tmp_path / "c" / "latents").iterdir()] == [
+        HOOK
+    ]  # delphi lists modules from here
     assert split_bounds(131072, 5)[0] == (0, 26213) and split_bounds(131072, 5)[-1] == (104857, 131071)
     for file in folder.glob("*.safetensors"):
         start, end = (int(x) for x in file.stem.split("_"))
@@ -100,10 +103,14 @@ def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, ti
         assert ((rel >= 0) & (rel <= end - start)).all()  # latent column relative to the split start
     d_loc, d_act, d_tok = delphi_read(folder)
     ours = load_cache(tmp_path / "c" / "latents", HOOK)
-    assert np.array_equal(sorted_entries(d_loc, d_act)[0], sorted_entries(ours.locations.numpy(), ours.activations.numpy())[0])
+    assert np.array_equal(
+        sorted_entries(d_loc, d_act)[0], sorted_entries(ours.locations.numpy(), ours.activations.numpy())[0]
+    )
     assert np.array_equal(d_tok, ours.tokens.numpy())
     config = json.loads((folder / "config.json").read_text())
-    assert {"model_name", "cache_ctx_len", "n_tokens", "n_splits", "dataset_repo", "batch_size"} <= set(config)
+    assert {"model_name", "cache_ctx_len", "n_tokens", "n_splits", "dataset_repo", "batch_size"} <= set(
+        config
+    )
 
 
 def test_we_read_a_cache_written_by_delphi(tmp_path):
@@ -114,13 +121,20 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     entries = [(0, 0, 3, 50.0), (0, 2, 3, 1.5), (1, 4, 3, 2.5), (1, 1, 120, 0.5), (0, 3, 130, 4.0)]
     for start, end in [(0, 99), (100, 199)]:
         sel = [e for e in entries if start <= e[2] <= end]
-        save_file({"locations": np.array([[r, p, lat - start] for r, p, lat, _ in sel], dtype=np.uint32),
-                   "activations": np.array([v for *_, v in sel], dtype=np.float16), "tokens": tokens},
-                  str(folder / f"{start}_{end}.safetensors"))
+        save_file(
+            {
+                "locations": np.array([[r, p, lat - start] for r, p, lat, _ in sel], dtype=np.uint32),
+                "activations": np.array([v for *_, v in sel], dtype=np.float16),
+                "tokens": tokens,
+            },
+            str(folder / f"{start}_{end}.safetensors"),
+        )
     (folder / "config.json").write_text(json.dumps({"model_name": "google/gemma-2-9b", "cache_ctx_len": 5}))
     cache = load_cache(tmp_path / "latents", "layers.11")
     assert cache.width == 200
-    got = sorted((*map(int, loc), float(a)) for loc, a in zip(cache.locations, cache.activations, strict=True))
+    got = sorted(
+        (*map(int, loc), float(a)) for loc, a in zip(cache.locations, cache.activations, strict=True)
+    )
     assert got == sorted(entries)
     stats = latent_statistics(cache, width=200, sample_size=10)
     assert stats["firing_count"][3] == 2  # the position-0 entry (50.0) is excluded
@@ -128,17 +142,21 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     assert int(stats["n_tokens"][0]) == 2 * 4
 
     # Brought into a run folder, the cache gets its statistics without loading any model or SAE.
-    cache_script().main(ModelArguments(model_name_or_path=str(tmp_path / "no-model")),
-                        CorpusArguments(corpus=str(tmp_path / "no-corpus")),
-                        SAEArguments(hookpoint="layers.11", sae_path=str(tmp_path / "no-sae")),
-                        CacheArguments(output_dir=str(tmp_path)))
+    cache_script().main(
+        ModelArguments(model_name_or_path=str(tmp_path / "no-model")),
+        CorpusArguments(corpus=str(tmp_path / "no-corpus")),
+        SAEArguments(hookpoint="layers.11", sae_path=str(tmp_path / "no-sae")),
+        CacheArguments(output_dir=str(tmp_path)),
+    )
     stats = load_statistics(tmp_path / "stats", "layers.11")
     assert stats["firing_count"].shape == (200,) and stats["firing_count"][3] == 2
 
     # delphi records no file list: a lost split file must not read as 100 latents that never fire.
     (folder / "0_99.safetensors").unlink()
-    with pytest.raises(CorruptCacheError, match="do not tile the latents: 100_199.safetensors starts at latent 100, "
-                                                "latents 0-99 have no file"):
+    with pytest.raises(
+        CorruptCacheError,
+        match="do not tile the latents: 100_199.safetensors starts at latent 100, latents 0-99 have no file",
+    ):
         load_cache(tmp_path / "latents", "layers.11")
 
 
@@ -146,14 +164,21 @@ def test_statistics_are_exact(tmp_path):
     rng = np.random.default_rng(0)
     values = rng.gamma(2.0, 1.0, size=300).astype(np.float32)
     locations = np.stack([np.arange(300) // 10, np.arange(300) % 10 + 1, np.full(300, 2)], axis=1)
-    cache = SparseCache(torch.zeros(30, 11, dtype=torch.long), torch.from_numpy(locations), torch.from_numpy(values),
-                        {}, width=4)
+    cache = SparseCache(
+        torch.zeros(30, 11, dtype=torch.long),
+        torch.from_numpy(locations),
+        torch.from_numpy(values),
+        {},
+        width=4,
+    )
     stats = latent_statistics(cache, width=4, sample_size=50)
     assert stats["firing_count"].tolist() == [0, 0, 300, 0]
     assert stats["firing_rate"][2] == pytest.approx(1.0)
     assert stats["max_activation"][2] == pytest.approx(values.max())
     assert stats["mean_activation"][2] == pytest.approx(values.mean(), rel=1e-5)
-    assert np.allclose(stats["quantile_edges"][2].numpy(), np.quantile(values, np.linspace(0, 1, 11)), atol=1e-5)
+    assert np.allclose(
+        stats["quantile_edges"][2].numpy(), np.quantile(values, np.linspace(0, 1, 11)), atol=1e-5
+    )
     sample = latent_sample(stats, 2)
     assert len(sample) == 50 and np.all(np.diff(sample) >= 0)
     assert sample[0] == pytest.approx(values.min()) and sample[-1] == pytest.approx(values.max())
@@ -168,8 +193,9 @@ def test_token_major_groups_a_contexts_latents():
     assert ordered.activations.tolist() == [3.0, 1.0, 2.0, 0.0]
 
 
-def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus,
-                                                               monkeypatch):
+def test_resume_after_interruption_loses_and_duplicates_nothing(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
     make_cache(tmp_path / "full", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     reference = load_cache(tmp_path / "full" / "latents", HOOK)
 
@@ -184,10 +210,12 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_m
 
     script = cache_script()
     monkeypatch.setattr(script, "write_shard", write_then_die)
-    args = (ModelArguments(model_name_or_path=str(tiny_model_dir)),
-            CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
-            SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir)),
-            CacheArguments(output_dir=str(tmp_path / "resumed"), batch_size=4, shard_rows=6, n_splits=3))
+    args = (
+        ModelArguments(model_name_or_path=str(tiny_model_dir)),
+        CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
+        SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir)),
+        CacheArguments(output_dir=str(tmp_path / "resumed"), batch_size=4, shard_rows=6, n_splits=3),
+    )
     with pytest.raises(KeyboardInterrupt):
         script.main(*args)
     shard_dir = tmp_path / "resumed" / "shards" / HOOK
@@ -211,10 +239,14 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path, tiny_m
     args[1].n_rows = 21
     with pytest.raises(ValueError, match="corpus.n_rows: 20 -> 21"):
         script.main(*args)
-    assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == len(resumed.activations)
+    assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == len(
+        resumed.activations
+    )
 
 
-def test_resume_refuses_shards_of_another_config(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch):
+def test_resume_refuses_shards_of_another_config(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
     script = cache_script()
     monkeypatch.setattr(script, "finalise_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     base = dict(model_name_or_path=str(tiny_model_dir))
@@ -246,8 +278,9 @@ def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir,
     assert cache_mod.completed_shards(shard_dir, shard_ranges(6, 6)) == set()  # a rerun regenerates it
 
 
-def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(tmp_path, tiny_model_dir, tiny_sae_dir,
-                                                                      tiny_corpus, monkeypatch):
+def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
     import dataclasses
 
     from latentsim.corpus import StreamedRows
@@ -257,15 +290,21 @@ def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(tmp_path, 
     cache_script().main(model, corpus, sae, dataclasses.replace(cache, output_dir=str(tmp_path / "whole")))
     whole = load_cache(tmp_path / "whole" / "latents", HOOK)
     _, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    assert torch.equal(whole.tokens, corpus_rows(corpus, tok))  # the stream's rows 3..22, in the corpus's order
-    assert not torch.equal(whole.tokens, load_cache(tmp_path / "plain" / "latents", HOOK).tokens)  # not shuffled
+    assert torch.equal(
+        whole.tokens, corpus_rows(corpus, tok)
+    )  # the stream's rows 3..22, in the corpus's order
+    assert not torch.equal(
+        whole.tokens, load_cache(tmp_path / "plain" / "latents", HOOK).tokens
+    )  # not shuffled
     assert whole.config["latentsim"]["corpus_streaming"] is True
 
     # Killed before finalising; the last two shards lost. The rerun starts reading at the stream position that
     # shard (6, 12) saved (corpus row 3 + 12), not at the start of the corpus.
     part = dataclasses.replace(cache, output_dir=str(tmp_path / "part"))
     with monkeypatch.context() as patch:
-        patch.setattr("latentsim.cache.finalise_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        patch.setattr(
+            "latentsim.cache.finalise_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+        )
         with pytest.raises(KeyboardInterrupt):
             cache_script().main(model, corpus, sae, part)
     for a, b in ((12, 18), (18, 20)):
@@ -273,9 +312,12 @@ def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(tmp_path, 
         path.unlink()
         path.with_suffix(".json").unlink()
     restored, restore = [], StreamedRows.restore
-    monkeypatch.setattr(StreamedRows, "restore", lambda self, state: (restored.append(state["row"]), restore(self, state)))
+    monkeypatch.setattr(
+        StreamedRows, "restore", lambda self, state: (restored.append(state["row"]), restore(self, state))
+    )
     cache_script().main(model, corpus, sae, part)
     assert restored == [0, 15]  # the stream's start, then the saved position
     for name in sorted(p.name for p in (tmp_path / "whole" / "latents" / HOOK).iterdir()):
-        assert (tmp_path / "part" / "latents" / HOOK / name).read_bytes() == \
-            (tmp_path / "whole" / "latents" / HOOK / name).read_bytes(), name
+        assert (tmp_path / "part" / "latents" / HOOK / name).read_bytes() == (
+            tmp_path / "whole" / "latents" / HOOK / name
+        ).read_bytes(), name

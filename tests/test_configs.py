@@ -52,7 +52,9 @@ def test_recipe_parses(config):
     script = load_script(script_of(config))
     raw = yaml.safe_load(config.read_text())
     # GPU recipes (bf16) cannot build TrainingArguments on a CPU machine: parse them with CPU overrides.
-    cpu_overrides = ["--bf16", "false", "--use_cpu", "true"] if raw.get("bf16") and not torch.cuda.is_available() else []
+    cpu_overrides = (
+        ["--bf16", "false", "--use_cpu", "true"] if raw.get("bf16") and not torch.cuda.is_available() else []
+    )
     parsed = parse_config(script.DATACLASSES, ["--config", str(config), *cpu_overrides])
     assert [type(p) for p in parsed] == list(script.DATACLASSES)
     values = {k: v for p in parsed for k, v in vars(p).items()}
@@ -101,28 +103,44 @@ def test_command_line_overrides_yaml_and_floats_parse(tmp_path):
     assert args.d_sae == 128 and args.k == 4
 
 
-@pytest.mark.parametrize("cls, kwargs, key", [
-    (SAEArguments, {"hookpoint": "blocks.3.hook_resid_post"}, "hookpoint"),
-    (SAEArguments, {"sae_release": "gemma-scope"}, "sae_id"),
-    (SAEArguments, {"sae_path": "a", "sae_release": "r", "sae_id": "i"}, "sae_path"),
-    (ModelArguments, {"model_name_or_path": "embedded:gpt5"}, "model_name_or_path"),
-    (ModelArguments, {"model_dtype": "fp8"}, "model_dtype"),
-    (CorpusArguments, {"ctx_len": 1}, "ctx_len"),
-    (CorpusArguments, {"corpus": "embedded:wikipedia"}, "corpus"),
-    (TrainSAEArguments, {"k": 100, "d_sae": 64}, "k"),
-    (CacheArguments, {"shard_rows": 0}, "shard_rows"),
-    (EvalArguments, {"eval_set": ""}, "eval_set"),
-    (EvalArguments, {"eval_set": "e"}, "run_dirs"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["shots=two"]}, "baselines"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["shot=2"]}, "baselines"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1", "shots=1"]}, "baselines"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["name=a b"]}, "baselines"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1"], "calibration_split": "test"}, "calibration_split"),
-    (EvalArguments, {"eval_set": "e", "baselines": ["shots=1"], "backend": "tgi"}, "backend"),
-    (DatasetArguments, {"interpretations": ["x"], "negatives_per_context": -1}, "negatives_per_context"),
-    (DatasetArguments, {"interpretations": ["x"], "label": "quantile_bin", "prompt_format": "sim_value_v1",
-                        "negatives_per_positive": 0, "negatives_per_context": 5}, "negatives_per_context"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, key",
+    [
+        (SAEArguments, {"hookpoint": "blocks.3.hook_resid_post"}, "hookpoint"),
+        (SAEArguments, {"sae_release": "gemma-scope"}, "sae_id"),
+        (SAEArguments, {"sae_path": "a", "sae_release": "r", "sae_id": "i"}, "sae_path"),
+        (ModelArguments, {"model_name_or_path": "embedded:gpt5"}, "model_name_or_path"),
+        (ModelArguments, {"model_dtype": "fp8"}, "model_dtype"),
+        (CorpusArguments, {"ctx_len": 1}, "ctx_len"),
+        (CorpusArguments, {"corpus": "embedded:wikipedia"}, "corpus"),
+        (TrainSAEArguments, {"k": 100, "d_sae": 64}, "k"),
+        (CacheArguments, {"shard_rows": 0}, "shard_rows"),
+        (EvalArguments, {"eval_set": ""}, "eval_set"),
+        (EvalArguments, {"eval_set": "e"}, "run_dirs"),
+        (EvalArguments, {"eval_set": "e", "baselines": ["shots=two"]}, "baselines"),
+        (EvalArguments, {"eval_set": "e", "baselines": ["shot=2"]}, "baselines"),
+        (EvalArguments, {"eval_set": "e", "baselines": ["shots=1", "shots=1"]}, "baselines"),
+        (EvalArguments, {"eval_set": "e", "baselines": ["name=a b"]}, "baselines"),
+        (
+            EvalArguments,
+            {"eval_set": "e", "baselines": ["shots=1"], "calibration_split": "test"},
+            "calibration_split",
+        ),
+        (EvalArguments, {"eval_set": "e", "baselines": ["shots=1"], "backend": "tgi"}, "backend"),
+        (DatasetArguments, {"interpretations": ["x"], "negatives_per_context": -1}, "negatives_per_context"),
+        (
+            DatasetArguments,
+            {
+                "interpretations": ["x"],
+                "label": "quantile_bin",
+                "prompt_format": "sim_value_v1",
+                "negatives_per_positive": 0,
+                "negatives_per_context": 5,
+            },
+            "negatives_per_context",
+        ),
+    ],
+)
 def test_bad_values_name_the_key(cls, kwargs, key):
     with pytest.raises(ConfigError, match=f"config key `{key}`"):
         cls(**kwargs)
@@ -131,13 +149,20 @@ def test_bad_values_name_the_key(cls, kwargs, key):
 def test_baseline_specs_parse_with_defaults_and_names():
     from latentsim.config import parse_baseline
 
-    assert parse_baseline("shots=3") == {"model": "embedded:smollm2-135m", "shots": 3, "score": False,
-                                         "interpretations": None, "tensor_parallel_size": None,
-                                         "name": "smollm2-135m_3shot"}
+    assert parse_baseline("shots=3") == {
+        "model": "embedded:smollm2-135m",
+        "shots": 3,
+        "score": False,
+        "interpretations": None,
+        "tensor_parallel_size": None,
+        "name": "smollm2-135m_3shot",
+    }
     assert parse_baseline("model=org/big,tensor_parallel_size=4")["tensor_parallel_size"] == 4
     with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
         parse_baseline("model=org/big,tensor_parallel_size=0")
-    spec = parse_baseline("model=meta-llama/Llama-3.1-70B-Instruct, score=true, interpretations=out/token_list-top")
+    spec = parse_baseline(
+        "model=meta-llama/Llama-3.1-70B-Instruct, score=true, interpretations=out/token_list-top"
+    )
     assert spec["name"] == "Llama-3.1-70B-Instruct_0shot_score_token_list-top" and spec["score"] is True
     with pytest.raises(ConfigError, match="did you mean `shots`"):
         parse_baseline("shot=3")
@@ -155,7 +180,9 @@ def test_dependency_bounds_admit_only_versions_that_work_together():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {d.split(">=")[0].strip(): d.split(">=")[1].split(",")[0].strip() for d in project["dependencies"]}
-    gpu = {d.split(">=")[0].strip(): d.split(">=")[1].strip() for d in project["optional-dependencies"]["gpu"]}
+    gpu = {
+        d.split(">=")[0].strip(): d.split(">=")[1].strip() for d in project["optional-dependencies"]["gpu"]
+    }
     version = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
     assert version(core["transformers"]) >= (5, 0) and version(core["peft"]) >= (0, 18, 1)
     assert version(gpu["vllm"]) >= (0, 32)
@@ -167,8 +194,14 @@ def test_8b_lora_recipes_use_ddp_without_deprecated_keys():
     for path in sorted((ROOT / "configs" / "sft").glob("llama-3.1-8b_*.yaml")):
         text = path.read_text()
         config = yaml.safe_load(text)
-        assert "gradient_checkpointing" not in config and config["activation_checkpointing"] is True, path.name
-        assert config["ddp_find_unused_parameters"] is False and config["per_device_train_batch_size"] >= 16, path.name
-        assert text.splitlines()[0].startswith("# accelerate launch --config_file configs/accelerate/multi_gpu.yaml")
+        assert "gradient_checkpointing" not in config and config["activation_checkpointing"] is True, (
+            path.name
+        )
+        assert (
+            config["ddp_find_unused_parameters"] is False and config["per_device_train_batch_size"] >= 16
+        ), path.name
+        assert text.splitlines()[0].startswith(
+            "# accelerate launch --config_file configs/accelerate/multi_gpu.yaml"
+        )
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         assert "gradient_checkpointing:" not in path.read_text(), path

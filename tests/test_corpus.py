@@ -42,7 +42,7 @@ def test_rows_follow_the_shuffled_documents(tiny_corpus, tok):
     first_doc = ds[int(np.random.default_rng(0).permutation(len(ds))[0])]["text"]
     first_ids = tok(first_doc, add_special_tokens=False)["input_ids"]
     stream = rows[:, 1:].flatten().tolist()
-    assert stream[:len(first_ids)] == first_ids[:len(stream)]
+    assert stream[: len(first_ids)] == first_ids[: len(stream)]
 
 
 def test_too_few_rows_is_a_clear_error(tiny_corpus, tok):
@@ -89,24 +89,33 @@ This paragraph explains how :func:`sorted` returns a ``list`` of the items in *o
 Short line.
 """
     assert rst_prose_paragraphs(rst) == [
-        "This paragraph explains how sorted returns a list of the items in order always."]
+        "This paragraph explains how sorted returns a list of the items in order always."
+    ]
 
 
 def test_embedded_corpus_is_built_from_debian_files(tmp_path, monkeypatch):
     fortunes = tmp_path / "fortunes"
     fortunes.mkdir()
-    (fortunes / "wisdom").write_text("A penny saved is a penny earned.\n%\nHe who laughs last laughs best.\n%\n")
+    (fortunes / "wisdom").write_text(
+        "A penny saved is a penny earned.\n%\nHe who laughs last laughs best.\n%\n"
+    )
     (fortunes / "wisdom.dat").write_bytes(b"\x00\x01")
     (fortunes / "art").write_text("  /\\_/\\ cat picture here ok\n%\n")
     pydoc = tmp_path / "pydoc" / "tutorial"
     pydoc.mkdir(parents=True)
-    (pydoc / "intro.rst.txt").write_text("Python is an easy to learn, powerful programming language for everyone.\n")
+    (pydoc / "intro.rst.txt").write_text(
+        "Python is an easy to learn, powerful programming language for everyone.\n"
+    )
     monkeypatch.setattr(corpus_mod, "FORTUNES_DIR", fortunes)
     monkeypatch.setattr(corpus_mod, "PYDOC_DIR", tmp_path / "pydoc")
     monkeypatch.setattr(corpus_mod.fortune_documents, "__defaults__", (fortunes,))
     monkeypatch.setattr(corpus_mod.pydoc_documents, "__defaults__", (tmp_path / "pydoc",))
     ds = load_corpus("embedded:debian-english")
-    assert sorted(ds["source"]) == ["fortunes/wisdom", "fortunes/wisdom", "python3.11-doc/tutorial/intro.rst.txt"]
+    assert sorted(ds["source"]) == [
+        "fortunes/wisdom",
+        "fortunes/wisdom",
+        "python3.11-doc/tutorial/intro.rst.txt",
+    ]
     assert "A penny saved is a penny earned." in list(ds["text"])
 
 
@@ -160,5 +169,9 @@ def test_streaming_refuses_slices_and_missing_columns(tiny_corpus):
     with pytest.raises(ConfigError, match="corpus_text_column"):
         rows.rows(0, 2)
     args = CorpusArguments(corpus=str(tiny_corpus), ctx_len=9, n_rows=4, row_start=2, corpus_streaming=True)
-    assert corpus_rows(args, build_tiny_tokenizer()).tolist() == StreamedRows(
-        load_corpus(str(tiny_corpus), streaming=True), build_tiny_tokenizer(), ctx_len=9).rows(2, 6).tolist()
+    assert (
+        corpus_rows(args, build_tiny_tokenizer()).tolist()
+        == StreamedRows(load_corpus(str(tiny_corpus), streaming=True), build_tiny_tokenizer(), ctx_len=9)
+        .rows(2, 6)
+        .tolist()
+    )

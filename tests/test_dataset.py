@@ -29,24 +29,47 @@ def built(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=60, ctx_len=20)
     explain = load_script("data_gen/explain.py")
     for sampling in ("top", "quantiles"):
-        explain.main(ExplainArguments(cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"),
-                                      sampling=sampling, window=8, min_activations=2))
+        explain.main(
+            ExplainArguments(
+                cache_dir=str(root / "cache"),
+                hookpoint=HOOK,
+                explanations_dir=str(root / "expl"),
+                sampling=sampling,
+                window=8,
+                min_activations=2,
+            )
+        )
     return root
 
 
 def build(root, tiny_model_dir, name, **kwargs):
-    args = DatasetArguments(**{
-        "cache_dir": str(root / "cache"), "hookpoint": HOOK, "interpretations": [str(root / "expl" / "token_list-quantiles")],
-        "simulator_tokenizer": str(tiny_model_dir), "output_dir": str(root / name), "window_min": 4, "window_max": 8,
-        "contexts_per_row": 2, "seed": 22, **kwargs})
+    args = DatasetArguments(
+        **{
+            "cache_dir": str(root / "cache"),
+            "hookpoint": HOOK,
+            "interpretations": [str(root / "expl" / "token_list-quantiles")],
+            "simulator_tokenizer": str(tiny_model_dir),
+            "output_dir": str(root / name),
+            "window_min": 4,
+            "window_max": 8,
+            "contexts_per_row": 2,
+            "seed": 22,
+            **kwargs,
+        }
+    )
     load_script("data_gen/build_dataset.py").main(args)
-    return {s: pq.read_table(root / name / f"{s}.parquet").to_pylist() for s in ("train", "validation", "test")}
+    return {
+        s: pq.read_table(root / name / f"{s}.parquet").to_pylist() for s in ("train", "validation", "test")
+    }
 
 
 def test_labels_match_the_cache(built, tiny_model_dir):
     data = build(built, tiny_model_dir, "labels", negatives_per_positive=2.0)
     cache = load_cache(built / "cache" / "latents", HOOK)
-    truth = {(int(r), int(p), int(lat)): float(a) for (r, p, lat), a in zip(cache.locations.tolist(), cache.activations.tolist(), strict=True)}
+    truth = {
+        (int(r), int(p), int(lat)): float(a)
+        for (r, p, lat), a in zip(cache.locations.tolist(), cache.activations.tolist(), strict=True)
+    }
     stats = load_statistics(built / "cache" / "stats", HOOK)
     rows = [r for split in data.values() for r in split]
     assert len(rows) > 100
@@ -56,12 +79,16 @@ def test_labels_match_the_cache(built, tiny_model_dir):
         key = (r["row"], r["position"], r["latent"])
         assert r["active"] == int(key in truth), key
         assert r["activation"] == pytest.approx(truth.get(key, 0.0))
-        assert r["context_ids"] == cache.tokens[r["row"], r["window_start"]:r["position"] + 1].tolist()
+        assert r["context_ids"] == cache.tokens[r["row"], r["window_start"] : r["position"] + 1].tolist()
         assert r["window_start"] >= 1 and 4 <= len(r["context_ids"]) <= 8  # position 0 is never in a context
         assert r["completion"][0]["content"] == ("Yes" if r["active"] else "No")
         if r["active"]:
-            assert r["activation_bin"] == activation_bin(r["activation"], float(stats["max_activation"][r["latent"]]))
-            assert r["quantile_bin"] == quantile_bin(r["activation"], stats["quantile_edges"][r["latent"]].numpy())
+            assert r["activation_bin"] == activation_bin(
+                r["activation"], float(stats["max_activation"][r["latent"]])
+            )
+            assert r["quantile_bin"] == quantile_bin(
+                r["activation"], stats["quantile_edges"][r["latent"]].numpy()
+            )
     # Latents of the later delphi splits appear with their global ids (the seed's offset bug would lose them).
     assert max(r["latent"] for r in rows if r["active"]) > 42
 
@@ -92,8 +119,16 @@ def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="`interpretations`: .* validation/test rows"):
         build(built, tiny_model_dir, "rows_other_seed", seed=5)  # another seed: another row split
     explain = load_script("data_gen/explain.py")
-    explain.main(ExplainArguments(cache_dir=str(built / "cache"), hookpoint=HOOK, explanations_dir=str(tmp_path),
-                                  window=8, min_activations=2, rows="all"))
+    explain.main(
+        ExplainArguments(
+            cache_dir=str(built / "cache"),
+            hookpoint=HOOK,
+            explanations_dir=str(tmp_path),
+            window=8,
+            min_activations=2,
+            rows="all",
+        )
+    )
     with pytest.raises(ValueError, match="can quote eval contexts"):
         build(built, tiny_model_dir, "rows_all", interpretations=[str(tmp_path / "token_list-quantiles")])
     (tmp_path / "token_list-quantiles" / "source_rows.json").unlink()  # as an older explain.py left it
@@ -107,28 +142,44 @@ def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_pa
 
 
 def test_positive_selection_and_negative_ratio(built, tiny_model_dir):
-    top = build(built, tiny_model_dir, "top1", positives="top_k", top_k=1, negatives_per_positive=3.0)["train"]
+    top = build(built, tiny_model_dir, "top1", positives="top_k", top_k=1, negatives_per_positive=3.0)[
+        "train"
+    ]
     per_context = Counter((r["row"], r["position"]) for r in top if r["active"])
     assert max(per_context.values()) == 1
     kinds = Counter(r["candidate"] for r in top)
     assert kinds["random_negative"] == pytest.approx(3 * kinds["positive"], rel=0.2)
-    hard = build(built, tiny_model_dir, "hard", hard_negatives="same_token", hard_negative_fraction=1.0)["train"]
+    hard = build(built, tiny_model_dir, "hard", hard_negatives="same_token", hard_negative_fraction=1.0)[
+        "train"
+    ]
     assert any(r["candidate"] == "hard_negative" for r in hard)
     assert all(r["active"] == 0 for r in hard if r["candidate"] != "positive")
 
 
 def test_mixture_weights(built, tiny_model_dir):
     sets = [str(built / "expl" / "token_list-quantiles"), str(built / "expl" / "token_list-top")]
-    data = build(built, tiny_model_dir, "mix", interpretations=sets, interpretation_weights=[0.8, 0.2],
-                 contexts_per_row=6)
+    data = build(
+        built,
+        tiny_model_dir,
+        "mix",
+        interpretations=sets,
+        interpretation_weights=[0.8, 0.2],
+        contexts_per_row=6,
+    )
     counts = Counter(r["interpretation_source"] for r in data["train"])
     share = counts[sets[0]] / sum(counts.values())
     assert 0.72 < share < 0.88, counts
 
 
 def test_value_labels(built, tiny_model_dir):
-    data = build(built, tiny_model_dir, "value", prompt_format="sim_value_v1", label="quantile_bin",
-                 negatives_per_positive=0.0)
+    data = build(
+        built,
+        tiny_model_dir,
+        "value",
+        prompt_format="sim_value_v1",
+        label="quantile_bin",
+        negatives_per_positive=0.0,
+    )
     rows = data["train"]
     assert rows and all(r["active"] == 1 for r in rows)
     assert all(r["completion"][0]["content"] == str(r["quantile_bin"]) for r in rows)
@@ -139,7 +190,9 @@ def test_same_config_gives_identical_bytes(built, tiny_model_dir):
     build(built, tiny_model_dir, "det_a")
     build(built, tiny_model_dir, "det_b")
     for split in ("train", "validation", "test"):
-        assert (built / "det_a" / f"{split}.parquet").read_bytes() == (built / "det_b" / f"{split}.parquet").read_bytes()
+        assert (built / "det_a" / f"{split}.parquet").read_bytes() == (
+            built / "det_b" / f"{split}.parquet"
+        ).read_bytes()
     stats = json.loads((built / "det_a" / "dataset_stats.json").read_text())
     assert stats["latents_without_interpretation"] > 0  # counted and reported
     assert "prompt format: `sim_v1`" in (built / "det_a" / "README.md").read_text()
@@ -174,15 +227,23 @@ def prior_scores(rows: list[dict], firing_rate: np.ndarray) -> tuple[float, floa
     contexts: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         contexts.setdefault((r["row"], r["position"]), []).append(r)
-    aucs = [roc_auc(firing_rate[[r["latent"] for r in c]], np.array([r["active"] for r in c])) for c in contexts.values()]
+    aucs = [
+        roc_auc(firing_rate[[r["latent"] for r in c]], np.array([r["active"] for r in c]))
+        for c in contexts.values()
+    ]
     return float(ks), float(np.nanmedian(aucs))
 
 
 def test_frequency_matched_negatives_defeat_the_firing_rate_prior(built, tiny_model_dir):
     firing_rate = load_statistics(built / "cache" / "stats", HOOK)["firing_rate"].numpy()
     uniform = build(built, tiny_model_dir, "prior_uniform", negatives_per_positive=2.0)
-    matched = build(built, tiny_model_dir, "prior_matched", negatives_per_positive=2.0,
-                    negative_sampling="frequency_matched")
+    matched = build(
+        built,
+        tiny_model_dir,
+        "prior_matched",
+        negatives_per_positive=2.0,
+        negative_sampling="frequency_matched",
+    )
     ks_uniform, auc_uniform = prior_scores(uniform["train"], firing_rate)
     ks_matched, auc_matched = prior_scores(matched["train"], firing_rate)
     # Measured on this cache: KS 0.30 -> 0.07, prior AUC 0.72 -> 0.53.
@@ -190,7 +251,10 @@ def test_frequency_matched_negatives_defeat_the_firing_rate_prior(built, tiny_mo
     assert auc_uniform > 0.65 and abs(auc_matched - 0.5) < 0.05, (auc_uniform, auc_matched)
     # Still the right labels: every negative is inactive at its token, every positive active with its value.
     cache = load_cache(built / "cache" / "latents", HOOK)
-    truth = {(int(r), int(p), int(lat)): float(a) for (r, p, lat), a in zip(cache.locations.tolist(), cache.activations.tolist(), strict=True)}
+    truth = {
+        (int(r), int(p), int(lat)): float(a)
+        for (r, p, lat), a in zip(cache.locations.tolist(), cache.activations.tolist(), strict=True)
+    }
     rows = [r for split in matched.values() for r in split]
     per_context = Counter((r["row"], r["position"], r["candidate"]) for r in rows)
     for row, position, kind in per_context:
@@ -207,10 +271,17 @@ def test_frequency_matched_negatives_defeat_the_firing_rate_prior(built, tiny_mo
     uniform_stats = json.loads((built / "prior_uniform" / "dataset_stats.json").read_text())
     assert "negative_sampling" not in uniform_stats  # uniform files stay as they were before the key existed
     assert "negative sampling" not in (built / "prior_uniform" / "README.md").read_text()
-    build(built, tiny_model_dir, "prior_matched_again", negatives_per_positive=2.0, negative_sampling="frequency_matched")
+    build(
+        built,
+        tiny_model_dir,
+        "prior_matched_again",
+        negatives_per_positive=2.0,
+        negative_sampling="frequency_matched",
+    )
     for split in ("train", "validation", "test"):
-        assert ((built / "prior_matched" / f"{split}.parquet").read_bytes()
-                == (built / "prior_matched_again" / f"{split}.parquet").read_bytes())
+        assert (built / "prior_matched" / f"{split}.parquet").read_bytes() == (
+            built / "prior_matched_again" / f"{split}.parquet"
+        ).read_bytes()
 
 
 def test_frequency_bins_draw_from_the_positives_bins_then_the_nearest():
@@ -220,7 +291,11 @@ def test_frequency_bins_draw_from_the_positives_bins_then_the_nearest():
     report = BuildReport()
     taken = {95, 96, 97}  # active at the token (two of them the positives)
     picked = bins.draw([95, 96], 5, taken, np.random.default_rng(0), report)
-    assert len(set(picked)) == 5 and set(picked) <= {90, 91, 92, 93, 94, 98, 99} and report.negatives_off_bin == 0
+    assert (
+        len(set(picked)) == 5
+        and set(picked) <= {90, 91, 92, 93, 94, 98, 99}
+        and report.negatives_off_bin == 0
+    )
     picked = bins.draw([95, 96], 10, taken, np.random.default_rng(0), report)
     assert sorted(p for p in picked if p >= 90) == [90, 91, 92, 93, 94, 98, 99]
     assert len([p for p in picked if 80 <= p < 90]) == 3 and report.negatives_off_bin == 3  # bin 9 ran out
@@ -238,7 +313,9 @@ def test_split_ids_partition():
 
 
 def test_bins():
-    assert activation_bin(10.0, 10.0) == 9 and activation_bin(0.5, 10.0) == 0 and activation_bin(5.0, 10.0) == 5
+    assert (
+        activation_bin(10.0, 10.0) == 9 and activation_bin(0.5, 10.0) == 0 and activation_bin(5.0, 10.0) == 5
+    )
     edges = np.linspace(0, 10, 11)
     assert quantile_bin(0.1, edges) == 0 and quantile_bin(9.9, edges) == 9 and quantile_bin(10.0, edges) == 9
 
@@ -247,8 +324,12 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="`negatives_per_positive`"):
         DatasetArguments(interpretations=["x"], prompt_format="sim_value_v1", label="quantile_bin")
     with pytest.raises(ConfigError, match="`label`"):
-        DatasetArguments(interpretations=["x"], prompt_format="sim_v1", label="quantile_bin", negatives_per_positive=0)
-    with pytest.raises(ConfigError, match="`negative_sampling`: 'matched' is not one of uniform, frequency_matched"):
+        DatasetArguments(
+            interpretations=["x"], prompt_format="sim_v1", label="quantile_bin", negatives_per_positive=0
+        )
+    with pytest.raises(
+        ConfigError, match="`negative_sampling`: 'matched' is not one of uniform, frequency_matched"
+    ):
         DatasetArguments(interpretations=["x"], negative_sampling="matched")
     with pytest.raises(ConfigError, match="`frequency_bins`: must be >= 1"):
         DatasetArguments(interpretations=["x"], negative_sampling="frequency_matched", frequency_bins=0)
@@ -274,22 +355,43 @@ def test_clear_errors(built, tiny_model_dir, tmp_path):
 
 def test_push_to_hub_uploads_the_built_folder(built, tiny_model_dir):
     api = FakeHubApi()
-    args = DatasetArguments(cache_dir=str(built / "cache"), hookpoint=HOOK,
-                            interpretations=[str(built / "expl" / "token_list-quantiles")],
-                            simulator_tokenizer=str(tiny_model_dir), output_dir=str(built / "pushed"), window_min=4,
-                            window_max=8, push_to_hub="me/sim")
+    args = DatasetArguments(
+        cache_dir=str(built / "cache"),
+        hookpoint=HOOK,
+        interpretations=[str(built / "expl" / "token_list-quantiles")],
+        simulator_tokenizer=str(tiny_model_dir),
+        output_dir=str(built / "pushed"),
+        window_min=4,
+        window_max=8,
+        push_to_hub="me/sim",
+    )
     load_script("data_gen/build_dataset.py").main(args, api=api)
     (name, repo), (name2, upload) = api.calls
-    assert name == "create_repo" and repo == {"repo_id": "me/sim", "repo_type": "dataset", "private": True,
-                                               "exist_ok": True}
+    assert name == "create_repo" and repo == {
+        "repo_id": "me/sim",
+        "repo_type": "dataset",
+        "private": True,
+        "exist_ok": True,
+    }
     assert name2 == "upload_folder" and upload["folder_path"] == str(built / "pushed")
-    assert {p.name for p in (built / "pushed").iterdir()} >= {"train.parquet", "validation.parquet", "test.parquet",
-                                                              "README.md", "run_config.json"}
+    assert {p.name for p in (built / "pushed").iterdir()} >= {
+        "train.parquet",
+        "validation.parquet",
+        "test.parquet",
+        "README.md",
+        "run_config.json",
+    }
 
 
 def test_decoder_hard_negatives_are_decoder_neighbours(built, tiny_model_dir, tiny_sae_dir):
-    rows = build(built, tiny_model_dir, "dec", hard_negatives="decoder", hard_negative_fraction=1.0,
-                 negatives_per_positive=1.0)["train"]
+    rows = build(
+        built,
+        tiny_model_dir,
+        "dec",
+        hard_negatives="decoder",
+        hard_negative_fraction=1.0,
+        negatives_per_positive=1.0,
+    )["train"]
     from sae_lens import SAE
 
     from latentsim.dataset import decoder_neighbours

@@ -65,12 +65,29 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     root = tmp_path_factory.mktemp("dense")
     make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
     build = load_script("data_gen/build_dataset.py").main
-    common = dict(cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
-                  interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
-                  contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3)
-    build(DatasetArguments(**common, positives="top_k", top_k=3, prompt_format=FMT, output_dir=str(root / "dense")))
+    common = dict(
+        cache_dir=str(root / "cache"),
+        hookpoint=HOOK,
+        simulator_tokenizer=str(tiny_model_dir),
+        interpretations=[str(root / "expl" / "token_list-quantiles")],
+        window_min=4,
+        window_max=6,
+        contexts_per_row=2,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        seed=3,
+    )
+    build(
+        DatasetArguments(
+            **common, positives="top_k", top_k=3, prompt_format=FMT, output_dir=str(root / "dense")
+        )
+    )
     build(DatasetArguments(**common, positives="top_k", top_k=3, output_dir=str(root / "per_judgment")))
-    build(DatasetArguments(**common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")))
+    build(
+        DatasetArguments(
+            **common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")
+        )
+    )
     return root
 
 
@@ -82,19 +99,27 @@ def test_dense_rows_label_every_window_token_from_the_cache(assets):
     dense = pd.read_parquet(assets / "dense" / "train.parquet")
     judged = pd.read_parquet(assets / "per_judgment" / "train.parquet")
     # The same candidates and judgment prompts as the per-judgment mixture of the same seed.
-    assert dense[["latent", "row", "position", "active"]].equals(judged[["latent", "row", "position", "active"]])
-    assert dense["prompt"].map(lambda m: m[0]["content"]).equals(judged["prompt"].map(lambda m: m[0]["content"]))
+    assert dense[["latent", "row", "position", "active"]].equals(
+        judged[["latent", "row", "position", "active"]]
+    )
+    assert (
+        dense["prompt"].map(lambda m: m[0]["content"]).equals(judged["prompt"].map(lambda m: m[0]["content"]))
+    )
     positives = 0
     for r in dense.itertuples():
         start = r.window_start
         expected = [int((r.row, start + i, r.latent) in active) for i in range(r.position - start + 1)]
         assert list(r.token_labels) == expected
         assert r.token_labels[-1] == r.active and r.text.endswith(r.context.split("<<")[-1][:-2])
-        assert [r.text[:e] for e in r.token_ends] == [" ".join(r.text.split(" ")[:i + 1]) for i in range(len(expected))]
+        assert [r.text[:e] for e in r.token_ends] == [
+            " ".join(r.text.split(" ")[: i + 1]) for i in range(len(expected))
+        ]
         positives += sum(expected[:-1])
     assert positives > 0  # labels before the judged token carry signal too
     stats = json.loads((assets / "dense" / "dataset_stats.json").read_text())["splits"]["train"]
-    assert stats["token_labels"] == sum(len(x) for x in dense["token_labels"]) and stats["tokens_unaligned"] == 0
+    assert (
+        stats["token_labels"] == sum(len(x) for x in dense["token_labels"]) and stats["tokens_unaligned"] == 0
+    )
 
 
 def test_labels_sit_one_after_the_position_that_reads_them(assets, tiny_model_dir):
@@ -105,8 +130,12 @@ def test_labels_sit_one_after_the_position_that_reads_them(assets, tiny_model_di
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     no, yes = answer_token_ids(FMT, tok)
-    row = {"interpretation": "the word dog", "text": "the cat sat on", "token_ends": [3, 7, 11, 14],
-           "token_labels": [0, 1, -1, 0]}
+    row = {
+        "interpretation": "the word dog",
+        "text": "the cat sat on",
+        "token_ends": [3, 7, 11, 14],
+        "token_labels": [0, 1, -1, 0],
+    }
     split, unaligned = dense_features(Dataset.from_list([row]), tok, FMT, [no, yes], max_length=64)
     ex = split[0]
     assert unaligned == 0
@@ -115,7 +144,11 @@ def test_labels_sit_one_after_the_position_that_reads_them(assets, tiny_model_di
     the = cat - 1
     on = cat + 2
     assert supervised == {the + 1: no, cat + 1: yes, on + 1: no}  # "sat" (-1) stays unlabelled
-    assert tok.convert_ids_to_tokens(ex["input_ids"][cat]) == "cat" and ex["label_positions"] == [the, cat, on]
+    assert tok.convert_ids_to_tokens(ex["input_ids"][cat]) == "cat" and ex["label_positions"] == [
+        the,
+        cat,
+        on,
+    ]
     check_dense_supervision(split, [no, yes])
     shifted = split.map(lambda e: {"labels": [-100] + e["labels"][:-1]})
     with pytest.raises(BadInputError, match="lines up"):
@@ -136,8 +169,12 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
     prompts = [list(m) for m in test["prompt"]]
     scorer = DenseScorer(model, tok, ids, batch_size=7, fmt=FMT)
     fast = scorer.label_logits(prompts)
-    naive = np.stack([naive_dense_logits(model, tok, FMT, *dense_judgment(m), [len(dense_judgment(m)[1])], ids)[-1]
-                      for m in prompts])
+    naive = np.stack(
+        [
+            naive_dense_logits(model, tok, FMT, *dense_judgment(m), [len(dense_judgment(m)[1])], ids)[-1]
+            for m in prompts
+        ]
+    )
     assert len({len(p[0]["content"]) for p in prompts}) > 1  # batches hold judgments of different lengths
     assert test["latent"].value_counts().max() > 1  # judgments of one latent share its header's KV
     assert scorer.stats["computed_tokens"] < scorer.stats["prompt_tokens"]
@@ -145,7 +182,9 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
     # Every position of one dense forward equals reading each prefix on its own (causal: no look-ahead).
     r = pd.read_parquet(assets / "dense" / "train.parquet").iloc[0]
     full = naive_dense_logits(model, tok, FMT, r.interpretation, r.text, list(r.token_ends), ids)
-    each = [naive_dense_logits(model, tok, FMT, r.interpretation, r.text[:e], [e], ids)[-1] for e in r.token_ends]
+    each = [
+        naive_dense_logits(model, tok, FMT, r.interpretation, r.text[:e], [e], ids)[-1] for e in r.token_ends
+    ]
     assert np.abs(full - np.stack(each)).max() < 1e-4
 
 
@@ -159,8 +198,11 @@ def test_whole_layer_scores_equal_one_forward_per_judgment(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ids = answer_token_ids(FMT, tok)
     interpretations = ["cat", "red blue", "dog", "one two three four", "the mat", "tree"]
-    texts = [("the cat sat on a mat", [3, 7, 11, 14, 16, 20]), ("a dog ran far", [1, 5, 8, 13]),
-             ("big red house", [3, 5, 6, 13])]  # characters 5 and 6 end inside "red": no simulator token ends there
+    texts = [
+        ("the cat sat on a mat", [3, 7, 11, 14, 16, 20]),
+        ("a dog ran far", [1, 5, 8, 13]),
+        ("big red house", [3, 5, 6, 13]),
+    ]  # characters 5 and 6 end inside "red": no simulator token ends there
     scorer = DenseScorer(model, tok, ids, batch_size=2, fmt=FMT)
     out = scorer.text_logits(interpretations, texts)
     assert [o.shape for o in out] == [(6, 6, 2), (6, 4, 2), (6, 4, 2)]
@@ -168,8 +210,12 @@ def test_whole_layer_scores_equal_one_forward_per_judgment(tiny_model_dir):
         for i, interp in enumerate(interpretations):
             expected = naive_dense_logits(model, tok, FMT, interp, text, ends, ids)
             assert np.array_equal(np.isnan(got[i]), np.isnan(expected))
-            each = [naive_dense_logits(model, tok, FMT, interp, text[:e], [e], ids)[-1] if not np.isnan(expected[j, 0])
-                    else [np.nan, np.nan] for j, e in enumerate(ends)]
+            each = [
+                naive_dense_logits(model, tok, FMT, interp, text[:e], [e], ids)[-1]
+                if not np.isnan(expected[j, 0])
+                else [np.nan, np.nan]
+                for j, e in enumerate(ends)
+            ]
             assert np.nanmax(np.abs(got[i] - np.array(each))) < 1e-4
     assert np.isnan(out[2][:, 1:3]).all() and not np.isnan(out[2][:, [0, 3]]).any()
     judged = sum(np.isfinite(o[..., 0]).sum() for o in out)
@@ -188,18 +234,23 @@ def test_bench_whole_layer_checks_exactness(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     text, ends = "the cat sat on a mat", [3, 7, 11, 14, 16, 20]
-    result = bench_dense_scoring(model, tok, ["cat", "dog", "mat"], text, ends, [1, 4], batch_size=4, repeats=1,
-                                 calibration_gflops=1.0)
+    result = bench_dense_scoring(
+        model, tok, ["cat", "dog", "mat"], text, ends, [1, 4], batch_size=4, repeats=1, calibration_gflops=1.0
+    )
     assert result["exact"] is True and result["max_abs_diff_margin"] < 1e-4
     assert set(result["judgments_per_s"]) == {"dense_kv_shared", "dense_per_position", "sim_v1_prefix_shared"}
     per = result["computed_tokens_per_judgment"]
-    assert per["dense_kv_shared"] < per["sim_v1_prefix_shared"] and per["dense_kv_shared"] < per["dense_per_position"]
+    assert (
+        per["dense_kv_shared"] < per["sim_v1_prefix_shared"]
+        and per["dense_kv_shared"] < per["dense_per_position"]
+    )
 
 
 def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    load_script("train/sft.py").main(*sft_args(assets / "dense", tiny_model_dir, out,
-                                               script={"prompt_format": FMT}))
+    load_script("train/sft.py").main(
+        *sft_args(assets / "dense", tiny_model_dir, out, script={"prompt_format": FMT})
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert results["prompt_format"] == FMT and results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
     assert set(results["labels_unaligned"]) == {"train", "validation", "test"}  # word tokens align exactly
@@ -210,9 +261,15 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     # A random tiny model gives No and Yes nearly equal logits: its first loss is the two-way CE, ~ln 2.
     assert curve[0] == pytest.approx(np.log(2), abs=0.15)
     # The sweep scores the dense simulator on the per-judgment eval set, with the dense scorer.
-    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
-                                                    output_dir=str(tmp_path / "eval"), batch_size=4,
-                                                    include_checkpoints=False))
+    load_script("eval/sweep.py").main(
+        EvalArguments(
+            eval_set=str(assets / "eval_set"),
+            run_dirs=[str(out)],
+            output_dir=str(tmp_path / "eval"),
+            batch_size=4,
+            include_checkpoints=False,
+        )
+    )
     root = tmp_path / "eval" / "eval_set"
     record = json.loads((root / "run__final" / "results.json").read_text())
     assert record["simulator"]["prompt_format"] == FMT
@@ -221,7 +278,9 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out)).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out)
+    ).eval()
     test = pd.read_parquet(assets / "eval_set" / "test.parquet")
     m = list(test["prompt"].iloc[0])
     interp, text = dense_judgment(m)
@@ -237,14 +296,23 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     from latentsim.whole_layer import simulator_p_yes, text_of_row
 
     whole = load_script("eval/whole_layer.py")
-    args = dict(eval_set=str(assets / "eval_set"), simulator=str(out), texts=2, tokens=8, calibration_texts=1,
-                batch_size=4, output_dir=str(tmp_path / "whole"))
+    args = dict(
+        eval_set=str(assets / "eval_set"),
+        simulator=str(out),
+        texts=2,
+        tokens=8,
+        calibration_texts=1,
+        batch_size=4,
+        output_dir=str(tmp_path / "whole"),
+    )
     result = whole.main(WholeLayerArguments(**args))
     eval_set = EvalSet.open(assets / "eval_set")
     interpretations = eval_set.interpretations()
     assert result["explained_latents"] == len(interpretations)
     (timing,) = result["timing"]  # calibration and test texts judged together: each header once
-    assert len(timing["rows"]) == 3 and timing["judgments"] == len(interpretations) * 8 * 3  # word-level: all aligned
+    assert (
+        len(timing["rows"]) == 3 and timing["judgments"] == len(interpretations) * 8 * 3
+    )  # word-level: all aligned
     assert result["sources"]["sae"]["recovery"] == 1.0 and result["sources"]["no_latents"]["recovery"] == 0.0
     table = pd.read_parquet(tmp_path / "whole" / "per_position.parquet")
     assert len(table) == 2 * 8 * len(result["sources"]) and set(table["row"]) == set(result["rows"])
@@ -257,13 +325,20 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     (again,) = simulator_p_yes(DenseScorer(model, tok, ids, 4, FMT), [interpretations[first]], [(text, ends)])
     assert saved.shape == (8, len(interpretations)) and np.allclose(saved[:, 0], again[:, 0], atol=1e-5)
     # A rerun of the same config returns the finished results; another config in the same folder is refused.
-    assert whole.main(WholeLayerArguments(**args)) == json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert whole.main(WholeLayerArguments(**args)) == json.loads(
+        (tmp_path / "whole" / "results.json").read_text()
+    )
     with pytest.raises(ConfigError, match="another config"):
         whole.main(WholeLayerArguments(**{**args, "tokens": 6}))
     # A prompted sim_v1 simulator over the whole dictionary at each text's last position (the seed's setting): one
     # prompt per latent, P(yes) equal to the naive forward of that prompt, only that position patched and measured.
-    base = dict(args, simulator="", baseline=f"name=zero-shot,model={tiny_model_dir}", positions="last",
-                output_dir=str(tmp_path / "whole_v1"))
+    base = dict(
+        args,
+        simulator="",
+        baseline=f"name=zero-shot,model={tiny_model_dir}",
+        positions="last",
+        output_dir=str(tmp_path / "whole_v1"),
+    )
     result = whole.main(WholeLayerArguments(**base))
     (timing,) = result["timing"]
     assert result["prompt_format"] == "sim_v1" and result["positions"] == "last"
@@ -278,10 +353,17 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
 
     base_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     window = eval_set.cache.tokens[row, 1:9].tolist()
-    prompt = render_prompt("sim_v1", marked_context(base_tok.decode(window[:-1]), base_tok.decode(window[-1:])),
-                           interpretations[first])
-    naive = naive_label_logits(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), base_tok, [prompt],
-                               answer_token_ids("sim_v1", base_tok))[0]
+    prompt = render_prompt(
+        "sim_v1",
+        marked_context(base_tok.decode(window[:-1]), base_tok.decode(window[-1:])),
+        interpretations[first],
+    )
+    naive = naive_label_logits(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(),
+        base_tok,
+        [prompt],
+        answer_token_ids("sim_v1", base_tok),
+    )[0]
     assert saved[7, 0] == pytest.approx(1 / (1 + np.exp(naive[0] - naive[1])), abs=1e-5)
     # A simulator trained to answer activation bins has no Yes/No verdict: refused before any model loads.
     binned = tmp_path / "binned_run"
@@ -290,19 +372,32 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     config["config"]["script"]["prompt_format"] = "sim_value_v1"
     (binned / "run_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="Yes/No verdicts"):
-        whole.main(WholeLayerArguments(**{**args, "simulator": str(binned), "output_dir": str(tmp_path / "w2")}))
+        whole.main(
+            WholeLayerArguments(**{**args, "simulator": str(binned), "output_dir": str(tmp_path / "w2")})
+        )
 
     # vLLM cannot read verdicts at text positions: refused with the reason, not scored some other way.
     with pytest.raises(ConfigError, match="backend: hf"):
-        load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), run_dirs=[str(out)],
-                                                        output_dir=str(tmp_path / "eval_vllm"), backend="vllm",
-                                                        include_checkpoints=False))
+        load_script("eval/sweep.py").main(
+            EvalArguments(
+                eval_set=str(assets / "eval_set"),
+                run_dirs=[str(out)],
+                output_dir=str(tmp_path / "eval_vllm"),
+                backend="vllm",
+                include_checkpoints=False,
+            )
+        )
 
 
 def test_dense_loss_is_scaled_right_under_ddp(assets, tiny_model_dir, tmp_path):
     """Two CPU processes (gloo): each rank's loss is divided by the labels of every rank, then multiplied back by
     the number of processes, so the logged loss stays the per-label mean (~ln 2 at the start), not half or twice it."""
-    state = run_accelerate("configs/accelerate/multi_cpu.yaml", assets / "dense", tiny_model_dir, tmp_path / "ddp",
-                           extra=["--prompt_format", FMT])
+    state = run_accelerate(
+        "configs/accelerate/multi_cpu.yaml",
+        assets / "dense",
+        tiny_model_dir,
+        tmp_path / "ddp",
+        extra=["--prompt_format", FMT],
+    )
     first = next(e for e in state["log_history"] if "loss" in e)
     assert first["loss"] == pytest.approx(np.log(2), abs=0.15)

@@ -20,14 +20,34 @@ def single(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     """A 1-process cache (with the arguments that made it), its interpretations and an eval set."""
     root = tmp_path_factory.mktemp("single")
     cache_args = make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    explain = ExplainArguments(cache_dir=str(root / "cache"), hookpoint=HOOK, explanations_dir=str(root / "expl"),
-                               window=8, min_activations=2, seed=3, validation_fraction=0.2, test_fraction=0.2)
+    explain = ExplainArguments(
+        cache_dir=str(root / "cache"),
+        hookpoint=HOOK,
+        explanations_dir=str(root / "expl"),
+        window=8,
+        min_activations=2,
+        seed=3,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
     load_script("data_gen/explain.py").main(explain)
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
-        interpretations=[str(root / "expl" / explain.set_name)], window_min=4, window_max=6, contexts_per_row=2,
-        validation_fraction=0.2, test_fraction=0.2, seed=3, positives="all", negatives_per_context=4,
-        output_dir=str(root / "eval_set")))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(root / "cache"),
+            hookpoint=HOOK,
+            simulator_tokenizer=str(tiny_model_dir),
+            interpretations=[str(root / "expl" / explain.set_name)],
+            window_min=4,
+            window_max=6,
+            contexts_per_row=2,
+            validation_fraction=0.2,
+            test_fraction=0.2,
+            seed=3,
+            positives="all",
+            negatives_per_context=4,
+            output_dir=str(root / "eval_set"),
+        )
+    )
     return root, cache_args, explain
 
 
@@ -51,7 +71,9 @@ def test_a_ranks_vllm_engine_sees_its_own_gpus_and_not_the_launch(monkeypatch):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
         assert "MASTER_PORT" not in os.environ
     assert os.environ["RANK"] == "1" and "CUDA_VISIBLE_DEVICES" not in os.environ  # all restored
-    with rank.own_engine(gpus=1, gpus_per_rank=4):  # a sweep whose largest engine spans 4: its 1-GPU one on GPU 4
+    with rank.own_engine(
+        gpus=1, gpus_per_rank=4
+    ):  # a sweep whose largest engine spans 4: its 1-GPU one on GPU 4
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "4"
     with pytest.raises(ConfigError, match="tensor_parallel_size"), Ranks(1, 4, 3).own_engine(gpus=4):
         pass  # local rank 3 would need GPUs 12-15 of 8
@@ -61,7 +83,9 @@ def test_caching_across_two_processes_resumes_and_equals_one(single, tmp_path, m
     root, (model, corpus, sae, cache), _ = single
     cache = dataclasses.replace(cache, output_dir=str(tmp_path / "cache"))
     # A run killed before finalising, then one unfinished shard of each rank's share lost.
-    monkeypatch.setattr("latentsim.cache.finalise_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(
+        "latentsim.cache.finalise_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     with pytest.raises(KeyboardInterrupt):
         load_script("data_gen/cache_activations.py").main(model, corpus, sae, cache)
     shards = tmp_path / "cache" / "shards" / HOOK
@@ -80,7 +104,9 @@ def test_caching_across_two_processes_resumes_and_equals_one(single, tmp_path, m
 
 def test_explanation_across_two_processes_equals_one(single, tmp_path):
     root, _, explain = single
-    out = launch("data_gen/explain.py", tmp_path, dataclasses.replace(explain, explanations_dir=str(tmp_path / "expl")))
+    out = launch(
+        "data_gen/explain.py", tmp_path, dataclasses.replace(explain, explanations_dir=str(tmp_path / "expl"))
+    )
     assert "rank 0 of 2:" in out and "rank 1 of 2:" in out
     names = same_files(root / "expl" / explain.set_name, tmp_path / "expl" / explain.set_name, "*.txt")
     assert len(names) > 10
@@ -90,10 +116,19 @@ def test_explanation_across_two_processes_equals_one(single, tmp_path):
 
 def test_interpretation_scoring_across_two_processes_equals_one(single, tiny_model_dir, tmp_path):
     root, _, explain = single
-    args = ScoreArguments(cache_dir=str(root / "cache"), hookpoint=HOOK, scores_dir=str(tmp_path / "one"),
-                          interpretations=str(root / "expl" / explain.set_name), scorer="detection",
-                          judge_model=str(tiny_model_dir), n_activating=2, n_non_activating=2, window=8, max_latents=6,
-                          batch_size=4)
+    args = ScoreArguments(
+        cache_dir=str(root / "cache"),
+        hookpoint=HOOK,
+        scores_dir=str(tmp_path / "one"),
+        interpretations=str(root / "expl" / explain.set_name),
+        scorer="detection",
+        judge_model=str(tiny_model_dir),
+        n_activating=2,
+        n_non_activating=2,
+        window=8,
+        max_latents=6,
+        batch_size=4,
+    )
     load_script("data_gen/score.py").main(args)
     out = launch("data_gen/score.py", tmp_path, dataclasses.replace(args, scores_dir=str(tmp_path / "two")))
     assert "(rank 0 of 2): 3 latents" in out and "(rank 1 of 2): 3 latents" in out
@@ -103,9 +138,17 @@ def test_interpretation_scoring_across_two_processes_equals_one(single, tiny_mod
 
 def test_sweep_across_two_processes_equals_one(single, tiny_model_dir, tmp_path):
     root, _, _ = single
-    args = EvalArguments(eval_set=str(root / "eval_set"), output_dir=str(tmp_path / "one"), batch_size=4,
-                         baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},shots=2,name=two",
-                                    "model=prior", "model=string_match"])
+    args = EvalArguments(
+        eval_set=str(root / "eval_set"),
+        output_dir=str(tmp_path / "one"),
+        batch_size=4,
+        baselines=[
+            f"model={tiny_model_dir},name=zero",
+            f"model={tiny_model_dir},shots=2,name=two",
+            "model=prior",
+            "model=string_match",
+        ],
+    )
     load_script("eval/sweep.py").main(args)
     out = launch("eval/sweep.py", tmp_path, dataclasses.replace(args, output_dir=str(tmp_path / "two")))
     # Simulator i is scored by rank i % 2.

@@ -11,8 +11,10 @@ from latentsim.sae import residual_at
 
 pytestmark = pytest.mark.slow
 
-PARAGRAPH = ("The history of the city goes back more than two thousand years. It was founded by traders who "
-             "settled on the banks of the river, and it grew into a busy port.")
+PARAGRAPH = (
+    "The history of the city goes back more than two thousand years. It was founded by traders who "
+    "settled on the banks of the river, and it grew into a busy port."
+)
 
 
 # Read at import, before conftest points LATENTSIM_CACHE at a per-test folder.
@@ -25,7 +27,9 @@ def _shared_cache(monkeypatch):
     monkeypatch.setenv("LATENTSIM_CACHE", USER_CACHE)
 
 
-@pytest.mark.parametrize("name, layers, d_model, layer", [("smollm2-135m", 30, 576, 15), ("gemma3-270m", 18, 640, 9)])
+@pytest.mark.parametrize(
+    "name, layers, d_model, layer", [("smollm2-135m", 30, 576, 15), ("gemma3-270m", 18, 640, 9)]
+)
 def test_embedded_model_loads_and_reads_english(name, layers, d_model, layer):
     prepare_embedded_model(name)
     model, tok = load_model_and_tokenizer(f"embedded:{name}")
@@ -43,7 +47,9 @@ def test_embedded_model_loads_and_reads_english(name, layers, d_model, layer):
 
 def test_smollm2_has_a_chat_template():
     _, tok = load_model_and_tokenizer("embedded:smollm2-135m")
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
 
 

@@ -33,10 +33,16 @@ def inputs(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     (root / "expl_layers.2" / "layers.2_latent3.txt").write_text(json.dumps("the token cat"))
     (root / "too_wide.json").write_text(json.dumps({"9999": "the token dog"}))
     (root / "interpretations.json").write_text(json.dumps({"3": "the token cat"}))
-    return {"model": str(tiny_model_dir), "sae": str(tiny_sae_dir), "corpus": str(tiny_corpus),
-            "cache": str(root / "cache"), "corrupt_cache": str(root / "corrupt_cache"),
-            "expl_other_hookpoint": str(root / "expl_layers.2"), "too_wide": str(root / "too_wide.json"),
-            "interpretations": str(root / "interpretations.json")}
+    return {
+        "model": str(tiny_model_dir),
+        "sae": str(tiny_sae_dir),
+        "corpus": str(tiny_corpus),
+        "cache": str(root / "cache"),
+        "corrupt_cache": str(root / "corrupt_cache"),
+        "expl_other_hookpoint": str(root / "expl_layers.2"),
+        "too_wide": str(root / "too_wide.json"),
+        "interpretations": str(root / "interpretations.json"),
+    }
 
 
 @dataclass
@@ -92,18 +98,35 @@ def as_argv(args: dict) -> list[str]:
 
 def tiny_model_args(p: Paths) -> dict:
     """The tiny model and corpus, on CPU, few short rows."""
-    return {"model_name_or_path": p.model, "corpus": p.corpus, "ctx_len": "12", "n_rows": "8", "device": "cpu"}
+    return {
+        "model_name_or_path": p.model,
+        "corpus": p.corpus,
+        "ctx_len": "12",
+        "n_rows": "8",
+        "device": "cpu",
+    }
 
 
 def sae_args(p: Paths, **changes) -> list[str]:
     """data_gen/train_sae.py on the tiny model and corpus (a tiny SAE), with some keys changed."""
-    return as_argv({**tiny_model_args(p), "hookpoint": HOOK, "eval_rows": "2", "d_sae": "32", "k": "4",
-                    "output_dir": p.out, **changes})
+    return as_argv(
+        {
+            **tiny_model_args(p),
+            "hookpoint": HOOK,
+            "eval_rows": "2",
+            "d_sae": "32",
+            "k": "4",
+            "output_dir": p.out,
+            **changes,
+        }
+    )
 
 
 def cache_args(p: Paths, **changes) -> list[str]:
     """data_gen/cache_activations.py on the tiny model, SAE and corpus, with some keys changed."""
-    return as_argv({**tiny_model_args(p), "sae_path": p.sae, "hookpoint": HOOK, "output_dir": p.out, **changes})
+    return as_argv(
+        {**tiny_model_args(p), "sae_path": p.sae, "hookpoint": HOOK, "output_dir": p.out, **changes}
+    )
 
 
 def cache_reader_args(p: Paths, **changes) -> list[str]:
@@ -120,103 +143,339 @@ def case(name: str, script: str, culprit: str, argv, in_subprocess: bool = False
 SFT_GPU_RECIPE = "sft/llama-3.1-8b_quantiles_top5.yaml"
 SFT_CPU_RECIPE = "sft/smollm2-135m_quickstart.yaml"
 CASES = [
-    case("prepare-unknown-embedded-model", "data_gen/prepare_embedded.py", "smollm2-13m",
-         lambda p: ["--models", "smollm2-13m"]),
-    case("train_sae-unknown-yaml-key", "data_gen/train_sae.py", "d_saee",
-         lambda p: ["--config", p.recipe("data/sae_smollm2-135m_l15.yaml", d_saee=64, output_dir=p.out)]),
-    case("train_sae-bad-hookpoint", "data_gen/train_sae.py", "hookpoint",
-         lambda p: ["--hookpoint", "layer15", "--output_dir", p.out]),
-    case("train_sae-missing-config-file", "data_gen/train_sae.py", "sae.yaml",
-         lambda p: ["--config", p.missing("sae.yaml")]),
-    case("train_sae-invalid-yaml", "data_gen/train_sae.py", "broken.yaml",
-         lambda p: ["--config", p.write("broken.yaml", "d_sae: [64\nk: 4\n")], in_subprocess=True),
-    case("train_sae-hookpoint-beyond-the-model", "data_gen/train_sae.py", "only 3 layers",
-         lambda p: sae_args(p, hookpoint="layers.7")),
-    case("train_sae-corpus-too-small", "data_gen/train_sae.py", "n_rows",
-         lambda p: sae_args(p, ctx_len="64", n_rows="100000")),
-    case("cache-bad-device", "data_gen/cache_activations.py", "device", lambda p: cache_args(p, device="gpu")),
-    case("cache-ctx_len-not-a-number", "data_gen/cache_activations.py", "ctx_len",
-         lambda p: cache_args(p, ctx_len="twelve")),
-    case("cache-missing-sae", "data_gen/cache_activations.py", "sae_path",
-         lambda p: cache_args(p, sae_path=p.missing("no_sae"))),
-    case("cache-missing-corpus", "data_gen/cache_activations.py", "docs.jsonl",
-         lambda p: cache_args(p, corpus=p.missing("docs.jsonl"))),
-    case("cache-missing-text-column", "data_gen/cache_activations.py", "corpus_text_column",
-         lambda p: cache_args(p, corpus_text_column="content")),
-    case("cache-missing-model", "data_gen/cache_activations.py", "no_model",
-         lambda p: cache_args(p, model_name_or_path=p.missing("no_model"))),
-    case("cache-sae-of-another-hookpoint", "data_gen/cache_activations.py", "trained on",
-         lambda p: cache_args(p, hookpoint="layers.2")),
-    case("cache-cuda-without-gpu", "data_gen/cache_activations.py", "device",
-         lambda p: cache_args(p, device="cuda"), marks=CPU_ONLY),
-    case("explain-missing-cache", "data_gen/explain.py", "no_cache",
-         lambda p: cache_reader_args(p, cache_dir=p.missing("no_cache"), explanations_dir=p.out), in_subprocess=True),
-    case("explain-corrupt-cache", "data_gen/explain.py", "21_41.safetensors",
-         lambda p: cache_reader_args(p, cache_dir=p.corrupt_cache, explanations_dir=p.out)),
-    case("explain-bad-sampling", "data_gen/explain.py", "sampling",
-         lambda p: cache_reader_args(p, sampling="median", explanations_dir=p.out)),
-    case("explain-vllm-without-gpu", "data_gen/explain.py", "vllm",
-         lambda p: cache_reader_args(p, explainer="llm", backend="vllm", explanations_dir=p.out), marks=CPU_ONLY),
-    case("explain-misspelled-yaml-key", "data_gen/explain.py", "min_activation",
-         lambda p: ["--config", p.recipe("data/explain_token_list_quantiles.yaml", min_activations=None,
-                                         min_activation=2, explanations_dir=p.out)]),
-    case("score-interpretations-of-another-hookpoint", "data_gen/score.py", "layers.2_latent3.txt",
-         lambda p: cache_reader_args(p, interpretations=p.expl_other_hookpoint, scores_dir=p.out)),
-    case("score-missing-interpretations", "data_gen/score.py", "interpretations",
-         lambda p: cache_reader_args(p, interpretations=p.missing("no_expl"), scores_dir=p.out)),
-    case("score-latents-outside-the-sae", "data_gen/score.py", "too_wide.json",
-         lambda p: cache_reader_args(p, interpretations=p.too_wide, scores_dir=p.out)),
-    case("score-bad-scorer", "data_gen/score.py", "scorer",
-         lambda p: cache_reader_args(p, scorer="fuzzy", scores_dir=p.out)),
-    case("build_dataset-unknown-command-line-key", "data_gen/build_dataset.py", "windw_min",
-         lambda p: cache_reader_args(p, interpretations=p.too_wide, windw_min="4", output_dir=p.out)),
-    case("build_dataset-missing-cache", "data_gen/build_dataset.py", "no_cache",
-         lambda p: cache_reader_args(p, cache_dir=p.missing("no_cache"), interpretations=p.too_wide,
-                                     output_dir=p.out)),
-    case("build_dataset-interpretations-of-another-hookpoint", "data_gen/build_dataset.py", "layers.2_latent3.txt",
-         lambda p: cache_reader_args(p, interpretations=p.expl_other_hookpoint, output_dir=p.out)),
-    case("build_dataset-missing-simulator-tokenizer", "data_gen/build_dataset.py", "no_tokenizer",
-         lambda p: cache_reader_args(p, interpretations=p.interpretations, simulator_tokenizer=p.missing("no_tokenizer"),
-                                     output_dir=p.out)),
-    case("sft-misspelled-key-in-a-gpu-recipe", "train/sft.py", "learnin_rate",
-         lambda p: ["--config", p.recipe(SFT_GPU_RECIPE, learning_rate=None, learnin_rate=1.0e-4, output_dir=p.out)],
-         in_subprocess=True),
-    case("sft-gpu-recipe-on-cpu", "train/sft.py", "bf16",
-         lambda p: ["--config", p.recipe(SFT_GPU_RECIPE, output_dir=p.out)], marks=CPU_ONLY),
-    case("sft-bad-dtype", "train/sft.py", "dtype",
-         lambda p: ["--config", p.recipe(SFT_CPU_RECIPE, dtype="fp16", output_dir=p.out)]),
-    case("sft-unknown-command-line-key", "train/sft.py", "lora_rank",
-         lambda p: ["--config", p.recipe(SFT_CPU_RECIPE, output_dir=p.out), "--lora_rank", "8"]),
-    case("sft-dataset-not-built", "train/sft.py", "dataset_name",
-         lambda p: ["--config", p.recipe(SFT_CPU_RECIPE, dataset_name=p.empty_dir("dataset"), output_dir=p.out)]),
-    case("publish-without-an-adapter", "train/publish.py", "adapter_model.safetensors",
-         lambda p: ["--run_dir", p.sft_run(), "--repo_id", "me/sim"]),
-    case("publish-non-finite-adapter", "train/publish.py", "NaN",
-         lambda p: ["--run_dir", p.sft_run({"x.lora_A.weight": torch.full((4, 16), float("nan"))}),
-                    "--repo_id", "me/sim"]),
-    case("publish-missing-run-dir", "train/publish.py", "run_dir",
-         lambda p: ["--run_dir", p.missing("no_run"), "--repo_id", "me/sim"]),
-    case("publish-bad-repo-id", "train/publish.py", "repo_id",
-         lambda p: ["--run_dir", p.out, "--repo_id", "no-slash"]),
-    case("sweep-bad-dtype", "eval/sweep.py", "dtype",
-         lambda p: ["--config", p.recipe("eval/sweep_smollm2-135m_quickstart.yaml", dtype="fp16", output_dir=p.out)]),
-    case("sweep-missing-eval-set", "eval/sweep.py", "no_eval_set",
-         lambda p: ["--config", p.recipe("eval/sweep_smollm2-135m_quickstart.yaml", eval_set=p.missing("no_eval_set"),
-                                         output_dir=p.out)]),
-    case("patch_kl-bad-device", "eval/patch_kl.py", "device",
-         lambda p: ["--config", p.recipe("eval/patch_kl_quickstart.yaml", output_dir=p.out), "--device", "gpu"]),
-    case("patch_kl-unknown-command-line-key", "eval/patch_kl.py", "tresholds",
-         lambda p: ["--config", p.recipe("eval/patch_kl_quickstart.yaml", output_dir=p.out), "--tresholds", "0.5"]),
-    case("patch_kl-missing-eval-set", "eval/patch_kl.py", "no_eval_set",
-         lambda p: ["--config", p.recipe("eval/patch_kl_quickstart.yaml", eval_set=p.missing("no_eval_set"),
-                                         sweep_dir=p.missing("no_sweep"), output_dir=p.out)]),
-    case("generate-bad-source", "eval/generate.py", "sources",
-         lambda p: ["--config", p.recipe("eval/generate_quickstart.yaml", output_dir=p.out), "--sources", "sae:all"]),
-    case("generate-missing-eval-set", "eval/generate.py", "no_eval_set",
-         lambda p: ["--config", p.recipe("eval/generate_quickstart.yaml", eval_set=p.missing("no_eval_set"),
-                                         output_dir=p.out)]),
-    case("report-missing-sweep-dir", "eval/report.py", "no_sweep",
-         lambda p: ["--sweep_dir", p.missing("no_sweep"), "--output_dir", p.out]),
+    case(
+        "prepare-unknown-embedded-model",
+        "data_gen/prepare_embedded.py",
+        "smollm2-13m",
+        lambda p: ["--models", "smollm2-13m"],
+    ),
+    case(
+        "train_sae-unknown-yaml-key",
+        "data_gen/train_sae.py",
+        "d_saee",
+        lambda p: ["--config", p.recipe("data/sae_smollm2-135m_l15.yaml", d_saee=64, output_dir=p.out)],
+    ),
+    case(
+        "train_sae-bad-hookpoint",
+        "data_gen/train_sae.py",
+        "hookpoint",
+        lambda p: ["--hookpoint", "layer15", "--output_dir", p.out],
+    ),
+    case(
+        "train_sae-missing-config-file",
+        "data_gen/train_sae.py",
+        "sae.yaml",
+        lambda p: ["--config", p.missing("sae.yaml")],
+    ),
+    case(
+        "train_sae-invalid-yaml",
+        "data_gen/train_sae.py",
+        "broken.yaml",
+        lambda p: ["--config", p.write("broken.yaml", "d_sae: [64\nk: 4\n")],
+        in_subprocess=True,
+    ),
+    case(
+        "train_sae-hookpoint-beyond-the-model",
+        "data_gen/train_sae.py",
+        "only 3 layers",
+        lambda p: sae_args(p, hookpoint="layers.7"),
+    ),
+    case(
+        "train_sae-corpus-too-small",
+        "data_gen/train_sae.py",
+        "n_rows",
+        lambda p: sae_args(p, ctx_len="64", n_rows="100000"),
+    ),
+    case(
+        "cache-bad-device", "data_gen/cache_activations.py", "device", lambda p: cache_args(p, device="gpu")
+    ),
+    case(
+        "cache-ctx_len-not-a-number",
+        "data_gen/cache_activations.py",
+        "ctx_len",
+        lambda p: cache_args(p, ctx_len="twelve"),
+    ),
+    case(
+        "cache-missing-sae",
+        "data_gen/cache_activations.py",
+        "sae_path",
+        lambda p: cache_args(p, sae_path=p.missing("no_sae")),
+    ),
+    case(
+        "cache-missing-corpus",
+        "data_gen/cache_activations.py",
+        "docs.jsonl",
+        lambda p: cache_args(p, corpus=p.missing("docs.jsonl")),
+    ),
+    case(
+        "cache-missing-text-column",
+        "data_gen/cache_activations.py",
+        "corpus_text_column",
+        lambda p: cache_args(p, corpus_text_column="content"),
+    ),
+    case(
+        "cache-missing-model",
+        "data_gen/cache_activations.py",
+        "no_model",
+        lambda p: cache_args(p, model_name_or_path=p.missing("no_model")),
+    ),
+    case(
+        "cache-sae-of-another-hookpoint",
+        "data_gen/cache_activations.py",
+        "trained on",
+        lambda p: cache_args(p, hookpoint="layers.2"),
+    ),
+    case(
+        "cache-cuda-without-gpu",
+        "data_gen/cache_activations.py",
+        "device",
+        lambda p: cache_args(p, device="cuda"),
+        marks=CPU_ONLY,
+    ),
+    case(
+        "explain-missing-cache",
+        "data_gen/explain.py",
+        "no_cache",
+        lambda p: cache_reader_args(p, cache_dir=p.missing("no_cache"), explanations_dir=p.out),
+        in_subprocess=True,
+    ),
+    case(
+        "explain-corrupt-cache",
+        "data_gen/explain.py",
+        "21_41.safetensors",
+        lambda p: cache_reader_args(p, cache_dir=p.corrupt_cache, explanations_dir=p.out),
+    ),
+    case(
+        "explain-bad-sampling",
+        "data_gen/explain.py",
+        "sampling",
+        lambda p: cache_reader_args(p, sampling="median", explanations_dir=p.out),
+    ),
+    case(
+        "explain-vllm-without-gpu",
+        "data_gen/explain.py",
+        "vllm",
+        lambda p: cache_reader_args(p, explainer="llm", backend="vllm", explanations_dir=p.out),
+        marks=CPU_ONLY,
+    ),
+    case(
+        "explain-misspelled-yaml-key",
+        "data_gen/explain.py",
+        "min_activation",
+        lambda p: [
+            "--config",
+            p.recipe(
+                "data/explain_token_list_quantiles.yaml",
+                min_activations=None,
+                min_activation=2,
+                explanations_dir=p.out,
+            ),
+        ],
+    ),
+    case(
+        "score-interpretations-of-another-hookpoint",
+        "data_gen/score.py",
+        "layers.2_latent3.txt",
+        lambda p: cache_reader_args(p, interpretations=p.expl_other_hookpoint, scores_dir=p.out),
+    ),
+    case(
+        "score-missing-interpretations",
+        "data_gen/score.py",
+        "interpretations",
+        lambda p: cache_reader_args(p, interpretations=p.missing("no_expl"), scores_dir=p.out),
+    ),
+    case(
+        "score-latents-outside-the-sae",
+        "data_gen/score.py",
+        "too_wide.json",
+        lambda p: cache_reader_args(p, interpretations=p.too_wide, scores_dir=p.out),
+    ),
+    case(
+        "score-bad-scorer",
+        "data_gen/score.py",
+        "scorer",
+        lambda p: cache_reader_args(p, scorer="fuzzy", scores_dir=p.out),
+    ),
+    case(
+        "build_dataset-unknown-command-line-key",
+        "data_gen/build_dataset.py",
+        "windw_min",
+        lambda p: cache_reader_args(p, interpretations=p.too_wide, windw_min="4", output_dir=p.out),
+    ),
+    case(
+        "build_dataset-missing-cache",
+        "data_gen/build_dataset.py",
+        "no_cache",
+        lambda p: cache_reader_args(
+            p, cache_dir=p.missing("no_cache"), interpretations=p.too_wide, output_dir=p.out
+        ),
+    ),
+    case(
+        "build_dataset-interpretations-of-another-hookpoint",
+        "data_gen/build_dataset.py",
+        "layers.2_latent3.txt",
+        lambda p: cache_reader_args(p, interpretations=p.expl_other_hookpoint, output_dir=p.out),
+    ),
+    case(
+        "build_dataset-missing-simulator-tokenizer",
+        "data_gen/build_dataset.py",
+        "no_tokenizer",
+        lambda p: cache_reader_args(
+            p,
+            interpretations=p.interpretations,
+            simulator_tokenizer=p.missing("no_tokenizer"),
+            output_dir=p.out,
+        ),
+    ),
+    case(
+        "sft-misspelled-key-in-a-gpu-recipe",
+        "train/sft.py",
+        "learnin_rate",
+        lambda p: [
+            "--config",
+            p.recipe(SFT_GPU_RECIPE, learning_rate=None, learnin_rate=1.0e-4, output_dir=p.out),
+        ],
+        in_subprocess=True,
+    ),
+    case(
+        "sft-gpu-recipe-on-cpu",
+        "train/sft.py",
+        "bf16",
+        lambda p: ["--config", p.recipe(SFT_GPU_RECIPE, output_dir=p.out)],
+        marks=CPU_ONLY,
+    ),
+    case(
+        "sft-bad-dtype",
+        "train/sft.py",
+        "dtype",
+        lambda p: ["--config", p.recipe(SFT_CPU_RECIPE, dtype="fp16", output_dir=p.out)],
+    ),
+    case(
+        "sft-unknown-command-line-key",
+        "train/sft.py",
+        "lora_rank",
+        lambda p: ["--config", p.recipe(SFT_CPU_RECIPE, output_dir=p.out), "--lora_rank", "8"],
+    ),
+    case(
+        "sft-dataset-not-built",
+        "train/sft.py",
+        "dataset_name",
+        lambda p: [
+            "--config",
+            p.recipe(SFT_CPU_RECIPE, dataset_name=p.empty_dir("dataset"), output_dir=p.out),
+        ],
+    ),
+    case(
+        "publish-without-an-adapter",
+        "train/publish.py",
+        "adapter_model.safetensors",
+        lambda p: ["--run_dir", p.sft_run(), "--repo_id", "me/sim"],
+    ),
+    case(
+        "publish-non-finite-adapter",
+        "train/publish.py",
+        "NaN",
+        lambda p: [
+            "--run_dir",
+            p.sft_run({"x.lora_A.weight": torch.full((4, 16), float("nan"))}),
+            "--repo_id",
+            "me/sim",
+        ],
+    ),
+    case(
+        "publish-missing-run-dir",
+        "train/publish.py",
+        "run_dir",
+        lambda p: ["--run_dir", p.missing("no_run"), "--repo_id", "me/sim"],
+    ),
+    case(
+        "publish-bad-repo-id",
+        "train/publish.py",
+        "repo_id",
+        lambda p: ["--run_dir", p.out, "--repo_id", "no-slash"],
+    ),
+    case(
+        "sweep-bad-dtype",
+        "eval/sweep.py",
+        "dtype",
+        lambda p: [
+            "--config",
+            p.recipe("eval/sweep_smollm2-135m_quickstart.yaml", dtype="fp16", output_dir=p.out),
+        ],
+    ),
+    case(
+        "sweep-missing-eval-set",
+        "eval/sweep.py",
+        "no_eval_set",
+        lambda p: [
+            "--config",
+            p.recipe(
+                "eval/sweep_smollm2-135m_quickstart.yaml", eval_set=p.missing("no_eval_set"), output_dir=p.out
+            ),
+        ],
+    ),
+    case(
+        "patch_kl-bad-device",
+        "eval/patch_kl.py",
+        "device",
+        lambda p: [
+            "--config",
+            p.recipe("eval/patch_kl_quickstart.yaml", output_dir=p.out),
+            "--device",
+            "gpu",
+        ],
+    ),
+    case(
+        "patch_kl-unknown-command-line-key",
+        "eval/patch_kl.py",
+        "tresholds",
+        lambda p: [
+            "--config",
+            p.recipe("eval/patch_kl_quickstart.yaml", output_dir=p.out),
+            "--tresholds",
+            "0.5",
+        ],
+    ),
+    case(
+        "patch_kl-missing-eval-set",
+        "eval/patch_kl.py",
+        "no_eval_set",
+        lambda p: [
+            "--config",
+            p.recipe(
+                "eval/patch_kl_quickstart.yaml",
+                eval_set=p.missing("no_eval_set"),
+                sweep_dir=p.missing("no_sweep"),
+                output_dir=p.out,
+            ),
+        ],
+    ),
+    case(
+        "generate-bad-source",
+        "eval/generate.py",
+        "sources",
+        lambda p: [
+            "--config",
+            p.recipe("eval/generate_quickstart.yaml", output_dir=p.out),
+            "--sources",
+            "sae:all",
+        ],
+    ),
+    case(
+        "generate-missing-eval-set",
+        "eval/generate.py",
+        "no_eval_set",
+        lambda p: [
+            "--config",
+            p.recipe("eval/generate_quickstart.yaml", eval_set=p.missing("no_eval_set"), output_dir=p.out),
+        ],
+    ),
+    case(
+        "report-missing-sweep-dir",
+        "eval/report.py",
+        "no_sweep",
+        lambda p: ["--sweep_dir", p.missing("no_sweep"), "--output_dir", p.out],
+    ),
 ]
 
 
@@ -234,7 +493,9 @@ def run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[i
 
 
 def run_subprocess(command: list[str], **env) -> tuple[int, str, str]:
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    proc = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -251,7 +512,9 @@ def assert_readable_error(code: int, out: str, err: str, culprit: str) -> str:
 
 def assert_nothing_finished(out: Path) -> None:
     """A failed stage may have recorded its provenance (run_config.json), nothing else."""
-    written = [p for p in out.rglob("*") if p.is_file() and p.name != "run_config.json"] if out.exists() else []
+    written = (
+        [p for p in out.rglob("*") if p.is_file() and p.name != "run_config.json"] if out.exists() else []
+    )
     assert written == [], written
 
 
@@ -269,15 +532,29 @@ def test_bad_input_is_one_readable_line(script, argv, culprit, in_subprocess, pa
     else:
         code, out, err = run_in_process(script, args, monkeypatch, capsys)
     message = assert_readable_error(code, out, err, culprit)
-    if "learnin_rate" in culprit:  # the misspelled key, never transformers' bf16/GPU check it used to hide behind
+    if (
+        "learnin_rate" in culprit
+    ):  # the misspelled key, never transformers' bf16/GPU check it used to hide behind
         assert "did you mean `learning_rate`" in message and "bf16" not in message
     # publish stages its upload inside the run folder it reads
     assert_nothing_finished(Path(paths.out) / ("publish" if script == "train/publish.py" else ""))
 
 
 def test_the_table_covers_every_stage():
-    stages = {"prepare_embedded", "train_sae", "cache_activations", "explain", "score", "build_dataset", "sft",
-              "publish", "sweep", "patch_kl", "generate", "report"}
+    stages = {
+        "prepare_embedded",
+        "train_sae",
+        "cache_activations",
+        "explain",
+        "score",
+        "build_dataset",
+        "sft",
+        "publish",
+        "sweep",
+        "patch_kl",
+        "generate",
+        "report",
+    }
     assert {Path(p.values[0]).stem for p in CASES} >= stages
     assert len(CASES) >= 15 and sum(p.values[3] for p in CASES) >= 3
 
@@ -290,9 +567,11 @@ def test_debug_mode_brings_the_traceback_back(paths):
 
 def test_a_real_bug_keeps_its_traceback(tmp_path):
     script = tmp_path / "buggy.py"
-    script.write_text("from latentsim.cli import run\nfrom latentsim.config import ReportArguments\n\n"
-                      "def main(args):\n    return {}[args.title]\n\n"
-                      "if __name__ == '__main__':\n    run(main, (ReportArguments,))\n")
+    script.write_text(
+        "from latentsim.cli import run\nfrom latentsim.config import ReportArguments\n\n"
+        "def main(args):\n    return {}[args.title]\n\n"
+        "if __name__ == '__main__':\n    run(main, (ReportArguments,))\n"
+    )
     code, out, err = run_subprocess([sys.executable, str(script)])
     assert code == 1 and "Traceback" in err and "KeyError" in err and "\nerror: " not in "\n" + err
 
@@ -317,9 +596,19 @@ def test_check_parses_without_running(paths, capsys):
 
 def test_a_failed_accelerate_child_ends_with_its_own_error(paths):
     """accelerate raises its own traceback over a failed training process; our launcher ends with its status."""
-    code, out, err = run_subprocess([sys.executable, "-m", "latentsim.cli", "accelerate-launch", "--config_file",
-                                     "configs/accelerate/cpu.yaml", "data_gen/train_sae.py",
-                                     "--config", paths.missing("sae.yaml")])
+    code, out, err = run_subprocess(
+        [
+            sys.executable,
+            "-m",
+            "latentsim.cli",
+            "accelerate-launch",
+            "--config_file",
+            "configs/accelerate/cpu.yaml",
+            "data_gen/train_sae.py",
+            "--config",
+            paths.missing("sae.yaml"),
+        ]
+    )
     assert_readable_error(code, out, err, "sae.yaml")
 
 
@@ -340,14 +629,20 @@ def test_hub_access_problems_are_the_users_to_fix(error, tmp_path):
 
 def launch_setup_is_current() -> bool:
     """launch.sh reinstalls the project when pyproject.toml or launch.sh changed since the last setup."""
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "launch.sh").read_bytes()).hexdigest()
+    want = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + (ROOT / "launch.sh").read_bytes()
+    ).hexdigest()
     stamp = ROOT / os.environ.get("VENV", ".venv") / ".latentsim-setup"
     return stamp.is_file() and stamp.read_text().strip() == want
 
 
-@pytest.mark.skipif(not launch_setup_is_current(), reason="./launch.sh setup would reinstall first; run it once")
+@pytest.mark.skipif(
+    not launch_setup_is_current(), reason="./launch.sh setup would reinstall first; run it once"
+)
 def test_launch_sft_reports_a_config_error_before_accelerate(paths):
-    config = paths.recipe("sft/smollm2-135m_quickstart.yaml", max_steps=None, max_step=16, output_dir=paths.out)
+    config = paths.recipe(
+        "sft/smollm2-135m_quickstart.yaml", max_steps=None, max_step=16, output_dir=paths.out
+    )
     code, out, err = run_subprocess(["./launch.sh", "sft", config])
     assert_readable_error(code, out, err, "max_step")
     assert "accelerate" not in err  # stopped before `accelerate launch`, whose traceback would follow

@@ -25,24 +25,58 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     root = tmp_path_factory.mktemp("eval")
     make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus, samplings=("quantiles", "top"))
     build = load_script("data_gen/build_dataset.py").main
-    common = dict(cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
-                  interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
-                  contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3)
+    common = dict(
+        cache_dir=str(root / "cache"),
+        hookpoint=HOOK,
+        simulator_tokenizer=str(tiny_model_dir),
+        interpretations=[str(root / "expl" / "token_list-quantiles")],
+        window_min=4,
+        window_max=6,
+        contexts_per_row=2,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        seed=3,
+    )
     build(DatasetArguments(**common, positives="top_k", top_k=3, output_dir=str(root / "mix")))
-    build(DatasetArguments(**common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")))
-    build(DatasetArguments(**common, positives="all", negatives_per_positive=0, label="quantile_bin",
-                           prompt_format="sim_value_v1", output_dir=str(root / "eval_value")))
-    build(DatasetArguments(**{**common, "split_mode": "contexts"}, positives="all", negatives_per_context=6,
-                           output_dir=str(root / "eval_seen")))
+    build(
+        DatasetArguments(
+            **common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")
+        )
+    )
+    build(
+        DatasetArguments(
+            **common,
+            positives="all",
+            negatives_per_positive=0,
+            label="quantile_bin",
+            prompt_format="sim_value_v1",
+            output_dir=str(root / "eval_value"),
+        )
+    )
+    build(
+        DatasetArguments(
+            **{**common, "split_mode": "contexts"},
+            positives="all",
+            negatives_per_context=6,
+            output_dir=str(root / "eval_seen"),
+        )
+    )
     load_script("train/sft.py").main(*sft_args(root / "mix", tiny_model_dir, root / "run"))
     return root
 
 
 def sweep(assets, tiny_model_dir, out, **kw):
-    args = dict(eval_set=str(assets / "eval_set"), run_dirs=[str(assets / "run")], output_dir=str(out),
-                baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},shots=2,name=two",
-                           f"model={tiny_model_dir},interpretations={assets / 'expl' / 'token_list-top'},name=top"],
-                batch_size=4)
+    args = dict(
+        eval_set=str(assets / "eval_set"),
+        run_dirs=[str(assets / "run")],
+        output_dir=str(out),
+        baselines=[
+            f"model={tiny_model_dir},name=zero",
+            f"model={tiny_model_dir},shots=2,name=two",
+            f"model={tiny_model_dir},interpretations={assets / 'expl' / 'token_list-top'},name=top",
+        ],
+        batch_size=4,
+    )
     args.update(kw)
     load_script("eval/sweep.py").main(EvalArguments(**args))
     return out / Path(args["eval_set"]).name
@@ -71,8 +105,11 @@ def test_sweep_scores_checkpoints_and_baselines(assets, tiny_model_dir, tmp_path
         assert record["provenance"]["seed"] == 22 and "transformers" in record["provenance"]["versions"]
         preds = pd.read_parquet(root / name / "predictions_test.parquet")
         # Every metric can be recomputed from the predictions.
-        aucs = [roc_auc_score(g["active"], g["p_yes"]) for _, g in preds.groupby("context_id")
-                if g["active"].nunique() == 2]
+        aucs = [
+            roc_auc_score(g["active"], g["p_yes"])
+            for _, g in preds.groupby("context_id")
+            if g["active"].nunique() == 2
+        ]
         assert record["results"]["binary"]["per_context"]["auc"]["median"] == pytest.approx(np.median(aucs))
         assert np.allclose(preds["p_yes"], 1 / (1 + np.exp(preds["logit_0"] - preds["logit_1"])), atol=1e-6)
         if name != "baseline__top":
@@ -92,11 +129,16 @@ def test_sweep_scores_checkpoints_and_baselines(assets, tiny_model_dir, tmp_path
 
 def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monkeypatch):
     root = sweep(assets, tiny_model_dir, tmp_path / "eval")
-    before = {n.name: (n / "results.json").read_bytes() for n in root.iterdir() if (n / "results.json").is_file()}
+    before = {
+        n.name: (n / "results.json").read_bytes() for n in root.iterdir() if (n / "results.json").is_file()
+    }
     calls = []
     original = HFScorer.label_logits
-    monkeypatch.setattr(HFScorer, "label_logits", lambda self, prompts, progress=None: calls.append(len(prompts))
-                        or original(self, prompts, progress))
+    monkeypatch.setattr(
+        HFScorer,
+        "label_logits",
+        lambda self, prompts, progress=None: calls.append(len(prompts)) or original(self, prompts, progress),
+    )
     sweep(assets, tiny_model_dir, tmp_path / "eval")
     assert calls == []  # nothing rescored
     assert before == {n: (root / n / "results.json").read_bytes() for n in before}
@@ -107,26 +149,62 @@ def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monk
     assert calls == [len(pd.read_parquet(assets / "eval_set" / "test.parquet"))]
     with pytest.raises(ValueError, match="another setup"):
         sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3)
-    sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, overwrite=True, run_dirs=[], baselines=[
-        f"model={tiny_model_dir},name=zero"])
+    sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "eval",
+        max_contexts=3,
+        overwrite=True,
+        run_dirs=[],
+        baselines=[f"model={tiny_model_dir},name=zero"],
+    )
     assert pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")["context_id"].nunique() == 3
     # Fewer calibration contexts than test ones: another spec, and only the calibration split shrinks.
     with pytest.raises(ValueError, match="calibration_contexts"):
-        sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, calibration_contexts=2, run_dirs=[],
-              baselines=[f"model={tiny_model_dir},name=zero"])
-    sweep(assets, tiny_model_dir, tmp_path / "cal", max_contexts=3, calibration_contexts=2, run_dirs=[],
-          baselines=["model=prior"])
+        sweep(
+            assets,
+            tiny_model_dir,
+            tmp_path / "eval",
+            max_contexts=3,
+            calibration_contexts=2,
+            run_dirs=[],
+            baselines=[f"model={tiny_model_dir},name=zero"],
+        )
+    sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "cal",
+        max_contexts=3,
+        calibration_contexts=2,
+        run_dirs=[],
+        baselines=["model=prior"],
+    )
     prior = tmp_path / "cal" / "eval_set" / "baseline__prior"
     # A folder finished before `calibration_contexts` existed answers the default (0: as max_contexts), not 2.
     zero = root / "baseline__zero" / "spec.json"
-    zero.write_text(json.dumps({k: v for k, v in json.loads(zero.read_text()).items() if k != "calibration_contexts"}))
+    zero.write_text(
+        json.dumps({k: v for k, v in json.loads(zero.read_text()).items() if k != "calibration_contexts"})
+    )
     calls.clear()
-    sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, run_dirs=[], baselines=[
-        f"model={tiny_model_dir},name=zero"])
+    sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "eval",
+        max_contexts=3,
+        run_dirs=[],
+        baselines=[f"model={tiny_model_dir},name=zero"],
+    )
     assert calls == []
     with pytest.raises(ValueError, match="calibration_contexts"):
-        sweep(assets, tiny_model_dir, tmp_path / "eval", max_contexts=3, calibration_contexts=2, run_dirs=[],
-              baselines=[f"model={tiny_model_dir},name=zero"])
+        sweep(
+            assets,
+            tiny_model_dir,
+            tmp_path / "eval",
+            max_contexts=3,
+            calibration_contexts=2,
+            run_dirs=[],
+            baselines=[f"model={tiny_model_dir},name=zero"],
+        )
     assert pd.read_parquet(prior / "predictions_test.parquet")["context_id"].nunique() == 3
     assert pd.read_parquet(prior / "predictions_validation.parquet")["context_id"].nunique() == 2
 
@@ -145,35 +223,83 @@ def test_mismatched_prompt_format_or_template_is_refused(assets, tiny_model_dir,
 
 def test_latents_seen_in_training_are_refused(assets, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="trained on .* latents of the eval set"):
-        sweep(assets, tiny_model_dir, tmp_path / "a", eval_set=str(assets / "eval_seen"), baselines=[],
-              include_checkpoints=False)
-    sweep(assets, tiny_model_dir, tmp_path / "b", eval_set=str(assets / "eval_seen"), baselines=[],
-          include_checkpoints=False, allow_seen_latents=True)
+        sweep(
+            assets,
+            tiny_model_dir,
+            tmp_path / "a",
+            eval_set=str(assets / "eval_seen"),
+            baselines=[],
+            include_checkpoints=False,
+        )
+    sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "b",
+        eval_set=str(assets / "eval_seen"),
+        baselines=[],
+        include_checkpoints=False,
+        allow_seen_latents=True,
+    )
     # Another seed: another row split, so some eval (or calibration) rows trained the simulator. Never allowed.
     # (An external interpretation set, which records no rows: ours would be refused when building.)
     external = tmp_path / "external.json"
     external.write_text(json.dumps(load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)))
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(assets / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
-        interpretations=[str(external)], window_min=4, window_max=6, contexts_per_row=2, validation_fraction=0.2,
-        test_fraction=0.2, seed=4, split_mode="contexts", positives="all", negatives_per_context=6,
-        output_dir=str(tmp_path / "eval_rows")))
-    with pytest.raises(ValueError, match="trained on .* cache rows of the eval set's (test|validation) split"):
-        sweep(assets, tiny_model_dir, tmp_path / "c", eval_set=str(tmp_path / "eval_rows"), baselines=[],
-              include_checkpoints=False, allow_seen_latents=True)
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(assets / "cache"),
+            hookpoint=HOOK,
+            simulator_tokenizer=str(tiny_model_dir),
+            interpretations=[str(external)],
+            window_min=4,
+            window_max=6,
+            contexts_per_row=2,
+            validation_fraction=0.2,
+            test_fraction=0.2,
+            seed=4,
+            split_mode="contexts",
+            positives="all",
+            negatives_per_context=6,
+            output_dir=str(tmp_path / "eval_rows"),
+        )
+    )
+    with pytest.raises(
+        ValueError, match="trained on .* cache rows of the eval set's (test|validation) split"
+    ):
+        sweep(
+            assets,
+            tiny_model_dir,
+            tmp_path / "c",
+            eval_set=str(tmp_path / "eval_rows"),
+            baselines=[],
+            include_checkpoints=False,
+            allow_seen_latents=True,
+        )
 
 
 def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_path):
-    sweep(assets, tiny_model_dir, tmp_path / "eval", run_dirs=[], include_checkpoints=False,
-          baselines=[f"model={tiny_model_dir},name=zero"])
-    root = sweep(assets, tiny_model_dir, tmp_path / "eval", eval_set=str(assets / "eval_value"), run_dirs=[],
-                 baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},name=two,shots=2"])
+    sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "eval",
+        run_dirs=[],
+        include_checkpoints=False,
+        baselines=[f"model={tiny_model_dir},name=zero"],
+    )
+    root = sweep(
+        assets,
+        tiny_model_dir,
+        tmp_path / "eval",
+        eval_set=str(assets / "eval_value"),
+        run_dirs=[],
+        baselines=[f"model={tiny_model_dir},name=zero", f"model={tiny_model_dir},name=two,shots=2"],
+    )
     two = pd.read_parquet(root / "baseline__two" / "predictions_test.parquet")
     record = json.loads((root / "baseline__zero" / "results.json").read_text())
     preds = pd.read_parquet(root / "baseline__zero" / "predictions_test.parquet")
     mean = preds[[f"p_digit_{d}" for d in range(10)]].to_numpy() @ np.arange(10)
     assert record["results"]["value"]["mean_vs_quantile_bin"]["pearson"] == pytest.approx(
-        np.corrcoef(mean, preds["quantile_bin"])[0, 1])
+        np.corrcoef(mean, preds["quantile_bin"])[0, 1]
+    )
     assert np.abs(two["p_digit_0"] - preds["p_digit_0"]).max() > 1e-4  # the solved examples reach the prompt
 
     from latentsim.config import ReportArguments
@@ -191,8 +317,20 @@ def test_value_sweep_and_report_renders_in_chromium(assets, tiny_model_dir, tmp_
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (./launch.sh test installs it)")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert f'data-images-rendered="{len(figures)}"' in dom and 'data-tables="2"' in dom
     assert "baseline__zero" in dom
 
@@ -212,16 +350,25 @@ def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
             for f in source.iterdir():
                 if f.is_file():
                     shutil.copy2(f, local_dir)
-            shutil.copy2(assets / "run" / "run_config.json", local_dir)  # publish.py stages the run-level files
+            shutil.copy2(
+                assets / "run" / "run_config.json", local_dir
+            )  # publish.py stages the run-level files
 
     out = tmp_path / "eval"
-    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(assets / "eval_set"), hub_runs=["me/sim"],
-                                                    output_dir=str(out), batch_size=8), api=FakeApi())
+    load_script("eval/sweep.py").main(
+        EvalArguments(
+            eval_set=str(assets / "eval_set"), hub_runs=["me/sim"], output_dir=str(out), batch_size=8
+        ),
+        api=FakeApi(),
+    )
     root = out / "eval_set"
     names = [r["simulator"] for r in json.loads((root / "summary.json").read_text())["rows"]]
     assert names == ["me--sim@step-000000006", "me--sim@main"]
     local = sweep(assets, tiny_model_dir, tmp_path / "local", baselines=[])
-    for hub_name, local_name in (("me--sim@main", "run__final"), ("me--sim@step-000000006", "run__checkpoint-6")):
+    for hub_name, local_name in (
+        ("me--sim@main", "run__final"),
+        ("me--sim@step-000000006", "run__checkpoint-6"),
+    ):
         a = pd.read_parquet(root / hub_name / "predictions_test.parquet")
         b = pd.read_parquet(local / local_name / "predictions_test.parquet")
         assert np.abs(a["p_yes"] - b["p_yes"]).max() < 1e-6
@@ -257,12 +404,21 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path
     for name, p_yes in (("perfect", test["active"].astype(float)), ("contrarian", 1.0 - test["active"])):
         (sweep_root / name).mkdir(parents=True)
         test.assign(p_yes=p_yes.to_numpy())[["context_id", "latent", "active", "p_yes"]].to_parquet(
-            sweep_root / name / "predictions_test.parquet")
+            sweep_root / name / "predictions_test.parquet"
+        )
         (sweep_root / name / "results.json").write_text(json.dumps({"results": {}}))
-    result = load_script("eval/patch_kl.py").main(PatchArguments(
-        eval_set=str(assets / "eval_set"), sweep_dir=str(tmp_path / "eval"), thresholds=["0.5"],
-        values=["oracle", "median", "predicted"], value_simulator=str(tiny_model_dir),
-        fractions=[0.0, 0.5, 1.0], mean_contexts=4, seed=0))
+    result = load_script("eval/patch_kl.py").main(
+        PatchArguments(
+            eval_set=str(assets / "eval_set"),
+            sweep_dir=str(tmp_path / "eval"),
+            thresholds=["0.5"],
+            values=["oracle", "median", "predicted"],
+            value_simulator=str(tiny_model_dir),
+            fractions=[0.0, 0.5, 1.0],
+            mean_contexts=4,
+            seed=0,
+        )
+    )
     per = pd.read_parquet(sweep_root / "patch_kl" / "per_context.parquet").set_index(["context_id", "source"])
     assert result["n_contexts"] == 4 and result["kl_direction"].startswith("KL(p_clean || p_patched)")
     sae = per.xs("sae", level="source")
@@ -271,15 +427,22 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path
     for column in ("kl_judged", "kl_all", "ce_judged"):
         assert np.allclose(per.xs("fraction:top:1", level="source")[column], sae[column], atol=1e-6)
         # no_latents (b_dec) is the f = 0 point: the floor, far below the SAE
-        assert np.allclose(per.xs("fraction:top:0", level="source")[column],
-                           per.xs("no_latents", level="source")[column], atol=1e-6)
+        assert np.allclose(
+            per.xs("fraction:top:0", level="source")[column],
+            per.xs("no_latents", level="source")[column],
+            atol=1e-6,
+        )
     assert (per.xs("no_latents", level="source")["kl_all"] > sae["kl_all"]).all()
-    assert np.allclose(per.xs("sim:perfect@0.5:oracle", level="source")["kl_judged"], sae["kl_judged"], atol=1e-6)
+    assert np.allclose(
+        per.xs("sim:perfect@0.5:oracle", level="source")["kl_judged"], sae["kl_judged"], atol=1e-6
+    )
     contrarian = result["sources"]["sim:contrarian@0.5:oracle"]["inserted"]
     n_neg = (test["active"] == 0).sum() / 4
     assert contrarian["false_positives"] == pytest.approx(n_neg) and contrarian["true_positives"] == 0
-    assert not np.allclose(per.xs("sim:contrarian@0.5:oracle", level="source")["kl_judged"],
-                           per.xs("no_simulator", level="source")["kl_judged"])
+    assert not np.allclose(
+        per.xs("sim:contrarian@0.5:oracle", level="source")["kl_judged"],
+        per.xs("no_simulator", level="source")["kl_judged"],
+    )
     # Predicted values (an untuned value simulator's digits through the deciles) differ from the oracle's.
     predicted = per.xs("sim:perfect@0.5:predicted", level="source")["kl_judged"]
     assert np.isfinite(predicted).all() and not np.allclose(predicted, sae["kl_judged"])
@@ -291,10 +454,18 @@ def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
     from latentsim.config import GenerateArguments
 
     out = tmp_path / "generate"
-    result = load_script("eval/generate.py").main(GenerateArguments(
-        eval_set=str(assets / "eval_set"), prompts=["the cat sat on", "one two"], max_new_tokens=5,
-        sources=["clean", "sae", "fraction:top:1", "fraction:random:0.5", "simulator"],
-        simulator_model=str(tiny_model_dir), n_inactive=4, window=6, output_dir=str(out)))
+    result = load_script("eval/generate.py").main(
+        GenerateArguments(
+            eval_set=str(assets / "eval_set"),
+            prompts=["the cat sat on", "one two"],
+            max_new_tokens=5,
+            sources=["clean", "sae", "fraction:top:1", "fraction:random:0.5", "simulator"],
+            simulator_model=str(tiny_model_dir),
+            n_inactive=4,
+            window=6,
+            output_dir=str(out),
+        )
+    )
     by = {(g["prompt"], g["source"].split(" (")[0]): g for g in result["generations"]}
     for prompt in ("the cat sat on", "one two"):
         assert by[(prompt, "clean")]["kl"] == [0.0] * 5 and by[(prompt, "clean")]["recovered"] == 1.0
@@ -308,8 +479,12 @@ def test_closed_loop_generation_and_its_page(assets, tiny_model_dir, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (./launch.sh test installs it)")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert dom.count('class="generation"') == 2 and dom.count('class="tok"') == 2 * 5 * 5
 
 
@@ -323,14 +498,22 @@ def test_generation_simulator_judges_held_out_latents_only(assets, tiny_model_di
     interpretations = load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)
     trained = set(pd.read_parquet(assets / "mix" / "train.parquet")["latent"])
     args = dict(eval_set=str(assets / "eval_set"), simulator_run=str(assets / "run"), n_inactive=4, window=6)
-    source = SimulatorSource(GenerateArguments(**args), interpretations, torch.ones(64), load_tokenizer(str(tiny_model_dir)))
-    assert set(source.interpretations) == set(interpretations) - trained and source.seen_latents_kept == len(trained)
+    source = SimulatorSource(
+        GenerateArguments(**args), interpretations, torch.ones(64), load_tokenizer(str(tiny_model_dir))
+    )
+    assert set(source.interpretations) == set(interpretations) - trained and source.seen_latents_kept == len(
+        trained
+    )
     z = torch.zeros(64)
     z[sorted(trained)[0]] = 2.0  # a training latent, active: the simulator never rewrites it
     out, _ = source(z, [1, 5, 6, 7])
     assert out[sorted(trained)[0]] == 2.0
-    everything = SimulatorSource(GenerateArguments(**args, allow_seen_latents=True), interpretations, torch.ones(64),
-                                 load_tokenizer(str(tiny_model_dir)))
+    everything = SimulatorSource(
+        GenerateArguments(**args, allow_seen_latents=True),
+        interpretations,
+        torch.ones(64),
+        load_tokenizer(str(tiny_model_dir)),
+    )
     assert set(everything.interpretations) == set(interpretations)
 
 
@@ -342,7 +525,10 @@ def test_patched_positions_are_the_judged_tokens(assets):
 
     eval_set = EvalSet.open(assets / "eval_set")
     cache = eval_set.cache
-    assert eval_set.layer == int(HOOK.split(".")[-1]) and eval_set.subject_model == cache.config["latentsim"]["model"]["model"]
+    assert (
+        eval_set.layer == int(HOOK.split(".")[-1])
+        and eval_set.subject_model == cache.config["latentsim"]["model"]["model"]
+    )
     subject = cache.subject_tokenizer()
     test = eval_set.split("test")
     for r in test.itertuples(index=False):

@@ -22,8 +22,15 @@ from latentsim.explain import (
 def synthetic_cache() -> SparseCache:
     """4 rows x 9 tokens (windows of 4: positions 0-3 and 4-7; position 8 belongs to no window)."""
     tokens = torch.arange(36).reshape(4, 9) % 30 + 4
-    entries = [(0, 1, 2, 1.0), (0, 2, 2, 3.0), (0, 5, 2, 2.0), (1, 6, 2, 5.0), (2, 3, 2, 0.5), (3, 8, 2, 9.0),
-               (1, 1, 0, 4.0)]
+    entries = [
+        (0, 1, 2, 1.0),
+        (0, 2, 2, 3.0),
+        (0, 5, 2, 2.0),
+        (1, 6, 2, 5.0),
+        (2, 3, 2, 0.5),
+        (3, 8, 2, 9.0),
+        (1, 1, 0, 4.0),
+    ]
     loc = torch.tensor([e[:3] for e in entries])
     return SparseCache(tokens, loc, torch.tensor([e[3] for e in entries]), {}, width=3)
 
@@ -60,7 +67,9 @@ def test_index_restricted_to_rows_sees_nothing_of_the_others():
     index = LatentIndex(synthetic_cache(), window=4, rows=np.array([1, 3]))
     windows, maxima = index.activating_windows(2)
     assert windows.tolist() == [3] and maxima.tolist() == [5.0]  # row 0's and row 2's windows are gone
-    assert index.count(0) == 1 and index.count(2) == 2  # row 1's entries only (row 3's sits outside any window)
+    assert (
+        index.count(0) == 1 and index.count(2) == 2
+    )  # row 1's entries only (row 3's sits outside any window)
     assert index.window_ids().tolist() == [2, 3, 6, 7]
     examples = non_activating_examples(index, 2, n=10, rng=np.random.default_rng(0))
     assert sorted(e.row for e in examples) == [1, 3, 3]
@@ -83,33 +92,51 @@ def test_richer_token_list_names_more_tokens_what_they_follow_and_more_contexts(
     tok = build_tiny_tokenizer()
     from latentsim.explain import Example
 
-    ids = [np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in ("the cat sat", "a mat sat", "the dog sat")]
+    ids = [
+        np.array(tok(t, add_special_tokens=False)["input_ids"])
+        for t in ("the cat sat", "a mat sat", "the dog sat")
+    ]
     acts = [np.array([0, 3.0, 0]), np.array([0, 2.0, 0]), np.array([0, 1.0, 0]), np.array([0, 0.5, 0])]
-    examples = [Example(0, 0, i, a.astype(np.float32)) for i, a in zip([ids[0], ids[1], ids[2], ids[0]], acts, strict=True)]
+    examples = [
+        Example(0, 0, i, a.astype(np.float32))
+        for i, a in zip([ids[0], ids[1], ids[2], ids[0]], acts, strict=True)
+    ]
     text = token_list_explanation(examples, tok, n_tokens=5, context=1, n_contexts=3, n_preceding=2)
     # weights: cat 3.5, mat 2, dog 1; before them: "the" 4.5, "a" 2. The repeated "...thecat" is quoted once.
-    assert text == ('the token "cat" (also "mat", "dog"), often after "the", "a", '
-                    'as in "...thecat" and "...amat" and "...thedog"')
-    assert token_list_explanation(examples, tok, n_contexts=1) == 'the token "cat" (also "mat", "dog"), as in "...thecat"'
+    assert text == (
+        'the token "cat" (also "mat", "dog"), often after "the", "a", '
+        'as in "...thecat" and "...amat" and "...thedog"'
+    )
+    assert (
+        token_list_explanation(examples, tok, n_contexts=1)
+        == 'the token "cat" (also "mat", "dog"), as in "...thecat"'
+    )
 
 
 def test_load_every_format(tmp_path):
     folder = tmp_path / "delphi"
     write_explanation(folder, "layers.3", 7, "commas in lists")
     (folder / "layers.3_latent9.txt").write_text('"plain json string"')
-    assert load_interpretations(folder, "layers.3", width=10) == {7: "commas in lists", 9: "plain json string"}
+    assert load_interpretations(folder, "layers.3", width=10) == {
+        7: "commas in lists",
+        9: "plain json string",
+    }
     (tmp_path / "seed.json").write_text(json.dumps({"1": "a", "4": "b"}))
     assert load_interpretations(tmp_path / "seed.json", "layers.3", width=10) == {1: "a", 4: "b"}
-    (tmp_path / "np.json").write_text(json.dumps([{"modelId": "m", "layer": "3-res-16k", "index": "2",
-                                                  "description": "dates"}]))
+    (tmp_path / "np.json").write_text(
+        json.dumps([{"modelId": "m", "layer": "3-res-16k", "index": "2", "description": "dates"}])
+    )
     assert load_interpretations(tmp_path / "np.json", "layers.3", width=10) == {2: "dates"}
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: write_explanation(p, "layers.4", 1, "x"), "explains hookpoint 'layers.4'"),
-    (lambda p: write_explanation(p, "layers.3", 50, "x"), "outside the SAE's 10 latents"),
-    (lambda p: (p / "notes.txt").write_text("x"), "not named"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: write_explanation(p, "layers.4", 1, "x"), "explains hookpoint 'layers.4'"),
+        (lambda p: write_explanation(p, "layers.3", 50, "x"), "outside the SAE's 10 latents"),
+        (lambda p: (p / "notes.txt").write_text("x"), "not named"),
+    ],
+)
 def test_interpretations_for_another_sae_are_refused(tmp_path, setup, message):
     folder = tmp_path / "set"
     folder.mkdir()
@@ -127,10 +154,18 @@ def test_missing_interpretations_path(tmp_path):
 def test_explain_script_writes_resumable_sets(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, explainer):
     make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=24, ctx_len=16)
     script = load_script("data_gen/explain.py")
-    args = ExplainArguments(cache_dir=str(tmp_path / "cache"), hookpoint="layers.1",
-                            explanations_dir=str(tmp_path / "expl"), explainer=explainer, window=8,
-                            min_activations=3, max_latents=5 if explainer == "llm" else 0,
-                            explainer_model=str(tiny_model_dir), max_new_tokens=4, batch_size=2)
+    args = ExplainArguments(
+        cache_dir=str(tmp_path / "cache"),
+        hookpoint="layers.1",
+        explanations_dir=str(tmp_path / "expl"),
+        explainer=explainer,
+        window=8,
+        min_activations=3,
+        max_latents=5 if explainer == "llm" else 0,
+        explainer_model=str(tiny_model_dir),
+        max_new_tokens=4,
+        batch_size=2,
+    )
     script.main(args)
     set_dir = tmp_path / "expl" / f"{explainer}-quantiles"
     report = json.loads((set_dir / "explain_report.json").read_text())

@@ -18,8 +18,10 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
     assert all(f"[gpu_check] {s}:" in out for s in steps) and "nothing ran" in out
     assert not (tmp_path / "g").exists()
     argv = dict(plan("o"))
-    assert "configs/accelerate/deepspeed_zero3.yaml" in argv["train_zero3"] and argv["train_zero3"][argv["train_zero3"].index(
-        "--num_processes") + 1] == "1"
+    assert (
+        "configs/accelerate/deepspeed_zero3.yaml" in argv["train_zero3"]
+        and argv["train_zero3"][argv["train_zero3"].index("--num_processes") + 1] == "1"
+    )
     assert "embedded:gemma3-270m" in " ".join(argv["sweep_vllm"])  # the vLLM sweep switches base model
     assert argv["sweep_hf"][:-4] == argv["sweep_vllm"][:-4]  # same eval set, adapter and baselines
 
@@ -28,12 +30,15 @@ def plant(root, name, p_yes):
     folder = root / "eval_set" / name
     folder.mkdir(parents=True)
     pd.DataFrame({"context_id": [0, 0, 1], "latent": [3, 4, 3], "p_yes": p_yes}).to_parquet(
-        folder / "predictions_test.parquet")
+        folder / "predictions_test.parquet"
+    )
 
 
 def test_checks_compare_backends_judgment_by_judgment_and_read_the_adapters(tmp_path):
-    for run, record in (("single_gpu", {"n_parameters": 10, "reload_max_abs_diff_p_yes": 0.004}),
-                        ("zero3", {"n_parameters": 0, "reload_max_abs_diff_p_yes": 0.001})):
+    for run, record in (
+        ("single_gpu", {"n_parameters": 10, "reload_max_abs_diff_p_yes": 0.004}),
+        ("zero3", {"n_parameters": 0, "reload_max_abs_diff_p_yes": 0.001}),
+    ):
         (tmp_path / "sft" / run).mkdir(parents=True)
         (tmp_path / "sft" / run / "eval_results.json").write_text(json.dumps({"adapter": record}))
     plant(tmp_path / "eval_hf", "run__final", [0.2, 0.5, 0.9])

@@ -39,9 +39,14 @@ def test_detection_and_fuzz_items():
 
 
 def test_balanced_accuracy():
-    recs = [{"activating": True, "prediction": 1}, {"activating": True, "prediction": 0},
-            {"activating": False, "prediction": 0}, {"activating": False, "prediction": 0},
-            {"activating": False, "prediction": 1}, {"activating": False, "prediction": 0}]
+    recs = [
+        {"activating": True, "prediction": 1},
+        {"activating": True, "prediction": 0},
+        {"activating": False, "prediction": 0},
+        {"activating": False, "prediction": 0},
+        {"activating": False, "prediction": 1},
+        {"activating": False, "prediction": 0},
+    ]
     assert balanced_accuracy(recs) == pytest.approx((0.5 + 0.75) / 2)
 
 
@@ -51,30 +56,52 @@ def test_judge_reads_the_yes_no_logits(tiny_model_dir):
     probs = judge_yes_probability(model, tok, prompts, batch_size=2)
     yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
     for prompt, p in zip(prompts, probs, strict=True):  # unpadded, one at a time, full logits
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         assert p == pytest.approx(torch.softmax(logits[[no, yes]], 0)[1].item(), abs=1e-5)
 
 
 def test_delphi_score_files(tmp_path):
-    recs = [{"str_tokens": "x", "activating": True, "prediction": 1, "probability": 0.9, "correct": True},
-            {"str_tokens": "y", "activating": False, "prediction": 1, "probability": 0.6, "correct": False}]
+    recs = [
+        {"str_tokens": "x", "activating": True, "prediction": 1, "probability": 0.9, "correct": True},
+        {"str_tokens": "y", "activating": False, "prediction": 1, "probability": 0.6, "correct": False},
+    ]
     (tmp_path / "layers.3_latent12.txt").write_text(json.dumps(recs))
     assert load_score_folder(tmp_path, "layers.3") == {12: 0.5}
     with pytest.raises(ValueError, match="scores hookpoint"):
         load_score_folder(tmp_path, "layers.4")
 
 
-def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch):
+def test_score_script_and_scores_in_the_prompt(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
     make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=20)
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", explanations_dir=str(tmp_path / "expl"), window=8,
-        min_activations=2))
+    load_script("data_gen/explain.py").main(
+        ExplainArguments(
+            cache_dir=str(tmp_path / "cache"),
+            hookpoint="layers.1",
+            explanations_dir=str(tmp_path / "expl"),
+            window=8,
+            min_activations=2,
+        )
+    )
     interp = str(tmp_path / "expl" / "token_list-quantiles")
-    args = ScoreArguments(cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", interpretations=interp,
-                          scores_dir=str(tmp_path / "scores"), scorer="fuzz", judge_model=str(tiny_model_dir),
-                          n_activating=3, n_non_activating=3, window=8, max_latents=6, batch_size=4)
+    args = ScoreArguments(
+        cache_dir=str(tmp_path / "cache"),
+        hookpoint="layers.1",
+        interpretations=interp,
+        scores_dir=str(tmp_path / "scores"),
+        scorer="fuzz",
+        judge_model=str(tiny_model_dir),
+        n_activating=3,
+        n_non_activating=3,
+        window=8,
+        max_latents=6,
+        batch_size=4,
+    )
     script = load_script("data_gen/score.py")
     script.main(args)
     scores = json.loads((tmp_path / "scores" / "fuzz.json").read_text())
@@ -93,9 +120,14 @@ def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sa
     calls = []
     monkeypatch.setattr(backends, "require_vllm", lambda: None)
     monkeypatch.setattr(backends, "load_llm", lambda *a, **k: "engine")
-    monkeypatch.setattr(backends, "vllm_yes_probability",
-                        lambda llm, ids, yes, no: calls.append(ids) or [i / 1000 for i in range(len(ids))])
-    script.main(ScoreArguments(**{**args.__dict__, "backend": "vllm", "scores_dir": str(tmp_path / "scores_vllm")}))
+    monkeypatch.setattr(
+        backends,
+        "vllm_yes_probability",
+        lambda llm, ids, yes, no: calls.append(ids) or [i / 1000 for i in range(len(ids))],
+    )
+    script.main(
+        ScoreArguments(**{**args.__dict__, "backend": "vllm", "scores_dir": str(tmp_path / "scores_vllm")})
+    )
     assert len(calls) == 1 and len(calls[0]) == sum(len(json.loads(f.read_text())) for f in files)
     by_latent = lambda f: int(f.stem.rsplit("latent", 1)[1])  # noqa: E731  (the order latents are judged in)
     vllm_files = sorted((tmp_path / "scores_vllm" / "fuzz").glob("*.txt"), key=by_latent)
@@ -103,15 +135,27 @@ def test_score_script_and_scores_in_the_prompt(tmp_path, tiny_model_dir, tiny_sa
     flat = [r for f in vllm_files for r in json.loads(f.read_text())]
     assert [r["probability"] for r in flat] == [i / 1000 for i in range(len(flat))]
     assert [(r["str_tokens"], r["activating"]) for r in flat] == [
-        (r["str_tokens"], r["activating"]) for f in sorted(files, key=by_latent) for r in json.loads(f.read_text())]
+        (r["str_tokens"], r["activating"])
+        for f in sorted(files, key=by_latent)
+        for r in json.loads(f.read_text())
+    ]
 
     from latentsim.config import DatasetArguments
 
     out = tmp_path / "ds"
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", interpretations=[interp],
-        score_path=str(tmp_path / "scores" / "fuzz.json"), simulator_tokenizer=str(tiny_model_dir),
-        output_dir=str(out), window_min=4, window_max=8, split_mode="contexts"))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(tmp_path / "cache"),
+            hookpoint="layers.1",
+            interpretations=[interp],
+            score_path=str(tmp_path / "scores" / "fuzz.json"),
+            simulator_tokenizer=str(tiny_model_dir),
+            output_dir=str(out),
+            window_min=4,
+            window_max=8,
+            split_mode="contexts",
+        )
+    )
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "train.parquet").to_pylist()
@@ -125,7 +169,8 @@ def test_vllm_backend_fails_clearly_without_a_gpu(tmp_path):
     args = ScoreArguments(cache_dir=str(tmp_path), interpretations=str(tmp_path), backend="vllm")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         load_script("data_gen/score.py").main(args)
-    explain = ExplainArguments(cache_dir=str(tmp_path), explainer="llm", backend="vllm",
-                               explanations_dir=str(tmp_path / "e"))
+    explain = ExplainArguments(
+        cache_dir=str(tmp_path), explainer="llm", backend="vllm", explanations_dir=str(tmp_path / "e")
+    )
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         load_script("data_gen/explain.py").main(explain)

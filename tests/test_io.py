@@ -53,9 +53,28 @@ def test_provenance_converts_paths_and_tuples():
 def test_command_line_secrets_are_redacted():
     from latentsim.io import redact_argv
 
-    argv = ["sft.py", "--hub_token", "abc", "--api_key=xyz", "--lr", "1e-4", "hf_" + "a" * 34, "--n_tokens", "5"]
-    assert redact_argv(argv) == ["sft.py", "--hub_token", "***", "--api_key=***", "--lr", "1e-4", "***",
-                                 "--n_tokens", "5"]
+    argv = [
+        "sft.py",
+        "--hub_token",
+        "abc",
+        "--api_key=xyz",
+        "--lr",
+        "1e-4",
+        "hf_" + "a" * 34,
+        "--n_tokens",
+        "5",
+    ]
+    assert redact_argv(argv) == [
+        "sft.py",
+        "--hub_token",
+        "***",
+        "--api_key=***",
+        "--lr",
+        "1e-4",
+        "***",
+        "--n_tokens",
+        "5",
+    ]
 
 
 def test_a_key_added_since_a_run_differs_only_off_its_default(tmp_path):
@@ -74,4 +93,5 @@ def test_a_key_added_since_a_run_differs_only_off_its_default(tmp_path):
     assert config_differences(tmp_path, {"args": New()}, set()) == []
     assert config_differences(tmp_path, {"args": New(n_contexts=3)}, set()) == ["args.n_contexts: None -> 3"]
     assert config_differences(tmp_path, {"args": New(learning_rate=2.0e-4)}, set()) == [
-        "args.learning_rate: 0.0001 -> 0.0002"]
+        "args.learning_rate: 0.0001 -> 0.0002"
+    ]

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("data_gen", "train", "eval", "bench")
 SCRIPTS = sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).glob("*.py"))
-MAX_SCRIPT_LINES = 160  # TRL's scripts/sft.py shape: parse -> call the library -> save
+MAX_SCRIPT_LINES = 200  # TRL's scripts/sft.py shape (parse -> call the library -> save), as `ruff format` lays it out
 SCRIPT_ATTRIBUTES = {"main", "DATACLASSES"}  # all a test may take from an entry script
 
 
@@ -24,12 +24,18 @@ def test_script_dirs_are_not_packages():
 def test_scripts_import_only_latentsim_and_libraries(script):
     tree = ast.parse(script.read_text())
     doc = ast.get_docstring(tree)
-    assert doc and (f"{script.parent.name}/{script.name}" in doc or script.parent.name == "bench"), \
+    assert doc and (f"{script.parent.name}/{script.name}" in doc or script.parent.name == "bench"), (
         "the docstring must show the command"
+    )
     assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
     for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             assert name.split(".")[0] not in SCRIPT_DIRS, f"{script.name} imports {name}"
 
@@ -44,10 +50,19 @@ def script_attributes_used_by(test_file: Path) -> list[str]:
     """Attributes taken from `load_script(...)` results in a test file (directly or through a variable)."""
     tree = ast.parse(test_file.read_text())
     is_load = lambda n: isinstance(n, ast.Call) and getattr(n.func, "id", None) == "load_script"  # noqa: E731
-    names = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_load(n.value)
-             for t in n.targets if isinstance(t, ast.Name)}
-    return [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-            and (is_load(n.value) or (isinstance(n.value, ast.Name) and n.value.id in names))]
+    names = {
+        t.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and is_load(n.value)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+    return [
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and (is_load(n.value) or (isinstance(n.value, ast.Name) and n.value.id in names))
+    ]
 
 
 def test_tests_use_only_main_of_entry_scripts():
@@ -55,7 +70,9 @@ def test_tests_use_only_main_of_entry_scripts():
     used = {f.name: script_attributes_used_by(f) for f in test_files}
     assert sum(len(v) for v in used.values()) >= 10  # the checker sees the smoke tests
     for name, attrs in used.items():
-        assert set(attrs) <= SCRIPT_ATTRIBUTES, f"{name} uses {sorted(set(attrs) - SCRIPT_ATTRIBUTES)} of a script"
+        assert set(attrs) <= SCRIPT_ATTRIBUTES, (
+            f"{name} uses {sorted(set(attrs) - SCRIPT_ATTRIBUTES)} of a script"
+        )
 
 
 def test_latentsim_never_imports_heavy_gpu_packages_at_module_level():

@@ -27,12 +27,20 @@ def synthetic(n_contexts=30, n_inactive=20, seed=0, separation=1.5):
         for k in range(n_act + n_inactive):
             active = int(k < n_act)
             margin = rng.normal(separation * (2 * active - 1), 1.5)
-            rows.append({"context_id": c, "latent": int(rng.integers(0, 500)) if not active else 500 + c * 10 + k,
-                         "active": active, "activation": float(rng.uniform(1, 5)) if active else 0.0,
-                         "quantile_bin": int(rng.integers(0, 10)) if active else -1,
-                         "activation_bin": int(rng.integers(0, 10)) if active else -1,
-                         "n_active": n_act + int(rng.integers(0, 30)), "logit_0": 0.0, "logit_1": margin,
-                         "p_yes": float(1 / (1 + np.exp(-margin)))})
+            rows.append(
+                {
+                    "context_id": c,
+                    "latent": int(rng.integers(0, 500)) if not active else 500 + c * 10 + k,
+                    "active": active,
+                    "activation": float(rng.uniform(1, 5)) if active else 0.0,
+                    "quantile_bin": int(rng.integers(0, 10)) if active else -1,
+                    "activation_bin": int(rng.integers(0, 10)) if active else -1,
+                    "n_active": n_act + int(rng.integers(0, 30)),
+                    "logit_0": 0.0,
+                    "logit_1": margin,
+                    "p_yes": float(1 / (1 + np.exp(-margin))),
+                }
+            )
     df = pd.DataFrame(rows)
     return df.drop_duplicates(["context_id", "latent"]).reset_index(drop=True)
 
@@ -64,17 +72,26 @@ def test_per_context_medians_and_iqr():
     assert out["per_context"]["recall"]["median"] == pytest.approx(np.median(recalls))
     assert out["pooled"]["auc"] == pytest.approx(roc_auc_score(df["active"], df["p_yes"]))
     # R-precision: the share of actives among each context's |A| most probable candidates.
-    r_prec = [g.sort_values("p_yes", ascending=False)["active"].iloc[:g["active"].sum()].mean()
-              for _, g in df.groupby("context_id")]
+    r_prec = [
+        g.sort_values("p_yes", ascending=False)["active"].iloc[: g["active"].sum()].mean()
+        for _, g in df.groupby("context_id")
+    ]
     assert out["per_context"]["precision_top_active"]["median"] == pytest.approx(np.median(r_prec))
 
 
 def test_threshold_sweep_extrapolates_with_the_right_denominators():
     # One context: 2 scored actives, 4 uniform negatives (+1 hard negative, which must not count); 10 of the
     # token's explained latents are active in a 1000-latent judged dictionary.
-    df = pd.DataFrame({"context_id": 0, "active": [1, 1, 0, 0, 0, 0, 0], "n_active": 40, "n_active_explained": 10,
-                       "candidate": ["positive"] * 2 + ["random_negative"] * 4 + ["hard_negative"],
-                       "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96, 0.99]})
+    df = pd.DataFrame(
+        {
+            "context_id": 0,
+            "active": [1, 1, 0, 0, 0, 0, 0],
+            "n_active": 40,
+            "n_active_explained": 10,
+            "candidate": ["positive"] * 2 + ["random_negative"] * 4 + ["hard_negative"],
+            "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96, 0.99],
+        }
+    )
     rows = {r["threshold"]: r for r in metrics.threshold_sweep(df, width=1000, thresholds=(0.5, 0.9))}
     assert rows[0.5]["active_accuracy"]["median"] == 1.0
     assert rows[0.5]["inactive_accuracy"]["median"] == pytest.approx(0.5)  # 2 of 4 uniform negatives flagged
@@ -93,7 +110,9 @@ def test_threshold_sweep_extrapolates_with_the_right_denominators():
 def test_precision_at_l0_budget_hand_worked():
     # Thresholds from the candidates: at t=0.95 hit 1/2 and fpr 1/4 -> E = 10*0.5 + 990*0.25 = 252.5;
     # at t=0.96: hit 0, fpr 1/4 -> 247.5; at t=0.6: hit 1, fpr 2/4 -> 505. A budget of 250 picks 252.5 (closest).
-    df = pd.DataFrame({"context_id": 0, "active": [1, 1, 0, 0, 0, 0], "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96]})
+    df = pd.DataFrame(
+        {"context_id": 0, "active": [1, 1, 0, 0, 0, 0], "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96]}
+    )
     rates = metrics.PooledRates(df)
     p = metrics.precision_at_budget(np.array([0.6, 0.95]), rates, 10, 1000, 250)
     assert p == pytest.approx(10 * 0.5 / 252.5)
@@ -105,9 +124,14 @@ def test_pooled_false_positive_rate_recovers_a_planted_rate():
     rng = np.random.default_rng(0)
     n_ctx, planted = 200, 0.03
     flagged = rng.uniform(size=(n_ctx, 10)) < planted
-    df = pd.DataFrame({"context_id": np.repeat(np.arange(n_ctx), 12), "active": 0,
-                       "candidate": np.tile(["random_negative"] * 10 + ["hard_negative"] * 2, n_ctx),
-                       "p_yes": np.concatenate([np.r_[np.where(f, 0.9, 0.1), 0.99, 0.99] for f in flagged])})
+    df = pd.DataFrame(
+        {
+            "context_id": np.repeat(np.arange(n_ctx), 12),
+            "active": 0,
+            "candidate": np.tile(["random_negative"] * 10 + ["hard_negative"] * 2, n_ctx),
+            "p_yes": np.concatenate([np.r_[np.where(f, 0.9, 0.1), 0.99, 0.99] for f in flagged]),
+        }
+    )
     fpr = metrics.pooled_fpr_ci(df, 0.5)
     low, high = fpr["ci95"]
     assert low < planted < high and high - low < 0.03 and fpr["n_negatives"] == 2000
@@ -118,9 +142,18 @@ def test_precision_at_l0_of_a_chance_simulator_is_the_base_rate():
     """A simulator at chance (P(yes) uniform whatever the truth) must not look precise: with 10 negatives per
     context the old per-context rate made its precision at L0 exactly 1.0 in many contexts."""
     rng = np.random.default_rng(1)
-    rows = [{"context_id": c, "active": int(k < 8), "n_active": 32, "n_active_explained": 32,
-             "candidate": "positive" if k < 8 else "random_negative", "p_yes": float(rng.uniform())}
-            for c in range(300) for k in range(18)]
+    rows = [
+        {
+            "context_id": c,
+            "active": int(k < 8),
+            "n_active": 32,
+            "n_active_explained": 32,
+            "candidate": "positive" if k < 8 else "random_negative",
+            "p_yes": float(rng.uniform()),
+        }
+        for c in range(300)
+        for k in range(18)
+    ]
     out = metrics.binary_metrics(pd.DataFrame(rows), width=4096, l0=32, n_boot=200)
     base_rate = 32 / 4096
     assert out["per_context"]["precision_at_l0"]["q75"] < 10 * base_rate
@@ -134,16 +167,19 @@ def test_weighted_reliability_equals_repeating_the_judgments():
     p, y, w = rng.uniform(size=300), rng.integers(0, 2, 300), rng.integers(0, 5, 300)
     weighted = metrics.reliability(p, y, weights=w)
     repeated = metrics.reliability(np.repeat(p, w), np.repeat(y, w))
-    assert weighted["ece"] == pytest.approx(repeated["ece"]) and weighted["brier"] == pytest.approx(repeated["brier"])
+    assert weighted["ece"] == pytest.approx(repeated["ece"]) and weighted["brier"] == pytest.approx(
+        repeated["brier"]
+    )
     margin = rng.normal(size=300)
     assert metrics.fit_temperature(margin, y, w) == pytest.approx(
-        metrics.fit_temperature(np.repeat(margin, w), np.repeat(y, w)), rel=1e-4)
+        metrics.fit_temperature(np.repeat(margin, w), np.repeat(y, w)), rel=1e-4
+    )
 
 
 def test_reliability_ece_brier_match_sklearn():
     rng = np.random.default_rng(3)
     p = rng.uniform(0, 1, 2000)
-    y = (rng.uniform(0, 1, 2000) < p ** 1.5).astype(int)
+    y = (rng.uniform(0, 1, 2000) < p**1.5).astype(int)
     rel = metrics.reliability(p, y, n_bins=10)
     prob_true, prob_pred = calibration_curve(y, p, n_bins=10, strategy="uniform")
     assert np.allclose([b["positive_rate"] for b in rel["bins"]], prob_true)
@@ -160,12 +196,25 @@ def test_temperature_scaling_recovers_the_temperature_and_lowers_ece():
     overconfident = 3.0 * true_margin
     t = metrics.fit_temperature(overconfident, y)
     grid = np.linspace(1, 6, 501)
-    nll = [-np.mean(y * np.log(metrics.sigmoid(overconfident / g)) + (1 - y) * np.log(1 - metrics.sigmoid(overconfident / g)))
-           for g in grid]
+    nll = [
+        -np.mean(
+            y * np.log(metrics.sigmoid(overconfident / g))
+            + (1 - y) * np.log(1 - metrics.sigmoid(overconfident / g))
+        )
+        for g in grid
+    ]
     assert t == pytest.approx(grid[int(np.argmin(nll))], abs=0.02)
     assert t == pytest.approx(3.0, rel=0.1)
-    df = pd.DataFrame({"context_id": np.arange(5000) // 50, "active": y, "n_active": 5, "logit_0": 0.0,
-                       "logit_1": overconfident, "p_yes": metrics.sigmoid(overconfident)})
+    df = pd.DataFrame(
+        {
+            "context_id": np.arange(5000) // 50,
+            "active": y,
+            "n_active": 5,
+            "logit_0": 0.0,
+            "logit_1": overconfident,
+            "p_yes": metrics.sigmoid(overconfident),
+        }
+    )
     cal = metrics.calibration(df.iloc[2500:], df.iloc[:2500], width=1000, l0=40)
     assert cal["temperature_scaled"]["ece"] < cal["raw"]["ece"] / 2
 
@@ -174,8 +223,15 @@ def test_l0_matched_threshold_hits_l0():
     df = synthetic(n_contexts=40, n_inactive=50, seed=2)
     t = metrics.l0_matched_threshold(df, width=2000, l0=120)
     rates = metrics.PooledRates(df)
-    flagged = [metrics.expected_flagged(metrics.share_at_or_above(np.sort(g["p_yes"][g["active"] == 1].to_numpy()), t),
-                                        rates.fpr(t), int(g["n_active"].iloc[0]), 2000) for _, g in df.groupby("context_id")]
+    flagged = [
+        metrics.expected_flagged(
+            metrics.share_at_or_above(np.sort(g["p_yes"][g["active"] == 1].to_numpy()), t),
+            rates.fpr(t),
+            int(g["n_active"].iloc[0]),
+            2000,
+        )
+        for _, g in df.groupby("context_id")
+    ]
     # E[flagged] is a step function of t (pooled over 2000 negatives, so the steps are small): it crosses L0.
     assert abs(np.mean(flagged) - 120) < 2000 / 500
 
@@ -203,28 +259,47 @@ def test_decoder_alignment_matches_brute_force():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(40, 8))
     unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-    df = pd.DataFrame({"context_id": 0, "latent": [3, 7, 11, 20, 21, 22, 23], "active": [1, 1, 1, 0, 0, 0, 0],
-                       "p_yes": [0.9, 0.2, 0.8, 0.95, 0.1, 0.3, 0.05]})
+    df = pd.DataFrame(
+        {
+            "context_id": 0,
+            "latent": [3, 7, 11, 20, 21, 22, 23],
+            "active": [1, 1, 1, 0, 0, 0, 0],
+            "p_yes": [0.9, 0.2, 0.8, 0.95, 0.1, 0.3, 0.05],
+        }
+    )
     out = metrics.decoder_alignment(df, w * 5.0, np.random.default_rng(1))  # norms do not matter: cosine
     top = [20, 3, 11]  # the 3 most probable candidates
-    best = max(np.mean([unit[a] @ unit[b] for a, b in zip([3, 7, 11], perm, strict=True)])
-               for perm in itertools.permutations(top))
+    best = max(
+        np.mean([unit[a] @ unit[b] for a, b in zip([3, 7, 11], perm, strict=True)])
+        for perm in itertools.permutations(top)
+    )
     assert out["simulator"]["median"] == pytest.approx(best)
     perfect = df.assign(p_yes=df["active"].astype(float))
-    assert metrics.decoder_alignment(perfect, w, np.random.default_rng(1))["simulator"]["median"] == pytest.approx(1.0)
+    assert metrics.decoder_alignment(perfect, w, np.random.default_rng(1))["simulator"][
+        "median"
+    ] == pytest.approx(1.0)
 
 
 def test_accuracy_vs_score_and_strength():
-    df = pd.DataFrame({"context_id": [0, 0, 0, 1, 1, 1], "latent": [1, 2, 3, 1, 2, 3], "active": [1, 0, 1, 1, 1, 0],
-                       "p_yes": [0.9, 0.1, 0.2, 0.8, 0.7, 0.6], "activation": [3.0, 0, 1.0, 2.0, 5.0, 0],
-                       "quantile_bin": [9, -1, 1, 5, 9, -1]})
+    df = pd.DataFrame(
+        {
+            "context_id": [0, 0, 0, 1, 1, 1],
+            "latent": [1, 2, 3, 1, 2, 3],
+            "active": [1, 0, 1, 1, 1, 0],
+            "p_yes": [0.9, 0.1, 0.2, 0.8, 0.7, 0.6],
+            "activation": [3.0, 0, 1.0, 2.0, 5.0, 0],
+            "quantile_bin": [9, -1, 1, 5, 9, -1],
+        }
+    )
     acc = metrics.per_latent_accuracy(df).set_index("latent")
     assert acc.loc[1, "active_accuracy"] == 1.0 and acc.loc[3, "active_accuracy"] == 0.0
     assert acc.loc[3, "inactive_accuracy"] == 0.0 and acc.loc[2, "inactive_accuracy"] == 1.0
     assert acc.loc[2, "active_accuracy"] == 1.0  # its one active judgment (context 1) is a hit
     out = metrics.accuracy_vs_score(df, {1: 0.91, 2: 0.52, 3: 0.48}, "fuzz")
     assert [b["score"] for b in out["bins"]] == [0.5, 0.9] and out["n_latents"] == 3
-    strength = {b["quantile_bin"]: b["active_accuracy"] for b in metrics.accuracy_vs_strength(df)["by_quantile_bin"]}
+    strength = {
+        b["quantile_bin"]: b["active_accuracy"] for b in metrics.accuracy_vs_strength(df)["by_quantile_bin"]
+    }
     assert strength == {1: 0.0, 5: 1.0, 9: 1.0}
 
 
@@ -233,9 +308,15 @@ def test_bootstrap_ci_of_the_median_covers_the_true_median_at_its_level():
     # it in ~95 % of them, and a 50 % interval in ~50 % (so the level is what sets the width).
     rng = np.random.default_rng(7)
     samples = rng.exponential(1.0, size=(200, 60))
-    covered = {level: np.mean([low <= np.log(2) <= high for low, high in
-                               (metrics.bootstrap_ci(s, seed=i, level=level) for i, s in enumerate(samples))])
-               for level in (0.95, 0.5)}
+    covered = {
+        level: np.mean(
+            [
+                low <= np.log(2) <= high
+                for low, high in (metrics.bootstrap_ci(s, seed=i, level=level) for i, s in enumerate(samples))
+            ]
+        )
+        for level in (0.95, 0.5)
+    }
     assert 0.88 <= covered[0.95] <= 0.99
     assert 0.35 <= covered[0.5] <= 0.65
 
@@ -318,7 +399,9 @@ def test_lift_of_a_perfect_simulator_over_a_random_one_is_positive():
     lift = metrics.lift_over_reference(perfect, random)
     assert lift["per_context_auc"]["median"] == pytest.approx(np.median(1 - np.array(random_auc)))
     assert lift["per_context_auc"]["ci95"][0] > 0.2
-    assert lift["pooled_auc"]["difference"] == pytest.approx(1 - roc_auc_score(random["active"], random["p_yes"]))
+    assert lift["pooled_auc"]["difference"] == pytest.approx(
+        1 - roc_auc_score(random["active"], random["p_yes"])
+    )
     assert lift["pooled_auc"]["ci95"][0] > 0.2
     low, high = lift["pooled_auc"]["ci95"]
     assert low < lift["pooled_auc"]["difference"] < high

@@ -31,8 +31,9 @@ def test_gguf_conversion_roundtrip(tmp_path):
     assert not getattr(model, "is_quantized", False)
     ids = tok("hello world", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == "hello world" and tok.bos_token == "<|im_start|>"
-    assert "assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                  add_generation_prompt=True)
+    assert "assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     # The Trainer refuses GGUF-quantized models; the converted copy must be trainable.
     loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
     assert torch.isfinite(loss)

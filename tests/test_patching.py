@@ -11,6 +11,7 @@ from latentsim.sae import decoder_layers
 
 def naive_patched_logits(model, ids, layer, vector, position):
     """A full forward with the layer output at one position replaced (the reference)."""
+
     def hook(_m, _i, output):
         hidden = (output[0] if isinstance(output, tuple) else output).clone()
         hidden[0, position] = vector

@@ -26,9 +26,14 @@ def test_named_tokens_of_token_list_and_free_text_interpretations():
 
 
 def test_features_by_hand():
-    df = pd.DataFrame({"latent": [0, 1, 2], "active": [1, 0, 0],
-                       "context": [marked_context("so", " No"), marked_context("so", " yes"), marked_context("", "x")],
-                       "interpretation": ['the token " no", as in "..."', 'the token " no", as in "..."', "x marks"]})
+    df = pd.DataFrame(
+        {
+            "latent": [0, 1, 2],
+            "active": [1, 0, 0],
+            "context": [marked_context("so", " No"), marked_context("so", " yes"), marked_context("", "x")],
+            "interpretation": ['the token " no", as in "..."', 'the token " no", as in "..."', "x marks"],
+        }
+    )
     rate = np.array([0.1, 0.0, 0.02])
     f = features(df, rate)
     assert f["string_match"].tolist() == [1.0, 0.0, 1.0]
@@ -44,7 +49,9 @@ def test_logistic_fit_matches_sklearn():
     ours = fit_logistic(x, y, l2=0.0)
     ref = LogisticRegression(C=1e6, tol=1e-10, max_iter=1000).fit(x, y)
     assert np.allclose(ours, [ref.intercept_[0], *ref.coef_[0]], atol=1e-3)
-    separable = fit_logistic(np.array([[0.0], [1.0]]), np.array([0.0, 1.0]))  # finite thanks to the L2 penalty
+    separable = fit_logistic(
+        np.array([[0.0], [1.0]]), np.array([0.0, 1.0])
+    )  # finite thanks to the L2 penalty
     assert np.isfinite(separable).all() and separable[1] > 0
 
 
@@ -59,11 +66,23 @@ def test_reference_baseline_specs():
 def eval_set(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     root = tmp_path_factory.mktemp("reference")
     make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(root / "cache"), hookpoint=HOOK, simulator_tokenizer=str(tiny_model_dir),
-        interpretations=[str(root / "expl" / "token_list-quantiles")], window_min=4, window_max=6, contexts_per_row=2,
-        validation_fraction=0.2, test_fraction=0.2, seed=3, positives="all", negatives_per_context=6,
-        output_dir=str(root / "eval_set")))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(root / "cache"),
+            hookpoint=HOOK,
+            simulator_tokenizer=str(tiny_model_dir),
+            interpretations=[str(root / "expl" / "token_list-quantiles")],
+            window_min=4,
+            window_max=6,
+            contexts_per_row=2,
+            validation_fraction=0.2,
+            test_fraction=0.2,
+            seed=3,
+            positives="all",
+            negatives_per_context=6,
+            output_dir=str(root / "eval_set"),
+        )
+    )
     return root
 
 
@@ -76,13 +95,20 @@ def token_list_names(context: str, interpretation: str) -> bool:
 
 
 def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
-    load_script("eval/sweep.py").main(EvalArguments(
-        eval_set=str(eval_set / "eval_set"), output_dir=str(tmp_path),
-        baselines=["model=prior", "model=string_match", "model=prior+string_match"]))
+    load_script("eval/sweep.py").main(
+        EvalArguments(
+            eval_set=str(eval_set / "eval_set"),
+            output_dir=str(tmp_path),
+            baselines=["model=prior", "model=string_match", "model=prior+string_match"],
+        )
+    )
     root = tmp_path / "eval_set"
     summary = json.loads((root / "summary.json").read_text())
-    assert [r["simulator"] for r in summary["rows"]] == ["baseline__prior", "baseline__string_match",
-                                                         "baseline__prior_string_match"]
+    assert [r["simulator"] for r in summary["rows"]] == [
+        "baseline__prior",
+        "baseline__string_match",
+        "baseline__prior_string_match",
+    ]
     assert all(r["kind"] == "reference" for r in summary["rows"])
 
     # The prior by hand: each latent's share of the cache's tokens (position 0 never cached) it is active on.
@@ -97,10 +123,14 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     rate = counts / n_tokens
     prior = pd.read_parquet(root / "baseline__prior" / "predictions_test.parquet")
     record = json.loads((root / "baseline__prior" / "results.json").read_text())
-    assert record["scoring"]["reference_model"]["weights"][1] > 0  # frequent latents are likelier to be active
+    assert (
+        record["scoring"]["reference_model"]["weights"][1] > 0
+    )  # frequent latents are likelier to be active
     by_hand = [roc_auc(rate[g["latent"]], g["active"]) for _, g in prior.groupby("context_id")]
     assert record["results"]["binary"]["per_context"]["auc"]["median"] == pytest.approx(np.nanmedian(by_hand))
-    assert roc_auc(prior["p_yes"], prior["active"]) == pytest.approx(roc_auc(rate[prior["latent"]], prior["active"]))
+    assert roc_auc(prior["p_yes"], prior["active"]) == pytest.approx(
+        roc_auc(rate[prior["latent"]], prior["active"])
+    )
     # The prior's lift over itself is 0 exactly (a simulator that returns the firing rate gains nothing).
     lift = json.loads((root / "baseline__prior" / "results.json").read_text())["results"]["lift_over_prior"]
     assert lift["reference"] == "baseline__prior"
@@ -113,11 +143,15 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     psm = json.loads((root / "baseline__prior_string_match" / "results.json").read_text())["results"]
     prior_psm = record["results"]["lift_over_prior_string_match"]
     assert prior_psm["reference"] == "baseline__prior_string_match"
-    assert prior_psm["pooled_auc"]["difference"] == pytest.approx(-psm["lift_over_prior"]["pooled_auc"]["difference"])
+    assert prior_psm["pooled_auc"]["difference"] == pytest.approx(
+        -psm["lift_over_prior"]["pooled_auc"]["difference"]
+    )
 
     # string_match: two P(yes) values, the higher one exactly where the interpretation names the judged token.
     test = pd.read_parquet(eval_set / "eval_set" / "test.parquet")
-    match = np.array([token_list_names(c, i) for c, i in zip(test["context"], test["interpretation"], strict=True)])
+    match = np.array(
+        [token_list_names(c, i) for c, i in zip(test["context"], test["interpretation"], strict=True)]
+    )
     sm = pd.read_parquet(root / "baseline__string_match" / "predictions_test.parquet")
     assert sm["p_yes"].nunique() <= 2 and 0 < match.sum() < len(match)
     assert ((sm["p_yes"] > sm["p_yes"].min()).to_numpy() == match).all()
@@ -129,8 +163,14 @@ def test_reference_model_calibrated_on_train():
     rate = 10 ** rng.uniform(-5, -1, size=200)
     latent = rng.integers(0, 200, size=n)
     active = (rng.random(n) < np.clip(rate[latent] * 8, 0, 1)).astype(int)
-    df = pd.DataFrame({"latent": latent, "active": active, "context": [marked_context("a", " b")] * n,
-                       "interpretation": ["nothing"] * n})
+    df = pd.DataFrame(
+        {
+            "latent": latent,
+            "active": active,
+            "context": [marked_context("a", " b")] * n,
+            "interpretation": ["nothing"] * n,
+        }
+    )
     model = ReferenceModel("prior", df, rate)
     p = 1 / (1 + np.exp(-model.label_logits(df)[:, 1]))
     assert abs(p.mean() - active.mean()) < 0.01  # a logistic fit with a bias reproduces the base rate
@@ -141,12 +181,21 @@ def test_sweep_refuses_extrapolating_from_frequency_matched_negatives(eval_set, 
     from latentsim.errors import BadInputError
 
     build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
-        **{k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__},
-        "negative_sampling": "frequency_matched", "output_dir": str(tmp_path / "matched")}))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            **{
+                **{k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__},
+                "negative_sampling": "frequency_matched",
+                "output_dir": str(tmp_path / "matched"),
+            }
+        )
+    )
     with pytest.raises(BadInputError, match="negative_sampling: uniform"):
-        load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "matched"), output_dir=str(tmp_path),
-                                                        baselines=["model=prior"]))
+        load_script("eval/sweep.py").main(
+            EvalArguments(
+                eval_set=str(tmp_path / "matched"), output_dir=str(tmp_path), baselines=["model=prior"]
+            )
+        )
     assert not (tmp_path / "matched" / "summary.json").exists()
 
 
@@ -157,9 +206,17 @@ def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eva
 
     build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]
     common = {k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__}
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
-        **common, "candidates": "per_latent", "contexts_per_latent": 3, "negatives_per_context": 0,
-        "output_dir": str(tmp_path / "per_latent")}))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            **{
+                **common,
+                "candidates": "per_latent",
+                "contexts_per_latent": 3,
+                "negatives_per_context": 0,
+                "output_dir": str(tmp_path / "per_latent"),
+            }
+        )
+    )
     cache = load_cache(eval_set / "cache" / "latents", HOOK)
     active = {(int(r), int(p), int(lat)) for r, p, lat in cache.locations.tolist()}
     stats = json.loads((tmp_path / "per_latent" / "dataset_stats.json").read_text())
@@ -170,14 +227,26 @@ def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eva
         train = pd.read_parquet(eval_set / "eval_set" / "train.parquet")
         assert set(df["row"]) <= set(pooled["row"])  # the same held-out rows
         assert not set(df["latent"]) & set(train["latent"]) and set(df["latent"]) & set(pooled["latent"])
-        assert [int((r.row, r.position, r.latent) in active) for r in df.itertuples()] == df["active"].tolist()
+        assert [int((r.row, r.position, r.latent) in active) for r in df.itertuples()] == df[
+            "active"
+        ].tolist()
         per = df.groupby("latent")["active"].agg(["sum", "count"])
         assert (per["sum"] >= 1).all() and (per["sum"] <= 3).all() and (per["count"] == 2 * per["sum"]).all()
         assert (df["position"] >= 4).all() and not df.duplicated(["latent", "row", "position"]).any()
     # Same-token inactive contexts: the judged token is one the latent fires on in these rows, yet it is off.
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{
-        **common, "candidates": "per_latent", "contexts_per_latent": 3, "negatives_per_context": 0,
-        "hard_negatives": "same_token", "hard_negative_fraction": 1.0, "output_dir": str(tmp_path / "same_token")}))
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            **{
+                **common,
+                "candidates": "per_latent",
+                "contexts_per_latent": 3,
+                "negatives_per_context": 0,
+                "hard_negatives": "same_token",
+                "hard_negative_fraction": 1.0,
+                "output_dir": str(tmp_path / "same_token"),
+            }
+        )
+    )
     hard = pd.read_parquet(tmp_path / "same_token" / "test.parquet")
     tokens = cache.tokens.numpy()
     split_rows = set(pd.read_parquet(eval_set / "eval_set" / "test.parquet")["row"])
@@ -188,15 +257,26 @@ def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eva
     negatives = hard[hard["candidate"] == "hard_negative"]
     assert len(negatives) > 0 and (negatives["active"] == 0).all()
     assert all(int(tokens[r.row, r.position]) in fired_on[r.latent] for r in negatives.itertuples())
-    assert [int((r.row, r.position, r.latent) in active) for r in hard.itertuples()] == hard["active"].tolist()
+    assert [int((r.row, r.position, r.latent) in active) for r in hard.itertuples()] == hard[
+        "active"
+    ].tolist()
     # The sweep: per-latent metrics only (no per-context ones, no dictionary-wide extrapolation).
-    load_script("eval/sweep.py").main(EvalArguments(eval_set=str(tmp_path / "per_latent"), output_dir=str(tmp_path),
-                                                    baselines=["model=prior", "model=string_match"]))
+    load_script("eval/sweep.py").main(
+        EvalArguments(
+            eval_set=str(tmp_path / "per_latent"),
+            output_dir=str(tmp_path),
+            baselines=["model=prior", "model=string_match"],
+        )
+    )
     root = tmp_path / "per_latent"
     record = json.loads((root / "baseline__prior" / "results.json").read_text())["results"]
     assert "binary" not in record and record["per_latent"]["auc"]["median"] == 0.5
     lift = record["lift_over_prior"]
-    assert lift["by"] == "latent" and lift["per_context_auc"]["median"] == 0 and lift["per_context_auc"]["ci95"] == [0, 0]
+    assert (
+        lift["by"] == "latent"
+        and lift["per_context_auc"]["median"] == 0
+        and lift["per_context_auc"]["ci95"] == [0, 0]
+    )
     sm = pd.read_parquet(root / "baseline__string_match" / "predictions_test.parquet")
     by_hand = [roc_auc(g["p_yes"], g["active"]) for _, g in sm.groupby("latent")]
     sm_record = json.loads((root / "baseline__string_match" / "results.json").read_text())["results"]
@@ -216,13 +296,21 @@ def test_per_latent_auc_and_its_interval_on_planted_scores():
         rate = rng.uniform(0.01, 0.3)
         for c in range(8):
             y = int(c < 4)
-            rows.append({"context_id": latent * 100 + c, "latent": latent, "active": y,
-                         "p_yes": rate + (0.2 * y + rng.normal(0, 0.1) if latent % 2 else 0.0)})
+            rows.append(
+                {
+                    "context_id": latent * 100 + c,
+                    "latent": latent,
+                    "active": y,
+                    "p_yes": rate + (0.2 * y + rng.normal(0, 0.1) if latent % 2 else 0.0),
+                }
+            )
     df = pd.DataFrame(rows)
     m = per_latent_metrics(df, seed=0)
     assert m["n_latents"] == 60 and m["n_latents_defined"] == 60
     # Half the latents read nothing (0.5), half separate their contexts well: the median sits between.
-    assert 0.5 <= m["auc"]["median"] <= 1.0 and m["auc"]["ci95"][0] <= m["auc"]["median"] <= m["auc"]["ci95"][1]
+    assert (
+        0.5 <= m["auc"]["median"] <= 1.0 and m["auc"]["ci95"][0] <= m["auc"]["median"] <= m["auc"]["ci95"][1]
+    )
     prior = df.assign(p_yes=df.groupby("latent")["p_yes"].transform("min"))
     lift = lift_over_reference(df, prior, by="latent", seed=0)
     assert lift["per_context_auc"]["reference_median"] == 0.5 and lift["per_context_auc"]["n"] == 60

@@ -70,7 +70,9 @@ def test_load_sae_checks_folder_width_and_hookpoint(tiny_sae_dir, tmp_path):
 def test_fve_definition():
     x = torch.randn(100, 8)
     assert fraction_variance_explained(x, x) == pytest.approx(1.0)
-    assert fraction_variance_explained(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(0.0, abs=1e-6)
+    assert fraction_variance_explained(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_topk_training_recovers_a_sparse_dictionary(tmp_path):
@@ -81,8 +83,18 @@ def test_topk_training_recovers_a_sparse_dictionary(tmp_path):
     idx = torch.randint(0, 32, (4096, 2), generator=gen)
     codes.scatter_(1, idx, torch.rand(4096, 2, generator=gen) * 4 + 1)
     x = codes @ true_dec + 5.0  # an offset, like a residual stream's mean
-    sae = train_topk_sae(x, d_sae=64, k=4, training_tokens=120_000, batch_size=256, lr=3.0e-3, lr_end_fraction=0.1,
-                         seed=0, hook_name="layers.0", model_name="synthetic")
+    sae = train_topk_sae(
+        x,
+        d_sae=64,
+        k=4,
+        training_tokens=120_000,
+        batch_size=256,
+        lr=3.0e-3,
+        lr_end_fraction=0.1,
+        seed=0,
+        hook_name="layers.0",
+        model_name="synthetic",
+    )
     sae.save_inference_model(str(tmp_path))
     from sae_lens import SAE
 
@@ -115,13 +127,25 @@ def test_train_sae_script_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "sae"
-    args = (ModelArguments(model_name_or_path=str(tiny_model_dir)),
-            CorpusArguments(corpus=str(tiny_corpus), ctx_len=16, n_rows=24, seed=1),
-            TrainSAEArguments(output_dir=str(out), hookpoint="layers.1", d_sae=32, k=4, training_tokens=3000,
-                              train_batch_size_tokens=120, lr=3.0e-3, eval_rows=4))
+    args = (
+        ModelArguments(model_name_or_path=str(tiny_model_dir)),
+        CorpusArguments(corpus=str(tiny_corpus), ctx_len=16, n_rows=24, seed=1),
+        TrainSAEArguments(
+            output_dir=str(out),
+            hookpoint="layers.1",
+            d_sae=32,
+            k=4,
+            training_tokens=3000,
+            train_batch_size_tokens=120,
+            lr=3.0e-3,
+            eval_rows=4,
+        ),
+    )
     script.main(*args)
     report = json.loads((out / "training_report.json").read_text())
-    assert report["distinct_training_tokens"] + report["norm_outliers_excluded"]["train"] == 24 * 15  # BOS dropped
+    assert (
+        report["distinct_training_tokens"] + report["norm_outliers_excluded"]["train"] == 24 * 15
+    )  # BOS dropped
     assert report["held_out"]["n_tokens"] + report["norm_outliers_excluded"]["held_out"] == 4 * 15
     assert report["held_out"]["l0"] <= 4 and 0.0 < report["train"]["fve"] <= 1.0
     sae = SAE.load_from_disk(str(out))

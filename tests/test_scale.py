@@ -24,8 +24,17 @@ HOOK = "layers.15"
 def synthetic(tmp_path_factory) -> Path:
     """~20k tokens x 2,048 latents, L0 ~12, 8 split files."""
     folder = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_cache(folder / "cache", n_tokens=20_000, width=2048, l0=12, n_splits=8, ctx_len=64,
-                          shard_rows=40, seed=3, hookpoint=HOOK)
+    write_synthetic_cache(
+        folder / "cache",
+        n_tokens=20_000,
+        width=2048,
+        l0=12,
+        n_splits=8,
+        ctx_len=64,
+        shard_rows=40,
+        seed=3,
+        hookpoint=HOOK,
+    )
     return folder
 
 
@@ -49,10 +58,18 @@ def test_chunked_reads_equal_whole_reads(synthetic):
     assert torch.equal(whole.locations, again.locations) and torch.equal(whole.activations, again.activations)
     rows = np.array([3, 17, 200, 311])
     some = chunked.select(rows=rows, splits=[2, 5])
-    keep = torch.isin(whole.locations[:, 0], torch.from_numpy(rows)) & \
-        (whole.locations[:, 2] >= chunked.splits[2].start) & (whole.locations[:, 2] <= chunked.splits[5].end) & \
-        ((whole.locations[:, 2] <= chunked.splits[2].end) | (whole.locations[:, 2] >= chunked.splits[5].start))
-    assert torch.equal(some.locations, whole.locations[keep]) and torch.equal(some.activations, whole.activations[keep])
+    keep = (
+        torch.isin(whole.locations[:, 0], torch.from_numpy(rows))
+        & (whole.locations[:, 2] >= chunked.splits[2].start)
+        & (whole.locations[:, 2] <= chunked.splits[5].end)
+        & (
+            (whole.locations[:, 2] <= chunked.splits[2].end)
+            | (whole.locations[:, 2] >= chunked.splits[5].start)
+        )
+    )
+    assert torch.equal(some.locations, whole.locations[keep]) and torch.equal(
+        some.activations, whole.activations[keep]
+    )
     assert len(some.locations) > 0
 
 
@@ -83,23 +100,45 @@ def test_split_latent_indexes_match_the_whole_index_with_a_fraction_of_the_memor
     split_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert split_peak < 0.4 * whole_peak  # 8 split files: one at a time
-    assert np.array_equal(indexes.counts(), np.bincount(reader.select(rows=rows).locations[:, 2].numpy(),
-                                                        minlength=reader.width))
+    assert np.array_equal(
+        indexes.counts(),
+        np.bincount(reader.select(rows=rows).locations[:, 2].numpy(), minlength=reader.width),
+    )
 
 
 def test_datasets_built_in_row_chunks_are_byte_identical(synthetic, monkeypatch, tmp_path):
     cache = synthetic / "cache"
     reader = CacheReader(cache / "latents", HOOK)
     save_statistics(cache / "stats", HOOK, cache_statistics(reader, 16))
-    load_script("data_gen/explain.py").main(ExplainArguments(
-        cache_dir=str(cache), hookpoint=HOOK, explanations_dir=str(tmp_path / "explanations"), set_name="tl",
-        explainer="token_list", sampling="quantiles", window=16, min_activations=3))
+    load_script("data_gen/explain.py").main(
+        ExplainArguments(
+            cache_dir=str(cache),
+            hookpoint=HOOK,
+            explanations_dir=str(tmp_path / "explanations"),
+            set_name="tl",
+            explainer="token_list",
+            sampling="quantiles",
+            window=16,
+            min_activations=3,
+        )
+    )
     build = load_script("data_gen/build_dataset.py").main
 
     def built(name: str, **extra) -> dict[str, bytes]:
-        build(DatasetArguments(cache_dir=str(cache), hookpoint=HOOK, interpretations=[str(tmp_path / "explanations" / "tl")],
-                               simulator_tokenizer=str(cache / "tokenizer"), window_min=8, window_max=12,
-                               contexts_per_row=2, hard_negatives="same_token", output_dir=str(tmp_path / name), **extra))
+        build(
+            DatasetArguments(
+                cache_dir=str(cache),
+                hookpoint=HOOK,
+                interpretations=[str(tmp_path / "explanations" / "tl")],
+                simulator_tokenizer=str(cache / "tokenizer"),
+                window_min=8,
+                window_max=12,
+                contexts_per_row=2,
+                hard_negatives="same_token",
+                output_dir=str(tmp_path / name),
+                **extra,
+            )
+        )
         return {s: (tmp_path / name / f"{s}.parquet").read_bytes() for s in ("train", "validation", "test")}
 
     reference = built("whole")  # the default chunk holds every row of this cache
@@ -118,7 +157,9 @@ def test_subsample_rows_is_seeded_and_optional():
     a, b = subsample_rows(splits, 7, 1), subsample_rows(splits, 7, 1)
     assert all(np.array_equal(a[s], b[s]) for s in splits)
     assert len(a["train"]) == 7 and len(a["test"]) == 7 and np.all(np.diff(a["train"]) > 0)
-    assert set(a["train"]) <= set(splits["train"]) and not np.array_equal(a["train"], subsample_rows(splits, 7, 2)["train"])
+    assert set(a["train"]) <= set(splits["train"]) and not np.array_equal(
+        a["train"], subsample_rows(splits, 7, 2)["train"]
+    )
 
 
 def test_scale_benchmark_measures_every_stage_in_its_own_process(tmp_path):
@@ -127,8 +168,18 @@ def test_scale_benchmark_measures_every_stage_in_its_own_process(tmp_path):
     from latentsim.config import ScaleArguments
 
     out = tmp_path / "scale"
-    load_script("bench/scale.py").main(ScaleArguments(sizes=[8192], width=1024, l0=8, n_splits=4, ctx_len=64,
-                                                      explain_latents=40, max_rows_per_split=16, output_dir=str(out)))
+    load_script("bench/scale.py").main(
+        ScaleArguments(
+            sizes=[8192],
+            width=1024,
+            l0=8,
+            n_splits=4,
+            ctx_len=64,
+            explain_latents=40,
+            max_rows_per_split=16,
+            output_dir=str(out),
+        )
+    )
     result = json.loads((out / "results.json").read_text())["sizes"]["8192"]
     assert len(result["stages"]) == 5
     assert all(s["seconds"] > 0 and 0.01 < s["peak_rss_gb"] < 8 for s in result["stages"].values())

@@ -25,8 +25,11 @@ HOOK = "layers.1"
 
 
 def losses(out: Path) -> list[float]:
-    state = json.loads(sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-                       .joinpath("trainer_state.json").read_text())
+    state = json.loads(
+        sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        .joinpath("trainer_state.json")
+        .read_text()
+    )
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
@@ -35,17 +38,22 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict().items()}
-    load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out, training={"eval_strategy": "steps",
-                                                                                           "eval_steps": 6}))
+    base_before = {
+        k: v.clone()
+        for k, v in AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict().items()
+    }
+    load_script("train/sft.py").main(
+        *sft_args(dataset_dir, tiny_model_dir, out, training={"eval_strategy": "steps", "eval_steps": 6})
+    )
     curve = losses(out)
     assert np.mean(curve[-3:]) < np.mean(curve[:3])  # it learns (the label prior at least)
     summary = check_adapter(out)
     assert summary["r"] == 4 and summary["n_tensors"] > 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-5
-    assert {f"eval_{k}" for k in ("recall", "precision", "f1", "auc", "ece", "mean_p_yes", "accuracy")} \
-        <= set(results["metrics"])  # NaN where undefined (precision with no predicted positive) reads back too
+    assert {
+        f"eval_{k}" for k in ("recall", "precision", "f1", "auc", "ece", "mean_p_yes", "accuracy")
+    } <= set(results["metrics"])  # NaN where undefined (precision with no predicted positive) reads back too
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card
 
@@ -86,6 +94,7 @@ def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tm
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     split = load_sim_dataset(str(dataset_dir))["train"].select(range(40))
+
     def length(messages):
         ids = tok.apply_chat_template(messages, tokenize=True)
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -99,9 +108,12 @@ def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tm
         assert after["completion"] == before["completion"]
         head_old, prefix_old, rest_old = split_context(before["prompt"][0]["content"])
         head_new, prefix_new, rest_new = split_context(after["prompt"][0]["content"])
-        assert (head_new, rest_new) == (head_old, rest_old)  # question, judged token, interpretation untouched
+        assert (head_new, rest_new) == (
+            head_old,
+            rest_old,
+        )  # question, judged token, interpretation untouched
         kept = prefix_new.split()
-        assert not kept or prefix_old.split()[-len(kept):] == kept  # only the start of the context is cut
+        assert not kept or prefix_old.split()[-len(kept) :] == kept  # only the start of the context is cut
     with pytest.raises(ValueError, match="even without context"):
         fit_contexts(split, tok, 10)
 
@@ -110,7 +122,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(dataset_dir, tiny_model_
     main = load_script("train/sft.py").main
     main(*sft_args(dataset_dir, tiny_model_dir, tmp_path / "full"))
 
-    def stop_at_step_6(self, args, state, control, **kwargs):  # the same run, killed right after its step-6 checkpoint
+    def stop_at_step_6(
+        self, args, state, control, **kwargs
+    ):  # the same run, killed right after its step-6 checkpoint
         control.should_training_stop = state.global_step == 6
 
     with monkeypatch.context() as patch:
@@ -148,9 +162,12 @@ def test_adapter_checks(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2}))
-    cases = [({"a.lora_A.weight": torch.tensor([1.0, float("nan")])}, "NaN"),
-             ({"a.lora_A.weight": torch.zeros(0)}, "empty"),
-             ({"lm_head.weight": torch.ones(2)}, "non-LoRA"), ({}, "holds no tensors")]
+    cases = [
+        ({"a.lora_A.weight": torch.tensor([1.0, float("nan")])}, "NaN"),
+        ({"a.lora_A.weight": torch.zeros(0)}, "empty"),
+        ({"lm_head.weight": torch.ones(2)}, "non-LoRA"),
+        ({}, "holds no tensors"),
+    ]
     for tensors, message in cases:
         save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
         with pytest.raises(ValueError, match=message):
@@ -172,7 +189,9 @@ def test_metrics_by_hand():
     assert answer_metrics(np.array([0.5]), np.array([1]))["recall"] == 1.0  # p >= threshold counts as yes
     nothing_flagged = answer_metrics(np.array([0.2, 0.1]), np.array([1, 0]))
     assert np.isnan(nothing_flagged["precision"]) and nothing_flagged["recall"] == 0.0  # NaN where undefined
-    assert roc_auc(p, y) == pytest.approx(5 / 6)  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
+    assert roc_auc(p, y) == pytest.approx(
+        5 / 6
+    )  # pairs (pos > neg): 0.9 and 0.8 beat both; 0.3 beats 0.1 only
     assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
     assert reliability(np.array([0.95, 0.95]), np.array([1, 1]))["ece"] == pytest.approx(0.05)
 
@@ -187,8 +206,13 @@ def test_accelerate_launch_ddp_on_two_cpu_processes(dataset_dir, tiny_model_dir,
 
 def test_deepspeed_zero2_on_cpu_saves_a_non_empty_adapter(dataset_dir, tiny_model_dir, tmp_path):
     pytest.importorskip("deepspeed")
-    state = run_accelerate("configs/accelerate/deepspeed_zero2_cpu.yaml", dataset_dir, tiny_model_dir, tmp_path / "z2",
-                           extra=("--ddp_backend", "gloo"))
+    state = run_accelerate(
+        "configs/accelerate/deepspeed_zero2_cpu.yaml",
+        dataset_dir,
+        tiny_model_dir,
+        tmp_path / "z2",
+        extra=("--ddp_backend", "gloo"),
+    )
     assert (tmp_path / "z2" / "checkpoint-4" / "global_step4").is_dir()  # a DeepSpeed checkpoint
     assert state["global_step"] == 4
     summary = check_adapter(tmp_path / "z2")  # ZeRO must not leave empty or non-finite LoRA tensors
@@ -199,8 +223,13 @@ def test_deepspeed_zero3_on_cpu_checks_the_reload_on_every_rank(dataset_dir, tin
     """Defect: the reload check ran the trained model's forward on rank 0 alone, which hangs under ZeRO-3 (each
     layer's forward gathers its shards from every rank). Two ZeRO-3 processes must finish, with the check done."""
     pytest.importorskip("deepspeed")
-    run_accelerate("configs/accelerate/deepspeed_zero3_cpu.yaml", dataset_dir, tiny_model_dir, tmp_path / "z3",
-                   extra=("--ddp_backend", "gloo"))
+    run_accelerate(
+        "configs/accelerate/deepspeed_zero3_cpu.yaml",
+        dataset_dir,
+        tiny_model_dir,
+        tmp_path / "z3",
+        extra=("--ddp_backend", "gloo"),
+    )
     results = json.loads((tmp_path / "z3" / "eval_results.json").read_text())
     assert results["adapter"]["reload_max_abs_diff_p_yes"] < 1e-4  # fp32: the fp32 tolerance
     assert check_adapter(tmp_path / "z3")["n_parameters"] > 0
@@ -221,8 +250,12 @@ def test_reload_tolerance_fits_the_trained_dtype(dataset_dir, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     prompts = list(load_sim_dataset(str(dataset_dir))["validation"]["prompt"][:16])
     ids = answer_token_ids("sim_v1", tok)
-    p = {dt: answer_probabilities(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dt).eval(), tok,
-                                  prompts, ids) for dt in (torch.float32, torch.bfloat16)}
+    p = {
+        dt: answer_probabilities(
+            AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dt).eval(), tok, prompts, ids
+        )
+        for dt in (torch.float32, torch.bfloat16)
+    }
     diff = float(np.abs(p[torch.float32] - p[torch.bfloat16]).max())
     assert RELOAD_TOLERANCE[torch.float32] < diff < RELOAD_TOLERANCE[torch.bfloat16]
 

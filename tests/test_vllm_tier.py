@@ -25,8 +25,12 @@ from latentsim.backends import (  # noqa: E402
 from latentsim.interpretation_scores import judge_yes_probability, yes_no_ids  # noqa: E402
 from latentsim.prompts import answer_token_ids, marked_context, render_prompt  # noqa: E402
 
-CONTEXTS = [("The cat sat on the", " mat"), ("def add(a, b):\n    return a", " +"), ("He opened the old", " door")]
-INTERPRETATIONS = ["the token \" mat\"", "plus signs in code", "nouns after \"the\"", "the token \" door\""]
+CONTEXTS = [
+    ("The cat sat on the", " mat"),
+    ("def add(a, b):\n    return a", " +"),
+    ("He opened the old", " door"),
+]
+INTERPRETATIONS = ['the token " mat"', "plus signs in code", 'nouns after "the"', 'the token " door"']
 TOLERANCE = 1e-3  # fp32 on both engines
 
 
@@ -48,14 +52,20 @@ def train_adapter(path: str, tokenizer, out, seed: int) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     no, yes = answer_token_ids("sim_v1", tokenizer)
     ids = [torch.tensor([chat_token_ids(tokenizer, [p[0]["content"]])[0]]) for p in prompts()]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(3):
-        loss = sum(torch.nn.functional.cross_entropy(model(input_ids=x).logits[:, -1], torch.tensor([(yes, no)[k % 2]]))
-                   for k, x in enumerate(ids))
+        loss = sum(
+            torch.nn.functional.cross_entropy(
+                model(input_ids=x).logits[:, -1], torch.tensor([(yes, no)[k % 2]])
+            )
+            for k, x in enumerate(ids)
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -78,16 +88,28 @@ def hf_p_yes(path: str, tokenizer, adapter: str | None) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if adapter:
         model = PeftModel.from_pretrained(model, adapter).eval()
-    return probabilities(HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer)).label_logits(prompts()))[:, 1]
+    return probabilities(
+        HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer)).label_logits(prompts())
+    )[:, 1]
 
 
 def test_vllm_scorer_matches_hf_for_two_adapters_with_colliding_names(smollm2, adapters):
     path, tokenizer = smollm2
-    scorer = VLLMScorer(path, tokenizer, answer_token_ids("sim_v1", tokenizer), max_lora_rank=8, max_model_len=1024,
-                        dtype="float32")
+    scorer = VLLMScorer(
+        path,
+        tokenizer,
+        answer_token_ids("sim_v1", tokenizer),
+        max_lora_rank=8,
+        max_model_len=1024,
+        dtype="float32",
+    )
     try:
         got = {}
-        for adapter in (None, *adapters, adapters[0]):  # back to the first: its cached prefixes must be its own
+        for adapter in (
+            None,
+            *adapters,
+            adapters[0],
+        ):  # back to the first: its cached prefixes must be its own
             scorer.use_adapter(adapter)
             vllm_p = probabilities(scorer.label_logits(prompts()))[:, 1]
             got.setdefault(adapter, []).append(vllm_p)
@@ -103,39 +125,62 @@ def test_vllm_judge_and_explainer_match_hf(smollm2):
     from transformers import AutoModelForCausalLM
 
     path, tokenizer = smollm2
-    questions = [f"{i}\n\nText: {p}{j}\n\nIs the feature active on any token of the text? Answer Yes or No."
-                 for p, j in CONTEXTS for i in INTERPRETATIONS]
+    questions = [
+        f"{i}\n\nText: {p}{j}\n\nIs the feature active on any token of the text? Answer Yes or No."
+        for p, j in CONTEXTS
+        for i in INTERPRETATIONS
+    ]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = load_llm(path, max_model_len=1024, dtype="float32")
     try:
         vllm_p = vllm_yes_probability(llm, chat_token_ids(tokenizer, questions), *yes_no_ids(tokenizer))
-        assert np.abs(np.array(vllm_p) - np.array(judge_yes_probability(model, tokenizer, questions))).max() < TOLERANCE
+        assert (
+            np.abs(np.array(vllm_p) - np.array(judge_yes_probability(model, tokenizer, questions))).max()
+            < TOLERANCE
+        )
         ask = ["Describe in a few words what these tokens have in common: mat, rug, carpet."]
         ids = chat_token_ids(tokenizer, ask)
         (text,) = vllm_generate(llm, ids, 6)
-        greedy = model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False)[0, len(ids[0]):]
+        greedy = model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False)[0, len(ids[0]) :]
         assert text == tokenizer.decode(greedy, skip_special_tokens=True)
     finally:
         shutdown_llm(llm)
 
 
-def test_vllm_explainer_across_two_processes_equals_one(smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+def test_vllm_explainer_across_two_processes_equals_one(
+    smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
     """Two data-parallel engines under `accelerate launch` (vLLM's external_launcher) write one engine's texts."""
     from helpers import launch, load_script, make_cache, same_files
 
     from latentsim.config import ExplainArguments
 
     make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    args = ExplainArguments(cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", explainer="llm", backend="vllm",
-                            explainer_model=smollm2[0], explanations_dir=str(tmp_path / "one"), window=8,
-                            min_activations=2, max_latents=6, max_new_tokens=8, max_model_len=1024, seed=3)
+    args = ExplainArguments(
+        cache_dir=str(tmp_path / "cache"),
+        hookpoint="layers.1",
+        explainer="llm",
+        backend="vllm",
+        explainer_model=smollm2[0],
+        explanations_dir=str(tmp_path / "one"),
+        window=8,
+        min_activations=2,
+        max_latents=6,
+        max_new_tokens=8,
+        max_model_len=1024,
+        seed=3,
+    )
     load_script("data_gen/explain.py").main(args)
-    out = launch("data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two")))
+    out = launch(
+        "data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two"))
+    )
     assert "rank 0 of 2: 3 latents" in out and "rank 1 of 2: 3 latents" in out
     assert len(same_files(tmp_path / "one", tmp_path / "two", "*/*.txt")) == 6
 
 
-def test_vllm_sweep_across_two_processes_equals_one(smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+def test_vllm_sweep_across_two_processes_equals_one(
+    smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
     """A 2-process vLLM sweep, one engine per rank (rank 1 scores only a reference baseline, and no engine waits
     for it): one engine's predictions, to fp32 noise (the launch runs each engine on 1 thread: other sums)."""
     import pandas as pd
@@ -144,20 +189,41 @@ def test_vllm_sweep_across_two_processes_equals_one(smollm2, tmp_path, tiny_mode
     from latentsim.config import DatasetArguments, EvalArguments
 
     make_explained_cache(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
-    load_script("data_gen/build_dataset.py").main(DatasetArguments(
-        cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", simulator_tokenizer=smollm2[0],
-        interpretations=[str(tmp_path / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
-        contexts_per_row=2, validation_fraction=0.2, test_fraction=0.2, seed=3, positives="all",
-        negatives_per_context=4, output_dir=str(tmp_path / "eval_set")))
-    args = EvalArguments(eval_set=str(tmp_path / "eval_set"), output_dir=str(tmp_path / "one"), backend="vllm",
-                         baselines=[f"model={smollm2[0]},name=zero", "model=prior"], max_model_len=1024)
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(tmp_path / "cache"),
+            hookpoint="layers.1",
+            simulator_tokenizer=smollm2[0],
+            interpretations=[str(tmp_path / "expl" / "token_list-quantiles")],
+            window_min=4,
+            window_max=6,
+            contexts_per_row=2,
+            validation_fraction=0.2,
+            test_fraction=0.2,
+            seed=3,
+            positives="all",
+            negatives_per_context=4,
+            output_dir=str(tmp_path / "eval_set"),
+        )
+    )
+    args = EvalArguments(
+        eval_set=str(tmp_path / "eval_set"),
+        output_dir=str(tmp_path / "one"),
+        backend="vllm",
+        baselines=[f"model={smollm2[0]},name=zero", "model=prior"],
+        max_model_len=1024,
+    )
     load_script("eval/sweep.py").main(args)
-    out = launch("eval/sweep.py", tmp_path, dataclasses.replace(args, output_dir=str(tmp_path / "two")), timeout=300)
+    out = launch(
+        "eval/sweep.py", tmp_path, dataclasses.replace(args, output_dir=str(tmp_path / "two")), timeout=300
+    )
     assert "baseline__zero (rank 0 of 2)" in out and "baseline__prior (rank 1 of 2)" in out
     assert len(same_files(tmp_path / "one", tmp_path / "two", "*/baseline__prior/predictions_*.parquet")) == 2
     for split in ("test", "validation"):
-        one, two = (pd.read_parquet(tmp_path / d / "eval_set" / "baseline__zero" / f"predictions_{split}.parquet")
-                    for d in ("one", "two"))
+        one, two = (
+            pd.read_parquet(tmp_path / d / "eval_set" / "baseline__zero" / f"predictions_{split}.parquet")
+            for d in ("one", "two")
+        )
         floats = ["logit_0", "logit_1", "p_yes"]
         assert one.drop(columns=floats).equals(two.drop(columns=floats))
         assert np.abs(one[floats].to_numpy() - two[floats].to_numpy()).max() < TOLERANCE

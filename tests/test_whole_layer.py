@@ -34,7 +34,9 @@ def test_a_perfect_simulator_rebuilds_the_sae_exactly(subject):
 
     def sources(z, explained):
         truth = z[:, explained] > 0
-        return whole_layer.layer_sources(z, explained, {"sim@perfect": truth}, ["oracle", "median"], medians, sae)
+        return whole_layer.layer_sources(
+            z, explained, {"sim@perfect": truth}, ["oracle", "median"], medians, sae
+        )
 
     kl_ce, z, _ = patched(subject, 0, lambda z: sources(z, everything))
     assert (z > 0).sum(1).eq(4).all()
@@ -45,7 +47,9 @@ def test_a_perfect_simulator_rebuilds_the_sae_exactly(subject):
     # Half the latents explained: kept unexplained ones complete the SAE; zeroed ones leave its explained part.
     kl_ce, _, _ = patched(subject, 0, lambda z: sources(z, half))
     assert np.allclose(kl_ce["sim@perfect:oracle:unexplained_kept"][0], kl_ce["sae"][0], atol=1e-6)
-    assert np.allclose(kl_ce["sim@perfect:oracle:unexplained_zeroed"][0], kl_ce["sae:explained_only"][0], atol=1e-6)
+    assert np.allclose(
+        kl_ce["sim@perfect:oracle:unexplained_zeroed"][0], kl_ce["sae:explained_only"][0], atol=1e-6
+    )
     assert not np.allclose(kl_ce["sae:explained_only"][0], kl_ce["sae"][0], atol=1e-4)
     norms = sae.W_dec.norm(dim=1)
     assert whole_layer.controlled_share(z, everything, norms)["share_of_decoded_norm"] == pytest.approx(1.0)
@@ -61,21 +65,30 @@ def test_a_random_simulator_lands_with_the_chance_reference_not_the_sae(subject)
     rng = np.random.default_rng(0)
     everything = torch.arange(64)
     medians = torch.full((64,), 1.0)
-    truths = [patched(subject, r, lambda z: {"sae": sae.decode(z), "no_latents": sae.decode(z * 0)})[1] > 0
-              for r in range(6)]
+    truths = [
+        patched(subject, r, lambda z: {"sae": sae.decode(z), "no_latents": sae.decode(z * 0)})[1] > 0
+        for r in range(6)
+    ]
     firing_rate = torch.stack(truths).float().mean((0, 1))
     calibration_p = rng.random((12, 64))
     threshold = whole_layer.l0_matched_threshold([calibration_p], [truths[0].numpy()])
     gen = torch.Generator().manual_seed(0)
     totals = {}
     for r in range(1, 6):
-        flagged = whole_layer.decisions(rng.random((12, 64)).astype(np.float32), {"l0": threshold},
-                                        firing_rate, gen)
-        kl_ce, _, _ = patched(subject, r, lambda z, f=flagged: whole_layer.layer_sources(
-            z, everything, f, ["median"], medians, sae))
+        flagged = whole_layer.decisions(
+            rng.random((12, 64)).astype(np.float32), {"l0": threshold}, firing_rate, gen
+        )
+        kl_ce, _, _ = patched(
+            subject,
+            r,
+            lambda z, f=flagged: whole_layer.layer_sources(z, everything, f, ["median"], medians, sae),
+        )
         for k, (kl, _) in kl_ce.items():
             totals[k] = totals.get(k, 0.0) + kl.mean() / 5
-    sim, chance = totals["sim@l0:median:unexplained_zeroed"], totals["firing_rate_random:median:unexplained_zeroed"]
+    sim, chance = (
+        totals["sim@l0:median:unexplained_zeroed"],
+        totals["firing_rate_random:median:unexplained_zeroed"],
+    )
     assert abs(sim - chance) < 0.25 * abs(sim - totals["sae"])
     assert sim > 2 * totals["sae"]
 
@@ -101,7 +114,9 @@ def test_judgment_metrics_give_a_firing_rate_simulator_no_per_latent_skill():
     m = whole_layer.judgment_metrics(prior_sim, truth, trained, rate, thresholds, seed=0)
     assert m["all"]["auc_pooled"] == pytest.approx(m["all"]["prior_auc_pooled"])
     assert m["all"]["auc_pooled"] > 0.6  # frequency alone ranks pooled pairs well...
-    assert m["all"]["per_latent_auc"]["median"] == pytest.approx(0.5)  # ...and says nothing about when a latent fires
+    assert m["all"]["per_latent_auc"]["median"] == pytest.approx(
+        0.5
+    )  # ...and says nothing about when a latent fires
     assert (m["trained_on"]["latents"], m["held_out"]["latents"]) == (25, 15)
     perfect = whole_layer.judgment_metrics(truth.astype(np.float32), truth, trained, rate, thresholds, 0)
     assert perfect["all"]["per_latent_auc"]["median"] == 1.0 and perfect["all"]["auc_pooled"] == 1.0
@@ -112,8 +127,11 @@ def test_judgment_metrics_give_a_firing_rate_simulator_no_per_latent_skill():
 
 def test_summaries_give_recovery_between_floor_and_ceiling():
     positions = np.arange(32)
-    kl_ce = {"sae": {"kl": np.full(32, 0.5), "ce": np.ones(32)}, "no_latents": {"kl": np.full(32, 2.5), "ce": np.ones(32)},
-             "half": {"kl": np.full(32, 1.5), "ce": np.ones(32)}}
+    kl_ce = {
+        "sae": {"kl": np.full(32, 0.5), "ce": np.ones(32)},
+        "no_latents": {"kl": np.full(32, 2.5), "ce": np.ones(32)},
+        "half": {"kl": np.full(32, 1.5), "ce": np.ones(32)},
+    }
     s = whole_layer.summarise_sources(kl_ce, positions // 8, seed=0)
     assert (s["sae"]["recovery"], s["no_latents"]["recovery"], s["half"]["recovery"]) == (1.0, 0.0, 0.5)
     noisy = whole_layer.mean_ci(np.random.default_rng(0).normal(1.0, 0.5, 400), np.arange(400) // 8, seed=0)
@@ -127,8 +145,9 @@ def test_patching_only_the_judged_positions_keeps_the_others_clean(subject):
     from latentsim.patching import clean_pass
 
     judged = np.array([4, 11])
-    only, _, clean_ce = whole_layer.patch_text(model, sae, rows[0, :13], rows[0, 2:14], LAYER,
-                                               lambda z: {"sae": sae.decode(z)}, judged)
+    only, _, clean_ce = whole_layer.patch_text(
+        model, sae, rows[0, :13], rows[0, 2:14], LAYER, lambda z: {"sae": sae.decode(z)}, judged
+    )
     _, _, x_out, _ = clean_pass(model, rows[0, :13], LAYER)
     _, z, _ = patched(subject, 0, lambda z: {"sae": sae.decode(z)})
     mixed = x_out[1:].clone()

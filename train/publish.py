@@ -23,8 +23,16 @@ from latentsim.training import check_adapter
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (PublishArguments,)
-UPLOADED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "eval_results.json", "run_config.json")
+UPLOADED = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "eval_results.json",
+    "run_config.json",
+)
 
 
 def main(args: PublishArguments, api=None) -> None:
@@ -35,8 +43,10 @@ def main(args: PublishArguments, api=None) -> None:
     if not source.is_dir():
         raise MissingInputError(f"config key `{key}`: {source} does not exist.")
     if not (source / "adapter_model.safetensors").is_file():
-        raise MissingInputError(f"config key `{key}`: {source} holds no adapter (no adapter_model.safetensors); "
-                                "train one with train/sft.py (use_peft: true) or point to its output_dir.")
+        raise MissingInputError(
+            f"config key `{key}`: {source} holds no adapter (no adapter_model.safetensors); "
+            "train one with train/sft.py (use_peft: true) or point to its output_dir."
+        )
     check_adapter(source)  # refuse empty, non-finite or non-LoRA adapters before anything leaves the machine
     stage = run / "publish" / (revision or "main")
     shutil.rmtree(stage, ignore_errors=True)
@@ -46,33 +56,73 @@ def main(args: PublishArguments, api=None) -> None:
             if (folder / name).is_file() and not (args.checkpoint and name == "eval_results.json"):
                 shutil.copy2(folder / name, stage / name)
                 break
-    run_results = json.loads((run / "eval_results.json").read_text()) if (run / "eval_results.json").is_file() else {}
+    run_results = (
+        json.loads((run / "eval_results.json").read_text()) if (run / "eval_results.json").is_file() else {}
+    )
     # A checkpoint carries its own step and validation metrics (its trainer_state.json), never the final run's.
     results = checkpoint_results(source, run_results) if args.checkpoint else run_results
     if args.checkpoint:
         atomic_write_json(stage / "eval_results.json", results)
         shutil.copy2(source / "trainer_state.json", stage / "trainer_state.json")
-    held_out = held_out_metrics(args.sweep_dir, f"{run.name}__{args.checkpoint or 'final'}") if args.sweep_dir else []
-    run_config = json.loads((stage / "run_config.json").read_text()) if (stage / "run_config.json").is_file() else {}
+    held_out = (
+        held_out_metrics(args.sweep_dir, f"{run.name}__{args.checkpoint or 'final'}")
+        if args.sweep_dir
+        else []
+    )
+    run_config = (
+        json.loads((stage / "run_config.json").read_text()) if (stage / "run_config.json").is_file() else {}
+    )
     script = run_config.get("config", {}).get("script", {})
-    base = results.get("base_model", {}).get("hub_equivalent") or run_config.get("config", {}).get("model", {}).get(
-        "model_name_or_path", "unknown")
-    atomic_write_text(stage / "README.md", adapter_card(
-        base, script.get("prompt_format", "unknown"), script.get("dataset_name", "unknown"), results.get("metrics"),
-        args.repo_id.split("/")[-1], held_out, results.get("global_step") if args.checkpoint else None))
-    plan = [{"op": "create_repo", "repo_id": args.repo_id, "repo_type": "model", "private": args.private,
-             "exist_ok": True}]
+    base = results.get("base_model", {}).get("hub_equivalent") or run_config.get("config", {}).get(
+        "model", {}
+    ).get("model_name_or_path", "unknown")
+    atomic_write_text(
+        stage / "README.md",
+        adapter_card(
+            base,
+            script.get("prompt_format", "unknown"),
+            script.get("dataset_name", "unknown"),
+            results.get("metrics"),
+            args.repo_id.split("/")[-1],
+            held_out,
+            results.get("global_step") if args.checkpoint else None,
+        ),
+    )
+    plan = [
+        {
+            "op": "create_repo",
+            "repo_id": args.repo_id,
+            "repo_type": "model",
+            "private": args.private,
+            "exist_ok": True,
+        }
+    ]
     if revision:
         plan.append({"op": "create_branch", "repo_id": args.repo_id, "branch": revision, "exist_ok": True})
-    plan.append({"op": "upload_folder", "repo_id": args.repo_id, "revision": revision,
-                 "files": sorted(p.name for p in stage.iterdir())})
+    plan.append(
+        {
+            "op": "upload_folder",
+            "repo_id": args.repo_id,
+            "revision": revision,
+            "files": sorted(p.name for p in stage.iterdir()),
+        }
+    )
     atomic_write_json(stage.parent / f"{revision or 'main'}_planned_operations.json", plan)
     if args.dry_run:
-        print(f"[publish] dry run: {stage} holds exactly what would be uploaded; operations in "
-              f"{stage.parent / ((revision or 'main') + '_planned_operations.json')}")
+        print(
+            f"[publish] dry run: {stage} holds exactly what would be uploaded; operations in "
+            f"{stage.parent / ((revision or 'main') + '_planned_operations.json')}"
+        )
         return
-    url = upload_folder(stage, args.repo_id, "model", private=args.private, revision=revision, api=api,
-                        commit_message=f"latentsim simulator adapter ({revision or 'final'})")
+    url = upload_folder(
+        stage,
+        args.repo_id,
+        "model",
+        private=args.private,
+        revision=revision,
+        api=api,
+        commit_message=f"latentsim simulator adapter ({revision or 'final'})",
+    )
     print(f"[publish] {args.repo_id}@{revision or 'main'}: {url}")
 
 

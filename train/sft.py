@@ -45,16 +45,23 @@ logger = logging.getLogger("latentsim.sft")
 
 def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
     set_seed(training_args.seed)
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not torch.cuda.is_available() and (training_args.bf16 or training_args.activation_checkpointing):
-        logger.warning("bf16=%s, activation_checkpointing=%s on a CPU: bf16 matmuls are ~80x slower without native "
-                       "support and checkpointing adds a forward; set both false for CPU runs.",
-                       training_args.bf16, training_args.activation_checkpointing)
+        logger.warning(
+            "bf16=%s, activation_checkpointing=%s on a CPU: bf16 matmuls are ~80x slower without native "
+            "support and checkpointing adds a forward; set both false for CPU runs.",
+            training_args.bf16,
+            training_args.activation_checkpointing,
+        )
     training_args.logging_nan_inf_filter = False  # NonFiniteGuard must see NaN losses, not a running average
     output_dir = Path(training_args.output_dir)
     done = finished_step(output_dir) if script_args.resume == "auto" else None
-    if done is not None and 0 < training_args.max_steps <= done:  # resuming would take an extra step past the end
+    if (
+        done is not None and 0 < training_args.max_steps <= done
+    ):  # resuming would take an extra step past the end
         logger.info("%s finished at step %d earlier; skipped (resume: never retrains it)", output_dir, done)
         return
 
@@ -66,37 +73,60 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     template_sha = chat_template_sha256(tokenizer)
     if training_args.process_index == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(output_dir, "sft", {"script": script_args, "training": training_args.to_dict(),
-                         "model": model_args, "chat_template_sha256": template_sha}, training_args.seed)
+        write_run_config(
+            output_dir,
+            "sft",
+            {
+                "script": script_args,
+                "training": training_args.to_dict(),
+                "model": model_args,
+                "chat_template_sha256": template_sha,
+            },
+            training_args.seed,
+        )
     # Per split, what fitting the examples changed: contexts shortened from the left to fit max_length, or for
     # dense formats (tokenized here, a label at every aligned text token) the labels without an aligned position.
     fmt, changed = get_format(script_args.prompt_format), {}
     changed_key = "labels_unaligned" if fmt.dense else "contexts_truncated"
     for split in list(dataset):
         if fmt.dense:
-            dataset[split], changed[split] = dense_features(dataset[split], tokenizer, fmt.name, answer_ids,
-                                                            training_args.max_length)
+            dataset[split], changed[split] = dense_features(
+                dataset[split], tokenizer, fmt.name, answer_ids, training_args.max_length
+            )
         else:
             dataset[split], changed[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
     if any(changed.values()):
-        logger.warning("%s (max_length=%s, labels untouched or dropped, never shifted): %s", changed_key,
-                       training_args.max_length, changed)
+        logger.warning(
+            "%s (max_length=%s, labels untouched or dropped, never shifted): %s",
+            changed_key,
+            training_args.max_length,
+            changed,
+        )
     eval_dataset = dataset["validation"] if "validation" in dataset else None
     if eval_dataset is not None and script_args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
 
     # Model and trainer.
     # `auto`: bfloat16 on a GPU, float32 on a CPU (as every stage); unset: float32.
-    dtype = resolve_dtype(model_args.dtype or "float32", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype,
-                                                 trust_remote_code=False)
+    dtype = resolve_dtype(
+        model_args.dtype or "float32", torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, revision=model_args.model_revision, dtype=dtype, trust_remote_code=False
+    )
     binary = fmt.label == "active"
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = "all-linear"
     trainer = SimulatorTrainer(
-        model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        callbacks=[NonFiniteGuard(script_args.nan_patience)], answer_ids=answer_ids, binary=binary,
+        model=model,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[NonFiniteGuard(script_args.nan_patience)],
+        answer_ids=answer_ids,
+        binary=binary,
         dense_format=fmt.name if fmt.dense else None,
     )
     (check_dense_supervision if fmt.dense else check_supervision)(trainer.train_dataset, answer_ids)
@@ -116,15 +146,33 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     if parity is not None:
         adapter["reload_max_abs_diff_p_yes"] = parity
     base_model = describe_model_source(model_args.model_name_or_path)
-    atomic_write_json(output_dir / "eval_results.json",
-                      {"metrics": metrics, "prompt_format": script_args.prompt_format, "adapter": adapter,
-                       "global_step": trainer.state.global_step, changed_key: changed,
-                       "chat_template_sha256": template_sha, "base_model": base_model})
-    atomic_write_text(output_dir / "README.md",
-                      adapter_card(base_model.get("hub_equivalent", model_args.model_name_or_path),
-                                   script_args.prompt_format, script_args.dataset_name, metrics, output_dir.name))
-    logger.info("saved %s: %s", training_args.output_dir, json.dumps({k: round(v, 4) for k, v in metrics.items()
-                                                                     if isinstance(v, float)}))
+    atomic_write_json(
+        output_dir / "eval_results.json",
+        {
+            "metrics": metrics,
+            "prompt_format": script_args.prompt_format,
+            "adapter": adapter,
+            "global_step": trainer.state.global_step,
+            changed_key: changed,
+            "chat_template_sha256": template_sha,
+            "base_model": base_model,
+        },
+    )
+    atomic_write_text(
+        output_dir / "README.md",
+        adapter_card(
+            base_model.get("hub_equivalent", model_args.model_name_or_path),
+            script_args.prompt_format,
+            script_args.dataset_name,
+            metrics,
+            output_dir.name,
+        ),
+    )
+    logger.info(
+        "saved %s: %s",
+        training_args.output_dir,
+        json.dumps({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}),
+    )
 
 
 if __name__ == "__main__":

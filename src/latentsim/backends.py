@@ -84,14 +84,19 @@ def _parts(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
-        raise BadInputError("the output embedding is not a plain Linear (a LoRA on lm_head?); latentsim adapters never "
-                         "train lm_head, retrain without it in lora_target_modules.")
+        raise BadInputError(
+            "the output embedding is not a plain Linear (a LoRA on lm_head?); latentsim adapters never "
+            "train lm_head, retrain without it in lora_target_modules."
+        )
     softcap = getattr(base.config, "final_logit_softcapping", None) or getattr(
-        getattr(base.config, "text_config", None), "final_logit_softcapping", None)
+        getattr(base.config, "text_config", None), "final_logit_softcapping", None
+    )
     return base.get_decoder(), head, softcap
 
 
-def _answer_logits(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap) -> torch.Tensor:
+def _answer_logits(
+    hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap
+) -> torch.Tensor:
     if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: gather it to read the answer rows
         import deepspeed
 
@@ -100,7 +105,9 @@ def _answer_logits(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torc
     return _answer_rows(hidden, head, answer_ids, softcap)
 
 
-def _answer_rows(hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap) -> torch.Tensor:
+def _answer_rows(
+    hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap
+) -> torch.Tensor:
     logits = hidden @ head.weight[answer_ids].T
     if head.bias is not None:
         logits = logits + head.bias[answer_ids]
@@ -148,7 +155,9 @@ class HFScorer:
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
-        n_prefix = min(common_prefix_length(ids), min(len(s) for s in ids) - 1)  # every row keeps >= 1 suffix token
+        n_prefix = min(
+            common_prefix_length(ids), min(len(s) for s in ids) - 1
+        )  # every row keeps >= 1 suffix token
         prefix_cache = None
         if n_prefix > 0:
             prefix = torch.tensor([ids[0][:n_prefix]], device=device)
@@ -156,7 +165,7 @@ class HFScorer:
             prefix_cache = out.cache if "cache" in out else out.past_key_values
         results = []
         for a in range(0, len(ids), self.batch_size):
-            suffixes = [s[n_prefix:] for s in ids[a:a + self.batch_size]]
+            suffixes = [s[n_prefix:] for s in ids[a : a + self.batch_size]]
             width = max(len(s) for s in suffixes)
             batch = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in suffixes], device=device)
             cache = None
@@ -164,10 +173,15 @@ class HFScorer:
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(suffixes))
             positions = torch.arange(n_prefix, n_prefix + width, device=device).expand(len(suffixes), -1)
-            hidden = decoder(input_ids=batch, position_ids=positions, use_cache=True,
-                             **{cache_keyword(decoder): cache}).last_hidden_state
+            hidden = decoder(
+                input_ids=batch, position_ids=positions, use_cache=True, **{cache_keyword(decoder): cache}
+            ).last_hidden_state
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
-            results.append(_answer_logits(hidden[torch.arange(len(suffixes), device=device), last], head, answer, softcap))
+            results.append(
+                _answer_logits(
+                    hidden[torch.arange(len(suffixes), device=device), last], head, answer, softcap
+                )
+            )
             self.stats["computed_tokens"] += len(suffixes) * width
         self.stats["computed_tokens"] += n_prefix
         self.stats["judgments"] += len(ids)
@@ -182,7 +196,9 @@ class DenseScorer(HFScorer):
     computed once per batch of latents with headers of one length, then each judgment's text runs on a copy of
     its latent's KV, texts right-padded (causal attention never lets a real token see the padding)."""
 
-    def __init__(self, model, tokenizer, answer_ids: list[int], batch_size: int = 32, fmt: str = "sim_dense_v1"):
+    def __init__(
+        self, model, tokenizer, answer_ids: list[int], batch_size: int = 32, fmt: str = "sim_dense_v1"
+    ):
         super().__init__(model, tokenizer, answer_ids, batch_size)
         self.fmt = fmt
 
@@ -203,21 +219,26 @@ class DenseScorer(HFScorer):
         try:
             for length, chunk, header_cache in self.header_batches(decoder, headers, device):
                 # (row of the header batch, judgment) pairs, shortest texts together
-                pairs = sorted(((c, i) for c, k in enumerate(chunk) for i in by_interpretation[interpretations[k]]),
-                               key=lambda p: len(judgments[p[1]][1]))
+                pairs = sorted(
+                    ((c, i) for c, k in enumerate(chunk) for i in by_interpretation[interpretations[k]]),
+                    key=lambda p: len(judgments[p[1]][1]),
+                )
                 for b in range(0, len(pairs), self.batch_size):
-                    batch_pairs = pairs[b:b + self.batch_size]
+                    batch_pairs = pairs[b : b + self.batch_size]
                     texts = [judgments[i][1] for _, i in batch_pairs]
                     width = max(len(t) for t in texts)
                     cache = copy.deepcopy(header_cache)
                     cache.batch_select_indices(torch.tensor([c for c, _ in batch_pairs], device=device))
                     batch = torch.tensor([t + [self.pad_id] * (width - len(t)) for t in texts], device=device)
                     at = torch.arange(length, length + width, device=device).expand(len(texts), -1)
-                    hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
-                                     **{cache_keyword(decoder): cache}).last_hidden_state
+                    hidden = decoder(
+                        input_ids=batch, position_ids=at, use_cache=True, **{cache_keyword(decoder): cache}
+                    ).last_hidden_state
                     last = torch.tensor([len(t) - 1 for t in texts], device=device)
                     rows = hidden[torch.arange(len(texts), device=device), last]
-                    out[[i for _, i in batch_pairs]] = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                    out[[i for _, i in batch_pairs]] = (
+                        _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                    )
                     self.stats["computed_tokens"] += len(texts) * width
                     if progress is not None:
                         progress.update(len(texts))
@@ -225,7 +246,8 @@ class DenseScorer(HFScorer):
             self.model.train(was_training)
         self.stats["judgments"] += len(prompts)
         self.stats["prompt_tokens"] += sum(len(t) for _, t in judgments) + sum(
-            len(h) * len(by_interpretation[x]) for x, h in zip(interpretations, headers, strict=True))
+            len(h) * len(by_interpretation[x]) for x, h in zip(interpretations, headers, strict=True)
+        )
         return out
 
     def header_batches(self, decoder, headers: list[list[int]], device):
@@ -236,8 +258,10 @@ class DenseScorer(HFScorer):
             by_length.setdefault(len(h), []).append(k)
         for length, members in sorted(by_length.items()):
             for a in range(0, len(members), self.batch_size):
-                chunk = members[a:a + self.batch_size]
-                header = decoder(input_ids=torch.tensor([headers[k] for k in chunk], device=device), use_cache=True)
+                chunk = members[a : a + self.batch_size]
+                header = decoder(
+                    input_ids=torch.tensor([headers[k] for k in chunk], device=device), use_cache=True
+                )
                 self.stats["computed_tokens"] += len(chunk) * length
                 yield length, chunk, header.cache if "cache" in header else header.past_key_values
 
@@ -247,13 +271,16 @@ class DenseScorer(HFScorer):
         interpretation, text = dense_judgment(messages)
         ids, (position,) = dense_text_ids(self.tokenizer, text, [len(text)])
         if position < 0:
-            raise BadInputError(f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
-                                "simulator cannot read this judgment.")
-        return interpretation, ids[:position + 1]
+            raise BadInputError(
+                f"no simulator token ends where the judged token does in {text[-40:]!r}; the dense "
+                "simulator cannot read this judgment."
+            )
+        return interpretation, ids[: position + 1]
 
     @torch.no_grad()
-    def text_logits(self, interpretations: list[str], texts: list[tuple[str, list[int]]],
-                    progress=None) -> list[np.ndarray]:
+    def text_logits(
+        self, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
+    ) -> list[np.ndarray]:
         """Every latent's verdict at every judged token of every text: per text (its string and the character end
         of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where unaligned.
 
@@ -264,8 +291,10 @@ class DenseScorer(HFScorer):
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
         encoded = [dense_text_ids(self.tokenizer, text, ends) for text, ends in texts]
-        out = [np.full((len(interpretations), len(ends), len(self.answer_ids)), np.nan, dtype=np.float32)
-               for _, ends in texts]
+        out = [
+            np.full((len(interpretations), len(ends), len(self.answer_ids)), np.nan, dtype=np.float32)
+            for _, ends in texts
+        ]
         headers = [dense_header_ids(self.tokenizer, self.fmt, i) for i in interpretations]
         was_training = self.model.training
         self.model.eval()
@@ -275,8 +304,12 @@ class DenseScorer(HFScorer):
                     judged = [j for j, p in enumerate(positions) if p >= 0]
                     batch = torch.tensor([ids], device=device).expand(len(chunk), -1)
                     at = torch.arange(length, length + len(ids), device=device).expand(len(chunk), -1)
-                    hidden = decoder(input_ids=batch, position_ids=at, use_cache=True,
-                                     **{cache_keyword(decoder): copy.deepcopy(header_cache)}).last_hidden_state
+                    hidden = decoder(
+                        input_ids=batch,
+                        position_ids=at,
+                        use_cache=True,
+                        **{cache_keyword(decoder): copy.deepcopy(header_cache)},
+                    ).last_hidden_state
                     rows = hidden[:, [positions[j] for j in judged]]
                     logits = _answer_logits(rows, head, answer, softcap).cpu().numpy()
                     out[t][np.ix_(chunk, judged)] = logits
@@ -290,21 +323,26 @@ class DenseScorer(HFScorer):
         return out
 
 
-def hf_scorer(model, tokenizer, answer_ids: list[int], batch_size: int, trained_format: str | None = None) -> HFScorer:
+def hf_scorer(
+    model, tokenizer, answer_ids: list[int], batch_size: int, trained_format: str | None = None
+) -> HFScorer:
     """The hf scorer for a simulator trained on `trained_format`: DenseScorer for a dense format, else HFScorer."""
     if trained_format and get_format(trained_format).dense:
         return DenseScorer(model, tokenizer, answer_ids, batch_size, trained_format)
     return HFScorer(model, tokenizer, answer_ids, batch_size)
 
 
-def naive_dense_logits(model, tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int],
-                       answer_ids: list[int]) -> np.ndarray:
+def naive_dense_logits(
+    model, tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int], answer_ids: list[int]
+) -> np.ndarray:
     """One full forward of a dense example; the answers' logits at every judged token ([n_tokens, n_answers], NaN
     where unaligned): the exactness reference for DenseScorer and for training's label positions."""
     ids, positions = dense_token_ids(tokenizer, fmt, interpretation, text, token_ends)
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0][:, answer_ids].float().cpu().numpy()
+        logits = (
+            model(input_ids=torch.tensor([ids], device=device)).logits[0][:, answer_ids].float().cpu().numpy()
+        )
     out = np.full((len(positions), len(answer_ids)), np.nan, dtype=np.float32)
     for i, p in enumerate(positions):
         if p >= 0:
@@ -313,15 +351,21 @@ def naive_dense_logits(model, tokenizer, fmt: str, interpretation: str, text: st
 
 
 @torch.no_grad()
-def naive_label_logits(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int], batch_size: int = 16,
-                       full_logits: bool = True) -> np.ndarray:
+def naive_label_logits(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    answer_ids: list[int],
+    batch_size: int = 16,
+    full_logits: bool = True,
+) -> np.ndarray:
     """One full prompt per judgment: left-padded batches (positions follow the attention mask), logits at every
     position (`full_logits`) or the last only; the answers' logits at the last position."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for a in range(0, len(prompts), batch_size):
-        ids = [prompt_token_ids(tokenizer, p) for p in prompts[a:a + batch_size]]
+        ids = [prompt_token_ids(tokenizer, p) for p in prompts[a : a + batch_size]]
         width = max(len(s) for s in ids)
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
@@ -339,14 +383,20 @@ class FakeScorer:
 
     def __init__(self, answer_ids: list[int], fn: Callable[[list[dict]], list[float]] | None = None):
         self.answer_ids = list(answer_ids)
-        self.fn = fn or (lambda m: [((zlib.crc32(f"{m}|{k}".encode()) % 2000) - 1000) / 250 for k in range(len(answer_ids))])
+        self.fn = fn or (
+            lambda m: [
+                ((zlib.crc32(f"{m}|{k}".encode()) % 2000) - 1000) / 250 for k in range(len(answer_ids))
+            ]
+        )
         self.calls = 0
 
     def label_logits(self, prompts: list[list[dict]], progress=None) -> np.ndarray:
         self.calls += len(prompts)
         if progress is not None:
             progress.update(len(prompts))
-        return np.array([self.fn(m) for m in prompts], dtype=np.float32).reshape(len(prompts), len(self.answer_ids))
+        return np.array([self.fn(m) for m in prompts], dtype=np.float32).reshape(
+            len(prompts), len(self.answer_ids)
+        )
 
 
 def lora_int_id(adapter_path: str) -> int:
@@ -365,17 +415,34 @@ class VLLMScorer:
 
     backend = "vllm"
 
-    def __init__(self, base_model: str, tokenizer, answer_ids: list[int], max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", ranks=None, gpus_per_rank: int | None = None):
+    def __init__(
+        self,
+        base_model: str,
+        tokenizer,
+        answer_ids: list[int],
+        max_lora_rank: int = 64,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int = 4096,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        ranks=None,
+        gpus_per_rank: int | None = None,
+    ):
         vllm = require_vllm()
         self.vllm, self.tokenizer, self.answer_ids = vllm, tokenizer, list(answer_ids)
         self.max_lora_rank, self.lora = max_lora_rank, None
         with (ranks or Ranks()).own_engine(tensor_parallel_size, gpus_per_rank):
-            self.llm = vllm.LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank,
-                                enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
-                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=0,
-                                dtype=vllm_dtype(dtype))
+            self.llm = vllm.LLM(
+                model=base_model,
+                enable_lora=True,
+                max_lora_rank=max_lora_rank,
+                enable_prefix_caching=True,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                seed=0,
+                dtype=vllm_dtype(dtype),
+            )
 
     def shutdown(self) -> None:
         """Free the engine (its GPU memory and engine-core process) before another base model's engine is built:
@@ -392,8 +459,10 @@ class VLLMScorer:
 
         rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 0)
         if rank > self.max_lora_rank:
-            raise ConfigError(f"config key `max_lora_rank`: adapter {adapter} has LoRA rank {rank} > max_lora_rank "
-                              f"{self.max_lora_rank}; raise it.")
+            raise ConfigError(
+                f"config key `max_lora_rank`: adapter {adapter} has LoRA rank {rank} > max_lora_rank "
+                f"{self.max_lora_rank}; raise it."
+            )
         from vllm.lora.request import LoRARequest
 
         self.lora = LoRARequest(lora_name(adapter), lora_int_id(adapter), str(adapter))
@@ -412,14 +481,17 @@ class VLLMScorer:
         for wave in (warm, rest):
             if not wave:
                 continue
-            results = self.llm.generate([{"prompt_token_ids": ids[i]} for i in wave], params, lora_request=self.lora,
-                                        use_tqdm=False)
+            results = self.llm.generate(
+                [{"prompt_token_ids": ids[i]} for i in wave], params, lora_request=self.lora, use_tqdm=False
+            )
             for i, res in zip(wave, results, strict=True):
                 logprobs = res.outputs[0].logprobs[0]
                 missing = [t for t in self.answer_ids if t not in logprobs]
                 if missing:
-                    raise RuntimeError(f"vLLM returned no log-prob for answer token(s) {missing}; refusing to read "
-                                       "them as probability 0.")
+                    raise RuntimeError(
+                        f"vLLM returned no log-prob for answer token(s) {missing}; refusing to read "
+                        "them as probability 0."
+                    )
                 out[i] = [logprobs[t].logprob for t in self.answer_ids]
             if progress is not None:
                 progress.update(len(wave))
@@ -458,12 +530,18 @@ class ModelPool:
                 if self.vllm is not None:  # the old engine goes first: two would not fit (an 8B, then a 70B)
                     self.vllm.shutdown()
                     self.vllm = None
-                self.vllm = VLLMScorer(resolve_model_path(sim.base_model), tokenizer, answer_ids,
-                                       max_lora_rank=self.args.max_lora_rank,
-                                       gpu_memory_utilization=self.args.gpu_memory_utilization,
-                                       max_model_len=self.args.max_model_len,
-                                       tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size,
-                                       dtype=self.args.dtype, ranks=self.ranks, gpus_per_rank=self.gpus_per_rank)
+                self.vllm = VLLMScorer(
+                    resolve_model_path(sim.base_model),
+                    tokenizer,
+                    answer_ids,
+                    max_lora_rank=self.args.max_lora_rank,
+                    gpu_memory_utilization=self.args.gpu_memory_utilization,
+                    max_model_len=self.args.max_model_len,
+                    tensor_parallel_size=sim.tensor_parallel_size or self.args.tensor_parallel_size,
+                    dtype=self.args.dtype,
+                    ranks=self.ranks,
+                    gpus_per_rank=self.gpus_per_rank,
+                )
                 self.ref = sim.base_model
             self.vllm.tokenizer, self.vllm.answer_ids = tokenizer, list(answer_ids)
             self.vllm.use_adapter(sim.adapter)
@@ -480,7 +558,9 @@ class ModelPool:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(self.model, sim.adapter).eval()  # LoRA layers stay unmerged
-        return hf_scorer(model, tokenizer, answer_ids, self.args.batch_size, sim.prompt_format)  # vLLM refuses dense ones
+        return hf_scorer(
+            model, tokenizer, answer_ids, self.args.batch_size, sim.prompt_format
+        )  # vLLM refuses dense ones
 
     def release(self, scorer):
         if self.args.backend == "hf" and hasattr(scorer.model, "unload"):
@@ -505,7 +585,9 @@ def require_vllm():
     import torch
 
     if not torch.cuda.is_available() and not vllm_cpu_build():
-        raise UnavailableError("backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU).")
+        raise UnavailableError(
+            "backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU)."
+        )
     try:
         import vllm
     except ImportError as err:
@@ -520,13 +602,27 @@ def vllm_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def load_llm(model_path: str, tensor_parallel_size: int = 1, max_model_len: int = 4096,
-             gpu_memory_utilization: float = 0.85, dtype: str = "auto", ranks=None):
+def load_llm(
+    model_path: str,
+    tensor_parallel_size: int = 1,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float = 0.85,
+    dtype: str = "auto",
+    ranks=None,
+):
     vllm = require_vllm()
-    with (ranks or Ranks()).own_engine(tensor_parallel_size):  # under accelerate launch: this rank's engine alone
-        return vllm.LLM(model=model_path, enable_prefix_caching=True, seed=0, tensor_parallel_size=tensor_parallel_size,
-                        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                        dtype=vllm_dtype(dtype))
+    with (ranks or Ranks()).own_engine(
+        tensor_parallel_size
+    ):  # under accelerate launch: this rank's engine alone
+        return vllm.LLM(
+            model=model_path,
+            enable_prefix_caching=True,
+            seed=0,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=vllm_dtype(dtype),
+        )
 
 
 def shutdown_llm(llm) -> None:
@@ -552,8 +648,9 @@ def shutdown_llm(llm) -> None:
 def chat_token_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:
     out = []
     for text in user_messages:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
 
@@ -577,6 +674,8 @@ def vllm_yes_probability(llm, prompt_ids: list[list[int]], yes_id: int, no_id: i
     for out in outputs:
         logprobs = out.outputs[0].logprobs[0]
         if yes_id not in logprobs or no_id not in logprobs:
-            raise RuntimeError("vLLM returned no log-prob for Yes or No; refusing to read it as probability 0.")
+            raise RuntimeError(
+                "vLLM returned no log-prob for Yes or No; refusing to read it as probability 0."
+            )
         probs.append(1 / (1 + math.exp(logprobs[no_id].logprob - logprobs[yes_id].logprob)))
     return probs

@@ -34,12 +34,18 @@ def non_embedding_parameters(model) -> int:
 def speed_fields(gflops: float, calibration: float, times: dict[str, list[float]], repeats: int) -> dict:
     """The fields every benchmark reports beside its ratio: achieved GFLOP/s against the same run's matmul
     calibration, and the raw timings."""
-    return {"achieved_gflops": gflops, "matmul_calibration_gflops": calibration,
-            "pct_of_matmul": 100 * gflops / calibration,
-            "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}, "repeats": repeats}
+    return {
+        "achieved_gflops": gflops,
+        "matmul_calibration_gflops": calibration,
+        "pct_of_matmul": 100 * gflops / calibration,
+        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "repeats": repeats,
+    }
 
 
-def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, list[float]]:
+def interleaved_timings(
+    variants: dict[str, Callable[[], object]], repeats: int = 3
+) -> dict[str, list[float]]:
     """Run each variant `repeats` times, round-robin (so drift hits all equally), after one warm-up each."""
     for fn in variants.values():
         fn()
@@ -57,14 +63,23 @@ def _sorted(locations: np.ndarray, activations: np.ndarray):
     return locations[order], activations[order]
 
 
-def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, repeats: int = 3,
-                calibration_gflops: float | None = None) -> dict:
+def bench_cache(
+    model,
+    sae,
+    rows: torch.Tensor,
+    layer: int,
+    batch_size: int,
+    repeats: int = 3,
+    calibration_gflops: float | None = None,
+) -> dict:
     """Caching: stop at the hook + sparse TopK (ours) vs full forward with logits + dense latents + nonzero."""
     from latentsim.cache import record_rows
 
     outputs = {}
     variants = {
-        "naive": lambda: outputs.__setitem__("naive", record_rows(model, sae, rows, layer, batch_size, naive=True)),
+        "naive": lambda: outputs.__setitem__(
+            "naive", record_rows(model, sae, rows, layer, batch_size, naive=True)
+        ),
         "ours": lambda: outputs.__setitem__("ours", record_rows(model, sae, rows, layer, batch_size)),
     }
     times = interleaved_timings(variants, repeats)
@@ -81,8 +96,11 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
     encoder = 2 * sae.cfg.d_in * sae.cfg.d_sae
     per_token = 2 * sum(p.numel() for p in layers[: layer + 1].parameters()) + encoder
     # The naive way also runs the remaining layers and the lm_head: the speed-up can not exceed this ratio.
-    naive_per_token = 2 * sum(p.numel() for p in layers.parameters()) + 2 * model.get_output_embeddings().weight.numel() \
+    naive_per_token = (
+        2 * sum(p.numel() for p in layers.parameters())
+        + 2 * model.get_output_embeddings().weight.numel()
         + encoder
+    )
     gflops = per_token * tokens / ours_s / 1e9
     calibration = calibration_gflops or matmul_gflops()
     return {
@@ -99,8 +117,15 @@ def bench_cache(model, sae, rows: torch.Tensor, layer: int, batch_size: int, rep
     }
 
 
-def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats: int = 3, lora_r: int = 16,
-              calibration_gflops: float | None = None, seed: int = 0) -> dict:
+def bench_sft(
+    model_path: str,
+    seq_len: int = 128,
+    batch_size: int = 4,
+    repeats: int = 3,
+    lora_r: int = 16,
+    calibration_gflops: float | None = None,
+    seed: int = 0,
+) -> dict:
     """One optimizer step of full finetuning vs LoRA (all linear layers) on random tokens, fp32.
 
     FLOP bounds per token: full 6N (forward 2N + input grads 2N + weight grads 2N), LoRA 4N (no weight grads for
@@ -119,10 +144,20 @@ def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats:
     n_nonembed = non_embedding_parameters(base)
 
     full = copy.deepcopy(base).train()
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
-                                                          lora_dropout=0.0, task_type="CAUSAL_LM")).train()
-    optimizers = {"full": torch.optim.AdamW(full.parameters(), lr=1e-5),
-                  "lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-5)}
+    lora = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    ).train()
+    optimizers = {
+        "full": torch.optim.AdamW(full.parameters(), lr=1e-5),
+        "lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-5),
+    }
     models = {"full": full, "lora": lora}
     first_loss = {}
 
@@ -158,8 +193,15 @@ def bench_sft(model_path: str, seq_len: int = 128, batch_size: int = 4, repeats:
     }
 
 
-def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int], batch_size: int = 16,
-                  repeats: int = 3, calibration_gflops: float | None = None) -> dict:
+def bench_scoring(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    answer_ids: list[int],
+    batch_size: int = 16,
+    repeats: int = 3,
+    calibration_gflops: float | None = None,
+) -> dict:
     """Simulator judgments/s: the eval's prefix-shared scorer vs the naive way (one full prompt per judgment,
     left-padded batches, logits at every position) and naive + `logits_to_keep=1`, on the same token ids.
 
@@ -170,9 +212,13 @@ def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[
 
     outputs, scorer = {}, HFScorer(model, tokenizer, answer_ids, batch_size)
     variants = {
-        "naive": lambda: outputs.__setitem__("naive", naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size)),
-        "naive_last_logits": lambda: outputs.__setitem__("naive_last_logits", naive_label_logits(
-            model, tokenizer, prompts, answer_ids, batch_size, full_logits=False)),
+        "naive": lambda: outputs.__setitem__(
+            "naive", naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size)
+        ),
+        "naive_last_logits": lambda: outputs.__setitem__(
+            "naive_last_logits",
+            naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size, full_logits=False),
+        ),
         "prefix_shared": lambda: outputs.__setitem__("prefix_shared", scorer.label_logits(prompts)),
     }
     times = interleaved_timings(variants, repeats)
@@ -201,8 +247,15 @@ def bench_scoring(model, tokenizer, prompts: list[list[dict]], answer_ids: list[
     }
 
 
-def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int = 8, repeats: int = 3,
-                   calibration_gflops: float | None = None) -> dict:
+def bench_patch_kl(
+    model,
+    sae,
+    rows: torch.Tensor,
+    layer: int,
+    n_variants: int = 8,
+    repeats: int = 3,
+    calibration_gflops: float | None = None,
+) -> dict:
     """KL(clean || patched) of N latent variants patched at each row's last position: ours (one clean pass whose
     KV cache of the earlier positions is reused, N one-token suffixes, KL in row chunks) vs the naive way (per
     variant a clean and a patched full forward, full-sequence logits, dense decode). Exactness: same KL (1e-5)."""
@@ -220,7 +273,9 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
         out = []
         for ids in rows:
             logits, _, x_out, kv = clean_pass(model, ids, layer)
-            out.append(kl_and_ce(logits[-1], judged_logits(model, ids, layer, kv, variants(x_out[-1])), None)[0])
+            out.append(
+                kl_and_ce(logits[-1], judged_logits(model, ids, layer, kv, variants(x_out[-1])), None)[0]
+            )
         return torch.stack(out)
 
     def naive():
@@ -230,7 +285,8 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
             for i in range(n_variants):
                 x = {}
                 grab = decoder_layers(model)[layer].register_forward_hook(
-                    lambda _m, _i, o, x=x: x.__setitem__("out", (o[0] if isinstance(o, tuple) else o)[0]))
+                    lambda _m, _i, o, x=x: x.__setitem__("out", (o[0] if isinstance(o, tuple) else o)[0])
+                )
                 clean = model(input_ids=ids[None], use_cache=False).logits[0].float()
                 grab.remove()
                 vector = variants(x["out"][-1])[i]
@@ -243,15 +299,23 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
                 handle = decoder_layers(model)[layer].register_forward_hook(patch)
                 patched = model(input_ids=ids[None], use_cache=False).logits[0].float()
                 handle.remove()
-                log_p, log_q = torch.log_softmax(clean[-1].double(), -1), torch.log_softmax(patched[-1].double(), -1)
+                log_p, log_q = (
+                    torch.log_softmax(clean[-1].double(), -1),
+                    torch.log_softmax(patched[-1].double(), -1),
+                )
                 row.append((log_p.exp() * (log_p - log_q)).sum())
             out.append(torch.stack(row))
         return torch.stack(out)
 
     outputs = {}
     with torch.no_grad():
-        times = interleaved_timings({"naive": lambda: outputs.__setitem__("naive", naive()),
-                                     "ours": lambda: outputs.__setitem__("ours", ours())}, repeats)
+        times = interleaved_timings(
+            {
+                "naive": lambda: outputs.__setitem__("naive", naive()),
+                "ours": lambda: outputs.__setitem__("ours", ours()),
+            },
+            repeats,
+        )
     # Same random fractions in both: `top` fractions do not draw from the generator.
     max_diff = float((outputs["ours"] - outputs["naive"]).abs().max())
     n = rows.shape[0] * n_variants
@@ -273,9 +337,17 @@ def bench_patch_kl(model, sae, rows: torch.Tensor, layer: int, n_variants: int =
     }
 
 
-def bench_dense_scoring(model, tokenizer, interpretations: list[str], text: str, token_ends: list[int],
-                        sim_v1_positions: list[int], batch_size: int = 64, repeats: int = 2,
-                        calibration_gflops: float | None = None) -> dict:
+def bench_dense_scoring(
+    model,
+    tokenizer,
+    interpretations: list[str],
+    text: str,
+    token_ends: list[int],
+    sim_v1_positions: list[int],
+    batch_size: int = 64,
+    repeats: int = 2,
+    calibration_gflops: float | None = None,
+) -> dict:
     """Whole-layer judging: every latent at every token of a text. The dense format with each interpretation's KV
     reused (`DenseScorer.text_logits`) vs today's prefix-shared sim_v1 scoring and vs the naive dense way (one
     forward per judgment: header + text up to the judged token), on the same (latent, token) pairs.
@@ -289,31 +361,43 @@ def bench_dense_scoring(model, tokenizer, interpretations: list[str], text: str,
 
     dense_ids, sim_ids = answer_token_ids("sim_dense_v1", tokenizer), answer_token_ids("sim_v1", tokenizer)
     starts = [0] + token_ends[:-1]
-    prompts = [render_prompt("sim_v1", marked_context(text[:starts[t]], text[starts[t]:token_ends[t]]), i)
-               for t in sim_v1_positions for i in interpretations]
+    prompts = [
+        render_prompt("sim_v1", marked_context(text[: starts[t]], text[starts[t] : token_ends[t]]), i)
+        for t in sim_v1_positions
+        for i in interpretations
+    ]
     dense = DenseScorer(model, tokenizer, dense_ids, batch_size)
-    naive = DenseScorer(model, tokenizer, dense_ids, batch_size)  # its per-judgment path: one forward per judgment
+    naive = DenseScorer(
+        model, tokenizer, dense_ids, batch_size
+    )  # its per-judgment path: one forward per judgment
     sim_v1 = HFScorer(model, tokenizer, sim_ids, batch_size)
     outputs = {}
     variants = {
-        "dense_kv_shared": lambda: outputs.__setitem__("dense_kv_shared",
-                                                       dense.text_logits(interpretations, [(text, token_ends)])[0]),
+        "dense_kv_shared": lambda: outputs.__setitem__(
+            "dense_kv_shared", dense.text_logits(interpretations, [(text, token_ends)])[0]
+        ),
         "dense_per_position": lambda: outputs.__setitem__("dense_per_position", naive.label_logits(prompts)),
-        "sim_v1_prefix_shared": lambda: outputs.__setitem__("sim_v1_prefix_shared", sim_v1.label_logits(prompts)),
+        "sim_v1_prefix_shared": lambda: outputs.__setitem__(
+            "sim_v1_prefix_shared", sim_v1.label_logits(prompts)
+        ),
     }
     times = interleaved_timings(variants, repeats)
     n_all, n_sub = len(interpretations) * len(token_ends), len(prompts)
-    per_s = {"dense_kv_shared": n_all / statistics.median(times["dense_kv_shared"]),
-             "dense_per_position": n_sub / statistics.median(times["dense_per_position"]),
-             "sim_v1_prefix_shared": n_sub / statistics.median(times["sim_v1_prefix_shared"])}
+    per_s = {
+        "dense_kv_shared": n_all / statistics.median(times["dense_kv_shared"]),
+        "dense_per_position": n_sub / statistics.median(times["dense_per_position"]),
+        "sim_v1_prefix_shared": n_sub / statistics.median(times["sim_v1_prefix_shared"]),
+    }
     kv = outputs["dense_kv_shared"][:, sim_v1_positions]  # [latents, positions, 2]
     kv_margin = (kv[..., 1] - kv[..., 0]).T.reshape(-1)  # position-major, like the prompts
     naive_out = outputs["dense_per_position"]
     max_diff = float(np.abs(kv_margin - (naive_out[:, 1] - naive_out[:, 0])).max())
     runs = repeats + 1
-    computed = {"dense_kv_shared": dense.stats["computed_tokens"] / runs / n_all,
-                "dense_per_position": naive.stats["computed_tokens"] / runs / n_sub,
-                "sim_v1_prefix_shared": sim_v1.stats["computed_tokens"] / runs / n_sub}
+    computed = {
+        "dense_kv_shared": dense.stats["computed_tokens"] / runs / n_all,
+        "dense_per_position": naive.stats["computed_tokens"] / runs / n_sub,
+        "sim_v1_prefix_shared": sim_v1.stats["computed_tokens"] / runs / n_sub,
+    }
     n_nonembed = non_embedding_parameters(model)
     calibration = calibration_gflops or matmul_gflops()
     gflops = 2 * n_nonembed * computed["dense_kv_shared"] * per_s["dense_kv_shared"] / 1e9
@@ -326,7 +410,7 @@ def bench_dense_scoring(model, tokenizer, interpretations: list[str], text: str,
         "computed_tokens_per_judgment": computed,
         "exact": max_diff < 1e-4,
         "exactness_check": "|delta(logit_yes - logit_no)| KV-shared dense vs one forward per judgment < 1e-4 (fp32), "
-                           f"on {n_sub} pairs",
+        f"on {n_sub} pairs",
         "max_abs_diff_margin": max_diff,
         **speed_fields(gflops, calibration, times, repeats),
     }
@@ -343,15 +427,19 @@ def whole_layer_inputs(eval_set: Path, tokenizer, n_latents: int, n_tokens: int,
     if (eval_set / "test.parquet").is_file():
         import pandas as pd
 
-        interpretations = pd.read_parquet(eval_set / "test.parquet")["interpretation"].drop_duplicates().tolist()
+        interpretations = (
+            pd.read_parquet(eval_set / "test.parquet")["interpretation"].drop_duplicates().tolist()
+        )
     else:
         rng = random.Random(0)
-        interpretations = [", ".join(f'"{w.strip(".,")}"' for w in rng.sample(words, rng.randint(3, 12)))
-                           for _ in range(2048)]
+        interpretations = [
+            ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(words, rng.randint(3, 12)))
+            for _ in range(2048)
+        ]
     by_length = {}
     for i in interpretations:
         by_length.setdefault(len(dense_header_ids(tokenizer, "sim_dense_v1", i)), []).append(i)
     chosen = max(by_length.values(), key=len)[:n_latents]
     encoded = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True)
     ends = [end for _, end in encoded["offset_mapping"][:n_tokens]]
-    return chosen, " ".join(words)[:ends[-1]], ends
+    return chosen, " ".join(words)[: ends[-1]], ends

@@ -59,8 +59,10 @@ def _marker(path: Path) -> Path:
 def check_sha256(path: Path, expected_sha256: str) -> None:
     """Raise CorruptCacheError (with the fix) when `path` is missing or its sha256 is not the recorded one."""
     if not path.is_file() or sha256_file(path) != expected_sha256:
-        raise CorruptCacheError(f"{path} is corrupt (sha256 differs from the one recorded when it was written). "
-                                "Delete it and rerun the stage to regenerate it.")
+        raise CorruptCacheError(
+            f"{path} is corrupt (sha256 differs from the one recorded when it was written). "
+            "Delete it and rerun the stage to regenerate it."
+        )
 
 
 def load_verified(path: Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
@@ -70,16 +72,28 @@ def load_verified(path: Path, expected_sha256: str | None = None) -> dict[str, n
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptCacheError(f"{path} cannot be read as safetensors ({err}). Delete it and rerun the stage.") from err
+        raise CorruptCacheError(
+            f"{path} cannot be read as safetensors ({err}). Delete it and rerun the stage."
+        ) from err
 
 
-def write_shard(shard_dir: Path, a: int, b: int, locations: np.ndarray, activations: np.ndarray,
-                tokens: np.ndarray, stream_state: dict | None = None) -> Path:
+def write_shard(
+    shard_dir: Path,
+    a: int,
+    b: int,
+    locations: np.ndarray,
+    activations: np.ndarray,
+    tokens: np.ndarray,
+    stream_state: dict | None = None,
+) -> Path:
     """Write one row shard, then its completion marker (the marker is what makes it count as done). A streamed
     corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state) goes into the marker."""
     path = shard_path(shard_dir, a, b)
-    arrays = {"locations": locations.astype(np.int32), "activations": activations.astype(np.float16),
-              "tokens": tokens.astype(np.int32)}
+    arrays = {
+        "locations": locations.astype(np.int32),
+        "activations": activations.astype(np.float16),
+        "tokens": tokens.astype(np.int32),
+    }
     atomic_save(path, lambda tmp: save_file(arrays, str(tmp)))
     marker = {"rows": [a, b], "n_nonzero": int(len(activations)), "sha256": sha256_file(path)}
     atomic_write_json(_marker(path), marker | ({"stream_state": stream_state} if stream_state else {}))
@@ -133,8 +147,15 @@ def verified_shard_paths(shard_dir: Path, ranges: list[tuple[int, int]]) -> list
 
 
 # -------------------------------------------------------------------------------------- delphi layout
-def finalise_shards(shard_dir: Path, ranges: list[tuple[int, int]], latents_dir: Path, hookpoint: str, width: int,
-                    n_splits: int, config: dict) -> Path:
+def finalise_shards(
+    shard_dir: Path,
+    ranges: list[tuple[int, int]],
+    latents_dir: Path,
+    hookpoint: str,
+    width: int,
+    n_splits: int,
+    config: dict,
+) -> Path:
     """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks completion)
     from complete row shards, one latent split at a time: each split file gathers its latents from every shard in
     row order, so peak memory is one split file plus one shard, never the whole cache (the shards are read once
@@ -155,9 +176,14 @@ def finalise_shards(shard_dir: Path, ranges: list[tuple[int, int]], latents_dir:
             tokens = np.concatenate(toks).astype(np.int32)
         loc = np.concatenate(locs)
         loc[:, 2] -= start
-        small = len(loc) == 0 or (loc[:, 2].max() < 2**16 and loc[:, 0].max() < 2**16 and loc[:, 1].max() < 2**16)
-        arrays = {"locations": loc.astype(np.uint16 if small else np.uint32),
-                  "activations": np.concatenate(acts).astype(np.float16), "tokens": tokens}
+        small = len(loc) == 0 or (
+            loc[:, 2].max() < 2**16 and loc[:, 0].max() < 2**16 and loc[:, 1].max() < 2**16
+        )
+        arrays = {
+            "locations": loc.astype(np.uint16 if small else np.uint32),
+            "activations": np.concatenate(acts).astype(np.float16),
+            "tokens": tokens,
+        }
         del locs, acts, toks, loc
         name = f"{start}_{end}.safetensors"
         atomic_save(out / name, lambda tmp, arrays=arrays: save_file(arrays, str(tmp)))
@@ -174,7 +200,9 @@ def subject_tokenizer_of(config: dict):
 
     ref = config.get("latentsim", {}).get("model", {}).get("model", config.get("model_name"))
     if not ref:
-        raise BadInputError("the cache's config.json names no model (`model_name`); cannot decode its tokens.")
+        raise BadInputError(
+            "the cache's config.json names no model (`model_name`); cannot decode its tokens."
+        )
     return load_tokenizer(ref)
 
 
@@ -182,20 +210,24 @@ def subject_tokenizer_of(config: dict):
 class SparseCache:
     """A loaded cache: latent ids are global (split start added back), activations float32."""
 
-    tokens: torch.Tensor       # [rows, ctx_len] int64
-    locations: torch.Tensor    # [N, 3] int64: row, position, latent
+    tokens: torch.Tensor  # [rows, ctx_len] int64
+    locations: torch.Tensor  # [N, 3] int64: row, position, latent
     activations: torch.Tensor  # [N] float32
     config: dict
-    width: int                 # d_sae: the last split file's end + 1
+    width: int  # d_sae: the last split file's end + 1
 
     def subject_tokenizer(self):
         return subject_tokenizer_of(self.config)
 
     def token_major(self) -> SparseCache:
         """Sorted by (row, position, latent): a context's active latents are contiguous."""
-        key = (self.locations[:, 0] * self.tokens.shape[1] + self.locations[:, 1]) * self.width + self.locations[:, 2]
+        key = (
+            self.locations[:, 0] * self.tokens.shape[1] + self.locations[:, 1]
+        ) * self.width + self.locations[:, 2]
         order = torch.argsort(key)
-        return SparseCache(self.tokens, self.locations[order], self.activations[order], self.config, self.width)
+        return SparseCache(
+            self.tokens, self.locations[order], self.activations[order], self.config, self.width
+        )
 
 
 def cache_is_complete(latents_dir: Path, hookpoint: str) -> bool:
@@ -218,7 +250,9 @@ def remove_shards(shard_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- recording
 @torch.no_grad()
-def record_rows(model, sae, rows: torch.Tensor, layer: int, batch_size: int, progress=None, naive: bool = False):
+def record_rows(
+    model, sae, rows: torch.Tensor, layer: int, batch_size: int, progress=None, naive: bool = False
+):
     """Sparse latents of `rows` [n, ctx_len] at the residual after `layer`, position 0 excluded.
 
     Stops the forward at the hook and keeps TopK latents sparse. `naive=True` is delphi's way, kept as the
@@ -231,8 +265,10 @@ def record_rows(model, sae, rows: torch.Tensor, layer: int, batch_size: int, pro
     device = next(model.parameters()).device
     locs, acts = [], []
     for i in range(0, rows.shape[0], batch_size):
-        ids = rows[i:i + batch_size].to(device)
-        h = sae_mod.residual_at(model, ids, layer, stop=not naive)[:, 1:, :]  # drop BOS: its norm ruins SAE stats
+        ids = rows[i : i + batch_size].to(device)
+        h = sae_mod.residual_at(model, ids, layer, stop=not naive)[
+            :, 1:, :
+        ]  # drop BOS: its norm ruins SAE stats
         b, t, d = h.shape
         tok, lat, val = encode(sae, h.reshape(b * t, d).to(sae.dtype))
         locs.append(torch.stack([tok // t + i, tok % t + 1, lat], dim=1).cpu())

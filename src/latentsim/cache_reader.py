@@ -27,9 +27,19 @@ import torch
 from latentsim.cache import CorruptCacheError, SparseCache, check_sha256, subject_tokenizer_of
 from latentsim.errors import MissingInputError
 
-CHUNK_ENTRIES = 1 << 23  # 8M non-zeros per read: ~64 MB of uint16 locations + activations, ~200 MB filtered as int64
-SAFETENSORS_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I32": np.int32, "I64": np.int64,
-                      "F16": np.float16, "F32": np.float32, "F64": np.float64}
+CHUNK_ENTRIES = (
+    1 << 23
+)  # 8M non-zeros per read: ~64 MB of uint16 locations + activations, ~200 MB filtered as int64
+SAFETENSORS_DTYPES = {
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+}
 
 
 @dataclass
@@ -48,7 +58,9 @@ class TensorSpan:
             f.seek(self.offset + first * row_items * self.dtype.itemsize)
             flat = np.fromfile(f, dtype=self.dtype, count=count * row_items)
         if len(flat) != count * row_items:
-            raise CorruptCacheError(f"{path} is truncated (tensor ends before its header says); delete it and rerun.")
+            raise CorruptCacheError(
+                f"{path} is truncated (tensor ends before its header says); delete it and rerun."
+            )
         return flat.reshape((count, *self.shape[1:]))
 
 
@@ -59,15 +71,22 @@ def safetensors_spans(path: Path) -> dict[str, TensorSpan]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError) as err:
-        raise CorruptCacheError(f"{path} cannot be read as safetensors ({err}). Delete it and rerun the stage.") from err
+        raise CorruptCacheError(
+            f"{path} cannot be read as safetensors ({err}). Delete it and rerun the stage."
+        ) from err
     spans = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CorruptCacheError(f"{path}: tensor `{name}` has dtype {info['dtype']}, which a cache never uses.")
-        spans[name] = TensorSpan(np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"), tuple(info["shape"]),
-                                 8 + length + info["data_offsets"][0])
+            raise CorruptCacheError(
+                f"{path}: tensor `{name}` has dtype {info['dtype']}, which a cache never uses."
+            )
+        spans[name] = TensorSpan(
+            np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"),
+            tuple(info["shape"]),
+            8 + length + info["data_offsets"][0],
+        )
     return spans
 
 
@@ -93,39 +112,50 @@ class CacheReader:
         self.chunk_entries = chunk_entries
         config_path = self.folder / "config.json"
         if not config_path.is_file():
-            raise MissingInputError(f"{self.folder} holds no finished cache (no config.json); run "
-                                    "data_gen/cache_activations.py.")
+            raise MissingInputError(
+                f"{self.folder} holds no finished cache (no config.json); run data_gen/cache_activations.py."
+            )
         self.config = json.loads(config_path.read_text())
         self.splits = self._open_splits(self.config.get("latentsim", {}).get("files", {}))
         self.width = self.splits[-1].end + 1  # d_sae: the last split file's end + 1
         with_tokens = [s for s in self.splits if "tokens" in s.spans]
         if not with_tokens:
-            raise CorruptCacheError(f"{self.folder}: no split file stores `tokens`; the cache cannot be used.")
+            raise CorruptCacheError(
+                f"{self.folder}: no split file stores `tokens`; the cache cannot be used."
+            )
         self.tokens = with_tokens[0].spans["tokens"].read(with_tokens[0].path).astype(np.int32)
         self.n_rows, self.ctx_len = self.tokens.shape
 
     def _open_splits(self, recorded: dict[str, str]) -> list[SplitFile]:
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
         if not files:
-            raise MissingInputError(f"{self.folder} has a config.json but no <start>_<end>.safetensors files.")
+            raise MissingInputError(
+                f"{self.folder} has a config.json but no <start>_<end>.safetensors files."
+            )
         missing = sorted(set(recorded) - {p.name for p in files})
         if missing:
-            raise CorruptCacheError(f"{self.folder} is missing split files {missing}; rerun with `overwrite: true`.")
+            raise CorruptCacheError(
+                f"{self.folder} is missing split files {missing}; rerun with `overwrite: true`."
+            )
         splits, expected = [], 0
         for path in files:
             start, end = (int(x) for x in path.stem.split("_")[:2])
             # The files' latent ranges must tile [0, W): a missing one (a delphi cache records no file list)
             # would otherwise read as latents that never fire.
             if start != expected:
-                raise CorruptCacheError(f"{self.folder}: the split files do not tile the latents: {path.name} starts "
-                                        f"at latent {start}, latents {expected}-{start - 1} have no file; restore it or "
-                                        "rerun data_gen/cache_activations.py with `overwrite: true`.")
+                raise CorruptCacheError(
+                    f"{self.folder}: the split files do not tile the latents: {path.name} starts "
+                    f"at latent {start}, latents {expected}-{start - 1} have no file; restore it or "
+                    "rerun data_gen/cache_activations.py with `overwrite: true`."
+                )
             expected = end + 1
             if path.name in recorded:
                 check_sha256(path, recorded[path.name])
             spans = safetensors_spans(path)
             if not {"locations", "activations"} <= set(spans):
-                raise CorruptCacheError(f"{path} lacks `locations` or `activations`; it is not a cache split file.")
+                raise CorruptCacheError(
+                    f"{path} lacks `locations` or `activations`; it is not a cache split file."
+                )
             splits.append(SplitFile(path, start, end, spans))
         return splits
 
@@ -140,8 +170,10 @@ class CacheReader:
         """(locations [m, 3] as stored, activations float16) of one split file, `chunk_entries` at a time."""
         sf = self.splits[split]
         for first in range(0, sf.n_entries, self.chunk_entries):
-            yield (sf.spans["locations"].read(sf.path, first, self.chunk_entries),
-                   sf.spans["activations"].read(sf.path, first, self.chunk_entries))
+            yield (
+                sf.spans["locations"].read(sf.path, first, self.chunk_entries),
+                sf.spans["activations"].read(sf.path, first, self.chunk_entries),
+            )
 
     def row_mask(self, rows: np.ndarray | None) -> np.ndarray | None:
         """A boolean [n_rows] mask of `rows` (None: every row, no mask)."""
@@ -176,8 +208,13 @@ class CacheReader:
         parts = [self.entries(i, rows) for i in (range(len(self.splits)) if splits is None else splits)]
         locations = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 3), dtype=np.int64)
         activations = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.float32)
-        return SparseCache(torch.from_numpy(self.tokens.astype(np.int64)), torch.from_numpy(locations),
-                           torch.from_numpy(activations), self.config, self.width)
+        return SparseCache(
+            torch.from_numpy(self.tokens.astype(np.int64)),
+            torch.from_numpy(locations),
+            torch.from_numpy(activations),
+            self.config,
+            self.width,
+        )
 
     def rows_per_chunk(self, max_entries: int) -> int:
         """How many rows hold ~`max_entries` non-zeros, from the cache's mean per row (at least one)."""

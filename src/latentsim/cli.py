@@ -21,8 +21,10 @@ from pathlib import Path
 from latentsim.config import parse_config
 from latentsim.errors import InputError, MissingInputError
 
-USAGE = ("usage: python -m latentsim.cli check SCRIPT [--config x.yaml] [--key value ...]\n"
-         "       python -m latentsim.cli accelerate-launch [accelerate launch options] SCRIPT [ARGS ...]")
+USAGE = (
+    "usage: python -m latentsim.cli check SCRIPT [--config x.yaml] [--key value ...]\n"
+    "       python -m latentsim.cli accelerate-launch [accelerate launch options] SCRIPT [ARGS ...]"
+)
 
 
 @contextmanager

@@ -85,7 +85,9 @@ def pydoc_documents(pydoc_dir: Path = PYDOC_DIR) -> list[dict]:
     for path in sorted(pydoc_dir.rglob("*.rst.txt")):
         paragraphs = rst_prose_paragraphs(path.read_text(encoding="utf-8", errors="replace"))
         if paragraphs:
-            docs.append({"text": "\n\n".join(paragraphs), "source": f"python3.11-doc/{path.relative_to(pydoc_dir)}"})
+            docs.append(
+                {"text": "\n\n".join(paragraphs), "source": f"python3.11-doc/{path.relative_to(pydoc_dir)}"}
+            )
     return docs
 
 
@@ -100,34 +102,50 @@ def prepare_embedded_corpus(name: str = "debian-english") -> Path:
     if missing:
         raise MissingInputError(
             f"embedded corpus {name!r} is built from Debian packages that are not installed ({', '.join(missing)} "
-            "missing): run `apt-get install -y fortunes python3.11-doc` (./launch.sh setup does this).")
+            "missing): run `apt-get install -y fortunes python3.11-doc` (./launch.sh setup does this)."
+        )
     docs = fortune_documents() + pydoc_documents()
     atomic_write_text(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_corpus(corpus: str, split: str = "train", text_column: str = "text", config_name: str | None = None,
-                revision: str | None = None, streaming: bool = False):
+def load_corpus(
+    corpus: str,
+    split: str = "train",
+    text_column: str = "text",
+    config_name: str | None = None,
+    revision: str | None = None,
+    streaming: bool = False,
+):
     """Any corpus reference -> a `datasets.Dataset` (streaming: an `IterableDataset`) with a text column."""
     from datasets import load_dataset
 
     if corpus.startswith(EMBEDDED_PREFIX):
-        corpus = str(prepare_embedded_corpus(corpus[len(EMBEDDED_PREFIX):]))
+        corpus = str(prepare_embedded_corpus(corpus[len(EMBEDDED_PREFIX) :]))
     path = Path(corpus)
     looks_local = corpus.startswith((".", "/", "~")) or path.suffix in LOCAL_BUILDERS
     if looks_local and not path.exists() and not any(ch in corpus for ch in "*?["):
-        raise MissingInputError(f"config key `corpus`: {corpus} does not exist; give an existing file/folder/glob, "
-                                "a Hub dataset id, or `embedded:debian-english`.")
+        raise MissingInputError(
+            f"config key `corpus`: {corpus} does not exist; give an existing file/folder/glob, "
+            "a Hub dataset id, or `embedded:debian-english`."
+        )
     if path.exists() or any(ch in corpus for ch in "*?["):
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else sorted(_glob.glob(corpus))
+        files = (
+            sorted(str(p) for p in path.rglob("*") if p.is_file())
+            if path.is_dir()
+            else sorted(_glob.glob(corpus))
+        )
         files = [f for f in files if Path(f).suffix in LOCAL_BUILDERS]
         if not files:
-            raise MissingInputError(f"config key `corpus`: {corpus!r} holds no .txt/.jsonl/.json/.parquet files.")
+            raise MissingInputError(
+                f"config key `corpus`: {corpus!r} holds no .txt/.jsonl/.json/.parquet files."
+            )
         builders = {LOCAL_BUILDERS[Path(f).suffix] for f in files}
         if len(builders) > 1:
-            raise BadInputError(f"config key `corpus`: {corpus!r} mixes file types {sorted(builders)}; point it at "
-                                "one kind.")
+            raise BadInputError(
+                f"config key `corpus`: {corpus!r} mixes file types {sorted(builders)}; point it at one kind."
+            )
         # Local files always form a single "train" split; slicing (train[:10%]) still applies.
         local_split = re.sub(r"^[A-Za-z_]+", "train", split)
         ds = load_dataset(builders.pop(), data_files=files, split=local_split, streaming=streaming)
@@ -135,13 +153,23 @@ def load_corpus(corpus: str, split: str = "train", text_column: str = "text", co
         ds = load_dataset(corpus, name=config_name, split=split, revision=revision, streaming=streaming)
     # A streamed Hub corpus may not know its columns before the first document (StreamedRows checks it then).
     if ds.column_names is not None and text_column not in ds.column_names:
-        raise ConfigError(f"config key `corpus_text_column`: corpus {corpus!r} has no column {text_column!r}; "
-                          f"its columns are {ds.column_names}.")
+        raise ConfigError(
+            f"config key `corpus_text_column`: corpus {corpus!r} has no column {text_column!r}; "
+            f"its columns are {ds.column_names}."
+        )
     return ds
 
 
-def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, seed: int = 22,
-                  text_column: str = "text", batch_docs: int = 256) -> torch.Tensor:
+def tokenize_rows(
+    ds,
+    tokenizer,
+    ctx_len: int,
+    n_rows: int,
+    row_start: int = 0,
+    seed: int = 22,
+    text_column: str = "text",
+    batch_docs: int = 256,
+) -> torch.Tensor:
     """Rows [row_start, row_start + n_rows) of the shuffled, EOS-joined, BOS-prefixed corpus, as int64."""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
@@ -150,7 +178,7 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
     order = np.random.default_rng(seed).permutation(len(ds))
     stream: list[int] = []
     for i in range(0, len(order), batch_docs):
-        texts = list(ds.select(order[i:i + batch_docs])[text_column])
+        texts = list(ds.select(order[i : i + batch_docs])[text_column])
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             stream.append(tokenizer.eos_token_id)
@@ -158,10 +186,14 @@ def tokenize_rows(ds, tokenizer, ctx_len: int, n_rows: int, row_start: int = 0, 
             break
     available = len(stream) // body
     if available < row_start + n_rows:
-        raise ConfigError(f"config key `n_rows`: the corpus yields only {available} rows of {ctx_len} tokens; asked "
-                          f"for rows [{row_start}, {row_start + n_rows}). Lower `n_rows`/`row_start` or use a larger "
-                          "corpus.")
-    chunk = torch.tensor(stream[row_start * body:(row_start + n_rows) * body], dtype=torch.long).view(n_rows, body)
+        raise ConfigError(
+            f"config key `n_rows`: the corpus yields only {available} rows of {ctx_len} tokens; asked "
+            f"for rows [{row_start}, {row_start + n_rows}). Lower `n_rows`/`row_start` or use a larger "
+            "corpus."
+        )
+    chunk = torch.tensor(stream[row_start * body : (row_start + n_rows) * body], dtype=torch.long).view(
+        n_rows, body
+    )
     bos = torch.full((n_rows, 1), tokenizer.bos_token_id, dtype=torch.long)
     return torch.cat([bos, chunk], dim=1)
 
@@ -196,16 +228,20 @@ class StreamedRows:
             self.restore({"dataset": self.start, "pending": [], "row": 0})
         self._read(a - self.row)
         chunk = torch.tensor(self._read(b - a), dtype=torch.long).view(b - a, self.body)
-        return torch.cat([torch.full((b - a, 1), self.tokenizer.bos_token_id, dtype=torch.long), chunk], dim=1)
+        return torch.cat(
+            [torch.full((b - a, 1), self.tokenizer.bos_token_id, dtype=torch.long), chunk], dim=1
+        )
 
     def _read(self, n_rows: int) -> list[int]:
         needed = n_rows * self.body
         while len(self.pending) < needed:
             texts = [self._text(doc) for doc in itertools.islice(self.docs, self.batch_docs)]
             if not texts:
-                raise ConfigError(f"config key `n_rows`: the streamed corpus ended after "
-                                  f"{self.row + len(self.pending) // self.body} rows of {self.body + 1} tokens. Lower "
-                                  "`n_rows`/`row_start` or use a larger corpus.")
+                raise ConfigError(
+                    f"config key `n_rows`: the streamed corpus ended after "
+                    f"{self.row + len(self.pending) // self.body} rows of {self.body + 1} tokens. Lower "
+                    "`n_rows`/`row_start` or use a larger corpus."
+                )
             for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
                 self.pending.extend(ids)
                 self.pending.append(self.tokenizer.eos_token_id)
@@ -215,15 +251,23 @@ class StreamedRows:
 
     def _text(self, doc: dict) -> str:
         if self.text_column not in doc:
-            raise ConfigError(f"config key `corpus_text_column`: the streamed corpus has no column {self.text_column!r}; "
-                              f"its documents have {sorted(doc)}.")
+            raise ConfigError(
+                f"config key `corpus_text_column`: the streamed corpus has no column {self.text_column!r}; "
+                f"its documents have {sorted(doc)}."
+            )
         return doc[self.text_column]
 
 
 def load_corpus_from_args(args):
     """The dataset a stage's `CorpusArguments` name (load it before any model, so a bad corpus fails fast)."""
-    return load_corpus(args.corpus, args.corpus_split, args.corpus_text_column, args.corpus_config_name,
-                       args.corpus_revision, streaming=args.corpus_streaming)
+    return load_corpus(
+        args.corpus,
+        args.corpus_split,
+        args.corpus_text_column,
+        args.corpus_config_name,
+        args.corpus_revision,
+        streaming=args.corpus_streaming,
+    )
 
 
 def streamed_rows(args, tokenizer, ds=None) -> StreamedRows:
@@ -237,4 +281,6 @@ def corpus_rows(args, tokenizer, ds=None) -> torch.Tensor:
     if args.corpus_streaming:
         return streamed_rows(args, tokenizer, ds).rows(args.row_start, args.row_start + args.n_rows)
     ds = load_corpus_from_args(args) if ds is None else ds
-    return tokenize_rows(ds, tokenizer, args.ctx_len, args.n_rows, args.row_start, args.seed, args.corpus_text_column)
+    return tokenize_rows(
+        ds, tokenizer, args.ctx_len, args.n_rows, args.row_start, args.seed, args.corpus_text_column
+    )

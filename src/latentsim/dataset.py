@@ -43,7 +43,7 @@ INDEX_ENTRIES = 1 << 24
 class ActiveIndex:
     """Token-major lookup: the active latents and values at (row, position)."""
 
-    keys: np.ndarray      # sorted row * ctx_len + position of every entry
+    keys: np.ndarray  # sorted row * ctx_len + position of every entry
     latents: np.ndarray
     values: np.ndarray
     ctx_len: int
@@ -69,12 +69,16 @@ def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, f
     return explained
 
 
-def split_pools(explained: np.ndarray, n_rows: int, args: DatasetArguments,
-                rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_pools(
+    explained: np.ndarray, n_rows: int, args: DatasetArguments, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees all
     explained latents in `contexts` mode), always disjoint rows."""
-    latent_splits = (split_ids(explained, args.validation_fraction, args.test_fraction, rng)
-                     if args.split_mode == "latents" else {s: explained for s in SPLITS})
+    latent_splits = (
+        split_ids(explained, args.validation_fraction, args.test_fraction, rng)
+        if args.split_mode == "latents"
+        else {s: explained for s in SPLITS}
+    )
     return latent_splits, split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)
 
 
@@ -84,7 +88,9 @@ def subsample_rows(row_splits: dict[str, np.ndarray], max_rows: int, seed: int) 
     if not max_rows:
         return row_splits
     rng = np.random.default_rng([seed, 2])
-    return {s: np.sort(rng.choice(r, size=min(max_rows, len(r)), replace=False)) for s, r in row_splits.items()}
+    return {
+        s: np.sort(rng.choice(r, size=min(max_rows, len(r)), replace=False)) for s, r in row_splits.items()
+    }
 
 
 def activation_bin(value: float, max_value: float) -> int:
@@ -97,7 +103,9 @@ def quantile_bin(value: float, edges: np.ndarray) -> int:
     return int(min(9, np.searchsorted(edges[1:-1], value, side="right")))
 
 
-def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, chunk: int = 1024) -> dict[int, np.ndarray]:
+def decoder_neighbours(
+    w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, chunk: int = 1024
+) -> dict[int, np.ndarray]:
     """The k latents (among `latents`) whose decoder directions are closest in cosine to each latent's.
 
     Computed in row chunks: a 131k-latent SAE would otherwise need a 131k x 131k similarity matrix.
@@ -106,7 +114,7 @@ def decoder_neighbours(w_dec: torch.Tensor, latents: np.ndarray, k: int = 16, ch
     d = torch.nn.functional.normalize(w_dec[ids].float(), dim=1)
     out = {}
     for a in range(0, len(ids), chunk):
-        sims = d[a:a + chunk] @ d.T
+        sims = d[a : a + chunk] @ d.T
         sims[torch.arange(sims.shape[0]), torch.arange(a, a + sims.shape[0])] = -2  # not its own neighbour
         top = torch.topk(sims, k=min(k, len(ids) - 1), dim=1).indices
         for i in range(sims.shape[0]):
@@ -140,7 +148,9 @@ class Candidate:
 class BuildReport:
     active_without_interpretation: int = 0
     negatives_short: int = 0  # negatives wanted but no eligible latent left
-    negatives_off_bin: int = 0  # `frequency_matched`: negatives taken from a neighbouring bin (theirs ran out)
+    negatives_off_bin: int = (
+        0  # `frequency_matched`: negatives taken from a neighbouring bin (theirs ran out)
+    )
     latents_never_active: int = 0  # `per_latent`: pool latents that never fire in the split's rows (left out)
 
 
@@ -164,9 +174,9 @@ class FrequencyBins:
     Every draw comes from the shared generator in this fixed order, so a config and seed give the same bytes.
     """
 
-    bin_of: dict[int, int]            # pool latent -> its bin
-    members: list[np.ndarray]         # per bin, its pool latents (sorted)
-    random_token_shares: np.ndarray   # per bin, the share of a random token's active pool latents
+    bin_of: dict[int, int]  # pool latent -> its bin
+    members: list[np.ndarray]  # per bin, its pool latents (sorted)
+    random_token_shares: np.ndarray  # per bin, the share of a random token's active pool latents
 
     @classmethod
     def build(cls, pool: np.ndarray, firing_rate: np.ndarray, n_bins: int) -> FrequencyBins:
@@ -179,11 +189,15 @@ class FrequencyBins:
         mass = np.bincount(bins, weights=rate, minlength=n_bins)
         if mass.sum() <= 0:  # no latent of the pool ever fired: weigh the bins by their size instead
             mass = np.array([len(m) for m in members], dtype=np.float64)
-        return cls(dict(zip(pool.tolist(), bins.tolist(), strict=True)), members,
-                   mass / mass.sum() if mass.sum() > 0 else mass)
+        return cls(
+            dict(zip(pool.tolist(), bins.tolist(), strict=True)),
+            members,
+            mass / mass.sum() if mass.sum() > 0 else mass,
+        )
 
-    def draw(self, positives: list[int], need: int, taken: set[int], rng: np.random.Generator,
-             report: BuildReport) -> list[int]:
+    def draw(
+        self, positives: list[int], need: int, taken: set[int], rng: np.random.Generator, report: BuildReport
+    ) -> list[int]:
         """Up to `need` distinct pool latents outside `taken`, matched in frequency to `positives` (see the class)."""
         if need <= 0 or not any(len(m) for m in self.members):
             return []
@@ -245,14 +259,21 @@ def uniform_negatives(pool: np.ndarray, need: int, taken: set[int], rng: np.rand
     return picked
 
 
-def choose_candidates(active: dict[int, float], pool: np.ndarray, pool_set: set[int], args, rng: np.random.Generator,
-                      hard_pool: np.ndarray | None, report: BuildReport,
-                      frequency_bins: FrequencyBins | None = None) -> list[Candidate]:
+def choose_candidates(
+    active: dict[int, float],
+    pool: np.ndarray,
+    pool_set: set[int],
+    args,
+    rng: np.random.Generator,
+    hard_pool: np.ndarray | None,
+    report: BuildReport,
+    frequency_bins: FrequencyBins | None = None,
+) -> list[Candidate]:
     """Positives (all or top-k active latents of the split) and negatives (random, optionally hard): the random ones
     uniform over `pool`, or matched in firing rate to the positives when `frequency_bins` is given."""
     mine = sorted(((lat, val) for lat, val in active.items() if lat in pool_set), key=lambda x: (-x[1], x[0]))
     if args.positives == "top_k":
-        mine = mine[:args.top_k]
+        mine = mine[: args.top_k]
     out = [Candidate(lat, "positive", val) for lat, val in mine]
     n_neg = args.negatives_per_context or int(round(args.negatives_per_positive * max(len(mine), 1)))
     if n_neg == 0:
@@ -280,19 +301,19 @@ class BuildInputs:
     interpretation sets with their mixture weights, optional scores, the latents' bin statistics and firing rates,
     and the lookup `hard_negatives` asks for."""
 
-    tokens: np.ndarray                            # [rows, ctx_len] subject token ids
-    reader: CacheReader                           # the cache, read a chunk of rows at a time (index_rows)
+    tokens: np.ndarray  # [rows, ctx_len] subject token ids
+    reader: CacheReader  # the cache, read a chunk of rows at a time (index_rows)
     subject_tokenizer: object
-    interpretations: list[dict[int, str]]         # one {latent: text} per set of `args.interpretations`
-    weights: np.ndarray                           # the sets' mixture weights
+    interpretations: list[dict[int, str]]  # one {latent: text} per set of `args.interpretations`
+    weights: np.ndarray  # the sets' mixture weights
     scores: dict[int, float] | None
     explained: set[int]
     max_activation: np.ndarray
     quantile_edges: np.ndarray
-    firing_rate: np.ndarray                       # per latent, share of the cache's tokens it fires on
-    same_token: dict[int, np.ndarray] | None      # `hard_negatives: same_token`, see same_token_latents
-    neighbours: dict[int, np.ndarray] | None      # `hard_negatives: decoder`, see decoder_neighbours
-    index: ActiveIndex | None = None              # the active latents of the rows being built (index_rows)
+    firing_rate: np.ndarray  # per latent, share of the cache's tokens it fires on
+    same_token: dict[int, np.ndarray] | None  # `hard_negatives: same_token`, see same_token_latents
+    neighbours: dict[int, np.ndarray] | None  # `hard_negatives: decoder`, see decoder_neighbours
+    index: ActiveIndex | None = None  # the active latents of the rows being built (index_rows)
 
     def index_rows(self, rows: np.ndarray) -> None:
         """Load the active latents of `rows` only (dropping the previous rows'): memory holds one chunk of rows."""
@@ -300,27 +321,42 @@ class BuildInputs:
         self.index = ActiveIndex.build(self.reader.select(rows=rows))
 
     @classmethod
-    def load(cls, args: DatasetArguments, cache: CacheReader, interpretations: list[dict[int, str]],
-             scores: dict[int, float] | None, stats: dict, explained: np.ndarray) -> BuildInputs:
+    def load(
+        cls,
+        args: DatasetArguments,
+        cache: CacheReader,
+        interpretations: list[dict[int, str]],
+        scores: dict[int, float] | None,
+        stats: dict,
+        explained: np.ndarray,
+    ) -> BuildInputs:
         tokens = cache.tokens.astype(np.int64)
         ctx_len = tokens.shape[1]
         if args.window_min > ctx_len - 1 or args.contexts_per_row > ctx_len - args.window_min:
-            raise ConfigError(f"config keys `window_min`/`contexts_per_row`: {args.contexts_per_row} windows of at "
-                              f"least {args.window_min} tokens do not fit rows of {ctx_len} tokens (position 0 is "
-                              "never used).")
+            raise ConfigError(
+                f"config keys `window_min`/`contexts_per_row`: {args.contexts_per_row} windows of at "
+                f"least {args.window_min} tokens do not fit rows of {ctx_len} tokens (position 0 is "
+                "never used)."
+            )
         neighbours = None
         if args.hard_negatives == "decoder":
             sae_info = cache.config.get("latentsim", {}).get("sae", {})
             sae = load_sae(SAEArguments(hookpoint=args.hookpoint, **sae_info))
             neighbours = decoder_neighbours(sae.W_dec.detach(), explained)
         return cls(
-            tokens=tokens, reader=cache, subject_tokenizer=cache.subject_tokenizer(),
+            tokens=tokens,
+            reader=cache,
+            subject_tokenizer=cache.subject_tokenizer(),
             interpretations=interpretations,
             weights=np.array(args.interpretation_weights or [1.0] * len(interpretations), dtype=float),
-            scores=scores, explained=set(explained.tolist()), max_activation=stats["max_activation"].numpy(),
-            quantile_edges=stats["quantile_edges"].numpy(), firing_rate=stats["firing_rate"].numpy(),
+            scores=scores,
+            explained=set(explained.tolist()),
+            max_activation=stats["max_activation"].numpy(),
+            quantile_edges=stats["quantile_edges"].numpy(),
+            firing_rate=stats["firing_rate"].numpy(),
             same_token=same_token_latents(cache) if args.hard_negatives == "same_token" else None,
-            neighbours=neighbours)
+            neighbours=neighbours,
+        )
 
     def hard_pool(self, active: dict[int, float], judged_token: int, pool_set: set[int]) -> np.ndarray | None:
         """The hard-negative candidates of one context (None without hard negatives): latents that fire on the
@@ -329,7 +365,11 @@ class BuildInputs:
             return self.same_token.get(judged_token, np.zeros(0, dtype=np.int64))
         if self.neighbours is not None:
             positives = [lat for lat in active if lat in pool_set]
-            return np.concatenate([self.neighbours[lat] for lat in positives]) if positives else np.zeros(0, np.int64)
+            return (
+                np.concatenate([self.neighbours[lat] for lat in positives])
+                if positives
+                else np.zeros(0, np.int64)
+            )
         return None
 
     def pick_interpretation(self, latent: int, rng: np.random.Generator) -> int:
@@ -342,8 +382,15 @@ class BuildInputs:
         return usable[int(rng.choice(len(usable), p=w))]
 
 
-def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInputs, args: DatasetArguments,
-                rng: np.random.Generator, report: BuildReport) -> list[dict]:
+def build_split(
+    split: str,
+    rows: np.ndarray,
+    pool: np.ndarray,
+    inputs: BuildInputs,
+    args: DatasetArguments,
+    rng: np.random.Generator,
+    report: BuildReport,
+) -> list[dict]:
     """The examples of one split: for each of its cache rows, `contexts_per_row` judged positions (windows of
     `window_min`..`window_max` tokens ending there), and per position one row per candidate latent of `pool`
     (choose_candidates). `rng` is shared by the splits: every draw happens in a fixed order."""
@@ -351,22 +398,30 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
         return build_latent_major_split(split, rows, pool, inputs, args, rng, report)
     pool_set = set(pool.tolist())
     chunk_rows = inputs.reader.rows_per_chunk(INDEX_ENTRIES)
-    frequency_bins = (FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
-                      if args.negative_sampling == "frequency_matched" else None)
+    frequency_bins = (
+        FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
+        if args.negative_sampling == "frequency_matched"
+        else None
+    )
     ctx_len = inputs.tokens.shape[1]
     out = []
     for i, row in enumerate(tqdm(rows.tolist(), desc=f"examples ({split})", unit="row")):
         if i % chunk_rows == 0:  # rows are read in chunks, in order: the draws are those of one pass
-            inputs.index_rows(rows[i:i + chunk_rows])
+            inputs.index_rows(rows[i : i + chunk_rows])
         # Distinct judged positions per row; the window [end - length + 1, end] never holds position 0.
-        for end in sorted(rng.choice(np.arange(args.window_min, ctx_len), size=args.contexts_per_row,
-                                     replace=False).tolist()):
+        for end in sorted(
+            rng.choice(
+                np.arange(args.window_min, ctx_len), size=args.contexts_per_row, replace=False
+            ).tolist()
+        ):
             length = int(rng.integers(args.window_min, min(args.window_max, end) + 1))
-            window = inputs.tokens[row, end - length + 1:end + 1]
+            window = inputs.tokens[row, end - length + 1 : end + 1]
             active = inputs.index.at(row, end)
             report.active_without_interpretation += sum(1 for lat in active if lat not in inputs.explained)
             hard_pool = inputs.hard_pool(active, int(window[-1]), pool_set)
-            candidates = choose_candidates(active, pool, pool_set, args, rng, hard_pool, report, frequency_bins)
+            candidates = choose_candidates(
+                active, pool, pool_set, args, rng, hard_pool, report, frequency_bins
+            )
             if not candidates:
                 continue
             judged = JudgedContext.of(inputs, args, row, end, length)
@@ -374,8 +429,9 @@ def build_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInp
     return out
 
 
-def latent_contexts(index: ActiveIndex, rows: np.ndarray, pool: np.ndarray, first_position: int,
-                    ctx_len: int) -> dict[int, np.ndarray]:
+def latent_contexts(
+    index: ActiveIndex, rows: np.ndarray, pool: np.ndarray, first_position: int, ctx_len: int
+) -> dict[int, np.ndarray]:
     """{latent of `pool`: the keys (row * ctx_len + position) of its active positions in `rows`, positions >=
     `first_position`, sorted}; latents that never fire there are absent."""
     row_of, position = index.keys // ctx_len, index.keys % ctx_len
@@ -388,8 +444,15 @@ def latent_contexts(index: ActiveIndex, rows: np.ndarray, pool: np.ndarray, firs
     return {int(latents[a]): keys[a:b] for a, b in zip(starts, ends, strict=True)}
 
 
-def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inputs: BuildInputs,
-                             args: DatasetArguments, rng: np.random.Generator, report: BuildReport) -> list[dict]:
+def build_latent_major_split(
+    split: str,
+    rows: np.ndarray,
+    pool: np.ndarray,
+    inputs: BuildInputs,
+    args: DatasetArguments,
+    rng: np.random.Generator,
+    report: BuildReport,
+) -> list[dict]:
     """`candidates: per_latent`: for each latent of `pool` that fires in the split's rows, up to
     `contexts_per_latent` of its active positions (uniformly, without replacement) and as many positions of the
     same rows where it is inactive, each judged at the end of a window as in build_split. The inactive ones are
@@ -404,7 +467,11 @@ def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inp
     # Every judgeable position of the split's rows, as keys grouped by token (for same-token inactive contexts).
     keys_all = (rows[:, None] * ctx_len + np.arange(args.window_min, ctx_len)[None, :]).ravel()
     token_of = inputs.tokens.reshape(-1)[keys_all]
-    by_token = {int(t): keys_all[token_of == t] for t in np.unique(token_of)} if args.hard_negatives != "none" else {}
+    by_token = (
+        {int(t): keys_all[token_of == t] for t in np.unique(token_of)}
+        if args.hard_negatives != "none"
+        else {}
+    )
     out = []
     for latent in tqdm(sorted(fires), desc=f"examples ({split}, per latent)", unit="latent"):
         keys = fires[latent]
@@ -423,19 +490,27 @@ def build_latent_major_split(split: str, rows: np.ndarray, pool: np.ndarray, inp
         for _ in range(20):  # rejection: a latent is inactive at almost every position
             if len(inactive) == want:
                 break
-            draw = rows[rng.integers(0, len(rows), size=2 * k)] * ctx_len + args.window_min + \
-                rng.integers(0, n_positions, size=2 * k)
+            draw = (
+                rows[rng.integers(0, len(rows), size=2 * k)] * ctx_len
+                + args.window_min
+                + rng.integers(0, n_positions, size=2 * k)
+            )
             for key in draw.tolist():
                 if len(inactive) < want and key not in inactive and key not in fired and key not in hard:
                     inactive.add(key)
         report.negatives_short += want - len(inactive)
-        chosen = [(int(x), "positive") for x in active_keys] + [(x, "hard_negative") for x in hard] + \
-            [(x, "random_negative") for x in sorted(inactive)]
+        chosen = (
+            [(int(x), "positive") for x in active_keys]
+            + [(x, "hard_negative") for x in hard]
+            + [(x, "random_negative") for x in sorted(inactive)]
+        )
         for key, kind in chosen:
             row, end = divmod(key, ctx_len)
             length = int(rng.integers(args.window_min, min(args.window_max, end) + 1))
             judged = JudgedContext.of(inputs, args, row, end, length)
-            out.append(judged.example(Candidate(latent, kind, judged.active.get(latent, 0.0)), inputs, args, rng))
+            out.append(
+                judged.example(Candidate(latent, kind, judged.active.get(latent, 0.0)), inputs, args, rng)
+            )
     return out
 
 
@@ -452,15 +527,22 @@ class JudgedContext:
     dense: DenseWindow | None
 
     @classmethod
-    def of(cls, inputs: BuildInputs, args: DatasetArguments, row: int, end: int, length: int) -> JudgedContext:
-        window = inputs.tokens[row, end - length + 1:end + 1]
+    def of(
+        cls, inputs: BuildInputs, args: DatasetArguments, row: int, end: int, length: int
+    ) -> JudgedContext:
+        window = inputs.tokens[row, end - length + 1 : end + 1]
         tok = inputs.subject_tokenizer
         context = marked_context(tok.decode(window[:-1].tolist()), tok.decode(window[-1:].tolist()))
-        dense = dense_window(tok, window, [inputs.index.at(row, p) for p in range(end - length + 1, end + 1)]) \
-            if get_format(args.prompt_format).dense else None
+        dense = (
+            dense_window(tok, window, [inputs.index.at(row, p) for p in range(end - length + 1, end + 1)])
+            if get_format(args.prompt_format).dense
+            else None
+        )
         return cls(row, end, window, context, inputs.index.at(row, end), dense)
 
-    def example(self, cand: Candidate, inputs: BuildInputs, args: DatasetArguments, rng: np.random.Generator) -> dict:
+    def example(
+        self, cand: Candidate, inputs: BuildInputs, args: DatasetArguments, rng: np.random.Generator
+    ) -> dict:
         """The dataset row judging `cand` here (its interpretation drawn by mixture weight)."""
         fmt = get_format(args.prompt_format)
         judged_fmt = fmt.judges if fmt.dense else fmt.name  # dense rows also carry their judgment's prompt
@@ -474,13 +556,22 @@ class JudgedContext:
         return {
             "prompt": render_prompt(judged_fmt, self.context, interpretation, score),
             "completion": render_completion(judged_fmt, label),
-            "latent": cand.latent, "row": self.row, "position": self.end, "window_start": self.end - len(self.window) + 1,
-            "context": self.context, "context_ids": self.window.tolist(), "n_active": len(self.active),
+            "latent": cand.latent,
+            "row": self.row,
+            "position": self.end,
+            "window_start": self.end - len(self.window) + 1,
+            "context": self.context,
+            "context_ids": self.window.tolist(),
+            "n_active": len(self.active),
             "n_active_explained": sum(1 for lat in self.active if lat in inputs.explained),
-            "active": int(is_active), "activation": float(cand.activation),
-            "activation_bin": a_bin, "quantile_bin": q_bin, "candidate": cand.kind,
+            "active": int(is_active),
+            "activation": float(cand.activation),
+            "activation_bin": a_bin,
+            "quantile_bin": q_bin,
+            "candidate": cand.kind,
             "interpretation": interpretation,
-            "interpretation_source": args.interpretations[src], "score": score,
+            "interpretation_source": args.interpretations[src],
+            "score": score,
             "prompt_format": args.prompt_format,
             **(self.dense.labels_of(cand.latent) if self.dense else {}),
         }
@@ -498,9 +589,15 @@ class DenseWindow:
 
     def labels_of(self, latent: int) -> dict:
         """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1: none)."""
-        labels = [int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)]
-        return {"text": self.text, "token_ends": self.token_ends, "token_labels": labels,
-                "token_activations": [float(a.get(latent, 0.0)) for a in self.active]}
+        labels = [
+            int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)
+        ]
+        return {
+            "text": self.text,
+            "token_ends": self.token_ends,
+            "token_labels": labels,
+            "token_activations": [float(a.get(latent, 0.0)) for a in self.active],
+        }
 
 
 def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) -> DenseWindow:
@@ -508,7 +605,7 @@ def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) 
     text = tokenizer.decode(ids)
     ends, last = [], 0
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[:i + 1])
+        prefix = tokenizer.decode(ids[: i + 1])
         aligned = text.startswith(prefix) and len(prefix) > last
         ends.append(len(prefix) if aligned else -1)
         last = len(prefix) if aligned else last
@@ -518,13 +615,22 @@ def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) 
 def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict:
     """Counts of one built split for dataset_stats.json and the card."""
     return {
-        "examples": len(rows), "positives": sum(r["active"] for r in rows),
-        "contexts": len({(r["row"], r["position"]) for r in rows}), "latents": len({r["latent"] for r in rows}),
-        "latent_pool": len(pool), "rows": n_cache_rows, "candidates": dict(Counter(r["candidate"] for r in rows)),
-        **({"token_labels": sum(sum(v >= 0 for v in r["token_labels"]) for r in rows),
-            "token_positives": sum(sum(v == 1 for v in r["token_labels"]) for r in rows),
-            "tokens_unaligned": sum(sum(v < 0 for v in r["token_labels"]) for r in rows)}
-           if rows and "token_labels" in rows[0] else {}),
+        "examples": len(rows),
+        "positives": sum(r["active"] for r in rows),
+        "contexts": len({(r["row"], r["position"]) for r in rows}),
+        "latents": len({r["latent"] for r in rows}),
+        "latent_pool": len(pool),
+        "rows": n_cache_rows,
+        "candidates": dict(Counter(r["candidate"] for r in rows)),
+        **(
+            {
+                "token_labels": sum(sum(v >= 0 for v in r["token_labels"]) for r in rows),
+                "token_positives": sum(sum(v == 1 for v in r["token_labels"]) for r in rows),
+                "tokens_unaligned": sum(sum(v < 0 for v in r["token_labels"]) for r in rows),
+            }
+            if rows and "token_labels" in rows[0]
+            else {}
+        ),
     }
 
 
@@ -532,24 +638,34 @@ def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> di
     """dataset_stats.json's record of frequency-matched negatives; empty for `uniform` (its files stay as they were)."""
     if args.negative_sampling == "uniform":
         return {}
-    return {"negative_sampling": args.negative_sampling, "frequency_bins": args.frequency_bins,
-            "negatives_off_bin": report.negatives_off_bin}
+    return {
+        "negative_sampling": args.negative_sampling,
+        "frequency_bins": args.frequency_bins,
+        "negatives_off_bin": report.negatives_off_bin,
+    }
 
 
 def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str:
     """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split counts."""
     lat = cache_config.get("latentsim", {})
     files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
-    matched = (f"\n- negative sampling: `{stats['negative_sampling']}` (log firing rates distributed like the "
-               f"positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
-               f"{stats['negatives_off_bin']} negatives from a neighbouring bin)" if "negative_sampling" in stats else "")
-    candidates = (f"latent-major: per latent, up to {args.contexts_per_latent} contexts where it fires and as many where "
-                  f"it does not ({stats.get('latents_never_active', 0)} latents never fire in their split's rows)"
-                  if args.candidates == "per_latent" else
-                  f"positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives "
-                  f"{f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} "
-                  f"(hard: {args.hard_negatives})")
-    return f"""---
+    matched = (
+        f"\n- negative sampling: `{stats['negative_sampling']}` (log firing rates distributed like the "
+        f"positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
+        f"{stats['negatives_off_bin']} negatives from a neighbouring bin)"
+        if "negative_sampling" in stats
+        else ""
+    )
+    candidates = (
+        f"latent-major: per latent, up to {args.contexts_per_latent} contexts where it fires and as many where "
+        f"it does not ({stats.get('latents_never_active', 0)} latents never fire in their split's rows)"
+        if args.candidates == "per_latent"
+        else f"positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives "
+        f"{f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} "
+        f"(hard: {args.hard_negatives})"
+    )
+    return (
+        f"""---
 configs:
 - config_name: default
   data_files:
@@ -560,19 +676,23 @@ tags: [latentsim, sae, interpretability, simulator]
 
 Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-completion format.
 
-- subject model: {lat.get('model', {}).get('model', cache_config.get('model_name'))}, hookpoint `{args.hookpoint}`
-- SAE: {json.dumps(lat.get('sae'))} ({stats['width']} latents)
-- interpretations: {', '.join(args.interpretations)} (weights {args.interpretation_weights or 'equal'})
+- subject model: {lat.get("model", {}).get("model", cache_config.get("model_name"))}, hookpoint `{args.hookpoint}`
+- SAE: {json.dumps(lat.get("sae"))} ({stats["width"]} latents)
+- interpretations: {", ".join(args.interpretations)} (weights {args.interpretation_weights or "equal"})
 - prompt format: `{args.prompt_format}`, label `{args.label}`, {candidates}{matched}
-- score in prompt: {args.score_path or 'no'}
-- split mode: `{args.split_mode}` (train/validation/test disjoint in {'latents and rows' if args.split_mode == 'latents' else 'rows'})
+- score in prompt: {args.score_path or "no"}
+- split mode: `{args.split_mode}` (train/validation/test disjoint in {"latents and rows" if args.split_mode == "latents" else "rows"})
 
 | split | examples | positives | contexts | latents |
 |---|---|---|---|---|
-""" + "\n".join(f"| {s} | {v['examples']} | {v['positives']} | {v['contexts']} | {v['latents']} |"
-                 for s, v in stats["splits"].items()) + f"""
-
-Active latents without an interpretation (left out, counted): {stats['active_without_interpretation']}.
-Latents of the SAE without an interpretation: {stats['latents_without_interpretation']}.
 """
+        + "\n".join(
+            f"| {s} | {v['examples']} | {v['positives']} | {v['contexts']} | {v['latents']} |"
+            for s, v in stats["splits"].items()
+        )
+        + f"""
 
+Active latents without an interpretation (left out, counted): {stats["active_without_interpretation"]}.
+Latents of the SAE without an interpretation: {stats["latents_without_interpretation"]}.
+"""
+    )

@@ -22,10 +22,25 @@ from latentsim.errors import ConfigError
 # Ranks wait at the end for the slowest one, which may be hours behind on a big cache.
 WAIT_TIMEOUT = timedelta(days=2)
 # What torchrun tells its processes; a rank's own vLLM engine must not see it (it would join the launch).
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
-                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
-                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_ERROR_FILE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
 
 
 @dataclass
@@ -37,8 +52,11 @@ class Ranks:
 
     @classmethod
     def from_env(cls) -> Ranks:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +69,7 @@ class Ranks:
 
     def share(self, items: list) -> list:
         """This rank's share: items[i] for i % world == rank."""
-        return list(items[self.rank::self.world])
+        return list(items[self.rank :: self.world])
 
     def device(self, device: str) -> str:
         """One GPU per rank: `auto`/`cuda` become this rank's `cuda:<local_rank>` in a multi-process launch."""
@@ -75,14 +93,17 @@ class Ranks:
             import torch
 
             if torch.cuda.is_available():
-                visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or \
-                    [str(i) for i in range(torch.cuda.device_count())]
+                visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [
+                    str(i) for i in range(torch.cuda.device_count())
+                ]
                 first = self.local_rank * (gpus_per_rank or gpus)
                 if first + gpus > len(visible):
-                    raise ConfigError(f"config key `{key}`: rank {self.rank} (local rank {self.local_rank}) needs GPUs "
-                                      f"{first}-{first + gpus - 1} but this machine shows {len(visible)}; launch at "
-                                      f"most {len(visible) // (gpus_per_rank or gpus)} processes per machine.")
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[first:first + gpus])
+                    raise ConfigError(
+                        f"config key `{key}`: rank {self.rank} (local rank {self.local_rank}) needs GPUs "
+                        f"{first}-{first + gpus - 1} but this machine shows {len(visible)}; launch at "
+                        f"most {len(visible) // (gpus_per_rank or gpus)} processes per machine."
+                    )
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[first : first + gpus])
             for name in LAUNCHER_VARIABLES:
                 os.environ.pop(name, None)
             yield
@@ -96,8 +117,13 @@ class Ranks:
             from torch.distributed import TCPStore
 
             agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            self._kv = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
-                                is_master=self.is_main and not agent, timeout=WAIT_TIMEOUT)
+            self._kv = TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                self.world,
+                is_master=self.is_main and not agent,
+                timeout=WAIT_TIMEOUT,
+            )
         return self._kv
 
     def wait_for_all(self) -> None:

@@ -37,11 +37,11 @@ def context_row_position(cid: int) -> tuple[int, int]:
 @dataclass
 class EvalSet:
     path: Path
-    stats: dict          # dataset_stats.json: prompt_format, label, width, splits
-    build: dict          # the build_dataset config it was made with (cache_dir, hookpoint, interpretations, ...)
+    stats: dict  # dataset_stats.json: prompt_format, label, width, splits
+    build: dict  # the build_dataset config it was made with (cache_dir, hookpoint, interpretations, ...)
     prompt_format: str
-    label: str           # the label column its answers encode: `active` or a bin column
-    width: int           # the SAE's number of latents
+    label: str  # the label column its answers encode: `active` or a bin column
+    width: int  # the SAE's number of latents
     hookpoint: str
     cache_dir: Path
 
@@ -50,12 +50,22 @@ class EvalSet:
         path = Path(path)
         for name in ("dataset_stats.json", "run_config.json"):
             if not (path / name).is_file():
-                raise MissingInputError(f"config key `eval_set`: {path / name} is missing; build the eval set with "
-                                        "data_gen/build_dataset.py.")
+                raise MissingInputError(
+                    f"config key `eval_set`: {path / name} is missing; build the eval set with "
+                    "data_gen/build_dataset.py."
+                )
         stats = json.loads((path / "dataset_stats.json").read_text())
         build = json.loads((path / "run_config.json").read_text())["config"]["dataset"]
-        return cls(path, stats, build, stats["prompt_format"], stats["label"], stats["width"], build["hookpoint"],
-                   Path(build["cache_dir"]))
+        return cls(
+            path,
+            stats,
+            build,
+            stats["prompt_format"],
+            stats["label"],
+            stats["width"],
+            build["hookpoint"],
+            Path(build["cache_dir"]),
+        )
 
     @property
     def name(self) -> str:
@@ -76,8 +86,10 @@ class EvalSet:
 
     def require_binary(self, what: str) -> None:
         if not self.binary:
-            raise BadInputError(f"config key `eval_set`: {self.path} is a value eval set ({self.prompt_format}); "
-                                f"{what} needs the binary one.")
+            raise BadInputError(
+                f"config key `eval_set`: {self.path} is a value eval set ({self.prompt_format}); "
+                f"{what} needs the binary one."
+            )
 
     def require_uniform_negatives(self) -> None:
         """The dictionary-wide extrapolations (expected latents flagged, precision at L0, the L0-matched threshold)
@@ -85,21 +97,25 @@ class EvalSet:
         negatives over-represent frequent latents, and reweighting them is not implemented yet."""
         sampling = self.stats.get("negative_sampling", "uniform")
         if sampling != "uniform":
-            raise BadInputError(f"config key `eval_set`: {self.path} draws its negatives `{sampling}`; eval/sweep.py's "
-                                "dictionary-wide extrapolations need uniformly drawn ones (negative_sampling: uniform, "
-                                "configs/data/eval_quantiles.yaml). Frequency-matched sets serve training mixtures.")
+            raise BadInputError(
+                f"config key `eval_set`: {self.path} draws its negatives `{sampling}`; eval/sweep.py's "
+                "dictionary-wide extrapolations need uniformly drawn ones (negative_sampling: uniform, "
+                "configs/data/eval_quantiles.yaml). Frequency-matched sets serve training mixtures."
+            )
 
     def split(self, split: str, max_contexts: int = 0, seed: int = 0) -> pd.DataFrame:
         """One split's rows with their `context_id`; `max_contexts` > 0 keeps a seeded sample of its contexts."""
         path = self.path / f"{split}.parquet"
         if not path.is_file():
-            raise MissingInputError(f"config key `eval_set`: {path} does not exist; build it with "
-                                    "data_gen/build_dataset.py.")
+            raise MissingInputError(
+                f"config key `eval_set`: {path} does not exist; build it with data_gen/build_dataset.py."
+            )
         df = pd.read_parquet(path)
         missing = SPLIT_COLUMNS - set(df.columns)
         if missing:
-            raise BadInputError(f"{path} lacks columns {sorted(missing)}: it was built by an older build_dataset; "
-                                "rebuild it.")
+            raise BadInputError(
+                f"{path} lacks columns {sorted(missing)}: it was built by an older build_dataset; rebuild it."
+            )
         df["context_id"] = context_id(df["row"].astype(np.int64), df["position"].astype(np.int64))
         if max_contexts:
             ids = np.sort(df["context_id"].unique())
@@ -137,8 +153,10 @@ class EvalSet:
 
         sae_args = self.sae_arguments()
         if sae_args is None:
-            raise BadInputError(f"{self.cache_dir / 'latents' / self.hookpoint}/config.json does not record its SAE; "
-                                "patching needs a cache written by data_gen/cache_activations.py.")
+            raise BadInputError(
+                f"{self.cache_dir / 'latents' / self.hookpoint}/config.json does not record its SAE; "
+                "patching needs a cache written by data_gen/cache_activations.py."
+            )
         return load_sae(sae_args, device=device)
 
     def decoder_weights(self) -> np.ndarray | None:

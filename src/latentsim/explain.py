@@ -33,8 +33,8 @@ FILE_RE = re.compile(r"^(?P<module>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
 @dataclass
 class Example:
     row: int
-    start: int               # position of the window's first token in the row
-    tokens: np.ndarray       # [window] token ids
+    start: int  # position of the window's first token in the row
+    tokens: np.ndarray  # [window] token ids
     activations: np.ndarray  # [window] this latent's activation per token (0 where inactive)
     quantile: int | None = None  # for `quantiles` sampling: 0 (weakest) .. n_quantiles-1
 
@@ -65,14 +65,16 @@ class LatentIndex:
 
     def window_ids(self) -> np.ndarray:
         """Every window of the index's rows."""
-        return (self.row_ids[:, None] * self.windows_per_row + np.arange(self.windows_per_row)[None, :]).ravel()
+        return (
+            self.row_ids[:, None] * self.windows_per_row + np.arange(self.windows_per_row)[None, :]
+        ).ravel()
 
     def count(self, latent: int) -> int:
         return int(self.offsets[latent + 1] - self.offsets[latent])
 
     def activating_windows(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """(window ids, max activation in each window) of every window where `latent` fires."""
-        idx = self.order[self.offsets[latent]:self.offsets[latent + 1]]
+        idx = self.order[self.offsets[latent] : self.offsets[latent + 1]]
         in_window = self.positions[idx] < self.windows_per_row * self.window
         idx = idx[in_window]
         win = self.rows[idx] * self.windows_per_row + self.positions[idx] // self.window
@@ -86,11 +88,15 @@ class LatentIndex:
     def example(self, latent: int, window_id: int, quantile: int | None = None) -> Example:
         row, k = divmod(int(window_id), self.windows_per_row)
         start = k * self.window
-        idx = self.order[self.offsets[latent]:self.offsets[latent + 1]]
-        mine = idx[(self.rows[idx] == row) & (self.positions[idx] >= start) & (self.positions[idx] < start + self.window)]
+        idx = self.order[self.offsets[latent] : self.offsets[latent + 1]]
+        mine = idx[
+            (self.rows[idx] == row)
+            & (self.positions[idx] >= start)
+            & (self.positions[idx] < start + self.window)
+        ]
         acts = np.zeros(self.window, dtype=np.float32)
         acts[self.positions[mine] - start] = self.values[mine]
-        return Example(row, start, self.tokens[row, start:start + self.window].copy(), acts, quantile)
+        return Example(row, start, self.tokens[row, start : start + self.window].copy(), acts, quantile)
 
 
 class SplitLatentIndexes:
@@ -119,8 +125,15 @@ class SplitLatentIndexes:
         return self.index
 
 
-def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.random.Generator, n_top: int = 20,
-                    n_quantiles: int = 10, per_quantile: int = 2) -> list[Example]:
+def sample_examples(
+    index: LatentIndex,
+    latent: int,
+    sampling: str,
+    rng: np.random.Generator,
+    n_top: int = 20,
+    n_quantiles: int = 10,
+    per_quantile: int = 2,
+) -> list[Example]:
     """Activating examples of one latent, sampled `top` or `quantiles` (delphi's two schemes)."""
     windows, maxima = index.activating_windows(latent)
     if sampling == "top":
@@ -137,7 +150,9 @@ def sample_examples(index: LatentIndex, latent: int, sampling: str, rng: np.rand
     raise ConfigError(f"config key `sampling`: {sampling!r} is not `top` or `quantiles`.")
 
 
-def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.random.Generator) -> list[Example]:
+def non_activating_examples(
+    index: LatentIndex, latent: int, n: int, rng: np.random.Generator
+) -> list[Example]:
     """Random windows where `latent` never fires."""
     active = set(index.activating_windows(latent)[0].tolist())
     candidates = np.setdiff1d(index.window_ids(), np.fromiter(active, dtype=np.int64, count=len(active)))
@@ -146,8 +161,14 @@ def non_activating_examples(index: LatentIndex, latent: int, n: int, rng: np.ran
 
 
 # ------------------------------------------------------------------------------------------ explainers
-def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3, context: int = 8,
-                           n_contexts: int = 1, n_preceding: int = 0) -> str:
+def token_list_explanation(
+    examples: list[Example],
+    tokenizer,
+    n_tokens: int = 3,
+    context: int = 8,
+    n_contexts: int = 1,
+    n_preceding: int = 0,
+) -> str:
     """No LLM: the `n_tokens` tokens the latent fires on most strongly across the examples (each example's
     strongest token, weighted by its activation), optionally the `n_preceding` tokens those most often follow,
     and `n_contexts` distinct example contexts (`context` tokens before the judged one), the strongest first.
@@ -165,13 +186,15 @@ def token_list_explanation(examples: list[Example], tokenizer, n_tokens: int = 3
     if len(names) > 1:
         text += f" (also {', '.join(names[1:])})"
     if n_preceding and preceding:
-        text += ", often after " + ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
-                                             for t, _ in preceding.most_common(n_preceding))
+        text += ", often after " + ", ".join(
+            json.dumps(tokenizer.decode([t]), ensure_ascii=False)
+            for t, _ in preceding.most_common(n_preceding)
+        )
     quotes: list[str] = []
     for ex in sorted(examples, key=lambda ex: -ex.max_activation):  # stable: the first of equal maxima first
         at = int(ex.activations.argmax())
-        before = tokenizer.decode(ex.tokens[max(0, at - context):at].tolist(), skip_special_tokens=True)
-        quote = f"\"...{before}{tokenizer.decode(ex.tokens[at:at + 1].tolist())}\"".replace("\n", " ")
+        before = tokenizer.decode(ex.tokens[max(0, at - context) : at].tolist(), skip_special_tokens=True)
+        quote = f'"...{before}{tokenizer.decode(ex.tokens[at : at + 1].tolist())}"'.replace("\n", " ")
         if quote not in quotes:
             quotes.append(quote)
         if len(quotes) == n_contexts:
@@ -196,9 +219,17 @@ def example_rows(args, n_rows: int) -> np.ndarray:
 
 
 def write_source_rows(set_dir: Path, args, rows: np.ndarray, n_rows: int) -> None:
-    atomic_write_json(Path(set_dir) / SOURCE_ROWS_FILE, {
-        "rows": args.rows, "seed": args.seed, "validation_fraction": args.validation_fraction,
-        "test_fraction": args.test_fraction, "n_rows": n_rows, "row_ids": [int(r) for r in rows]})
+    atomic_write_json(
+        Path(set_dir) / SOURCE_ROWS_FILE,
+        {
+            "rows": args.rows,
+            "seed": args.seed,
+            "validation_fraction": args.validation_fraction,
+            "test_fraction": args.test_fraction,
+            "n_rows": n_rows,
+            "row_ids": [int(r) for r in rows],
+        },
+    )
 
 
 def interpretation_source_rows(path: str | Path, n_rows: int) -> np.ndarray | None:
@@ -209,13 +240,17 @@ def interpretation_source_rows(path: str | Path, n_rows: int) -> np.ndarray | No
     if record.is_file():
         data = json.loads(record.read_text())
         if data["n_rows"] != n_rows:
-            raise BadInputError(f"config key `interpretations`: {path} was made from a cache of {data['n_rows']} rows, "
-                                f"this one has {n_rows}; explain this cache (data_gen/explain.py).")
+            raise BadInputError(
+                f"config key `interpretations`: {path} was made from a cache of {data['n_rows']} rows, "
+                f"this one has {n_rows}; explain this cache (data_gen/explain.py)."
+            )
         return np.asarray(data["row_ids"], dtype=np.int64)
     if (path / "run_config.json").is_file():
-        raise BadInputError(f"config key `interpretations`: {path} was made by an older data_gen/explain.py that read "
-                            "every cache row (eval rows included) and did not record them; re-run data_gen/explain.py "
-                            "into a new set_name (rows: train).")
+        raise BadInputError(
+            f"config key `interpretations`: {path} was made by an older data_gen/explain.py that read "
+            "every cache row (eval rows included) and did not record them; re-run data_gen/explain.py "
+            "into a new set_name (rows: train)."
+        )
     return None
 
 
@@ -229,10 +264,12 @@ def refuse_eval_rows(paths: list[str], eval_rows: np.ndarray, n_rows: int) -> di
             out[str(path)] = "not recorded (external set)"
             continue
         if overlap := sorted(set(rows.tolist()) & set(np.asarray(eval_rows).tolist())):
-            raise BadInputError(f"config key `interpretations`: {path} was made from {len(overlap)} of this dataset's "
-                                f"validation/test rows (e.g. {overlap[:5]}): its interpretations can quote eval "
-                                "contexts. Explain with `rows: train` and the dataset's seed, validation_fraction "
-                                "and test_fraction.")
+            raise BadInputError(
+                f"config key `interpretations`: {path} was made from {len(overlap)} of this dataset's "
+                f"validation/test rows (e.g. {overlap[:5]}): its interpretations can quote eval "
+                "contexts. Explain with `rows: train` and the dataset's seed, validation_fraction "
+                "and test_fraction."
+            )
         out[str(path)] = f"{len(rows)} cache rows, none of them validation or test rows"
     return out
 
@@ -249,8 +286,9 @@ def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[i
     """Interpretations {latent: text} from any supported format, checked against the SAE's hookpoint and width."""
     path = Path(path)
     if not path.exists():
-        raise MissingInputError(f"config key `interpretations`: {path} not found; generate them with "
-                                "data_gen/explain.py.")
+        raise MissingInputError(
+            f"config key `interpretations`: {path} not found; generate them with data_gen/explain.py."
+        )
     out: dict[int, str] = {}
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
@@ -261,7 +299,9 @@ def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[i
             if not match:
                 raise BadInputError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
             if _normalise_module(match["module"]) != _normalise_module(hookpoint):
-                raise BadInputError(f"{file} explains hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
+                raise BadInputError(
+                    f"{file} explains hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}."
+                )
             raw = file.read_text(encoding="utf-8")
             try:
                 text = json.loads(raw)
@@ -272,23 +312,31 @@ def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[i
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadInputError(f"{path}: not valid JSON ({err}); expected {{latent: text}} or a Neuronpedia list.") from None
+            raise BadInputError(
+                f"{path}: not valid JSON ({err}); expected {{latent: text}} or a Neuronpedia list."
+            ) from None
         if isinstance(data, dict) and "explanations" in data:
             data = data["explanations"]
         if isinstance(data, dict):  # the seed's {latent id: text}
             if not all(str(k).isdigit() for k in data):
-                raise BadInputError(f"{path}: keys must be latent ids (integers), got e.g. {next(iter(data))!r}.")
+                raise BadInputError(
+                    f"{path}: keys must be latent ids (integers), got e.g. {next(iter(data))!r}."
+                )
             out = {int(k): str(v) for k, v in data.items()}
         elif isinstance(data, list):  # Neuronpedia-style export
             for item in data:
                 latent = item.get("index", item.get("feature"))
                 text = item.get("description", item.get("explanation"))
                 if latent is None or text is None:
-                    raise BadInputError(f"{path}: entries need `index` and `description` (Neuronpedia export).")
+                    raise BadInputError(
+                        f"{path}: entries need `index` and `description` (Neuronpedia export)."
+                    )
                 layer = str(item.get("layer", ""))
                 match = re.match(r"(\d+)", layer)
                 if match and f"layers.{match[1]}" != _normalise_module(hookpoint):
-                    raise BadInputError(f"{path}: entry for layer {layer!r}, but the SAE reads {hookpoint!r}.")
+                    raise BadInputError(
+                        f"{path}: entry for layer {layer!r}, but the SAE reads {hookpoint!r}."
+                    )
                 out[int(latent)] = str(text)
         else:
             raise BadInputError(f"{path}: expected a JSON dict {{latent: text}} or a Neuronpedia list.")
@@ -315,12 +363,16 @@ LLM_EXPLAINER_PROMPT = (
 )
 
 
-def explainer_messages(examples_per_latent: list[list[Example]], subject_tokenizer, max_examples: int = 10) -> list[str]:
+def explainer_messages(
+    examples_per_latent: list[list[Example]], subject_tokenizer, max_examples: int = 10
+) -> list[str]:
     """The user message asking for one latent's interpretation, from its highlighted examples."""
     out = []
     for examples in examples_per_latent:
-        shown = "\n".join(f"Example {i + 1}: {highlighted_text(ex, subject_tokenizer)}"
-                          for i, ex in enumerate(examples[:max_examples]))
+        shown = "\n".join(
+            f"Example {i + 1}: {highlighted_text(ex, subject_tokenizer)}"
+            for i, ex in enumerate(examples[:max_examples])
+        )
         out.append(LLM_EXPLAINER_PROMPT.format(examples=shown))
     return out
 
@@ -330,22 +382,33 @@ def first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip().strip('"').strip()
 
 
-def llm_explanations(model, tokenizer, messages: list[str], batch_size: int = 8, max_new_tokens: int = 32) -> list[str]:
+def llm_explanations(
+    model, tokenizer, messages: list[str], batch_size: int = 8, max_new_tokens: int = 32
+) -> list[str]:
     """One interpretation per message from a chat LLM through transformers (greedy decoding)."""
     import torch
 
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
-                                             tokenize=False) for m in messages]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False
+        )
+        for m in messages
+    ]
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(
+            prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         batch = batch.to(model.device)
         with torch.no_grad():
-            generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                       pad_token_id=tokenizer.pad_token_id)
-        out.extend(first_line(tokenizer.decode(seq, skip_special_tokens=True))
-                   for seq in generated[:, batch["input_ids"].shape[1]:])
+            generated = model.generate(
+                **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            )
+        out.extend(
+            first_line(tokenizer.decode(seq, skip_special_tokens=True))
+            for seq in generated[:, batch["input_ids"].shape[1] :]
+        )
     return out

@@ -37,10 +37,22 @@ def recall_precision(records: list[dict]) -> Figure:
         for i, r in enumerate(records):
             s = r["results"]["binary"]["per_context"][m]
             label = m if m in ("recall", "auc") else f"{m} (pool)"  # pool: ~25% positive, not the dictionary
-            ax.bar(i + j * width, s["median"], width, color=f"C{j}", label=label if i == 0 else None,
-                   yerr=[[max(0.0, s["median"] - s["q25"])], [max(0.0, s["q75"] - s["median"])]], capsize=2)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(records))], [short(r["name"]) for r in records],
-                  rotation=20, ha="right", fontsize=7)
+            ax.bar(
+                i + j * width,
+                s["median"],
+                width,
+                color=f"C{j}",
+                label=label if i == 0 else None,
+                yerr=[[max(0.0, s["median"] - s["q25"])], [max(0.0, s["q75"] - s["median"])]],
+                capsize=2,
+            )
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(records))],
+        [short(r["name"]) for r in records],
+        rotation=20,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("median over contexts (25-75 %)")
     ax.legend(fontsize=7, ncol=3)
@@ -58,12 +70,20 @@ def auc_against_references(records: list[dict]) -> Figure | None:
     for i, r in enumerate(with_ci):
         s = r["results"]["binary"]["per_context"]["auc"]
         low, high = s["ci95"]
-        ax.bar(i, s["median"], 0.7, color="C7" if r["simulator"]["kind"] == "reference" else "C0",
-               yerr=[[max(0.0, s["median"] - low)], [max(0.0, high - s["median"])]], capsize=3)
+        ax.bar(
+            i,
+            s["median"],
+            0.7,
+            color="C7" if r["simulator"]["kind"] == "reference" else "C0",
+            yerr=[[max(0.0, s["median"] - low)], [max(0.0, high - s["median"])]],
+            capsize=3,
+        )
         if r["simulator"]["kind"] == "reference" and r["simulator"]["base_model"] == "prior":
             ax.axhline(s["median"], color="C3", ls="--", lw=0.8, label=f"firing-rate prior {s['median']:.2f}")
     ax.axhline(0.5, color="k", ls=":", lw=0.8, label="chance")
-    ax.set_xticks(range(len(with_ci)), [short(r["name"]) for r in with_ci], rotation=20, ha="right", fontsize=7)
+    ax.set_xticks(
+        range(len(with_ci)), [short(r["name"]) for r in with_ci], rotation=20, ha="right", fontsize=7
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("per-context AUC (median, 95% CI)")
     ax.legend(fontsize=7)
@@ -78,7 +98,14 @@ def threshold_sweep(records: list[dict]) -> Figure:
     for i, r in enumerate(records):
         sweep = r["results"]["threshold_sweep"]
         x = [1 - s["threshold"] for s in sweep]
-        a1.plot(x, [s["active_accuracy"]["median"] for s in sweep], "-o", color=f"C{i}", ms=3, label=short(r["name"]))
+        a1.plot(
+            x,
+            [s["active_accuracy"]["median"] for s in sweep],
+            "-o",
+            color=f"C{i}",
+            ms=3,
+            label=short(r["name"]),
+        )
         a1.plot(x, [s["inactive_accuracy"]["median"] for s in sweep], "--", color=f"C{i}")
         a2.plot(x, [s["expected_flagged"]["median"] for s in sweep], "-o", color=f"C{i}", ms=3)
     a2.axhline(l0, color="k", lw=0.8, ls=":", label=f"SAE L0 = {l0:.1f}")
@@ -100,12 +127,20 @@ def reliability(records: list[dict]) -> Figure:
     fig, axes = plt.subplots(1, len(records), figsize=(3 * len(records), 3), squeeze=False)
     for ax, r in zip(axes[0], records, strict=True):
         cal = r["results"]["calibration"]
-        for key, style, name in (("raw", "-o", "pool"), ("temperature_scaled", "-s", "pool, T"),
-                                 ("dictionary", "-^", "dictionary")):
+        for key, style, name in (
+            ("raw", "-o", "pool"),
+            ("temperature_scaled", "-s", "pool, T"),
+            ("dictionary", "-^", "dictionary"),
+        ):
             if key in cal:
                 b = cal[key]["bins"]
-                ax.plot([x["mean_p"] for x in b], [x["positive_rate"] for x in b], style, ms=3,
-                        label=f"{name} (ECE {cal[key]['ece']:.3f})")
+                ax.plot(
+                    [x["mean_p"] for x in b],
+                    [x["positive_rate"] for x in b],
+                    style,
+                    ms=3,
+                    label=f"{name} (ECE {cal[key]['ece']:.3f})",
+                )
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set_title(short(r["name"]), fontsize=8)
         ax.set_xlabel("mean P(yes)")
@@ -115,8 +150,9 @@ def reliability(records: list[dict]) -> Figure:
     return fig
 
 
-def line_figure(series: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str, ylim=None,
-                diagonal=False) -> Figure:
+def line_figure(
+    series: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str, ylim=None, diagonal=False
+) -> Figure:
     """One line per (label, xs, ys)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for i, (label, xs, ys) in enumerate(series):
@@ -133,20 +169,39 @@ def line_figure(series: list[tuple[str, list, list]], xlabel: str, ylabel: str, 
 
 
 def accuracy_vs_strength(records: list[dict]) -> Figure:
-    series = [(short(r["name"]), [x["quantile_bin"] for x in b], [x["active_accuracy"] for x in b])
-              for r in records for b in [r["results"]["accuracy_vs_strength"]["by_quantile_bin"]]]
-    return line_figure(series, "activation decile of the latent (0 weakest, 9 strongest)",
-                       "active accuracy (P(yes) >= 0.5)", "Accuracy vs activation strength (seed Fig. 6)", (-0.02, 1.02))
+    series = [
+        (short(r["name"]), [x["quantile_bin"] for x in b], [x["active_accuracy"] for x in b])
+        for r in records
+        for b in [r["results"]["accuracy_vs_strength"]["by_quantile_bin"]]
+    ]
+    return line_figure(
+        series,
+        "activation decile of the latent (0 weakest, 9 strongest)",
+        "active accuracy (P(yes) >= 0.5)",
+        "Accuracy vs activation strength (seed Fig. 6)",
+        (-0.02, 1.02),
+    )
 
 
 def accuracy_vs_score(records: list[dict]) -> Figure | None:
-    series = [(f"{short(r['name'])} vs {s['score']} ({s['n_latents']} latents)", [b["score"] for b in s["bins"]],
-               [b["active_accuracy"] for b in s["bins"]])
-              for r in records for s in r["results"]["accuracy_vs_score"] if s["bins"]]
+    series = [
+        (
+            f"{short(r['name'])} vs {s['score']} ({s['n_latents']} latents)",
+            [b["score"] for b in s["bins"]],
+            [b["active_accuracy"] for b in s["bins"]],
+        )
+        for r in records
+        for s in r["results"]["accuracy_vs_score"]
+        if s["bins"]
+    ]
     if not series:
         return None
-    return line_figure(series, "interpretation score", "per-latent active accuracy",
-                       "Accuracy vs interpretation score (seed Fig. 2)")
+    return line_figure(
+        series,
+        "interpretation score",
+        "per-latent active accuracy",
+        "Accuracy vs interpretation score (seed Fig. 2)",
+    )
 
 
 def decoder_alignment(records: list[dict]) -> Figure | None:
@@ -158,10 +213,22 @@ def decoder_alignment(records: list[dict]) -> Figure | None:
     for j, key in enumerate(("simulator", "random_pool", "random_dictionary")):
         for i, r in enumerate(records):
             s = r["results"]["decoder_alignment"][key]
-            ax.bar(i + j * 0.27, s["median"], 0.27, color=f"C{j}", label=key if i == 0 else None,
-                   yerr=[[max(0.0, s["median"] - s["q25"])], [max(0.0, s["q75"] - s["median"])]], capsize=2)
-    ax.set_xticks([i + 0.27 for i in range(len(records))], [short(r["name"]) for r in records], rotation=20,
-                  ha="right", fontsize=7)
+            ax.bar(
+                i + j * 0.27,
+                s["median"],
+                0.27,
+                color=f"C{j}",
+                label=key if i == 0 else None,
+                yerr=[[max(0.0, s["median"] - s["q25"])], [max(0.0, s["q75"] - s["median"])]],
+                capsize=2,
+            )
+    ax.set_xticks(
+        [i + 0.27 for i in range(len(records))],
+        [short(r["name"]) for r in records],
+        rotation=20,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylabel("mean matched decoder cosine")
     ax.legend(fontsize=7)
     ax.set_title("Hungarian decoder alignment (seed Fig. 2 right)")
@@ -170,24 +237,41 @@ def decoder_alignment(records: list[dict]) -> Figure | None:
 
 def value_vs_activation(records: list[dict]) -> Figure:
     """Value-format eval sets: the mean true quantile bin per predicted digit (Fig. 4)."""
-    series = [(f"{short(r['name'])} (r={v['mean_vs_quantile_bin']['pearson']:.2f})",
-               [x["predicted"] for x in v["mean_quantile_bin_by_predicted"]],
-               [x["mean_label"] for x in v["mean_quantile_bin_by_predicted"]])
-              for r in records for v in [r["results"]["value"]]]
-    return line_figure(series, "predicted mean digit (rounded)", "mean true quantile bin",
-                       "Predicted value vs activation (seed Fig. 4)", diagonal=True)
+    series = [
+        (
+            f"{short(r['name'])} (r={v['mean_vs_quantile_bin']['pearson']:.2f})",
+            [x["predicted"] for x in v["mean_quantile_bin_by_predicted"]],
+            [x["mean_label"] for x in v["mean_quantile_bin_by_predicted"]],
+        )
+        for r in records
+        for v in [r["results"]["value"]]
+    ]
+    return line_figure(
+        series,
+        "predicted mean digit (rounded)",
+        "mean true quantile bin",
+        "Predicted value vs activation (seed Fig. 4)",
+        diagonal=True,
+    )
 
 
 def checkpoints(records: list[dict]) -> Figure | None:
     """Median metrics of a finetuned run's checkpoints by training step; None below two checkpoints."""
-    steps = [r for r in records if r["simulator"]["kind"] == "finetuned" and r["simulator"]["step"] is not None]
+    steps = [
+        r for r in records if r["simulator"]["kind"] == "finetuned" and r["simulator"]["step"] is not None
+    ]
     if len(steps) < 2:
         return None
     steps.sort(key=lambda r: r["simulator"]["step"])
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for m in ("auc", "f1", "recall", "precision"):
-        ax.plot([r["simulator"]["step"] for r in steps], [r["results"]["binary"]["per_context"][m]["median"] for r in steps],
-                "-o", ms=3, label=m)
+        ax.plot(
+            [r["simulator"]["step"] for r in steps],
+            [r["results"]["binary"]["per_context"][m]["median"] for r in steps],
+            "-o",
+            ms=3,
+            label=m,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("median over contexts")
     ax.legend(fontsize=7)
@@ -205,7 +289,9 @@ def patch_sources(patch: dict) -> Figure:
     hi = [max(0.0, sources[n]["kl_judged"]["q75"] - m) for m, n in zip(med, names, strict=True)]
     colors = ["C3" if n.startswith("sim:") else "C7" if n.startswith("no_simulator") else "C0" for n in names]
     ax.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=2)
-    ax.set_yticks(range(len(names)), [n.replace("sim:", "").replace("baseline__", "") for n in names], fontsize=6)
+    ax.set_yticks(
+        range(len(names)), [n.replace("sim:", "").replace("baseline__", "") for n in names], fontsize=6
+    )
     ax.invert_yaxis()
     ax.set_xlabel("KL(p_clean || p_patched) at the judged position, nats (median, 25-75 %)")
     ax.set_title("Patched latents: SAE, ablations and simulators (seed Fig. 3)")
@@ -225,7 +311,9 @@ def patch_fractions(patch: dict) -> Figure:
             ax.plot(fr["values"], ys, "-o", ms=3, color=f"C{i}", label=f"{mode} fraction")
         ax.axhline(patch["sources"]["sae"][key]["median"], color="k", ls=":", lw=0.8, label="full SAE")
         if key.startswith("ce"):
-            ax.axhline(patch["sources"]["clean"][key]["median"], color="g", ls="--", lw=0.8, label="clean model")
+            ax.axhline(
+                patch["sources"]["clean"][key]["median"], color="g", ls="--", lw=0.8, label="clean model"
+            )
         ax.set_xlabel("fraction of active latents kept")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6)

@@ -26,39 +26,57 @@ from latentsim.sweep import load_simulator_scorer, run_simulators
 class SimulatorSource:
     """Rewrites the explained latents of one position from a simulator's judgments of the text so far."""
 
-    def __init__(self, args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok):
-        self.scorer, self.name = load_simulator_scorer(args.simulator_run or args.simulator_model, "sim_v1",
-                                                       args.dtype, args.device, args.batch_size)
+    def __init__(
+        self, args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok
+    ):
+        self.scorer, self.name = load_simulator_scorer(
+            args.simulator_run or args.simulator_model, "sim_v1", args.dtype, args.device, args.batch_size
+        )
         self.args, self.medians, self.subject_tok = args, medians, subject_tok
         # A finetuned simulator judges only latents it never trained on; the others keep their SAE values, as
         # unexplained latents do (`allow_seen_latents` lifts this).
-        trained = set() if not args.simulator_run or args.allow_seen_latents else \
-            training_rows_and_latents(run_simulators(args.simulator_run, include_checkpoints=False)[-1])[1]
+        trained = (
+            set()
+            if not args.simulator_run or args.allow_seen_latents
+            else training_rows_and_latents(run_simulators(args.simulator_run, include_checkpoints=False)[-1])[
+                1
+            ]
+        )
         self.interpretations = {lat: text for lat, text in interpretations.items() if lat not in trained}
         self.seen_latents_kept = len(interpretations) - len(self.interpretations)
         if not self.interpretations:
-            raise BadInputError(f"{self.name} trained on every explained latent of the eval set; give an eval set "
-                                "with held-out latents or set allow_seen_latents: true.")
+            raise BadInputError(
+                f"{self.name} trained on every explained latent of the eval set; give an eval set "
+                "with held-out latents or set allow_seen_latents: true."
+            )
         self.explained = torch.tensor(sorted(self.interpretations))
         self.rng = np.random.default_rng(args.seed)
 
     def __call__(self, z: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
-        window = ids[max(1, len(ids) - self.args.window):]  # never BOS, as in the eval sets
+        window = ids[max(1, len(ids) - self.args.window) :]  # never BOS, as in the eval sets
         context = marked_context(self.subject_tok.decode(window[:-1]), self.subject_tok.decode(window[-1:]))
         active = [int(i) for i in torch.nonzero(z > 0).flatten() if int(i) in self.interpretations]
         inactive = self.explained[(z[self.explained.to(z.device)] <= 0).cpu()].numpy()
-        drawn = self.rng.choice(inactive, size=min(self.args.n_inactive, len(inactive)), replace=False).tolist()
+        drawn = self.rng.choice(
+            inactive, size=min(self.args.n_inactive, len(inactive)), replace=False
+        ).tolist()
         candidates = active + [int(i) for i in drawn]
         prompts = [render_prompt("sim_v1", context, self.interpretations[c]) for c in candidates]
         p_yes = probabilities(self.scorer.label_logits(prompts))[:, 1]
-        predicted = torch.tensor([c for c, p in zip(candidates, p_yes, strict=True) if p >= self.args.threshold],
-                                 dtype=torch.long, device=z.device)
+        predicted = torch.tensor(
+            [c for c, p in zip(candidates, p_yes, strict=True) if p >= self.args.threshold],
+            dtype=torch.long,
+            device=z.device,
+        )
         out = z.clone()
         out[torch.tensor(active, dtype=torch.long, device=z.device)] = 0
         if len(predicted):
             real = z[predicted]
-            out[predicted] = torch.where(real > 0, real, self.medians[predicted]) if self.args.values == "oracle" \
+            out[predicted] = (
+                torch.where(real > 0, real, self.medians[predicted])
+                if self.args.values == "oracle"
                 else self.medians[predicted]
+            )
         n_true = int((z > 0).sum())
         kept = len(set(predicted.tolist()) & set(active)) + n_true - len(active)  # unexplained actives stay
         return out, kept / max(n_true, 1)
@@ -76,7 +94,9 @@ class FractionSource:
 
 
 @torch.no_grad()
-def generate(model, layer: int, sae, prompt_ids: list[int], source, n_new: int, sampler: torch.Generator | None):
+def generate(
+    model, layer: int, sae, prompt_ids: list[int], source, n_new: int, sampler: torch.Generator | None
+):
     """(generated ids, per-token KL(clean || patched), mean share of active latents recovered)."""
     key, device = cache_keyword(model), next(model.parameters()).device
     prefix = model(input_ids=torch.tensor([prompt_ids[:-1]], device=device), use_cache=True)
@@ -95,10 +115,14 @@ def generate(model, layer: int, sae, prompt_ids: list[int], source, n_new: int, 
     for _ in range(n_new):
         position = torch.tensor([[len(ids) - 1]], device=device)
         cur = torch.tensor([ids[-1:]], device=device)
-        clean = model(input_ids=cur, position_ids=position, use_cache=True, **{key: clean_cache}).logits[0, -1]
+        clean = model(input_ids=cur, position_ids=position, use_cache=True, **{key: clean_cache}).logits[
+            0, -1
+        ]
         handle = decoder_layers(model)[layer].register_forward_hook(rewrite) if source is not None else None
         try:
-            patched = model(input_ids=cur, position_ids=position, use_cache=True, **{key: patched_cache}).logits[0, -1]
+            patched = model(
+                input_ids=cur, position_ids=position, use_cache=True, **{key: patched_cache}
+            ).logits[0, -1]
         finally:
             if handle is not None:
                 handle.remove()
@@ -108,10 +132,12 @@ def generate(model, layer: int, sae, prompt_ids: list[int], source, n_new: int, 
         else:
             nxt = int(torch.multinomial(torch.softmax(patched.float(), -1), 1, generator=sampler))
         ids.append(nxt)
-    return ids[len(prompt_ids):], kls, float(np.mean(recovered)) if recovered else 1.0
+    return ids[len(prompt_ids) :], kls, float(np.mean(recovered)) if recovered else 1.0
 
 
-def make_sources(args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok) -> dict:
+def make_sources(
+    args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok
+) -> dict:
     """{name: source} for `args.sources` (GenerateArguments): None for `clean`, callables otherwise."""
     fraction_gen = torch.Generator().manual_seed(args.seed)
     sources = {}
@@ -128,4 +154,3 @@ def make_sources(args: GenerateArguments, interpretations: dict[int, str], media
             _, mode, f = name.split(":")
             sources[name] = FractionSource(mode, float(f), fraction_gen)
     return sources
-

@@ -20,32 +20,158 @@ def plan(out: str) -> list[tuple[str, list[str]]]:
     """(step, argv) in order: what runs, and what --dry_run prints."""
     d, sft = f"{out}/datasets", f"{out}/sft"
     accelerate = [PY, "-m", "accelerate.commands.launch"]
-    train = ["train/sft.py", "--config", "configs/sft/smollm2-135m_quickstart.yaml", "--dataset_name",
-             f"{d}/quantiles_top5", "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4", "--bf16", "true",
-             "--use_cpu", "false", "--dtype", "bfloat16", "--max_eval_samples", "64"]
-    sweep = [PY, "eval/sweep.py", "--config", "configs/eval/sweep_smollm2-135m_quickstart.yaml", "--eval_set",
-             f"{d}/eval_quantiles", "--run_dirs", f"{sft}/single_gpu", "--include_checkpoints", "false",
-             "--baselines", "name=smollm2_zero-shot", "name=gemma3_zero-shot,model=embedded:gemma3-270m",
-             "--max_contexts", "20", "--device", "cuda", "--dtype", "bfloat16"]
+    train = [
+        "train/sft.py",
+        "--config",
+        "configs/sft/smollm2-135m_quickstart.yaml",
+        "--dataset_name",
+        f"{d}/quantiles_top5",
+        "--max_steps",
+        "8",
+        "--save_steps",
+        "4",
+        "--eval_steps",
+        "4",
+        "--bf16",
+        "true",
+        "--use_cpu",
+        "false",
+        "--dtype",
+        "bfloat16",
+        "--max_eval_samples",
+        "64",
+    ]
+    sweep = [
+        PY,
+        "eval/sweep.py",
+        "--config",
+        "configs/eval/sweep_smollm2-135m_quickstart.yaml",
+        "--eval_set",
+        f"{d}/eval_quantiles",
+        "--run_dirs",
+        f"{sft}/single_gpu",
+        "--include_checkpoints",
+        "false",
+        "--baselines",
+        "name=smollm2_zero-shot",
+        "name=gemma3_zero-shot,model=embedded:gemma3-270m",
+        "--max_contexts",
+        "20",
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+    ]
     return [
-        ("prepare", [PY, "data_gen/prepare_embedded.py", "--config", "configs/data/prepare_embedded.yaml",
-                     "--models", "smollm2-135m", "gemma3-270m"]),
-        ("train_sae", [PY, "data_gen/train_sae.py", "--config", "configs/data/sae_smollm2-135m_l15.yaml",
-                       "--n_rows", "128", "--training_tokens", "60000", "--output_dir", f"{out}/sae"]),
-        ("cache", [PY, "data_gen/cache_activations.py", "--config", "configs/data/cache_smollm2-135m_l15.yaml",
-                   "--n_rows", "256", "--sae_path", f"{out}/sae", "--output_dir", f"{out}/cache"]),
-        ("explain", [PY, "data_gen/explain.py", "--config", "configs/data/explain_token_list_quantiles.yaml",
-                     "--cache_dir", f"{out}/cache", "--explanations_dir", f"{out}/explanations"]),
-        ("build_mixture", [PY, "data_gen/build_dataset.py", "--config", "configs/data/mix_quantiles_top5.yaml",
-                           "--cache_dir", f"{out}/cache", "--interpretations", f"{out}/explanations/token_list-quantiles",
-                           "--output_dir", f"{d}/quantiles_top5"]),
-        ("build_eval_set", [PY, "data_gen/build_dataset.py", "--config", "configs/data/eval_quantiles.yaml",
-                            "--cache_dir", f"{out}/cache", "--interpretations",
-                            f"{out}/explanations/token_list-quantiles", "--output_dir", f"{d}/eval_quantiles"]),
-        ("train_single_gpu", [*accelerate, "--config_file", "configs/accelerate/single_gpu.yaml", *train,
-                              "--output_dir", f"{sft}/single_gpu"]),
-        ("train_zero3", [*accelerate, "--config_file", "configs/accelerate/deepspeed_zero3.yaml", "--num_processes",
-                         "1", *train, "--output_dir", f"{sft}/zero3"]),
+        (
+            "prepare",
+            [
+                PY,
+                "data_gen/prepare_embedded.py",
+                "--config",
+                "configs/data/prepare_embedded.yaml",
+                "--models",
+                "smollm2-135m",
+                "gemma3-270m",
+            ],
+        ),
+        (
+            "train_sae",
+            [
+                PY,
+                "data_gen/train_sae.py",
+                "--config",
+                "configs/data/sae_smollm2-135m_l15.yaml",
+                "--n_rows",
+                "128",
+                "--training_tokens",
+                "60000",
+                "--output_dir",
+                f"{out}/sae",
+            ],
+        ),
+        (
+            "cache",
+            [
+                PY,
+                "data_gen/cache_activations.py",
+                "--config",
+                "configs/data/cache_smollm2-135m_l15.yaml",
+                "--n_rows",
+                "256",
+                "--sae_path",
+                f"{out}/sae",
+                "--output_dir",
+                f"{out}/cache",
+            ],
+        ),
+        (
+            "explain",
+            [
+                PY,
+                "data_gen/explain.py",
+                "--config",
+                "configs/data/explain_token_list_quantiles.yaml",
+                "--cache_dir",
+                f"{out}/cache",
+                "--explanations_dir",
+                f"{out}/explanations",
+            ],
+        ),
+        (
+            "build_mixture",
+            [
+                PY,
+                "data_gen/build_dataset.py",
+                "--config",
+                "configs/data/mix_quantiles_top5.yaml",
+                "--cache_dir",
+                f"{out}/cache",
+                "--interpretations",
+                f"{out}/explanations/token_list-quantiles",
+                "--output_dir",
+                f"{d}/quantiles_top5",
+            ],
+        ),
+        (
+            "build_eval_set",
+            [
+                PY,
+                "data_gen/build_dataset.py",
+                "--config",
+                "configs/data/eval_quantiles.yaml",
+                "--cache_dir",
+                f"{out}/cache",
+                "--interpretations",
+                f"{out}/explanations/token_list-quantiles",
+                "--output_dir",
+                f"{d}/eval_quantiles",
+            ],
+        ),
+        (
+            "train_single_gpu",
+            [
+                *accelerate,
+                "--config_file",
+                "configs/accelerate/single_gpu.yaml",
+                *train,
+                "--output_dir",
+                f"{sft}/single_gpu",
+            ],
+        ),
+        (
+            "train_zero3",
+            [
+                *accelerate,
+                "--config_file",
+                "configs/accelerate/deepspeed_zero3.yaml",
+                "--num_processes",
+                "1",
+                *train,
+                "--output_dir",
+                f"{sft}/zero3",
+            ],
+        ),
         ("sweep_hf", [*sweep, "--backend", "hf", "--output_dir", f"{out}/eval_hf"]),
         ("sweep_vllm", [*sweep, "--backend", "vllm", "--output_dir", f"{out}/eval_vllm"]),
     ]
@@ -59,9 +185,13 @@ def checks(out: Path) -> dict:
         path = out / "sft" / run_name / "eval_results.json"
         adapter = json.loads(path.read_text())["adapter"] if path.is_file() else {}
         diff = adapter.get("reload_max_abs_diff_p_yes")
-        found[f"adapter_{run_name}"] = {"n_parameters": adapter.get("n_parameters"), "reload_max_abs_diff_p_yes": diff,
-                                        "ok": bool(adapter.get("n_parameters")) and diff is not None
-                                        and diff <= RELOAD_TOLERANCE[torch.bfloat16]}
+        found[f"adapter_{run_name}"] = {
+            "n_parameters": adapter.get("n_parameters"),
+            "reload_max_abs_diff_p_yes": diff,
+            "ok": bool(adapter.get("n_parameters"))
+            and diff is not None
+            and diff <= RELOAD_TOLERANCE[torch.bfloat16],
+        }
     for hf_preds in sorted((out / "eval_hf").glob("*/*/predictions_test.parquet")):
         vllm_preds = out / "eval_vllm" / hf_preds.relative_to(out / "eval_hf")
         name = hf_preds.parent.name
@@ -71,6 +201,9 @@ def checks(out: Path) -> dict:
         a, b = pd.read_parquet(hf_preds), pd.read_parquet(vllm_preds)
         joined = a.merge(b, on=["context_id", "latent"], suffixes=("_hf", "_vllm"))
         diff = float(np.abs(joined["p_yes_hf"] - joined["p_yes_vllm"]).max())
-        found[f"p_yes_{name}"] = {"judgments": len(joined), "max_abs_diff": diff,
-                                  "ok": len(joined) == len(a) == len(b) and diff <= P_YES_TOLERANCE}
+        found[f"p_yes_{name}"] = {
+            "judgments": len(joined),
+            "max_abs_diff": diff,
+            "ok": len(joined) == len(a) == len(b) and diff <= P_YES_TOLERANCE,
+        }
     return found

@@ -26,12 +26,16 @@ def training_split(folder: Path) -> tuple[frozenset[int], frozenset[int], tuple[
     """(rows, latents, (cache folder, hookpoint)) of a build_dataset train split, read once per process."""
     df = pd.read_parquet(folder / "train.parquet", columns=["row", "latent"])
     build = json.loads((folder / "run_config.json").read_text())["config"]["dataset"]
-    return (frozenset(df["row"].tolist()), frozenset(df["latent"].tolist()),
-            (str(Path(build["cache_dir"]).resolve()), build["hookpoint"]))
+    return (
+        frozenset(df["row"].tolist()),
+        frozenset(df["latent"].tolist()),
+        (str(Path(build["cache_dir"]).resolve()), build["hookpoint"]),
+    )
 
 
-def training_rows_and_latents(sim, cache: tuple[str, str] | None = None,
-                              strict: bool = True) -> tuple[set[int], set[int]]:
+def training_rows_and_latents(
+    sim, cache: tuple[str, str] | None = None, strict: bool = True
+) -> tuple[set[int], set[int]]:
     """The cache rows and latents of a finetuned simulator's training splits (those built on `cache` only, when
     given). A training set that is not a local build_dataset folder is refused (`strict`) or logged."""
     rows, latents = set(), set()
@@ -39,10 +43,15 @@ def training_rows_and_latents(sim, cache: tuple[str, str] | None = None,
         folder = Path(name)
         if not (folder / "train.parquet").is_file() or not (folder / "run_config.json").is_file():
             if strict:
-                raise BadInputError(f"{sim.name}: its training data {name} is not a local build_dataset folder; the "
-                                    "held-out rows and latents cannot be checked.")
-            logger.warning("%s: cannot check held-out rows and latents against %s (not a local build_dataset "
-                           "folder)", sim.name, name)
+                raise BadInputError(
+                    f"{sim.name}: its training data {name} is not a local build_dataset folder; the "
+                    "held-out rows and latents cannot be checked."
+                )
+            logger.warning(
+                "%s: cannot check held-out rows and latents against %s (not a local build_dataset folder)",
+                sim.name,
+                name,
+            )
             continue
         r, lat, source = training_split(folder.resolve())
         if cache is None or source == cache:
@@ -57,10 +66,14 @@ def refuse_seen(sim, eval_set, frames: dict[str, pd.DataFrame], allow_seen_laten
     rows, latents = training_rows_and_latents(sim, cache, strict=False)
     for split, df in frames.items():
         if seen := sorted(rows & set(df["row"].tolist())):
-            raise BadInputError(f"{sim.name} was trained on {len(seen)} cache rows of the eval set's {split} split "
-                                f"(e.g. {seen[:5]}); build the eval set and the training mixture from the same cache "
-                                "with the same seed and fractions (the row split).")
+            raise BadInputError(
+                f"{sim.name} was trained on {len(seen)} cache rows of the eval set's {split} split "
+                f"(e.g. {seen[:5]}); build the eval set and the training mixture from the same cache "
+                "with the same seed and fractions (the row split)."
+            )
         if (seen := sorted(latents & set(df["latent"].tolist()))) and not allow_seen_latents:
-            raise BadInputError(f"{sim.name} was trained on {len(seen)} latents of the eval set's {split} split (e.g. "
-                                f"{seen[:5]}); evaluate on held-out latents (same seed and fractions as the training "
-                                "mixture, split_mode: latents) or set allow_seen_latents: true.")
+            raise BadInputError(
+                f"{sim.name} was trained on {len(seen)} latents of the eval set's {split} split (e.g. "
+                f"{seen[:5]}); evaluate on held-out latents (same seed and fractions as the training "
+                "mixture, split_mode: latents) or set allow_seen_latents: true."
+            )

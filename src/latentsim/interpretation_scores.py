@@ -25,16 +25,22 @@ from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.explain import FILE_RE, Example, highlighted_text
 
 SCORERS = ("detection", "fuzz")
-DETECTION_PROMPT = ("Here is the interpretation of a feature of a language model, and a text.\n\nInterpretation: "
-                    "{interpretation}\n\nText: {text}\n\nIs the feature active on any token of the text? Answer Yes or No.")
-FUZZ_PROMPT = ("Here is the interpretation of a feature of a language model, and a text where some tokens are marked "
-               "<<like this>>.\n\nInterpretation: {interpretation}\n\nText: {text}\n\nAre the marked tokens ones the "
-               "feature is active on? Answer Yes or No.")
+DETECTION_PROMPT = (
+    "Here is the interpretation of a feature of a language model, and a text.\n\nInterpretation: "
+    "{interpretation}\n\nText: {text}\n\nIs the feature active on any token of the text? Answer Yes or No."
+)
+FUZZ_PROMPT = (
+    "Here is the interpretation of a feature of a language model, and a text where some tokens are marked "
+    "<<like this>>.\n\nInterpretation: {interpretation}\n\nText: {text}\n\nAre the marked tokens ones the "
+    "feature is active on? Answer Yes or No."
+)
 
 
 def fuzzed_text(example: Example, n_marks: int, tokenizer, rng: np.random.Generator) -> str:
     """A non-activating window with `n_marks` random tokens marked."""
-    marks = set(rng.choice(len(example.tokens), size=min(n_marks, len(example.tokens)), replace=False).tolist())
+    marks = set(
+        rng.choice(len(example.tokens), size=min(n_marks, len(example.tokens)), replace=False).tolist()
+    )
     parts = []
     for i, tok in enumerate(example.tokens.tolist()):
         piece = tokenizer.decode([tok], skip_special_tokens=True)
@@ -42,26 +48,47 @@ def fuzzed_text(example: Example, n_marks: int, tokenizer, rng: np.random.Genera
     return "".join(parts).replace("\n", " ")
 
 
-def scorer_items(scorer: str, interpretation: str, activating: list[Example], non_activating: list[Example],
-                 subject_tokenizer, rng: np.random.Generator) -> list[dict]:
+def scorer_items(
+    scorer: str,
+    interpretation: str,
+    activating: list[Example],
+    non_activating: list[Example],
+    subject_tokenizer,
+    rng: np.random.Generator,
+) -> list[dict]:
     """The judge prompts of one latent, each with the ground truth `activating`."""
     items = []
     if scorer == "detection":
         for ex, truth in [(e, True) for e in activating] + [(e, False) for e in non_activating]:
             text = subject_tokenizer.decode(ex.tokens.tolist(), skip_special_tokens=True).replace("\n", " ")
-            items.append({"text": text, "activating": truth,
-                          "prompt": DETECTION_PROMPT.format(interpretation=interpretation, text=text)})
+            items.append(
+                {
+                    "text": text,
+                    "activating": truth,
+                    "prompt": DETECTION_PROMPT.format(interpretation=interpretation, text=text),
+                }
+            )
     elif scorer == "fuzz":
         marked = [int((e.activations >= 0.3 * e.max_activation).sum()) for e in activating]
         n_marks = math.ceil(float(np.mean(marked))) if marked else 1
         for ex in activating:
             text = highlighted_text(ex, subject_tokenizer)
-            items.append({"text": text, "activating": True,
-                          "prompt": FUZZ_PROMPT.format(interpretation=interpretation, text=text)})
+            items.append(
+                {
+                    "text": text,
+                    "activating": True,
+                    "prompt": FUZZ_PROMPT.format(interpretation=interpretation, text=text),
+                }
+            )
         for ex in non_activating:
             text = fuzzed_text(ex, n_marks, subject_tokenizer, rng)
-            items.append({"text": text, "activating": False,
-                          "prompt": FUZZ_PROMPT.format(interpretation=interpretation, text=text)})
+            items.append(
+                {
+                    "text": text,
+                    "activating": False,
+                    "prompt": FUZZ_PROMPT.format(interpretation=interpretation, text=text),
+                }
+            )
     else:
         raise ConfigError(f"config key `scorer`: {scorer!r} is not one of {SCORERS}.")
     return items
@@ -82,11 +109,17 @@ def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
     out = []
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         batch = batch.to(model.device)
         logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
         pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
@@ -113,10 +146,14 @@ def load_score_folder(folder: str | Path, hookpoint: str) -> dict[int, float]:
         if not match:
             raise BadInputError(f"{file}: not named <hookpoint>_latent<id>.txt (delphi's layout).")
         if match["module"].replace("--", ".").removeprefix("model.") != hookpoint.removeprefix("model."):
-            raise BadInputError(f"{file} scores hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}.")
+            raise BadInputError(
+                f"{file} scores hookpoint {match['module']!r}, but the SAE reads {hookpoint!r}."
+            )
         records = json.loads(file.read_text())
         if not isinstance(records, list) or (records and not {"activating", "prediction"} <= set(records[0])):
-            raise BadInputError(f"{file}: expected a JSON list of classifier outputs with `activating` and `prediction`.")
+            raise BadInputError(
+                f"{file}: expected a JSON list of classifier outputs with `activating` and `prediction`."
+            )
         out[int(match["latent"])] = balanced_accuracy(records)
     if not out:
         raise MissingInputError(f"{folder} holds no per-latent score files; run data_gen/score.py.")
@@ -129,8 +166,10 @@ def load_scores(path: str | Path, hookpoint: str, width: int, key: str = "score_
     if Path(path).is_dir():
         scores = load_score_folder(path, hookpoint)
     else:
-        wrong = (f"config key `{key}`: {path} must be a JSON file {{latent: score}} or a folder of per-latent "
-                 "score files (data_gen/score.py writes both).")
+        wrong = (
+            f"config key `{key}`: {path} must be a JSON file {{latent: score}} or a folder of per-latent "
+            "score files (data_gen/score.py writes both)."
+        )
         if not Path(path).is_file():
             raise MissingInputError(wrong)
         try:
@@ -141,5 +180,7 @@ def load_scores(path: str | Path, hookpoint: str, width: int, key: str = "score_
             raise BadInputError(wrong)
         scores = {int(k): float(v) for k, v in data.items()}
     if any(not 0 <= k < width for k in scores):
-        raise BadInputError(f"config key `{key}`: {path} scores latents outside the SAE's {width}; wrong SAE?")
+        raise BadInputError(
+            f"config key `{key}`: {path} scores latents outside the SAE's {width}; wrong SAE?"
+        )
     return scores

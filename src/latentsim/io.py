@@ -26,8 +26,18 @@ from latentsim.errors import ConfigError
 
 # Packages whose versions are recorded in every run_config.json.
 TRACKED_PACKAGES = (
-    "latentsim", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate",
-    "sae-lens", "safetensors", "gguf", "numpy",
+    "latentsim",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "sae-lens",
+    "safetensors",
+    "gguf",
+    "numpy",
 )
 # Keys whose values must never reach a log or a saved config (hub_token, HF_TOKEN, wandb api_key, ...).
 SECRET_KEY_RE = re.compile(r"(^|_)(token|api_key|password|secret)$", re.IGNORECASE)
@@ -125,10 +135,16 @@ def git_sha(repo_dir: str | os.PathLike | None = None) -> str | None:
     """The commit of the latentsim checkout (with `+dirty` if it has uncommitted changes), or None."""
     repo_dir = Path(repo_dir) if repo_dir else Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -159,8 +175,9 @@ def provenance(stage: str, configs: dict[str, Any], seed: int | None) -> dict[st
     }
 
 
-def write_run_config(output_dir: str | os.PathLike, stage: str, configs: dict[str, Any],
-                     seed: int | None) -> Path:
+def write_run_config(
+    output_dir: str | os.PathLike, stage: str, configs: dict[str, Any], seed: int | None
+) -> Path:
     """Write `run_config.json` into `output_dir` (first thing every stage does) and return its path."""
     path = Path(output_dir) / "run_config.json"
     atomic_write_json(path, provenance(stage, configs, seed))
@@ -180,23 +197,37 @@ def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], i
     new = to_jsonable(configs)
     # A key added after the run was recorded, left at its default, is no difference: defaults of new keys keep the
     # old behaviour (that is how keys are added here).
-    defaults = {section: to_jsonable({f.name: f.default for f in dataclasses.fields(c)
-                                      if f.default is not dataclasses.MISSING})
-                for section, c in configs.items() if dataclasses.is_dataclass(c)}
+    defaults = {
+        section: to_jsonable(
+            {f.name: f.default for f in dataclasses.fields(c) if f.default is not dataclasses.MISSING}
+        )
+        for section, c in configs.items()
+        if dataclasses.is_dataclass(c)
+    }
     diffs = []
     for section in sorted(set(old) | set(new)):
         old_s, new_s = old.get(section, {}), new.get(section, {})
         for key in sorted(set(old_s) | set(new_s)):
             name = f"{section}.{key}"
-            if key not in old_s and key in defaults.get(section, {}) and new_s.get(key) == defaults[section][key]:
+            if (
+                key not in old_s
+                and key in defaults.get(section, {})
+                and new_s.get(key) == defaults[section][key]
+            ):
                 continue
             if name not in ignore and old_s.get(key) != new_s.get(key):
                 diffs.append(f"{name}: {old_s.get(key)!r} -> {new_s.get(key)!r}")
     return diffs
 
 
-def require_same_config(output_dir: str | os.PathLike, configs: dict[str, Any], ignore: set[str], what: str,
-                        fix: str, finished: str | None = None) -> None:
+def require_same_config(
+    output_dir: str | os.PathLike,
+    configs: dict[str, Any],
+    ignore: set[str],
+    what: str,
+    fix: str,
+    finished: str | None = None,
+) -> None:
     """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`).
     With `finished` (a glob), only finished work binds the config: a folder holding no matching file yet (a first
     run that failed early) may be rerun with a corrected config."""

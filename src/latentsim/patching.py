@@ -40,8 +40,12 @@ def clean_pass(model, ids: torch.Tensor, layer: int):
         first = model(input_ids=ids[None, :-1], use_cache=True)
         prefix_cache = first.cache if "cache" in first else first.past_key_values
         kept = copy.deepcopy(prefix_cache)
-        last = model(input_ids=ids[None, -1:], position_ids=torch.tensor([[len(ids) - 1]], device=ids.device),
-                     use_cache=True, **{key: prefix_cache})
+        last = model(
+            input_ids=ids[None, -1:],
+            position_ids=torch.tensor([[len(ids) - 1]], device=ids.device),
+            use_cache=True,
+            **{key: prefix_cache},
+        )
     finally:
         handle.remove()
     logits = torch.cat([first.logits[0], last.logits[0]]).float()
@@ -67,11 +71,17 @@ def judged_logits(model, ids: torch.Tensor, layer: int, cache, vectors: torch.Te
     n, t = vectors.shape[0], ids.shape[0]
     past = copy.deepcopy(cache)
     past.batch_repeat_interleave(n)
-    handle = decoder_layers(model)[layer].register_forward_hook(_replace_output(vectors[:, None, :], slice(0, 1)))
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        _replace_output(vectors[:, None, :], slice(0, 1))
+    )
     try:
         decoder_kwargs = {cache_keyword(model): past}
-        out = model(input_ids=ids[-1:].expand(n, 1), position_ids=torch.full((n, 1), t - 1, device=ids.device),
-                    use_cache=True, **decoder_kwargs)
+        out = model(
+            input_ids=ids[-1:].expand(n, 1),
+            position_ids=torch.full((n, 1), t - 1, device=ids.device),
+            use_cache=True,
+            **decoder_kwargs,
+        )
     finally:
         handle.remove()
     return out.logits[:, -1].float()
@@ -90,8 +100,9 @@ def all_positions_logits(model, ids: torch.Tensor, layer: int, vectors: torch.Te
     return out.logits.float()
 
 
-def kl_and_ce(clean_logits: torch.Tensor, patched_logits: torch.Tensor, next_ids: torch.Tensor | None,
-              chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kl_and_ce(
+    clean_logits: torch.Tensor, patched_logits: torch.Tensor, next_ids: torch.Tensor | None, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row of [..., V] logits: KL(p_clean || p_patched) in nats and (if next_ids) -log p_patched(next).
     Log-softmax over the vocabulary is done `chunk` rows at a time (Gemma's vocabulary is 262k)."""
     shape = patched_logits.shape[:-1]
@@ -100,11 +111,11 @@ def kl_and_ce(clean_logits: torch.Tensor, patched_logits: torch.Tensor, next_ids
     nxt = next_ids.expand(shape).reshape(-1) if next_ids is not None else None
     kl, ce = [], []
     for a in range(0, patched.shape[0], chunk):
-        log_p = torch.log_softmax(clean[a:a + chunk].double(), dim=-1)
-        log_q = torch.log_softmax(patched[a:a + chunk].double(), dim=-1)
+        log_p = torch.log_softmax(clean[a : a + chunk].double(), dim=-1)
+        log_q = torch.log_softmax(patched[a : a + chunk].double(), dim=-1)
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
         if nxt is not None:
-            ce.append(-log_q.gather(1, nxt[a:a + chunk, None]).squeeze(1))
+            ce.append(-log_q.gather(1, nxt[a : a + chunk, None]).squeeze(1))
     return torch.cat(kl).reshape(shape), (torch.cat(ce).reshape(shape) if nxt is not None else None)
 
 

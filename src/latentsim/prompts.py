@@ -35,25 +35,29 @@ DENSE_TEXT_MARK = "\nText:"  # dense formats: `<question> <interpretation>` + th
 @dataclass(frozen=True)
 class PromptFormat:
     name: str
-    question: str          # the instruction that opens the user message
+    question: str  # the instruction that opens the user message
     answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
-    label: str             # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
-    dense: bool = False    # a verdict at every text token (no chat template), see the module docstring
+    label: str  # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
+    dense: bool = False  # a verdict at every text token (no chat template), see the module docstring
     judges: str | None = None  # dense: the per-judgment format whose eval sets it scores
 
 
 SIM_V1 = PromptFormat(
     name="sim_v1",
-    question=("Below is a text and the interpretation of a sparse-autoencoder latent. Is the latent active on the "
-              f"last token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}? Answer Yes or No."),
+    question=(
+        "Below is a text and the interpretation of a sparse-autoencoder latent. Is the latent active on the "
+        f"last token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}? Answer Yes or No."
+    ),
     answers=("No", "Yes"),
     label="active",
 )
 SIM_VALUE_V1 = PromptFormat(
     name="sim_value_v1",
-    question=("Below is a text and the interpretation of a sparse-autoencoder latent that is active on the last "
-              f"token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}. How strongly is it active, from "
-              "0 (weakest) to 9 (strongest)? Answer with one digit."),
+    question=(
+        "Below is a text and the interpretation of a sparse-autoencoder latent that is active on the last "
+        f"token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}. How strongly is it active, from "
+        "0 (weakest) to 9 (strongest)? Answer with one digit."
+    ),
     answers=tuple(str(d) for d in range(10)),
     label="bin",
 )
@@ -124,8 +128,9 @@ def dense_text_ids(tokenizer, text: str, token_ends: list[int]) -> tuple[list[in
     return list(encoded["input_ids"]), [ends.get(e, -1) for e in token_ends]
 
 
-def dense_token_ids(tokenizer, fmt: str, interpretation: str, text: str,
-                    token_ends: list[int]) -> tuple[list[int], list[int]]:
+def dense_token_ids(
+    tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int]
+) -> tuple[list[int], list[int]]:
     """Simulator token ids of a dense example (header, then the text) and, per judged token, the position of the
     whole sequence its verdict is read at (-1 when unaligned; see dense_text_ids)."""
     header = dense_header_ids(tokenizer, fmt, interpretation)
@@ -139,7 +144,7 @@ def dense_judgment(messages: list[dict]) -> tuple[str, str]:
     if len(messages) != 1:
         raise BadInputError("a dense simulator reads one judgment per prompt (no few-shot examples).")
     head, prefix, rest = split_context(messages[0]["content"])
-    judged, _, tail = rest[len(MARK_OPEN):].partition(MARK_CLOSE + INTERPRETATION_MARK)
+    judged, _, tail = rest[len(MARK_OPEN) :].partition(MARK_CLOSE + INTERPRETATION_MARK)
     if SCORE_MARK in tail:
         raise BadInputError("a dense simulator does not read interpretation scores; score it without them.")
     return tail, prefix + judged
@@ -170,24 +175,32 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
     if f.dense:  # read at text positions, not after a chat prompt: each answer must be one token on its own
         ids = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in f.answers]
         if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
-            raise BadInputError(f"format {fmt}: the answers {f.answers} are not distinct single tokens for this "
-                                "tokenizer; use another format.")
+            raise BadInputError(
+                f"format {fmt}: the answers {f.answers} are not distinct single tokens for this "
+                "tokenizer; use another format."
+            )
         return [i[0] for i in ids]
     messages = render_prompt(fmt, marked_context("a", "b"), "c")
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
     ids = []
     for answer in f.answers:
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": answer}], tokenize=True
+        )
         full = list(full["input_ids"] if hasattr(full, "keys") else full)
-        if full[:len(prompt_ids)] != prompt_ids:
-            raise BadInputError(f"format {fmt}: the tokenized prompt is not a prefix of prompt + answer {answer!r} "
-                             "for this tokenizer's chat template; the label would be misaligned.")
-        rest = full[len(prompt_ids):]
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise BadInputError(
+                f"format {fmt}: the tokenized prompt is not a prefix of prompt + answer {answer!r} "
+                "for this tokenizer's chat template; the label would be misaligned."
+            )
+        rest = full[len(prompt_ids) :]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if len(answer_ids) != 1 or rest[:1] != answer_ids:
-            raise BadInputError(f"format {fmt}: answer {answer!r} is not one token for this tokenizer "
-                             f"({tokenizer.convert_ids_to_tokens(rest[:3])}); use another format.")
+            raise BadInputError(
+                f"format {fmt}: answer {answer!r} is not one token for this tokenizer "
+                f"({tokenizer.convert_ids_to_tokens(rest[:3])}); use another format."
+            )
         ids.append(answer_ids[0])
     if len(set(ids)) != len(ids):
         raise BadInputError(f"format {fmt}: two answers share a token for this tokenizer.")

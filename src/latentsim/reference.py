@@ -24,8 +24,11 @@ import pandas as pd
 
 from latentsim.prompts import MARK_CLOSE, MARK_OPEN
 
-REFERENCE_FEATURES = {"prior": ("log_firing_rate",), "string_match": ("string_match",),
-                      "prior+string_match": ("log_firing_rate", "string_match")}
+REFERENCE_FEATURES = {
+    "prior": ("log_firing_rate",),
+    "string_match": ("string_match",),
+    "prior+string_match": ("log_firing_rate", "string_match"),
+}
 QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 FIRING_RATE_FLOOR = 1e-7  # log of a latent that never fired in the cache
 
@@ -51,19 +54,27 @@ def named_tokens(interpretation: str) -> set[str]:
 
 def judged_token(context: str) -> str:
     """The judged (marked, last) token of a context rendered by latentsim.prompts.marked_context."""
-    return context[context.rindex(MARK_OPEN) + len(MARK_OPEN):context.rindex(MARK_CLOSE)]
+    return context[context.rindex(MARK_OPEN) + len(MARK_OPEN) : context.rindex(MARK_CLOSE)]
 
 
-def features(df: pd.DataFrame, firing_rate: np.ndarray, interpretations: dict[int, str] | None = None) -> pd.DataFrame:
+def features(
+    df: pd.DataFrame, firing_rate: np.ndarray, interpretations: dict[int, str] | None = None
+) -> pd.DataFrame:
     """Per judgment: log firing rate of the latent and whether the interpretation names the judged token
     (`interpretations` overrides the rows' own interpretation texts)."""
-    texts = (df["interpretation"] if interpretations is None
-             else df["latent"].map(lambda lat: interpretations.get(int(lat), "")))
-    names = {t: named_tokens(t) for t in set(texts)}  # a latent's interpretation recurs in every context it is judged in
+    texts = (
+        df["interpretation"]
+        if interpretations is None
+        else df["latent"].map(lambda lat: interpretations.get(int(lat), ""))
+    )
+    names = {
+        t: named_tokens(t) for t in set(texts)
+    }  # a latent's interpretation recurs in every context it is judged in
     match = [normalise_token(judged_token(c)) in names[t] for c, t in zip(df["context"], texts, strict=True)]
     rate = np.maximum(firing_rate[df["latent"].to_numpy()], FIRING_RATE_FLOOR)
-    return pd.DataFrame({"log_firing_rate": np.log(rate), "string_match": np.asarray(match, dtype=float)},
-                        index=df.index)
+    return pd.DataFrame(
+        {"log_firing_rate": np.log(rate), "string_match": np.asarray(match, dtype=float)}, index=df.index
+    )
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iterations: int = 100) -> np.ndarray:
@@ -86,15 +97,26 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iterations: int
 class ReferenceModel:
     """One reference baseline: its features standardised on the train split, then a logistic fit."""
 
-    def __init__(self, kind: str, train: pd.DataFrame, firing_rate: np.ndarray,
-                 interpretations: dict[int, str] | None = None):
-        self.columns, self.firing_rate, self.interpretations = list(REFERENCE_FEATURES[kind]), firing_rate, interpretations
+    def __init__(
+        self,
+        kind: str,
+        train: pd.DataFrame,
+        firing_rate: np.ndarray,
+        interpretations: dict[int, str] | None = None,
+    ):
+        self.columns, self.firing_rate, self.interpretations = (
+            list(REFERENCE_FEATURES[kind]),
+            firing_rate,
+            interpretations,
+        )
         x = features(train, firing_rate, interpretations)[self.columns].to_numpy()
         self.mean, self.scale = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
         self.weights = fit_logistic((x - self.mean) / self.scale, train["active"].to_numpy(dtype=float))
 
     def label_logits(self, df: pd.DataFrame) -> np.ndarray:
         """[N, 2] logits (No, Yes) of the rows: [0, z] with P(yes) = sigmoid(z)."""
-        x = (features(df, self.firing_rate, self.interpretations)[self.columns].to_numpy() - self.mean) / self.scale
+        x = (
+            features(df, self.firing_rate, self.interpretations)[self.columns].to_numpy() - self.mean
+        ) / self.scale
         z = self.weights[0] + x @ self.weights[1:]
         return np.column_stack([np.zeros(len(z)), z]).astype(np.float32)

@@ -43,14 +43,17 @@ def check_hookpoint(model, hookpoint: str) -> int:
     layer = hookpoint_layer(hookpoint)
     n_layers = len(decoder_layers(model))
     if layer >= n_layers:
-        raise ConfigError(f"config key `hookpoint`: {hookpoint!r} but the model has only {n_layers} layers "
-                         f"(layers.0 .. layers.{n_layers - 1}).")
+        raise ConfigError(
+            f"config key `hookpoint`: {hookpoint!r} but the model has only {n_layers} layers "
+            f"(layers.0 .. layers.{n_layers - 1})."
+        )
     return layer
 
 
 @torch.no_grad()
-def residual_at(model, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None,
-                stop: bool = True) -> torch.Tensor:
+def residual_at(
+    model, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None, stop: bool = True
+) -> torch.Tensor:
     """Residual stream after decoder layer `layer`, [batch, seq, d_model]. With `stop`, later layers never run."""
     captured = {}
 
@@ -77,8 +80,10 @@ def load_sae(sae_args, device: torch.device | str = "cpu", d_model: int | None =
     if sae_args.sae_path:
         path = Path(sae_args.sae_path)
         if not (path / "cfg.json").is_file():
-            raise MissingInputError(f"config key `sae_path`: {path} is not a sae-lens folder (no cfg.json). "
-                                    "Train one with data_gen/train_sae.py or point to an existing folder.")
+            raise MissingInputError(
+                f"config key `sae_path`: {path} is not a sae-lens folder (no cfg.json). "
+                "Train one with data_gen/train_sae.py or point to an existing folder."
+            )
         sae = SAE.load_from_disk(str(path), device=str(device))
     elif sae_args.sae_release:
         sae = SAE.from_pretrained(sae_args.sae_release, sae_args.sae_id, device=str(device))
@@ -86,12 +91,16 @@ def load_sae(sae_args, device: torch.device | str = "cpu", d_model: int | None =
         raise ConfigError("no SAE given: set `sae_path` (local folder) or `sae_release` + `sae_id`.")
     sae.eval().requires_grad_(False)
     if d_model is not None and sae.cfg.d_in != d_model:
-        raise BadInputError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has d_model={d_model}; "
-                         "the SAE belongs to another model.")
+        raise BadInputError(
+            f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has d_model={d_model}; "
+            "the SAE belongs to another model."
+        )
     hook_name = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None) or ""
     match = re.search(r"(?:blocks|layers)\.(\d+)", hook_name)
     if match and int(match.group(1)) != hookpoint_layer(sae_args.hookpoint):
-        raise BadInputError(f"config key `hookpoint`: {sae_args.hookpoint!r} but the SAE was trained on {hook_name!r}.")
+        raise BadInputError(
+            f"config key `hookpoint`: {sae_args.hookpoint!r} but the SAE was trained on {hook_name!r}."
+        )
     return sae
 
 
@@ -145,7 +154,7 @@ def sae_quality(sae, x: torch.Tensor, batch: int = 4096) -> dict:
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     recon, l0 = [], 0.0
     for i in range(0, x.shape[0], batch):
-        acts = sae.encode(x[i:i + batch])
+        acts = sae.encode(x[i : i + batch])
         recon.append(sae.decode(acts))
         active = acts.abs() > ACTIVE_THRESHOLD
         l0 += float(active.sum())
@@ -175,11 +184,21 @@ def shuffled_batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[to
     while True:
         order = torch.randperm(x.shape[0], generator=gen)
         for i in range(0, x.shape[0] - batch_size + 1, batch_size):
-            yield x[order[i:i + batch_size]]
+            yield x[order[i : i + batch_size]]
 
 
-def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, training_tokens: int, batch_size: int, lr: float,
-                   lr_end_fraction: float, seed: int, hook_name: str, model_name: str):
+def train_topk_sae(
+    x: torch.Tensor,
+    d_sae: int,
+    k: int,
+    training_tokens: int,
+    batch_size: int,
+    lr: float,
+    lr_end_fraction: float,
+    seed: int,
+    hook_name: str,
+    model_name: str,
+):
     """Train a sae-lens TopK SAE on activations x [n, d_in] (position 0 already removed)."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -187,11 +206,16 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, training_tokens: int, ba
 
     torch.manual_seed(seed)
     batch_size = min(batch_size, x.shape[0])
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=x.shape[1], d_sae=d_sae, k=k, device=str(x.device),
-        normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(hook_name=hook_name, model_name=model_name, prepend_bos=True),
-    ))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=x.shape[1],
+            d_sae=d_sae,
+            k=k,
+            device=str(x.device),
+            normalize_activations="expected_average_only_in",
+            metadata=SAEMetadata(hook_name=hook_name, model_name=model_name, prepend_bos=True),
+        )
+    )
     steps = math.ceil(training_tokens / batch_size)
 
     class Trainer(SAETrainer):
@@ -201,9 +225,15 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, training_tokens: int, ba
 
     trainer = Trainer(
         cfg=SAETrainerConfig(
-            total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-            lr_end=lr * lr_end_fraction, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(50, steps // 10),
-            device=str(x.device), dead_feature_window=max(steps // 4, 1), feature_sampling_window=max(steps // 2, 1),
+            total_training_samples=steps * batch_size,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=lr * lr_end_fraction,
+            lr_scheduler_name="cosineannealing",
+            lr_warm_up_steps=min(50, steps // 10),
+            device=str(x.device),
+            dead_feature_window=max(steps // 4, 1),
+            feature_sampling_window=max(steps // 2, 1),
             logger=LoggingConfig(log_to_wandb=False),
         ),
         sae=sae,

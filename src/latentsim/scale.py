@@ -31,10 +31,13 @@ def word_level_tokenizer(words: list[str]):
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<bos>", "<eos>", "<pad>", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
-                          "{% if add_generation_prompt %}<bos> assistant {% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<bos> assistant {% endif %}"
+    )
     return fast
 
 
@@ -52,8 +55,17 @@ def firing_distribution(width: int, rng: np.random.Generator) -> np.ndarray:
     return np.cumsum(weights / weights.sum())
 
 
-def write_synthetic_cache(cache_dir: str | Path, n_tokens: int, width: int, l0: int, n_splits: int,
-                          ctx_len: int = 256, shard_rows: int = 128, seed: int = 0, hookpoint: str = "layers.15") -> Path:
+def write_synthetic_cache(
+    cache_dir: str | Path,
+    n_tokens: int,
+    width: int,
+    l0: int,
+    n_splits: int,
+    ctx_len: int = 256,
+    shard_rows: int = 128,
+    seed: int = 0,
+    hookpoint: str = "layers.15",
+) -> Path:
     """`cache_dir/latents/<hookpoint>` (delphi layout) with ~`n_tokens` tokens in rows of `ctx_len` (position 0 a
     BOS, never cached, as in our caches); returns the latents folder."""
     cache_dir = Path(cache_dir)
@@ -68,18 +80,36 @@ def write_synthetic_cache(cache_dir: str | Path, n_tokens: int, width: int, l0: 
         tokens[:, 0] = 1  # <bos>
         n_tok = (b - a) * (ctx_len - 1)
         # i.i.d. draws, fast: inverse-CDF lookups of sorted uniforms, then a random order (exchangeable again).
-        latents = np.searchsorted(cdf, np.sort(rng.random(n_tok * l0))).clip(max=width - 1)[rng.permutation(n_tok * l0)]
-        keys = np.sort(np.repeat(np.arange(n_tok, dtype=np.int64), l0) * width + latents)  # by token, then latent
+        latents = np.searchsorted(cdf, np.sort(rng.random(n_tok * l0))).clip(max=width - 1)[
+            rng.permutation(n_tok * l0)
+        ]
+        keys = np.sort(
+            np.repeat(np.arange(n_tok, dtype=np.int64), l0) * width + latents
+        )  # by token, then latent
         keys = keys[np.r_[True, keys[1:] != keys[:-1]]]  # duplicates within a token merged
         token_index, latents = np.divmod(keys, width)
-        locations = np.stack([a + token_index // (ctx_len - 1), 1 + token_index % (ctx_len - 1), latents], axis=1)
-        write_shard(shard_dir, a, b, locations, rng.exponential(1.0, size=len(keys)).astype(np.float32), tokens)
-    config = {"dataset_repo": "synthetic", "n_splits": n_splits, "n_tokens": n_rows * ctx_len, "ctx_len": ctx_len,
-              "model_name": str(tokenizer_dir),
-              "latentsim": {"hookpoint": hookpoint, "model": {"model": str(tokenizer_dir)}, "synthetic": {
-                  "width": width, "l0": l0, "seed": seed}}}
+        locations = np.stack(
+            [a + token_index // (ctx_len - 1), 1 + token_index % (ctx_len - 1), latents], axis=1
+        )
+        write_shard(
+            shard_dir, a, b, locations, rng.exponential(1.0, size=len(keys)).astype(np.float32), tokens
+        )
+    config = {
+        "dataset_repo": "synthetic",
+        "n_splits": n_splits,
+        "n_tokens": n_rows * ctx_len,
+        "ctx_len": ctx_len,
+        "model_name": str(tokenizer_dir),
+        "latentsim": {
+            "hookpoint": hookpoint,
+            "model": {"model": str(tokenizer_dir)},
+            "synthetic": {"width": width, "l0": l0, "seed": seed},
+        },
+    }
     out = finalise_shards(shard_dir, ranges, cache_dir / "latents", hookpoint, width, n_splits, config)
     remove_shards(shard_dir)
-    atomic_write_json(cache_dir / "synthetic.json", {"n_rows": n_rows, "ctx_len": ctx_len, "width": width, "l0": l0,
-                                                     "n_splits": n_splits, "seed": seed})
+    atomic_write_json(
+        cache_dir / "synthetic.json",
+        {"n_rows": n_rows, "ctx_len": ctx_len, "width": width, "l0": l0, "n_splits": n_splits, "seed": seed},
+    )
     return out

@@ -27,24 +27,37 @@ from latentsim.prompts import get_format, render_completion, render_prompt
 from latentsim.training import CHECKPOINT_COMPLETE
 
 logger = logging.getLogger(__name__)
-PREDICTION_COLUMNS = ("context_id", "row", "position", "latent", "active", "activation", "activation_bin",
-                      "quantile_bin", "n_active", "n_active_explained", "candidate")
+PREDICTION_COLUMNS = (
+    "context_id",
+    "row",
+    "position",
+    "latent",
+    "active",
+    "activation",
+    "activation_bin",
+    "quantile_bin",
+    "n_active",
+    "n_active_explained",
+    "candidate",
+)
 
 
 @dataclass
 class Simulator:
-    name: str                       # its results folder under <output_dir>/<eval set>/
-    kind: str                       # `finetuned`, `baseline` (prompted) or `reference` (reads nothing)
-    base_model: str                 # model reference (Hub id, folder, embedded:...)
-    adapter: str | None = None      # LoRA adapter folder (finetuned)
-    shots: int = 0                  # few-shot examples prepended (baselines)
-    score: bool = False             # show the interpretation score in the prompt
+    name: str  # its results folder under <output_dir>/<eval set>/
+    kind: str  # `finetuned`, `baseline` (prompted) or `reference` (reads nothing)
+    base_model: str  # model reference (Hub id, folder, embedded:...)
+    adapter: str | None = None  # LoRA adapter folder (finetuned)
+    shots: int = 0  # few-shot examples prepended (baselines)
+    score: bool = False  # show the interpretation score in the prompt
     interpretations: str | None = None  # another interpretation set than the eval set's
-    prompt_format: str | None = None    # recorded by training (finetuned)
+    prompt_format: str | None = None  # recorded by training (finetuned)
     chat_template_sha256: str | None = None
     train_datasets: list[str] = field(default_factory=list)
     step: int | None = None
-    tensor_parallel_size: int | None = None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
+    tensor_parallel_size: int | None = (
+        None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
+    )
 
 
 def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> list[Simulator]:
@@ -53,19 +66,31 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
     run = Path(run_dir)
     config_path = run / "run_config.json"
     if not config_path.is_file():
-        raise MissingInputError(f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?")
+        raise MissingInputError(
+            f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?"
+        )
     config = json.loads(config_path.read_text())["config"]
     script, model = config["script"], config["model"]
-    common = dict(kind="finetuned", base_model=model["model_name_or_path"], prompt_format=script["prompt_format"],
-                  chat_template_sha256=config.get("chat_template_sha256"),
-                  train_datasets=[script["dataset_name"], *script.get("extra_datasets", [])],
-                  score=False)
+    common = dict(
+        kind="finetuned",
+        base_model=model["model_name_or_path"],
+        prompt_format=script["prompt_format"],
+        chat_template_sha256=config.get("chat_template_sha256"),
+        train_datasets=[script["dataset_name"], *script.get("extra_datasets", [])],
+        score=False,
+    )
     out = []
     if include_checkpoints:
         for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
             if (ckpt / CHECKPOINT_COMPLETE).is_file() and (ckpt / "adapter_model.safetensors").is_file():
-                out.append(Simulator(name=f"{run.name}__{ckpt.name}", adapter=str(ckpt),
-                                     step=int(ckpt.name.split("-")[-1]), **common))
+                out.append(
+                    Simulator(
+                        name=f"{run.name}__{ckpt.name}",
+                        adapter=str(ckpt),
+                        step=int(ckpt.name.split("-")[-1]),
+                        **common,
+                    )
+                )
             else:
                 logger.warning("skipping incomplete checkpoint %s", ckpt)
     if (run / "adapter_model.safetensors").is_file():
@@ -77,15 +102,23 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
         out = [s for s in out if step is None or s.step != step]
         out.append(Simulator(name=f"{run.name}__final", adapter=str(run), step=step, **common))
     if not out:
-        raise MissingInputError(f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors).")
+        raise MissingInputError(
+            f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors)."
+        )
     return out
 
 
 def baseline_simulator(spec: dict) -> Simulator:
     kind = "reference" if spec["model"] in REFERENCE_BASELINES else "baseline"
-    return Simulator(name=f"baseline__{spec['name']}", kind=kind, base_model=spec["model"],
-                     shots=spec["shots"], score=spec["score"], interpretations=spec["interpretations"],
-                     tensor_parallel_size=spec.get("tensor_parallel_size"))
+    return Simulator(
+        name=f"baseline__{spec['name']}",
+        kind=kind,
+        base_model=spec["model"],
+        shots=spec["shots"],
+        score=spec["score"],
+        interpretations=spec["interpretations"],
+        tensor_parallel_size=spec.get("tensor_parallel_size"),
+    )
 
 
 def judged_format(fmt: str) -> str:
@@ -104,12 +137,16 @@ def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
     if sim.kind != "finetuned":
         return
     if judged_format(sim.prompt_format) != eval_format:
-        raise BadInputError(f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
-                         f"{eval_format!r}; build an eval set with prompt_format: {judged_format(sim.prompt_format)}.")
+        raise BadInputError(
+            f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
+            f"{eval_format!r}; build an eval set with prompt_format: {judged_format(sim.prompt_format)}."
+        )
     sha = chat_template_sha256(tokenizer)
     if sim.chat_template_sha256 and sim.chat_template_sha256 != sha:
-        raise BadInputError(f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
-                         f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training.")
+        raise BadInputError(
+            f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
+            f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training."
+        )
 
 
 def few_shot_messages(eval_set: EvalSet, shots: int, seed: int, interpretations, score: bool) -> list[dict]:
@@ -123,27 +160,38 @@ def few_shot_messages(eval_set: EvalSet, shots: int, seed: int, interpretations,
     if eval_set.binary:
         pos, neg = train[train["active"] == 1], train[train["active"] == 0]
         n_pos = min(len(pos), (shots + 1) // 2)
-        picks = pd.concat([pos.iloc[rng.choice(len(pos), n_pos, replace=False)],
-                           neg.iloc[rng.choice(len(neg), min(len(neg), shots - n_pos), replace=False)]])
+        picks = pd.concat(
+            [
+                pos.iloc[rng.choice(len(pos), n_pos, replace=False)],
+                neg.iloc[rng.choice(len(neg), min(len(neg), shots - n_pos), replace=False)],
+            ]
+        )
     else:
         picks = train.iloc[rng.choice(len(train), min(shots, len(train)), replace=False)]
     picks = picks.iloc[rng.permutation(len(picks))]
     messages = []
     for _, row in picks.iterrows():
-        interp = interpretations.get(int(row["latent"]), row["interpretation"]) if interpretations else row["interpretation"]
+        interp = (
+            interpretations.get(int(row["latent"]), row["interpretation"])
+            if interpretations
+            else row["interpretation"]
+        )
         messages += render_prompt(fmt, row["context"], interp, row["score"] if score else None)
         messages += render_completion(fmt, int(row[label]))  # label: the eval set's `active` or bin column
     return messages
 
 
-def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[dict],
-                     interpretations: dict[int, str] | None) -> tuple[list[list[dict]], np.ndarray]:
+def judgment_prompts(
+    df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[dict], interpretations: dict[int, str] | None
+) -> tuple[list[list[dict]], np.ndarray]:
     """The prompt of every row (and a mask of rows kept: an interpretation override may lack some latents).
     With the eval set's own interpretations and score setting, each must equal the stored prompt."""
     prompts, keep = [], np.ones(len(df), dtype=bool)
     has_score = df["score"].notna().all() if "score" in df else False
     if sim.score and not has_score:
-        raise ConfigError(f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path.")
+        raise ConfigError(
+            f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path."
+        )
     own = interpretations is None and sim.score == has_score
     for i, row in enumerate(df.itertuples(index=False)):
         interp = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
@@ -152,8 +200,10 @@ def judgment_prompts(df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[di
             continue
         messages = render_prompt(fmt, row.context, interp, row.score if sim.score else None)
         if own and messages != list(row.prompt):
-            raise BadInputError(f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
-                             f"{fmt} changed since the eval set was built. Rebuild it.")
+            raise BadInputError(
+                f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
+                f"{fmt} changed since the eval set was built. Rebuild it."
+            )
         prompts.append(prefix + messages)
     return prompts, keep
 
@@ -185,16 +235,25 @@ def simulators_to_score(args, api=None) -> list[Simulator]:
             sims.append(sim)
     for sim in sims:
         if args.backend == "vllm" and get_format(sim.prompt_format).dense:
-            raise ConfigError(f"{sim.name}: dense simulators are scored with backend: hf (the vLLM backend reads a "
-                              "chat prompt's next token, not a verdict at a text position).")
+            raise ConfigError(
+                f"{sim.name}: dense simulators are scored with backend: hf (the vLLM backend reads a "
+                "chat prompt's next token, not a verdict at a text position)."
+            )
     return sims + [baseline_simulator(b) for b in args.parsed_baselines]
 
 
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
     """What a simulator's folder holds results of (spec.json): a finished folder answers only the same spec."""
-    return {"simulator": asdict(sim), "eval_set": str(Path(args.eval_set)), "splits": list(splits),
-            "max_contexts": args.max_contexts, "calibration_contexts": args.calibration_contexts, "seed": args.seed,
-            "backend": args.backend, "dtype": args.dtype}
+    return {
+        "simulator": asdict(sim),
+        "eval_set": str(Path(args.eval_set)),
+        "splits": list(splits),
+        "max_contexts": args.max_contexts,
+        "calibration_contexts": args.calibration_contexts,
+        "seed": args.seed,
+        "backend": args.backend,
+        "dtype": args.dtype,
+    }
 
 
 def gpus_per_rank(sims: list[Simulator], args) -> int:
@@ -210,18 +269,25 @@ def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | N
         for f in folder.iterdir():
             f.unlink()
     old = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else None
-    if old is not None:  # a field added since, left at its default (None, 0), is no difference (the old behaviour)
+    if (
+        old is not None
+    ):  # a field added since, left at its default (None, 0), is no difference (the old behaviour)
         spec = {k: v for k, v in spec.items() if k in old or v not in (None, 0)}
-        spec["simulator"] = {k: v for k, v in spec["simulator"].items() if k in old.get("simulator", {}) or v is not None}
+        spec["simulator"] = {
+            k: v for k, v in spec["simulator"].items() if k in old.get("simulator", {}) or v is not None
+        }
     if old is not None and old != spec:
         diff = sorted(k for k in spec if spec[k] != old.get(k))
-        raise BadInputError(f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "
-                            "or choose another output_dir.")
+        raise BadInputError(
+            f"{folder} holds results of another setup (differs in {diff}); pass --overwrite true "
+            "or choose another output_dir."
+        )
     return read_results(folder)
 
 
-def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], pool,
-                    folder: Path) -> dict:
+def score_simulator(
+    sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], pool, folder: Path
+) -> dict:
     """Predictions of `sim` for every split (reusing finished ones, each written as it completes) and the
     scoring speed. `pool` is a latentsim.backends.ModelPool."""
     from tqdm.auto import tqdm
@@ -235,8 +301,11 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     tokenizer = pool.tokenizer_for(sim)
     check_simulator(sim, tokenizer, fmt)
     answer_ids = answer_token_ids(scorer_format(sim, fmt), tokenizer)
-    interpretations = (load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
-                       if sim.interpretations else None)
+    interpretations = (
+        load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
+        if sim.interpretations
+        else None
+    )
     prefix = few_shot_messages(eval_set, sim.shots, args.seed, interpretations, sim.score)
     predictions, timing, scorer = {}, {}, None
     for split, df in splits.items():
@@ -251,16 +320,26 @@ def score_simulator(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
         with tqdm(total=len(prompts), desc=f"{sim.name} ({split})", unit="judgment") as bar:
             logits = scorer.label_logits(prompts, progress=bar)
         seconds = time.perf_counter() - t0
-        timing[split] = {"judgments": len(prompts), "seconds": seconds, "judgments_per_s": len(prompts) / seconds,
-                         "dropped_without_interpretation": int((~keep).sum())}
+        timing[split] = {
+            "judgments": len(prompts),
+            "seconds": seconds,
+            "judgments_per_s": len(prompts) / seconds,
+            "dropped_without_interpretation": int((~keep).sum()),
+        }
         predictions[split] = save_predictions(path, df[keep], logits, fmt)
     if scorer is not None:
         pool.release(scorer)
-    return {"predictions": predictions, "timing": timing, "chat_template_sha256": chat_template_sha256(tokenizer),
-            "answer_token_ids": answer_ids}
+    return {
+        "predictions": predictions,
+        "timing": timing,
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "answer_token_ids": answer_ids,
+    }
 
 
-def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], folder: Path) -> dict:
+def score_reference(
+    sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], folder: Path
+) -> dict:
     """Predictions of a reference baseline (latentsim.reference), fitted on the eval set's calibration split (held-out
     latents like the test split's, so the same share of positives; the train split's larger latent pool holds more
     actives per context) or, without one, its train split."""
@@ -268,8 +347,11 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     from latentsim.reference import ReferenceModel
 
     eval_set.require_binary(f"the reference baseline {sim.base_model}")
-    interpretations = (load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
-                       if sim.interpretations else None)
+    interpretations = (
+        load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
+        if sim.interpretations
+        else None
+    )
     firing_rate = eval_set.statistics["firing_rate"].double().numpy()
     fit_split = args.calibration_split or "train"
     fit = eval_set.split(fit_split)
@@ -278,18 +360,35 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
     model = ReferenceModel(sim.base_model, fit, firing_rate, interpretations)
     predictions, timing = {}, {}
     for split, df in splits.items():
-        keep = df["latent"].isin(interpretations).to_numpy() if interpretations is not None else np.ones(len(df), bool)
+        keep = (
+            df["latent"].isin(interpretations).to_numpy()
+            if interpretations is not None
+            else np.ones(len(df), bool)
+        )
         t0 = time.perf_counter()
         logits = model.label_logits(df[keep])
         seconds = time.perf_counter() - t0
-        timing[split] = {"judgments": int(keep.sum()), "seconds": seconds,
-                         "dropped_without_interpretation": int((~keep).sum())}
-        predictions[split] = save_predictions(folder / f"predictions_{split}.parquet", df[keep], logits,
-                                              eval_set.prompt_format)
-    return {"predictions": predictions, "timing": timing, "chat_template_sha256": None, "answer_token_ids": None,
-            "reference": {"features": model.columns, "weights": model.weights.tolist(),
-                          "feature_mean": model.mean.tolist(), "feature_scale": model.scale.tolist(),
-                          "fitted_on": {"split": fit_split, "judgments": len(fit)}}}
+        timing[split] = {
+            "judgments": int(keep.sum()),
+            "seconds": seconds,
+            "dropped_without_interpretation": int((~keep).sum()),
+        }
+        predictions[split] = save_predictions(
+            folder / f"predictions_{split}.parquet", df[keep], logits, eval_set.prompt_format
+        )
+    return {
+        "predictions": predictions,
+        "timing": timing,
+        "chat_template_sha256": None,
+        "answer_token_ids": None,
+        "reference": {
+            "features": model.columns,
+            "weights": model.weights.tolist(),
+            "feature_mean": model.mean.tolist(),
+            "feature_scale": model.scale.tolist(),
+            "fitted_on": {"split": fit_split, "judgments": len(fit)},
+        },
+    }
 
 
 # The references a simulator's AUC lift is measured against (results.json key -> reference model): the firing-rate
@@ -297,27 +396,38 @@ def score_reference(sim: Simulator, args, eval_set: EvalSet, splits: dict[str, p
 LIFT_REFERENCES = {"lift_over_prior": "prior", "lift_over_prior_string_match": "prior+string_match"}
 
 
-def add_lifts(root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int,
-              by: str = "context_id") -> list[dict]:
+def add_lifts(
+    root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int, by: str = "context_id"
+) -> list[dict]:
     """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference the
     sweep scored (with the eval set's own interpretations) on the same judgments, with its paired bootstrap CI,
     written into its results.json; returns the summary rows (one per simulator, in `sims` order) updated."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
-    references = {key: next((s for s in sims if s.kind == "reference" and s.base_model == model
-                             and not s.interpretations), None) for key, model in LIFT_REFERENCES.items()}
+    references = {
+        key: next(
+            (s for s in sims if s.kind == "reference" and s.base_model == model and not s.interpretations),
+            None,
+        )
+        for key, model in LIFT_REFERENCES.items()
+    }
     references = {key: ref for key, ref in references.items() if ref is not None}
     if not references:
         return rows
-    tables = {key: pd.read_parquet(root / ref.name / f"predictions_{split}.parquet") for key, ref in references.items()}
+    tables = {
+        key: pd.read_parquet(root / ref.name / f"predictions_{split}.parquet")
+        for key, ref in references.items()
+    }
     updated = []
     for sim in sims:
         record = read_results(root / sim.name)
         preds = pd.read_parquet(root / sim.name / f"predictions_{split}.parquet")
         for key, ref in references.items():
-            record["results"][key] = {"reference": ref.name,
-                                      **lift_over_reference(preds, tables[key], seed=seed, by=by)}
+            record["results"][key] = {
+                "reference": ref.name,
+                **lift_over_reference(preds, tables[key], seed=seed, by=by),
+            }
         write_results(root / sim.name, record)
         updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
     return updated
@@ -328,8 +438,13 @@ def markdown_table(rows: list[dict]) -> str:
         return ""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]) + "\n"
+    return (
+        "\n".join(
+            ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+        )
+        + "\n"
+    )
 
 
 def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
@@ -341,13 +456,19 @@ def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str)
     return table
 
 
-def load_simulator_scorer(ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32) -> tuple[HFScorer, str]:
+def load_simulator_scorer(
+    ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32
+) -> tuple[HFScorer, str]:
     """An hf scorer for one simulator: a train/sft.py run folder (its final adapter, its own tokenizer, checked
     against `fmt`) or a model reference (untuned). Returns (scorer, simulator name)."""
     from latentsim.models import load_model_and_tokenizer, load_tokenizer
     from latentsim.prompts import answer_token_ids
 
-    sim = run_simulators(ref, include_checkpoints=False)[-1] if (Path(ref) / "run_config.json").is_file() else None
+    sim = (
+        run_simulators(ref, include_checkpoints=False)[-1]
+        if (Path(ref) / "run_config.json").is_file()
+        else None
+    )
     model, tokenizer = load_model_and_tokenizer(sim.base_model if sim else ref, dtype=dtype, device=device)
     if sim:
         from peft import PeftModel
@@ -379,10 +500,15 @@ def read_sweeps(sweep_dir: str | Path) -> dict[str, list[dict]]:
     out = {}
     for summary_path in sorted(Path(sweep_dir).glob(f"*/{SUMMARY_FILE}")):
         root = summary_path.parent
-        records = [{"name": r["simulator"], **rec} for r in read_summary(root)["rows"]
-                   if (rec := read_results(root / r["simulator"])) is not None]
+        records = [
+            {"name": r["simulator"], **rec}
+            for r in read_summary(root)["rows"]
+            if (rec := read_results(root / r["simulator"])) is not None
+        ]
         if records:
             out[root.name] = records
     if not out:
-        raise MissingInputError(f"config key `sweep_dir`: no */{SUMMARY_FILE} under {sweep_dir}; run eval/sweep.py first.")
+        raise MissingInputError(
+            f"config key `sweep_dir`: no */{SUMMARY_FILE} under {sweep_dir}; run eval/sweep.py first."
+        )
     return out

@@ -7,21 +7,52 @@ import functools
 
 # summary.json column -> its header in the terminal table, in print order.
 # "(pool)": computed on the eval pool (~25% positive); "(dict)": weighted to the judged dictionary's base rate.
-SWEEP_COLUMNS = {"auc": "AUC [95% CI]", "per_latent_auc": "per-latent AUC [95% CI]", "lift_auc": "AUC - prior [95% CI]",
-                 "lift_psm_auc": "AUC - (prior+sm) [95% CI]",
-                 "recall": "recall", "precision": "precision (pool)", "f1": "F1 (pool)",
-                 "precision_dictionary": "precision (dict) [95% CI]", "precision_at_l0": "prec@L0 (dict)",
-                 "precision_top_active": "prec@|A| (pool)", "ece": "ECE (pool)", "ece_dictionary": "ECE (dict)",
-                 "ece_temperature_scaled": "ECE (pool, T)",
-                 "expected_flagged_at_0.5": "E[flagged]@0.5", "l0_matched_active_accuracy": "recall@L0-thr",
-                 "alignment": "align", "alignment_random_pool": "align (rand)",
-                 "pearson_mean_vs_quantile_bin": "r(mean, decile)",
-                 "spearman_mean_vs_quantile_bin": "rho(mean, decile)", "mode_accuracy_quantile_bin": "mode acc"}
+SWEEP_COLUMNS = {
+    "auc": "AUC [95% CI]",
+    "per_latent_auc": "per-latent AUC [95% CI]",
+    "lift_auc": "AUC - prior [95% CI]",
+    "lift_psm_auc": "AUC - (prior+sm) [95% CI]",
+    "recall": "recall",
+    "precision": "precision (pool)",
+    "f1": "F1 (pool)",
+    "precision_dictionary": "precision (dict) [95% CI]",
+    "precision_at_l0": "prec@L0 (dict)",
+    "precision_top_active": "prec@|A| (pool)",
+    "ece": "ECE (pool)",
+    "ece_dictionary": "ECE (dict)",
+    "ece_temperature_scaled": "ECE (pool, T)",
+    "expected_flagged_at_0.5": "E[flagged]@0.5",
+    "l0_matched_active_accuracy": "recall@L0-thr",
+    "alignment": "align",
+    "alignment_random_pool": "align (rand)",
+    "pearson_mean_vs_quantile_bin": "r(mean, decile)",
+    "spearman_mean_vs_quantile_bin": "rho(mean, decile)",
+    "mode_accuracy_quantile_bin": "mode acc",
+}
 # The terminal shows these (summary.md and the report show every column).
-TERMINAL_COLUMNS = ("auc", "per_latent_auc", "lift_auc", "lift_psm_auc", "recall", "precision", "precision_dictionary",
-                    "precision_at_l0", "ece", "ece_dictionary", "pearson_mean_vs_quantile_bin",
-                    "spearman_mean_vs_quantile_bin", "mode_accuracy_quantile_bin")
-PATCH_CHECKS = ("sae", "sae_plus_error", "no_latents", "skip_layer_update", "mean_layer_update", "no_simulator")
+TERMINAL_COLUMNS = (
+    "auc",
+    "per_latent_auc",
+    "lift_auc",
+    "lift_psm_auc",
+    "recall",
+    "precision",
+    "precision_dictionary",
+    "precision_at_l0",
+    "ece",
+    "ece_dictionary",
+    "pearson_mean_vs_quantile_bin",
+    "spearman_mean_vs_quantile_bin",
+    "mode_accuracy_quantile_bin",
+)
+PATCH_CHECKS = (
+    "sae",
+    "sae_plus_error",
+    "no_latents",
+    "skip_layer_update",
+    "mean_layer_update",
+    "no_simulator",
+)
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:
@@ -32,7 +63,8 @@ def sweep_lines(rows: list[dict]) -> list[str]:
     width = {h: 2 + max([len(h)] + [len(r[h]) for r in table]) for h in headers}
     name = max([44] + [len(r["simulator"]) + 1 for r in table])
     return [f"{'simulator':<{name}}" + "".join(f"{h:>{width[h]}}" for h in headers)] + [
-        f"{r['simulator']:<{name}}" + "".join(f"{r[h]:>{width[h]}}" for h in headers) for r in table]
+        f"{r['simulator']:<{name}}" + "".join(f"{r[h]:>{width[h]}}" for h in headers) for r in table
+    ]
 
 
 def sweep_cell(row: dict, column: str) -> str:
@@ -43,7 +75,11 @@ def sweep_cell(row: dict, column: str) -> str:
     if value != value:  # nan: undefined (e.g. the precision of a simulator that flags nothing)
         return "-"
     low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
-    return f"{value:.3f} [{low:.2f}, {high:.2f}]" if isinstance(low, float) and isinstance(high, float) else f"{value:.3f}"
+    return (
+        f"{value:.3f} [{low:.2f}, {high:.2f}]"
+        if isinstance(low, float) and isinstance(high, float)
+        else f"{value:.3f}"
+    )
 
 
 def patch_cell(patch: dict, source: str, key: str = "kl_judged") -> str:
@@ -56,8 +92,12 @@ def patch_lines(patch: dict) -> list[str]:
     """The patched-KL table: ceiling, checks, ablations, fraction curves, simulators (judged position)."""
     cell = functools.partial(patch_cell, patch)
     lines = [f"{'source':<44}{'KL judged':>12}{'CE judged':>12}{'KL all pos':>12}{'CE all pos':>12}"]
-    lines += [f"{name:<44}{cell(name):>12}{cell(name, 'ce_judged'):>12}{cell(name, 'kl_all'):>12}"
-              f"{cell(name, 'ce_all'):>12}" for name in PATCH_CHECKS if name in patch["sources"]]
+    lines += [
+        f"{name:<44}{cell(name):>12}{cell(name, 'ce_judged'):>12}{cell(name, 'kl_all'):>12}"
+        f"{cell(name, 'ce_all'):>12}"
+        for name in PATCH_CHECKS
+        if name in patch["sources"]
+    ]
     fractions = patch["fractions"]
     for mode in fractions["modes"]:
         curve = "  ".join(f"f={f:g}: {cell(f'fraction:{mode}:{f:g}')}" for f in fractions["values"])
@@ -67,7 +107,9 @@ def patch_lines(patch: dict) -> list[str]:
     variants = sorted({k.split("@")[1] for k in simulated})
     if sims:
         lines.append(f"{'simulator (KL judged)':<44}" + "".join(f"{v:>24}" for v in variants))
-        lines += [f"{sim[:43]:<44}" + "".join(f"{cell(f'sim:{sim}@{v}'):>24}" for v in variants) for sim in sims]
+        lines += [
+            f"{sim[:43]:<44}" + "".join(f"{cell(f'sim:{sim}@{v}'):>24}" for v in variants) for sim in sims
+        ]
     return lines
 
 
@@ -78,7 +120,10 @@ def patch_rows(patch: dict) -> list[dict]:
         row = {"source": name}
         for key in ("kl_judged", "ce_judged", "kl_all", "ce_all"):
             if key in s and s[key]["n"]:
-                row[f"{key} median"], row[f"{key} q25-q75"] = s[key]["median"], f"{s[key]['q25']:.3f}-{s[key]['q75']:.3f}"
+                row[f"{key} median"], row[f"{key} q25-q75"] = (
+                    s[key]["median"],
+                    f"{s[key]['q25']:.3f}-{s[key]['q75']:.3f}",
+                )
         row.update({f"inserted {k}": v for k, v in s.get("inserted", {}).items()})
         rows.append(row)
     return rows
@@ -96,6 +141,12 @@ def whole_layer_rows(result: dict) -> list[dict]:
     rows = []
     for name, s in result["sources"].items():
         low, high = s["kl"]["ci95"]
-        rows.append({"source": name, "KL [95% CI]": f"{s['kl']['mean']:.3f} [{low:.3f}, {high:.3f}]",
-                     "CE": f"{s['ce']['mean']:.3f}", "recovery": "" if name == "clean" else f"{s['recovery']:.2f}"})
+        rows.append(
+            {
+                "source": name,
+                "KL [95% CI]": f"{s['kl']['mean']:.3f} [{low:.3f}, {high:.3f}]",
+                "CE": f"{s['ce']['mean']:.3f}",
+                "recovery": "" if name == "clean" else f"{s['recovery']:.2f}",
+            }
+        )
     return rows

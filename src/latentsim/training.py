@@ -34,10 +34,16 @@ def load_sim_dataset(name: str, config: str | None = None):
 
     folder = Path(name)
     if folder.is_dir():
-        files = {s: str(folder / f"{s}.parquet") for s in ("train", "validation", "test") if (folder / f"{s}.parquet").is_file()}
+        files = {
+            s: str(folder / f"{s}.parquet")
+            for s in ("train", "validation", "test")
+            if (folder / f"{s}.parquet").is_file()
+        }
         if "train" not in files:
-            raise MissingInputError(f"config key `dataset_name`: {folder} has no train.parquet; "
-                                    "build it with data_gen/build_dataset.py.")
+            raise MissingInputError(
+                f"config key `dataset_name`: {folder} has no train.parquet; "
+                "build it with data_gen/build_dataset.py."
+            )
         return load_dataset("parquet", data_files=files)
     return load_dataset(name, name=config)
 
@@ -52,8 +58,9 @@ def mix_train_sets(train_sets: list, weights: list[float], seed: int):
     weights = weights or [1.0] * len(train_sets)
     tagged = [ds.add_column("dataset_index", [i] * len(ds)) for i, ds in enumerate(train_sets)]
     total = sum(weights)
-    return interleave_datasets(tagged, probabilities=[w / total for w in weights], seed=seed,
-                               stopping_strategy="first_exhausted")
+    return interleave_datasets(
+        tagged, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="first_exhausted"
+    )
 
 
 def load_training_data(script_args: SimScriptArguments, seed: int):
@@ -65,8 +72,9 @@ def load_training_data(script_args: SimScriptArguments, seed: int):
     for ds in extra:
         check_prompt_format(ds, script_args.prompt_format)
     train_split = script_args.dataset_train_split
-    dataset[train_split] = mix_train_sets([dataset[train_split]] + [ds[train_split] for ds in extra],
-                                          script_args.dataset_weights, seed)
+    dataset[train_split] = mix_train_sets(
+        [dataset[train_split]] + [ds[train_split] for ds in extra], script_args.dataset_weights, seed
+    )
     return dataset
 
 
@@ -74,20 +82,31 @@ def check_prompt_format(dataset, prompt_format: str) -> None:
     """Refuse to train on rows rendered with another prompt format than the one the run records."""
     for split, ds in dataset.items():
         if "prompt_format" not in ds.column_names:
-            raise BadInputError(f"split {split} has no `prompt_format` column; "
-                                "build the data with data_gen/build_dataset.py.")
+            raise BadInputError(
+                f"split {split} has no `prompt_format` column; build the data with data_gen/build_dataset.py."
+            )
         found = set(ds.unique("prompt_format"))
         if found != {prompt_format}:
-            raise BadInputError(f"config key `prompt_format`: {prompt_format!r}, but split {split} was rendered "
-                                f"with {sorted(found)}; rebuild the data or fix the key.")
+            raise BadInputError(
+                f"config key `prompt_format`: {prompt_format!r}, but split {split} was rendered "
+                f"with {sorted(found)}; rebuild the data or fix the key."
+            )
 
 
-def answer_probabilities(model, tokenizer, prompts: list[list[dict]], answer_ids: list[int],
-                         batch_size: int = 16, dense_format: str | None = None) -> np.ndarray:
+def answer_probabilities(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    answer_ids: list[int],
+    batch_size: int = 16,
+    dense_format: str | None = None,
+) -> np.ndarray:
     """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
     the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends). A dense simulator
     (`dense_format`) reads the same judgments at their judged token."""
-    return probabilities(hf_scorer(model, tokenizer, answer_ids, batch_size, dense_format).label_logits(prompts))
+    return probabilities(
+        hf_scorer(model, tokenizer, answer_ids, batch_size, dense_format).label_logits(prompts)
+    )
 
 
 def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
@@ -98,7 +117,9 @@ def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length
     closing = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 
     def tokenize(row):
-        ids, positions = dense_token_ids(tokenizer, fmt, row["interpretation"], row["text"], row["token_ends"])
+        ids, positions = dense_token_ids(
+            tokenizer, fmt, row["interpretation"], row["text"], row["token_ends"]
+        )
         labels, kept, unaligned = [-100] * (len(ids) + 1), [], 0
         for p, y in zip(positions, row["token_labels"], strict=True):
             if y < 0:  # unlabelled by build_dataset already
@@ -108,13 +129,20 @@ def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length
                 continue
             labels[p + 1] = answer_ids[y]
             kept.append(p)
-        return {"input_ids": ids + [closing], "labels": labels, "label_positions": kept, "unaligned": unaligned}
+        return {
+            "input_ids": ids + [closing],
+            "labels": labels,
+            "label_positions": kept,
+            "unaligned": unaligned,
+        }
 
     split = split.map(tokenize, desc="tokenizing dense examples")
     longest = max(len(ids) for ids in split["input_ids"])
     if max_length is not None and longest > max_length:
-        raise ConfigError(f"config key `max_length`: a dense example has {longest} tokens (> {max_length}); raise "
-                          "max_length or build shorter windows (window_max).")
+        raise ConfigError(
+            f"config key `max_length`: a dense example has {longest} tokens (> {max_length}); raise "
+            "max_length or build shorter windows (window_max)."
+        )
     return split, int(sum(split["unaligned"]))
 
 
@@ -124,12 +152,18 @@ def check_dense_supervision(train_dataset, answer_ids: list[int]) -> None:
     bad = []
     for i, ex in enumerate(train_dataset):
         supervised = [j for j, label in enumerate(ex["labels"]) if label != -100]
-        if (supervised != [p + 1 for p in ex["label_positions"]] or not supervised
-                or any(ex["labels"][j] not in answer_ids for j in supervised) or supervised[-1] >= len(ex["input_ids"])):
+        if (
+            supervised != [p + 1 for p in ex["label_positions"]]
+            or not supervised
+            or any(ex["labels"][j] not in answer_ids for j in supervised)
+            or supervised[-1] >= len(ex["input_ids"])
+        ):
             bad.append(i)
     if bad:
-        raise BadInputError(f"{len(bad)} dense training examples (e.g. #{bad[:5]}) do not supervise their label "
-                            "positions with answer tokens; the tokenized data no longer lines up with the labels.")
+        raise BadInputError(
+            f"{len(bad)} dense training examples (e.g. #{bad[:5]}) do not supervise their label "
+            "positions with answer tokens; the tokenized data no longer lines up with the labels."
+        )
 
 
 def answer_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -137,9 +171,13 @@ def answer_metrics(p_yes: np.ndarray, truth: np.ndarray, threshold: float = 0.5)
     p >= threshold, AUC, ECE and mean P(yes) (latentsim.metrics; NaN where undefined)."""
     confusion = confusion_metrics(p_yes, truth, threshold)
     return {
-        "recall": confusion["recall"], "precision": confusion["precision"], "f1": confusion["f1"],
-        "auc": roc_auc(p_yes, truth), "ece": reliability(p_yes, truth)["ece"],
-        "mean_p_yes": float(np.mean(p_yes)), "accuracy": confusion["accuracy"],
+        "recall": confusion["recall"],
+        "precision": confusion["precision"],
+        "f1": confusion["f1"],
+        "auc": roc_auc(p_yes, truth),
+        "ece": reliability(p_yes, truth)["ece"],
+        "mean_p_yes": float(np.mean(p_yes)),
+        "accuracy": confusion["accuracy"],
     }
 
 
@@ -160,7 +198,9 @@ def fit_contexts(split, tokenizer, max_length: int | None):
         while excess > 0:
             shorter = drop_context_tokens(prompt, excess, tokenizer)
             if shorter == prompt:
-                raise ConfigError(f"an example does not fit max_length={max_length} even without context; raise it.")
+                raise ConfigError(
+                    f"an example does not fit max_length={max_length} even without context; raise it."
+                )
             prompt = shorter
             excess = length(prompt, row["completion"]) - max_length
         return {"prompt": prompt, "context_truncated": truncated}
@@ -177,27 +217,43 @@ def check_supervision(train_dataset, answer_ids: list[int]) -> None:
         if len(supervised) < 2 or ex["labels"][supervised[0]] not in answer_ids:
             bad.append(i)
     if bad:
-        raise BadInputError(f"{len(bad)} training examples (e.g. #{bad[:5]}) do not supervise their answer token "
-                            "and end of turn; the chat template's prompt/completion boundary is not where it "
-                            "should be.")
+        raise BadInputError(
+            f"{len(bad)} training examples (e.g. #{bad[:5]}) do not supervise their answer token "
+            "and end of turn; the chat template's prompt/completion boundary is not where it "
+            "should be."
+        )
 
 
 class SimulatorTrainer(SFTTrainer):
     """SFTTrainer whose evaluate() adds the simulator metrics (binary formats), from the answer tokens' logits
     only. `raw_eval` keeps the untokenized eval prompts and labels the metrics are computed on."""
 
-    def __init__(self, *args, answer_ids: list[int], binary: bool, eval_dataset=None, dense_format: str | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        *args,
+        answer_ids: list[int],
+        binary: bool,
+        eval_dataset=None,
+        dense_format: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, eval_dataset=eval_dataset, **kwargs)
         self.answer_ids, self.binary, self.dense_format = answer_ids, binary, dense_format
-        self.raw_eval = (eval_dataset.select_columns(["prompt", "active"]).to_dict()
-                         if eval_dataset is not None else None)
+        self.raw_eval = (
+            eval_dataset.select_columns(["prompt", "active"]).to_dict() if eval_dataset is not None else None
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # eval_loss
         if self.binary and self.raw_eval is not None:
-            probs = answer_probabilities(self.model, self.processing_class, self.raw_eval["prompt"], self.answer_ids,
-                                         self.args.per_device_eval_batch_size, self.dense_format)
+            probs = answer_probabilities(
+                self.model,
+                self.processing_class,
+                self.raw_eval["prompt"],
+                self.answer_ids,
+                self.args.per_device_eval_batch_size,
+                self.dense_format,
+            )
             extra = answer_metrics(probs[:, 1], np.asarray(self.raw_eval["active"]))
             extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
             self.log(extra)
@@ -220,7 +276,9 @@ class SimulatorTrainer(SFTTrainer):
         loss = torch.nn.functional.cross_entropy(logits, truth, reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank's labels (as TRL)
+            loss = (
+                loss * self.accelerator.num_processes
+            )  # num_items_in_batch counts every rank's labels (as TRL)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -268,11 +326,16 @@ def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype
     with without_zero3_init():
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype)
         reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
-    diff = float(np.abs(answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense)
-                        - trained).max())
+    diff = float(
+        np.abs(
+            answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense) - trained
+        ).max()
+    )
     if diff > RELOAD_TOLERANCE[run_dtype]:
-        raise RuntimeError(f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model (tolerance "
-                           f"{RELOAD_TOLERANCE[run_dtype]:.0e} in {run_dtype}); not kept.")
+        raise RuntimeError(
+            f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model (tolerance "
+            f"{RELOAD_TOLERANCE[run_dtype]:.0e} in {run_dtype}); not kept."
+        )
     return diff
 
 
@@ -287,8 +350,10 @@ class NonFiniteGuard(TrainerCallback):
         if any(isinstance(v, float) and not math.isfinite(v) for v in values.values()):
             self.bad += 1
             if self.bad > self.patience:
-                raise FloatingPointError(f"non-finite training values at step {state.global_step}: {values}; "
-                                         "stopping. Lower the learning rate, or resume from the last checkpoint.")
+                raise FloatingPointError(
+                    f"non-finite training values at step {state.global_step}: {values}; "
+                    "stopping. Lower the learning rate, or resume from the last checkpoint."
+                )
         else:
             self.bad = 0
 
@@ -310,8 +375,9 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     if resume != "auto":
         path = Path(resume)
         if not (path / CHECKPOINT_COMPLETE).is_file():
-            raise MissingInputError(f"config key `resume`: {path} is not a complete checkpoint "
-                                    f"(no {CHECKPOINT_COMPLETE}).")
+            raise MissingInputError(
+                f"config key `resume`: {path} is not a complete checkpoint (no {CHECKPOINT_COMPLETE})."
+            )
         return str(path)
     checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for path in reversed(checkpoints):
@@ -333,11 +399,19 @@ def check_adapter(folder: str | Path) -> dict:
         raise BadInputError(f"{path} holds no tensors (ZeRO-3 + PEFT is known to write empty adapters).")
     for name, t in tensors.items():
         if "lora_" not in name:
-            raise BadInputError(f"{path}: non-LoRA tensor {name} (modules_to_save?); vLLM would refuse the adapter.")
+            raise BadInputError(
+                f"{path}: non-LoRA tensor {name} (modules_to_save?); vLLM would refuse the adapter."
+            )
         if t.numel() == 0:
-            raise BadInputError(f"{path}: tensor {name} is empty (ZeRO-3 partitioned weights saved without gathering).")
+            raise BadInputError(
+                f"{path}: tensor {name} is empty (ZeRO-3 partitioned weights saved without gathering)."
+            )
         if not torch.isfinite(t).all():
             raise BadInputError(f"{path}: tensor {name} has NaN/inf values; refusing to keep this adapter.")
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    return {"n_tensors": len(tensors), "n_parameters": int(sum(t.numel() for t in tensors.values())),
-            "r": config.get("r"), "target_modules": config.get("target_modules")}
+    return {
+        "n_tensors": len(tensors),
+        "n_parameters": int(sum(t.numel() for t in tensors.values())),
+        "r": config.get("r"),
+        "target_modules": config.get("target_modules"),
+    }

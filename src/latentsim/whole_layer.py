@@ -54,8 +54,10 @@ def simulator_for(args):
         return baseline_simulator(parse_baseline(args.baseline))
     sim = run_simulators(args.simulator, include_checkpoints=False)[-1]
     if judged_format(sim.prompt_format) != "sim_v1" or get_format(sim.prompt_format).label != "active":
-        raise ConfigError(f"config key `simulator`: {args.simulator} was trained on {sim.prompt_format!r}; the whole "
-                          "layer needs Yes/No verdicts (sim_v1 or a dense format that judges like it).")
+        raise ConfigError(
+            f"config key `simulator`: {args.simulator} was trained on {sim.prompt_format!r}; the whole "
+            "layer needs Yes/No verdicts (sim_v1 or a dense format that judges like it)."
+        )
     return sim
 
 
@@ -88,22 +90,35 @@ def load_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
 
 def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
     """(subject ids [1 + n] with BOS, the decoded text of positions 1..n, each position's character end)."""
-    ids = tokens[row, :n_tokens + 1].long()
+    ids = tokens[row, : n_tokens + 1].long()
     window = dense_window(tokenizer, ids[1:].numpy(), [{}] * n_tokens)
     return ids, window.text, window.token_ends
 
 
-def simulator_p_yes(scorer, interpretations: list[str], texts: list[tuple[str, list[int]]],
-                    progress=None) -> list[np.ndarray]:
+def simulator_p_yes(
+    scorer, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
+) -> list[np.ndarray]:
     """Per text, P(yes) [n_tokens, n_latents] of a dense simulator (renormalised over No/Yes); NaN where unaligned.
     Each interpretation's header is computed once for all the texts."""
     # A token without a character end (-1) matches no simulator token: text_logits leaves it NaN.
-    return [(1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
-            for logits in scorer.text_logits(interpretations, texts, progress)]
+    return [
+        (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
+        for logits in scorer.text_logits(interpretations, texts, progress)
+    ]
 
 
-def sim_v1_p_yes(scorer, interpretations: list[str], tokens: torch.Tensor, rows: list[int], n_tokens: int,
-                 judged: np.ndarray, context_tokens: int, tokenizer, prefix: list[dict], progress=None) -> list[np.ndarray]:
+def sim_v1_p_yes(
+    scorer,
+    interpretations: list[str],
+    tokens: torch.Tensor,
+    rows: list[int],
+    n_tokens: int,
+    judged: np.ndarray,
+    context_tokens: int,
+    tokenizer,
+    prefix: list[dict],
+    progress=None,
+) -> list[np.ndarray]:
     """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one prompt per (judged position, latent), the
     context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at the
     positions not judged. Prompts of one position share its context prefix (HFScorer)."""
@@ -115,17 +130,26 @@ def sim_v1_p_yes(scorer, interpretations: list[str], tokens: torch.Tensor, rows:
         p = np.full((n_tokens, len(interpretations)), np.nan, dtype=np.float32)
         for j in judged:
             pos = int(j) + 1  # positions 1..n of the row
-            window = tokens[row, max(1, pos - context_tokens + 1):pos + 1].tolist()
+            window = tokens[row, max(1, pos - context_tokens + 1) : pos + 1].tolist()
             context = marked_context(tokenizer.decode(window[:-1]), tokenizer.decode(window[-1:]))
-            logits = scorer.label_logits([prefix + render_prompt("sim_v1", context, i) for i in interpretations],
-                                         progress)
+            logits = scorer.label_logits(
+                [prefix + render_prompt("sim_v1", context, i) for i in interpretations], progress
+            )
             p[j] = probabilities(logits)[:, 1]
         out.append(p)
     return out
 
 
-def judge_texts(scorer, interpretations: list[str], tokens: torch.Tensor, rows: list[int], n_tokens: int, tokenizer,
-                shard_dir: Path, sim_v1: dict | None = None) -> dict[int, np.ndarray]:
+def judge_texts(
+    scorer,
+    interpretations: list[str],
+    tokens: torch.Tensor,
+    rows: list[int],
+    n_tokens: int,
+    tokenizer,
+    shard_dir: Path,
+    sim_v1: dict | None = None,
+) -> dict[int, np.ndarray]:
     """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the run
     that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed per
     judgment); finished rows are read back, the others judged together (a dense simulator: each header once).
@@ -145,12 +169,28 @@ def judge_texts(scorer, interpretations: list[str], tokens: torch.Tensor, rows: 
     else:
         total = len(interpretations) * len(sim_v1["judged"]) * len(todo)
         with tqdm(total=total, desc=f"judging {len(todo)} texts (sim_v1)", unit="judgment") as bar:
-            scores = sim_v1_p_yes(scorer, interpretations, tokens, todo, n_tokens, sim_v1["judged"],
-                                  sim_v1["context_tokens"], tokenizer, sim_v1["prefix"], bar)
+            scores = sim_v1_p_yes(
+                scorer,
+                interpretations,
+                tokens,
+                todo,
+                n_tokens,
+                sim_v1["judged"],
+                sim_v1["context_tokens"],
+                tokenizer,
+                sim_v1["prefix"],
+                bar,
+            )
     seconds = time.perf_counter() - start
     judged = scorer.stats["judgments"] - before["judgments"]
-    timing = {"rows": todo, "seconds": seconds, "judgments": judged, "judgments_per_s": judged / seconds,
-              "computed_tokens_per_judgment": (scorer.stats["computed_tokens"] - before["computed_tokens"]) / max(judged, 1)}
+    timing = {
+        "rows": todo,
+        "seconds": seconds,
+        "judgments": judged,
+        "judgments_per_s": judged / seconds,
+        "computed_tokens_per_judgment": (scorer.stats["computed_tokens"] - before["computed_tokens"])
+        / max(judged, 1),
+    }
     for r, p in zip(todo, scores, strict=True):
         atomic_write_bytes(shard_dir / f"row{r}.npy", npy_bytes(p))
         atomic_write_json(shard_dir / f"row{r}.json", timing)
@@ -174,8 +214,9 @@ def l0_matched_threshold(p_yes: list[np.ndarray], truth: list[np.ndarray]) -> fl
     return float(np.sort(p)[::-1][min(k, len(p)) - 1])
 
 
-def decisions(p_yes: np.ndarray, thresholds: dict[str, float], firing_rate: torch.Tensor,
-              generator: torch.Generator) -> dict[str, torch.Tensor]:
+def decisions(
+    p_yes: np.ndarray, thresholds: dict[str, float], firing_rate: torch.Tensor, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """{decision source: flagged [n, n_explained] bool}: the simulator at each threshold, and the random reference."""
     p = torch.from_numpy(np.nan_to_num(p_yes, nan=-1.0))
     out = {f"sim@{label}": p >= t for label, t in thresholds.items()}
@@ -183,15 +224,24 @@ def decisions(p_yes: np.ndarray, thresholds: dict[str, float], firing_rate: torc
     return out
 
 
-def layer_sources(z: torch.Tensor, explained: torch.Tensor, flagged: dict[str, torch.Tensor], values: list[str],
-                  medians: torch.Tensor, sae) -> dict[str, torch.Tensor]:
+def layer_sources(
+    z: torch.Tensor,
+    explained: torch.Tensor,
+    flagged: dict[str, torch.Tensor],
+    values: list[str],
+    medians: torch.Tensor,
+    sae,
+) -> dict[str, torch.Tensor]:
     """{source: layer output [n, d]} (module docstring); z [n, W] the true latents, `explained` the latent ids the
     simulator judges, flagged[...] [n, len(explained)]."""
     unexplained = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
     unexplained[explained] = False
     kept = z * unexplained
-    out = {"sae": sae.decode(z), "sae:explained_only": sae.decode(z - kept),
-           "no_latents": sae.decode(torch.zeros_like(z))}
+    out = {
+        "sae": sae.decode(z),
+        "sae:explained_only": sae.decode(z - kept),
+        "no_latents": sae.decode(torch.zeros_like(z)),
+    }
     for name, f in flagged.items():
         for value in values:
             zs = torch.zeros_like(z)
@@ -204,8 +254,15 @@ def layer_sources(z: torch.Tensor, explained: torch.Tensor, flagged: dict[str, t
 
 
 @torch.no_grad()
-def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int, build_sources,
-               judged: np.ndarray | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor, np.ndarray]:
+def patch_text(
+    model,
+    sae,
+    ids: torch.Tensor,
+    next_ids: torch.Tensor,
+    layer: int,
+    build_sources,
+    judged: np.ndarray | None = None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor, np.ndarray]:
     """KL(p_clean || p_patched) and CE of the next token at positions 1..n for every source; `build_sources(z)`
     gives {source: [n, d]} from the true latents z [n, W]. Returns ({source: (kl [n], ce [n])}, z, clean CE [n]).
     With `judged` (indices into 0..n-1) only those positions are patched (the others keep the clean layer output)
@@ -219,7 +276,7 @@ def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int
     names = list(sources)
     out = {}
     for a in range(0, len(names), PATCH_CHUNK):
-        chunk = names[a:a + PATCH_CHUNK]
+        chunk = names[a : a + PATCH_CHUNK]
         patched = all_positions_logits(model, ids, layer, torch.stack([sources[k] for k in chunk]))[:, 1:]
         kl, ce = kl_and_ce(logits[1:], patched, next_ids)
         for j, k in enumerate(chunk):
@@ -231,16 +288,20 @@ def patch_text(model, sae, ids: torch.Tensor, next_ids: torch.Tensor, layer: int
     return out, z, clean_ce
 
 
-def controlled_share(z: torch.Tensor, explained: torch.Tensor, decoder_norms: torch.Tensor) -> dict[str, float]:
+def controlled_share(
+    z: torch.Tensor, explained: torch.Tensor, decoder_norms: torch.Tensor
+) -> dict[str, float]:
     """Of the SAE's active latents (mean over positions): the share the simulator judges (explained), by count
     and by decoded norm (sum of activation x |decoder row|)."""
     active = z > 0
     mask = torch.zeros(z.shape[1], dtype=torch.bool, device=z.device)
     mask[explained] = True
     weight = z * decoder_norms[None, :]
-    return {"active_latents": float(active.sum(1).float().mean()),
-            "share_of_active_latents": float((active & mask).sum() / active.sum().clamp(min=1)),
-            "share_of_decoded_norm": float(weight[:, mask].sum() / weight.sum().clamp(min=1e-12))}
+    return {
+        "active_latents": float(active.sum(1).float().mean()),
+        "share_of_active_latents": float((active & mask).sum() / active.sum().clamp(min=1)),
+        "share_of_decoded_norm": float(weight[:, mask].sum() / weight.sum().clamp(min=1e-12)),
+    }
 
 
 def mean_ci(values: np.ndarray, clusters: np.ndarray, seed: int) -> dict:
@@ -252,8 +313,14 @@ def mean_ci(values: np.ndarray, clusters: np.ndarray, seed: int) -> dict:
     return {"mean": float(values.mean()), "ci95": [low, high], "n_positions": int(len(values))}
 
 
-def judgment_metrics(p_yes: np.ndarray, truth: np.ndarray, trained: np.ndarray, firing_rate: np.ndarray,
-                     thresholds: dict[str, float], seed: int) -> dict:
+def judgment_metrics(
+    p_yes: np.ndarray,
+    truth: np.ndarray,
+    trained: np.ndarray,
+    firing_rate: np.ndarray,
+    thresholds: dict[str, float],
+    seed: int,
+) -> dict:
     """Over every (position, explained latent) of the texts: pooled AUC of the simulator and of the firing-rate
     prior, per-latent AUC (positions where a latent fires vs those where it does not; the prior's is 0.5 by
     construction), recall / precision / flagged per position at each threshold; for all latents and split by
@@ -267,18 +334,29 @@ def judgment_metrics(p_yes: np.ndarray, truth: np.ndarray, trained: np.ndarray, 
         prior = np.broadcast_to(firing_rate[cols][None, :], p.shape)
         per_latent = np.array([roc_auc(p[finite[:, j], j], t[finite[:, j], j]) for j in range(p.shape[1])])
         defined = per_latent[np.isfinite(per_latent)]
-        rec = {"latents": int(cols.sum()), "pairs": int(finite.sum()), "positives": int(t[finite].sum()),
-               "auc_pooled": roc_auc(p[finite], t[finite]), "prior_auc_pooled": roc_auc(prior[finite], t[finite]),
-               "per_latent_auc": {"median": float(np.median(defined)) if len(defined) else float("nan"),
-                                  "ci95": list(bootstrap_ci(defined, seed=seed)), "latents": int(len(defined))},
-               "thresholds": {}}
+        rec = {
+            "latents": int(cols.sum()),
+            "pairs": int(finite.sum()),
+            "positives": int(t[finite].sum()),
+            "auc_pooled": roc_auc(p[finite], t[finite]),
+            "prior_auc_pooled": roc_auc(prior[finite], t[finite]),
+            "per_latent_auc": {
+                "median": float(np.median(defined)) if len(defined) else float("nan"),
+                "ci95": list(bootstrap_ci(defined, seed=seed)),
+                "latents": int(len(defined)),
+            },
+            "thresholds": {},
+        }
         for label, th in thresholds.items():
             flagged = np.nan_to_num(p, nan=-1.0) >= th
             tp = int((flagged & (t == 1)).sum())
             rec["thresholds"][label] = {
-                "threshold": th, "flagged_per_position": float(flagged.sum(1).mean()),
-                "active_per_position": float(t.sum(1).mean()), "recall": tp / max(int(t.sum()), 1),
-                "precision": tp / int(flagged.sum()) if flagged.any() else float("nan")}
+                "threshold": th,
+                "flagged_per_position": float(flagged.sum(1).mean()),
+                "active_per_position": float(t.sum(1).mean()),
+                "recall": tp / max(int(t.sum()), 1),
+                "precision": tp / int(flagged.sum()) if flagged.any() else float("nan"),
+            }
         out[group] = rec
     return out
 
@@ -291,7 +369,9 @@ def summarise_sources(kl_ce: dict[str, dict[str, np.ndarray]], clusters: np.ndar
         out[name] = {"kl": mean_ci(v["kl"], clusters, seed), "ce": mean_ci(v["ce"], clusters, seed)}
     floor, ceiling = out["no_latents"]["kl"]["mean"], out["sae"]["kl"]["mean"]
     for rec in out.values():
-        rec["recovery"] = (floor - rec["kl"]["mean"]) / (floor - ceiling) if floor != ceiling else float("nan")
+        rec["recovery"] = (
+            (floor - rec["kl"]["mean"]) / (floor - ceiling) if floor != ceiling else float("nan")
+        )
     return out
 
 
@@ -299,11 +379,15 @@ def held_out_rows(eval_set: EvalSet, split: str, n: int, seed: int, trained_rows
     """A seeded choice of `n` of the eval set's `split` rows, refused if any of its rows trained the simulator."""
     rows = sorted(set(eval_set.split(split)["row"].tolist()))
     if overlap := sorted(set(rows) & trained_rows):
-        raise BadInputError(f"config key `eval_set`: {len(overlap)} of its {split} rows (e.g. {overlap[:5]}) are in the "
-                            "simulator's training data; build both with the same cache, seed and split fractions.")
+        raise BadInputError(
+            f"config key `eval_set`: {len(overlap)} of its {split} rows (e.g. {overlap[:5]}) are in the "
+            "simulator's training data; build both with the same cache, seed and split fractions."
+        )
     if len(rows) < n:
-        raise ConfigError(f"config key `{'texts' if split != 'validation' else 'calibration_texts'}`: the eval set has "
-                          f"{len(rows)} {split} rows, fewer than {n}.")
+        raise ConfigError(
+            f"config key `{'texts' if split != 'validation' else 'calibration_texts'}`: the eval set has "
+            f"{len(rows)} {split} rows, fewer than {n}."
+        )
     return sorted(np.random.default_rng(seed).choice(rows, n, replace=False).tolist())
 
 
@@ -311,26 +395,34 @@ def format_table(result: dict) -> str:
     """What eval/whole_layer.py prints: the timing, the controlled share, KL/CE per source, the judgments."""
     t, c = result["timing"], result["controlled"]
     at = "its last position" if result.get("positions") == "last" else "every position"
-    lines = [f"[whole_layer] {len(result['rows'])} held-out texts x {result['tokens_per_text']} positions; every one of "
-             f"{result['explained_latents']} explained latents judged by {result['prompt_format']} at {at} "
-             f"({sum(x['seconds'] for x in t) / sum(len(x['rows']) for x in t):.0f} s per text, "
-             f"{sum(x['judgments'] for x in t) / sum(x['seconds'] for x in t):.0f} judgments/s, "
-             f"{np.mean([x['computed_tokens_per_judgment'] for x in t]):.2f} tokens computed per judgment)",
-             f"  the simulator judges {100 * c['share_of_active_latents']:.0f}% of the SAE's active latents "
-             f"({100 * c['share_of_decoded_norm']:.0f}% of their decoded norm; {c['active_latents']:.1f} active per "
-             "position); KL(p_clean || p_patched) and CE, mean over positions [95% CI over blocks of 8]",
-             f"  {'source':<56} {'KL [95% CI]':<22} {'CE':>7} {'recovery':>9}"]
+    lines = [
+        f"[whole_layer] {len(result['rows'])} held-out texts x {result['tokens_per_text']} positions; every one of "
+        f"{result['explained_latents']} explained latents judged by {result['prompt_format']} at {at} "
+        f"({sum(x['seconds'] for x in t) / sum(len(x['rows']) for x in t):.0f} s per text, "
+        f"{sum(x['judgments'] for x in t) / sum(x['seconds'] for x in t):.0f} judgments/s, "
+        f"{np.mean([x['computed_tokens_per_judgment'] for x in t]):.2f} tokens computed per judgment)",
+        f"  the simulator judges {100 * c['share_of_active_latents']:.0f}% of the SAE's active latents "
+        f"({100 * c['share_of_decoded_norm']:.0f}% of their decoded norm; {c['active_latents']:.1f} active per "
+        "position); KL(p_clean || p_patched) and CE, mean over positions [95% CI over blocks of 8]",
+        f"  {'source':<56} {'KL [95% CI]':<22} {'CE':>7} {'recovery':>9}",
+    ]
     for name, s in result["sources"].items():
         kl = s["kl"]
         recovery = f"{s['recovery']:9.2f}" if name != "clean" else f"{'':>9}"
-        lines.append(f"  {name:<56} {kl['mean']:.3f} [{kl['ci95'][0]:.3f}, {kl['ci95'][1]:.3f}] {s['ce']['mean']:7.3f} "
-                     f"{recovery}")
+        lines.append(
+            f"  {name:<56} {kl['mean']:.3f} [{kl['ci95'][0]:.3f}, {kl['ci95'][1]:.3f}] {s['ce']['mean']:7.3f} "
+            f"{recovery}"
+        )
     for group, g in result["judgments"].items():
-        at = ", ".join(f"{k} (p >= {v['threshold']:.3g}): {v['flagged_per_position']:.1f} flagged per position for "
-                       f"{v['active_per_position']:.1f} active, recall {v['recall']:.2f}"
-                       for k, v in g["thresholds"].items())
+        at = ", ".join(
+            f"{k} (p >= {v['threshold']:.3g}): {v['flagged_per_position']:.1f} flagged per position for "
+            f"{v['active_per_position']:.1f} active, recall {v['recall']:.2f}"
+            for k, v in g["thresholds"].items()
+        )
         per = g["per_latent_auc"]
-        lines.append(f"  judgments of {group} latents ({g['latents']}): pooled AUC {g['auc_pooled']:.3f} (firing-rate "
-                     f"prior {g['prior_auc_pooled']:.3f}); per-latent AUC {per['median']:.3f} [{per['ci95'][0]:.3f}, "
-                     f"{per['ci95'][1]:.3f}] over {per['latents']} latents that fire (prior: 0.5); {at}")
+        lines.append(
+            f"  judgments of {group} latents ({g['latents']}): pooled AUC {g['auc_pooled']:.3f} (firing-rate "
+            f"prior {g['prior_auc_pooled']:.3f}); per-latent AUC {per['median']:.3f} [{per['ci95'][0]:.3f}, "
+            f"{per['ci95'][1]:.3f}] over {per['latents']} latents that fire (prior: 0.5); {at}"
+        )
     return "\n".join(lines)

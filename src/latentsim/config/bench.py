@@ -12,58 +12,97 @@ class BenchArguments:
     """bench/run_all.py: every benchmark against its naive way, in one run."""
 
     model: str = field(default="embedded:smollm2-135m", metadata={"help": "The subject model benchmarked."})
-    hookpoint: str = field(default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."})
-    sae_path: str = field(default="outputs/quickstart/sae", metadata={"help": "An SAE of this hookpoint (a random "
-                                                                             "TopK SAE of its shape if missing)."})
+    hookpoint: str = field(
+        default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."}
+    )
+    sae_path: str = field(
+        default="outputs/quickstart/sae",
+        metadata={"help": "An SAE of this hookpoint (a random TopK SAE of its shape if missing)."},
+    )
     rows: int = field(default=32, metadata={"help": "Caching: corpus rows."})
     ctx_len: int = field(default=128, metadata={"help": "Caching and SFT: tokens per row."})
     batch_size: int = field(default=16, metadata={"help": "Caching: rows per forward pass."})
     wide_d_sae: int = field(default=32768, metadata={"help": "Caching: width of the second (random) SAE."})
     shallow_layer: int = field(default=7, metadata={"help": "Caching: a shallower hook layer."})
-    eval_set: str = field(default="outputs/quickstart/datasets/eval_quantiles",
-                          metadata={"help": "Scoring: the eval set whose judgments are scored."})
+    eval_set: str = field(
+        default="outputs/quickstart/datasets/eval_quantiles",
+        metadata={"help": "Scoring: the eval set whose judgments are scored."},
+    )
     score_contexts: int = field(default=4, metadata={"help": "Scoring: contexts."})
     score_latents: int = field(default=32, metadata={"help": "Scoring: latents per context at most."})
     patch_rows: int = field(default=4, metadata={"help": "Patched KL: contexts."})
     patch_len: int = field(default=64, metadata={"help": "Patched KL: tokens per context."})
     patch_variants: int = field(default=8, metadata={"help": "Patched KL: latent variants per context."})
-    whole_layer_latents: int = field(default=64, metadata={"help": "Whole-layer judging: latents (of one header "
-                                                                         "length, as batches are in a whole run)."})
+    whole_layer_latents: int = field(
+        default=64,
+        metadata={
+            "help": "Whole-layer judging: latents (of one header length, as batches are in a whole run)."
+        },
+    )
     whole_layer_tokens: int = field(default=64, metadata={"help": "Whole-layer judging: tokens of the text."})
-    whole_layer_sim_v1_positions: int = field(default=4, metadata={"help": "Whole-layer judging: tokens the "
-                                                                             "per-judgment variants judge."})
+    whole_layer_sim_v1_positions: int = field(
+        default=4, metadata={"help": "Whole-layer judging: tokens the per-judgment variants judge."}
+    )
     output: str = field(default="outputs/bench/results.json", metadata={"help": "Where the results go."})
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
-        _require_positive(self, "rows", "ctx_len", "batch_size", "wide_d_sae", "score_contexts", "score_latents",
-                          "patch_rows", "patch_len", "patch_variants",
-                          "whole_layer_latents", "whole_layer_tokens", "whole_layer_sim_v1_positions")
+        _require_positive(
+            self,
+            "rows",
+            "ctx_len",
+            "batch_size",
+            "wide_d_sae",
+            "score_contexts",
+            "score_latents",
+            "patch_rows",
+            "patch_len",
+            "patch_variants",
+            "whole_layer_latents",
+            "whole_layer_tokens",
+            "whole_layer_sim_v1_positions",
+        )
 
 
 @dataclass
 class GpuCheckArguments:
     """bench/gpu_check.py: the GPU paths (vLLM, bf16, ZeRO-3, a base-model switch) run for real on one GPU."""
 
-    dry_run: bool = field(default=False, metadata={"help": "Print the steps and what is checked; run nothing."})
-    output_dir: str = field(default="outputs/gpu_check", metadata={"help": "Where every step writes, and results.json."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print the steps and what is checked; run nothing."}
+    )
+    output_dir: str = field(
+        default="outputs/gpu_check", metadata={"help": "Where every step writes, and results.json."}
+    )
 
 
 @dataclass
 class ScaleArguments:
     """bench/scale.py: the cache readers on synthetic caches of the seed's shape, at growing sizes."""
 
-    sizes: list[int] = field(default_factory=lambda: [1_000_000, 3_000_000, 10_000_000],
-                             metadata={"help": "Cache sizes in tokens, one synthetic cache each."})
+    sizes: list[int] = field(
+        default_factory=lambda: [1_000_000, 3_000_000, 10_000_000],
+        metadata={"help": "Cache sizes in tokens, one synthetic cache each."},
+    )
     width: int = field(default=131072, metadata={"help": "SAE latents (the seed's Gemma Scope width)."})
-    l0: int = field(default=50, metadata={"help": "Latents drawn per token (duplicates merged: L0 a little lower)."})
+    l0: int = field(
+        default=50, metadata={"help": "Latents drawn per token (duplicates merged: L0 a little lower)."}
+    )
     n_splits: int = field(default=5, metadata={"help": "delphi split files."})
     ctx_len: int = field(default=256, metadata={"help": "Tokens per cache row."})
-    explain_latents: int = field(default=1000, metadata={"help": "Latents whose examples are sampled and explained."})
+    explain_latents: int = field(
+        default=1000, metadata={"help": "Latents whose examples are sampled and explained."}
+    )
     max_rows_per_split: int = field(default=2048, metadata={"help": "Dataset and eval set: rows per split."})
-    keep_caches: bool = field(default=False, metadata={"help": "Keep each synthetic cache (~0.4 GB per 1M tokens)."})
-    output_dir: str = field(default="outputs/bench/scale", metadata={"help": "results.json and one folder per size."})
-    seed: int = field(default=0, metadata={"help": "Recorded in the provenance (the caches use their own seed)."})
+    keep_caches: bool = field(
+        default=False, metadata={"help": "Keep each synthetic cache (~0.4 GB per 1M tokens)."}
+    )
+    output_dir: str = field(
+        default="outputs/bench/scale", metadata={"help": "results.json and one folder per size."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Recorded in the provenance (the caches use their own seed)."}
+    )
 
     def __post_init__(self):
         _require_positive(self, "width", "l0", "n_splits", "ctx_len", "explain_latents", "max_rows_per_split")

@@ -41,13 +41,17 @@ def check_dtype_device(args) -> None:
 
 def dtype_field():
     """The `dtype` knob of every stage that loads a model (one help text, one set of values: DTYPES)."""
-    return field(default="auto", metadata={"help": "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` "
-                                                   "or `float16`."})
+    return field(
+        default="auto",
+        metadata={"help": "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`."},
+    )
 
 
 def device_field(scope: str = ""):
     """The `device` knob of every stage that runs a model; `scope` says when it applies (e.g. "`llm`: ")."""
-    return field(default="auto", metadata={"help": f"{scope}`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."})
+    return field(
+        default="auto", metadata={"help": f"{scope}`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."}
+    )
 
 
 def check_dtype(key: str, value: str | None) -> None:
@@ -67,12 +71,18 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="embedded:smollm2-135m",
-        metadata={"help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, `embedded:gemma3-270m`)."},
+        metadata={
+            "help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, `embedded:gemma3-270m`)."
+        },
     )
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit)."}
+    )
     model_dtype: str = dtype_field()
     device: str = device_field()
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off by default)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub (off by default)."}
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -90,26 +100,39 @@ class CorpusArguments:
 
     corpus: str = field(
         default="embedded:debian-english",
-        metadata={"help": "Hub dataset id, a local file/folder/glob of .txt/.jsonl/.json/.parquet, "
-                          "or `embedded:debian-english`."},
+        metadata={
+            "help": "Hub dataset id, a local file/folder/glob of .txt/.jsonl/.json/.parquet, "
+            "or `embedded:debian-english`."
+        },
     )
-    corpus_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (subset) name."})
+    corpus_config_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset config (subset) name."}
+    )
     corpus_split: str = field(default="train", metadata={"help": "Split, slicing allowed (`train[:1%]`)."})
     corpus_text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
     corpus_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
     ctx_len: int = field(default=64, metadata={"help": "Tokens per row, including the BOS at position 0."})
     row_start: int = field(default=0, metadata={"help": "First row of the tokenized corpus to use."})
     n_rows: int = field(default=1024, metadata={"help": "Number of rows to use, from `row_start`."})
-    seed: int = field(default=22, metadata={"help": "Seed for the document shuffle and every random choice of the stage."})
+    seed: int = field(
+        default=22, metadata={"help": "Seed for the document shuffle and every random choice of the stage."}
+    )
     corpus_streaming: bool = field(
-        default=False, metadata={"help": "Read the corpus with `datasets` streaming: nothing downloaded or held beyond "
-                                         "the rows used, documents in the corpus's order (not shuffled); a cache "
-                                         "resumes from the stream position saved with each finished shard."})
+        default=False,
+        metadata={
+            "help": "Read the corpus with `datasets` streaming: nothing downloaded or held beyond "
+            "the rows used, documents in the corpus's order (not shuffled); a cache "
+            "resumes from the stream position saved with each finished shard."
+        },
+    )
 
     def __post_init__(self):
         if self.corpus_streaming and "[" in self.corpus_split:
-            _fail("corpus_split", f"{self.corpus_split!r}: a streamed corpus cannot be sliced; give the split's name "
-                                  "and choose the slice with `row_start` / `n_rows`.")
+            _fail(
+                "corpus_split",
+                f"{self.corpus_split!r}: a streamed corpus cannot be sliced; give the split's name "
+                "and choose the slice with `row_start` / `n_rows`.",
+            )
         if not self.corpus:
             _fail("corpus", "is empty; give a Hub dataset id, local files, or `embedded:debian-english`.")
         from latentsim.corpus import EMBEDDED_CORPORA
@@ -131,16 +154,25 @@ class SAEArguments:
         default="layers.15",
         metadata={"help": "Residual stream after decoder layer N, written `layers.N` (delphi's naming)."},
     )
-    sae_path: str | None = field(default=None, metadata={"help": "Local sae-lens folder (cfg.json + sae_weights.safetensors)."})
-    sae_release: str | None = field(default=None, metadata={"help": "sae-lens pretrained release (GPU users), with `sae_id`."})
+    sae_path: str | None = field(
+        default=None, metadata={"help": "Local sae-lens folder (cfg.json + sae_weights.safetensors)."}
+    )
+    sae_release: str | None = field(
+        default=None, metadata={"help": "sae-lens pretrained release (GPU users), with `sae_id`."}
+    )
     sae_id: str | None = field(default=None, metadata={"help": "SAE id inside `sae_release`."})
 
     def __post_init__(self):
         if not HOOKPOINT_RE.match(self.hookpoint):
-            _fail("hookpoint", f"{self.hookpoint!r} is not of the form `layers.N` (residual stream after layer N).")
+            _fail(
+                "hookpoint",
+                f"{self.hookpoint!r} is not of the form `layers.N` (residual stream after layer N).",
+            )
         if (self.sae_release is None) != (self.sae_id is None):
-            _fail("sae_release" if self.sae_release is None else "sae_id",
-                  "`sae_release` and `sae_id` go together; set both or neither.")
+            _fail(
+                "sae_release" if self.sae_release is None else "sae_id",
+                "`sae_release` and `sae_id` go together; set both or neither.",
+            )
         if self.sae_path and self.sae_release:
             _fail("sae_path", "set either `sae_path` (local folder) or `sae_release` + `sae_id`, not both.")
 

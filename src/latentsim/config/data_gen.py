@@ -8,14 +8,23 @@ from latentsim.config.common import _fail, _require_positive, check_device, devi
 
 
 def check_split_fractions(args) -> None:
-    if not (0 < args.validation_fraction and 0 < args.test_fraction and args.validation_fraction + args.test_fraction < 1):
+    if not (
+        0 < args.validation_fraction
+        and 0 < args.test_fraction
+        and args.validation_fraction + args.test_fraction < 1
+    ):
         _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
 
 
 def rows_field():
-    return field(default="train", metadata={"help": "`train`: only the training rows of the cache's row split (seed, "
-                 "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: every "
-                 "row (build_dataset then refuses eval splits built on it)."})
+    return field(
+        default="train",
+        metadata={
+            "help": "`train`: only the training rows of the cache's row split (seed, "
+            "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: every "
+            "row (build_dataset then refuses eval splits built on it)."
+        },
+    )
 
 
 def row_fraction_field(split: str):
@@ -35,8 +44,11 @@ class PrepareArguments:
 
     models: list[str] = field(
         default_factory=lambda: ["smollm2-135m", "gemma3-270m"],
-        metadata={"help": "Embedded models to convert to cached safetensors folders."})
-    corpora: list[str] = field(default_factory=lambda: ["debian-english"], metadata={"help": "Embedded corpora to build."})
+        metadata={"help": "Embedded models to convert to cached safetensors folders."},
+    )
+    corpora: list[str] = field(
+        default_factory=lambda: ["debian-english"], metadata={"help": "Embedded corpora to build."}
+    )
 
     def __post_init__(self):
         from latentsim.corpus import EMBEDDED_CORPORA
@@ -54,13 +66,21 @@ class PrepareArguments:
 class CacheArguments:
     """data_gen/cache_activations.py: record sparse SAE latents over corpus rows."""
 
-    output_dir: str = field(default="outputs/cache", metadata={"help": "Cache folder (delphi layout under latents/)."})
+    output_dir: str = field(
+        default="outputs/cache", metadata={"help": "Cache folder (delphi layout under latents/)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass."})
-    shard_rows: int = field(default=128, metadata={"help": "Rows per resumable shard (a killed run loses at most one)."})
+    shard_rows: int = field(
+        default=128, metadata={"help": "Rows per resumable shard (a killed run loses at most one)."}
+    )
     n_splits: int = field(default=5, metadata={"help": "Latent-range split files in the delphi layout."})
     quantile_sample_size: int = field(
-        default=2048, metadata={"help": "Max non-zero activations kept per latent (sorted) for quantile statistics."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete an existing cache in output_dir and start again."})
+        default=2048,
+        metadata={"help": "Max non-zero activations kept per latent (sorted) for quantile statistics."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete an existing cache in output_dir and start again."}
+    )
 
     def __post_init__(self):
         _require_positive(self, "batch_size", "shard_rows", "n_splits", "quantile_sample_size")
@@ -71,23 +91,39 @@ class TrainSAEArguments:
     """data_gen/train_sae.py: train a TopK SAE with sae-lens on residuals from the corpus (position 0 excluded)."""
 
     output_dir: str = field(default="outputs/sae", metadata={"help": "Where the sae-lens folder is written."})
-    hookpoint: str = field(default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."})
+    hookpoint: str = field(
+        default="layers.15", metadata={"help": "Residual stream after layer N (`layers.N`)."}
+    )
     d_sae: int = field(default=4096, metadata={"help": "Number of latents."})
     k: int = field(default=32, metadata={"help": "TopK: active latents per token."})
-    training_tokens: int = field(default=1_000_000, metadata={"help": "Samples seen in training (repeats the collected tokens)."})
+    training_tokens: int = field(
+        default=1_000_000, metadata={"help": "Samples seen in training (repeats the collected tokens)."}
+    )
     train_batch_size_tokens: int = field(default=4096, metadata={"help": "Tokens per optimizer step."})
     lr: float = field(default=4.0e-4, metadata={"help": "Adam learning rate."})
     lr_end_fraction: float = field(default=0.1, metadata={"help": "Cosine decay ends at lr * this."})
-    eval_rows: int = field(default=32, metadata={"help": "Rows after the training rows held out to measure FVE/L0."})
+    eval_rows: int = field(
+        default=32, metadata={"help": "Rows after the training rows held out to measure FVE/L0."}
+    )
     outlier_norm_factor: float = field(
-        default=10.0, metadata={"help": "Tokens whose residual norm exceeds this x the median are left out of SAE "
-                                        "training and FVE (massive activations: ~0.1% of tokens, >90% of variance)."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass when collecting activations."})
-    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a trained SAE."})
+        default=10.0,
+        metadata={
+            "help": "Tokens whose residual norm exceeds this x the median are left out of SAE "
+            "training and FVE (massive activations: ~0.1% of tokens, >90% of variance)."
+        },
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "Rows per forward pass when collecting activations."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Retrain even if output_dir holds a trained SAE."}
+    )
 
     def __post_init__(self):
         hookpoint_layer(self.hookpoint)
-        _require_positive(self, "d_sae", "k", "training_tokens", "train_batch_size_tokens", "eval_rows", "batch_size")
+        _require_positive(
+            self, "d_sae", "k", "training_tokens", "train_batch_size_tokens", "eval_rows", "batch_size"
+        )
         if self.k > self.d_sae:
             _fail("k", f"k={self.k} exceeds d_sae={self.d_sae}.")
         if not self.outlier_norm_factor > 1:
@@ -102,28 +138,55 @@ class TrainSAEArguments:
 class ExplainArguments:
     """data_gen/explain.py: interpret latents from examples sampled out of the cache."""
 
-    cache_dir: str = field(default="outputs/cache", metadata={"help": "A finished activation cache (cache_activations.py)."})
-    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
-    explanations_dir: str = field(default="outputs/explanations", metadata={"help": "Sets are written to <dir>/<set_name>/."})
+    cache_dir: str = field(
+        default="outputs/cache", metadata={"help": "A finished activation cache (cache_activations.py)."}
+    )
+    hookpoint: str = field(
+        default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."}
+    )
+    explanations_dir: str = field(
+        default="outputs/explanations", metadata={"help": "Sets are written to <dir>/<set_name>/."}
+    )
     explainer: str = field(default="token_list", metadata={"help": "`token_list` (no LLM) or `llm`."})
-    sampling: str = field(default="quantiles", metadata={"help": "`top` (highest windows) or `quantiles` (10 equal-count)."})
+    sampling: str = field(
+        default="quantiles", metadata={"help": "`top` (highest windows) or `quantiles` (10 equal-count)."}
+    )
     set_name: str | None = field(default=None, metadata={"help": "Default: <explainer>-<sampling>."})
     window: int = field(default=32, metadata={"help": "Tokens per example window."})
     n_top: int = field(default=20, metadata={"help": "`top`: windows per latent."})
     n_quantiles: int = field(default=10, metadata={"help": "`quantiles`: number of quantiles."})
     per_quantile: int = field(default=2, metadata={"help": "`quantiles`: windows drawn per quantile."})
-    min_activations: int = field(default=5, metadata={"help": "Latents firing fewer times are reported, not explained."})
-    max_latents: int = field(default=0, metadata={"help": "Explain a seeded random sample of this many latents (0: all)."})
+    min_activations: int = field(
+        default=5, metadata={"help": "Latents firing fewer times are reported, not explained."}
+    )
+    max_latents: int = field(
+        default=0, metadata={"help": "Explain a seeded random sample of this many latents (0: all)."}
+    )
     n_tokens: int = field(default=3, metadata={"help": "`token_list`: the latent's strongest tokens named."})
-    n_contexts: int = field(default=1, metadata={"help": "`token_list`: example contexts quoted, the strongest first."})
-    context_tokens: int = field(default=8, metadata={"help": "`token_list`: tokens quoted before each example's token."})
-    n_preceding: int = field(default=0, metadata={"help": "`token_list`: the tokens it most often follows, named."})
-    explainer_model: str = field(default="embedded:smollm2-135m", metadata={"help": "`llm`: chat model (Hub id, folder, embedded)."})
-    backend: str = field(default="hf", metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
+    n_contexts: int = field(
+        default=1, metadata={"help": "`token_list`: example contexts quoted, the strongest first."}
+    )
+    context_tokens: int = field(
+        default=8, metadata={"help": "`token_list`: tokens quoted before each example's token."}
+    )
+    n_preceding: int = field(
+        default=0, metadata={"help": "`token_list`: the tokens it most often follows, named."}
+    )
+    explainer_model: str = field(
+        default="embedded:smollm2-135m", metadata={"help": "`llm`: chat model (Hub id, folder, embedded)."}
+    )
+    backend: str = field(
+        default="hf",
+        metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."})
-    max_model_len: int = field(default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."}
+    )
+    max_model_len: int = field(
+        default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."}
+    )
     device: str = device_field("`llm`: ")
     rows: str = rows_field()
     validation_fraction: float = row_fraction_field("validation")
@@ -140,9 +203,21 @@ class ExplainArguments:
         check_row_choice(self)
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
-        _require_positive(self, "window", "n_top", "n_quantiles", "per_quantile", "min_activations", "batch_size",
-                          "max_new_tokens", "n_tokens", "n_contexts", "context_tokens", "tensor_parallel_size",
-                          "max_model_len")
+        _require_positive(
+            self,
+            "window",
+            "n_top",
+            "n_quantiles",
+            "per_quantile",
+            "min_activations",
+            "batch_size",
+            "max_new_tokens",
+            "n_tokens",
+            "n_contexts",
+            "context_tokens",
+            "tensor_parallel_size",
+            "max_model_len",
+        )
         for key in ("max_latents", "n_preceding"):
             if getattr(self, key) < 0:
                 _fail(key, f"must be >= 0, got {getattr(self, key)}.")
@@ -154,21 +229,42 @@ class ExplainArguments:
 class ScoreArguments:
     """data_gen/score.py: detection / fuzzing scores of an interpretation set, judged by an LLM."""
 
-    cache_dir: str = field(default="outputs/cache", metadata={"help": "The activation cache the examples come from."})
-    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
-    interpretations: str = field(default="outputs/explanations/token_list-quantiles",
-                                 metadata={"help": "The interpretation set to score (folder or JSON)."})
-    scores_dir: str = field(default="outputs/scores", metadata={"help": "Writes <scores_dir>/<scorer>/ + <scorer>.json."})
+    cache_dir: str = field(
+        default="outputs/cache", metadata={"help": "The activation cache the examples come from."}
+    )
+    hookpoint: str = field(
+        default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."}
+    )
+    interpretations: str = field(
+        default="outputs/explanations/token_list-quantiles",
+        metadata={"help": "The interpretation set to score (folder or JSON)."},
+    )
+    scores_dir: str = field(
+        default="outputs/scores", metadata={"help": "Writes <scores_dir>/<scorer>/ + <scorer>.json."}
+    )
     scorer: str = field(default="detection", metadata={"help": "`detection` or `fuzz`."})
-    judge_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Chat model that judges (Hub id, folder, embedded)."})
-    backend: str = field(default="hf", metadata={"help": "`hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."})
-    n_activating: int = field(default=5, metadata={"help": "Activating windows per latent (drawn across quantiles)."})
+    judge_model: str = field(
+        default="embedded:smollm2-135m",
+        metadata={"help": "Chat model that judges (Hub id, folder, embedded)."},
+    )
+    backend: str = field(
+        default="hf", metadata={"help": "`hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."}
+    )
+    n_activating: int = field(
+        default=5, metadata={"help": "Activating windows per latent (drawn across quantiles)."}
+    )
     n_non_activating: int = field(default=5, metadata={"help": "Windows where the latent never fires."})
     window: int = field(default=32, metadata={"help": "Tokens per window."})
-    max_latents: int = field(default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."})
+    max_latents: int = field(
+        default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."})
-    max_model_len: int = field(default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."}
+    )
+    max_model_len: int = field(
+        default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."}
+    )
     device: str = device_field()
     rows: str = rows_field()
     validation_fraction: float = row_fraction_field("validation")
@@ -183,8 +279,15 @@ class ScoreArguments:
         check_row_choice(self)
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
-        _require_positive(self, "n_activating", "n_non_activating", "window", "batch_size", "tensor_parallel_size",
-                          "max_model_len")
+        _require_positive(
+            self,
+            "n_activating",
+            "n_non_activating",
+            "window",
+            "batch_size",
+            "tensor_parallel_size",
+            "max_model_len",
+        )
         if self.max_latents < 0:
             _fail("max_latents", f"must be >= 0, got {self.max_latents}.")
 
@@ -194,51 +297,121 @@ class DatasetArguments:
     """data_gen/build_dataset.py: (interpretation, context, label) examples under a data mixture."""
 
     cache_dir: str = field(default="outputs/cache", metadata={"help": "A finished activation cache."})
-    hookpoint: str = field(default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."})
+    hookpoint: str = field(
+        default="layers.15", metadata={"help": "Which hookpoint of the cache (`layers.N`)."}
+    )
     interpretations: list[str] = field(
-        default_factory=list, metadata={"help": "Interpretation sets (folder, JSON dict or Neuronpedia export); "
-                                                "several are mixed per example by `interpretation_weights`."})
-    interpretation_weights: list[float] = field(default_factory=list, metadata={"help": "One weight per set (default equal)."})
-    score_path: str | None = field(default=None, metadata={"help": "Per-latent scores shown in the prompt (JSON {latent: "
-                                                                   "score} or a scores folder); latents without one are left out and counted."})
-    candidates: str = field(default="per_context", metadata={"help": "`per_context`: for each context, its active "
-                                                                   "latents and sampled inactive ones; `per_latent` "
-                                                                   "(latent-major eval sets, for per-latent AUC): for "
-                                                                   "each latent of the split, `contexts_per_latent` "
-                                                                   "contexts where it fires and as many where it does not."})
-    contexts_per_latent: int = field(default=5, metadata={"help": "`per_latent`: active (and as many inactive) contexts "
-                                                                  "per latent, fewer where it fires less often."})
+        default_factory=list,
+        metadata={
+            "help": "Interpretation sets (folder, JSON dict or Neuronpedia export); "
+            "several are mixed per example by `interpretation_weights`."
+        },
+    )
+    interpretation_weights: list[float] = field(
+        default_factory=list, metadata={"help": "One weight per set (default equal)."}
+    )
+    score_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-latent scores shown in the prompt (JSON {latent: "
+            "score} or a scores folder); latents without one are left out and counted."
+        },
+    )
+    candidates: str = field(
+        default="per_context",
+        metadata={
+            "help": "`per_context`: for each context, its active "
+            "latents and sampled inactive ones; `per_latent` "
+            "(latent-major eval sets, for per-latent AUC): for "
+            "each latent of the split, `contexts_per_latent` "
+            "contexts where it fires and as many where it does not."
+        },
+    )
+    contexts_per_latent: int = field(
+        default=5,
+        metadata={
+            "help": "`per_latent`: active (and as many inactive) contexts "
+            "per latent, fewer where it fires less often."
+        },
+    )
     positives: str = field(default="all", metadata={"help": "`all` active latents or the `top_k` strongest."})
     top_k: int = field(default=5, metadata={"help": "With `positives: top_k`."})
-    negatives_per_positive: float = field(default=1.0, metadata={"help": "Inactive candidates per positive (0 for value labels)."})
-    negatives_per_context: int = field(default=0, metadata={"help": "If > 0: exactly this many inactive candidates per "
-                                                                    "context instead (eval sets: the dictionary-wide extrapolation needs them)."})
-    hard_negatives: str = field(default="none", metadata={"help": "`none`, `same_token` (latents that fire on this token "
-                                                                  "elsewhere) or `decoder` (decoder neighbours of the positives)."})
-    hard_negative_fraction: float = field(default=0.5, metadata={"help": "Share of the negatives that are hard."})
-    negative_sampling: str = field(default="uniform", metadata={"help": "The non-hard negatives: `uniform` over the "
-                                                                        "split's latents, or `frequency_matched` (their "
-                                                                        "log firing rates distributed like the positives', "
-                                                                        "so a firing-rate prior cannot rank them; see "
-                                                                        "latentsim.dataset.FrequencyBins)."})
-    frequency_bins: int = field(default=10, metadata={"help": "`frequency_matched`: quantile bins of the split's latents "
-                                                              "by log firing rate."})
-    label: str = field(default="active", metadata={"help": "`active` (binary), `activation_bin` or `quantile_bin` (0-9)."})
-    prompt_format: str = field(default="sim_v1", metadata={"help": "A format of latentsim.prompts (sim_v1, sim_value_v1)."})
-    window_min: int = field(default=32, metadata={"help": "Shortest context window (tokens, judged token last)."})
+    negatives_per_positive: float = field(
+        default=1.0, metadata={"help": "Inactive candidates per positive (0 for value labels)."}
+    )
+    negatives_per_context: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0: exactly this many inactive candidates per "
+            "context instead (eval sets: the dictionary-wide extrapolation needs them)."
+        },
+    )
+    hard_negatives: str = field(
+        default="none",
+        metadata={
+            "help": "`none`, `same_token` (latents that fire on this token "
+            "elsewhere) or `decoder` (decoder neighbours of the positives)."
+        },
+    )
+    hard_negative_fraction: float = field(
+        default=0.5, metadata={"help": "Share of the negatives that are hard."}
+    )
+    negative_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "The non-hard negatives: `uniform` over the "
+            "split's latents, or `frequency_matched` (their "
+            "log firing rates distributed like the positives', "
+            "so a firing-rate prior cannot rank them; see "
+            "latentsim.dataset.FrequencyBins)."
+        },
+    )
+    frequency_bins: int = field(
+        default=10,
+        metadata={"help": "`frequency_matched`: quantile bins of the split's latents by log firing rate."},
+    )
+    label: str = field(
+        default="active", metadata={"help": "`active` (binary), `activation_bin` or `quantile_bin` (0-9)."}
+    )
+    prompt_format: str = field(
+        default="sim_v1", metadata={"help": "A format of latentsim.prompts (sim_v1, sim_value_v1)."}
+    )
+    window_min: int = field(
+        default=32, metadata={"help": "Shortest context window (tokens, judged token last)."}
+    )
     window_max: int = field(default=32, metadata={"help": "Longest context window."})
     contexts_per_row: int = field(default=1, metadata={"help": "Contexts sampled per cache row."})
-    max_rows_per_split: int = field(default=0, metadata={"help": "0: every row of each split; N: a seeded random N of "
-                                                                 "each split's rows (a seed-sized cache has ~40k rows)."})
-    split_mode: str = field(default="latents", metadata={"help": "`latents`: splits disjoint in latents and rows; "
-                                                                 "`contexts`: disjoint in rows only."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for validation."})
+    max_rows_per_split: int = field(
+        default=0,
+        metadata={
+            "help": "0: every row of each split; N: a seeded random N of "
+            "each split's rows (a seed-sized cache has ~40k rows)."
+        },
+    )
+    split_mode: str = field(
+        default="latents",
+        metadata={
+            "help": "`latents`: splits disjoint in latents and rows; `contexts`: disjoint in rows only."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of latents/rows for validation."}
+    )
     test_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for test."})
-    simulator_tokenizer: str = field(default="embedded:smollm2-135m",
-                                     metadata={"help": "Tokenizer whose answers must be single tokens (checked)."})
-    output_dir: str = field(default="outputs/datasets/default", metadata={"help": "Parquet splits + README.md card."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the folder to this Hub dataset repo "
-                                                                    "(token from HF_TOKEN / huggingface-cli login)."})
+    simulator_tokenizer: str = field(
+        default="embedded:smollm2-135m",
+        metadata={"help": "Tokenizer whose answers must be single tokens (checked)."},
+    )
+    output_dir: str = field(
+        default="outputs/datasets/default", metadata={"help": "Parquet splits + README.md card."}
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also upload the folder to this Hub dataset repo "
+            "(token from HF_TOKEN / huggingface-cli login)."
+        },
+    )
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub dataset repo as private."})
     seed: int = field(default=22, metadata={"help": "Seed for splits, windows and negatives."})
 
@@ -249,15 +422,23 @@ class DatasetArguments:
         if not self.interpretations:
             _fail("interpretations", "give at least one interpretation set (folder or JSON file).")
         if self.interpretation_weights and len(self.interpretation_weights) != len(self.interpretations):
-            _fail("interpretation_weights", f"{len(self.interpretation_weights)} weights for "
-                  f"{len(self.interpretations)} interpretation sets.")
-        if any(w < 0 for w in self.interpretation_weights) or (self.interpretation_weights and
-                                                                sum(self.interpretation_weights) <= 0):
+            _fail(
+                "interpretation_weights",
+                f"{len(self.interpretation_weights)} weights for "
+                f"{len(self.interpretations)} interpretation sets.",
+            )
+        if any(w < 0 for w in self.interpretation_weights) or (
+            self.interpretation_weights and sum(self.interpretation_weights) <= 0
+        ):
             _fail("interpretation_weights", "weights must be >= 0 with a positive sum.")
-        choices = {"positives": ("all", "top_k"), "hard_negatives": ("none", "same_token", "decoder"),
-                   "negative_sampling": ("uniform", "frequency_matched"),
-                   "label": ("active", "activation_bin", "quantile_bin"), "split_mode": ("latents", "contexts"),
-                   "candidates": ("per_context", "per_latent")}
+        choices = {
+            "positives": ("all", "top_k"),
+            "hard_negatives": ("none", "same_token", "decoder"),
+            "negative_sampling": ("uniform", "frequency_matched"),
+            "label": ("active", "activation_bin", "quantile_bin"),
+            "split_mode": ("latents", "contexts"),
+            "candidates": ("per_context", "per_latent"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 _fail(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}.")
@@ -265,13 +446,21 @@ class DatasetArguments:
             _fail("prompt_format", f"{self.prompt_format!r} is not one of {sorted(PROMPT_FORMATS)}.")
         wants_bins = PROMPT_FORMATS[self.prompt_format].label == "bin"
         if wants_bins != (self.label != "active"):
-            _fail("label", f"format {self.prompt_format} answers "
-                  f"{'a 0-9 bin' if wants_bins else 'Yes/No'}; label {self.label!r} does not fit it.")
+            _fail(
+                "label",
+                f"format {self.prompt_format} answers "
+                f"{'a 0-9 bin' if wants_bins else 'Yes/No'}; label {self.label!r} does not fit it.",
+            )
         if self.label != "active" and (self.negatives_per_positive != 0 or self.negatives_per_context != 0):
-            _fail("negatives_per_positive" if self.negatives_per_positive else "negatives_per_context",
-                  "value labels (bins) exist only for active latents; set it to 0.")
+            _fail(
+                "negatives_per_positive" if self.negatives_per_positive else "negatives_per_context",
+                "value labels (bins) exist only for active latents; set it to 0.",
+            )
         if self.negatives_per_context < 0 or self.max_rows_per_split < 0:
-            _fail("negatives_per_context" if self.negatives_per_context < 0 else "max_rows_per_split", "must be >= 0.")
+            _fail(
+                "negatives_per_context" if self.negatives_per_context < 0 else "max_rows_per_split",
+                "must be >= 0.",
+            )
         if self.top_k < 1 or self.contexts_per_row < 1:
             _fail("top_k" if self.top_k < 1 else "contexts_per_row", "must be >= 1.")
         if self.negatives_per_positive < 0:
@@ -279,11 +468,17 @@ class DatasetArguments:
         if not 0 <= self.hard_negative_fraction <= 1:
             _fail("hard_negative_fraction", "must be in [0, 1].")
         _require_positive(self, "frequency_bins", "contexts_per_latent")
-        if self.candidates == "per_latent" and (self.label != "active" or self.hard_negatives == "decoder"
-                                                or self.negative_sampling != "uniform"):
-            _fail("candidates", "`per_latent` builds binary eval sets whose inactive contexts are drawn uniformly, or "
-                  "on the latent's own tokens (label: active, hard_negatives: none or same_token, "
-                  "negative_sampling: uniform).")
+        if self.candidates == "per_latent" and (
+            self.label != "active" or self.hard_negatives == "decoder" or self.negative_sampling != "uniform"
+        ):
+            _fail(
+                "candidates",
+                "`per_latent` builds binary eval sets whose inactive contexts are drawn uniformly, or "
+                "on the latent's own tokens (label: active, hard_negatives: none or same_token, "
+                "negative_sampling: uniform).",
+            )
         if not 2 <= self.window_min <= self.window_max:
-            _fail("window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}.")
+            _fail(
+                "window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}."
+            )
         check_split_fractions(self)

@@ -27,18 +27,29 @@ def parse_baseline(spec: str) -> dict:
     prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
     interpretations (another interpretation set; default the eval set's), tensor_parallel_size (vLLM: GPUs for this
     model's engine, default the sweep's), name."""
-    out = {"model": "embedded:smollm2-135m", "shots": 0, "score": False, "interpretations": None,
-           "tensor_parallel_size": None}
+    out = {
+        "model": "embedded:smollm2-135m",
+        "shots": 0,
+        "score": False,
+        "interpretations": None,
+        "tensor_parallel_size": None,
+    }
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in BASELINE_KEYS:
             close = difflib.get_close_matches(key, BASELINE_KEYS, n=1)
-            _fail("baselines", f"{spec!r}: `{part}` is not key=value with a key in {', '.join(BASELINE_KEYS)}"
-                  + (f" (did you mean `{close[0]}`?)" if close else "") + ".")
+            _fail(
+                "baselines",
+                f"{spec!r}: `{part}` is not key=value with a key in {', '.join(BASELINE_KEYS)}"
+                + (f" (did you mean `{close[0]}`?)" if close else "")
+                + ".",
+            )
         if key in ("shots", "tensor_parallel_size"):
             if not value.isdigit() or (key == "tensor_parallel_size" and int(value) < 1):
-                _fail("baselines", f"{spec!r}: {key} must be a {'positive' if key != 'shots' else 'non-negative'} "
-                      "integer.")
+                _fail(
+                    "baselines",
+                    f"{spec!r}: {key} must be a {'positive' if key != 'shots' else 'non-negative'} integer.",
+                )
             out[key] = int(value)
         elif key == "score":
             if value not in ("true", "false"):
@@ -47,15 +58,22 @@ def parse_baseline(spec: str) -> dict:
         else:
             out[key] = value
     if out["model"] in REFERENCE_BASELINES and (out["shots"] or out["score"]):
-        _fail("baselines", f"{spec!r}: the reference baseline {out['model']} reads no prompt; shots and score do "
-              "not apply to it.")
+        _fail(
+            "baselines",
+            f"{spec!r}: the reference baseline {out['model']} reads no prompt; shots and score do "
+            "not apply to it.",
+        )
     if not out.get("name") and out["model"] in REFERENCE_BASELINES:
-        out["name"] = out["model"].replace("+", "_") + (f"_{Path(out['interpretations']).name}"
-                                                         if out["interpretations"] else "")
+        out["name"] = out["model"].replace("+", "_") + (
+            f"_{Path(out['interpretations']).name}" if out["interpretations"] else ""
+        )
     if not out.get("name"):
         model = out["model"].rsplit("/", 1)[-1].removeprefix(EMBEDDED_PREFIX)
-        out["name"] = (f"{model}_{out['shots']}shot" + ("_score" if out["score"] else "")
-                       + (f"_{Path(out['interpretations']).name}" if out["interpretations"] else ""))
+        out["name"] = (
+            f"{model}_{out['shots']}shot"
+            + ("_score" if out["score"] else "")
+            + (f"_{Path(out['interpretations']).name}" if out["interpretations"] else "")
+        )
     if not re.fullmatch(r"[A-Za-z0-9._-]+", out["name"]):
         _fail("baselines", f"{spec!r}: name {out['name']!r} may only hold letters, digits, `.`, `_`, `-`.")
     return out
@@ -65,40 +83,91 @@ def parse_baseline(spec: str) -> dict:
 class EvalArguments:
     """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one eval set."""
 
-    eval_set: str = field(default="", metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."})
+    eval_set: str = field(
+        default="",
+        metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."},
+    )
     eval_split: str = field(default="test", metadata={"help": "The split the metrics are reported on."})
-    calibration_split: str | None = field(default="validation", metadata={"help": "Split for temperature scaling and the "
-                                                                                  "L0-matched threshold (null: none)."})
-    max_contexts: int = field(default=0, metadata={"help": "Score a seeded sample of this many contexts per split (0: all)."})
-    calibration_contexts: int = field(default=0, metadata={"help": "Contexts sampled from calibration_split (0: as "
-                                                                   "max_contexts): one temperature and one threshold "
-                                                                   "need fewer than the metrics."})
-    run_dirs: list[str] = field(default_factory=list, metadata={"help": "train/sft.py output dirs: every complete "
-                                                                        "checkpoint-N and the final adapter are evaluated."})
-    hub_runs: list[str] = field(default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."})
-    include_checkpoints: bool = field(default=True, metadata={"help": "Evaluate checkpoint-N folders, not only the final adapter."})
-    baselines: list[str] = field(default_factory=list, metadata={"help": "Prompting baselines, each `key=value,...` with "
-                                                                         "keys model, shots, score, interpretations, name."})
-    score_files: list[str] = field(default_factory=list, metadata={"help": "Interpretation scores ({latent: score} JSON, "
-                                                                           "data_gen/score.py) to plot accuracy against."})
-    allow_seen_latents: bool = field(default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."})
-    backend: str = field(default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."})
+    calibration_split: str | None = field(
+        default="validation",
+        metadata={"help": "Split for temperature scaling and the L0-matched threshold (null: none)."},
+    )
+    max_contexts: int = field(
+        default=0, metadata={"help": "Score a seeded sample of this many contexts per split (0: all)."}
+    )
+    calibration_contexts: int = field(
+        default=0,
+        metadata={
+            "help": "Contexts sampled from calibration_split (0: as "
+            "max_contexts): one temperature and one threshold "
+            "need fewer than the metrics."
+        },
+    )
+    run_dirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "train/sft.py output dirs: every complete "
+            "checkpoint-N and the final adapter are evaluated."
+        },
+    )
+    hub_runs: list[str] = field(
+        default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."}
+    )
+    include_checkpoints: bool = field(
+        default=True, metadata={"help": "Evaluate checkpoint-N folders, not only the final adapter."}
+    )
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompting baselines, each `key=value,...` with "
+            "keys model, shots, score, interpretations, name."
+        },
+    )
+    score_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Interpretation scores ({latent: score} JSON, "
+            "data_gen/score.py) to plot accuracy against."
+        },
+    )
+    allow_seen_latents: bool = field(
+        default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."}
+    )
+    backend: str = field(
+        default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."}
+    )
     batch_size: int = field(default=32, metadata={"help": "Suffixes per forward pass (hf)."})
     dtype: str = dtype_field()
     device: str = device_field()
     max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine (1 for an 8B on one 80 GB "
-                                                                    "card; a divisor of the model's attention heads)."})
-    max_model_len: int = field(default=4096, metadata={"help": "vLLM: the engine's context length (prompt + answer)."})
-    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM: share of each GPU's memory it may take."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."})
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "vLLM: GPUs per engine (1 for an 8B on one 80 GB "
+            "card; a divisor of the model's attention heads)."
+        },
+    )
+    max_model_len: int = field(
+        default=4096, metadata={"help": "vLLM: the engine's context length (prompt + answer)."}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.85, metadata={"help": "vLLM: share of each GPU's memory it may take."}
+    )
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
-    seed: int = field(default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."})
+    seed: int = field(
+        default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."}
+    )
 
     def __post_init__(self):
         check_dtype_device(self)
         if not self.eval_set:
-            _fail("eval_set", "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).")
+            _fail(
+                "eval_set",
+                "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).",
+            )
         if self.backend not in ("hf", "vllm", "fake"):
             _fail("backend", f"{self.backend!r} is not `hf`, `vllm` or `fake`.")
         if not (self.run_dirs or self.hub_runs or self.baselines):
@@ -115,7 +184,10 @@ class EvalArguments:
         if self.calibration_split in ("", "null", "none", "None"):  # YAML null, or the same on a command line
             self.calibration_split = None
         if self.eval_split == self.calibration_split:
-            _fail("calibration_split", "must differ from eval_split (a temperature fitted on the test split is not a result).")
+            _fail(
+                "calibration_split",
+                "must differ from eval_split (a temperature fitted on the test split is not a result).",
+            )
 
 
 def check_thresholds(thresholds: list[str]) -> None:
@@ -134,26 +206,56 @@ def check_thresholds(thresholds: list[str]) -> None:
 class PatchArguments:
     """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and CE."""
 
-    eval_set: str = field(default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."})
+    eval_set: str = field(
+        default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."}
+    )
     split: str = field(default="test", metadata={"help": "Its split."})
-    sweep_dir: str | None = field(default=None, metadata={"help": "eval/sweep.py's output_dir: simulators are read from "
-                                                                   "<sweep_dir>/<eval set>/*/predictions_<split>.parquet."})
-    simulators: list[str] = field(default_factory=list, metadata={"help": "Simulator folder names (default: all in the sweep)."})
-    thresholds: list[str] = field(default_factory=lambda: ["0.5", "l0_matched"],
-                                  metadata={"help": "P(yes) thresholds: numbers, or `l0_matched` (fitted by the sweep on validation)."})
-    values: list[str] = field(default_factory=lambda: ["oracle", "median"],
-                              metadata={"help": "Values of predicted latents: `oracle` (true value where truly active, "
-                                                "median otherwise), `median` (the latent's median non-zero activation) "
-                                                "and/or `predicted` (value_simulator's 0-9 answer mapped through the "
-                                                "latent's deciles)."})
-    value_simulator: str | None = field(default=None, metadata={"help": "For `predicted` values: a train/sft.py run "
-                                                                        "trained on sim_value_v1, or a model reference."})
-    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
-                                   metadata={"help": "Figure 1: fractions of the truly active latents kept."})
-    fraction_modes: list[str] = field(default_factory=lambda: ["top", "random"], metadata={"help": "`top` and/or `random`."})
-    all_positions: bool = field(default=True, metadata={"help": "Also patch every position (SAE, ablations, fractions)."})
-    max_contexts: int = field(default=0, metadata={"help": "Contexts (0: those the sweep scored, else all of the split)."})
-    mean_contexts: int = field(default=32, metadata={"help": "Cache rows averaged for the mean-ablation vector."})
+    sweep_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "eval/sweep.py's output_dir: simulators are read from "
+            "<sweep_dir>/<eval set>/*/predictions_<split>.parquet."
+        },
+    )
+    simulators: list[str] = field(
+        default_factory=list, metadata={"help": "Simulator folder names (default: all in the sweep)."}
+    )
+    thresholds: list[str] = field(
+        default_factory=lambda: ["0.5", "l0_matched"],
+        metadata={"help": "P(yes) thresholds: numbers, or `l0_matched` (fitted by the sweep on validation)."},
+    )
+    values: list[str] = field(
+        default_factory=lambda: ["oracle", "median"],
+        metadata={
+            "help": "Values of predicted latents: `oracle` (true value where truly active, "
+            "median otherwise), `median` (the latent's median non-zero activation) "
+            "and/or `predicted` (value_simulator's 0-9 answer mapped through the "
+            "latent's deciles)."
+        },
+    )
+    value_simulator: str | None = field(
+        default=None,
+        metadata={
+            "help": "For `predicted` values: a train/sft.py run "
+            "trained on sim_value_v1, or a model reference."
+        },
+    )
+    fractions: list[float] = field(
+        default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "Figure 1: fractions of the truly active latents kept."},
+    )
+    fraction_modes: list[str] = field(
+        default_factory=lambda: ["top", "random"], metadata={"help": "`top` and/or `random`."}
+    )
+    all_positions: bool = field(
+        default=True, metadata={"help": "Also patch every position (SAE, ablations, fractions)."}
+    )
+    max_contexts: int = field(
+        default=0, metadata={"help": "Contexts (0: those the sweep scored, else all of the split)."}
+    )
+    mean_contexts: int = field(
+        default=32, metadata={"help": "Cache rows averaged for the mean-ablation vector."}
+    )
     device: str = device_field()
     dtype: str = dtype_field()
     output_dir: str = field(default="", metadata={"help": "Default <sweep_dir>/<eval set>/patch_kl."})
@@ -163,18 +265,27 @@ class PatchArguments:
     def __post_init__(self):
         check_dtype_device(self)
         if not self.eval_set:
-            _fail("eval_set", "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).")
+            _fail(
+                "eval_set",
+                "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).",
+            )
         check_thresholds(self.thresholds)
         if bad := set(self.values) - {"oracle", "median", "predicted"}:
             _fail("values", f"{sorted(bad)}: choose from oracle, median, predicted.")
         if "predicted" in self.values and not self.value_simulator:
-            _fail("value_simulator", "`predicted` values need a value simulator (a sim_value_v1 run or a model).")
+            _fail(
+                "value_simulator",
+                "`predicted` values need a value simulator (a sim_value_v1 run or a model).",
+            )
         if bad := set(self.fraction_modes) - {"top", "random"}:
             _fail("fraction_modes", f"{sorted(bad)}: choose from top, random.")
         if any(not 0 <= f <= 1 for f in self.fractions):
             _fail("fractions", "every fraction must be in [0, 1].")
         if self.max_contexts < 0 or self.mean_contexts < 1:
-            _fail("max_contexts" if self.max_contexts < 0 else "mean_contexts", "must be >= 0 (mean_contexts >= 1).")
+            _fail(
+                "max_contexts" if self.max_contexts < 0 else "mean_contexts",
+                "must be >= 0 (mean_contexts >= 1).",
+            )
 
 
 @dataclass
@@ -182,55 +293,113 @@ class WholeLayerArguments:
     """eval/whole_layer.py: a simulator judges every explained latent at the judged positions of held-out texts;
     the layer is rebuilt from its verdicts alone and patched in there; KL and CE per position."""
 
-    eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache (tokens, SAE, statistics), its "
-                                                         "interpretations and its row splits."})
-    simulator: str = field(default="", metadata={"help": "A train/sft.py run folder (its final adapter): a dense format "
-                                                          "or sim_v1."})
-    baseline: str = field(default="", metadata={"help": "Instead of `simulator`: a prompted sim_v1 baseline, as in "
-                                                         "eval/sweep.py (`name=...,model=...,shots=N`)."})
-    positions: str = field(default="all", metadata={"help": "`all`: every position judged and patched at once; `last`: "
-                                                             "only each text's last one (the seed's setting; a sim_v1 "
-                                                             "simulator costs one prompt per latent and position)."})
-    context_tokens: int = field(default=32, metadata={"help": "sim_v1: tokens of context up to the judged one (the eval "
-                                                               "sets' 32-token windows)."})
-    split: str = field(default="test", metadata={"help": "The rows the texts come from (never the simulator's training rows)."})
+    eval_set: str = field(
+        default="",
+        metadata={
+            "help": "A binary eval set: its cache (tokens, SAE, statistics), its "
+            "interpretations and its row splits."
+        },
+    )
+    simulator: str = field(
+        default="",
+        metadata={"help": "A train/sft.py run folder (its final adapter): a dense format or sim_v1."},
+    )
+    baseline: str = field(
+        default="",
+        metadata={
+            "help": "Instead of `simulator`: a prompted sim_v1 baseline, as in "
+            "eval/sweep.py (`name=...,model=...,shots=N`)."
+        },
+    )
+    positions: str = field(
+        default="all",
+        metadata={
+            "help": "`all`: every position judged and patched at once; `last`: "
+            "only each text's last one (the seed's setting; a sim_v1 "
+            "simulator costs one prompt per latent and position)."
+        },
+    )
+    context_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "sim_v1: tokens of context up to the judged one (the eval sets' 32-token windows)."
+        },
+    )
+    split: str = field(
+        default="test",
+        metadata={"help": "The rows the texts come from (never the simulator's training rows)."},
+    )
     texts: int = field(default=2, metadata={"help": "Held-out texts (cache rows) judged and patched."})
-    tokens: int = field(default=64, metadata={"help": "Positions per text (1..tokens of its row; BOS is never encoded)."})
-    calibration_texts: int = field(default=1, metadata={"help": "Validation rows judged to fit the `l0_matched` "
-                                                                 "threshold (0: no l0_matched)."})
-    thresholds: list[str] = field(default_factory=lambda: ["0.5", "l0_matched"],
-                                  metadata={"help": "P(yes) thresholds: numbers in (0, 1) and/or `l0_matched` (as many "
-                                                    "latents flagged per position as the SAE has explained active ones, "
-                                                    "on the calibration texts)."})
-    values: list[str] = field(default_factory=lambda: ["oracle", "median"],
-                              metadata={"help": "Values of flagged latents: `oracle` (true value where truly active, "
-                                                "median otherwise) and/or `median` (the latent's median activation)."})
-    batch_size: int = field(default=64, metadata={"help": "Latents per forward pass (each over one whole text)."})
-    merge_adapter: bool = field(default=True, metadata={"help": "Merge the LoRA into the simulator's weights for scoring "
-                                                                "(~15% faster here; the adapter files are untouched)."})
+    tokens: int = field(
+        default=64, metadata={"help": "Positions per text (1..tokens of its row; BOS is never encoded)."}
+    )
+    calibration_texts: int = field(
+        default=1,
+        metadata={"help": "Validation rows judged to fit the `l0_matched` threshold (0: no l0_matched)."},
+    )
+    thresholds: list[str] = field(
+        default_factory=lambda: ["0.5", "l0_matched"],
+        metadata={
+            "help": "P(yes) thresholds: numbers in (0, 1) and/or `l0_matched` (as many "
+            "latents flagged per position as the SAE has explained active ones, "
+            "on the calibration texts)."
+        },
+    )
+    values: list[str] = field(
+        default_factory=lambda: ["oracle", "median"],
+        metadata={
+            "help": "Values of flagged latents: `oracle` (true value where truly active, "
+            "median otherwise) and/or `median` (the latent's median activation)."
+        },
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "Latents per forward pass (each over one whole text)."}
+    )
+    merge_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "Merge the LoRA into the simulator's weights for scoring "
+            "(~15% faster here; the adapter files are untouched)."
+        },
+    )
     device: str = device_field()
     dtype: str = dtype_field()
-    output_dir: str = field(default="", metadata={"help": "Where scores/, per_position.parquet and results.json go."})
-    overwrite: bool = field(default=False, metadata={"help": "Recompute everything, the saved text scores included."})
+    output_dir: str = field(
+        default="", metadata={"help": "Where scores/, per_position.parquet and results.json go."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Recompute everything, the saved text scores included."}
+    )
     seed: int = field(default=22, metadata={"help": "Seed for the choice of rows and the random reference."})
 
     def __post_init__(self):
         check_dtype_device(self)
-        for key, fix in (("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
-                         ("output_dir", "give the folder the results go to")):
+        for key, fix in (
+            ("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
+            ("output_dir", "give the folder the results go to"),
+        ):
             if not getattr(self, key):
                 _fail(key, f"{fix}.")
         if bool(self.simulator) == bool(self.baseline):
-            _fail("simulator", "give either a train/sft.py run folder (`simulator`) or a prompted baseline "
-                  "(`baseline: name=...`), not both or neither.")
+            _fail(
+                "simulator",
+                "give either a train/sft.py run folder (`simulator`) or a prompted baseline "
+                "(`baseline: name=...`), not both or neither.",
+            )
         if self.baseline:
             spec = parse_baseline(self.baseline)
             if spec["model"] in REFERENCE_BASELINES:
-                _fail("baseline", f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "
-                      "`firing_rate_random`, reported beside every simulator.")
+                _fail(
+                    "baseline",
+                    f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "
+                    "`firing_rate_random`, reported beside every simulator.",
+                )
             if spec["score"] or spec["interpretations"]:
-                _fail("baseline", f"{self.baseline!r}: `score` and `interpretations` are eval/sweep.py options; the "
-                      "whole layer reads the eval set's interpretations, without scores.")
+                _fail(
+                    "baseline",
+                    f"{self.baseline!r}: `score` and `interpretations` are eval/sweep.py options; the "
+                    "whole layer reads the eval set's interpretations, without scores.",
+                )
         if self.positions not in ("all", "last"):
             _fail("positions", f"{self.positions!r} is not `all` or `last`.")
         _require_positive(self, "texts", "tokens", "batch_size", "context_tokens")
@@ -251,29 +420,65 @@ class WholeLayerArguments:
 class GenerateArguments:
     """eval/generate.py: closed-loop generation with the hook layer rewritten from SAE latents or a simulator."""
 
-    eval_set: str = field(default="", metadata={"help": "A binary eval set: its cache names the subject model, SAE and "
-                                                         "hookpoint; its test latents are the ones a simulator rewrites."})
-    prompts: list[str] = field(default_factory=lambda: ["The sun was", "A fool and his money"],
-                               metadata={"help": "Prompts the subject model continues."})
+    eval_set: str = field(
+        default="",
+        metadata={
+            "help": "A binary eval set: its cache names the subject model, SAE and "
+            "hookpoint; its test latents are the ones a simulator rewrites."
+        },
+    )
+    prompts: list[str] = field(
+        default_factory=lambda: ["The sun was", "A fool and his money"],
+        metadata={"help": "Prompts the subject model continues."},
+    )
     max_new_tokens: int = field(default=10, metadata={"help": "Tokens generated per prompt and source."})
-    sources: list[str] = field(default_factory=lambda: ["clean", "sae", "fraction:top:0.5", "simulator"],
-                               metadata={"help": "`clean`, `sae`, `fraction:<top|random>:<f>`, `simulator`."})
-    simulator_run: str | None = field(default=None, metadata={"help": "A train/sft.py output_dir (its final adapter); "
-                                                                      "default: the untuned simulator_model."})
-    simulator_model: str = field(default="embedded:smollm2-135m", metadata={"help": "Base simulator model without a run."})
-    threshold: float = field(default=0.5, metadata={"help": "P(yes) at which the simulator calls a latent active."})
-    values: str = field(default="oracle", metadata={"help": "`oracle` (true value where truly active, median otherwise) "
-                                                           "or `median` (no oracle)."})
-    n_inactive: int = field(default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."})
-    allow_seen_latents: bool = field(default=False, metadata={"help": "Let a finetuned simulator judge latents it trained "
-                                                                      "on (by default those keep their SAE values)."})
-    window: int = field(default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."})
+    sources: list[str] = field(
+        default_factory=lambda: ["clean", "sae", "fraction:top:0.5", "simulator"],
+        metadata={"help": "`clean`, `sae`, `fraction:<top|random>:<f>`, `simulator`."},
+    )
+    simulator_run: str | None = field(
+        default=None,
+        metadata={
+            "help": "A train/sft.py output_dir (its final adapter); default: the untuned simulator_model."
+        },
+    )
+    simulator_model: str = field(
+        default="embedded:smollm2-135m", metadata={"help": "Base simulator model without a run."}
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "P(yes) at which the simulator calls a latent active."}
+    )
+    values: str = field(
+        default="oracle",
+        metadata={
+            "help": "`oracle` (true value where truly active, median otherwise) or `median` (no oracle)."
+        },
+    )
+    n_inactive: int = field(
+        default=16, metadata={"help": "Inactive latents of the pool scored per step beside the active ones."}
+    )
+    allow_seen_latents: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a finetuned simulator judge latents it trained "
+            "on (by default those keep their SAE values)."
+        },
+    )
+    window: int = field(
+        default=32, metadata={"help": "Tokens of context the simulator sees (the eval set's window)."}
+    )
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample (seeded, temperature 1) instead of greedy decoding."}
+    )
     device: str = device_field()
     dtype: str = dtype_field()
     batch_size: int = field(default=32, metadata={"help": "Simulator suffixes per forward pass."})
-    output_dir: str = field(default="outputs/generate", metadata={"help": "results.json and generation.html go here."})
-    seed: int = field(default=22, metadata={"help": "Seed for inactive latents, random fractions and sampling."})
+    output_dir: str = field(
+        default="outputs/generate", metadata={"help": "results.json and generation.html go here."}
+    )
+    seed: int = field(
+        default=22, metadata={"help": "Seed for inactive latents, random fractions and sampling."}
+    )
 
     def __post_init__(self):
         check_dtype_device(self)
@@ -282,10 +487,17 @@ class GenerateArguments:
         for source in self.sources:
             parts = source.split(":")
             ok = source in ("clean", "sae", "simulator") or (
-                len(parts) == 3 and parts[0] == "fraction" and parts[1] in ("top", "random")
-                and parts[2].replace(".", "", 1).isdigit() and 0 <= float(parts[2]) <= 1)
+                len(parts) == 3
+                and parts[0] == "fraction"
+                and parts[1] in ("top", "random")
+                and parts[2].replace(".", "", 1).isdigit()
+                and 0 <= float(parts[2]) <= 1
+            )
             if not ok:
-                _fail("sources", f"{source!r}: use clean, sae, simulator or fraction:<top|random>:<f in [0, 1]>.")
+                _fail(
+                    "sources",
+                    f"{source!r}: use clean, sae, simulator or fraction:<top|random>:<f in [0, 1]>.",
+                )
         if self.values not in ("oracle", "median"):
             _fail("values", f"{self.values!r} is not oracle or median.")
         if not self.prompts:
@@ -298,7 +510,9 @@ class ReportArguments:
     """eval/report.py: the HTML report of a sweep folder."""
 
     sweep_dir: str = field(default="outputs/eval", metadata={"help": "eval/sweep.py's output_dir."})
-    output_dir: str = field(default="", metadata={"help": "Where report.html and figures/ go (default <sweep_dir>/report)."})
+    output_dir: str = field(
+        default="", metadata={"help": "Where report.html and figures/ go (default <sweep_dir>/report)."}
+    )
     title: str = field(default="latentsim simulator evaluation", metadata={"help": "The report's title."})
 
 
@@ -306,4 +520,6 @@ class ReportArguments:
 class SummaryArguments:
     """eval/summary.py: what a quickstart-style run folder holds, printed."""
 
-    run_dir: str = field(default="outputs/quickstart", metadata={"help": "The run folder (launch.sh quickstart's)."})
+    run_dir: str = field(
+        default="outputs/quickstart", metadata={"help": "The run folder (launch.sh quickstart's)."}
+    )

@@ -25,13 +25,17 @@ class _Parser(TrlParser):
         raise ConfigError(f"{self.where}: {message} (see --help).")
 
 
-def _check_keys(dataclass_types: tuple[type, ...], args: list[str], config: dict, config_path: str | None) -> None:
+def _check_keys(
+    dataclass_types: tuple[type, ...], args: list[str], config: dict, config_path: str | None
+) -> None:
     """Unknown keys first, before any dataclass validates its values (a misspelled key must never hide behind
     another check's error, e.g. transformers' bf16/GPU check of SFTConfig)."""
     valid = sorted({f.name for t in dataclass_types for f in fields(t)})
     accepted = set(valid) | {f"no_{k}" for k in valid}  # HfArgumentParser's `--no_<flag>` for bools
-    given = {config_path: [k for k in config if k != "env"],  # TrlParser exports `env:` variables
-             "command line": [a[2:].split("=", 1)[0] for a in args if a.startswith("--") and len(a) > 2]}
+    given = {
+        config_path: [k for k in config if k != "env"],  # TrlParser exports `env:` variables
+        "command line": [a[2:].split("=", 1)[0] for a in args if a.startswith("--") and len(a) > 2],
+    }
     problems, n_unknown = [], 0
     for where, keys in given.items():
         hints = []
@@ -43,9 +47,14 @@ def _check_keys(dataclass_types: tuple[type, ...], args: list[str], config: dict
         n_unknown += len(hints)
     if not problems:
         return
-    listing = (f"valid keys: {', '.join(valid)}" if len(valid) <= LISTED_KEYS_MAX
-               else f"`{Path(sys.argv[0]).name} --help` lists the {len(valid)} valid keys")
-    raise ConfigError(f"{'; '.join(problems)}. Remove or respell {'them' if n_unknown > 1 else 'it'}; {listing}.")
+    listing = (
+        f"valid keys: {', '.join(valid)}"
+        if len(valid) <= LISTED_KEYS_MAX
+        else f"`{Path(sys.argv[0]).name} --help` lists the {len(valid)} valid keys"
+    )
+    raise ConfigError(
+        f"{'; '.join(problems)}. Remove or respell {'them' if n_unknown > 1 else 'it'}; {listing}."
+    )
 
 
 def _split_config_arg(args: list[str]) -> tuple[str | None, list[str]]:
@@ -93,7 +102,9 @@ def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = Non
     parser = _Parser(dataclass_types)
     parser.where = where
     try:
-        parsed = tuple(parser.parse_args_and_config(rest + (["--config", config_path] if config_path else [])))
+        parsed = tuple(
+            parser.parse_args_and_config(rest + (["--config", config_path] if config_path else []))
+        )
     except ConfigError:
         raise
     except ValueError as err:  # a value TRL or transformers refuse while building their dataclasses

@@ -15,16 +15,34 @@ from latentsim.config.common import _fail
 class SimScriptArguments(ScriptArguments):
     """train/sft.py: the dataset (a build_dataset folder or a Hub dataset) and the simulator-specific switches."""
 
-    prompt_format: str = field(default="sim_v1", metadata={"help": "Must match the dataset's `prompt_format` column."})
-    extra_datasets: list[str] = field(default_factory=list, metadata={"help": "More build_dataset folders whose train "
-                                                                              "splits are mixed in (validation: the first dataset's)."})
-    dataset_weights: list[float] = field(default_factory=list, metadata={"help": "Sampling weight of dataset_name and "
-                                                                                 "each extra dataset (default: equal)."})
-    max_eval_samples: int = field(default=512, metadata={"help": "Validation rows scored during training (0: all)."})
-    resume: str = field(default="auto", metadata={"help": "`auto` (last complete checkpoint in output_dir, if any), "
-                                                          "`never`, or a checkpoint-N path (an error if incomplete)."})
-    nan_patience: int = field(default=0, metadata={"help": "Logged steps with a non-finite loss/grad norm tolerated "
-                                                           "before training stops."})
+    prompt_format: str = field(
+        default="sim_v1", metadata={"help": "Must match the dataset's `prompt_format` column."}
+    )
+    extra_datasets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More build_dataset folders whose train "
+            "splits are mixed in (validation: the first dataset's)."
+        },
+    )
+    dataset_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Sampling weight of dataset_name and each extra dataset (default: equal)."},
+    )
+    max_eval_samples: int = field(
+        default=512, metadata={"help": "Validation rows scored during training (0: all)."}
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "`auto` (last complete checkpoint in output_dir, if any), "
+            "`never`, or a checkpoint-N path (an error if incomplete)."
+        },
+    )
+    nan_patience: int = field(
+        default=0,
+        metadata={"help": "Logged steps with a non-finite loss/grad norm tolerated before training stops."},
+    )
 
     def __post_init__(self):
         from latentsim.prompts import PROMPT_FORMATS
@@ -34,8 +52,11 @@ class SimScriptArguments(ScriptArguments):
         if self.prompt_format not in PROMPT_FORMATS:
             _fail("prompt_format", f"{self.prompt_format!r} is not one of {sorted(PROMPT_FORMATS)}.")
         if self.dataset_weights and len(self.dataset_weights) != 1 + len(self.extra_datasets):
-            _fail("dataset_weights", f"{len(self.dataset_weights)} weights for {1 + len(self.extra_datasets)} datasets "
-                  "(dataset_name + extra_datasets).")
+            _fail(
+                "dataset_weights",
+                f"{len(self.dataset_weights)} weights for {1 + len(self.extra_datasets)} datasets "
+                "(dataset_name + extra_datasets).",
+            )
         if any(w <= 0 for w in self.dataset_weights):
             _fail("dataset_weights", "weights must be > 0.")
         if self.max_eval_samples < 0 or self.nan_patience < 0:
@@ -47,13 +68,25 @@ class PublishArguments:
     """train/publish.py: publish a run folder or one of its checkpoints as a PEFT adapter repo."""
 
     run_dir: str = field(default="outputs/sft/run", metadata={"help": "The train/sft.py output_dir."})
-    checkpoint: str | None = field(default=None, metadata={"help": "`checkpoint-N` inside run_dir: published to "
-                                                                   "branch step-<N, 9 digits>; default: the final adapter on main."})
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "`checkpoint-N` inside run_dir: published to "
+            "branch step-<N, 9 digits>; default: the final adapter on main."
+        },
+    )
     repo_id: str = field(default="", metadata={"help": "Hub repo `<org>/<name>`."})
-    sweep_dir: str | None = field(default=None, metadata={"help": "An eval/sweep.py output_dir: the card shows the "
-                                                                   "held-out results it holds for this adapter."})
+    sweep_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "An eval/sweep.py output_dir: the card shows the "
+            "held-out results it holds for this adapter."
+        },
+    )
     private: bool = field(default=True, metadata={"help": "Create the repo as private."})
-    dry_run: bool = field(default=False, metadata={"help": "Write the exact folder and planned operations; no network."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Write the exact folder and planned operations; no network."}
+    )
 
     def __post_init__(self):
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id or ""):
