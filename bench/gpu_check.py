@@ -1,16 +1,17 @@
-"""The GPU check: the vLLM, bf16 and DeepSpeed paths run for real on one GPU, in <= 8 minutes from a fresh clone.
+"""The GPU check: the vLLM, bf16 and DeepSpeed paths run for real on one GPU, in <= 8 minutes from a fresh
+clone.
 
     bench/gpu_check.sh [--dry_run true]     (the shell script installs the [gpu] extra, then runs this)
 
 Steps, each a subprocess with its time and exit status, all into outputs/gpu_check/:
-1. data: the embedded SmolLM2 (and Gemma-3, the second base model) converted; the quickstart's recipes shrunk: an SAE,
-   a cache, token-list interpretations, a sim_v1 training mixture and an eval set.
-2. train_single_gpu: 8 bf16 LoRA steps, accelerate single_gpu; train_zero3: the same under DeepSpeed ZeRO-3 on one
-   process. Each adapter must be non-empty and reload to the trained model's P(yes) within the bf16 tolerance
-   (train/sft.py checks both; here their records are read back).
-3. sweep_hf, sweep_vllm: the same eval set, adapter and baselines (SmolLM2 zero-shot, then Gemma-3 zero-shot: the vLLM
-   sweep switches base model, so the first engine must be shut down before the second is built) on both backends;
-   P(yes) compared judgment by judgment.
+1. data: the embedded SmolLM2 (and Gemma-3, the second base model) converted; the quickstart's recipes shrunk:
+   an SAE, a cache, token-list interpretations, a sim_v1 training mixture and an eval set.
+2. train_single_gpu: 8 bf16 LoRA steps, accelerate single_gpu; train_zero3: the same under DeepSpeed ZeRO-3 on
+   one process. Each adapter must be non-empty and reload to the trained model's P(yes) within the bf16
+   tolerance (train/sft.py checks both; here their records are read back).
+3. sweep_hf, sweep_vllm: the same eval set, adapter and baselines (SmolLM2 zero-shot, then Gemma-3 zero-shot:
+   the vLLM sweep switches base model, so the first engine must be shut down before the second is built) on
+   both backends; P(yes) compared judgment by judgment.
 Writes outputs/gpu_check/results.json (steps, checks, versions, the GPU) and exits 1 when a check fails.
 """
 
@@ -66,7 +67,8 @@ def main(args: GpuCheckArguments) -> None:
         },
     )
     print(
-        f"[gpu_check] {'passed' if passed else 'FAILED'}: {json.dumps(found)}\n[gpu_check] {out / 'results.json'}"
+        f"[gpu_check] {'passed' if passed else 'FAILED'}: {json.dumps(found)}\n"
+        f"[gpu_check] {out / 'results.json'}"
     )
     if not passed:
         sys.exit(1)

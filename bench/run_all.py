@@ -2,13 +2,14 @@
 
     ./launch.sh bench [--model embedded:smollm2-135m] [--rows 32] [--ctx_len 128]
 
-Caching (stop at the hook + sparse TopK vs delphi's full forward + dense latents) and one SFT step (LoRA vs full
-finetuning, against the 4N / 6N FLOP bounds). Each entry: ratio against the naive way (same run, interleaved, median of 3), achieved GFLOP/s, % of a matmul
-calibration taken in this run, and whether the exactness check passed. Two SAEs: the quickstart's when it
-exists (outputs/quickstart/sae, else a random TopK SAE of its shape) and a random 32k-wide TopK SAE, the width
-of delphi's SmolLM2 SAEs; and a random 4k SAE at a shallower hookpoint (layers.7). Speed and exactness do not
-depend on what an SAE learned. Each entry also gives the FLOP ratio that bounds the speed-up: for layer 15 of 30
-and a 4k SAE it is 2.3x (naive: 30 layers + lm_head + encoder; ours: 16 layers + encoder).
+Caching (stop at the hook + sparse TopK vs delphi's full forward + dense latents) and one SFT step (LoRA vs
+full finetuning, against the 4N / 6N FLOP bounds). Each entry: ratio against the naive way (same run,
+interleaved, median of 3), achieved GFLOP/s, % of a matmul calibration taken in this run, and whether the
+exactness check passed. Two SAEs: the quickstart's when it exists (outputs/quickstart/sae, else a random TopK
+SAE of its shape) and a random 32k-wide TopK SAE, the width of delphi's SmolLM2 SAEs; and a random 4k SAE at a
+shallower hookpoint (layers.7). Speed and exactness do not depend on what an SAE learned. Each entry also
+gives the FLOP ratio that bounds the speed-up: for layer 15 of 30 and a 4k SAE it is 2.3x (naive: 30
+layers + lm_head + encoder; ours: 16 layers + encoder).
 """
 
 from pathlib import Path
@@ -28,8 +29,9 @@ from latentsim.cli import run
 from latentsim.config import BenchArguments, SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
-from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+from latentsim.prompts import answer_token_ids, marked_context
 from latentsim.sae import load_sae
+from latentsim.simulators import Judgment, judgments_of
 
 # The config dataclasses this script parses.
 DATACLASSES = (BenchArguments,)
@@ -47,16 +49,17 @@ def random_topk_sae(d_in: int, d_sae: int, k: int):
 
 
 TEXT = (
-    "The standard library offers a wide range of facilities. It contains built-in modules that provide access "
-    "to system functionality such as file input and output, as well as modules written in Python that provide "
-    "standardized solutions for many problems that occur in everyday programming. A fool and his money are soon "
-    "parted, but a wise man keeps a little of both for the days when the rain will not stop falling."
+    "The standard library offers a wide range of facilities. It contains built-in modules that provide "
+    "access to system functionality such as file input and output, as well as modules written in Python that "
+    "provide standardized solutions for many problems that occur in everyday programming. A fool and his "
+    "money are soon parted, but a wise man keeps a little of both for the days when the rain will not stop "
+    "falling."
 ).split()
 
 
-def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[list[dict]]:
-    """The quickstart eval set's prompts when it exists (its first contexts), else synthetic ones of the same
-    shape: 32-word contexts, token-list-like interpretations of 3-12 words."""
+def scoring_judgments(eval_set: Path, n_contexts: int, per_context: int) -> list[Judgment]:
+    """The quickstart eval set's judgments when it exists (its first contexts), else synthetic ones of the
+    same shape: 32-word contexts, token-list-like interpretations of 3-12 words."""
     import random
 
     if (eval_set / "test.parquet").is_file():
@@ -64,16 +67,16 @@ def scoring_prompts(eval_set: Path, n_contexts: int, per_context: int) -> list[l
 
         df = pd.read_parquet(eval_set / "test.parquet")
         df = df[df["context"].isin(df["context"].drop_duplicates().iloc[:n_contexts])]
-        return [list(p) for p in df.groupby("context").head(per_context)["prompt"]]
+        return judgments_of(df.groupby("context").head(per_context))[0]
     rng = random.Random(0)
-    prompts = []
+    judgments = []
     for c in range(n_contexts):
         words = TEXT[c * 7 : c * 7 + 32]
         context = marked_context(" ".join(words[:-1]) + " ", words[-1])
         for _ in range(per_context):
             interp = ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
-            prompts.append(render_prompt("sim_v1", context, interp))
-    return prompts
+            judgments.append(Judgment(context, interp))
+    return judgments
 
 
 def main(args: BenchArguments) -> None:
@@ -115,18 +118,19 @@ def main(args: BenchArguments) -> None:
             f"{result['pct_of_matmul']:.0f}% of matmul, exact: {result['exact']}",
             flush=True,
         )
-    prompts = scoring_prompts(Path(args.eval_set), args.score_contexts, args.score_latents)
+    judgments = scoring_judgments(Path(args.eval_set), args.score_contexts, args.score_latents)
     scoring = bench_scoring(
-        model, tokenizer, prompts, answer_token_ids("sim_v1", tokenizer), calibration_gflops=calibration
+        model, tokenizer, judgments, answer_token_ids("sim_v1", tokenizer), calibration_gflops=calibration
     )
     results.append(scoring)
     print(
         f"[bench] {scoring['name']}: prefix-shared {scoring['ratio_vs_naive']:.2f}x naive, naive+last logits "
-        f"{scoring['ratio_naive_last_logits_vs_naive']:.2f}x ({scoring['judgments_per_s']['prefix_shared']:.1f} vs "
-        f"{scoring['judgments_per_s']['naive']:.1f} judgments/s; {scoring['mean_prompt_tokens']:.0f} prompt tokens, "
-        f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), {scoring['achieved_gflops']:.1f} "
-        f"GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: {scoring['exact']} "
-        f"(max |delta margin| {scoring['max_abs_diff_margin']:.1e})",
+        f"{scoring['ratio_naive_last_logits_vs_naive']:.2f}x "
+        f"({scoring['judgments_per_s']['prefix_shared']:.1f} vs {scoring['judgments_per_s']['naive']:.1f} "
+        f"judgments/s; {scoring['mean_prompt_tokens']:.0f} prompt tokens, "
+        f"{scoring['mean_computed_tokens_per_judgment']:.0f} computed per judgment), "
+        f"{scoring['achieved_gflops']:.1f} GFLOP/s = {scoring['pct_of_matmul']:.0f}% of matmul; exact: "
+        f"{scoring['exact']} (max |delta margin| {scoring['max_abs_diff_margin']:.1e})",
         flush=True,
     )
     interpretations, text, ends = whole_layer_inputs(
@@ -144,14 +148,15 @@ def main(args: BenchArguments) -> None:
     )
     results.append(dense)
     print(
-        f"[bench] {dense['name']}: dense with KV reuse {dense['ratio_vs_sim_v1_prefix_shared']:.1f}x prefix-shared "
-        f"sim_v1, {dense['ratio_vs_naive']:.1f}x one dense forward per judgment "
-        f"({dense['judgments_per_s']['dense_kv_shared']:.0f} vs {dense['judgments_per_s']['sim_v1_prefix_shared']:.1f} "
-        f"vs {dense['judgments_per_s']['dense_per_position']:.1f} judgments/s; "
+        f"[bench] {dense['name']}: dense with KV reuse {dense['ratio_vs_sim_v1_prefix_shared']:.1f}x "
+        f"prefix-shared sim_v1, {dense['ratio_vs_naive']:.1f}x one dense forward per judgment "
+        f"({dense['judgments_per_s']['dense_kv_shared']:.0f} vs "
+        f"{dense['judgments_per_s']['sim_v1_prefix_shared']:.1f} vs "
+        f"{dense['judgments_per_s']['dense_per_position']:.1f} judgments/s; "
         f"{dense['computed_tokens_per_judgment']['dense_kv_shared']:.2f} vs "
         f"{dense['computed_tokens_per_judgment']['sim_v1_prefix_shared']:.0f} tokens computed per judgment), "
-        f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: {dense['exact']} "
-        f"(max |delta margin| {dense['max_abs_diff_margin']:.1e})",
+        f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: "
+        f"{dense['exact']} (max |delta margin| {dense['max_abs_diff_margin']:.1e})",
         flush=True,
     )
     patch_rows = rows[: args.patch_rows, : args.patch_len].clone()
@@ -161,10 +166,11 @@ def main(args: BenchArguments) -> None:
     )
     results.append(patch)
     print(
-        f"[bench] {patch['name']}: {patch['ratio_vs_naive']:.2f}x naive (FLOP bound {patch['flop_ratio_bound']:.1f}x; "
-        f"{patch['variants_per_s']['ours']:.1f} vs {patch['variants_per_s']['naive']:.1f} variants/s), "
-        f"{patch['achieved_gflops']:.1f} GFLOP/s = {patch['pct_of_matmul']:.0f}% of matmul; exact: {patch['exact']} "
-        f"(max |delta KL| {patch['max_abs_diff_kl']:.1e})",
+        f"[bench] {patch['name']}: {patch['ratio_vs_naive']:.2f}x naive (FLOP bound "
+        f"{patch['flop_ratio_bound']:.1f}x; {patch['variants_per_s']['ours']:.1f} vs "
+        f"{patch['variants_per_s']['naive']:.1f} variants/s), {patch['achieved_gflops']:.1f} GFLOP/s = "
+        f"{patch['pct_of_matmul']:.0f}% of matmul; exact: {patch['exact']} (max |delta KL| "
+        f"{patch['max_abs_diff_kl']:.1e})",
         flush=True,
     )
     sft = bench_sft(
@@ -172,9 +178,10 @@ def main(args: BenchArguments) -> None:
     )
     results.append(sft)
     print(
-        f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning ({sft['tokens_per_s']['lora']:.0f} vs "
-        f"{sft['tokens_per_s']['full']:.0f} tok/s); LoRA at {sft['achieved_gflops']:.1f} GFLOP/s of its 4N bound = "
-        f"{sft['pct_of_matmul']:.0f}% of matmul, full at {sft['pct_of_matmul_full']:.0f}% (6N); exact: {sft['exact']}"
+        f"[bench] {sft['name']}: LoRA {sft['ratio_vs_naive']:.2f}x full finetuning "
+        f"({sft['tokens_per_s']['lora']:.0f} vs {sft['tokens_per_s']['full']:.0f} tok/s); LoRA at "
+        f"{sft['achieved_gflops']:.1f} GFLOP/s of its 4N bound = {sft['pct_of_matmul']:.0f}% of matmul, full "
+        f"at {sft['pct_of_matmul_full']:.0f}% (6N); exact: {sft['exact']}"
     )
     out = Path(args.output)
     atomic_write_json(out, {"provenance": provenance("bench", vars(args), seed=0), "results": results})

@@ -2,13 +2,14 @@
 
     ./launch.sh bench --scale [--sizes 1000000 3000000 10000000] [--width 131072] [--l0 50] [--n_splits 5]
 
-For each size (tokens): a synthetic cache of the seed's shape (latentsim.scale: row shards finalised into delphi's
-layout, `width` latents, L0 ~`l0`, `n_splits` split files), then the stages as their own entry scripts read it:
-statistics (data_gen/cache_activations.py's, one split at a time), explanation sampling for `explain_latents`
-latents (data_gen/explain.py, token-list), one mixture's dataset and an eval set (data_gen/build_dataset.py, at most
-`max_rows_per_split` rows per split). Every stage runs in its own process; its peak RSS is that process's
-ru_maxrss (os.wait4). Writes <output_dir>/results.json (+ provenance) and prints the table the README quotes.
-The caches are deleted after each size unless --keep_caches true. ~17 min at the default sizes on 2 cores.
+For each size (tokens): a synthetic cache of the seed's shape (latentsim.scale: row shards finalised into
+delphi's layout, `width` latents, L0 ~`l0`, `n_splits` split files), then the stages as their own entry
+scripts read it: statistics (data_gen/cache_activations.py's, one split at a time), explanation sampling for
+`explain_latents` latents (data_gen/explain.py, token-list), one mixture's dataset and an eval set
+(data_gen/build_dataset.py, at most `max_rows_per_split` rows per split). Every stage runs in its own process;
+its peak RSS is that process's ru_maxrss (os.wait4). Writes <output_dir>/results.json (+ provenance) and
+prints the table the README quotes. The caches are deleted after each size unless --keep_caches true. ~17 min
+at the default sizes on 2 cores.
 """
 
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from latentsim.cli import run
 from latentsim.config import ScaleArguments
-from latentsim.io import atomic_write_json, provenance
+from latentsim.io import provenance, write_results
 
 DATACLASSES = (ScaleArguments,)
 HOOK = "layers.15"
@@ -141,7 +142,7 @@ def main(args: ScaleArguments) -> None:
                 sum(p.stat().st_size for p in latents.glob("*.safetensors")) / 2**30, 2
             ),
         }
-        atomic_write_json(out / "results.json", results)
+        write_results(out, results, "bench_scale")
         if not args.keep_caches:
             shutil.rmtree(folder / "cache")
     print_table(results)

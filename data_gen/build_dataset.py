@@ -100,7 +100,8 @@ def main(args: DatasetArguments, api=None) -> None:
     )
     print(
         f"[build_dataset] active latents left out for lack of an interpretation: "
-        f"{report.active_without_interpretation}; latents without one: {summary['latents_without_interpretation']}"
+        f"{report.active_without_interpretation}; latents without one: "
+        f"{summary['latents_without_interpretation']}"
     )
     if args.push_to_hub:
         url = upload_folder(

@@ -103,7 +103,8 @@ def main(
     # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
     if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
         print(
-            f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping (set --overwrite true to redo)."
+            f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping "
+            "(set --overwrite true to redo)."
         )
         return
     if not recorded and sae_args.sae_path and not (Path(sae_args.sae_path) / "cfg.json").is_file():

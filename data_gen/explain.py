@@ -5,11 +5,12 @@
 Samples each latent's examples `top` or `quantiles` (delphi's schemes), explains them with the token-list
 explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanations_dir>/<set_name>/
 <hookpoint>_latent<id>.txt` one latent at a time, atomically: a rerun explains only the latents still missing.
-Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently skipped.
-Examples come from the training rows of the cache's row split only (`rows: train`; recorded in source_rows.json),
-so an interpretation never quotes a validation or test context; build_dataset.py refuses sets that could.
-Under `accelerate launch --num_processes N` the latents are shared out across the processes (each its own GPU,
-or its own vLLM engine over `tensor_parallel_size` GPUs); rank 0 writes the report when all are done.
+Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently
+skipped. Examples come from the training rows of the cache's row split only (`rows: train`; recorded in
+source_rows.json), so an interpretation never quotes a validation or test context; build_dataset.py refuses
+sets that could. Under `accelerate launch --num_processes N` the latents are shared out across the processes
+(each its own GPU, or its own vLLM engine over `tensor_parallel_size` GPUs); rank 0 writes the report when all
+are done.
 """
 
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsim import backends
+from latentsim import llm_client
 from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ExplainArguments
@@ -52,7 +53,7 @@ def main(args: ExplainArguments) -> None:
         finished="*.txt",
     )
     if args.explainer == "llm" and args.backend == "vllm":
-        backends.require_vllm()  # fail before any work, never fall back silently
+        llm_client.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     set_dir.mkdir(parents=True, exist_ok=True)
@@ -102,15 +103,18 @@ def main(args: ExplainArguments) -> None:
                 ),
             )
     elif args.backend == "vllm":
-        llm = backends.load_llm(
+        llm = llm_client.load_llm(
             resolve_model_path(args.explainer_model),
             args.tensor_parallel_size,
             args.max_model_len,
+            args.gpu_memory_utilization,
             ranks=ranks,
         )
         tokenizer = load_tokenizer(args.explainer_model)
         messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
-        texts = backends.vllm_generate(llm, backends.chat_token_ids(tokenizer, messages), args.max_new_tokens)
+        texts = llm_client.vllm_generate(
+            llm, llm_client.chat_token_ids(tokenizer, messages), args.max_new_tokens
+        )
         for latent, text in zip(todo, map(first_line, texts), strict=True):
             if text:
                 write_explanation(set_dir, args.hookpoint, latent, text)

@@ -26,7 +26,8 @@ def main(args: PrepareArguments) -> None:
         ds = load_corpus(str(path))
         n_chars = sum(len(t) for t in list(ds["text"]))
         print(
-            f"[prepare] corpus embedded:{name} -> {path} ({len(ds)} documents, {n_chars / 1e6:.1f}M characters)",
+            f"[prepare] corpus embedded:{name} -> {path} "
+            f"({len(ds)} documents, {n_chars / 1e6:.1f}M characters)",
             flush=True,
         )
 

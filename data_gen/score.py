@@ -6,9 +6,10 @@ For each latent: `n_activating` windows (one per quantile of its activating wind
 and `n_non_activating` windows, one judge prompt each; the judge's P(Yes) > 0.5 is its prediction. Writes the
 per-latent classifier outputs to `<scores_dir>/<scorer>/<hookpoint>_latent<id>.txt` (delphi's layout; a rerun
 scores only missing latents) and `<scores_dir>/<scorer>.json` = {latent: balanced accuracy}, which
-build_dataset's `score_path` reads. Windows come from the training rows of the cache's row split (`rows: train`),
-as the interpretations' examples do. Under `accelerate launch --num_processes N` the latents are shared out
-across the processes (as data_gen/explain.py does); rank 0 writes `<scorer>.json` when all are done.
+build_dataset's `score_path` reads. Windows come from the training rows of the cache's row split
+(`rows: train`), as the interpretations' examples do. Under `accelerate launch --num_processes N` the latents
+are shared out across the processes (as data_gen/explain.py does); rank 0 writes `<scorer>.json` when all are
+done.
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsim import backends, explain
+from latentsim import explain, llm_client
 from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
@@ -56,7 +57,7 @@ def main(args: ScoreArguments) -> None:
         finished="*.txt",
     )
     if args.backend == "vllm":
-        backends.require_vllm()  # fail before any work, never fall back silently
+        llm_client.require_vllm()  # fail before any work, never fall back silently
     ranks = Ranks.from_env()
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     interpretations = explain.load_interpretations(args.interpretations, args.hookpoint, cache.width)
@@ -77,26 +78,34 @@ def main(args: ScoreArguments) -> None:
     todo = [lat for lat in mine if not explain.explanation_path(out, args.hookpoint, lat).exists()]
     who = f" ({ranks.who})" if ranks.who else ""
     print(
-        f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents ({len(mine) - len(todo)} done)"
+        f"[score] {args.scorer} of {args.interpretations}{who}: {len(mine)} latents "
+        f"({len(mine) - len(todo)} done)"
     )
     subject_tokenizer = cache.subject_tokenizer()
     indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
     if args.backend == "vllm":
-        llm = backends.load_llm(
-            resolve_model_path(args.judge_model), args.tensor_parallel_size, args.max_model_len, ranks=ranks
+        llm = llm_client.load_llm(
+            resolve_model_path(args.judge_model),
+            args.tensor_parallel_size,
+            args.max_model_len,
+            args.gpu_memory_utilization,
+            ranks=ranks,
         )
         tokenizer = load_tokenizer(args.judge_model)
         yes_no = yes_no_ids(tokenizer)
 
         def judge(prompts):
-            return backends.vllm_yes_probability(llm, backends.chat_token_ids(tokenizer, prompts), *yes_no)
+            return llm_client.vllm_yes_probability(
+                llm, llm_client.chat_token_ids(tokenizer, prompts), *yes_no
+            )
     else:
         model, tokenizer = load_model_and_tokenizer(args.judge_model, device=ranks.device(args.device))
 
         def judge(prompts):
             return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
 
-    # vLLM judges many latents per call (one request per judgment, batched by the engine); hf one latent at a time.
+    # vLLM judges many latents per call (one request per judgment, batched by the engine); hf one latent at a
+    # time.
     per_call = VLLM_LATENTS_PER_CALL if args.backend == "vllm" else 1
     with tqdm(total=len(todo), desc=f"score ({args.scorer})", unit="latent") as bar:
         for start in range(0, len(todo), per_call):

@@ -3,9 +3,9 @@
     python data_gen/train_sae.py --config configs/data/sae_smollm2-135m_l15.yaml [--key value ...]
 
 Collects residuals after layer N over corpus rows (position 0 dropped: its norm is ~100x the rest and ruins
-an SAE; so are the rare other tokens with such massive norms), trains sae-lens' TopKTrainingSAE on them, and saves a normal sae-lens folder (`cfg.json` +
-`sae_weights.safetensors`, loadable with `SAE.load_from_disk`) with `training_report.json`: fraction of
-variance explained, L0 and dead latents on held-out rows.
+an SAE; so are the rare other tokens with such massive norms), trains sae-lens' TopKTrainingSAE on them, and
+saves a normal sae-lens folder (`cfg.json` + `sae_weights.safetensors`, loadable with `SAE.load_from_disk`)
+with `training_report.json`: fraction of variance explained, L0 and dead latents on held-out rows.
 """
 
 import dataclasses

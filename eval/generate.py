@@ -70,7 +70,7 @@ def main(args: GenerateArguments) -> dict:
         "sampling": "seeded" if args.do_sample else "greedy",
         "generations": generations,
     }
-    write_results(out, result)
+    write_results(out, result, "generation")
     atomic_write_text(
         out / "generation.html",
         f'<!doctype html><html><head><meta charset="utf-8"><title>latentsim '

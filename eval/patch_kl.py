@@ -129,7 +129,7 @@ def main(args: PatchArguments) -> dict:
         "sources": summary,
         "fractions": {"modes": args.fraction_modes, "values": args.fractions},
     }
-    write_results(out, result)
+    write_results(out, result, "patch_kl")
     print(
         f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) at the judged position"
     )

@@ -8,8 +8,9 @@ follow the seed's: recall/precision per simulator with 25-75 % ranges (Fig. 2/6)
 expected number of latents flagged over the whole dictionary (Fig. 5), reliability diagrams before/after
 temperature scaling, accuracy vs activation strength and vs interpretation score, decoder alignment vs random
 baselines (Fig. 2 right), predicted value vs activation bin (Fig. 4), and metrics across checkpoints; with
-eval/patch_kl.py and eval/generate.py results in an eval set's folder, their tables, figures and texts too, and
-eval/whole_layer.py's tables from `<sweep_dir>/whole_layer*`. `report.md` holds the headline tables in markdown.
+eval/patch_kl.py and eval/generate.py results in an eval set's folder, their tables, figures and texts too,
+and eval/whole_layer.py's tables from `<sweep_dir>/whole_layer*`. `report.md` holds the headline tables in
+markdown.
 """
 
 import base64
@@ -71,13 +72,13 @@ def eval_set_html(eval_name: str, records: list[dict], rows: list[dict], figures
     )
     if binary:
         info += (
-            f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active per "
-            "token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate"
+            f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active "
+            "per token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate"
         )
     over = "contexts" if binary or "per_latent" not in results else "latents (latent-major eval set)"
     return (
-        f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked pooled.</p>"
-        f"{table_html(rows)}{''.join(imgs)}"
+        f"<h2>{html.escape(eval_name)}</h2><p>{info}. Values are medians over {over} unless marked "
+        f"pooled.</p>{table_html(rows)}{''.join(imgs)}"
     )
 
 
@@ -105,10 +106,12 @@ def page_html(title: str, sweep_dir: Path, provenance: dict, sections: list[str]
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>From <code>{html.escape(str(sweep_dir))}</code>; git {html.escape(str(provenance.get("git_sha")))}, created
-{html.escape(provenance.get("created", ""))}. Expected-flagged counts extrapolate each context's scored candidates to the
+{html.escape(provenance.get("created", ""))}. Expected-flagged counts extrapolate each context's scored \
+candidates to the
 whole dictionary (see latentsim/metrics.py).</p>
 {"".join(sections)}
-<script>window.addEventListener("load",()=>{{const ok=[...document.images].filter(i=>i.complete&&i.naturalWidth>0);
+<script>window.addEventListener("load",()=>{{\
+const ok=[...document.images].filter(i=>i.complete&&i.naturalWidth>0);
 document.body.dataset.imagesRendered=ok.length;document.body.dataset.tables=document.querySelectorAll("table").length;}});
 </script></body></html>"""
 

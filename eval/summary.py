@@ -3,7 +3,8 @@ interpretation scores, datasets, simulators, and the eval sweeps, patching and g
 
     python eval/summary.py --run_dir outputs/quickstart
 
-The layout is launch.sh quickstart's: <run_dir>/{sae,cache,explanations,scores,datasets,sft,eval}; absent parts are skipped."""
+The layout is launch.sh quickstart's: <run_dir>/{sae,cache,explanations,scores,datasets,sft,eval}; absent
+parts are skipped."""
 
 import json
 from pathlib import Path
@@ -45,7 +46,8 @@ def main(args: SummaryArguments) -> None:
         report = json.loads(report_path.read_text())
         held = report["held_out"]
         print(
-            f"\nSAE   {run_dir / 'sae'}  ({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})"
+            f"\nSAE   {run_dir / 'sae'}  "
+            f"({report['d_sae']} latents, TopK k={report['k']}, {report['hookpoint']})"
         )
         print(
             f"      held-out FVE {held['fve']:.3f} | L0 {held['l0']:.1f} | dead latents (training tokens) "
@@ -75,7 +77,8 @@ def main(args: SummaryArguments) -> None:
             picks = (llm_latents[:2] + picks)[:4]
         for latent in picks:
             print(
-                f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max {stats['max_activation'][latent]:.2f}"
+                f"\n  latent {latent}: fires on {rate[latent]:.2%} of tokens, max "
+                f"{stats['max_activation'][latent]:.2f}"
             )
             for line in top_contexts(cache, latent, tokenizer):
                 print(f"    {line}")
@@ -96,18 +99,18 @@ def print_simulators(run_dir: Path) -> None:
         m = {k.removeprefix("eval_"): v for k, v in results["metrics"].items()}
         adapter = results.get("adapter", {})
         print(
-            f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} parameters, "
-            f"{results['prompt_format']})"
+            f"\nSIMULATOR {path.parent}  (LoRA r={adapter.get('r')}, {adapter.get('n_parameters')} "
+            f"parameters, {results['prompt_format']})"
         )
         print(
-            f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall {m.get('recall', 0):.3f} | "
-            f"precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | ECE {m.get('ece', 0):.3f} | "
-            f"mean P(yes) {m.get('mean_p_yes', 0):.3f}"
+            f"      validation (held-out latents): AUC {m.get('auc', float('nan')):.3f} | recall "
+            f"{m.get('recall', 0):.3f} | precision {m.get('precision', 0):.3f} | F1 {m.get('f1', 0):.3f} | "
+            f"ECE {m.get('ece', 0):.3f} | mean P(yes) {m.get('mean_p_yes', 0):.3f}"
         )
         if "reload_max_abs_diff_p_yes" in adapter:
             print(
-                f"      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same P(yes) "
-                f"(max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})"
+                "      the saved adapter, reloaded with peft.PeftModel.from_pretrained, gives the same "
+                f"P(yes) (max |diff| {adapter['reload_max_abs_diff_p_yes']:.1e})"
             )
 
 
@@ -118,8 +121,8 @@ def print_table(header: str, lines: list[str]) -> None:
 
 
 def print_evaluation(run_dir: Path) -> None:
-    """The eval sweeps' tables (eval/sweep.py), patching (eval/patch_kl.py), generations (eval/generate.py) and
-    where the HTML report is."""
+    """The eval sweeps' tables (eval/sweep.py), patching (eval/patch_kl.py), generations (eval/generate.py)
+    and where the HTML report is."""
     eval_sets = sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir())
     for folder in eval_sets:
         if (summary := read_summary(folder)) is not None:
@@ -136,14 +139,15 @@ def print_evaluation(run_dir: Path) -> None:
             print_table(
                 f"\nPATCH {folder}  ({patch['n_contexts']} contexts, {patch['hookpoint']}; "
                 f"{patch['kl_direction']}, median; CE of the next token; the clean model's CE: "
-                f"{patch_cell(patch, 'clean', 'ce_judged')} judged, {patch_cell(patch, 'clean', 'ce_all')} all)",
+                f"{patch_cell(patch, 'clean', 'ce_judged')} judged, "
+                f"{patch_cell(patch, 'clean', 'ce_all')} all)",
                 patch_lines(patch),
             )
     for folder in (s / "generate" for s in eval_sets):
         if (generation := read_results(folder)) is not None:
             print_table(
-                f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; mean "
-                f"{generation['kl_direction']} per token; share of active latents recovered)",
+                f"\nGENERATE {folder}  (layer {generation['hookpoint']} rewritten, {generation['sampling']}; "
+                f"mean {generation['kl_direction']} per token; share of active latents recovered)",
                 [
                     f"{g['source'][:60]:<60} KL {np.mean(g['kl']):.3f}  rec {g['recovered']:.2f}  "
                     f"{g['prompt']!r} -> {g['text']!r}"
@@ -153,8 +157,8 @@ def print_evaluation(run_dir: Path) -> None:
     for folder in sorted((run_dir / "eval").glob("whole_layer*")):  # the end-to-end numbers, last
         if (whole := read_results(folder)) is not None:
             print(
-                f"\nWHOLE LAYER {folder}  (every explained latent judged by {whole['simulator']}; the layer rebuilt "
-                "from its verdicts alone)"
+                f"\nWHOLE LAYER {folder}  (every explained latent judged by {whole['simulator']}; the layer "
+                "rebuilt from its verdicts alone)"
             )
             print(format_table(whole))
     report = run_dir / "eval" / "report" / "report.html"
@@ -176,16 +180,18 @@ def print_datasets(run_dir: Path) -> None:
     for stats_path in sorted((run_dir / "datasets").glob("*/dataset_stats.json")):
         stats = json.loads(stats_path.read_text())
         print(
-            f"\nDATASET {stats_path.parent}  ({stats['prompt_format']}, label {stats['label']}; card in README.md)"
+            f"\nDATASET {stats_path.parent}  "
+            f"({stats['prompt_format']}, label {stats['label']}; card in README.md)"
         )
         for split, v in stats["splits"].items():
             print(
-                f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, {v['latents']:>5} latents, "
-                f"{v['rows']:>4} rows"
+                f"      {split:<10} {v['examples']:>6} examples, {v['positives']:>5} positive, "
+                f"{v['latents']:>5} latents, {v['rows']:>4} rows"
             )
         print(
-            f"      latents without an interpretation: {stats['latents_without_interpretation']} of {stats['width']}; "
-            f"active latents left out for lack of one: {stats['active_without_interpretation']}"
+            f"      latents without an interpretation: {stats['latents_without_interpretation']} of "
+            f"{stats['width']}; active latents left out for lack of one: "
+            f"{stats['active_without_interpretation']}"
         )
 
 

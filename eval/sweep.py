@@ -14,12 +14,10 @@ own GPU, or its own vLLM engine on its own GPUs); rank 0 writes the summary once
 from dataclasses import asdict
 from pathlib import Path
 
-from latentsim.backends import ModelPool
 from latentsim.cli import run
 from latentsim.config import EvalArguments
 from latentsim.distributed import Ranks
 from latentsim.eval_set import EvalSet
-from latentsim.held_out import refuse_seen
 from latentsim.interpretation_scores import load_scores
 from latentsim.io import (
     atomic_write_json,
@@ -30,6 +28,7 @@ from latentsim.io import (
     write_run_config,
 )
 from latentsim.metrics import evaluate, summary_row
+from latentsim.simulators import ScorerFactory, ScoringOptions, simulators_to_score
 from latentsim.sweep import (
     add_lifts,
     gpus_per_rank,
@@ -37,23 +36,23 @@ from latentsim.sweep import (
     open_simulator_folder,
     score_simulator,
     simulator_spec,
-    simulators_to_score,
     write_summary,
 )
+from latentsim.tables import progress_line
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (EvalArguments,)
-HEADLINE = ("auc", "per_latent_auc", "recall", "precision", "f1", "ece", "pearson_mean_vs_quantile_bin")
 
 
 def main(args: EvalArguments, api=None) -> None:
     eval_set = EvalSet.open(args.eval_set)
     if not eval_set.latent_major:  # latent-major sets have no dictionary-wide extrapolation to protect
         eval_set.require_uniform_negatives()
-    sims = simulators_to_score(
-        args, api
-    )  # every run/baseline is resolved (and refused) before any model loads
     ranks = Ranks.from_env()
+    sims = simulators_to_score(args, api)
+    factory = ScorerFactory(ScoringOptions.from_args(args), ranks, gpus_per_rank(sims, args))
+    for sim in sims:  # every run and baseline is refused before any model loads
+        factory.check(sim, eval_set.prompt_format)
     splits = {
         s: eval_set.split(
             s,
@@ -83,18 +82,23 @@ def main(args: EvalArguments, api=None) -> None:
         f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)"
     )
 
-    pool = ModelPool(args, ranks, gpus_per_rank(sims, args))
     for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work
         folder = root / sim.name
         spec = simulator_spec(sim, args, splits)
         if open_simulator_folder(folder, spec, args.overwrite) is not None:
             print(f"[sweep] {sim.name}: finished earlier, skipped")
             continue
-        if sim.kind == "finetuned":
-            refuse_seen(sim, eval_set, splits, args.allow_seen_latents)
+        setup = factory.prepare(
+            sim,
+            eval_set.prompt_format,
+            eval_set=eval_set,
+            seed=args.seed,
+            frames=splits,
+            allow_seen_latents=args.allow_seen_latents,
+        )
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "spec.json", spec)
-        scored = score_simulator(sim, args, eval_set, splits, pool, folder)
+        scored = score_simulator(setup, eval_set, splits, factory, folder)
         preds = scored["predictions"]
         results = evaluate(
             preds[args.eval_split],
@@ -128,13 +132,11 @@ def main(args: EvalArguments, api=None) -> None:
                 },
                 "provenance": provenance("eval_sweep", {"eval": args}, args.seed),
             },
+            "simulator_sweep",
         )
         row = summary_row(sim.name, sim.kind, sim.step, results)
         who = f" ({ranks.who})" if ranks.who else ""
-        print(
-            f"[sweep] {sim.name}{who}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k in HEADLINE)
-        )
+        print(f"[sweep] {sim.name}{who}: {progress_line(row)}")
     ranks.wait_for_all()
     if not ranks.is_main:
         return  # rank 0 merges every rank's simulators into the summary

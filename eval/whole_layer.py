@@ -31,7 +31,7 @@ from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import clean_pass
-from latentsim.sweep import few_shot_messages
+from latentsim.simulators import ScorerFactory, ScoringOptions
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (WholeLayerArguments,)
@@ -86,18 +86,11 @@ def main(args: WholeLayerArguments) -> dict:
     )
     device = next(subject.parameters()).device
     sae = eval_set.load_sae(device)
-    scorer = whole_layer.load_scorer(sim, args.dtype, args.device, args.batch_size, args.merge_adapter)
+    factory = ScorerFactory(ScoringOptions.from_args(args))
+    scorer = factory.load(factory.prepare(sim, "sim_v1", eval_set=eval_set, seed=args.seed))
     listed = [interpretations[i] for i in explained]
     judged = np.arange(args.tokens) if args.positions == "all" else np.array([args.tokens - 1])
-    sim_v1 = (
-        None
-        if whole_layer.is_dense(sim)
-        else {
-            "judged": judged,
-            "context_tokens": args.context_tokens,
-            "prefix": few_shot_messages(eval_set, sim.shots, args.seed, None, sim.score),
-        }
-    )
+    sim_v1 = None if sim.dense else {"judged": judged, "context_tokens": args.context_tokens}
     # A dense simulator judges every text in one pass over the latents: each interpretation's header once.
     scores = whole_layer.judge_texts(
         scorer, listed, tokens, calibration + rows, args.tokens, subject_tok, out / "scores", sim_v1
@@ -182,10 +175,10 @@ def main(args: WholeLayerArguments) -> dict:
         ),
         "timing": list(timing.values()),
     }
-    write_results(out, result)
+    write_results(out, result, "whole_layer")
     print(whole_layer.format_table(result))
     print(f"[whole_layer] {out / 'results.json'}")
-    return result
+    return read_results(out)
 
 
 if __name__ == "__main__":

@@ -74,12 +74,14 @@ def build_tiny_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, hook_name: str =
         w = torch.randn(d_sae, d_in, generator=gen)
         sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T.clone())
-        sae.b_enc.zero_()  # the tiny model's residuals are small (norm ~0.1): a bias would pick the same latents
+        # the tiny model's residuals are small (norm ~0.1): a bias would pick the same latents
+        sae.b_enc.zero_()
     return sae
 
 
 def load_script(relative: str):
-    """Import an entry script (data_gen/x.py) as a module, as tests may not import script folders as packages."""
+    """Import an entry script (data_gen/x.py) as a module, as tests may not import script folders as
+    packages."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / relative
@@ -117,8 +119,9 @@ def make_cache(
 def make_explained_cache(
     root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)
 ) -> Path:
-    """A 40-row tiny cache in root/cache and its token-list interpretations in root/expl/token_list-<sampling>,
-    made from the training rows of the row split the tests' datasets use (seed 3, 0.2 validation, 0.2 test)."""
+    """A 40-row tiny cache in root/cache and its token-list interpretations in
+    root/expl/token_list-<sampling>, made from the training rows of the row split the tests' datasets use
+    (seed 3, 0.2 validation, 0.2 test)."""
     from latentsim.config import ExplainArguments
 
     make_cache(root / "cache", model_dir, sae_dir, corpus, n_rows=40, ctx_len=16)
@@ -174,7 +177,8 @@ def sft_args(dataset_dir, model_dir, out, **overrides):
 
 
 def run_accelerate(config: str, dataset_dir, model_dir, out, extra=()):
-    """`accelerate launch` train/sft.py (the quickstart recipe, shrunk) as a subprocess; checkpoint-4's state."""
+    """`accelerate launch` train/sft.py (the quickstart recipe, shrunk) as a subprocess; checkpoint-4's
+    state."""
     import json
     import subprocess
     import sys

@@ -1,4 +1,5 @@
-"""The caching benchmark's exactness check (speed ratios are reported by ./launch.sh bench, never asserted)."""
+"""The caching benchmark's exactness check (speed ratios are reported by ./launch.sh bench, never
+asserted)."""
 
 import torch
 from helpers import build_tiny_sae
@@ -53,11 +54,12 @@ def test_bench_sft_compares_lora_with_full_finetuning(tiny_model_dir):
 
 def test_bench_scoring_checks_exactness(tiny_model_dir):
     from latentsim.bench import bench_scoring
-    from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+    from latentsim.prompts import answer_token_ids, marked_context
+    from latentsim.simulators import Judgment
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     prompts = [
-        render_prompt("sim_v1", marked_context(c, "mat"), i)
+        Judgment(marked_context(c, "mat"), i)
         for c in ("the cat sat on a", "a dog ran far on the")
         for i in ("cat", "red blue", "one two three four", "river tree house")
     ]

@@ -13,11 +13,11 @@ from latentsim import cache as cache_mod
 from latentsim.cache import (
     CorruptCacheError,
     SparseCache,
-    load_cache,
     record_rows,
     shard_ranges,
     split_bounds,
 )
+from latentsim.cache_reader import load_cache
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows
 from latentsim.latent_stats import latent_sample, latent_statistics, load_statistics
@@ -114,7 +114,8 @@ def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, ti
 
 
 def test_we_read_a_cache_written_by_delphi(tmp_path):
-    """delphi's writer: uint32 locations, int64 tokens, position 0 included, no latentsim block in config.json."""
+    """delphi's writer: uint32 locations, int64 tokens, position 0 included, no latentsim block in
+    config.json."""
     folder = tmp_path / "latents" / "layers.11"
     folder.mkdir(parents=True)
     tokens = np.arange(2 * 5, dtype=np.int64).reshape(2, 5)

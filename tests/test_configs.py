@@ -27,7 +27,8 @@ ACCELERATE_YAMLS = [p for p in YAMLS if "accelerate" in p.parts]
 
 
 def script_of(config: Path) -> Path:
-    """The entry script named by the recipe's first line, e.g. `# python data_gen/train_sae.py --config ...`."""
+    """The entry script named by the recipe's first line, e.g.
+    `# python data_gen/train_sae.py --config ...`."""
     first = config.read_text().splitlines()[0]
     match = re.search(r"((?:data_gen|train|eval)/\w+\.py) .*--config (\S+)", first)
     assert match, f"{config}: the first line must be the command that runs it"
@@ -174,8 +175,8 @@ def test_missing_config_file_is_a_clear_error():
 
 
 def test_dependency_bounds_admit_only_versions_that_work_together():
-    """vLLM < 0.32 lacks answer log-probs by token id (and up to 0.19 declares transformers<5); PEFT < 0.18.1 breaks
-    on transformers 5. The bounds must keep a resolver from picking them."""
+    """vLLM < 0.32 lacks answer log-probs by token id (and up to 0.19 declares transformers<5); PEFT < 0.18.1
+    breaks on transformers 5. The bounds must keep a resolver from picking them."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

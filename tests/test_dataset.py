@@ -1,5 +1,5 @@
-"""Simulator examples: labels checked against the cache, leak-free splits, mixtures, frequency-matched negatives,
-determinism, errors."""
+"""Simulator examples: labels checked against the cache, leak-free splits, mixtures, frequency-matched
+negatives, determinism, errors."""
 
 import json
 from collections import Counter
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import FakeHubApi, build_char_tokenizer, load_script, make_cache
 
-from latentsim.cache import load_cache
+from latentsim.cache_reader import load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
 from latentsim.dataset import BuildReport, FrequencyBins, activation_bin, quantile_bin
 from latentsim.explain import write_explanation
@@ -24,7 +24,8 @@ HOOK = "layers.1"
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    """A tiny cache (3 delphi splits: latent ids need the split start added back) and two interpretation sets."""
+    """A tiny cache (3 delphi splits: latent ids need the split start added back) and two interpretation
+    sets."""
     root = tmp_path_factory.mktemp("ds")
     make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=60, ctx_len=20)
     explain = load_script("data_gen/explain.py")
@@ -106,7 +107,8 @@ def test_splits_do_not_leak(built, tiny_model_dir):
 
 
 def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_path):
-    """explain.py reads the row split's training rows only; build_dataset refuses a set made from eval rows."""
+    """explain.py reads the row split's training rows only; build_dataset refuses a set made from eval
+    rows."""
     from latentsim.splits import split_rows
 
     record = json.loads((built / "expl" / "token_list-quantiles" / "source_rows.json").read_text())
@@ -199,7 +201,8 @@ def test_same_config_gives_identical_bytes(built, tiny_model_dir):
 
 
 def test_judged_token_stays_marked_for_another_tokenizer(built, tiny_model_dir):
-    """The simulator may split the text differently from the subject: the marker keeps the judged token clear."""
+    """The simulator may split the text differently from the subject: the marker keeps the judged token
+    clear."""
     rows = build(built, tiny_model_dir, "tok")["train"]
     from transformers import AutoTokenizer
 
@@ -217,8 +220,8 @@ def test_judged_token_stays_marked_for_another_tokenizer(built, tiny_model_dir):
 
 
 def prior_scores(rows: list[dict], firing_rate: np.ndarray) -> tuple[float, float]:
-    """(KS statistic between the positives' and negatives' log firing rates, per-context median AUC of ranking the
-    candidates by firing rate alone): how far the frequency prior gets on a split."""
+    """(KS statistic between the positives' and negatives' log firing rates, per-context median AUC of ranking
+    the candidates by firing rate alone): how far the frequency prior gets on a split."""
     from scipy.stats import ks_2samp
 
     log_rate = np.log(np.maximum(firing_rate[[r["latent"] for r in rows]], 1e-7))

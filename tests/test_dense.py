@@ -16,16 +16,17 @@ from helpers import (
     sft_args,
 )
 
-from latentsim.backends import DenseScorer, naive_dense_logits
 from latentsim.config import DatasetArguments, EvalArguments
 from latentsim.errors import BadInputError, ConfigError
 from latentsim.prompts import (
     answer_token_ids,
-    dense_judgment,
     dense_token_ids,
     marked_context,
     render_prompt,
+    unmark_context,
 )
+from latentsim.simulators import Judgment, judgments_of
+from latentsim.simulators.hf import DenseScorer, naive_dense_logits
 from latentsim.training import check_dense_supervision, dense_features
 
 HOOK = "layers.1"
@@ -48,13 +49,23 @@ def test_alignment_reads_the_simulator_token_that_ends_with_each_subject_token()
     assert positions == [-1, -1, head, -1, -1, -1, head + 1, -1, -1, -1, head + 2]
 
 
+def dense_read(judgment: Judgment) -> tuple[str, str]:
+    """(interpretation, text up to and including the judged token): what a dense simulator reads."""
+    prefix, judged = unmark_context(judgment.context)
+    return judgment.interpretation.strip(), prefix + judged
+
+
 def test_a_dense_judgment_is_its_context_up_to_the_judged_token():
-    messages = render_prompt("sim_v1", marked_context("the cat", " sat"), "the word sat")
-    assert dense_judgment(messages) == ("the word sat", "the cat sat")
-    with pytest.raises(BadInputError, match="few-shot"):
-        dense_judgment(messages + messages)
+    tok = build_tiny_tokenizer()
+    scorer = DenseScorer(None, tok, [0, 1])
+    judgment = Judgment(marked_context("the cat", " sat"), " the word sat ")
+    interpretation, ids = scorer.judgment_text_ids(judgment)
+    assert (
+        interpretation == "the word sat" and ids == tok("the cat sat", add_special_tokens=False)["input_ids"]
+    )
+    assert unmark_context(marked_context("a <<b>> c", " d")) == ("a <<b>> c", " d")  # the last mark is judged
     with pytest.raises(BadInputError, match="scores"):
-        dense_judgment(render_prompt("sim_v1", marked_context("a", " b"), "c", 0.5))
+        scorer.judgment_text_ids(Judgment(marked_context("a", " b"), "c", 0.5))
     with pytest.raises(ConfigError, match="dense"):
         render_prompt(FMT, "a<<b>>", "c")
 
@@ -92,7 +103,7 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
 
 
 def test_dense_rows_label_every_window_token_from_the_cache(assets):
-    from latentsim.cache import load_cache
+    from latentsim.cache_reader import load_cache
 
     cache = load_cache(assets / "cache" / "latents", HOOK)
     active = {(int(r), int(p), int(lat)) for r, p, lat in cache.locations.tolist()}
@@ -166,16 +177,16 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
     ids = answer_token_ids(FMT, tok)
     test = pd.read_parquet(assets / "eval_set" / "test.parquet")
     test = test.sort_values(["latent", "row"], kind="stable").head(40).sample(frac=1.0, random_state=0)
-    prompts = [list(m) for m in test["prompt"]]
+    judgments, _ = judgments_of(test)
     scorer = DenseScorer(model, tok, ids, batch_size=7, fmt=FMT)
-    fast = scorer.label_logits(prompts)
+    fast = scorer.label_logits(judgments)
     naive = np.stack(
         [
-            naive_dense_logits(model, tok, FMT, *dense_judgment(m), [len(dense_judgment(m)[1])], ids)[-1]
-            for m in prompts
+            naive_dense_logits(model, tok, FMT, *dense_read(j), [len(dense_read(j)[1])], ids)[-1]
+            for j in judgments
         ]
     )
-    assert len({len(p[0]["content"]) for p in prompts}) > 1  # batches hold judgments of different lengths
+    assert len({len(j.context) for j in judgments}) > 1  # batches hold judgments of different lengths
     assert test["latent"].value_counts().max() > 1  # judgments of one latent share its header's KV
     assert scorer.stats["computed_tokens"] < scorer.stats["prompt_tokens"]
     assert np.abs(fast - naive).max() < 1e-4
@@ -282,15 +293,13 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
         AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out)
     ).eval()
     test = pd.read_parquet(assets / "eval_set" / "test.parquet")
-    m = list(test["prompt"].iloc[0])
-    interp, text = dense_judgment(m)
+    interp, text = dense_read(judgments_of(test.iloc[:1])[0][0])
     ids = answer_token_ids(FMT, tok)
     expected = naive_dense_logits(model, tok, FMT, interp, text, [len(text)], ids)[-1]
     assert np.allclose(preds.loc[0, ["logit_0", "logit_1"]].to_numpy(dtype=float), expected, atol=1e-4)
     # The whole layer at every position: every explained latent judged at every token of held-out texts.
     import shutil
 
-    from latentsim.backends import DenseScorer
     from latentsim.config import WholeLayerArguments
     from latentsim.eval_set import EvalSet
     from latentsim.whole_layer import simulator_p_yes, text_of_row
@@ -348,8 +357,8 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     row = result["rows"][0]
     saved = np.load(tmp_path / "whole_v1" / "scores" / f"row{row}.npy")
     assert np.isnan(saved[:7]).all() and np.isfinite(saved[7]).all()
-    from latentsim.backends import naive_label_logits
     from latentsim.prompts import marked_context, render_prompt
+    from latentsim.simulators.hf import naive_label_logits
 
     base_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     window = eval_set.cache.tokens[row, 1:9].tolist()

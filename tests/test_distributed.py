@@ -1,8 +1,12 @@
 """Stages under `accelerate launch` with 2 CPU processes (gloo) give the files a 1-process run gives."""
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from helpers import launch, load_script, make_cache, same_files
@@ -13,6 +17,45 @@ from latentsim.distributed import Ranks
 from latentsim.errors import ConfigError
 
 HOOK = "layers.1"
+# Model outputs computed by ranks with fewer threads each sum in another order: equal to the float32 rounding of
+# a reduction over the tiny model's widths (relative to the value, at least 1), not bit for bit. Files of exactly
+# reproducible computations (the cache, the references, the token-list explainer) stay byte-identical.
+FLOAT32_TOLERANCE = 64 * float(np.finfo(np.float32).eps)
+
+
+def close_values(a, b, where: str) -> None:
+    """JSON-like values equal, floats within FLOAT32_TOLERANCE (relative, at least absolute)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=FLOAT32_TOLERANCE, abs=FLOAT32_TOLERANCE, nan_ok=True), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), where
+        for k in a:
+            close_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            close_values(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def close_files(a: Path, b: Path, pattern: str) -> list[str]:
+    """The files matching `pattern` under a and b: the same names; parquet tables with equal columns, float columns
+    within FLOAT32_TOLERANCE; JSON files (.json, .txt) equal up to it."""
+    names = sorted(p.relative_to(a).as_posix() for p in a.glob(pattern) if p.is_file())
+    assert names and names == sorted(p.relative_to(b).as_posix() for p in b.glob(pattern) if p.is_file())
+    for name in names:
+        if name.endswith(".parquet"):
+            x, y = pd.read_parquet(a / name), pd.read_parquet(b / name)
+            assert list(x.columns) == list(y.columns) and list(x.dtypes) == list(y.dtypes), name
+            for col in x.columns:
+                if x[col].dtype.kind == "f":
+                    np.testing.assert_allclose(x[col], y[col], rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+                else:
+                    assert x[col].tolist() == y[col].tolist(), f"{name}:{col}"
+        else:
+            close_values(json.loads((a / name).read_text()), json.loads((b / name).read_text()), name)
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +175,9 @@ def test_interpretation_scoring_across_two_processes_equals_one(single, tiny_mod
     load_script("data_gen/score.py").main(args)
     out = launch("data_gen/score.py", tmp_path, dataclasses.replace(args, scores_dir=str(tmp_path / "two")))
     assert "(rank 0 of 2): 3 latents" in out and "(rank 1 of 2): 3 latents" in out
-    assert len(same_files(tmp_path / "one", tmp_path / "two", "detection/*.txt")) == 6
-    same_files(tmp_path / "one", tmp_path / "two", "detection.json")
+    # The judge is a model: its P(yes) per rank within float32 rounding (a rank runs on fewer threads).
+    assert len(close_files(tmp_path / "one", tmp_path / "two", "detection/*.txt")) == 6
+    close_files(tmp_path / "one", tmp_path / "two", "detection.json")
 
 
 def test_sweep_across_two_processes_equals_one(single, tiny_model_dir, tmp_path):
@@ -155,7 +199,10 @@ def test_sweep_across_two_processes_equals_one(single, tiny_model_dir, tmp_path)
     assert "baseline__zero (rank 0 of 2)" in out and "baseline__two (rank 1 of 2)" in out
     assert "baseline__prior (rank 0 of 2)" in out and "baseline__string_match (rank 1 of 2)" in out
     one, two = tmp_path / "one" / "eval_set", tmp_path / "two" / "eval_set"
-    names = same_files(one, two, "*/predictions_*.parquet")
+    # The references read no model: byte for byte. The prompted baselines' logits within float32 rounding.
+    assert len(same_files(one, two, "baseline__[ps]*/predictions_*.parquet")) == 4
+    names = close_files(one, two, "*/predictions_*.parquet")
     assert len(names) == 8  # 4 simulators x (test, validation)
     summary = [yaml.safe_load((d / "summary.json").read_text())["rows"] for d in (one, two)]
-    assert summary[0] == summary[1] and len(summary[0]) == 4
+    assert len(summary[0]) == 4
+    close_values(summary[0], summary[1], "summary rows")

@@ -1,5 +1,6 @@
-"""A bad config or input ends as `error: <message>` on stderr and exit 2, never a traceback, and leaves nothing
-that looks finished; a real bug keeps its traceback (and LATENTSIM_DEBUG=1 brings the input error's back)."""
+"""A bad config or input ends as `error: <message>` on stderr and exit 2, never a traceback, and leaves
+nothing that looks finished; a real bug keeps its traceback (and LATENTSIM_DEBUG=1 brings the input error's
+back)."""
 
 import hashlib
 import json
@@ -81,7 +82,8 @@ class Paths:
         return self.write(Path(recipe).name, yaml.safe_dump(config))
 
     def sft_run(self, adapter: dict | None = None) -> str:
-        """A train/sft.py output_dir holding `adapter` (tensors), or one whose run stopped before saving it."""
+        """A train/sft.py output_dir holding `adapter` (tensors), or one whose run stopped before saving
+        it."""
         from safetensors.torch import save_file
 
         Path(self.out).mkdir()
@@ -136,7 +138,8 @@ def cache_reader_args(p: Paths, **changes) -> list[str]:
 
 def case(name: str, script: str, culprit: str, argv, in_subprocess: bool = False, marks=()):
     """One bad input: the script, what the message must name, its command line given the case's Paths. Cases
-    `in_subprocess` run as a real `python script ...`, proving "no traceback" end to end; the rest run in-process."""
+    `in_subprocess` run as a real `python script ...`, proving "no traceback" end to end; the rest run
+    in-process."""
     return pytest.param(script, argv, culprit, in_subprocess, id=name, marks=marks)
 
 
@@ -500,7 +503,8 @@ def run_subprocess(command: list[str], **env) -> tuple[int, str, str]:
 
 
 def assert_readable_error(code: int, out: str, err: str, culprit: str) -> str:
-    """Exit 2, stderr ends in a line-starting `error: ...` naming the culprit, no traceback; returns the message."""
+    """Exit 2, stderr ends in a line-starting `error: ...` naming the culprit, no traceback; returns the
+    message."""
     assert code == 2, f"exit code {code}\n{out}\n{err}"
     assert "Traceback" not in out + err, err
     start = err.find("error: ")
@@ -595,7 +599,8 @@ def test_check_parses_without_running(paths, capsys):
 
 
 def test_a_failed_accelerate_child_ends_with_its_own_error(paths):
-    """accelerate raises its own traceback over a failed training process; our launcher ends with its status."""
+    """accelerate raises its own traceback over a failed training process; our launcher ends with its
+    status."""
     code, out, err = run_subprocess(
         [
             sys.executable,

@@ -11,9 +11,9 @@ import pytest
 from helpers import load_script, make_explained_cache, sft_args
 from sklearn.metrics import roc_auc_score
 
-from latentsim.backends import HFScorer
 from latentsim.config import DatasetArguments, EvalArguments
 from latentsim.explain import load_interpretations
+from latentsim.simulators.hf import HFScorer
 
 HOOK = "layers.1"
 
@@ -137,7 +137,9 @@ def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monk
     monkeypatch.setattr(
         HFScorer,
         "label_logits",
-        lambda self, prompts, progress=None: calls.append(len(prompts)) or original(self, prompts, progress),
+        lambda self, judgments, progress=None: (
+            calls.append(len(judgments)) or original(self, judgments, progress)
+        ),
     )
     sweep(assets, tiny_model_dir, tmp_path / "eval")
     assert calls == []  # nothing rescored
@@ -376,7 +378,7 @@ def test_hub_branches_are_swept(assets, tiny_model_dir, tmp_path):
 
 def test_few_shot_examples_are_solved_correctly(assets):
     from latentsim.eval_set import EvalSet
-    from latentsim.sweep import few_shot_messages
+    from latentsim.simulators import few_shot_messages
 
     for eval_set, fmt in (("eval_set", "sim_v1"), ("eval_value", "sim_value_v1")):
         train = pd.read_parquet(assets / eval_set / "train.parquet")

@@ -83,8 +83,8 @@ def test_token_list_explanation_names_the_strongest_tokens():
     acts = [np.array([0, 2.0, 0, 0, 0, 0]), np.array([0, 0, 0, 0, 0, 1.0]), np.array([0, 3.0, 0, 0, 0, 0])]
     examples = [Example(0, 0, np.array(ids), a.astype(np.float32)) for a in acts]
     text = token_list_explanation(examples, tok)
-    # "cat" carries 5.0 of activation, "mat" 1.0; the example is the strongest window (a WordLevel decode joins
-    # tokens without spaces).
+    # "cat" carries 5.0 of activation, "mat" 1.0; the example is the strongest window (a WordLevel decode
+    # joins tokens without spaces).
     assert text == 'the token "cat" (also "mat"), as in "...thecat"'
 
 

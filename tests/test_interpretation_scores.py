@@ -113,9 +113,9 @@ def test_score_script_and_scores_in_the_prompt(
     script.main(args)  # resumable: nothing is judged again
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
-    # backend vllm (a stand-in engine): every latent's judgments in one call, one request per judgment, the same
-    # items (texts, labels) as the hf run, each probability written back to its own latent and item.
-    from latentsim import backends
+    # backend vllm (a stand-in engine): every latent's judgments in one call, one request per judgment, the
+    # same items (texts, labels) as the hf run, each probability written back to its own latent and item.
+    from latentsim import llm_client as backends
 
     calls = []
     monkeypatch.setattr(backends, "require_vllm", lambda: None)

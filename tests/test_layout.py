@@ -10,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("data_gen", "train", "eval", "bench")
 SCRIPTS = sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).glob("*.py"))
-MAX_SCRIPT_LINES = 200  # TRL's scripts/sft.py shape (parse -> call the library -> save), as `ruff format` lays it out
+MAX_SCRIPT_LINES = (
+    200  # TRL's scripts/sft.py shape (parse -> call the library -> save), as `ruff format` lays it out
+)
 SCRIPT_ATTRIBUTES = {"main", "DATACLASSES"}  # all a test may take from an entry script
 
 
@@ -90,3 +92,59 @@ def test_unknown_launch_verb_prints_usage_and_exits_2():
     result = subprocess.run([str(ROOT / "launch.sh"), "no-such-verb"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "./launch.sh quickstart" in result.stdout and "./launch.sh test" in result.stdout
+
+
+def latentsim_imports() -> dict[str, set[str]]:
+    """{module: the latentsim modules it imports, at module level or inside a function}, e.g.
+    `latentsim.sweep` -> {`latentsim.simulators`, ...}; `from latentsim import x` counts as importing x."""
+    src = ROOT / "src"
+    modules = {
+        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (src / "latentsim").rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentsim"):
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("latentsim")}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_the_package_imports_form_no_circle():
+    """Read top to bottom: scripts -> stages (sweep, whole_layer, ...) -> simulators -> prompts, models, io."""
+    graph = latentsim_imports()
+    assert len(graph) > 40
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(
+            m == goal or (m not in seen and not seen.add(m) and reaches(m, goal, seen)) for m in graph[start]
+        )
+
+    # A package's __init__ re-exports its own modules: an edge into it from inside is not a circle.
+    inside = lambda a, b: b == a.rpartition(".")[0]  # noqa: E731
+    circles = [
+        (a, b) for a, targets in graph.items() for b in targets if not inside(a, b) and reaches(b, a, {b})
+    ]
+    assert not circles, f"import circles through {sorted(circles)[:6]}"
+
+
+def test_stages_reach_simulators_only_through_the_factory():
+    """whole_layer, rewrite and generation import no sweep module; only latentsim.simulators constructs scorers."""
+    graph = latentsim_imports()
+    for stage in ("latentsim.whole_layer", "latentsim.rewrite", "latentsim.generation", "latentsim.patching"):
+        assert "latentsim.sweep" not in graph[stage], stage
+    scorer_classes = {"HFScorer", "DenseScorer", "VLLMScorer", "FakeScorer", "FeatureReference"}
+    for path in sorted((ROOT / "src" / "latentsim").rglob("*.py")) + SCRIPTS:
+        if path.parent.name == "simulators":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                assert name not in scorer_classes and name != "create", f"{path.name} builds a scorer"

@@ -1,4 +1,5 @@
-"""Every eval metric against an independent computation (sklearn / scipy / brute force / hand-worked arrays)."""
+"""Every eval metric against an independent computation (sklearn / scipy / brute force / hand-worked
+arrays)."""
 
 import itertools
 
@@ -100,7 +101,8 @@ def test_threshold_sweep_extrapolates_with_the_right_denominators():
     assert rows[0.5]["expected_flagged"]["median"] == pytest.approx(10 * 1.0 + 990 * 0.5)
     assert rows[0.9]["active_accuracy"]["median"] == pytest.approx(0.5)
     assert rows[0.9]["expected_flagged"]["median"] == pytest.approx(10 * 0.5 + 990 * 0.25)
-    # The same judgments weighted to the dictionary: an active stands for 5 latents, a uniform negative for 247.5.
+    # The same judgments weighted to the dictionary: an active stands for 5 latents, a uniform negative
+    # for 247.5.
     w = metrics.dictionary_weights(df, 1000)
     assert w.tolist() == [5.0, 5.0, 247.5, 247.5, 247.5, 247.5, 0.0]
     d = metrics.weighted_confusion(df["p_yes"].to_numpy(), df["active"].to_numpy(), w, 0.5)
@@ -109,7 +111,8 @@ def test_threshold_sweep_extrapolates_with_the_right_denominators():
 
 def test_precision_at_l0_budget_hand_worked():
     # Thresholds from the candidates: at t=0.95 hit 1/2 and fpr 1/4 -> E = 10*0.5 + 990*0.25 = 252.5;
-    # at t=0.96: hit 0, fpr 1/4 -> 247.5; at t=0.6: hit 1, fpr 2/4 -> 505. A budget of 250 picks 252.5 (closest).
+    # at t=0.96: hit 0, fpr 1/4 -> 247.5; at t=0.6: hit 1, fpr 2/4 -> 505. A budget of 250 picks 252.5
+    # (closest).
     df = pd.DataFrame(
         {"context_id": 0, "active": [1, 1, 0, 0, 0, 0], "p_yes": [0.95, 0.6, 0.7, 0.2, 0.1, 0.96]}
     )
@@ -119,8 +122,8 @@ def test_precision_at_l0_budget_hand_worked():
 
 
 def test_pooled_false_positive_rate_recovers_a_planted_rate():
-    """200 contexts x 10 uniform negatives flagged at a planted 3%: each context's own rate is 0 or >= 10%, the
-    pooled one recovers 3% within its interval (and hard negatives, all flagged, do not move it)."""
+    """200 contexts x 10 uniform negatives flagged at a planted 3%: each context's own rate is 0 or >= 10%,
+    the pooled one recovers 3% within its interval (and hard negatives, all flagged, do not move it)."""
     rng = np.random.default_rng(0)
     n_ctx, planted = 200, 0.03
     flagged = rng.uniform(size=(n_ctx, 10)) < planted
@@ -304,8 +307,8 @@ def test_accuracy_vs_score_and_strength():
 
 
 def test_bootstrap_ci_of_the_median_covers_the_true_median_at_its_level():
-    # 200 samples of 60 per-context values from an exponential (true median ln 2): the 95 % interval should cover
-    # it in ~95 % of them, and a 50 % interval in ~50 % (so the level is what sets the width).
+    # 200 samples of 60 per-context values from an exponential (true median ln 2): the 95 % interval should
+    # cover it in ~95 % of them, and a 50 % interval in ~50 % (so the level is what sets the width).
     rng = np.random.default_rng(7)
     samples = rng.exponential(1.0, size=(200, 60))
     covered = {
@@ -364,8 +367,9 @@ def test_pooled_auc_replicates_equal_the_auc_of_the_copied_rows():
 
 
 def test_clustered_interval_is_wider_than_a_row_level_one_when_rows_move_together():
-    # Each context's rows share its score (plus a little noise) and its active/inactive status, so a context is
-    # one observation, not 20: resampling rows pretends there are 20 times more and gives a too-narrow interval.
+    # Each context's rows share its score (plus a little noise) and its active/inactive status, so a context
+    # is one observation, not 20: resampling rows pretends there are 20 times more and gives a too-narrow
+    # interval.
     rng = np.random.default_rng(0)
     n_contexts, per = 40, 20
     level = rng.normal(size=n_contexts)

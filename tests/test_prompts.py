@@ -70,7 +70,16 @@ def test_dropping_context_tokens_keeps_the_marked_token():
     from latentsim.prompts import drop_context_tokens
 
     tok = build_tiny_tokenizer()
-    messages = render_prompt("sim_v1", marked_context("the cat sat on a", " mat"), "cats", 0.5)
-    shorter = drop_context_tokens(messages, 2, tok)[0]["content"]
-    assert "Text: sat on a<< mat>>\n\nInterpretation: cats\nInterpretation score: 0.50" in shorter
-    assert drop_context_tokens(messages, 99, tok)[0]["content"].count("Text: << mat>>") == 1
+    context = marked_context("the cat sat on a", " mat")
+    assert drop_context_tokens(context, 2, tok) == "sat on a<< mat>>"
+    assert drop_context_tokens(context, 99, tok) == "<< mat>>"
+
+
+def test_a_marked_context_unmarks_to_its_prefix_and_judged_token():
+    from latentsim.errors import BadInputError
+    from latentsim.prompts import unmark_context
+
+    assert unmark_context(marked_context("x = [1, 2", ",")) == ("x = [1, 2", ",")
+    assert unmark_context(marked_context("a <<b>> c", " d")) == ("a <<b>> c", " d")
+    with pytest.raises(BadInputError, match="not a marked context"):
+        unmark_context("no marks here")

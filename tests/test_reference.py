@@ -1,4 +1,4 @@
-"""Reference baselines that read nothing (latentsim.reference): features by hand, the logistic fit, and the sweep
+"""Reference baselines that read nothing (latentsim.simulators.reference): features by hand, the logistic fit, and the sweep
 scoring them like any simulator on a tiny eval set."""
 
 import json
@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from latentsim.config import ConfigError, DatasetArguments, EvalArguments, parse_baseline
 from latentsim.metrics import roc_auc
 from latentsim.prompts import marked_context
-from latentsim.reference import ReferenceModel, features, fit_logistic, judged_token, named_tokens
+from latentsim.simulators.reference import ReferenceModel, features, fit_logistic, judged_token, named_tokens
 
 HOOK = "layers.1"
 
@@ -157,6 +157,43 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     assert ((sm["p_yes"] > sm["p_yes"].min()).to_numpy() == match).all()
 
 
+def test_the_extending_guide_reference_runs_in_a_sweep(eval_set, tmp_path):
+    """docs/extending.md's example, run exactly as the page shows it: registered, named in a baseline spec, scored
+    by the sweep beside the prior on the same judgments."""
+    import re
+    from pathlib import Path
+
+    from latentsim.simulators import REFERENCES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "register_reference" in b]
+    try:
+        exec(compile(code, "docs/extending.md", "exec"), {"__name__": "extending_example"})
+        assert "base_rate" in REFERENCES
+        load_script("eval/sweep.py").main(
+            EvalArguments(
+                eval_set=str(eval_set / "eval_set"),
+                output_dir=str(tmp_path),
+                baselines=["model=prior", "model=base_rate"],
+            )
+        )
+    finally:
+        REFERENCES.pop("base_rate", None)
+    root = tmp_path / "eval_set"
+    preds = pd.read_parquet(root / "baseline__base_rate" / "predictions_test.parquet")
+    prior = pd.read_parquet(root / "baseline__prior" / "predictions_test.parquet")
+    from latentsim.eval_set import EvalSet
+
+    # Fitted on the calibration split (the sweep's default: validation).
+    share = float(EvalSet.open(eval_set / "eval_set").split("validation")["active"].mean())
+    assert preds["p_yes"].to_numpy() == pytest.approx(np.full(len(preds), share))
+    assert preds[["context_id", "latent"]].equals(prior[["context_id", "latent"]])  # the same judgments
+    record = json.loads((root / "baseline__base_rate" / "results.json").read_text())
+    assert record["simulator"]["kind"] == "reference"
+    assert record["scoring"]["reference_model"] == {"share_of_positives": share, "fitted_on": "validation"}
+    assert roc_auc(preds["p_yes"], preds["active"]) == 0.5
+
+
 def test_reference_model_calibrated_on_train():
     rng = np.random.default_rng(1)
     n = 3000
@@ -202,7 +239,7 @@ def test_sweep_refuses_extrapolating_from_frequency_matched_negatives(eval_set, 
 def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eval_set, tmp_path):
     """`candidates: per_latent`: each held-out latent judged on up to k contexts where it fires and as many where
     it does not, labels from the cache; the prior ranks one latent's contexts alike (per-latent AUC 0.5, lift 0)."""
-    from latentsim.cache import load_cache
+    from latentsim.cache_reader import load_cache
 
     build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]
     common = {k: v for k, v in build.items() if k in DatasetArguments.__dataclass_fields__}

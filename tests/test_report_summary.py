@@ -1,4 +1,5 @@
-"""eval/summary.py on a synthetic run folder (exact printed lines) and latentsim.figures on synthetic records."""
+"""eval/summary.py on a synthetic run folder (exact printed lines) and latentsim.figures on synthetic
+records."""
 
 import json
 
@@ -16,7 +17,8 @@ def stat(median: float, n: int = 5) -> dict:
 
 
 def patch_results() -> dict:
-    """An eval/patch_kl.py results.json: the clean model, two checks, a fraction curve, a simulator's two variants."""
+    """An eval/patch_kl.py results.json: the clean model, two checks, a fraction curve, a simulator's two
+    variants."""
     return {
         "n_contexts": 5,
         "hookpoint": "layers.1",
@@ -81,8 +83,8 @@ def test_summary_prints_sweep_patch_and_generation_tables(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     pad = " " * 6
     assert lines[1:5] == [
-        f"EVAL {eval_dir}  (binary, 7 held-out contexts, judged dictionary 64 explained latents, L0 3.2 of them; "
-        "per-context medians)",
+        f"EVAL {eval_dir}  (binary, 7 held-out contexts, judged dictionary 64 explained latents, L0 3.2 of "
+        "them; per-context medians)",
         pad
         + "simulator".ljust(44)
         + "AUC [95% CI]".rjust(20)
@@ -98,8 +100,8 @@ def test_summary_prints_sweep_patch_and_generation_tables(tmp_path, capsys):
         pad + "baseline__zero".ljust(44) + "0.500".rjust(20) + " " * 22 + " " * 8 + " " * 18,
     ]  # no CI, no lift
     assert lines[6:13] == [
-        f"PATCH {eval_dir / 'patch_kl'}  (5 contexts, layers.1; {KL}, median; CE of the next token; the clean "
-        "model's CE: 2.500 judged, 3.250 all)",
+        f"PATCH {eval_dir / 'patch_kl'}  (5 contexts, layers.1; {KL}, median; CE of the next token; the "
+        "clean model's CE: 2.500 judged, 3.250 all)",
         pad
         + "source".ljust(44)
         + "KL judged".rjust(12)

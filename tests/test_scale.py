@@ -9,7 +9,7 @@ import torch
 from helpers import load_script
 
 from latentsim import dataset as dataset_mod
-from latentsim.cache import load_cache
+from latentsim.cache_reader import load_cache
 from latentsim.cache_reader import CacheReader
 from latentsim.config import DatasetArguments, ExplainArguments
 from latentsim.dataset import subsample_rows

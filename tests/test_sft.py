@@ -1,4 +1,5 @@
-"""Simulator finetuning on tiny assets: learning, label masking, truncation, resume, NaN guard, saved adapters."""
+"""Simulator finetuning on tiny assets: learning, label masking, truncation, resume, NaN guard, saved
+adapters."""
 
 import json
 from pathlib import Path
@@ -9,13 +10,14 @@ import torch
 from helpers import load_script, run_accelerate, sft_args
 
 from latentsim.metrics import reliability, roc_auc
-from latentsim.prompts import split_context
+from latentsim.prompts import render_prompt, unmark_context
 from latentsim.training import (
     NonFiniteGuard,
     answer_metrics,
     answer_probabilities,
     check_adapter,
     check_prompt_format,
+    dataset_judgments,
     fit_contexts,
     load_sim_dataset,
     resolve_resume,
@@ -57,19 +59,21 @@ def test_training_learns_saves_a_clean_adapter_and_matches_eval(dataset_dir, tin
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card
 
-    # The adapter loads with plain PEFT on the untouched base model and gives the P(yes) the training eval saw.
+    # The adapter loads with plain PEFT on the untouched base model and gives the P(yes) the training eval
+    # saw.
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert all(torch.equal(base.state_dict()[k], v) for k, v in base_before.items())
     model = PeftModel.from_pretrained(base, str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     val = load_sim_dataset(str(dataset_dir))["validation"].select(range(32))
     yes_no = [tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Yes")]
-    probs = answer_probabilities(model, tok, val["prompt"], yes_no)
+    probs = answer_probabilities(model, tok, dataset_judgments(val), yes_no)
     metrics = answer_metrics(probs[:, 1], np.asarray(val["active"]))
     assert metrics["mean_p_yes"] == pytest.approx(results["metrics"]["eval_mean_p_yes"], abs=1e-5)
     assert metrics["auc"] == pytest.approx(results["metrics"]["eval_auc"], abs=1e-6)
 
-    # A rerun of the finished run is skipped: no step past max_steps, no new checkpoint, the results untouched.
+    # A rerun of the finished run is skipped: no step past max_steps, no new checkpoint, the results
+    # untouched.
     before = (out / "eval_results.json").read_bytes()
     load_script("train/sft.py").main(*sft_args(dataset_dir, tiny_model_dir, out))
     assert (out / "eval_results.json").read_bytes() == before
@@ -106,12 +110,12 @@ def test_long_examples_lose_context_never_labels(dataset_dir, tiny_model_dir, tm
     for before, after in zip(split, fitted, strict=True):
         assert length(after["prompt"] + after["completion"]) <= limit
         assert after["completion"] == before["completion"]
-        head_old, prefix_old, rest_old = split_context(before["prompt"][0]["content"])
-        head_new, prefix_new, rest_new = split_context(after["prompt"][0]["content"])
-        assert (head_new, rest_new) == (
-            head_old,
-            rest_old,
-        )  # question, judged token, interpretation untouched
+        prefix_old, judged_old = unmark_context(before["context"])
+        prefix_new, judged_new = unmark_context(after["context"])
+        assert judged_new == judged_old  # the judged token, question and interpretation untouched:
+        assert after["prompt"] == render_prompt(
+            "sim_v1", after["context"], before["interpretation"], before["score"]
+        )
         kept = prefix_new.split()
         assert not kept or prefix_old.split()[-len(kept) :] == kept  # only the start of the context is cut
     with pytest.raises(ValueError, match="even without context"):
@@ -220,8 +224,9 @@ def test_deepspeed_zero2_on_cpu_saves_a_non_empty_adapter(dataset_dir, tiny_mode
 
 
 def test_deepspeed_zero3_on_cpu_checks_the_reload_on_every_rank(dataset_dir, tiny_model_dir, tmp_path):
-    """Defect: the reload check ran the trained model's forward on rank 0 alone, which hangs under ZeRO-3 (each
-    layer's forward gathers its shards from every rank). Two ZeRO-3 processes must finish, with the check done."""
+    """Defect: the reload check ran the trained model's forward on rank 0 alone, which hangs under ZeRO-3
+    (each layer's forward gathers its shards from every rank). Two ZeRO-3 processes must finish, with the
+    check done."""
     pytest.importorskip("deepspeed")
     run_accelerate(
         "configs/accelerate/deepspeed_zero3_cpu.yaml",
@@ -236,19 +241,25 @@ def test_deepspeed_zero3_on_cpu_checks_the_reload_on_every_rank(dataset_dir, tin
 
 
 def test_reload_tolerance_fits_the_trained_dtype(dataset_dir, tiny_model_dir):
-    """Under bf16 (DeepSpeed's or a bf16 model) an fp32-tight 1e-4 would refuse every correct adapter: the same
-    model's fp32 and bf16 forwards differ by more than that, and by less than the bf16 tolerance."""
+    """Under bf16 (DeepSpeed's or a bf16 model) an fp32-tight 1e-4 would refuse every correct adapter: the
+    same model's fp32 and bf16 forwards differ by more than that, and by less than the bf16 tolerance."""
     import types
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from latentsim.prompts import answer_token_ids
-    from latentsim.training import RELOAD_TOLERANCE, answer_probabilities, load_sim_dataset, trained_dtype
+    from latentsim.training import (
+        RELOAD_TOLERANCE,
+        answer_probabilities,
+        dataset_judgments,
+        load_sim_dataset,
+        trained_dtype,
+    )
 
     assert trained_dtype(types.SimpleNamespace(bf16=True, fp16=False), torch.float32) == torch.bfloat16
     assert trained_dtype(types.SimpleNamespace(bf16=False, fp16=False), torch.float32) == torch.float32
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    prompts = list(load_sim_dataset(str(dataset_dir))["validation"]["prompt"][:16])
+    prompts = dataset_judgments(load_sim_dataset(str(dataset_dir))["validation"].select(range(16)))
     ids = answer_token_ids("sim_v1", tok)
     p = {
         dt: answer_probabilities(

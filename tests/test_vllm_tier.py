@@ -12,18 +12,18 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from latentsim.backends import (  # noqa: E402
-    HFScorer,
-    VLLMScorer,
+from latentsim.interpretation_scores import judge_yes_probability, yes_no_ids  # noqa: E402
+from latentsim.llm_client import (  # noqa: E402
     chat_token_ids,
     load_llm,
-    probabilities,
     shutdown_llm,
     vllm_generate,
     vllm_yes_probability,
 )
-from latentsim.interpretation_scores import judge_yes_probability, yes_no_ids  # noqa: E402
 from latentsim.prompts import answer_token_ids, marked_context, render_prompt  # noqa: E402
+from latentsim.simulators import Judgment, probabilities  # noqa: E402
+from latentsim.simulators.hf import HFScorer  # noqa: E402
+from latentsim.simulators.vllm import VLLMScorer  # noqa: E402
 
 CONTEXTS = [
     ("The cat sat on the", " mat"),
@@ -42,8 +42,12 @@ def smollm2():
     return path, load_tokenizer(path)
 
 
+def judgments():
+    return [Judgment(marked_context(p, j), i) for p, j in CONTEXTS for i in INTERPRETATIONS]
+
+
 def prompts():
-    return [render_prompt("sim_v1", marked_context(p, j), i) for p, j in CONTEXTS for i in INTERPRETATIONS]
+    return [render_prompt("sim_v1", j.context, j.interpretation) for j in judgments()]
 
 
 def train_adapter(path: str, tokenizer, out, seed: int) -> None:
@@ -89,7 +93,7 @@ def hf_p_yes(path: str, tokenizer, adapter: str | None) -> np.ndarray:
     if adapter:
         model = PeftModel.from_pretrained(model, adapter).eval()
     return probabilities(
-        HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer)).label_logits(prompts())
+        HFScorer(model, tokenizer, answer_token_ids("sim_v1", tokenizer)).label_logits(judgments())
     )[:, 1]
 
 
@@ -111,7 +115,7 @@ def test_vllm_scorer_matches_hf_for_two_adapters_with_colliding_names(smollm2, a
             adapters[0],
         ):  # back to the first: its cached prefixes must be its own
             scorer.use_adapter(adapter)
-            vllm_p = probabilities(scorer.label_logits(prompts()))[:, 1]
+            vllm_p = probabilities(scorer.label_logits(judgments()))[:, 1]
             got.setdefault(adapter, []).append(vllm_p)
             diff = float(np.abs(vllm_p - hf_p_yes(path, tokenizer, adapter)).max())
             assert diff < TOLERANCE, (adapter, diff)

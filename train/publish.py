@@ -1,13 +1,15 @@
 """Publish a simulator run (or one checkpoint) as a PEFT adapter repo on the Hugging Face Hub.
 
-    python train/publish.py --run_dir outputs/quickstart/sft/<run> --repo_id <org>/<name> [--checkpoint checkpoint-30] [--dry_run true]
+    python train/publish.py --run_dir outputs/quickstart/sft/<run> --repo_id <org>/<name> \
+        [--checkpoint checkpoint-30] [--dry_run true]
 
 Stages exactly what is uploaded in `<run_dir>/publish/<revision>/`: adapter weights (safetensors, re-checked:
 LoRA tensors only, non-empty, finite), adapter_config.json, tokenizer + chat template, and a model card whose
 YAML names the base model, `library_name: peft`, the dataset's Hub id (if it has one), the prompt format and a
-model-index of this adapter's own numbers: eval/sweep.py's held-out results with CIs (`--sweep_dir`) when the sweep
-scored it, else its validation metrics. A checkpoint goes to branch `step-<N>` with its own step and trainer state. `--dry_run true` writes the folder and
-`planned_operations.json` and stops. The token comes from HF_TOKEN / `huggingface-cli login` only.
+model-index of this adapter's own numbers: eval/sweep.py's held-out results with CIs (`--sweep_dir`) when the
+sweep scored it, else its validation metrics. A checkpoint goes to branch `step-<N>` with its own step and
+trainer state. `--dry_run true` writes the folder and `planned_operations.json` and stops. The token comes
+from HF_TOKEN / `huggingface-cli login` only.
 """
 
 import json
@@ -59,7 +61,8 @@ def main(args: PublishArguments, api=None) -> None:
     run_results = (
         json.loads((run / "eval_results.json").read_text()) if (run / "eval_results.json").is_file() else {}
     )
-    # A checkpoint carries its own step and validation metrics (its trainer_state.json), never the final run's.
+    # A checkpoint carries its own step and validation metrics (its trainer_state.json), never the final
+    # run's.
     results = checkpoint_results(source, run_results) if args.checkpoint else run_results
     if args.checkpoint:
         atomic_write_json(stage / "eval_results.json", results)

@@ -1,10 +1,11 @@
 """Supervised finetuning of a simulator (TRL SFTTrainer + PEFT LoRA) on a build_dataset folder.
 
-    accelerate launch --config_file configs/accelerate/cpu.yaml train/sft.py --config configs/sft/smollm2-135m_quickstart.yaml
+    accelerate launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+        --config configs/sft/smollm2-135m_quickstart.yaml
     ./launch.sh sft configs/sft/smollm2-135m_quickstart.yaml [--key value ...]
 
-Completion-only loss on the answer token and the end of turn (dense formats: No/Yes cross-entropy at every aligned
-text token, latentsim.training.dense_features); the eval during training reads only the answer
+Completion-only loss on the answer token and the end of turn (dense formats: No/Yes cross-entropy at every
+aligned text token, latentsim.training.dense_features); the eval during training reads only the answer
 tokens' logits. Saves the adapter, tokenizer and chat template in output_dir, re-reads the adapter (LoRA
 tensors only, non-empty, finite) and writes eval_results.json and a model card.
 """
@@ -17,13 +18,12 @@ import torch
 from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from latentsim.backends import chat_template_sha256
 from latentsim.cli import run
 from latentsim.config import SimScriptArguments
 from latentsim.hub import adapter_card
 from latentsim.io import atomic_write_json, atomic_write_text, write_run_config
 from latentsim.models import describe_model_source, load_tokenizer, resolve_dtype, resolve_model_path
-from latentsim.prompts import answer_token_ids, get_format
+from latentsim.prompts import answer_token_ids, chat_template_sha256, get_format
 from latentsim.training import (
     NonFiniteGuard,
     SimulatorTrainer,
@@ -85,7 +85,8 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
             training_args.seed,
         )
     # Per split, what fitting the examples changed: contexts shortened from the left to fit max_length, or for
-    # dense formats (tokenized here, a label at every aligned text token) the labels without an aligned position.
+    # dense formats (tokenized here, a label at every aligned text token) the labels without an aligned
+    # position.
     fmt, changed = get_format(script_args.prompt_format), {}
     changed_key = "labels_unaligned" if fmt.dense else "contexts_truncated"
     for split in list(dataset):
@@ -127,7 +128,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
         callbacks=[NonFiniteGuard(script_args.nan_patience)],
         answer_ids=answer_ids,
         binary=binary,
-        dense_format=fmt.name if fmt.dense else None,
+        prompt_format=fmt.name,
     )
     (check_dense_supervision if fmt.dense else check_supervision)(trainer.train_dataset, answer_ids)
 

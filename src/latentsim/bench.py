@@ -196,21 +196,24 @@ def bench_sft(
 def bench_scoring(
     model,
     tokenizer,
-    prompts: list[list[dict]],
+    judgments: list,
     answer_ids: list[int],
     batch_size: int = 16,
     repeats: int = 3,
     calibration_gflops: float | None = None,
 ) -> dict:
-    """Simulator judgments/s: the eval's prefix-shared scorer vs the naive way (one full prompt per judgment,
+    """Simulator judgments/s (sim_v1 `Judgment`s): the eval's prefix-shared scorer vs the naive way (one full prompt per judgment,
     left-padded batches, logits at every position) and naive + `logits_to_keep=1`, on the same token ids.
 
     Exactness: |delta (logit(yes) - logit(no))| of the prefix-shared scorer vs the naive forward < 1e-4 (fp32).
     Achieved GFLOP/s counts 2 N_nonembedding FLOPs per token actually computed (the prefix once per context).
     """
-    from latentsim.backends import HFScorer, context_key, naive_label_logits, prompt_token_ids
+    from latentsim.prompts import prompt_token_ids
+    from latentsim.simulators import scorer_for_model
+    from latentsim.simulators.hf import naive_label_logits
 
-    outputs, scorer = {}, HFScorer(model, tokenizer, answer_ids, batch_size)
+    outputs, scorer = {}, scorer_for_model(model, tokenizer, "sim_v1", answer_ids, batch_size)
+    prompts = [scorer.prompt(j) for j in judgments]
     variants = {
         "naive": lambda: outputs.__setitem__(
             "naive", naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size)
@@ -219,7 +222,7 @@ def bench_scoring(
             "naive_last_logits",
             naive_label_logits(model, tokenizer, prompts, answer_ids, batch_size, full_logits=False),
         ),
-        "prefix_shared": lambda: outputs.__setitem__("prefix_shared", scorer.label_logits(prompts)),
+        "prefix_shared": lambda: outputs.__setitem__("prefix_shared", scorer.label_logits(judgments)),
     }
     times = interleaved_timings(variants, repeats)
     per_s = {k: len(prompts) / statistics.median(v) for k, v in times.items()}
@@ -232,7 +235,7 @@ def bench_scoring(
     calibration = calibration_gflops or matmul_gflops()
     gflops = 2 * n_nonembed * computed * per_s["prefix_shared"] / len(prompts) / 1e9
     return {
-        "name": f"score_simulator[{len(prompts)} judgments, {len({context_key(p) for p in prompts})} contexts]",
+        "name": f"score_simulator[{len(prompts)} judgments, {len({j.context for j in judgments})} contexts]",
         "ratio_vs_naive": per_s["prefix_shared"] / per_s["naive"],
         "ratio_naive_last_logits_vs_naive": per_s["naive_last_logits"] / per_s["naive"],
         "naive": "one full prompt per judgment, left-padded batches, logits at every position",
@@ -356,40 +359,42 @@ def bench_dense_scoring(
     `sim_v1_positions` (their cost per judgment does not depend on how many positions: each position is its own
     context). Ratios are judgments/s. Exactness: the dense scores equal the naive per-position forwards
     (|delta (logit yes - logit no)| < 1e-4, fp32) on every pair both judged."""
-    from latentsim.backends import DenseScorer, HFScorer
-    from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+    from latentsim.prompts import answer_token_ids, marked_context
+    from latentsim.simulators import Judgment, scorer_for_model
 
     dense_ids, sim_ids = answer_token_ids("sim_dense_v1", tokenizer), answer_token_ids("sim_v1", tokenizer)
     starts = [0] + token_ends[:-1]
-    prompts = [
-        render_prompt("sim_v1", marked_context(text[: starts[t]], text[starts[t] : token_ends[t]]), i)
+    judgments = [
+        Judgment(marked_context(text[: starts[t]], text[starts[t] : token_ends[t]]), i)
         for t in sim_v1_positions
         for i in interpretations
     ]
-    dense = DenseScorer(model, tokenizer, dense_ids, batch_size)
-    naive = DenseScorer(
-        model, tokenizer, dense_ids, batch_size
-    )  # its per-judgment path: one forward per judgment
-    sim_v1 = HFScorer(model, tokenizer, sim_ids, batch_size)
+    dense = scorer_for_model(model, tokenizer, "sim_dense_v1", dense_ids, batch_size)
+    naive = scorer_for_model(
+        model, tokenizer, "sim_dense_v1", dense_ids, batch_size
+    )  # a forward per judgment
+    sim_v1 = scorer_for_model(model, tokenizer, "sim_v1", sim_ids, batch_size)
     outputs = {}
     variants = {
         "dense_kv_shared": lambda: outputs.__setitem__(
             "dense_kv_shared", dense.text_logits(interpretations, [(text, token_ends)])[0]
         ),
-        "dense_per_position": lambda: outputs.__setitem__("dense_per_position", naive.label_logits(prompts)),
+        "dense_per_position": lambda: outputs.__setitem__(
+            "dense_per_position", naive.label_logits(judgments)
+        ),
         "sim_v1_prefix_shared": lambda: outputs.__setitem__(
-            "sim_v1_prefix_shared", sim_v1.label_logits(prompts)
+            "sim_v1_prefix_shared", sim_v1.label_logits(judgments)
         ),
     }
     times = interleaved_timings(variants, repeats)
-    n_all, n_sub = len(interpretations) * len(token_ends), len(prompts)
+    n_all, n_sub = len(interpretations) * len(token_ends), len(judgments)
     per_s = {
         "dense_kv_shared": n_all / statistics.median(times["dense_kv_shared"]),
         "dense_per_position": n_sub / statistics.median(times["dense_per_position"]),
         "sim_v1_prefix_shared": n_sub / statistics.median(times["sim_v1_prefix_shared"]),
     }
     kv = outputs["dense_kv_shared"][:, sim_v1_positions]  # [latents, positions, 2]
-    kv_margin = (kv[..., 1] - kv[..., 0]).T.reshape(-1)  # position-major, like the prompts
+    kv_margin = (kv[..., 1] - kv[..., 0]).T.reshape(-1)  # position-major, like the judgments
     naive_out = outputs["dense_per_position"]
     max_diff = float(np.abs(kv_margin - (naive_out[:, 1] - naive_out[:, 0])).max())
     runs = repeats + 1

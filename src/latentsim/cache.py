@@ -87,7 +87,8 @@ def write_shard(
     stream_state: dict | None = None,
 ) -> Path:
     """Write one row shard, then its completion marker (the marker is what makes it count as done). A streamed
-    corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state) goes into the marker."""
+    corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state) goes into the
+    marker."""
     path = shard_path(shard_dir, a, b)
     arrays = {
         "locations": locations.astype(np.int32),
@@ -156,10 +157,10 @@ def finalise_shards(
     n_splits: int,
     config: dict,
 ) -> Path:
-    """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks completion)
-    from complete row shards, one latent split at a time: each split file gathers its latents from every shard in
-    row order, so peak memory is one split file plus one shard, never the whole cache (the shards are read once
-    per split). Each file holds the tokens of every row, as delphi's do."""
+    """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks
+    completion) from complete row shards, one latent split at a time: each split file gathers its latents from
+    every shard in row order, so peak memory is one split file plus one shard, never the whole cache (the
+    shards are read once per split). Each file holds the tokens of every row, as delphi's do."""
     paths = verified_shard_paths(shard_dir, ranges)
     out = latents_dir / hookpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -232,14 +233,6 @@ class SparseCache:
 
 def cache_is_complete(latents_dir: Path, hookpoint: str) -> bool:
     return (Path(latents_dir) / hookpoint / "config.json").is_file()
-
-
-def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
-    """Read a whole delphi-layout cache (ours or delphi's) into memory, verifying the sha256 of every file we
-    recorded. For small caches; stages that must scale read through latentsim.cache_reader.CacheReader."""
-    from latentsim.cache_reader import CacheReader
-
-    return CacheReader(latents_dir, hookpoint).select()
 
 
 def remove_shards(shard_dir: Path) -> None:

@@ -1,10 +1,11 @@
 """Bounded-memory reading of a finished delphi-layout cache: one split file, in chunks, at a time.
 
 A seed-sized cache (10M tokens x 131k latents, L0 50) holds ~500M non-zeros: ~4 GB on disk in delphi's uint16
-layout, ~14 GB as int64 locations + float32 activations in memory. `CacheReader` never builds that array. It parses
-each split file's safetensors header once and reads `locations` / `activations` in chunks of `chunk_entries`
-straight from the file (no memory map: mapped pages would count as resident), keeping only the entries a stage
-asks for: some rows (`rows`), a latent split (`split`), or both. Each stage reads what it needs:
+layout, ~14 GB as int64 locations + float32 activations in memory. `CacheReader` never builds that array. It
+parses each split file's safetensors header once and reads `locations` / `activations` in chunks of
+`chunk_entries` straight from the file (no memory map: mapped pages would count as resident), keeping only the
+entries a stage asks for: some rows (`rows`), a latent split (`split`), or both. Each stage reads what it
+needs:
 
 - statistics and explanation sampling: one latent split at a time (a latent lives in exactly one split file);
 - dataset and eval-set building: a chunk of cache rows at a time (`select(rows=...)`, token-major);
@@ -184,8 +185,8 @@ class CacheReader:
         return keep
 
     def entry_chunks(self, split: int, rows: np.ndarray | None = None):
-        """The non-zeros of one split file (those of `rows` only, when given), `chunk_entries` at a time and in file
-        order: locations int64 [m, 3] with global latent ids, activations float32."""
+        """The non-zeros of one split file (those of `rows` only, when given), `chunk_entries` at a time and
+        in file order: locations int64 [m, 3] with global latent ids, activations float32."""
         keep_row = self.row_mask(rows)
         start = self.splits[split].start
         for loc, act in self.chunks(split):
@@ -221,8 +222,9 @@ class CacheReader:
         return max(1, int(max_entries // max(1.0, self.n_nonzero / max(self.n_rows, 1))))
 
     def latent_values(self, split: int) -> tuple[np.ndarray, np.ndarray]:
-        """(latent ids relative to the split's start, int32; activations float32) of one split file, position 0
-        left out (even when a delphi cache has it): what the statistics need, at 8 bytes a non-zero."""
+        """(latent ids relative to the split's start, int32; activations float32) of one split file,
+        position 0 left out (even when a delphi cache has it): what the statistics need, at 8 bytes a
+        non-zero."""
         lats, vals = [], []
         for loc, act in self.chunks(split):
             keep = loc[:, 1] > 0
@@ -234,3 +236,9 @@ class CacheReader:
 
     def subject_tokenizer(self):
         return subject_tokenizer_of(self.config)
+
+
+def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:
+    """Read a whole delphi-layout cache (ours or delphi's) into memory, verifying the sha256 of every file we
+    recorded. For small caches (tests); stages that must scale read through CacheReader."""
+    return CacheReader(latents_dir, hookpoint).select()

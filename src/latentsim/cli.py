@@ -29,8 +29,8 @@ USAGE = (
 
 @contextmanager
 def readable_errors():
-    """A configuration or input error (latentsim.errors.InputError) prints `error: <message>` on stderr and exits 2;
-    LATENTSIM_DEBUG=1 keeps its traceback. Other exceptions are bugs and propagate with theirs."""
+    """A configuration or input error (latentsim.errors.InputError) prints `error: <message>` on stderr and
+    exits 2; LATENTSIM_DEBUG=1 keeps its traceback. Other exceptions are bugs and propagate with theirs."""
     try:
         yield
     except InputError as err:
@@ -41,7 +41,8 @@ def readable_errors():
 
 
 def run(main: Callable, dataclass_types: tuple[type, ...], args: list[str] | None = None):
-    """`main(*parse_config(dataclass_types))`, with the user's errors reported readably (`readable_errors`)."""
+    """`main(*parse_config(dataclass_types))`, with the user's errors reported readably
+    (`readable_errors`)."""
     with readable_errors():
         return main(*parse_config(dataclass_types, args))
 

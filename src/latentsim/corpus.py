@@ -35,7 +35,8 @@ PYDOC_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNE_SKIP = {"art", "ascii-art"}  # pictures, not prose
 
 EMBEDDED_CORPORA = {
-    "debian-english": "fortunes (BSD) + Python 3.11 docs prose (PSF); apt-get install fortunes python3.11-doc",
+    "debian-english": "fortunes (BSD) + Python 3.11 docs prose (PSF); apt-get install fortunes "
+    "python3.11-doc",
 }
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -101,8 +102,9 @@ def prepare_embedded_corpus(name: str = "debian-english") -> Path:
     missing = [str(d) for d in (FORTUNES_DIR, PYDOC_DIR) if not d.is_dir()]
     if missing:
         raise MissingInputError(
-            f"embedded corpus {name!r} is built from Debian packages that are not installed ({', '.join(missing)} "
-            "missing): run `apt-get install -y fortunes python3.11-doc` (./launch.sh setup does this)."
+            f"embedded corpus {name!r} is built from Debian packages that are not installed "
+            f"({', '.join(missing)} missing): run `apt-get install -y fortunes python3.11-doc` "
+            "(./launch.sh setup does this)."
         )
     docs = fortune_documents() + pydoc_documents()
     atomic_write_text(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
@@ -199,10 +201,10 @@ def tokenize_rows(
 
 
 class StreamedRows:
-    """Rows of a streamed corpus (`load_corpus(..., streaming=True)`), tokenized as they are read: BOS + ctx_len - 1
-    tokens of the EOS-joined documents, in the stream's order. Row r is corpus row r (row_start is the caller's).
-    `state()` after a row (the stream's `state_dict` + the tokens read past that row) lets `restore` resume there
-    without reading the documents before it again."""
+    """Rows of a streamed corpus (`load_corpus(..., streaming=True)`), tokenized as they are read:
+    BOS + ctx_len - 1 tokens of the EOS-joined documents, in the stream's order. Row r is corpus row r
+    (row_start is the caller's). `state()` after a row (the stream's `state_dict` + the tokens read past that
+    row) lets `restore` resume there without reading the documents before it again."""
 
     def __init__(self, ds, tokenizer, ctx_len: int, text_column: str = "text", batch_docs: int = 32):
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
@@ -277,7 +279,8 @@ def streamed_rows(args, tokenizer, ds=None) -> StreamedRows:
 
 
 def corpus_rows(args, tokenizer, ds=None) -> torch.Tensor:
-    """The rows a stage's `CorpusArguments` ask for (streamed, when `corpus_streaming`, and then not shuffled)."""
+    """The rows a stage's `CorpusArguments` ask for (streamed, when `corpus_streaming`, and then not
+    shuffled)."""
     if args.corpus_streaming:
         return streamed_rows(args, tokenizer, ds).rows(args.row_start, args.row_start + args.n_rows)
     ds = load_corpus_from_args(args) if ds is None else ds

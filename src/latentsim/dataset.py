@@ -1,17 +1,18 @@
 """Simulator examples: (interpretation, context, label) rows built from the cache under a data mixture.
 
-A context is a window of subject tokens ending at a sampled position of a cache row (never reaching position 0);
-its last token is judged. Its labels come straight from the cache (latent ids are global: the cache loader adds
-each delphi split's start back, the offset the seed forgot). Splits never leak: in `latents` mode train /
-validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode only the rows are disjoint.
+A context is a window of subject tokens ending at a sampled position of a cache row (never reaching
+position 0); its last token is judged. Its labels come straight from the cache (latent ids are global: the
+cache loader adds each delphi split's start back, the offset the seed forgot). Splits never leak: in `latents`
+mode train / validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode only the rows are
+disjoint.
 
 data_gen/build_dataset.py reads its inputs, then for each split: `build_split` (its rows), `split_summary`;
 last `dataset_card`. One seeded generator is shared by the splits in order, so a config and seed give the same
 bytes.
 
-Negatives are `uniform` over the split's latents (a firing-rate prior then ranks most positives above them: the
-active latents of a token are mostly frequent ones, a uniform draw mostly rare ones) or `frequency_matched`
-(FrequencyBins: their log firing rates distributed like the context's positives').
+Negatives are `uniform` over the split's latents (a firing-rate prior then ranks most positives above them:
+the active latents of a token are mostly frequent ones, a uniform draw mostly rare ones) or
+`frequency_matched` (FrequencyBins: their log firing rates distributed like the context's positives').
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from latentsim.cache_reader import CacheReader
 from latentsim.config import DatasetArguments, SAEArguments
 from latentsim.errors import ConfigError
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
-from latentsim.reference import FIRING_RATE_FLOOR
 from latentsim.sae import load_sae
+from latentsim.simulators.reference import FIRING_RATE_FLOOR
 from latentsim.splits import split_ids, split_rows
 
 SPLITS = ("train", "validation", "test")
@@ -72,8 +73,8 @@ def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, f
 def split_pools(
     explained: np.ndarray, n_rows: int, args: DatasetArguments, rng: np.random.Generator
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees all
-    explained latents in `contexts` mode), always disjoint rows."""
+    """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees
+    all explained latents in `contexts` mode), always disjoint rows."""
     latent_splits = (
         split_ids(explained, args.validation_fraction, args.test_fraction, rng)
         if args.split_mode == "latents"
@@ -83,8 +84,8 @@ def split_pools(
 
 
 def subsample_rows(row_splits: dict[str, np.ndarray], max_rows: int, seed: int) -> dict[str, np.ndarray]:
-    """`max_rows_per_split`: a seeded random `max_rows` of each split's rows (sorted), from a generator of its own
-    (the mixture's other draws are unchanged); 0 keeps every row."""
+    """`max_rows_per_split`: a seeded random `max_rows` of each split's rows (sorted), from a generator of its
+    own (the mixture's other draws are unchanged); 0 keeps every row."""
     if not max_rows:
         return row_splits
     rng = np.random.default_rng([seed, 2])
@@ -123,8 +124,8 @@ def decoder_neighbours(
 
 
 def same_token_latents(reader: CacheReader) -> dict[int, np.ndarray]:
-    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read a chunk
-    of a split file at a time."""
+    """{token id: the latents that fire on it somewhere in the cache} (`hard_negatives: same_token`), read a
+    chunk of a split file at a time."""
     pairs = []
     for i in range(len(reader.splits)):
         for loc, _ in reader.entry_chunks(i):
@@ -156,20 +157,21 @@ class BuildReport:
 
 @dataclass
 class FrequencyBins:
-    """`negative_sampling: frequency_matched`: one split's latents binned by log firing rate, to draw a context's
-    negatives so that their firing rates are distributed like its positives' (a firing-rate prior then ranks
-    positives and negatives alike).
+    """`negative_sampling: frequency_matched`: one split's latents binned by log firing rate, to draw a
+    context's negatives so that their firing rates are distributed like its positives' (a firing-rate prior
+    then ranks positives and negatives alike).
 
-    - Bins: edges at `n_bins` + 1 evenly spaced quantiles (numpy's linear) of the pool's log firing rates (floored
-      at FIRING_RATE_FLOOR, as the `prior` baseline does); a latent's bin is where its log rate falls among the inner
-      edges (tied rates share a bin; duplicate edges leave bins empty, and no positive is ever in an empty bin).
-    - Target: the bin shares of the context's positives; a context without positives gets the shares positives have
-      at a random token (each bin's summed firing rate).
-    - Draw, for `need` negatives: `need` bins by one `rng.choice` with the target as probabilities; then, bin by bin in
-      ascending order, that many latents uniformly without replacement among the bin's eligible latents (in the pool,
-      not active at the token, not already a hard negative).
-    - Fallback: what a bin cannot supply comes from the nearest bin with eligible latents left (the lower on a tie),
-      counted in `BuildReport.negatives_off_bin`; with none left anywhere, in `negatives_short`.
+    - Bins: edges at `n_bins` + 1 evenly spaced quantiles (numpy's linear) of the pool's log firing rates
+      (floored at FIRING_RATE_FLOOR, as the `prior` baseline does); a latent's bin is where its log rate falls
+      among the inner edges (tied rates share a bin; duplicate edges leave bins empty, and no positive is ever
+      in an empty bin).
+    - Target: the bin shares of the context's positives; a context without positives gets the shares positives
+      have at a random token (each bin's summed firing rate).
+    - Draw, for `need` negatives: `need` bins by one `rng.choice` with the target as probabilities; then, bin
+      by bin in ascending order, that many latents uniformly without replacement among the bin's eligible
+      latents (in the pool, not active at the token, not already a hard negative).
+    - Fallback: what a bin cannot supply comes from the nearest bin with eligible latents left (the lower on a
+      tie), counted in `BuildReport.negatives_off_bin`; with none left anywhere, in `negatives_short`.
 
     Every draw comes from the shared generator in this fixed order, so a config and seed give the same bytes.
     """
@@ -198,7 +200,8 @@ class FrequencyBins:
     def draw(
         self, positives: list[int], need: int, taken: set[int], rng: np.random.Generator, report: BuildReport
     ) -> list[int]:
-        """Up to `need` distinct pool latents outside `taken`, matched in frequency to `positives` (see the class)."""
+        """Up to `need` distinct pool latents outside `taken`, matched in frequency to `positives` (see the
+        class)."""
         if need <= 0 or not any(len(m) for m in self.members):
             return []
         n_bins = len(self.members)
@@ -237,8 +240,8 @@ class FrequencyBins:
 
 
 def without(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """`sorted_ids` less those in `ids`, still sorted: a binary search per id (a bin of a 131k-latent SAE holds
-    thousands of latents, a context takes a few dozen)."""
+    """`sorted_ids` less those in `ids`, still sorted: a binary search per id (a bin of a 131k-latent SAE
+    holds thousands of latents, a context takes a few dozen)."""
     at = np.searchsorted(sorted_ids, ids)
     hit = at < len(sorted_ids)
     hit[hit] = sorted_ids[at[hit]] == ids[hit]
@@ -269,8 +272,9 @@ def choose_candidates(
     report: BuildReport,
     frequency_bins: FrequencyBins | None = None,
 ) -> list[Candidate]:
-    """Positives (all or top-k active latents of the split) and negatives (random, optionally hard): the random ones
-    uniform over `pool`, or matched in firing rate to the positives when `frequency_bins` is given."""
+    """Positives (all or top-k active latents of the split) and negatives (random, optionally hard): the
+    random ones uniform over `pool`, or matched in firing rate to the positives when `frequency_bins` is
+    given."""
     mine = sorted(((lat, val) for lat, val in active.items() if lat in pool_set), key=lambda x: (-x[1], x[0]))
     if args.positives == "top_k":
         mine = mine[: args.top_k]
@@ -298,8 +302,8 @@ def choose_candidates(
 @dataclass
 class BuildInputs:
     """What the examples of every split are drawn from, read once: the cache's tokens and active latents, the
-    interpretation sets with their mixture weights, optional scores, the latents' bin statistics and firing rates,
-    and the lookup `hard_negatives` asks for."""
+    interpretation sets with their mixture weights, optional scores, the latents' bin statistics and firing
+    rates, and the lookup `hard_negatives` asks for."""
 
     tokens: np.ndarray  # [rows, ctx_len] subject token ids
     reader: CacheReader  # the cache, read a chunk of rows at a time (index_rows)
@@ -316,7 +320,8 @@ class BuildInputs:
     index: ActiveIndex | None = None  # the active latents of the rows being built (index_rows)
 
     def index_rows(self, rows: np.ndarray) -> None:
-        """Load the active latents of `rows` only (dropping the previous rows'): memory holds one chunk of rows."""
+        """Load the active latents of `rows` only (dropping the previous rows'): memory holds one chunk of
+        rows."""
         self.index = None
         self.index = ActiveIndex.build(self.reader.select(rows=rows))
 
@@ -454,17 +459,18 @@ def build_latent_major_split(
     report: BuildReport,
 ) -> list[dict]:
     """`candidates: per_latent`: for each latent of `pool` that fires in the split's rows, up to
-    `contexts_per_latent` of its active positions (uniformly, without replacement) and as many positions of the
-    same rows where it is inactive, each judged at the end of a window as in build_split. The inactive ones are
-    uniform, or (`hard_negatives: same_token`) a `hard_negative_fraction` of them on a token the latent fires on
-    in these rows, so that naming the token is not enough. A firing-rate prior ranks all of one latent's contexts
-    alike: per-latent AUC measures reading the context alone."""
+    `contexts_per_latent` of its active positions (uniformly, without replacement) and as many positions of
+    the same rows where it is inactive, each judged at the end of a window as in build_split. The inactive
+    ones are uniform, or (`hard_negatives: same_token`) a `hard_negative_fraction` of them on a token the
+    latent fires on in these rows, so that naming the token is not enough. A firing-rate prior ranks all of
+    one latent's contexts alike: per-latent AUC measures reading the context alone."""
     ctx_len = inputs.tokens.shape[1]
     inputs.index_rows(rows)  # every row of the split: its contexts are drawn from all of them
     fires = latent_contexts(inputs.index, rows, pool, args.window_min, ctx_len)
     report.latents_never_active += len(pool) - len(fires)
     n_positions = ctx_len - args.window_min
-    # Every judgeable position of the split's rows, as keys grouped by token (for same-token inactive contexts).
+    # Every judgeable position of the split's rows, as keys grouped by token (for same-token inactive
+    # contexts).
     keys_all = (rows[:, None] * ctx_len + np.arange(args.window_min, ctx_len)[None, :]).ravel()
     token_of = inputs.tokens.reshape(-1)[keys_all]
     by_token = (
@@ -516,8 +522,8 @@ def build_latent_major_split(
 
 @dataclass
 class JudgedContext:
-    """One judged context of a split: its window of subject tokens, the marked context text, the active latents at
-    the judged token, and (dense formats) the window's text with every token's labels."""
+    """One judged context of a split: its window of subject tokens, the marked context text, the active
+    latents at the judged token, and (dense formats) the window's text with every token's labels."""
 
     row: int
     end: int
@@ -579,16 +585,17 @@ class JudgedContext:
 
 @dataclass
 class DenseWindow:
-    """A context's text for dense formats: the decoded window, each subject token's character end in it (-1 where
-    a token's text is not a prefix extension, e.g. half of a multi-byte character: that token stays unlabelled),
-    and the active latents at each of its positions."""
+    """A context's text for dense formats: the decoded window, each subject token's character end in it (-1
+    where a token's text is not a prefix extension, e.g. half of a multi-byte character: that token stays
+    unlabelled), and the active latents at each of its positions."""
 
     text: str
     token_ends: list[int]
     active: list[dict[int, float]]
 
     def labels_of(self, latent: int) -> dict:
-        """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1: none)."""
+        """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1:
+        none)."""
         labels = [
             int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)
         ]
@@ -635,7 +642,8 @@ def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict
 
 
 def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> dict:
-    """dataset_stats.json's record of frequency-matched negatives; empty for `uniform` (its files stay as they were)."""
+    """dataset_stats.json's record of frequency-matched negatives; empty for `uniform` (its files stay as they
+    were)."""
     if args.negative_sampling == "uniform":
         return {}
     return {
@@ -646,7 +654,8 @@ def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> di
 
 
 def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str:
-    """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split counts."""
+    """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split
+    counts."""
     lat = cache_config.get("latentsim", {})
     files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
     matched = (
@@ -656,13 +665,17 @@ def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str
         if "negative_sampling" in stats
         else ""
     )
+    negatives = (
+        f"{args.negatives_per_context} per context"
+        if args.negatives_per_context
+        else f"{args.negatives_per_positive} per positive"
+    )
     candidates = (
-        f"latent-major: per latent, up to {args.contexts_per_latent} contexts where it fires and as many where "
-        f"it does not ({stats.get('latents_never_active', 0)} latents never fire in their split's rows)"
+        f"latent-major: per latent, up to {args.contexts_per_latent} contexts where it fires and as many "
+        f"where it does not ({stats.get('latents_never_active', 0)} latents never fire in their split's rows)"
         if args.candidates == "per_latent"
-        else f"positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, negatives "
-        f"{f'{args.negatives_per_context} per context' if args.negatives_per_context else f'{args.negatives_per_positive} per positive'} "
-        f"(hard: {args.hard_negatives})"
+        else f"positives `{args.positives}`{f' (top {args.top_k})' if args.positives == 'top_k' else ''}, "
+        f"negatives {negatives} (hard: {args.hard_negatives})"
     )
     return (
         f"""---
@@ -676,12 +689,14 @@ tags: [latentsim, sae, interpretability, simulator]
 
 Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-completion format.
 
-- subject model: {lat.get("model", {}).get("model", cache_config.get("model_name"))}, hookpoint `{args.hookpoint}`
+- subject model: {lat.get("model", {}).get("model", cache_config.get("model_name"))}, hookpoint \
+`{args.hookpoint}`
 - SAE: {json.dumps(lat.get("sae"))} ({stats["width"]} latents)
 - interpretations: {", ".join(args.interpretations)} (weights {args.interpretation_weights or "equal"})
 - prompt format: `{args.prompt_format}`, label `{args.label}`, {candidates}{matched}
 - score in prompt: {args.score_path or "no"}
-- split mode: `{args.split_mode}` (train/validation/test disjoint in {"latents and rows" if args.split_mode == "latents" else "rows"})
+- split mode: `{args.split_mode}` (train/validation/test disjoint \
+in {"latents and rows" if args.split_mode == "latents" else "rows"})
 
 | split | examples | positives | contexts | latents |
 |---|---|---|---|---|

@@ -3,8 +3,8 @@
 Every stage that shards its work reads its place from the launcher's environment (RANK, WORLD_SIZE,
 LOCAL_RANK); run as a plain `python` script it is rank 0 of 1 and nothing below does anything. Work is dealt
 out by position in a list every rank computes the same way (item i goes to rank i % world), so no rank waits
-for another to decide what it does, and a rerun gives each rank the unfinished part of its own share. Each rank
-computes alone (its own model on its own GPUs, its own vLLM engine); the ranks meet once, at the end
+for another to decide what it does, and a rerun gives each rank the unfinished part of its own share. Each
+rank computes alone (its own model on its own GPUs, its own vLLM engine); the ranks meet once, at the end
 (`wait_for_all` / `gather`), through the launcher's key-value store, where the main rank merges. No
 torch.distributed process group is made: a vLLM engine makes its own, and the ranks' models never talk.
 """
@@ -72,7 +72,8 @@ class Ranks:
         return list(items[self.rank :: self.world])
 
     def device(self, device: str) -> str:
-        """One GPU per rank: `auto`/`cuda` become this rank's `cuda:<local_rank>` in a multi-process launch."""
+        """One GPU per rank: `auto`/`cuda` become this rank's `cuda:<local_rank>` in a multi-process
+        launch."""
         import torch
 
         if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -84,7 +85,8 @@ class Ranks:
         """While a vLLM engine starts: this rank's `gpus` GPUs only (from local_rank * gpus_per_rank on), and
         none of the launcher's variables, so the engine is this rank's alone, as under plain `python`. vLLM's
         engine core and workers are processes started in here, so they see only these GPUs even though this
-        process has already looked at CUDA (keep VLLM_ENABLE_V1_MULTIPROCESSING at its default, 1, on GPUs)."""
+        process has already looked at CUDA (keep VLLM_ENABLE_V1_MULTIPROCESSING at its default, 1, on
+        GPUs)."""
         if self.world == 1:
             yield
             return

@@ -1,9 +1,10 @@
-"""One handle on an eval set (a data_gen/build_dataset.py folder of held-out latents) and what it was built from.
+"""One handle on an eval set (a data_gen/build_dataset.py folder of held-out latents) and what it was built
+from.
 
-eval/sweep.py, eval/patch_kl.py and eval/generate.py all need the same things of an eval set: its prompt format
-and width, its splits, the cache it was built from (tokens at the exact recorded positions), the SAE of that
-cache, the latents' statistics and the hook layer. `EvalSet.open(path)` gives them, so that a schema change
-touches one place. A context is (cache row, judged position); its id packs both into one integer.
+eval/sweep.py, eval/patch_kl.py and eval/generate.py all need the same things of an eval set: its prompt
+format and width, its splits, the cache it was built from (tokens at the exact recorded positions), the SAE of
+that cache, the latents' statistics and the hook layer. `EvalSet.open(path)` gives them, so that a schema
+change touches one place. A context is (cache row, judged position); its id packs both into one integer.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class EvalSet:
 
     @property
     def latent_major(self) -> bool:
-        """Built with `candidates: per_latent`: each latent judged on a fixed number of active and inactive contexts."""
+        """Built with `candidates: per_latent`: each latent judged on a fixed number of active and inactive
+        contexts."""
         return self.stats.get("candidates", "per_context") == "per_latent"
 
     @property
@@ -92,9 +94,10 @@ class EvalSet:
             )
 
     def require_uniform_negatives(self) -> None:
-        """The dictionary-wide extrapolations (expected latents flagged, precision at L0, the L0-matched threshold)
-        read the scored inactive candidates as a uniform sample of the inactive latents; frequency-matched
-        negatives over-represent frequent latents, and reweighting them is not implemented yet."""
+        """The dictionary-wide extrapolations (expected latents flagged, precision at L0, the L0-matched
+        threshold) read the scored inactive candidates as a uniform sample of the inactive latents;
+        frequency-matched negatives over-represent frequent latents, and reweighting them is not implemented
+        yet."""
         sampling = self.stats.get("negative_sampling", "uniform")
         if sampling != "uniform":
             raise BadInputError(
@@ -104,7 +107,8 @@ class EvalSet:
             )
 
     def split(self, split: str, max_contexts: int = 0, seed: int = 0) -> pd.DataFrame:
-        """One split's rows with their `context_id`; `max_contexts` > 0 keeps a seeded sample of its contexts."""
+        """One split's rows with their `context_id`; `max_contexts` > 0 keeps a seeded sample of its
+        contexts."""
         path = self.path / f"{split}.parquet"
         if not path.is_file():
             raise MissingInputError(
@@ -160,7 +164,8 @@ class EvalSet:
         return load_sae(sae_args, device=device)
 
     def decoder_weights(self) -> np.ndarray | None:
-        """W_dec of the cache's SAE (for the decoder alignment); None when the cache does not record its SAE."""
+        """W_dec of the cache's SAE (for the decoder alignment); None when the cache does not record its
+        SAE."""
         return self.load_sae().W_dec.detach().float().numpy() if self.sae_arguments() else None
 
     @functools.cached_property
@@ -182,12 +187,13 @@ class EvalSet:
 
     @staticmethod
     def judged_l0(df: pd.DataFrame) -> float:
-        """Mean number of explained latents active at the judged tokens (the budget the L0-matched threshold and
-        precision at L0 aim at)."""
+        """Mean number of explained latents active at the judged tokens (the budget the L0-matched threshold
+        and precision at L0 aim at)."""
         return float(df.groupby("context_id")["n_active_explained"].first().mean())
 
-    def interpretations(self) -> dict[int, str]:
-        """The interpretations of the eval set's (first) interpretation set."""
+    def interpretations(self, path: str | None = None) -> dict[int, str]:
+        """The interpretations of the eval set's (first) interpretation set, or of another set at `path`
+        (checked against this eval set's hookpoint and SAE width)."""
         from latentsim.explain import load_interpretations
 
-        return load_interpretations(self.build["interpretations"][0], self.hookpoint, self.width)
+        return load_interpretations(path or self.build["interpretations"][0], self.hookpoint, self.width)

@@ -7,7 +7,8 @@ the weak activations too. Interpretations are written one file per latent, `<set
 holding a JSON string (delphi's layout), atomically, so a rerun skips latents already explained.
 
 Existing interpretations load from: a folder of such files (ours or delphi's), a JSON dict {latent id: text}
-(the seed's format), or a Neuronpedia export (a JSON list of {"index"/"feature", "description"/"explanation"}).
+(the seed's format), or a Neuronpedia export (a JSON list of {"index"/"feature",
+"description"/"explanation"}).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Example:
 
 
 class LatentIndex:
-    """Latent-major view of a cache: the entries of latent l are `order[offsets[l]:offsets[l + 1]]`. Given `rows`,
-    only those cache rows exist for it (examples, counts and non-activating windows alike)."""
+    """Latent-major view of a cache: the entries of latent l are `order[offsets[l]:offsets[l + 1]]`. Given
+    `rows`, only those cache rows exist for it (examples, counts and non-activating windows alike)."""
 
     def __init__(self, cache: SparseCache, window: int = 32, rows: np.ndarray | None = None):
         self.cache = cache
@@ -100,9 +101,9 @@ class LatentIndex:
 
 
 class SplitLatentIndexes:
-    """LatentIndex of a cache read one latent split file at a time: `of(latent)` builds the index of the latent's
-    split (dropping the previous one), so asking for latents in ascending order reads each split once and memory
-    holds one split's entries, never the whole cache. `rows` as for LatentIndex."""
+    """LatentIndex of a cache read one latent split file at a time: `of(latent)` builds the index of the
+    latent's split (dropping the previous one), so asking for latents in ascending order reads each split once
+    and memory holds one split's entries, never the whole cache. `rows` as for LatentIndex."""
 
     def __init__(self, reader: CacheReader, window: int = 32, rows: np.ndarray | None = None):
         self.reader, self.window, self.rows = reader, window, rows
@@ -212,7 +213,8 @@ SOURCE_ROWS_FILE = "source_rows.json"
 
 
 def example_rows(args, n_rows: int) -> np.ndarray:
-    """The rows explain.py / score.py draw examples from: the row split's training rows (`rows: train`), or all."""
+    """The rows explain.py / score.py draw examples from: the row split's training rows (`rows: train`), or
+    all."""
     if args.rows == "all":
         return np.arange(n_rows)
     return split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)["train"]
@@ -255,8 +257,8 @@ def interpretation_source_rows(path: str | Path, n_rows: int) -> np.ndarray | No
 
 
 def refuse_eval_rows(paths: list[str], eval_rows: np.ndarray, n_rows: int) -> dict[str, str]:
-    """Refuse interpretation sets made from any of `eval_rows` (an interpretation could quote the judged context);
-    returns {set: what its rows were} for the dataset card."""
+    """Refuse interpretation sets made from any of `eval_rows` (an interpretation could quote the judged
+    context); returns {set: what its rows were} for the dataset card."""
     out = {}
     for path in paths:
         rows = interpretation_source_rows(path, n_rows)
@@ -283,7 +285,8 @@ def _normalise_module(module: str) -> str:
 
 
 def load_interpretations(path: str | Path, hookpoint: str, width: int) -> dict[int, str]:
-    """Interpretations {latent: text} from any supported format, checked against the SAE's hookpoint and width."""
+    """Interpretations {latent: text} from any supported format, checked against the SAE's hookpoint and
+    width."""
     path = Path(path)
     if not path.exists():
         raise MissingInputError(
@@ -357,9 +360,9 @@ def highlighted_text(example: Example, tokenizer, threshold: float = 0.3) -> str
 
 
 LLM_EXPLAINER_PROMPT = (
-    "Here are text examples where one feature of a language model is active. The tokens where it is active are "
-    "marked <<like this>>.\n\n{examples}\n\nIn a few words, what does the feature detect? Answer with a short "
-    "phrase only."
+    "Here are text examples where one feature of a language model is active. The tokens where it is active "
+    "are marked <<like this>>.\n\n{examples}\n\nIn a few words, what does the feature detect? Answer with a "
+    "short phrase only."
 )
 
 

@@ -1,8 +1,9 @@
-"""The report's figures (eval/report.py), following the seed paper's: each takes results records in and returns
-a matplotlib Figure (None where the records hold nothing to draw); eval/report.py saves and embeds them.
+"""The report's figures (eval/report.py), following the seed paper's: each takes results records in and
+returns a matplotlib Figure (None where the records hold nothing to draw); eval/report.py saves and embeds
+them.
 
-Records are eval/sweep.py's results.json dicts plus `name` (latentsim.sweep.read_sweeps); the patch figures take
-eval/patch_kl.py's results.json.
+Records are eval/sweep.py's results.json dicts plus `name` (latentsim.sweep.read_sweeps); the patch figures
+take eval/patch_kl.py's results.json.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def recall_precision(records: list[dict]) -> Figure:
 
 
 def auc_against_references(records: list[dict]) -> Figure | None:
-    """Per-context AUC (median) of every simulator with its 95% bootstrap CI over contexts; the baselines that read
-    nothing (kind `reference`) in grey, the firing-rate prior as a line: what a simulator must beat."""
+    """Per-context AUC (median) of every simulator with its 95% bootstrap CI over contexts; the baselines that
+    read nothing (kind `reference`) in grey, the firing-rate prior as a line: what a simulator must beat."""
     with_ci = [r for r in records if "ci95" in r["results"]["binary"]["per_context"]["auc"]]
     if not with_ci:
         return None
@@ -92,7 +93,8 @@ def auc_against_references(records: list[dict]) -> Figure | None:
 
 
 def threshold_sweep(records: list[dict]) -> Figure:
-    """Accuracy and expected latents flagged (whole dictionary) against 1 - threshold, with the SAE's L0 (Fig. 5)."""
+    """Accuracy and expected latents flagged (whole dictionary) against 1 - threshold, with the SAE's L0
+    (Fig. 5)."""
     l0 = records[0]["results"]["l0"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, r in enumerate(records):
@@ -205,7 +207,8 @@ def accuracy_vs_score(records: list[dict]) -> Figure | None:
 
 
 def decoder_alignment(records: list[dict]) -> Figure | None:
-    """Matched decoder cosine of each simulator against random pools and the random dictionary (Fig. 2 right)."""
+    """Matched decoder cosine of each simulator against random pools and the random dictionary (Fig. 2
+    right)."""
     records = [r for r in records if "decoder_alignment" in r["results"]]
     if not records:
         return None
@@ -280,7 +283,8 @@ def checkpoints(records: list[dict]) -> Figure | None:
 
 
 def patch_sources(patch: dict) -> Figure:
-    """KL at the judged position of every patched source but the fraction curves and the clean model (Fig. 3)."""
+    """KL at the judged position of every patched source but the fraction curves and the clean model
+    (Fig. 3)."""
     sources = {k: v for k, v in patch["sources"].items() if not k.startswith("fraction:") and k != "clean"}
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(sources) + 1.5))
     names = list(sources)
@@ -299,7 +303,8 @@ def patch_sources(patch: dict) -> Figure:
 
 
 def patch_fractions(patch: dict) -> Figure:
-    """KL and CE when keeping a fraction of the true latents, against the full SAE and the clean model (Fig. 1)."""
+    """KL and CE when keeping a fraction of the true latents, against the full SAE and the clean model
+    (Fig. 1)."""
     fr = patch["fractions"]
     scopes = [("kl_judged", "KL, judged position"), ("ce_judged", "CE, judged position")]
     if any("kl_all" in v for v in patch["sources"].values()):

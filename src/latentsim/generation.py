@@ -13,14 +13,14 @@ import copy
 import numpy as np
 import torch
 
-from latentsim.backends import cache_keyword, probabilities
 from latentsim.config import GenerateArguments
 from latentsim.errors import BadInputError
 from latentsim.held_out import training_rows_and_latents
+from latentsim.models import cache_keyword
 from latentsim.patching import keep_fraction, kl_and_ce
-from latentsim.prompts import marked_context, render_prompt
+from latentsim.prompts import marked_context
 from latentsim.sae import decoder_layers
-from latentsim.sweep import load_simulator_scorer, run_simulators
+from latentsim.simulators import Judgment, ScoringOptions, final_simulator, load_scorer, probabilities
 
 
 class SimulatorSource:
@@ -29,8 +29,8 @@ class SimulatorSource:
     def __init__(
         self, args: GenerateArguments, interpretations: dict[int, str], medians: torch.Tensor, subject_tok
     ):
-        self.scorer, self.name = load_simulator_scorer(
-            args.simulator_run or args.simulator_model, "sim_v1", args.dtype, args.device, args.batch_size
+        self.scorer, self.name = load_scorer(
+            args.simulator_run or args.simulator_model, "sim_v1", ScoringOptions.from_args(args)
         )
         self.args, self.medians, self.subject_tok = args, medians, subject_tok
         # A finetuned simulator judges only latents it never trained on; the others keep their SAE values, as
@@ -38,9 +38,7 @@ class SimulatorSource:
         trained = (
             set()
             if not args.simulator_run or args.allow_seen_latents
-            else training_rows_and_latents(run_simulators(args.simulator_run, include_checkpoints=False)[-1])[
-                1
-            ]
+            else training_rows_and_latents(final_simulator(args.simulator_run))[1]
         )
         self.interpretations = {lat: text for lat, text in interpretations.items() if lat not in trained}
         self.seen_latents_kept = len(interpretations) - len(self.interpretations)
@@ -61,8 +59,8 @@ class SimulatorSource:
             inactive, size=min(self.args.n_inactive, len(inactive)), replace=False
         ).tolist()
         candidates = active + [int(i) for i in drawn]
-        prompts = [render_prompt("sim_v1", context, self.interpretations[c]) for c in candidates]
-        p_yes = probabilities(self.scorer.label_logits(prompts))[:, 1]
+        judgments = [Judgment(context, self.interpretations[c], latent=c) for c in candidates]
+        p_yes = probabilities(self.scorer.label_logits(judgments))[:, 1]
         predicted = torch.tensor(
             [c for c, p in zip(candidates, p_yes, strict=True) if p >= self.args.threshold],
             dtype=torch.long,

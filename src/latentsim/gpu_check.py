@@ -1,4 +1,5 @@
-"""The GPU check's steps and checks (bench/gpu_check.py): what runs on a lent GPU, and what must hold afterwards."""
+"""The GPU check's steps and checks (bench/gpu_check.py): what runs on a lent GPU, and what must hold
+afterwards."""
 
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def plan(out: str) -> list[tuple[str, list[str]]]:
 
 def checks(out: Path) -> dict:
     """What must hold after the steps: adapters non-empty with their bf16 reload parity, P(yes) equal across
-    backends (every simulator of the sweep, judgment by judgment), the vLLM sweep having switched base model."""
+    backends (every simulator of the sweep, judgment by judgment), the vLLM sweep having switched base
+    model."""
     found = {}
     for run_name in ("single_gpu", "zero3"):
         path = out / "sft" / run_name / "eval_results.json"

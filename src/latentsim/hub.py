@@ -17,7 +17,8 @@ from latentsim.errors import MissingInputError, UnavailableError
 
 @contextmanager
 def _hub_errors(repo_id: str):
-    """The Hub problems that are the user's to fix (offline, not logged in, no access, no such repo) as InputErrors."""
+    """The Hub problems that are the user's to fix (offline, not logged in, no access, no such repo) as
+    InputErrors."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalTokenNotFoundError,
@@ -90,8 +91,8 @@ HELD_OUT_METRICS = (
 
 
 def hub_dataset_id(dataset: str) -> str | None:
-    """The Hub id a training set is published under: a build_dataset folder's `push_to_hub`, or `dataset` itself
-    when it names a Hub repo rather than a local folder; None for an unpublished local folder (a card's
+    """The Hub id a training set is published under: a build_dataset folder's `push_to_hub`, or `dataset`
+    itself when it names a Hub repo rather than a local folder; None for an unpublished local folder (a card's
     `datasets:` takes Hub ids only)."""
     run_config = Path(dataset) / "run_config.json"
     if run_config.is_file():
@@ -103,7 +104,8 @@ def hub_dataset_id(dataset: str) -> str | None:
 
 
 def index_result(dataset_type: str, dataset_name: str, split: str, metrics: list[tuple[str, float]]) -> str:
-    """One `results:` entry of a card's model-index: the simulation task, the data it was measured on, the metrics."""
+    """One `results:` entry of a card's model-index: the simulation task, the data it was measured on, the
+    metrics."""
     entries = "\n".join(f"      - type: {k}\n        value: {v:.4f}" for k, v in metrics)
     return f"""  - task:
       type: text-classification
@@ -125,10 +127,10 @@ def adapter_card(
     held_out: list[dict] | None = None,
     step: int | None = None,
 ) -> str:
-    """A PEFT adapter model card: YAML metadata (base_model, library_name: peft, tags, the training set's Hub id
-    where it has one, prompt format, model-index) and a short description. The model-index and table hold this
-    adapter's own numbers: `held_out` (eval/sweep.py results: {eval_set, metric, value, ci95}) when the sweep scored
-    it, else its trainer's validation `metrics`; `step`: the checkpoint's training step."""
+    """A PEFT adapter model card: YAML metadata (base_model, library_name: peft, tags, the training set's Hub
+    id where it has one, prompt format, model-index) and a short description. The model-index and table hold
+    this adapter's own numbers: `held_out` (eval/sweep.py results: {eval_set, metric, value, ci95}) when the
+    sweep scored it, else its trainer's validation `metrics`; `step`: the checkpoint's training step."""
     shown = {
         k.removeprefix("eval_"): v
         for k, v in (metrics or {}).items()  # undefined (NaN) metrics: left out
@@ -182,8 +184,8 @@ this adapter makes `{base_model}` answer whether the latent is active there. Pro
 
 
 def checkpoint_results(checkpoint: Path, run_results: dict) -> dict:
-    """A checkpoint's own eval_results.json: its step and its last validation metrics from its trainer_state.json
-    (never the run's final ones), with the run's format, template and base model."""
+    """A checkpoint's own eval_results.json: its step and its last validation metrics from its
+    trainer_state.json (never the run's final ones), with the run's format, template and base model."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     evals = [e for e in state.get("log_history", []) if any(k.startswith("eval_") for k in e)]
     return {
@@ -199,8 +201,8 @@ def checkpoint_results(checkpoint: Path, run_results: dict) -> dict:
 
 
 def held_out_metrics(sweep_dir: str | Path, simulator: str) -> list[dict]:
-    """eval/sweep.py's held-out numbers for one simulator (`<run>__final`, `<run>__checkpoint-N`) in every eval set
-    of `sweep_dir`: [{eval_set, metric, value, ci95}] (empty when the sweep never scored it)."""
+    """eval/sweep.py's held-out numbers for one simulator (`<run>__final`, `<run>__checkpoint-N`) in every
+    eval set of `sweep_dir`: [{eval_set, metric, value, ci95}] (empty when the sweep never scored it)."""
     from latentsim.metrics import summary_row
 
     out = []
@@ -224,8 +226,9 @@ def held_out_metrics(sweep_dir: str | Path, simulator: str) -> list[dict]:
 
 
 def download_adapter_branches(repo_id: str, local_root: str | Path, api=None) -> list[tuple[str, Path]]:
-    """Every published revision of an adapter repo (`main` and the `step-N` checkpoint branches, by step), each
-    downloaded to `<local_root>/<repo>/<branch>`: [(branch, folder)]. `api`: an HfApi (injected in tests)."""
+    """Every published revision of an adapter repo (`main` and the `step-N` checkpoint branches, by step),
+    each downloaded to `<local_root>/<repo>/<branch>`: [(branch, folder)]. `api`: an HfApi (injected in
+    tests)."""
     if api is None:
         from huggingface_hub import HfApi
 

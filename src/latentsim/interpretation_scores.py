@@ -2,9 +2,9 @@
 
 - detection: the judge sees an un-highlighted window and the interpretation and says whether the latent fires
   anywhere in it; activating and non-activating windows are mixed.
-- fuzz: the judge sees a window with some tokens marked <<like this>> and says whether the marks are the tokens
-  the latent fires on; activating windows are marked correctly (tokens >= 0.3 x the window's max, delphi's
-  threshold), non-activating windows on as many random tokens.
+- fuzz: the judge sees a window with some tokens marked <<like this>> and says whether the marks are the
+  tokens the latent fires on; activating windows are marked correctly (tokens >= 0.3 x the window's max,
+  delphi's threshold), non-activating windows on as many random tokens.
 
 The score of a latent is the balanced accuracy of the judge's predictions (P(Yes) > 0.5), mean of the rates on
 activating and non-activating windows. Per-latent records are written in delphi's layout (a JSON list of

@@ -195,8 +195,8 @@ def config_differences(output_dir: str | os.PathLike, configs: dict[str, Any], i
         return []
     old = json.loads(path.read_text()).get("config", {})
     new = to_jsonable(configs)
-    # A key added after the run was recorded, left at its default, is no difference: defaults of new keys keep the
-    # old behaviour (that is how keys are added here).
+    # A key added after the run was recorded, left at its default, is no difference: defaults of new keys keep
+    # the old behaviour (that is how keys are added here).
     defaults = {
         section: to_jsonable(
             {f.name: f.default for f in dataclasses.fields(c) if f.default is not dataclasses.MISSING}
@@ -229,8 +229,8 @@ def require_same_config(
     finished: str | None = None,
 ) -> None:
     """Raise when `output_dir` holds `what` made with another config (naming the keys that differ and `fix`).
-    With `finished` (a glob), only finished work binds the config: a folder holding no matching file yet (a first
-    run that failed early) may be rerun with a corrected config."""
+    With `finished` (a glob), only finished work binds the config: a folder holding no matching file yet (a
+    first run that failed early) may be rerun with a corrected config."""
     if finished is not None and not any(Path(output_dir).glob(finished)):
         return
     diffs = config_differences(output_dir, configs, ignore)
@@ -243,8 +243,17 @@ def require_same_config(
 RESULTS_FILE = "results.json"
 
 
-def write_results(folder: str | os.PathLike, record: dict) -> None:
-    atomic_write_json(Path(folder) / RESULTS_FILE, record)
+# What a results.json holds, by the stage that wrote it: its first key, `kind`, says which reader applies.
+RESULT_KINDS = ("simulator_sweep", "patch_kl", "whole_layer", "generation", "bench_scale")
+
+
+def write_results(folder: str | os.PathLike, record: dict, kind: str) -> None:
+    """A stage's results.json: `{"kind": kind, **record}`, written atomically."""
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"unknown results kind {kind!r}; add it to latentsim.io.RESULT_KINDS.")
+    atomic_write_json(
+        Path(folder) / RESULTS_FILE, {"kind": kind, **{k: v for k, v in record.items() if k != "kind"}}
+    )
 
 
 def read_results(folder: str | os.PathLike) -> dict | None:

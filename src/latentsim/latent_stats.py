@@ -32,8 +32,8 @@ def latent_statistics(cache: SparseCache, width: int, sample_size: int) -> dict[
 
 
 def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.Tensor]:
-    """latent_statistics of a whole cache, one latent split file at a time (a latent lives in one split file, so
-    each latent's statistics come from its file alone): peak memory grows with the largest split."""
+    """latent_statistics of a whole cache, one latent split file at a time (a latent lives in one split file,
+    so each latent's statistics come from its file alone): peak memory grows with the largest split."""
     n_tokens = reader.n_rows * (reader.ctx_len - 1)
     parts = []
     for i, sf in enumerate(tqdm(reader.splits, desc="statistics", unit="split")):
@@ -60,7 +60,8 @@ def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.T
 def value_statistics(
     latents: torch.Tensor, values: torch.Tensor, width: int, n_tokens: int, sample_size: int
 ) -> dict[str, torch.Tensor]:
-    """Per-latent statistics of non-zeros given as (latent id in 0..width-1, value), position 0 already left out."""
+    """Per-latent statistics of non-zeros given as (latent id in 0..width-1, value), position 0 already left
+    out."""
     values = values.double()
     order = torch.argsort(values, stable=True)  # by value ...
     order = order[torch.argsort(latents[order], stable=True)]  # ... then by latent (stable keeps value order)

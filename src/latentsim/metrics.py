@@ -1,14 +1,14 @@
 """Simulator metrics on per-judgment predictions, the seed's Tables 1-2 and Figures 2, 4, 5, 6 done right.
 
 Input: a predictions table (pandas) with one row per (context, latent) judgment: `context_id`, `latent`,
-`active` (0/1), `activation`, `activation_bin`, `quantile_bin`, `n_active` (latents active at that token in the
-whole SAE) and `p_yes` (binary formats) or `p_digit_0..9` (value formats).
+`active` (0/1), `activation`, `activation_bin`, `quantile_bin`, `n_active` (latents active at that token in
+the whole SAE) and `p_yes` (binary formats) or `p_digit_0..9` (value formats).
 
 Per-context metrics are aggregated as median and 25-75 % range (the seed's convention), next to pooled values.
 
 Extrapolating to the whole dictionary. A context's candidates are all of its active latents in the eval pool
-plus inactive latents drawn uniformly from that pool, so the scored actives estimate the simulator's hit rate on
-actives, and the scored inactives its false-positive rate on inactives. When all W latents of the SAE are
+plus inactive latents drawn uniformly from that pool, so the scored actives estimate the simulator's hit rate
+on actives, and the scored inactives its false-positive rate on inactives. When all W latents of the SAE are
 scored, the expected number flagged at threshold t is
 
     E[flagged](t) = n_active * hit_rate(t) + (W - n_active) * fp_rate(t),
@@ -19,8 +19,8 @@ the pool's latents are representative of the dictionary (they are a random split
 
 Uncertainty. Judgments of one context share its text and its candidate pool, so they are not independent: the
 confidence intervals are percentile bootstraps that resample whole contexts (clusters) with replacement, never
-single rows. Lift over a reference (a baseline that reads nothing, e.g. the latent's firing rate) pairs the two
-on the same contexts and resamples those contexts jointly, so what both share cancels out of the interval.
+single rows. Lift over a reference (a baseline that reads nothing, e.g. the latent's firing rate) pairs the
+two on the same contexts and resamples those contexts jointly, so what both share cancels out of the interval.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ def summarise(values) -> dict[str, float]:
 
 
 def bootstrap_indices(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n_clusters) cluster indices drawn uniformly with replacement: row b is bootstrap resample b."""
+    """(n_boot, n_clusters) cluster indices drawn uniformly with replacement: row b is bootstrap resample
+    b."""
     return np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
 
 
 def bootstrap_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n_clusters): how often each cluster is drawn in each resample of `bootstrap_indices` (same seed,
-    same draws), for statistics that weight a cluster's rows instead of copying them."""
+    """(n_boot, n_clusters): how often each cluster is drawn in each resample of `bootstrap_indices` (same
+    seed, same draws), for statistics that weight a cluster's rows instead of copying them."""
     offsets = (
         np.arange(n_boot)[:, None] * n_clusters
     )  # one bincount for all resamples: resample b owns its own bins
@@ -72,8 +73,8 @@ def bootstrap_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
-    """The central `level` interval of bootstrap replicates (resamples where the statistic is undefined, e.g. an
-    AUC with one class only, are left out); (nan, nan) when none is defined."""
+    """The central `level` interval of bootstrap replicates (resamples where the statistic is undefined,
+    e.g. an AUC with one class only, are left out); (nan, nan) when none is defined."""
     r = np.asarray(replicates, dtype=float)
     r = r[np.isfinite(r)]
     if not len(r):
@@ -85,10 +86,11 @@ def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
 def bootstrap_ci(
     values_by_cluster, statistic=np.median, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of `statistic` over one value per cluster (context), resampling the clusters
-    with replacement. NaN-aware like `summarise`: clusters where the value is undefined are left out before
-    resampling, so the interval is about the same defined contexts the point estimate is. `statistic` is a numpy
-    reduction taking `axis` (np.median, np.mean, ...); all resamples are drawn at once, n_boot x n_clusters values."""
+    """Percentile-bootstrap interval of `statistic` over one value per cluster (context), resampling the
+    clusters with replacement. NaN-aware like `summarise`: clusters where the value is undefined are left out
+    before resampling, so the interval is about the same defined contexts the point estimate is. `statistic`
+    is a numpy reduction taking `axis` (np.median, np.mean, ...); all resamples are drawn at once,
+    n_boot x n_clusters values."""
     v = np.asarray(values_by_cluster, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
@@ -112,9 +114,10 @@ def pooled_auc_replicates(
     scores: np.ndarray, truth: np.ndarray, cluster: np.ndarray, counts: np.ndarray
 ) -> np.ndarray:
     """Pooled AUC of every bootstrap resample, without copying rows: resample b repeats each row of cluster c
-    counts[b, c] times (`cluster`: each row's cluster code, 0..n_clusters-1). With rows grouped by score level,
-    the weighted Mann-Whitney AUC is the sum over levels of (negatives' weight) x (positives' weight above + half
-    the positives' weight tied), over (total positive weight) x (total negative weight); nan without both classes."""
+    counts[b, c] times (`cluster`: each row's cluster code, 0..n_clusters-1). With rows grouped by score
+    level, the weighted Mann-Whitney AUC is the sum over levels of (negatives' weight) x (positives' weight
+    above + half the positives' weight tied), over (total positive weight) x (total negative weight); nan
+    without both classes."""
     from scipy import sparse
 
     levels, level_of_row = np.unique(np.asarray(scores, dtype=float), return_inverse=True)
@@ -149,8 +152,8 @@ def cluster_codes(df: pd.DataFrame, by: str = "context_id") -> tuple[np.ndarray,
 def pooled_auc_ci(
     df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, by: str = "context_id"
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows together), or
-    latents with by="latent"."""
+    """Percentile-bootstrap interval of the pooled AUC, resampling contexts (all of a context's rows
+    together), or latents with by="latent"."""
     codes, n_contexts = cluster_codes(df, by)
     counts = bootstrap_counts(n_contexts, n_boot, seed)
     return percentile_interval(
@@ -189,16 +192,17 @@ def contexts(df: pd.DataFrame):
 def binary_metrics(
     df: pd.DataFrame, width: int, l0: float, threshold: float = 0.5, *, seed: int = 0, n_boot: int = N_BOOT
 ) -> dict:
-    """Per-context recall/precision/F1/balanced accuracy/AUC (median, IQR) and pooled, plus precision among the
-    top candidates: `precision_top_active` (the |A| most probable candidates of the pool, |A| = the context's
-    scored actives) and `precision_at_l0` (among the L0 latents the simulator would rank highest in the whole
-    dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0).
+    """Per-context recall/precision/F1/balanced accuracy/AUC (median, IQR) and pooled, plus precision among
+    the top candidates: `precision_top_active` (the |A| most probable candidates of the pool, |A| = the
+    context's scored actives) and `precision_at_l0` (among the L0 latents the simulator would rank highest in
+    the whole dictionary: n_active * hit(t) / L0 at the t where E[flagged](t) = L0).
 
     The medians of CI_METRICS carry `ci95`, and the pooled AUC `auc_ci95`: 95 % percentile-bootstrap intervals
     resampling contexts (`n_boot` resamples drawn from `seed`).
 
     Precision, F1 and the pooled confusion are pool metrics: the pool is ~25% positive where the dictionary is
-    ~L0/W. `dictionary` holds the same at the dictionary's base rate (dictionary_weights), with an interval."""
+    ~L0/W. `dictionary` holds the same at the dictionary's base rate (dictionary_weights), with an
+    interval."""
     per = {
         k: []
         for k in (
@@ -246,8 +250,8 @@ def binary_metrics(
 
 
 def per_context_auc(df: pd.DataFrame, by: str = "context_id") -> pd.Series:
-    """AUC of `p_yes` within each context (index: context_id, sorted), or within each latent with by="latent" (its
-    active vs inactive contexts); nan where a group has one class only."""
+    """AUC of `p_yes` within each context (index: context_id, sorted), or within each latent with by="latent"
+    (its active vs inactive contexts); nan where a group has one class only."""
     return pd.Series(
         {c: roc_auc(g["p_yes"].to_numpy(), g["active"].to_numpy()) for c, g in df.groupby(by, sort=True)},
         dtype=float,
@@ -256,8 +260,8 @@ def per_context_auc(df: pd.DataFrame, by: str = "context_id") -> pd.Series:
 
 def per_latent_metrics(df: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> dict:
     """Per-latent AUC: for each latent, its judgments where it is active against those where it is not (a
-    firing-rate prior, constant per latent, gets exactly 0.5). Median over the latents where it is defined, its
-    95% bootstrap interval resampling latents, and the pooled AUC with an interval resampling latents."""
+    firing-rate prior, constant per latent, gets exactly 0.5). Median over the latents where it is defined,
+    its 95% bootstrap interval resampling latents, and the pooled AUC with an interval resampling latents."""
     auc = per_context_auc(df, by="latent")
     out = {
         "auc": {**summarise(auc), "ci95": list(bootstrap_ci(auc.to_numpy(), n_boot=n_boot, seed=seed))},
@@ -285,9 +289,10 @@ def lift_over_reference(
     both are defined: their median (the headline, as every per-context number is a median), mean, count and a
     percentile-bootstrap interval of the median resampling those contexts (jointly: one draw serves both
     simulators, so it is an interval of the paired difference). `pooled_auc`: both pooled AUCs on the joined
-    rows, their difference and its interval, resampling contexts with the same draws for both. A test identical
-    to the reference gets 0 with interval [0, 0]. With by="latent" the groups are latents instead of contexts
-    (latent-major eval sets: differences of per-latent AUCs, resampling latents; the keys keep their names)."""
+    rows, their difference and its interval, resampling contexts with the same draws for both. A test
+    identical to the reference gets 0 with interval [0, 0]. With by="latent" the groups are latents instead of
+    contexts (latent-major eval sets: differences of per-latent AUCs, resampling latents; the keys keep their
+    names)."""
     columns = ["context_id", "latent", "active", "p_yes"]
     joined = test[columns].merge(
         reference[columns], on=["context_id", "latent"], suffixes=("", "_reference"), validate="one_to_one"
@@ -342,8 +347,8 @@ def judged_active_count(g: pd.DataFrame) -> int:
 
 
 def uniform_negative_mask(df: pd.DataFrame) -> np.ndarray:
-    """The inactive candidates drawn uniformly from the pool: the only ones that estimate the dictionary's false-
-    positive rate (hard negatives are chosen to be confusable, so they would overstate it)."""
+    """The inactive candidates drawn uniformly from the pool: the only ones that estimate the dictionary's
+    false-positive rate (hard negatives are chosen to be confusable, so they would overstate it)."""
     if "candidate" in df:
         return (df["candidate"] == "random_negative").to_numpy()
     return (df["active"] == 0).to_numpy()
@@ -357,10 +362,11 @@ def share_at_or_above(sorted_p: np.ndarray, t) -> np.ndarray | float:
 
 
 class PooledRates:
-    """Hit rate over every scored active and false-positive rate over every uniform negative, pooled across the
-    contexts. A context holds ~10 negatives, so its own rate is 0 or >= 0.1: multiplied by the ~W inactive
+    """Hit rate over every scored active and false-positive rate over every uniform negative, pooled across
+    the contexts. A context holds ~10 negatives, so its own rate is 0 or >= 0.1: multiplied by the ~W inactive
     latents of the dictionary, that quantisation decides every extrapolation. The pooled rate is smooth in the
-    threshold (it assumes the rate varies little from one token to the next; the per-context hit rate stays)."""
+    threshold (it assumes the rate varies little from one token to the next; the per-context hit rate
+    stays)."""
 
     def __init__(self, df: pd.DataFrame):
         p = df["p_yes"].to_numpy()
@@ -377,7 +383,8 @@ class PooledRates:
 def pooled_fpr_ci(
     df: pd.DataFrame, threshold: float, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
 ) -> dict:
-    """The pooled false-positive rate at `threshold` with a percentile-bootstrap interval resampling contexts."""
+    """The pooled false-positive rate at `threshold` with a percentile-bootstrap interval resampling
+    contexts."""
     neg = uniform_negative_mask(df)
     codes, n_contexts = cluster_codes(df)
     flagged = np.bincount(
@@ -416,7 +423,8 @@ def precision_at_budget(
     sorted_active: np.ndarray, rates: PooledRates, n_active: int, width: int, budget: float
 ) -> float:
     """Expected share of true actives among the `budget` latents flagged when the whole judged dictionary is
-    scored, at the threshold whose E[flagged] is closest to the budget (candidates: every scored probability)."""
+    scored, at the threshold whose E[flagged] is closest to the budget (candidates: every scored
+    probability)."""
     if not len(sorted_active) or not len(rates.negatives):
         return float("nan")
     t = np.unique(np.concatenate([sorted_active, rates.negatives]))
@@ -432,10 +440,10 @@ def precision_at_budget(
 def threshold_sweep(
     df: pd.DataFrame, width: int, thresholds=THRESHOLDS, *, seed: int = 0, n_boot: int = N_BOOT
 ) -> list[dict]:
-    """Figure 5: per threshold, active accuracy (hit rate, per context), inactive accuracy (1 - the context's own
-    fp rate over its uniform negatives: the pool's view), the pooled false-positive rate with its interval, and
-    the expected number of latents flagged in the judged dictionary (pooled fp rate); median and IQR over
-    contexts."""
+    """Figure 5: per threshold, active accuracy (hit rate, per context), inactive accuracy (1 - the context's
+    own fp rate over its uniform negatives: the pool's view), the pooled false-positive rate with its
+    interval, and the expected number of latents flagged in the judged dictionary (pooled fp rate); median and
+    IQR over contexts."""
     rates, groups = PooledRates(df), context_groups(df)
     negatives = [np.sort(g["p_yes"].to_numpy()[uniform_negative_mask(g)]) for _, g in contexts(df)]
     rows = []
@@ -456,8 +464,8 @@ def threshold_sweep(
 
 
 def dictionary_weights(df: pd.DataFrame, width: int) -> np.ndarray:
-    """Per judgment, how many latents of the judged dictionary it stands for at its token, so that weighted pool
-    metrics are dictionary metrics: a scored active stands for n_active / n_scored_actives of the token's
+    """Per judgment, how many latents of the judged dictionary it stands for at its token, so that weighted
+    pool metrics are dictionary metrics: a scored active stands for n_active / n_scored_actives of the token's
     actives, a uniform negative for (width - n_active) / n_uniform_negatives of its inactives, a hard negative
     for none (it is not a sample of them). The pool is ~25% positive; the dictionary ~L0 / W."""
     codes, n_contexts = cluster_codes(df)
@@ -505,8 +513,9 @@ def dictionary_precision_ci(
 def reliability(
     p: np.ndarray, truth: np.ndarray, n_bins: int = 10, weights: np.ndarray | None = None
 ) -> dict:
-    """Uniform-bin reliability diagram, ECE (bin-weight weighted |mean p - positive rate|) and Brier score; each
-    judgment counted `weights` times if given (dictionary_weights: the dictionary's base rate, not the pool's)."""
+    """Uniform-bin reliability diagram, ECE (bin-weight weighted |mean p - positive rate|) and Brier score;
+    each judgment counted `weights` times if given (dictionary_weights: the dictionary's base rate, not the
+    pool's)."""
     p, truth = np.asarray(p, dtype=float), np.asarray(truth, dtype=float)
     w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=float)
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
@@ -579,9 +588,10 @@ def l0_matched_threshold(df: pd.DataFrame, width: int, l0: float) -> float:
 
 
 def calibration(test: pd.DataFrame, validation: pd.DataFrame | None, width: int, l0: float) -> dict:
-    """Reliability/ECE/Brier on test, on the pool (`raw`, ~25% positive) and weighted to the dictionary's base rate
-    (`dictionary`); a temperature fitted on validation (pool NLL, and dictionary-weighted NLL) with what each
-    gives on test; and the threshold fitted on validation so that E[flagged] = L0, with what it gives on test."""
+    """Reliability/ECE/Brier on test, on the pool (`raw`, ~25% positive) and weighted to the dictionary's base
+    rate (`dictionary`); a temperature fitted on validation (pool NLL, and dictionary-weighted NLL) with what
+    each gives on test; and the threshold fitted on validation so that E[flagged] = L0, with what it gives on
+    test."""
     truth = test["active"].to_numpy()
     weights = dictionary_weights(test, width)
     out = {
@@ -620,7 +630,8 @@ def calibration(test: pd.DataFrame, validation: pd.DataFrame | None, width: int,
 
 
 def per_latent_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """Per latent: active accuracy TP/active and inactive accuracy TN/inactive over all its judgments (p >= 0.5)."""
+    """Per latent: active accuracy TP/active and inactive accuracy TN/inactive over all its judgments
+    (p >= 0.5)."""
     pred = df["p_yes"] >= 0.5
     frame = pd.DataFrame(
         {
@@ -686,8 +697,8 @@ def accuracy_vs_strength(df: pd.DataFrame) -> dict:
 
 
 def value_metrics(df: pd.DataFrame) -> dict:
-    """Table 2 / Figure 4: mean and mode of the digit distribution vs activation bin and quantile bin (Pearson,
-    Spearman), exact-bin accuracy, and the mean label per rounded predicted mean."""
+    """Table 2 / Figure 4: mean and mode of the digit distribution vs activation bin and quantile bin
+    (Pearson, Spearman), exact-bin accuracy, and the mean label per rounded predicted mean."""
     from scipy.stats import pearsonr, spearmanr
 
     probs = df[[f"p_digit_{d}" for d in range(10)]].to_numpy(dtype=float)
@@ -757,10 +768,10 @@ def evaluate(
     seed: int,
     latent_major: bool = False,
 ) -> dict:
-    """Every metric of one simulator on one eval set, from its predictions. A latent-major eval set (each latent
-    judged on a fixed number of contexts where it fires and where it does not) gets the per-latent metrics, the
-    pooled confusion and calibration: its contexts hold one judgment each, so no per-context metric and no
-    dictionary-wide extrapolation is defined on it."""
+    """Every metric of one simulator on one eval set, from its predictions. A latent-major eval set (each
+    latent judged on a fixed number of contexts where it fires and where it does not) gets the per-latent
+    metrics, the pooled confusion and calibration: its contexts hold one judgment each, so no per-context
+    metric and no dictionary-wide extrapolation is defined on it."""
     if not binary:
         return {
             "value": value_metrics(test),
@@ -796,7 +807,8 @@ def evaluate(
 
 def add_lift_columns(row: dict, results: dict) -> None:
     """The paired per-context (per-latent) AUC lifts a sweep wrote (eval/sweep.py: `lift_over_prior`, and
-    `lift_over_prior_string_match` over the best reference that reads nothing) as summary columns with their CIs."""
+    `lift_over_prior_string_match` over the best reference that reads nothing) as summary columns with their
+    CIs."""
     for key, column in (("lift_over_prior", "lift_auc"), ("lift_over_prior_string_match", "lift_psm_auc")):
         if key in results:
             lift = results[key]["per_context_auc"]

@@ -9,6 +9,7 @@ cache (`$LATENTSIM_CACHE`, default `~/.cache/latentsim`). Later loads of `embedd
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -170,7 +171,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer of a Hub id, local folder or embedded model; a reference that names none is the user's error."""
+    """The tokenizer of a Hub id, local folder or embedded model; a reference that names none is the user's
+    error."""
     from transformers import AutoTokenizer
 
     if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists():
@@ -195,7 +197,8 @@ def load_model_and_tokenizer(
     revision: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a causal LM (eval mode, no grad) and its tokenizer from a Hub id, local folder or embedded name."""
+    """Load a causal LM (eval mode, no grad) and its tokenizer from a Hub id, local folder or embedded
+    name."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref)
@@ -216,3 +219,8 @@ def describe_model_source(ref: str) -> dict:
     marker = cache_root() / "models" / name / CONVERTED_MARKER
     info = json.loads(marker.read_text()) if marker.is_file() else {}
     return {"model": ref, "hub_equivalent": EMBEDDED_MODELS[name].hub_equivalent, **info}
+
+
+def cache_keyword(module) -> str:
+    """transformers >= 5.24 renamed the forward's `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from latentsim.backends import cache_keyword
+from latentsim.models import cache_keyword
 from latentsim.sae import decoder_layers
 
 

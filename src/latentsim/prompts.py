@@ -4,7 +4,7 @@ A format is a name whose rendering never changes once released (golden tests in 
 byte); a new behaviour gets a new name. Rows are TRL conversational prompt-completion:
 `prompt` = [user message], `completion` = [assistant message with the answer]. The question and the context
 come first and the interpretation last, so at eval time one context prefix is shared by every latent and only
-the interpretation (+ the chat template's closing tokens) differs per judgment (latentsim.backends.HFScorer).
+the interpretation (+ the chat template's closing tokens) differs per judgment (latentsim.simulators.hf.HFScorer).
 
 The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
 unambiguous whatever tokenizer the simulator uses.
@@ -14,7 +14,7 @@ the interpretation first (`dense_header`; its KV is shared by every text judged 
 unmarked; the verdict for a token is read at the last simulator token that ends exactly where it ends (no
 simulator position ever reads a character of the next token), as the answer tokens' logits there. A dense
 simulator also scores the per-judgment eval sets of its `judges` format: a judgment is its context read up to
-the judged token (`dense_judgment`).
+the judged token (`latentsim.simulators.hf.DenseScorer`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ class PromptFormat:
     label: str  # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
     dense: bool = False  # a verdict at every text token (no chat template), see the module docstring
     judges: str | None = None  # dense: the per-judgment format whose eval sets it scores
+
+    @property
+    def judgment_format(self) -> str:
+        """The per-judgment format whose eval sets a simulator trained on this format scores: a dense format's
+        `judges`, else itself."""
+        return self.judges if self.dense else self.name
+
+    @property
+    def binary(self) -> bool:
+        """Yes/No verdicts (an `active` label), as opposed to activation bins."""
+        return self.label == "active"
 
 
 SIM_V1 = PromptFormat(
@@ -138,18 +149,6 @@ def dense_token_ids(
     return header + ids, [len(header) + p if p >= 0 else -1 for p in positions]
 
 
-def dense_judgment(messages: list[dict]) -> tuple[str, str]:
-    """A per-judgment prompt (one user message of `judges` format) -> (interpretation, text up to and including
-    the judged token, unmarked): what a dense simulator reads for it."""
-    if len(messages) != 1:
-        raise BadInputError("a dense simulator reads one judgment per prompt (no few-shot examples).")
-    head, prefix, rest = split_context(messages[0]["content"])
-    judged, _, tail = rest[len(MARK_OPEN) :].partition(MARK_CLOSE + INTERPRETATION_MARK)
-    if SCORE_MARK in tail:
-        raise BadInputError("a dense simulator does not read interpretation scores; score it without them.")
-    return tail, prefix + judged
-
-
 def render_completion(fmt: str, label: int) -> list[dict]:
     """The assistant message answering with `label` (0/1 for binary formats, 0-9 for value formats)."""
     f = get_format(fmt)
@@ -207,20 +206,34 @@ def answer_token_ids(fmt: str, tokenizer) -> list[int]:
     return ids
 
 
-def split_context(content: str) -> tuple[str, str, str]:
-    """A rendered user message -> (text before the context, the context's unmarked prefix, the rest from `<<`)."""
-    head, sep, rest = content.partition(TEXT_MARK)
-    context, sep2, tail = rest.partition(INTERPRETATION_MARK)
-    if not sep or not sep2 or MARK_OPEN not in context:
-        raise BadInputError("not a latentsim simulator prompt (no `Text: ...<<token>>` block).")
-    prefix, _, judged = context.rpartition(MARK_OPEN)
-    return head + sep, prefix, MARK_OPEN + judged + sep2 + tail
+def unmark_context(context: str) -> tuple[str, str]:
+    """The inverse of `marked_context`: (the unmarked prefix, the judged token). The last mark is the judged
+    token's (a text may itself contain `<<`)."""
+    prefix, sep, rest = context.rpartition(MARK_OPEN)
+    if not sep or not rest.endswith(MARK_CLOSE):
+        raise BadInputError(
+            f"not a marked context (no trailing `{MARK_OPEN}token{MARK_CLOSE}`): {context[-40:]!r}"
+        )
+    return prefix, rest[: -len(MARK_CLOSE)]
 
 
-def drop_context_tokens(messages: list[dict], n_tokens: int, tokenizer) -> list[dict]:
-    """The same prompt with the first `n_tokens` (simulator tokens) of the context's prefix removed; the marked
-    judged token, the interpretation and the question are untouched."""
-    head, prefix, rest = split_context(messages[-1]["content"])
+def drop_context_tokens(context: str, n_tokens: int, tokenizer) -> str:
+    """The same marked context with the first `n_tokens` (simulator tokens) of its prefix removed; the judged token
+    stays."""
+    prefix, judged = unmark_context(context)
     ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    shorter = tokenizer.decode(ids[n_tokens:]) if n_tokens < len(ids) else ""
-    return messages[:-1] + [{**messages[-1], "content": head + shorter + rest}]
+    return marked_context(tokenizer.decode(ids[n_tokens:]) if n_tokens < len(ids) else "", judged)
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat prompt's token ids with the generation prompt: exactly what train/sft.py's eval and every scorer
+    read."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def chat_template_sha256(tokenizer) -> str:
+    """The chat template's hash: training records it, scoring refuses another."""
+    import hashlib
+
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()

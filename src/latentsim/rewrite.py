@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from latentsim.backends import probabilities
 from latentsim.errors import MissingInputError
 from latentsim.eval_set import EvalSet, context_row_position
 from latentsim.io import read_results
@@ -29,8 +28,7 @@ from latentsim.patching import (
     kl_and_ce,
     value_from_digits,
 )
-from latentsim.prompts import render_prompt
-from latentsim.sweep import load_simulator_scorer
+from latentsim.simulators import Judgment, ScoringOptions, load_scorer, probabilities
 
 ALL_POSITIONS_CHUNK = 4  # full patched passes at a time: [4, T, V] logits
 
@@ -88,9 +86,9 @@ def predicted_values(
     digit (sim_value_v1) mapped through the latent's deciles."""
     df = eval_set.split(split, 0, seed)
     df = df[df["context_id"].isin(contexts)]
-    scorer, _ = load_simulator_scorer(value_simulator, "sim_value_v1", dtype, device)
-    prompts = [render_prompt("sim_value_v1", r.context, r.interpretation) for r in df.itertuples(index=False)]
-    digits = probabilities(scorer.label_logits(prompts))
+    scorer, _ = load_scorer(value_simulator, "sim_value_v1", ScoringOptions(dtype=dtype, device=device))
+    judgments = [Judgment(r.context, r.interpretation, latent=r.latent) for r in df.itertuples(index=False)]
+    digits = probabilities(scorer.label_logits(judgments))
     lat = torch.tensor(df["latent"].to_numpy())
     values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))
     return dict(

@@ -54,7 +54,8 @@ def check_hookpoint(model, hookpoint: str) -> int:
 def residual_at(
     model, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None, stop: bool = True
 ) -> torch.Tensor:
-    """Residual stream after decoder layer `layer`, [batch, seq, d_model]. With `stop`, later layers never run."""
+    """Residual stream after decoder layer `layer`, [batch, seq, d_model]. With `stop`, later layers never
+    run."""
     captured = {}
 
     def hook(_module, _inputs, output):
@@ -171,7 +172,8 @@ def drop_norm_outliers(x: torch.Tensor, factor: float) -> tuple[torch.Tensor, in
     """Remove rows of x whose norm exceeds `factor` x the median norm; return (kept rows, number dropped).
 
     Besides position 0, a few tokens (e.g. the first token after BOS) carry massive activations; 0.1% of
-    SmolLM2's tokens hold >90% of the residual variance at layer 15, and an SAE trained on them learns little else.
+    SmolLM2's tokens hold >90% of the residual variance at layer 15, and an SAE trained on them learns little
+    else.
     """
     norms = x.norm(dim=-1)
     keep = norms <= factor * norms.median()

@@ -2,10 +2,10 @@
 
 `write_synthetic_cache` writes what data_gen/cache_activations.py writes, through the same code: row shards
 (`write_shard`), finalised into delphi's layout (`finalise_shards`), plus a WordLevel subject tokenizer the
-cache's config names. Each token gets `l0` latents drawn with replacement from a heavy-tailed firing distribution
-(a few latents fire on ~1% of tokens, most far less often; duplicates within a token are merged, so the L0 comes
-out a little under `l0`), activations exponential. No model is needed: speed and memory do not depend on what
-the latents mean.
+cache's config names. Each token gets `l0` latents drawn with replacement from a heavy-tailed firing
+distribution (a few latents fire on ~1% of tokens, most far less often; duplicates within a token are merged,
+so the L0 comes out a little under `l0`), activations exponential. No model is needed: speed and memory do not
+depend on what the latents mean.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ def word_level_tokenizer(words: list[str]):
 
 
 def write_tokenizer(folder: Path) -> Path:
-    """The synthetic vocabulary's tokenizer, saved (also a simulator tokenizer: `Yes` / `No` / digits are single
-    tokens)."""
+    """The synthetic vocabulary's tokenizer, saved (also a simulator tokenizer: `Yes` / `No` / digits are
+    single tokens)."""
     word_level_tokenizer(ANSWERS + [f"w{i}" for i in range(SYNTHETIC_WORDS)]).save_pretrained(str(folder))
     return folder
 
 
 def firing_distribution(width: int, rng: np.random.Generator) -> np.ndarray:
-    """Cumulative firing probabilities of `width` latents: Zipf-like (rank + 10)^-0.9 in a random latent order."""
+    """Cumulative firing probabilities of `width` latents: Zipf-like (rank + 10)^-0.9 in a random latent
+    order."""
     weights = (np.arange(width) + 10.0) ** -0.9
     weights = weights[rng.permutation(width)]
     return np.cumsum(weights / weights.sum())
@@ -66,8 +67,8 @@ def write_synthetic_cache(
     seed: int = 0,
     hookpoint: str = "layers.15",
 ) -> Path:
-    """`cache_dir/latents/<hookpoint>` (delphi layout) with ~`n_tokens` tokens in rows of `ctx_len` (position 0 a
-    BOS, never cached, as in our caches); returns the latents folder."""
+    """`cache_dir/latents/<hookpoint>` (delphi layout) with ~`n_tokens` tokens in rows of `ctx_len`
+    (position 0 a BOS, never cached, as in our caches); returns the latents folder."""
     cache_dir = Path(cache_dir)
     rng = np.random.default_rng(seed)
     tokenizer_dir = write_tokenizer(cache_dir / "tokenizer")
@@ -79,7 +80,8 @@ def write_synthetic_cache(
         tokens = rng.integers(4 + len(ANSWERS), 4 + len(ANSWERS) + SYNTHETIC_WORDS, size=(b - a, ctx_len))
         tokens[:, 0] = 1  # <bos>
         n_tok = (b - a) * (ctx_len - 1)
-        # i.i.d. draws, fast: inverse-CDF lookups of sorted uniforms, then a random order (exchangeable again).
+        # i.i.d. draws, fast: inverse-CDF lookups of sorted uniforms, then a random order (exchangeable
+        # again).
         latents = np.searchsorted(cdf, np.sort(rng.random(n_tok * l0))).clip(max=width - 1)[
             rng.permutation(n_tok * l0)
         ]

@@ -1,8 +1,9 @@
 """Train / validation / test splits of latents and of cache rows.
 
-The row split is a function of the cache's row count, the fractions and the seed alone, so the stages that must
-agree on it compute it independently: data_gen/explain.py and score.py take their examples from the training rows
-only (an interpretation never quotes an eval context), build_dataset.py builds its splits on the same rows.
+The row split is a function of the cache's row count, the fractions and the seed alone, so the stages that
+must agree on it compute it independently: data_gen/explain.py and score.py take their examples from the
+training rows only (an interpretation never quotes an eval context), build_dataset.py builds its splits on the
+same rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def split_ids(
 def split_rows(
     n_rows: int, validation_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
-    """The cache's row split: a function of the row count, fractions and seed alone (its own generator, not the
-    latent split's), so data_gen/explain.py draws the same one and interprets from the training rows only."""
+    """The cache's row split: a function of the row count, fractions and seed alone (its own generator, not
+    the latent split's), so data_gen/explain.py draws the same one and interprets from the training rows
+    only."""
     return split_ids(np.arange(n_rows), validation_fraction, test_fraction, np.random.default_rng([seed, 1]))

@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from latentsim.backends import HFScorer, chat_template_sha256, hf_scorer, probabilities
-from latentsim.config import REFERENCE_BASELINES
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.eval_set import EvalSet
 from latentsim.io import atomic_write_json, read_results
-from latentsim.prompts import get_format, render_completion, render_prompt
-from latentsim.training import CHECKPOINT_COMPLETE
+from latentsim.prompts import get_format, render_prompt
+from latentsim.simulators import Judgment, ScorerFactory, ScorerSetup, Simulator, judgments_of, probabilities
 
 logger = logging.getLogger(__name__)
 PREDICTION_COLUMNS = (
@@ -42,170 +40,25 @@ PREDICTION_COLUMNS = (
 )
 
 
-@dataclass
-class Simulator:
-    name: str  # its results folder under <output_dir>/<eval set>/
-    kind: str  # `finetuned`, `baseline` (prompted) or `reference` (reads nothing)
-    base_model: str  # model reference (Hub id, folder, embedded:...)
-    adapter: str | None = None  # LoRA adapter folder (finetuned)
-    shots: int = 0  # few-shot examples prepended (baselines)
-    score: bool = False  # show the interpretation score in the prompt
-    interpretations: str | None = None  # another interpretation set than the eval set's
-    prompt_format: str | None = None  # recorded by training (finetuned)
-    chat_template_sha256: str | None = None
-    train_datasets: list[str] = field(default_factory=list)
-    step: int | None = None
-    tensor_parallel_size: int | None = (
-        None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
-    )
-
-
-def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> list[Simulator]:
-    """The complete checkpoint-N folders (by step) and the final adapter of a train/sft.py run (or of a Hub
-    adapter snapshot, which carries the same run_config.json)."""
-    run = Path(run_dir)
-    config_path = run / "run_config.json"
-    if not config_path.is_file():
-        raise MissingInputError(
-            f"config key `run_dirs`: {run} has no run_config.json; is it a train/sft.py output_dir?"
-        )
-    config = json.loads(config_path.read_text())["config"]
-    script, model = config["script"], config["model"]
-    common = dict(
-        kind="finetuned",
-        base_model=model["model_name_or_path"],
-        prompt_format=script["prompt_format"],
-        chat_template_sha256=config.get("chat_template_sha256"),
-        train_datasets=[script["dataset_name"], *script.get("extra_datasets", [])],
-        score=False,
-    )
-    out = []
-    if include_checkpoints:
-        for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
-            if (ckpt / CHECKPOINT_COMPLETE).is_file() and (ckpt / "adapter_model.safetensors").is_file():
-                out.append(
-                    Simulator(
-                        name=f"{run.name}__{ckpt.name}",
-                        adapter=str(ckpt),
-                        step=int(ckpt.name.split("-")[-1]),
-                        **common,
-                    )
-                )
-            else:
-                logger.warning("skipping incomplete checkpoint %s", ckpt)
-    if (run / "adapter_model.safetensors").is_file():
-        step = None
-        for record in (run / "eval_results.json", run / "trainer_state.json"):  # sft.py writes the first
-            if step is None and record.is_file():
-                step = json.loads(record.read_text()).get("global_step")
-        # The final adapter is the last checkpoint's weights when training ended on a save step: score it once.
-        out = [s for s in out if step is None or s.step != step]
-        out.append(Simulator(name=f"{run.name}__final", adapter=str(run), step=step, **common))
-    if not out:
-        raise MissingInputError(
-            f"config key `run_dirs`: {run} holds no adapter (no adapter_model.safetensors)."
-        )
-    return out
-
-
-def baseline_simulator(spec: dict) -> Simulator:
-    kind = "reference" if spec["model"] in REFERENCE_BASELINES else "baseline"
-    return Simulator(
-        name=f"baseline__{spec['name']}",
-        kind=kind,
-        base_model=spec["model"],
-        shots=spec["shots"],
-        score=spec["score"],
-        interpretations=spec["interpretations"],
-        tensor_parallel_size=spec.get("tensor_parallel_size"),
-    )
-
-
-def judged_format(fmt: str) -> str:
-    """The per-judgment format whose eval sets a simulator trained on `fmt` scores (a dense format's `judges`)."""
-    f = get_format(fmt)
-    return f.judges if f.dense else f.name
-
-
-def scorer_format(sim: Simulator, eval_format: str) -> str:
-    """The format whose answer tokens a simulator is read at: its own when dense, else the eval set's."""
-    return sim.prompt_format if sim.prompt_format and get_format(sim.prompt_format).dense else eval_format
-
-
-def check_simulator(sim: Simulator, tokenizer, eval_format: str) -> None:
-    """Refuse a finetuned simulator trained with another prompt format or chat template than the eval's."""
-    if sim.kind != "finetuned":
-        return
-    if judged_format(sim.prompt_format) != eval_format:
-        raise BadInputError(
-            f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is "
-            f"{eval_format!r}; build an eval set with prompt_format: {judged_format(sim.prompt_format)}."
-        )
-    sha = chat_template_sha256(tokenizer)
-    if sim.chat_template_sha256 and sim.chat_template_sha256 != sha:
-        raise BadInputError(
-            f"{sim.name}: the chat template (sha256 {sha[:12]}) differs from the one it was trained with "
-            f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training."
-        )
-
-
-def few_shot_messages(eval_set: EvalSet, shots: int, seed: int, interpretations, score: bool) -> list[dict]:
-    """`shots` solved examples from the eval set's train split (other latents than the test split in `latents`
-    mode), half positive for binary formats, as user/assistant turns in the same format."""
-    if not shots:
-        return []
-    fmt, label = eval_set.prompt_format, eval_set.label
-    train = pd.read_parquet(eval_set.path / "train.parquet")
-    rng = np.random.default_rng(seed)
-    if eval_set.binary:
-        pos, neg = train[train["active"] == 1], train[train["active"] == 0]
-        n_pos = min(len(pos), (shots + 1) // 2)
-        picks = pd.concat(
-            [
-                pos.iloc[rng.choice(len(pos), n_pos, replace=False)],
-                neg.iloc[rng.choice(len(neg), min(len(neg), shots - n_pos), replace=False)],
-            ]
-        )
-    else:
-        picks = train.iloc[rng.choice(len(train), min(shots, len(train)), replace=False)]
-    picks = picks.iloc[rng.permutation(len(picks))]
-    messages = []
-    for _, row in picks.iterrows():
-        interp = (
-            interpretations.get(int(row["latent"]), row["interpretation"])
-            if interpretations
-            else row["interpretation"]
-        )
-        messages += render_prompt(fmt, row["context"], interp, row["score"] if score else None)
-        messages += render_completion(fmt, int(row[label]))  # label: the eval set's `active` or bin column
-    return messages
-
-
-def judgment_prompts(
-    df: pd.DataFrame, sim: Simulator, fmt: str, prefix: list[dict], interpretations: dict[int, str] | None
-) -> tuple[list[list[dict]], np.ndarray]:
-    """The prompt of every row (and a mask of rows kept: an interpretation override may lack some latents).
-    With the eval set's own interpretations and score setting, each must equal the stored prompt."""
-    prompts, keep = [], np.ones(len(df), dtype=bool)
+def eval_judgments(
+    df: pd.DataFrame, sim: Simulator, fmt: str, interpretations: dict[int, str] | None
+) -> tuple[list[Judgment], np.ndarray]:
+    """The judgments of eval rows (and a mask of rows kept: an interpretation override may lack some latents).
+    With the eval set's own interpretations and score setting, each row's prompt must render as stored."""
     has_score = df["score"].notna().all() if "score" in df else False
     if sim.score and not has_score:
         raise ConfigError(
             f"{sim.name}: score=true but the eval set has no interpretation scores; build it with score_path."
         )
-    own = interpretations is None and sim.score == has_score
-    for i, row in enumerate(df.itertuples(index=False)):
-        interp = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
-        if interp is None:
-            keep[i] = False
-            continue
-        messages = render_prompt(fmt, row.context, interp, row.score if sim.score else None)
-        if own and messages != list(row.prompt):
-            raise BadInputError(
-                f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
-                f"{fmt} changed since the eval set was built. Rebuild it."
-            )
-        prompts.append(prefix + messages)
-    return prompts, keep
+    judgments, keep = judgments_of(df, interpretations, sim.score)
+    if interpretations is None and sim.score == has_score:
+        for i, (j, stored) in enumerate(zip(judgments, df["prompt"], strict=True)):
+            if render_prompt(fmt, j.context, j.interpretation, j.score) != list(stored):
+                raise BadInputError(
+                    f"row {i}: re-rendering gives another prompt than the eval set stores; the prompt format "
+                    f"{fmt} changed since the eval set was built. Rebuild it."
+                )
+    return judgments, keep
 
 
 def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
@@ -220,26 +73,6 @@ def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.Data
         for k in range(probs.shape[1]):
             out[f"p_digit_{k}"] = probs[:, k]
     return out
-
-
-def simulators_to_score(args, api=None) -> list[Simulator]:
-    """Every simulator an EvalArguments names: checkpoints and final adapters of `run_dirs`, each branch of the
-    `hub_runs` repos (downloaded), then the prompting `baselines`. Resolved (and refused) before any model loads."""
-    from latentsim.hub import download_adapter_branches
-
-    sims = [s for run in args.run_dirs for s in run_simulators(run, args.include_checkpoints)]
-    for repo in args.hub_runs:
-        for branch, folder in download_adapter_branches(repo, Path(args.output_dir) / "hub", api=api):
-            sim = run_simulators(folder, include_checkpoints=False)[-1]
-            sim.name = f"{repo.replace('/', '--')}@{branch}"
-            sims.append(sim)
-    for sim in sims:
-        if args.backend == "vllm" and get_format(sim.prompt_format).dense:
-            raise ConfigError(
-                f"{sim.name}: dense simulators are scored with backend: hf (the vLLM backend reads a "
-                "chat prompt's next token, not a verdict at a text position)."
-            )
-    return sims + [baseline_simulator(b) for b in args.parsed_baselines]
 
 
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
@@ -286,108 +119,48 @@ def open_simulator_folder(folder: Path, spec: dict, overwrite: bool) -> dict | N
 
 
 def score_simulator(
-    sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], pool, folder: Path
+    setup: ScorerSetup,
+    eval_set: EvalSet,
+    splits: dict[str, pd.DataFrame],
+    factory: ScorerFactory,
+    folder: Path,
 ) -> dict:
-    """Predictions of `sim` for every split (reusing finished ones, each written as it completes) and the
-    scoring speed. `pool` is a latentsim.backends.ModelPool."""
+    """Predictions of a prepared simulator for every split (reusing finished ones, each written as it completes),
+    the scoring speed and what the scorer records about itself."""
     from tqdm.auto import tqdm
 
-    from latentsim.explain import load_interpretations
-    from latentsim.prompts import answer_token_ids
-
-    if sim.kind == "reference":
-        return score_reference(sim, args, eval_set, splits, folder)
-    fmt = eval_set.prompt_format
-    tokenizer = pool.tokenizer_for(sim)
-    check_simulator(sim, tokenizer, fmt)
-    answer_ids = answer_token_ids(scorer_format(sim, fmt), tokenizer)
-    interpretations = (
-        load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
-        if sim.interpretations
-        else None
-    )
-    prefix = few_shot_messages(eval_set, sim.shots, args.seed, interpretations, sim.score)
-    predictions, timing, scorer = {}, {}, None
+    sim, fmt = setup.sim, eval_set.prompt_format
+    predictions, timing = {}, {}
+    # A reference is fitted whatever is left to score: its results record the fit.
+    scorer = factory.load(setup) if sim.kind == "reference" else None
     for split, df in splits.items():
         path = folder / f"predictions_{split}.parquet"
         if path.is_file():
             predictions[split] = pd.read_parquet(path)
             continue
-        prompts, keep = judgment_prompts(df, sim, fmt, prefix, interpretations)
+        judgments, keep = eval_judgments(df, sim, fmt, setup.interpretations)
         if scorer is None:
-            scorer = pool.scorer(sim, tokenizer, answer_ids)
+            scorer = factory.load(setup)
         t0 = time.perf_counter()
-        with tqdm(total=len(prompts), desc=f"{sim.name} ({split})", unit="judgment") as bar:
-            logits = scorer.label_logits(prompts, progress=bar)
+        with tqdm(total=len(judgments), desc=f"{sim.name} ({split})", unit="judgment") as bar:
+            logits = scorer.label_logits(judgments, progress=bar)
         seconds = time.perf_counter() - t0
         timing[split] = {
-            "judgments": len(prompts),
+            "judgments": len(judgments),
             "seconds": seconds,
-            "judgments_per_s": len(prompts) / seconds,
+            "judgments_per_s": len(judgments) / seconds,
             "dropped_without_interpretation": int((~keep).sum()),
         }
         predictions[split] = save_predictions(path, df[keep], logits, fmt)
+    described = scorer.describe() if scorer is not None else None
     if scorer is not None:
-        pool.release(scorer)
+        factory.release(scorer)
     return {
         "predictions": predictions,
         "timing": timing,
-        "chat_template_sha256": chat_template_sha256(tokenizer),
-        "answer_token_ids": answer_ids,
-    }
-
-
-def score_reference(
-    sim: Simulator, args, eval_set: EvalSet, splits: dict[str, pd.DataFrame], folder: Path
-) -> dict:
-    """Predictions of a reference baseline (latentsim.reference), fitted on the eval set's calibration split (held-out
-    latents like the test split's, so the same share of positives; the train split's larger latent pool holds more
-    actives per context) or, without one, its train split."""
-    from latentsim.explain import load_interpretations
-    from latentsim.reference import ReferenceModel
-
-    eval_set.require_binary(f"the reference baseline {sim.base_model}")
-    interpretations = (
-        load_interpretations(sim.interpretations, eval_set.hookpoint, eval_set.width)
-        if sim.interpretations
-        else None
-    )
-    firing_rate = eval_set.statistics["firing_rate"].double().numpy()
-    fit_split = args.calibration_split or "train"
-    fit = eval_set.split(fit_split)
-    if interpretations is not None:
-        fit = fit[fit["latent"].isin(interpretations)]
-    model = ReferenceModel(sim.base_model, fit, firing_rate, interpretations)
-    predictions, timing = {}, {}
-    for split, df in splits.items():
-        keep = (
-            df["latent"].isin(interpretations).to_numpy()
-            if interpretations is not None
-            else np.ones(len(df), bool)
-        )
-        t0 = time.perf_counter()
-        logits = model.label_logits(df[keep])
-        seconds = time.perf_counter() - t0
-        timing[split] = {
-            "judgments": int(keep.sum()),
-            "seconds": seconds,
-            "dropped_without_interpretation": int((~keep).sum()),
-        }
-        predictions[split] = save_predictions(
-            folder / f"predictions_{split}.parquet", df[keep], logits, eval_set.prompt_format
-        )
-    return {
-        "predictions": predictions,
-        "timing": timing,
-        "chat_template_sha256": None,
-        "answer_token_ids": None,
-        "reference": {
-            "features": model.columns,
-            "weights": model.weights.tolist(),
-            "feature_mean": model.mean.tolist(),
-            "feature_scale": model.scale.tolist(),
-            "fitted_on": {"split": fit_split, "judgments": len(fit)},
-        },
+        "chat_template_sha256": setup.chat_template_sha256,
+        "answer_token_ids": setup.answer_ids,
+        "reference": described,
     }
 
 
@@ -428,7 +201,7 @@ def add_lifts(
                 "reference": ref.name,
                 **lift_over_reference(preds, tables[key], seed=seed, by=by),
             }
-        write_results(root / sim.name, record)
+        write_results(root / sim.name, record, "simulator_sweep")
         updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
     return updated
 
@@ -454,31 +227,6 @@ def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str)
     table = predictions_table(df, logits, fmt)
     atomic_save(path, lambda tmp: table.to_parquet(tmp, index=False))
     return table
-
-
-def load_simulator_scorer(
-    ref: str, fmt: str, dtype: str, device: str, batch_size: int = 32
-) -> tuple[HFScorer, str]:
-    """An hf scorer for one simulator: a train/sft.py run folder (its final adapter, its own tokenizer, checked
-    against `fmt`) or a model reference (untuned). Returns (scorer, simulator name)."""
-    from latentsim.models import load_model_and_tokenizer, load_tokenizer
-    from latentsim.prompts import answer_token_ids
-
-    sim = (
-        run_simulators(ref, include_checkpoints=False)[-1]
-        if (Path(ref) / "run_config.json").is_file()
-        else None
-    )
-    model, tokenizer = load_model_and_tokenizer(sim.base_model if sim else ref, dtype=dtype, device=device)
-    if sim:
-        from peft import PeftModel
-
-        tokenizer = load_tokenizer(sim.adapter)
-        check_simulator(sim, tokenizer, fmt)
-        model = PeftModel.from_pretrained(model, sim.adapter).eval()  # LoRA layers stay unmerged
-        ids = answer_token_ids(scorer_format(sim, fmt), tokenizer)
-        return hf_scorer(model, tokenizer, ids, batch_size, sim.prompt_format), sim.name
-    return HFScorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size), ref
 
 
 # The sweep's files: `<root>/<simulator>/results.json` per simulator (latentsim.io.write_results) and

@@ -4,46 +4,43 @@ text lines for the terminal (eval/summary.py)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
-# summary.json column -> its header in the terminal table, in print order.
-# "(pool)": computed on the eval pool (~25% positive); "(dict)": weighted to the judged dictionary's base rate.
-SWEEP_COLUMNS = {
-    "auc": "AUC [95% CI]",
-    "per_latent_auc": "per-latent AUC [95% CI]",
-    "lift_auc": "AUC - prior [95% CI]",
-    "lift_psm_auc": "AUC - (prior+sm) [95% CI]",
-    "recall": "recall",
-    "precision": "precision (pool)",
-    "f1": "F1 (pool)",
-    "precision_dictionary": "precision (dict) [95% CI]",
-    "precision_at_l0": "prec@L0 (dict)",
-    "precision_top_active": "prec@|A| (pool)",
-    "ece": "ECE (pool)",
-    "ece_dictionary": "ECE (dict)",
-    "ece_temperature_scaled": "ECE (pool, T)",
-    "expected_flagged_at_0.5": "E[flagged]@0.5",
-    "l0_matched_active_accuracy": "recall@L0-thr",
-    "alignment": "align",
-    "alignment_random_pool": "align (rand)",
-    "pearson_mean_vs_quantile_bin": "r(mean, decile)",
-    "spearman_mean_vs_quantile_bin": "rho(mean, decile)",
-    "mode_accuracy_quantile_bin": "mode acc",
-}
-# The terminal shows these (summary.md and the report show every column).
-TERMINAL_COLUMNS = (
-    "auc",
-    "per_latent_auc",
-    "lift_auc",
-    "lift_psm_auc",
-    "recall",
-    "precision",
-    "precision_dictionary",
-    "precision_at_l0",
-    "ece",
-    "ece_dictionary",
-    "pearson_mean_vs_quantile_bin",
-    "spearman_mean_vs_quantile_bin",
-    "mode_accuracy_quantile_bin",
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """One column of the sweep's tables: a summary.json key (latentsim.metrics.summary_row), its header, and
+    where it is shown. summary.md and the report's full table show every column that some row has."""
+
+    key: str
+    header: str
+    terminal: bool = False  # the terminal table (eval/summary.py), report.md and the README's tables
+    progress: bool = False  # printed by eval/sweep.py as each simulator finishes
+
+
+# The one table of sweep metrics, in print order. "(pool)": computed on the eval pool (~25% positive);
+# "(dict)": weighted to the judged dictionary's base rate.
+METRIC_COLUMNS = (
+    MetricColumn("auc", "AUC [95% CI]", terminal=True, progress=True),
+    MetricColumn("per_latent_auc", "per-latent AUC [95% CI]", terminal=True, progress=True),
+    MetricColumn("lift_auc", "AUC - prior [95% CI]", terminal=True),
+    MetricColumn("lift_psm_auc", "AUC - (prior+sm) [95% CI]", terminal=True),
+    MetricColumn("recall", "recall", terminal=True, progress=True),
+    MetricColumn("precision", "precision (pool)", terminal=True, progress=True),
+    MetricColumn("f1", "F1 (pool)", progress=True),
+    MetricColumn("precision_dictionary", "precision (dict) [95% CI]", terminal=True),
+    MetricColumn("precision_at_l0", "prec@L0 (dict)", terminal=True),
+    MetricColumn("precision_top_active", "prec@|A| (pool)"),
+    MetricColumn("ece", "ECE (pool)", terminal=True, progress=True),
+    MetricColumn("ece_dictionary", "ECE (dict)", terminal=True),
+    MetricColumn("ece_temperature_scaled", "ECE (pool, T)"),
+    MetricColumn("expected_flagged_at_0.5", "E[flagged]@0.5"),
+    MetricColumn("l0_matched_active_accuracy", "recall@L0-thr"),
+    MetricColumn("alignment", "align"),
+    MetricColumn("alignment_random_pool", "align (rand)"),
+    MetricColumn("pearson_mean_vs_quantile_bin", "r(mean, decile)", terminal=True, progress=True),
+    MetricColumn("spearman_mean_vs_quantile_bin", "rho(mean, decile)", terminal=True),
+    MetricColumn("mode_accuracy_quantile_bin", "mode acc", terminal=True),
 )
 PATCH_CHECKS = (
     "sae",
@@ -56,8 +53,8 @@ PATCH_CHECKS = (
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:
-    """An eval sweep's table (summary.json rows) as fixed-width lines: the headline_rows, each column as wide as
-    its header or widest cell, plus 2."""
+    """An eval sweep's table (summary.json rows) as fixed-width lines: the headline_rows, each column as wide
+    as its header or widest cell, plus 2."""
     table = headline_rows(rows)
     headers = [h for h in table[0] if h != "simulator"] if table else []
     width = {h: 2 + max([len(h)] + [len(r[h]) for r in table]) for h in headers}
@@ -130,10 +127,17 @@ def patch_rows(patch: dict) -> list[dict]:
 
 
 def headline_rows(rows: list[dict]) -> list[dict]:
-    """An eval sweep's rows reduced to the terminal's columns (those some row has), as strings with their CIs: the
-    terminal table, report.md and the README."""
-    cols = [c for c in SWEEP_COLUMNS if c in TERMINAL_COLUMNS and any(c in r for r in rows)]
-    return [{"simulator": r["simulator"], **{SWEEP_COLUMNS[c]: sweep_cell(r, c) for c in cols}} for r in rows]
+    """An eval sweep's rows reduced to the terminal's columns (those some row has), as strings with their CIs:
+    the terminal table, report.md and the README."""
+    cols = [c for c in METRIC_COLUMNS if c.terminal and any(c.key in r for r in rows)]
+    return [{"simulator": r["simulator"], **{c.header: sweep_cell(r, c.key) for c in cols}} for r in rows]
+
+
+def progress_line(row: dict) -> str:
+    """A simulator's summary row as eval/sweep.py prints it when it finishes: its progress columns,
+    3 decimals."""
+    progress = {c.key for c in METRIC_COLUMNS if c.progress}
+    return ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k in progress)
 
 
 def whole_layer_rows(result: dict) -> list[dict]:

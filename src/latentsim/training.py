@@ -18,14 +18,14 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
-from latentsim.backends import hf_scorer, probabilities
 from latentsim.config import SimScriptArguments
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.metrics import confusion_metrics, reliability, roc_auc
-from latentsim.prompts import dense_token_ids, drop_context_tokens
+from latentsim.prompts import dense_token_ids, drop_context_tokens, render_prompt
+from latentsim.simulators import Judgment, probabilities, scorer_for_model
+from latentsim.simulators.spec import CHECKPOINT_COMPLETE
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a checkpoint folder
 
 
 def load_sim_dataset(name: str, config: str | None = None):
@@ -96,17 +96,23 @@ def check_prompt_format(dataset, prompt_format: str) -> None:
 def answer_probabilities(
     model,
     tokenizer,
-    prompts: list[list[dict]],
+    judgments: list[Judgment],
     answer_ids: list[int],
     batch_size: int = 16,
-    dense_format: str | None = None,
+    fmt: str = "sim_v1",
 ) -> np.ndarray:
-    """P(answer) renormalised over the format's answers, [N, n_answers], for chat prompts (lists of messages):
-    the eval's scoring engine (prefix-shared KV, answer-token logits only; latentsim.backends). A dense simulator
-    (`dense_format`) reads the same judgments at their judged token."""
+    """P(answer) renormalised over the format's answers, [N, n_answers], of a model trained on `fmt`: the eval's
+    scoring engine (latentsim.simulators.hf: prefix-shared KV, answer-token logits only). A dense simulator reads
+    the same judgments at their judged token."""
     return probabilities(
-        hf_scorer(model, tokenizer, answer_ids, batch_size, dense_format).label_logits(prompts)
+        scorer_for_model(model, tokenizer, fmt, answer_ids, batch_size).label_logits(judgments)
     )
+
+
+def dataset_judgments(split) -> list[Judgment]:
+    """The judgments of dataset rows, from their fields (the score where the rows show one)."""
+    columns = (split["context"], split["interpretation"], split["score"], split["latent"])
+    return [Judgment(c, i, s, int(lat)) for c, i, s, lat in zip(*columns, strict=True)]
 
 
 def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
@@ -194,16 +200,17 @@ def fit_contexts(split, tokenizer, max_length: int | None):
 
     def fit(row):
         excess = length(row["prompt"], row["completion"]) - max_length
-        prompt, truncated = row["prompt"], excess > 0
+        context, prompt, truncated = row["context"], row["prompt"], excess > 0
         while excess > 0:
-            shorter = drop_context_tokens(prompt, excess, tokenizer)
-            if shorter == prompt:
+            shorter = drop_context_tokens(context, excess, tokenizer)
+            if shorter == context:
                 raise ConfigError(
                     f"an example does not fit max_length={max_length} even without context; raise it."
                 )
-            prompt = shorter
+            context = shorter
+            prompt = render_prompt(row["prompt_format"], context, row["interpretation"], row["score"])
             excess = length(prompt, row["completion"]) - max_length
-        return {"prompt": prompt, "context_truncated": truncated}
+        return {"prompt": prompt, "context": context, "context_truncated": truncated}
 
     split = split.map(fit, desc="fitting contexts to max_length")
     return split, int(sum(split["context_truncated"]))
@@ -234,13 +241,15 @@ class SimulatorTrainer(SFTTrainer):
         answer_ids: list[int],
         binary: bool,
         eval_dataset=None,
-        dense_format: str | None = None,
+        prompt_format: str = "sim_v1",
         **kwargs,
     ):
         super().__init__(*args, eval_dataset=eval_dataset, **kwargs)
-        self.answer_ids, self.binary, self.dense_format = answer_ids, binary, dense_format
+        self.answer_ids, self.binary, self.prompt_format = answer_ids, binary, prompt_format
         self.raw_eval = (
-            eval_dataset.select_columns(["prompt", "active"]).to_dict() if eval_dataset is not None else None
+            {"judgments": dataset_judgments(eval_dataset), "active": list(eval_dataset["active"])}
+            if eval_dataset is not None
+            else None
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -249,10 +258,10 @@ class SimulatorTrainer(SFTTrainer):
             probs = answer_probabilities(
                 self.model,
                 self.processing_class,
-                self.raw_eval["prompt"],
+                self.raw_eval["judgments"],
                 self.answer_ids,
                 self.args.per_device_eval_batch_size,
-                self.dense_format,
+                self.prompt_format,
             )
             extra = answer_metrics(probs[:, 1], np.asarray(self.raw_eval["active"]))
             extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
@@ -317,9 +326,13 @@ def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype
     compares. Returns the largest difference (None on the other ranks)."""
     from peft import PeftModel
 
-    prompts, ids, bs = trainer.raw_eval["prompt"], trainer.answer_ids, trainer.args.per_device_eval_batch_size
-    dense = trainer.dense_format
-    trained = answer_probabilities(trainer.model, trainer.processing_class, prompts, ids, bs, dense)
+    judgments, ids, bs = (
+        trainer.raw_eval["judgments"],
+        trainer.answer_ids,
+        trainer.args.per_device_eval_batch_size,
+    )
+    fmt = trainer.prompt_format
+    trained = answer_probabilities(trainer.model, trainer.processing_class, judgments, ids, bs, fmt)
     if not trainer.is_world_process_zero():
         return None
     run_dtype = trained_dtype(trainer.args, dtype)
@@ -328,7 +341,7 @@ def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype
         reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
     diff = float(
         np.abs(
-            answer_probabilities(reloaded, trainer.processing_class, prompts, ids, bs, dense) - trained
+            answer_probabilities(reloaded, trainer.processing_class, judgments, ids, bs, fmt) - trained
         ).max()
     )
     if diff > RELOAD_TOLERANCE[run_dtype]:

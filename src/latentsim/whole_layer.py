@@ -48,44 +48,17 @@ def simulator_for(args):
     prompted sim_v1 baseline (eval/sweep.py's `name=...,model=...` spec)."""
     from latentsim.config.eval import parse_baseline
     from latentsim.prompts import get_format
-    from latentsim.sweep import baseline_simulator, judged_format, run_simulators
+    from latentsim.simulators import baseline_simulator, final_simulator
 
     if args.baseline:
         return baseline_simulator(parse_baseline(args.baseline))
-    sim = run_simulators(args.simulator, include_checkpoints=False)[-1]
-    if judged_format(sim.prompt_format) != "sim_v1" or get_format(sim.prompt_format).label != "active":
+    sim = final_simulator(args.simulator)
+    if not get_format(sim.prompt_format).binary or get_format(sim.prompt_format).judgment_format != "sim_v1":
         raise ConfigError(
             f"config key `simulator`: {args.simulator} was trained on {sim.prompt_format!r}; the whole "
             "layer needs Yes/No verdicts (sim_v1 or a dense format that judges like it)."
         )
     return sim
-
-
-def is_dense(sim) -> bool:
-    from latentsim.prompts import get_format
-
-    return bool(sim.prompt_format) and get_format(sim.prompt_format).dense
-
-
-def load_scorer(sim, dtype: str, device: str, batch_size: int, merge: bool):
-    """The simulator's scorer (DenseScorer for a dense format, else the prefix-shared HFScorer): its base model with
-    the LoRA attached (merged into the weights for speed when `merge`: the adapter files are untouched) and the
-    tokenizer it was trained with (the base model's for a baseline)."""
-    from latentsim.backends import hf_scorer, simulator_tokenizer
-    from latentsim.models import load_model_and_tokenizer
-    from latentsim.prompts import answer_token_ids
-    from latentsim.sweep import scorer_format
-
-    model, _ = load_model_and_tokenizer(sim.base_model, dtype=dtype, device=device)
-    if sim.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, sim.adapter).eval()
-        if merge:
-            model = model.merge_and_unload()
-    tokenizer = simulator_tokenizer(sim)
-    fmt = scorer_format(sim, "sim_v1")
-    return hf_scorer(model, tokenizer, answer_token_ids(fmt, tokenizer), batch_size, sim.prompt_format)
 
 
 def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
@@ -116,14 +89,13 @@ def sim_v1_p_yes(
     judged: np.ndarray,
     context_tokens: int,
     tokenizer,
-    prefix: list[dict],
     progress=None,
 ) -> list[np.ndarray]:
-    """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one prompt per (judged position, latent), the
-    context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at the
-    positions not judged. Prompts of one position share its context prefix (HFScorer)."""
-    from latentsim.backends import probabilities
-    from latentsim.prompts import marked_context, render_prompt
+    """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one judgment per (judged position, latent),
+    the context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at
+    the positions not judged. Judgments of one position share its context prefix (HFScorer)."""
+    from latentsim.prompts import marked_context
+    from latentsim.simulators import Judgment, probabilities
 
     out = []
     for row in rows:
@@ -132,9 +104,7 @@ def sim_v1_p_yes(
             pos = int(j) + 1  # positions 1..n of the row
             window = tokens[row, max(1, pos - context_tokens + 1) : pos + 1].tolist()
             context = marked_context(tokenizer.decode(window[:-1]), tokenizer.decode(window[-1:]))
-            logits = scorer.label_logits(
-                [prefix + render_prompt("sim_v1", context, i) for i in interpretations], progress
-            )
+            logits = scorer.label_logits([Judgment(context, i) for i in interpretations], progress)
             p[j] = probabilities(logits)[:, 1]
         out.append(p)
     return out
@@ -153,7 +123,7 @@ def judge_texts(
     """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the run
     that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed per
     judgment); finished rows are read back, the others judged together (a dense simulator: each header once).
-    `sim_v1` (judged, context_tokens, prefix): judged by a sim_v1 simulator at those positions only."""
+    `sim_v1` (judged, context_tokens): judged by a sim_v1 simulator at those positions only."""
     shard_dir = Path(shard_dir)
     out = {r: np.load(shard_dir / f"row{r}.npy") for r in rows if (shard_dir / f"row{r}.npy").is_file()}
     todo = [r for r in rows if r not in out]
@@ -178,7 +148,6 @@ def judge_texts(
                 sim_v1["judged"],
                 sim_v1["context_tokens"],
                 tokenizer,
-                sim_v1["prefix"],
                 bar,
             )
     seconds = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """Config dataclasses of every stage, parsed from YAML + command line by TRL's `TrlParser` (`parse_config`).
 
-Each stage's arguments sit in their own module (common, data_gen, train, eval); everything is re-exported here,
-so entry scripts import from `latentsim.config`. Parsing is strict: an unknown key is an error naming the key,
-the file and the closest valid key.
+Each stage's arguments sit in their own module (common, data_gen, train, eval); everything is re-exported
+here, so entry scripts import from `latentsim.config`. Parsing is strict: an unknown key is an error naming
+the key, the file and the closest valid key.
 """
 
 from latentsim.config.bench import BenchArguments, GpuCheckArguments, ScaleArguments
@@ -27,7 +27,6 @@ from latentsim.config.data_gen import (
 )
 from latentsim.config.eval import (
     BASELINE_KEYS,
-    REFERENCE_BASELINES,
     EvalArguments,
     GenerateArguments,
     PatchArguments,
@@ -58,7 +57,6 @@ __all__ = [
     "ModelArguments",
     "PatchArguments",
     "PrepareArguments",
-    "REFERENCE_BASELINES",
     "PublishArguments",
     "ReportArguments",
     "SAEArguments",

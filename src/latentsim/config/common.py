@@ -55,7 +55,8 @@ def device_field(scope: str = ""):
 
 
 def check_dtype(key: str, value: str | None) -> None:
-    """Model dtypes the loaders accept (`auto`: float32 on CPU, bfloat16 on GPU); None is the loader's default."""
+    """Model dtypes the loaders accept (`auto`: float32 on CPU, bfloat16 on GPU); None is the loader's
+    default."""
     if value is not None and value not in DTYPES:
         _fail(key, f"{value!r} is not one of {', '.join(DTYPES)}.")
 
@@ -72,7 +73,8 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="embedded:smollm2-135m",
         metadata={
-            "help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, `embedded:gemma3-270m`)."
+            "help": "Hub id, local folder, or an embedded model (`embedded:smollm2-135m`, "
+            "`embedded:gemma3-270m`)."
         },
     )
     model_revision: str | None = field(
@@ -186,3 +188,28 @@ def hookpoint_layer(hookpoint: str) -> int:
     if not match:
         _fail("hookpoint", f"{hookpoint!r} is not of the form `layers.N`.")
     return int(match.group(1))
+
+
+@dataclass
+class VLLMEngineArguments:
+    """The vLLM engine's keys, one declaration for every stage that can start one (explain, score, the
+    sweep)."""
+
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "vLLM: GPUs per engine (1 for an 8B on one 80 GB card; a divisor of the model's "
+            "attention heads)."
+        },
+    )
+    max_model_len: int = field(
+        default=4096, metadata={"help": "vLLM: the engine's context length (prompt + answer)."}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.85, metadata={"help": "vLLM: share of each GPU's memory it may take."}
+    )
+
+    def check_vllm_engine(self) -> None:
+        _require_positive(self, "tensor_parallel_size", "max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            _fail("gpu_memory_utilization", f"{self.gpu_memory_utilization} is not in (0, 1].")

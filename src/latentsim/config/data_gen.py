@@ -1,10 +1,18 @@
-"""data_gen/ arguments: embedded default, SAE training, caching, interpretations, scores, simulator examples."""
+"""data_gen/ arguments: embedded default, SAE training, caching, interpretations, scores, simulator
+examples."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentsim.config.common import _fail, _require_positive, check_device, device_field, hookpoint_layer
+from latentsim.config.common import (
+    VLLMEngineArguments,
+    _fail,
+    _require_positive,
+    check_device,
+    device_field,
+    hookpoint_layer,
+)
 
 
 def check_split_fractions(args) -> None:
@@ -21,8 +29,8 @@ def rows_field():
         default="train",
         metadata={
             "help": "`train`: only the training rows of the cache's row split (seed, "
-            "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: every "
-            "row (build_dataset then refuses eval splits built on it)."
+            "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: "
+            "every row (build_dataset then refuses eval splits built on it)."
         },
     )
 
@@ -31,11 +39,19 @@ def row_fraction_field(split: str):
     return field(default=0.1, metadata={"help": f"`rows: train`: the row split's {split} share."})
 
 
-def check_row_choice(args) -> None:
-    """explain.py / score.py: which cache rows their examples may come from."""
-    if args.rows not in ("train", "all"):
-        _fail("rows", f"{args.rows!r} is not `train` (the row split's training rows) or `all`.")
-    check_split_fractions(args)
+@dataclass
+class RowChoiceArguments:
+    """Which cache rows examples may come from (explain.py, score.py): the training rows of the row split that
+    build_dataset recomputes from the same seed and fractions, or all rows."""
+
+    rows: str = rows_field()
+    validation_fraction: float = row_fraction_field("validation")
+    test_fraction: float = row_fraction_field("test")
+
+    def check_row_choice(self) -> None:
+        if self.rows not in ("train", "all"):
+            _fail("rows", f"{self.rows!r} is not `train` (the row split's training rows) or `all`.")
+        check_split_fractions(self)
 
 
 @dataclass
@@ -88,7 +104,8 @@ class CacheArguments:
 
 @dataclass
 class TrainSAEArguments:
-    """data_gen/train_sae.py: train a TopK SAE with sae-lens on residuals from the corpus (position 0 excluded)."""
+    """data_gen/train_sae.py: train a TopK SAE with sae-lens on residuals from the corpus (position 0
+    excluded)."""
 
     output_dir: str = field(default="outputs/sae", metadata={"help": "Where the sae-lens folder is written."})
     hookpoint: str = field(
@@ -135,7 +152,7 @@ class TrainSAEArguments:
 
 
 @dataclass
-class ExplainArguments:
+class ExplainArguments(RowChoiceArguments, VLLMEngineArguments):
     """data_gen/explain.py: interpret latents from examples sampled out of the cache."""
 
     cache_dir: str = field(
@@ -181,16 +198,7 @@ class ExplainArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
-    tensor_parallel_size: int = field(
-        default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."}
-    )
-    max_model_len: int = field(
-        default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."}
-    )
     device: str = device_field("`llm`: ")
-    rows: str = rows_field()
-    validation_fraction: float = row_fraction_field("validation")
-    test_fraction: float = row_fraction_field("test")
     seed: int = field(default=22, metadata={"help": "Seed for sampling latents and examples."})
 
     def __post_init__(self):
@@ -200,7 +208,8 @@ class ExplainArguments:
             _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
         if self.explainer not in ("token_list", "llm"):
             _fail("explainer", f"{self.explainer!r} is not `token_list` or `llm`.")
-        check_row_choice(self)
+        self.check_row_choice()
+        self.check_vllm_engine()
         if self.sampling not in ("top", "quantiles"):
             _fail("sampling", f"{self.sampling!r} is not `top` or `quantiles`.")
         _require_positive(
@@ -215,8 +224,6 @@ class ExplainArguments:
             "n_tokens",
             "n_contexts",
             "context_tokens",
-            "tensor_parallel_size",
-            "max_model_len",
         )
         for key in ("max_latents", "n_preceding"):
             if getattr(self, key) < 0:
@@ -226,7 +233,7 @@ class ExplainArguments:
 
 
 @dataclass
-class ScoreArguments:
+class ScoreArguments(RowChoiceArguments, VLLMEngineArguments):
     """data_gen/score.py: detection / fuzzing scores of an interpretation set, judged by an LLM."""
 
     cache_dir: str = field(
@@ -259,16 +266,7 @@ class ScoreArguments:
         default=0, metadata={"help": "Score a seeded sample of this many latents (0: all)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass."})
-    tensor_parallel_size: int = field(
-        default=1, metadata={"help": "`vllm`: GPUs per engine (tensor parallel)."}
-    )
-    max_model_len: int = field(
-        default=4096, metadata={"help": "`vllm`: the engine's context length (prompt + answer)."}
-    )
     device: str = device_field()
-    rows: str = rows_field()
-    validation_fraction: float = row_fraction_field("validation")
-    test_fraction: float = row_fraction_field("test")
     seed: int = field(default=22, metadata={"help": "Seed for latents and windows."})
 
     def __post_init__(self):
@@ -276,7 +274,8 @@ class ScoreArguments:
         check_device("device", self.device)
         if self.backend not in ("hf", "vllm"):
             _fail("backend", f"{self.backend!r} is not `hf` or `vllm`.")
-        check_row_choice(self)
+        self.check_row_choice()
+        self.check_vllm_engine()
         if self.scorer not in ("detection", "fuzz"):
             _fail("scorer", f"{self.scorer!r} is not `detection` or `fuzz`.")
         _require_positive(
@@ -285,8 +284,6 @@ class ScoreArguments:
             "n_non_activating",
             "window",
             "batch_size",
-            "tensor_parallel_size",
-            "max_model_len",
         )
         if self.max_latents < 0:
             _fail("max_latents", f"must be >= 0, got {self.max_latents}.")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from latentsim.config.common import (
     EMBEDDED_PREFIX,
+    VLLMEngineArguments,
     _fail,
     _require_positive,
     check_dtype_device,
@@ -17,14 +18,19 @@ from latentsim.config.common import (
 )
 
 BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size")
-# Baselines that read no text with a language model (latentsim.reference): `model=prior` etc.
-REFERENCE_BASELINES = ("prior", "string_match", "prior+string_match")
+
+
+def reference_names() -> list[str]:
+    """The registered reference simulators (read no text with a language model): `model=prior` etc."""
+    from latentsim.simulators import REFERENCES
+
+    return sorted(REFERENCES)
 
 
 def parse_baseline(spec: str) -> dict:
     """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
-    model (default embedded:smollm2-135m; or a reference baseline that reads nothing: prior, string_match,
-    prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
+    model (default embedded:smollm2-135m; or a registered reference that reads nothing, e.g. prior,
+    string_match, prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
     interpretations (another interpretation set; default the eval set's), tensor_parallel_size (vLLM: GPUs for this
     model's engine, default the sweep's), name."""
     out = {
@@ -57,13 +63,13 @@ def parse_baseline(spec: str) -> dict:
             out[key] = value == "true"
         else:
             out[key] = value
-    if out["model"] in REFERENCE_BASELINES and (out["shots"] or out["score"]):
+    if out["model"] in reference_names() and (out["shots"] or out["score"]):
         _fail(
             "baselines",
             f"{spec!r}: the reference baseline {out['model']} reads no prompt; shots and score do "
             "not apply to it.",
         )
-    if not out.get("name") and out["model"] in REFERENCE_BASELINES:
+    if not out.get("name") and out["model"] in reference_names():
         out["name"] = out["model"].replace("+", "_") + (
             f"_{Path(out['interpretations']).name}" if out["interpretations"] else ""
         )
@@ -80,7 +86,7 @@ def parse_baseline(spec: str) -> dict:
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(VLLMEngineArguments):
     """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one eval set."""
 
     eval_set: str = field(
@@ -140,19 +146,6 @@ class EvalArguments:
     dtype: str = dtype_field()
     device: str = device_field()
     max_lora_rank: int = field(default=64, metadata={"help": "vLLM: the largest adapter rank allowed."})
-    tensor_parallel_size: int = field(
-        default=1,
-        metadata={
-            "help": "vLLM: GPUs per engine (1 for an 8B on one 80 GB "
-            "card; a divisor of the model's attention heads)."
-        },
-    )
-    max_model_len: int = field(
-        default=4096, metadata={"help": "vLLM: the engine's context length (prompt + answer)."}
-    )
-    gpu_memory_utilization: float = field(
-        default=0.85, metadata={"help": "vLLM: share of each GPU's memory it may take."}
-    )
     output_dir: str = field(
         default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."}
     )
@@ -176,9 +169,8 @@ class EvalArguments:
         names = [b["name"] for b in self.parsed_baselines]
         if len(set(names)) != len(names):
             _fail("baselines", f"two baselines share a name ({names}); give them distinct `name=`.")
-        _require_positive(self, "batch_size", "max_lora_rank", "tensor_parallel_size", "max_model_len")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            _fail("gpu_memory_utilization", f"{self.gpu_memory_utilization} is not in (0, 1].")
+        _require_positive(self, "batch_size", "max_lora_rank")
+        self.check_vllm_engine()
         if self.max_contexts < 0 or self.calibration_contexts < 0:
             _fail("max_contexts" if self.max_contexts < 0 else "calibration_contexts", "must be >= 0.")
         if self.calibration_split in ("", "null", "none", "None"):  # YAML null, or the same on a command line
@@ -388,7 +380,7 @@ class WholeLayerArguments:
             )
         if self.baseline:
             spec = parse_baseline(self.baseline)
-            if spec["model"] in REFERENCE_BASELINES:
+            if spec["model"] in reference_names():
                 _fail(
                     "baseline",
                     f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "

@@ -16,8 +16,8 @@ LISTED_KEYS_MAX = 40  # beyond this (SFTConfig has ~200 keys) an unknown-key err
 
 
 class _Parser(TrlParser):
-    """TrlParser whose argparse errors (`--ctx_len abc`, a missing value) raise ConfigError instead of printing
-    the usage text and exiting, so they read like every other config error."""
+    """TrlParser whose argparse errors (`--ctx_len abc`, a missing value) raise ConfigError instead of
+    printing the usage text and exiting, so they read like every other config error."""
 
     where = "command line"
 
@@ -89,9 +89,9 @@ def _read_config(config_path: str) -> dict:
 
 
 def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
-    """Parse strictly: an unknown key (YAML or command line) is an error naming the file, the key and the closest
-    valid key, reported before any value is validated; then each dataclass validates its values. Every problem
-    is a ConfigError naming the file or `command line`."""
+    """Parse strictly: an unknown key (YAML or command line) is an error naming the file, the key and the
+    closest valid key, reported before any value is validated; then each dataclass validates its values. Every
+    problem is a ConfigError naming the file or `command line`."""
     from trl import ModelConfig
 
     config_path, rest = _split_config_arg(list(sys.argv[1:] if args is None else args))

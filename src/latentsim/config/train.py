@@ -13,7 +13,8 @@ from latentsim.config.common import _fail
 
 @dataclass
 class SimScriptArguments(ScriptArguments):
-    """train/sft.py: the dataset (a build_dataset folder or a Hub dataset) and the simulator-specific switches."""
+    """train/sft.py: the dataset (a build_dataset folder or a Hub dataset) and the simulator-specific
+    switches."""
 
     prompt_format: str = field(
         default="sim_v1", metadata={"help": "Must match the dataset's `prompt_format` column."}

@@ -11,7 +11,8 @@ eval/sweep.py like any simulator (same predictions files, metrics, report and pa
 
 Each is a logistic regression on its features (log firing rate, match), fitted on the eval set's calibration
 split (eval/sweep.py: `validation`, held-out latents of other rows than the test split's), so its P(yes) is
-calibrated like a simulator's and its thresholded metrics mean something. Logits are written as [0, z]: P(yes) = sigmoid(z).
+calibrated like a simulator's and its thresholded metrics mean something. Logits are written as [0, z]:
+P(yes) = sigmoid(z). `FeatureReference` is the registered scorer (docs/extending.md adds another reference).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from latentsim.prompts import MARK_CLOSE, MARK_OPEN
+from latentsim.prompts import unmark_context
+from latentsim.simulators.base import Judgment, Scorer, ScorerSetup, register_reference
 
 REFERENCE_FEATURES = {
     "prior": ("log_firing_rate",),
@@ -54,7 +56,7 @@ def named_tokens(interpretation: str) -> set[str]:
 
 def judged_token(context: str) -> str:
     """The judged (marked, last) token of a context rendered by latentsim.prompts.marked_context."""
-    return context[context.rindex(MARK_OPEN) + len(MARK_OPEN) : context.rindex(MARK_CLOSE)]
+    return unmark_context(context)[1]
 
 
 def features(
@@ -120,3 +122,58 @@ class ReferenceModel:
         ) / self.scale
         z = self.weights[0] + x @ self.weights[1:]
         return np.column_stack([np.zeros(len(z)), z]).astype(np.float32)
+
+
+def judgment_frame(judgments: list[Judgment]) -> pd.DataFrame:
+    """The columns `features` reads, from judgments."""
+    return pd.DataFrame(
+        {
+            "latent": [j.latent for j in judgments],
+            "context": [j.context for j in judgments],
+            "interpretation": [j.interpretation for j in judgments],
+        }
+    )
+
+
+@register_reference(*REFERENCE_FEATURES)
+class FeatureReference(Scorer):
+    """A reference baseline (`model=prior`, `string_match` or `prior+string_match`): ReferenceModel fitted on the
+    eval set's calibration split (held-out latents like the test split's, so the same share of positives; the
+    train split's larger latent pool holds more actives per context) or, without one, its train split."""
+
+    def __init__(self, model: ReferenceModel, fitted_on: dict):
+        super().__init__()
+        self.model, self.fitted_on, self.answer_ids = model, fitted_on, []
+
+    @classmethod
+    def create(cls, setup: ScorerSetup) -> FeatureReference:
+        from latentsim.simulators.base import judgments_of
+
+        eval_set, name = setup.eval_set, setup.sim.base_model
+        eval_set.require_binary(f"the reference baseline {name}")
+        fit_split = setup.options.fit_split or "train"
+        fit = eval_set.split(fit_split)
+        judgments, keep = judgments_of(fit, setup.interpretations)
+        firing_rate = eval_set.statistics["firing_rate"].double().numpy()
+        fit = fit[keep].assign(
+            interpretation=[j.interpretation for j in judgments]
+        )  # the simulator's own texts
+        model = ReferenceModel(name, fit, firing_rate)
+        return cls(model, {"split": fit_split, "judgments": len(judgments)})
+
+    def label_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
+        logits = self.model.label_logits(judgment_frame(judgments))
+        self.stats["judgments"] += len(judgments)
+        if progress is not None:
+            progress.update(len(judgments))
+        return logits
+
+    def describe(self) -> dict:
+        m = self.model
+        return {
+            "features": m.columns,
+            "weights": m.weights.tolist(),
+            "feature_mean": m.mean.tolist(),
+            "feature_scale": m.scale.tolist(),
+            "fitted_on": self.fitted_on,
+        }

@@ -1,4 +1,4 @@
-"""The scoring engine: prefix-shared scores equal naive full-prompt scores; label tokens renormalised."""
+"""The scorers: prefix-shared scores equal naive full-prompt scores; label tokens renormalised; vLLM glue."""
 
 import sys
 import types
@@ -9,19 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from latentsim.backends import (
-    FakeScorer,
-    HFScorer,
-    VLLMScorer,
-    common_prefix_length,
-    context_key,
-    lora_int_id,
-    lora_name,
-    naive_label_logits,
-    probabilities,
-    prompt_token_ids,
-)
-from latentsim.prompts import answer_token_ids, marked_context, render_prompt
+from latentsim.prompts import answer_token_ids, marked_context, prompt_token_ids, render_prompt
+from latentsim.simulators import Judgment, probabilities
+from latentsim.simulators.fake import FakeScorer
+from latentsim.simulators.hf import HFScorer, common_prefix_length, naive_label_logits
+from latentsim.simulators.vllm import VLLMScorer, lora_int_id, lora_name
 
 CONTEXTS = [("the cat sat on a", "mat"), ("it was a big red", "house"), ("one two", "three")]
 INTERPRETATIONS = [
@@ -34,11 +26,13 @@ INTERPRETATIONS = [
 ]
 
 
-def prompts_for(contexts=CONTEXTS, interpretations=INTERPRETATIONS, fmt="sim_v1"):
+def judgments_for(contexts=CONTEXTS, interpretations=INTERPRETATIONS):
     # Interleaved on purpose: the scorer must regroup judgments by context and put results back in order.
-    return [
-        render_prompt(fmt, marked_context(p, j), interp) for interp in interpretations for p, j in contexts
-    ]
+    return [Judgment(marked_context(p, j), interp) for interp in interpretations for p, j in contexts]
+
+
+def rendered(judgments, fmt="sim_v1"):
+    return [render_prompt(fmt, j.context, j.interpretation, j.score) for j in judgments]
 
 
 def load(folder, lora: bool = False):
@@ -57,16 +51,16 @@ def load(folder, lora: bool = False):
 def test_prefix_shared_scores_equal_naive(arch, lora, tiny_model_dir, tiny_gemma_dir):
     model, tok = load(tiny_model_dir if arch == "llama" else tiny_gemma_dir, lora)
     ids = answer_token_ids("sim_v1", tok)
-    prompts = prompts_for()
+    judgments = judgments_for()
     scorer = HFScorer(model, tok, ids, batch_size=4)  # several suffix batches per context
-    fast = scorer.label_logits(prompts)
-    naive = naive_label_logits(model, tok, prompts, ids, batch_size=5)
+    fast = scorer.label_logits(judgments)
+    naive = naive_label_logits(model, tok, rendered(judgments), ids, batch_size=5)
     margin = lambda x: x[:, 1] - x[:, 0]  # noqa: E731
     assert np.abs(margin(fast) - margin(naive)).max() < 1e-4
     assert np.abs(fast - naive).max() < 1e-4
     assert np.ptp(margin(naive)) > 1e-3  # the judgments really differ: the check can fail
     # Fewer tokens computed than the naive path: the shared prefix is computed once per context.
-    assert scorer.stats["judgments"] == len(prompts)
+    assert scorer.stats["judgments"] == len(judgments)
     assert scorer.stats["computed_tokens"] < 0.7 * scorer.stats["prompt_tokens"]
 
 
@@ -74,9 +68,9 @@ def test_scores_are_the_prompt_tokens_next_token_logits(tiny_model_dir):
     """Against a plain unbatched forward of each prompt's full token ids (no padding at all)."""
     model, tok = load(tiny_model_dir)
     ids = answer_token_ids("sim_value_v1", tok)
-    prompts = prompts_for(fmt="sim_value_v1")[:5]
-    fast = HFScorer(model, tok, ids).label_logits(prompts)
-    for i, p in enumerate(prompts):
+    judgments = judgments_for()[:5]
+    fast = HFScorer(model, tok, ids, fmt="sim_value_v1").label_logits(judgments)
+    for i, p in enumerate(rendered(judgments, "sim_value_v1")):
         full = model(input_ids=torch.tensor([prompt_token_ids(tok, p)])).logits[0, -1, ids]
         assert torch.allclose(torch.from_numpy(fast[i]), full.detach(), atol=1e-5)
 
@@ -91,18 +85,18 @@ def test_probabilities_renormalise_over_the_labels():
     assert np.allclose(probabilities(logits - 7.5), p)
 
 
-def test_grouping_and_prefix_helpers():
-    a, b = prompts_for()[0], prompts_for()[3]  # same context, other interpretation
-    assert context_key(a) == context_key(b)
-    assert context_key(a) != context_key(prompts_for()[1])
+def test_prefix_helper():
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3]]) == 3
 
 
 def test_fake_scorer_is_deterministic():
-    prompts = prompts_for()
-    a, b = FakeScorer([5, 6]).label_logits(prompts), FakeScorer([5, 6]).label_logits(prompts)
-    assert a.shape == (len(prompts), 2) and np.array_equal(a, b) and np.ptp(a) > 0
+    judgments = judgments_for()
+    a, b = FakeScorer([5, 6]).label_logits(judgments), FakeScorer([5, 6]).label_logits(judgments)
+    assert a.shape == (len(judgments), 2) and np.array_equal(a, b) and np.ptp(a) > 0
+    # It reads the rendered prompt: the few-shot turns change its answers.
+    shots = render_prompt("sim_v1", marked_context("a", "b"), "c")
+    assert not np.array_equal(FakeScorer([5, 6], prefix=shots).label_logits(judgments), a)
 
 
 def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tiny_model_dir, tmp_path):
@@ -141,14 +135,15 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
     lora_mod.LoRARequest = lambda name, int_id, path: (name, int_id, path)
     fake = types.SimpleNamespace(SamplingParams=SamplingParams, LLM=LLM)
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_mod)
-    monkeypatch.setattr("latentsim.backends.require_vllm", lambda: fake)
+    monkeypatch.setattr("latentsim.simulators.vllm.require_vllm", lambda: fake)
     adapter = tmp_path / "checkpoint-6"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8}')
-    prompts = prompts_for()
+    judgments = judgments_for()
+    prompts = rendered(judgments)
     scorer = VLLMScorer(str(tiny_model_dir), tok, answer, max_lora_rank=64)
     scorer.use_adapter(str(adapter))
-    logits = scorer.label_logits(prompts)
+    logits = scorer.label_logits(judgments)
     assert sent["llm"]["enable_prefix_caching"] and sent["llm"]["enable_lora"]
     assert sent["params"]["logprob_token_ids"] == answer and sent["params"]["temperature"] == 0.0
     assert sorted(sent["requests"]) == sorted(prompt_token_ids(tok, p) for p in prompts)
@@ -175,7 +170,7 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
 
     monkeypatch.setattr(LLM, "generate", missing)
     with pytest.raises(RuntimeError, match="refusing to read"):
-        scorer.label_logits(prompts[:2])
+        scorer.label_logits(judgments[:2])
     (adapter / "adapter_config.json").write_text('{"r": 128}')
     with pytest.raises(ValueError, match="max_lora_rank"):
         scorer.use_adapter(str(adapter))
@@ -183,15 +178,14 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
 
 def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkeypatch):
     """Defect: the next base model's engine was built while the old one still held its GPU memory (an 8B, then a
-    70B baseline). The pool now shuts the old engine down before it builds the new one, with each model's own
+    70B baseline). The factory now shuts the old engine down before it builds the new one, with each model's own
     tensor_parallel_size where the baseline names one."""
-    from latentsim.backends import ModelPool
     from latentsim.config import EvalArguments
-    from latentsim.sweep import baseline_simulator
+    from latentsim.simulators import SCORERS, ScorerFactory, ScorerSetup, ScoringOptions, baseline_simulator
 
     events = []
 
-    class Engine:
+    class Engine(VLLMScorer):
         def __init__(self, base_model, tokenizer, answer_ids, **kw):
             events.append(("build", base_model, kw["tensor_parallel_size"]))
             self.base = base_model
@@ -202,7 +196,7 @@ def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkey
         def use_adapter(self, adapter):
             pass
 
-    monkeypatch.setattr("latentsim.backends.VLLMScorer", Engine)
+    monkeypatch.setitem(SCORERS, "vllm", Engine)
     monkeypatch.setattr("latentsim.models.resolve_model_path", lambda ref: ref)
     args = EvalArguments(
         eval_set="x",
@@ -210,18 +204,23 @@ def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkey
         tensor_parallel_size=2,
         baselines=["name=small,model=org/small", "name=big,model=org/big,tensor_parallel_size=4"],
     )
-    pool = ModelPool(args)
+    factory = ScorerFactory(ScoringOptions.from_args(args))
     small, big = (baseline_simulator(b) for b in args.parsed_baselines)
-    pool.scorer(small, None, [1, 2])
-    pool.scorer(small, None, [1, 2])  # same base model: the engine is reused
-    pool.scorer(big, None, [1, 2])
+
+    def load(sim):
+        setup = ScorerSetup(sim, "sim_v1", "sim_v1", None, [1, 2], [], None, factory.options, factory)
+        return factory.load(setup)
+
+    first = load(small)
+    assert load(small) is first  # same base model: the engine is reused
+    load(big)
     assert events == [("build", "org/small", 2), ("shutdown", "org/small"), ("build", "org/big", 4)]
 
 
 def test_vllm_judge_sends_one_request_per_judgment_and_reads_both_answers_by_id(monkeypatch):
     """Defect: the LLM judge sent two prompts per judgment with prompt_logprobs (no prefix-cache reads). Now one
     request each, Yes/No log-probs read by id; a missing one is an error, never probability 0."""
-    from latentsim.backends import vllm_yes_probability
+    from latentsim.llm_client import vllm_yes_probability
 
     sent = {}
 
@@ -241,7 +240,7 @@ def test_vllm_judge_sends_one_request_per_judgment_and_reads_both_answers_by_id(
             ]
 
     monkeypatch.setattr(
-        "latentsim.backends.require_vllm", lambda: types.SimpleNamespace(SamplingParams=SamplingParams)
+        "latentsim.llm_client.require_vllm", lambda: types.SimpleNamespace(SamplingParams=SamplingParams)
     )
     probs = vllm_yes_probability(LLM(), [[1, 2], [1, 2, 3, 4]], yes_id=7, no_id=9)
     assert sent["requests"] == [[1, 2], [1, 2, 3, 4]] and sent["params"]["logprob_token_ids"] == [7, 9]
