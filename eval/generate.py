@@ -9,8 +9,9 @@ patched predictions (greedy, or seeded sampling). Sources: `clean`, `sae` (the S
 step the simulator judges, from the text so far, each explained latent that is truly active plus `n_inactive`
 random explained inactive ones; the latents it calls active (false positives included) replace the explained
 active latents (values: `oracle` or `median`, as in eval/patch_kl.py); unexplained latents keep their SAE
-values, and so do a finetuned simulator's training latents (it judges held-out latents only). A clean copy of the model follows the same tokens, so each generated token has
-KL(p_clean || p_patched) of its prediction. Writes results.json and generation.html to `output_dir`.
+values, and so do a finetuned simulator's training latents (it judges held-out latents only). A clean copy of
+the model follows the same tokens, so each generated token has KL(p_clean || p_patched) of its prediction.
+Writes results.json and generation.html to `output_dir`.
 """
 
 from pathlib import Path

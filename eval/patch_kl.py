@@ -4,10 +4,10 @@
 
 For each eval context (a cache row up to the judged position: the very tokens and positions the latents were
 recorded on) the residual stream after the hook layer is replaced by a vector built from latents of:
-- the SAE itself (`sae`: the ceiling), the SAE plus its error term (`sae_plus_error`: must give KL ~0), no latent
-  at all (`no_latents`: b_dec, the floor of any layer rebuilt from latents), and two references that are not
-  built from latents: the layer's update skipped (`skip_layer_update`: its input passed on) or replaced by its
-  mean over `mean_contexts` cache rows (`mean_layer_update`);
+- the SAE itself (`sae`: the ceiling), the SAE plus its error term (`sae_plus_error`: must give KL ~0), no
+  latent at all (`no_latents`: b_dec, the floor of any layer rebuilt from latents), and two references that
+  are not built from latents: the layer's update skipped (`skip_layer_update`: its input passed on) or
+  replaced by its mean over `mean_contexts` cache rows (`mean_layer_update`);
 - a fraction f of the truly active latents with their true values, the strongest (`top`) or random (Figure 1);
 - each simulator of an eval/sweep.py run (Figure 3): the latents it scored active at a threshold replace the
   truly active latents it scored, false positives included (value: `oracle` = the true value where the latent
@@ -15,8 +15,8 @@ recorded on) the residual stream after the hook layer is replaced by a vector bu
   `predicted` = a value simulator's 0-9 answer (sim_value_v1) mapped back through the latent's deciles).
   Latents the simulator never scored (other splits, unexplained) keep their SAE values in every variant;
   `no_simulator` (all scored latents off) is the floor the simulators start from.
-The judged position is patched alone (KL/CE of the next token there); with `all_positions` the SAE variants are
-also patched at every position but BOS (KL/CE averaged over positions). Writes `results.json` (medians and
+The judged position is patched alone (KL/CE of the next token there); with `all_positions` the SAE variants
+are also patched at every position but BOS (KL/CE averaged over positions). Writes `results.json` (medians and
 25-75 % ranges per source), `per_context.parquet` and `run_config.json` to `output_dir`.
 """
 
@@ -131,7 +131,8 @@ def main(args: PatchArguments) -> dict:
     }
     write_results(out, result, "patch_kl")
     print(
-        f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) at the judged position"
+        f"[patch_kl] {len(contexts)} contexts, {eval_set.hookpoint}: median KL(clean || patched) "
+        "at the judged position"
     )
     for source, s in summary.items():
         kl = s["kl_judged"]

@@ -5,8 +5,9 @@
 For each simulator writes `<output_dir>/<eval set>/<simulator>/`: `spec.json` (what is scored), one
 `predictions_<split>.parquet` per split (context, latent, labels, activation, bins, answer logits and
 P(yes) or the digit distribution: every metric can be recomputed from it) and `results.json` (metrics +
-config, git sha, versions, seed, prompt format, backend). Finished simulators are skipped unless `--overwrite`;
-an interrupted one resumes at the next unscored split. Then `summary.json` / `summary.md` across simulators.
+config, git sha, versions, seed, prompt format, backend). Finished simulators are skipped unless
+`--overwrite`; an interrupted one resumes at the next unscored split. Then `summary.json` / `summary.md`
+across simulators.
 `accelerate launch --num_processes N eval/sweep.py ...` shares the simulators out across N processes (each its
 own GPU, or its own vLLM engine on its own GPUs); rank 0 writes the summary once all are scored.
 """
@@ -79,7 +80,8 @@ def main(args: EvalArguments, api=None) -> None:
     )
     print(
         f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
-        f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged token)"
+        f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged "
+        "token)"
     )
 
     for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work

@@ -1,18 +1,19 @@
-"""The whole layer rewritten by a simulator: every explained latent judged at the judged positions of held-out texts.
+"""The whole layer rewritten by a simulator: every explained latent judged at the judged positions of held-out
+texts.
 
     python eval/whole_layer.py --config configs/eval/whole_layer_quickstart.yaml [--key value ...]
 
-For each held-out text (a cache row of the eval set's `split`, positions 1..`tokens`; never a row the simulator
-trained on) the simulator judges every explained latent of the SAE at every position (`positions: all`) or at the
-last one only (`last`: the seed's setting), the layer output is rebuilt from its verdicts alone and patched in
-there, and KL(p_clean || p_patched) and the CE of the next token are measured per judged position against the SAE
-(ceiling), `no_latents` (b_dec: floor) and a reference that flags latents at random with their firing rates
-(latentsim.whole_layer). A dense simulator reads every position in one pass; a sim_v1 simulator (finetuned, or a
-prompted `baseline`) costs one prompt per (position, latent), sharing each position's context prefix.
-`l0_matched` is fitted on validation rows. Writes `scores/<row>.npy` per text (P(yes) [tokens, explained latents],
-NaN where not judged; a rerun reuses them),
-`per_position.parquet`, `results.json` (KL/CE with 95% CIs, recovery, the share of the active latents the
-simulator controls, judgment metrics, judgments/s) and `run_config.json` to `output_dir`.
+For each held-out text (a cache row of the eval set's `split`, positions 1..`tokens`; never a row the
+simulator trained on) the simulator judges every explained latent of the SAE at every position
+(`positions: all`) or at the last one only (`last`: the seed's setting), the layer output is rebuilt from its
+verdicts alone and patched in there, and KL(p_clean || p_patched) and the CE of the next token are measured
+per judged position against the SAE (ceiling), `no_latents` (b_dec: floor) and a reference that flags latents
+at random with their firing rates (latentsim.whole_layer). A dense simulator reads every position in one pass;
+a sim_v1 simulator (finetuned, or a prompted `baseline`) costs one prompt per (position, latent), sharing each
+position's context prefix. `l0_matched` is fitted on validation rows. Writes `scores/<row>.npy` per text
+(P(yes) [tokens, explained latents], NaN where not judged; a rerun reuses them), `per_position.parquet`,
+`results.json` (KL/CE with 95% CIs, recovery, the share of the active latents the simulator controls, judgment
+metrics, judgments/s) and `run_config.json` to `output_dir`.
 """
 
 import json

@@ -1,5 +1,5 @@
-"""Dense simulators (sim_dense_v1): alignment across tokenizers, labels at the right positions, the dense dataset,
-training, and scoring equal to a naive forward."""
+"""Dense simulators (sim_dense_v1): alignment across tokenizers, labels at the right positions, the dense
+dataset, training, and scoring equal to a naive forward."""
 
 import json
 
@@ -200,8 +200,8 @@ def test_dense_scorer_equals_a_naive_forward(assets, tiny_model_dir):
 
 
 def test_whole_layer_scores_equal_one_forward_per_judgment(tiny_model_dir):
-    """text_logits (each header's KV reused across texts, latents batched by header length) equals reading each
-    (latent, token) on its own; unaligned tokens stay NaN."""
+    """text_logits (each header's KV reused across texts, latents batched by header length) equals reading
+    each (latent, token) on its own; unaligned tokens stay NaN."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -339,8 +339,9 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
     )
     with pytest.raises(ConfigError, match="another config"):
         whole.main(WholeLayerArguments(**{**args, "tokens": 6}))
-    # A prompted sim_v1 simulator over the whole dictionary at each text's last position (the seed's setting): one
-    # prompt per latent, P(yes) equal to the naive forward of that prompt, only that position patched and measured.
+    # A prompted sim_v1 simulator over the whole dictionary at each text's last position (the seed's setting):
+    # one prompt per latent, P(yes) equal to the naive forward of that prompt, only that position patched and
+    # measured.
     base = dict(
         args,
         simulator="",
@@ -399,8 +400,9 @@ def test_dense_training_and_sweep(assets, tiny_model_dir, tmp_path):
 
 
 def test_dense_loss_is_scaled_right_under_ddp(assets, tiny_model_dir, tmp_path):
-    """Two CPU processes (gloo): each rank's loss is divided by the labels of every rank, then multiplied back by
-    the number of processes, so the logged loss stays the per-label mean (~ln 2 at the start), not half or twice it."""
+    """Two CPU processes (gloo): each rank's loss is divided by the labels of every rank, then multiplied back
+    by the number of processes, so the logged loss stays the per-label mean (~ln 2 at the start), not half or
+    twice it."""
     state = run_accelerate(
         "configs/accelerate/multi_cpu.yaml",
         assets / "dense",

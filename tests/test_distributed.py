@@ -17,9 +17,9 @@ from latentsim.distributed import Ranks
 from latentsim.errors import ConfigError
 
 HOOK = "layers.1"
-# Model outputs computed by ranks with fewer threads each sum in another order: equal to the float32 rounding of
-# a reduction over the tiny model's widths (relative to the value, at least 1), not bit for bit. Files of exactly
-# reproducible computations (the cache, the references, the token-list explainer) stay byte-identical.
+# Model outputs computed by ranks with fewer threads each sum in another order: equal to the float32 rounding
+# of a reduction over the tiny model's widths (relative to the value, at least 1), not bit for bit. Files of
+# exactly reproducible computations (the cache, the references, the token-list explainer) stay byte-identical.
 FLOAT32_TOLERANCE = 64 * float(np.finfo(np.float32).eps)
 
 
@@ -40,8 +40,8 @@ def close_values(a, b, where: str) -> None:
 
 
 def close_files(a: Path, b: Path, pattern: str) -> list[str]:
-    """The files matching `pattern` under a and b: the same names; parquet tables with equal columns, float columns
-    within FLOAT32_TOLERANCE; JSON files (.json, .txt) equal up to it."""
+    """The files matching `pattern` under a and b: the same names; parquet tables with equal columns, float
+    columns within FLOAT32_TOLERANCE; JSON files (.json, .txt) equal up to it."""
     names = sorted(p.relative_to(a).as_posix() for p in a.glob(pattern) if p.is_file())
     assert names and names == sorted(p.relative_to(b).as_posix() for p in b.glob(pattern) if p.is_file())
     for name in names:

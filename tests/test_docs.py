@@ -1,5 +1,5 @@
-"""The documentation: the mkdocs site under docs/ builds in strict mode (offline, built-in theme), every page is in
-its nav, and the README stays short with links that resolve."""
+"""The documentation: the mkdocs site under docs/ builds in strict mode (offline, built-in theme), every page
+is in its nav, and the README stays short with links that resolve."""
 
 import re
 import subprocess

@@ -1,4 +1,5 @@
-"""eval/sweep.py and eval/report.py end to end on tiny assets: real LoRA checkpoints, baselines, resume, refusals."""
+"""eval/sweep.py and eval/report.py end to end on tiny assets: real LoRA checkpoints, baselines, resume,
+refusals."""
 
 import json
 import shutil
@@ -20,8 +21,8 @@ HOOK = "layers.1"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
-    """A cache, a training mixture, held-out eval sets (binary, value, and one sharing latents with training) and a
-    LoRA run with checkpoints at steps 6 and 12."""
+    """A cache, a training mixture, held-out eval sets (binary, value, and one sharing latents with training)
+    and a LoRA run with checkpoints at steps 6 and 12."""
     root = tmp_path_factory.mktemp("eval")
     make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus, samplings=("quantiles", "top"))
     build = load_script("data_gen/build_dataset.py").main
@@ -242,8 +243,8 @@ def test_latents_seen_in_training_are_refused(assets, tiny_model_dir, tmp_path):
         include_checkpoints=False,
         allow_seen_latents=True,
     )
-    # Another seed: another row split, so some eval (or calibration) rows trained the simulator. Never allowed.
-    # (An external interpretation set, which records no rows: ours would be refused when building.)
+    # Another seed: another row split, so some eval (or calibration) rows trained the simulator. Never
+    # allowed. (An external interpretation set, which records no rows: ours would be refused when building.)
     external = tmp_path / "external.json"
     external.write_text(json.dumps(load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)))
     load_script("data_gen/build_dataset.py").main(
@@ -394,8 +395,8 @@ def test_few_shot_examples_are_solved_correctly(assets):
 
 
 def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path):
-    """Simulated latents patched into the subject model: SAE + error gives KL 0, f = 1 equals the SAE, a perfect
-    simulator with oracle values equals the SAE, and a simulator's false positives are inserted."""
+    """Simulated latents patched into the subject model: SAE + error gives KL 0, f = 1 equals the SAE, a
+    perfect simulator with oracle values equals the SAE, and a simulator's false positives are inserted."""
     from latentsim.config import PatchArguments
     from latentsim.eval_set import EvalSet
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers import build_tiny_tokenizer, load_script, make_cache
 
-from latentsim.cache import SparseCache, load_cache
+from latentsim.cache import SparseCache
+from latentsim.cache_reader import load_cache
 from latentsim.config import ExplainArguments
 from latentsim.explain import (
     LatentIndex,

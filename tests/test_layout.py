@@ -118,7 +118,8 @@ def latentsim_imports() -> dict[str, set[str]]:
 
 
 def test_the_package_imports_form_no_circle():
-    """Read top to bottom: scripts -> stages (sweep, whole_layer, ...) -> simulators -> prompts, models, io."""
+    """Read top to bottom: scripts -> stages (sweep, whole_layer, ...) -> simulators -> prompts, models,
+    io."""
     graph = latentsim_imports()
     assert len(graph) > 40
 
@@ -136,7 +137,8 @@ def test_the_package_imports_form_no_circle():
 
 
 def test_stages_reach_simulators_only_through_the_factory():
-    """whole_layer, rewrite and generation import no sweep module; only latentsim.simulators constructs scorers."""
+    """whole_layer, rewrite and generation import no sweep module; only latentsim.simulators constructs
+    scorers."""
     graph = latentsim_imports()
     for stage in ("latentsim.whole_layer", "latentsim.rewrite", "latentsim.generation", "latentsim.patching"):
         assert "latentsim.sweep" not in graph[stage], stage

@@ -1,5 +1,5 @@
-"""Reference baselines that read nothing (latentsim.simulators.reference): features by hand, the logistic fit, and the sweep
-scoring them like any simulator on a tiny eval set."""
+"""Reference baselines that read nothing (latentsim.simulators.reference): features by hand, the logistic fit,
+and the sweep scoring them like any simulator on a tiny eval set."""
 
 import json
 
@@ -87,7 +87,8 @@ def eval_set(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
 
 
 def token_list_names(context: str, interpretation: str) -> bool:
-    """By hand: `the token "a" (also "b", "c"), as in ...` read as a JSON list, compared without case or space."""
+    """By hand: `the token "a" (also "b", "c"), as in ...` read as a JSON list, compared without case or
+    space."""
     head = interpretation.split(", as in ")[0].removeprefix("the token ")
     names = json.loads("[" + head.replace(" (also ", ", ").removesuffix(")") + "]")
     norm = lambda t: t.strip().lower() or t  # noqa: E731
@@ -137,8 +138,8 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     assert lift["per_context_auc"]["median"] == 0 and lift["per_context_auc"]["ci95"] == [0, 0]
     rows = {r["simulator"]: r for r in summary["rows"]}
     assert rows["baseline__prior"]["lift_auc"] == 0
-    # Beside it, every row's lift over the best reference that reads nothing (prior+string_match): 0 for itself,
-    # and the prior's is minus the combination's own lift over the prior, context by context.
+    # Beside it, every row's lift over the best reference that reads nothing (prior+string_match): 0 for
+    # itself, and the prior's is minus the combination's own lift over the prior, context by context.
     assert rows["baseline__prior_string_match"]["lift_psm_auc"] == 0
     psm = json.loads((root / "baseline__prior_string_match" / "results.json").read_text())["results"]
     prior_psm = record["results"]["lift_over_prior_string_match"]
@@ -158,8 +159,8 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
 
 
 def test_the_extending_guide_reference_runs_in_a_sweep(eval_set, tmp_path):
-    """docs/extending.md's example, run exactly as the page shows it: registered, named in a baseline spec, scored
-    by the sweep beside the prior on the same judgments."""
+    """docs/extending.md's example, run exactly as the page shows it: registered, named in a baseline spec,
+    scored by the sweep beside the prior on the same judgments."""
     import re
     from pathlib import Path
 
@@ -237,8 +238,9 @@ def test_sweep_refuses_extrapolating_from_frequency_matched_negatives(eval_set, 
 
 
 def test_latent_major_eval_set_gives_per_latent_auc_and_no_lift_to_the_prior(eval_set, tmp_path):
-    """`candidates: per_latent`: each held-out latent judged on up to k contexts where it fires and as many where
-    it does not, labels from the cache; the prior ranks one latent's contexts alike (per-latent AUC 0.5, lift 0)."""
+    """`candidates: per_latent`: each held-out latent judged on up to k contexts where it fires and as many
+    where it does not, labels from the cache; the prior ranks one latent's contexts alike (per-latent AUC 0.5,
+    lift 0)."""
     from latentsim.cache_reader import load_cache
 
     build = json.loads((eval_set / "eval_set" / "run_config.json").read_text())["config"]["dataset"]

@@ -9,8 +9,7 @@ import torch
 from helpers import load_script
 
 from latentsim import dataset as dataset_mod
-from latentsim.cache_reader import load_cache
-from latentsim.cache_reader import CacheReader
+from latentsim.cache_reader import CacheReader, load_cache
 from latentsim.config import DatasetArguments, ExplainArguments
 from latentsim.dataset import subsample_rows
 from latentsim.explain import LatentIndex, SplitLatentIndexes

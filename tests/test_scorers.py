@@ -101,7 +101,8 @@ def test_fake_scorer_is_deterministic():
 
 def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tiny_model_dir, tmp_path):
     """The vLLM glue against a stand-in module: same token ids as the hf backend, the adapter as a LoRARequest
-    with a stable id, label log-probs read by token id, and a missing label is an error, never probability 0."""
+    with a stable id, label log-probs read by token id, and a missing label is an error, never
+    probability 0."""
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     answer = answer_token_ids("sim_v1", tok)
     sent = {}
@@ -177,9 +178,9 @@ def test_vllm_scorer_sends_our_token_ids_and_reads_labels_by_id(monkeypatch, tin
 
 
 def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkeypatch):
-    """Defect: the next base model's engine was built while the old one still held its GPU memory (an 8B, then a
-    70B baseline). The factory now shuts the old engine down before it builds the new one, with each model's own
-    tensor_parallel_size where the baseline names one."""
+    """Defect: the next base model's engine was built while the old one still held its GPU memory (an 8B, then
+    a 70B baseline). The factory now shuts the old engine down before it builds the new one, with each model's
+    own tensor_parallel_size where the baseline names one."""
     from latentsim.config import EvalArguments
     from latentsim.simulators import SCORERS, ScorerFactory, ScorerSetup, ScoringOptions, baseline_simulator
 
@@ -218,8 +219,8 @@ def test_a_sweep_that_switches_base_model_shuts_the_old_engine_down_first(monkey
 
 
 def test_vllm_judge_sends_one_request_per_judgment_and_reads_both_answers_by_id(monkeypatch):
-    """Defect: the LLM judge sent two prompts per judgment with prompt_logprobs (no prefix-cache reads). Now one
-    request each, Yes/No log-probs read by id; a missing one is an error, never probability 0."""
+    """Defect: the LLM judge sent two prompts per judgment with prompt_logprobs (no prefix-cache reads). Now
+    one request each, Yes/No log-probs read by id; a missing one is an error, never probability 0."""
     from latentsim.llm_client import vllm_yes_probability
 
     sent = {}

@@ -1,5 +1,5 @@
-"""The whole tree is laid out by `ruff format` and passes `ruff check` (line length 110 included), with the ruff
-version pinned in pyproject.toml's [dev] extra."""
+"""The whole tree is laid out by `ruff format` and passes `ruff check` (line length 110 included), with the
+ruff version pinned in pyproject.toml's [dev] extra."""
 
 import subprocess
 import sys

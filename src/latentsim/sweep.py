@@ -1,10 +1,10 @@
 """Pieces eval/sweep.py composes: which simulators to score, their prompts, guards, predictions, metrics.
 
 A simulator is a base model plus (for a finetuned one) a LoRA adapter, scored on an eval set built by
-data_gen/build_dataset.py (all active latents of held-out latents per context + uniformly drawn inactive ones,
-`negatives_per_context`). Every prompt is re-rendered from the row's `context`, `interpretation` and `score` by
-latentsim.prompts (for the eval set's own interpretations it must reproduce the stored prompt byte for byte),
-then tokenized with the simulator's own chat template.
+data_gen/build_dataset.py (all active latents of held-out latents per context + uniformly drawn inactive
+ones, `negatives_per_context`). Every judgment is built from the row's `context`, `interpretation` and
+`score` (latentsim.simulators.Judgment); with the eval set's own interpretations its prompt must reproduce the
+stored prompt byte for byte. Each scorer renders it through its own format and chat template.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.Data
 
 
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
-    """What a simulator's folder holds results of (spec.json): a finished folder answers only the same spec."""
+    """What a simulator's folder holds results of (spec.json): a finished folder answers only the same
+    spec."""
     return {
         "simulator": asdict(sim),
         "eval_set": str(Path(args.eval_set)),
@@ -125,8 +126,8 @@ def score_simulator(
     factory: ScorerFactory,
     folder: Path,
 ) -> dict:
-    """Predictions of a prepared simulator for every split (reusing finished ones, each written as it completes),
-    the scoring speed and what the scorer records about itself."""
+    """Predictions of a prepared simulator for every split (reusing finished ones, each written as it
+    completes), the scoring speed and what the scorer records about itself."""
     from tqdm.auto import tqdm
 
     sim, fmt = setup.sim, eval_set.prompt_format
@@ -164,17 +165,19 @@ def score_simulator(
     }
 
 
-# The references a simulator's AUC lift is measured against (results.json key -> reference model): the firing-rate
-# prior, and the best reference that reads nothing, prior+string_match (the bar a simulator must clear).
+# The references a simulator's AUC lift is measured against (results.json key -> reference model): the
+# firing-rate prior, and the best reference that reads nothing, prior+string_match (the bar a simulator must
+# clear).
 LIFT_REFERENCES = {"lift_over_prior": "prior", "lift_over_prior_string_match": "prior+string_match"}
 
 
 def add_lifts(
     root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int, by: str = "context_id"
 ) -> list[dict]:
-    """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference the
-    sweep scored (with the eval set's own interpretations) on the same judgments, with its paired bootstrap CI,
-    written into its results.json; returns the summary rows (one per simulator, in `sims` order) updated."""
+    """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference
+    the sweep scored (with the eval set's own interpretations) on the same judgments, with its paired
+    bootstrap CI, written into its results.json; returns the summary rows (one per simulator, in `sims` order)
+    updated."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
@@ -244,7 +247,8 @@ def read_summary(root: str | Path) -> dict | None:
 
 
 def read_sweeps(sweep_dir: str | Path) -> dict[str, list[dict]]:
-    """{eval set: [its simulators' results.json records (plus `name`), in summary order]} of a sweep output_dir."""
+    """{eval set: [its simulators' results.json records (plus `name`), in summary order]} of a sweep
+    output_dir."""
     out = {}
     for summary_path in sorted(Path(sweep_dir).glob(f"*/{SUMMARY_FILE}")):
         root = summary_path.parent

@@ -1,4 +1,5 @@
-"""Pieces of simulator finetuning that train/sft.py composes: data, the trainer, label-logit metrics, guards, checks.
+"""Pieces of simulator finetuning that train/sft.py composes: data, the trainer, label-logit metrics, guards,
+checks.
 
 The eval during training keeps only the answer tokens' logits at the answer position (`label_logits`), never a
 full-vocabulary tensor, and reports recall, precision, F1, AUC, ECE and mean P(yes) on the validation split
@@ -21,7 +22,7 @@ from trl import SFTTrainer
 from latentsim.config import SimScriptArguments
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.metrics import confusion_metrics, reliability, roc_auc
-from latentsim.prompts import dense_token_ids, drop_context_tokens, render_prompt
+from latentsim.prompts import dense_token_ids, drop_context_tokens, get_format, render_prompt
 from latentsim.simulators import Judgment, probabilities, scorer_for_model
 from latentsim.simulators.spec import CHECKPOINT_COMPLETE
 
@@ -49,8 +50,8 @@ def load_sim_dataset(name: str, config: str | None = None):
 
 
 def mix_train_sets(train_sets: list, weights: list[float], seed: int):
-    """Interleave train splits with sampling probabilities = normalised weights (stops when one runs out, so the
-    mixture keeps its proportions); each row records its `dataset_index`."""
+    """Interleave train splits with sampling probabilities = normalised weights (stops when one runs out, so
+    the mixture keeps its proportions); each row records its `dataset_index`."""
     from datasets import interleave_datasets
 
     if len(train_sets) == 1:
@@ -64,8 +65,8 @@ def mix_train_sets(train_sets: list, weights: list[float], seed: int):
 
 
 def load_training_data(script_args: SimScriptArguments, seed: int):
-    """The run's dataset (`dataset_name`) with its train split mixed with the `extra_datasets`' train splits by
-    `dataset_weights`; every dataset must have been rendered with the run's `prompt_format`."""
+    """The run's dataset (`dataset_name`) with its train split mixed with the `extra_datasets`' train splits
+    by `dataset_weights`; every dataset must have been rendered with the run's `prompt_format`."""
     dataset = load_sim_dataset(script_args.dataset_name, script_args.dataset_config)
     check_prompt_format(dataset, script_args.prompt_format)
     extra = [load_sim_dataset(name) for name in script_args.extra_datasets]
@@ -101,9 +102,9 @@ def answer_probabilities(
     batch_size: int = 16,
     fmt: str = "sim_v1",
 ) -> np.ndarray:
-    """P(answer) renormalised over the format's answers, [N, n_answers], of a model trained on `fmt`: the eval's
-    scoring engine (latentsim.simulators.hf: prefix-shared KV, answer-token logits only). A dense simulator reads
-    the same judgments at their judged token."""
+    """P(answer) renormalised over the format's answers, [N, n_answers], of a model trained on `fmt`: the
+    eval's scoring engine (latentsim.simulators.hf: prefix-shared KV, answer-token logits only). A dense
+    simulator reads the same judgments at their judged token."""
     return probabilities(
         scorer_for_model(model, tokenizer, fmt, answer_ids, batch_size).label_logits(judgments)
     )
@@ -116,10 +117,10 @@ def dataset_judgments(split) -> list[Judgment]:
 
 
 def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
-    """Tokenize a dense split (latentsim.prompts.dense_token_ids): `input_ids` = header + text + one closing token,
-    and `labels` in the causal-LM convention (the verdict read at position p sits at p + 1) holding the answer
-    token of each aligned label, -100 elsewhere; `label_positions` keeps the positions for check_dense_supervision.
-    Labels whose token has no aligned simulator position are dropped and counted."""
+    """Tokenize a dense split (latentsim.prompts.dense_token_ids): `input_ids` = header + text + one closing
+    token, and `labels` in the causal-LM convention (the verdict read at position p sits at p + 1) holding the
+    answer token of each aligned label, -100 elsewhere; `label_positions` keeps the positions for
+    check_dense_supervision. Labels whose token has no aligned simulator position are dropped and counted."""
     closing = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 
     def tokenize(row):
@@ -153,8 +154,9 @@ def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length
 
 
 def check_dense_supervision(train_dataset, answer_ids: list[int]) -> None:
-    """Every tokenized dense example supervises exactly its aligned label positions (shifted by one) with answer
-    tokens, and nothing was cut off: a shifted or truncated label would train the wrong token's verdict."""
+    """Every tokenized dense example supervises exactly its aligned label positions (shifted by one) with
+    answer tokens, and nothing was cut off: a shifted or truncated label would train the wrong token's
+    verdict."""
     bad = []
     for i, ex in enumerate(train_dataset):
         supervised = [j for j, label in enumerate(ex["labels"]) if label != -100]
@@ -270,10 +272,10 @@ class SimulatorTrainer(SFTTrainer):
         return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Dense formats: cross-entropy over the answers only (No/Yes) at every label position, which a verdict
-        per text token needs (most are No; full-vocabulary CE would spend its first steps moving mass onto the
-        answer tokens). Per-judgment formats: TRL's loss."""
-        if not self.dense_format:
+        """Dense formats: cross-entropy over the answers only (No/Yes) at every label position, which a
+        verdict per text token needs (most are No; full-vocabulary CE would spend its first steps moving mass
+        onto the answer tokens). Per-judgment formats: TRL's loss."""
+        if not get_format(self.prompt_format).dense:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
@@ -297,15 +299,16 @@ RELOAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e
 
 
 def trained_dtype(args, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the forward ran in: bf16/fp16 mixed precision (Trainer or DeepSpeed) over the loaded dtype."""
+    """The dtype the forward ran in: bf16/fp16 mixed precision (Trainer or DeepSpeed) over the loaded
+    dtype."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model_dtype
 
 
 @contextmanager
 def without_zero3_init():
-    """Build a plain, unpartitioned model on one rank while a ZeRO-3 engine lives: as long as its DeepSpeed config is
-    registered, transformers builds every from_pretrained inside deepspeed.zero.Init, a collective the other ranks
-    never join."""
+    """Build a plain, unpartitioned model on one rank while a ZeRO-3 engine lives: as long as its DeepSpeed
+    config is registered, transformers builds every from_pretrained inside deepspeed.zero.Init, a collective
+    the other ranks never join."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
@@ -319,11 +322,11 @@ def without_zero3_init():
 
 
 def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float | None:
-    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on the
-    eval prompts must equal the trainer's within RELOAD_TOLERANCE of the trained dtype. Call it on every rank: the
-    trained model's P(yes) is computed by all of them together (under ZeRO-3 each forward gathers the layers' shards
-    from every rank, so a forward on rank 0 alone hangs); rank 0 alone then reloads, in the trained dtype, and
-    compares. Returns the largest difference (None on the other ranks)."""
+    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on
+    the eval prompts must equal the trainer's within RELOAD_TOLERANCE of the trained dtype. Call it on every
+    rank: the trained model's P(yes) is computed by all of them together (under ZeRO-3 each forward gathers
+    the layers' shards from every rank, so a forward on rank 0 alone hangs); rank 0 alone then reloads, in the
+    trained dtype, and compares. Returns the largest difference (None on the other ranks)."""
     from peft import PeftModel
 
     judgments, ids, bs = (
@@ -381,8 +384,8 @@ def finished_step(output_dir: str | Path) -> int | None:
 
 
 def resolve_resume(resume: str, output_dir: str) -> str | None:
-    """`auto`: the last complete checkpoint-N in output_dir (incomplete ones skipped with a warning), `never`: None,
-    else a path that must be a complete checkpoint."""
+    """`auto`: the last complete checkpoint-N in output_dir (incomplete ones skipped with a warning), `never`:
+    None, else a path that must be a complete checkpoint."""
     if resume == "never":
         return None
     if resume != "auto":

@@ -1,16 +1,16 @@
 """The whole layer rewritten by a dense simulator, per held-out text (eval/whole_layer.py).
 
-For one text (a cache row's positions 1..n; BOS is never encoded) the simulator judges every explained latent at
-every position (`DenseScorer.text_logits`), and the layer output at every position is rebuilt from its verdicts
-alone: no latent keeps an SAE value because the simulator was not asked about it. Sources (each a [n, d] layer
-output, patched in at all positions at once):
+For one text (a cache row's positions 1..n; BOS is never encoded) the simulator judges every explained latent
+at every position (`DenseScorer.text_logits`), and the layer output at every position is rebuilt from its
+verdicts alone: no latent keeps an SAE value because the simulator was not asked about it. Sources (each a
+[n, d] layer output, patched in at all positions at once):
 
-- `sae`: the SAE reconstruction (the ceiling); `sae:explained_only`: only the explained latents' true values (the
-  ceiling of any simulator when unexplained latents are zeroed); `no_latents`: every latent 0, i.e. b_dec (the
-  floor of a layer rebuilt from latents);
-- `sim@<threshold>:<value>:<unexplained>`: the latents with P(yes) >= threshold at that position, valued `oracle`
-  (the true value where truly active, else the latent's median activation) or `median`; unexplained latents
-  `zeroed` or `kept` at their SAE values (labelled: kept ones are not the simulator's work);
+- `sae`: the SAE reconstruction (the ceiling); `sae:explained_only`: only the explained latents' true values
+  (the ceiling of any simulator when unexplained latents are zeroed); `no_latents`: every latent 0, i.e. b_dec
+  (the floor of a layer rebuilt from latents);
+- `sim@<threshold>:<value>:<unexplained>`: the latents with P(yes) >= threshold at that position, valued
+  `oracle` (the true value where truly active, else the latent's median activation) or `median`; unexplained
+  latents `zeroed` or `kept` at their SAE values (labelled: kept ones are not the simulator's work);
 - `firing_rate_random:...`: each explained latent flagged at random with its firing rate (reads nothing; the
   "everything flagged at chance" reference), valued and completed the same way.
 
@@ -44,8 +44,8 @@ BLOCK = 8  # bootstrap clusters: blocks of 8 consecutive positions of one text (
 
 
 def simulator_for(args):
-    """The simulator of a WholeLayerArguments: a train/sft.py run's final adapter (a dense format or sim_v1) or a
-    prompted sim_v1 baseline (eval/sweep.py's `name=...,model=...` spec)."""
+    """The simulator of a WholeLayerArguments: a train/sft.py run's final adapter (a dense format or sim_v1)
+    or a prompted sim_v1 baseline (eval/sweep.py's `name=...,model=...` spec)."""
     from latentsim.config.eval import parse_baseline
     from latentsim.prompts import get_format
     from latentsim.simulators import baseline_simulator, final_simulator
@@ -71,8 +71,8 @@ def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
 def simulator_p_yes(
     scorer, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
 ) -> list[np.ndarray]:
-    """Per text, P(yes) [n_tokens, n_latents] of a dense simulator (renormalised over No/Yes); NaN where unaligned.
-    Each interpretation's header is computed once for all the texts."""
+    """Per text, P(yes) [n_tokens, n_latents] of a dense simulator (renormalised over No/Yes); NaN where
+    unaligned. Each interpretation's header is computed once for all the texts."""
     # A token without a character end (-1) matches no simulator token: text_logits leaves it NaN.
     return [
         (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
@@ -91,9 +91,9 @@ def sim_v1_p_yes(
     tokenizer,
     progress=None,
 ) -> list[np.ndarray]:
-    """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one judgment per (judged position, latent),
-    the context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval sets; NaN at
-    the positions not judged. Judgments of one position share its context prefix (HFScorer)."""
+    """Per text, P(yes) [n_tokens, n_latents] of a sim_v1 simulator: one judgment per (judged position,
+    latent), the context the `context_tokens` tokens up to the judged one (never BOS), marked as in the eval
+    sets; NaN at the positions not judged. Judgments of one position share its context prefix (HFScorer)."""
     from latentsim.prompts import marked_context
     from latentsim.simulators import Judgment, probabilities
 
@@ -120,10 +120,10 @@ def judge_texts(
     shard_dir: Path,
     sim_v1: dict | None = None,
 ) -> dict[int, np.ndarray]:
-    """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the run
-    that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed per
-    judgment); finished rows are read back, the others judged together (a dense simulator: each header once).
-    `sim_v1` (judged, context_tokens): judged by a sim_v1 simulator at those positions only."""
+    """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the
+    run that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed
+    per judgment); finished rows are read back, the others judged together (a dense simulator: each header
+    once). `sim_v1` (judged, context_tokens): judged by a sim_v1 simulator at those positions only."""
     shard_dir = Path(shard_dir)
     out = {r: np.load(shard_dir / f"row{r}.npy") for r in rows if (shard_dir / f"row{r}.npy").is_file()}
     todo = [r for r in rows if r not in out]
@@ -186,7 +186,8 @@ def l0_matched_threshold(p_yes: list[np.ndarray], truth: list[np.ndarray]) -> fl
 def decisions(
     p_yes: np.ndarray, thresholds: dict[str, float], firing_rate: torch.Tensor, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """{decision source: flagged [n, n_explained] bool}: the simulator at each threshold, and the random reference."""
+    """{decision source: flagged [n, n_explained] bool}: the simulator at each threshold, and the random
+    reference."""
     p = torch.from_numpy(np.nan_to_num(p_yes, nan=-1.0))
     out = {f"sim@{label}": p >= t for label, t in thresholds.items()}
     out["firing_rate_random"] = torch.rand(p.shape, generator=generator) < firing_rate[None, :]
@@ -201,8 +202,8 @@ def layer_sources(
     medians: torch.Tensor,
     sae,
 ) -> dict[str, torch.Tensor]:
-    """{source: layer output [n, d]} (module docstring); z [n, W] the true latents, `explained` the latent ids the
-    simulator judges, flagged[...] [n, len(explained)]."""
+    """{source: layer output [n, d]} (module docstring); z [n, W] the true latents, `explained` the latent ids
+    the simulator judges, flagged[...] [n, len(explained)]."""
     unexplained = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
     unexplained[explained] = False
     kept = z * unexplained
@@ -232,10 +233,11 @@ def patch_text(
     build_sources,
     judged: np.ndarray | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor, np.ndarray]:
-    """KL(p_clean || p_patched) and CE of the next token at positions 1..n for every source; `build_sources(z)`
-    gives {source: [n, d]} from the true latents z [n, W]. Returns ({source: (kl [n], ce [n])}, z, clean CE [n]).
-    With `judged` (indices into 0..n-1) only those positions are patched (the others keep the clean layer output)
-    and measured: kl, ce and clean CE are [len(judged)]."""
+    """KL(p_clean || p_patched) and CE of the next token at positions 1..n for every source;
+    `build_sources(z)` gives {source: [n, d]} from the true latents z [n, W]. Returns
+    ({source: (kl [n], ce [n])}, z, clean CE [n]). With `judged` (indices into 0..n-1) only those positions
+    are patched (the others keep the clean layer output) and measured: kl, ce and clean CE are
+    [len(judged)]."""
     logits, _, x_out, _ = clean_pass(model, ids, layer)
     z = sae.encode(x_out[1:].to(sae.W_dec.dtype))
     sources = build_sources(z)
@@ -290,10 +292,11 @@ def judgment_metrics(
     thresholds: dict[str, float],
     seed: int,
 ) -> dict:
-    """Over every (position, explained latent) of the texts: pooled AUC of the simulator and of the firing-rate
-    prior, per-latent AUC (positions where a latent fires vs those where it does not; the prior's is 0.5 by
-    construction), recall / precision / flagged per position at each threshold; for all latents and split by
-    whether the simulator trained on them. p_yes, truth [positions, latents]; trained [latents] bool."""
+    """Over every (position, explained latent) of the texts: pooled AUC of the simulator and of the
+    firing-rate prior, per-latent AUC (positions where a latent fires vs those where it does not; the prior's
+    is 0.5 by construction), recall / precision / flagged per position at each threshold; for all latents and
+    split by whether the simulator trained on them. p_yes, truth [positions, latents]; trained [latents]
+    bool."""
     out = {}
     for group, cols in (("all", np.ones_like(trained)), ("trained_on", trained), ("held_out", ~trained)):
         if not cols.any():
@@ -345,7 +348,8 @@ def summarise_sources(kl_ce: dict[str, dict[str, np.ndarray]], clusters: np.ndar
 
 
 def held_out_rows(eval_set: EvalSet, split: str, n: int, seed: int, trained_rows: set[int]) -> list[int]:
-    """A seeded choice of `n` of the eval set's `split` rows, refused if any of its rows trained the simulator."""
+    """A seeded choice of `n` of the eval set's `split` rows, refused if any of its rows trained the
+    simulator."""
     rows = sorted(set(eval_set.split(split)["row"].tolist()))
     if overlap := sorted(set(rows) & trained_rows):
         raise BadInputError(
@@ -365,13 +369,15 @@ def format_table(result: dict) -> str:
     t, c = result["timing"], result["controlled"]
     at = "its last position" if result.get("positions") == "last" else "every position"
     lines = [
-        f"[whole_layer] {len(result['rows'])} held-out texts x {result['tokens_per_text']} positions; every one of "
+        f"[whole_layer] {len(result['rows'])} held-out texts x {result['tokens_per_text']} positions; "
+        "every one of "
         f"{result['explained_latents']} explained latents judged by {result['prompt_format']} at {at} "
         f"({sum(x['seconds'] for x in t) / sum(len(x['rows']) for x in t):.0f} s per text, "
         f"{sum(x['judgments'] for x in t) / sum(x['seconds'] for x in t):.0f} judgments/s, "
         f"{np.mean([x['computed_tokens_per_judgment'] for x in t]):.2f} tokens computed per judgment)",
         f"  the simulator judges {100 * c['share_of_active_latents']:.0f}% of the SAE's active latents "
-        f"({100 * c['share_of_decoded_norm']:.0f}% of their decoded norm; {c['active_latents']:.1f} active per "
+        f"({100 * c['share_of_decoded_norm']:.0f}% of their decoded norm; "
+        f"{c['active_latents']:.1f} active per "
         "position); KL(p_clean || p_patched) and CE, mean over positions [95% CI over blocks of 8]",
         f"  {'source':<56} {'KL [95% CI]':<22} {'CE':>7} {'recovery':>9}",
     ]
@@ -379,8 +385,8 @@ def format_table(result: dict) -> str:
         kl = s["kl"]
         recovery = f"{s['recovery']:9.2f}" if name != "clean" else f"{'':>9}"
         lines.append(
-            f"  {name:<56} {kl['mean']:.3f} [{kl['ci95'][0]:.3f}, {kl['ci95'][1]:.3f}] {s['ce']['mean']:7.3f} "
-            f"{recovery}"
+            f"  {name:<56} {kl['mean']:.3f} [{kl['ci95'][0]:.3f}, {kl['ci95'][1]:.3f}] "
+            f"{s['ce']['mean']:7.3f} {recovery}"
         )
     for group, g in result["judgments"].items():
         at = ", ".join(

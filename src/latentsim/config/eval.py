@@ -30,9 +30,9 @@ def reference_names() -> list[str]:
 def parse_baseline(spec: str) -> dict:
     """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
     model (default embedded:smollm2-135m; or a registered reference that reads nothing, e.g. prior,
-    string_match, prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation score, false),
-    interpretations (another interpretation set; default the eval set's), tensor_parallel_size (vLLM: GPUs for this
-    model's engine, default the sweep's), name."""
+    string_match, prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation
+    score, false), interpretations (another interpretation set; default the eval set's), tensor_parallel_size
+    (vLLM: GPUs for this model's engine, default the sweep's), name."""
     out = {
         "model": "embedded:smollm2-135m",
         "shots": 0,
@@ -87,7 +87,8 @@ def parse_baseline(spec: str) -> dict:
 
 @dataclass
 class EvalArguments(VLLMEngineArguments):
-    """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one eval set."""
+    """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one
+    eval set."""
 
     eval_set: str = field(
         default="",
@@ -159,7 +160,8 @@ class EvalArguments(VLLMEngineArguments):
         if not self.eval_set:
             _fail(
                 "eval_set",
-                "give a build_dataset output folder (data_gen/build_dataset.py, see configs/data/eval_*.yaml).",
+                "give a build_dataset output folder (data_gen/build_dataset.py, see "
+                "configs/data/eval_*.yaml).",
             )
         if self.backend not in ("hf", "vllm", "fake"):
             _fail("backend", f"{self.backend!r} is not `hf`, `vllm` or `fake`.")
@@ -196,7 +198,8 @@ def check_thresholds(thresholds: list[str]) -> None:
 
 @dataclass
 class PatchArguments:
-    """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and CE."""
+    """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and
+    CE."""
 
     eval_set: str = field(
         default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."}
@@ -282,8 +285,8 @@ class PatchArguments:
 
 @dataclass
 class WholeLayerArguments:
-    """eval/whole_layer.py: a simulator judges every explained latent at the judged positions of held-out texts;
-    the layer is rebuilt from its verdicts alone and patched in there; KL and CE per position."""
+    """eval/whole_layer.py: a simulator judges every explained latent at the judged positions of held-out
+    texts; the layer is rebuilt from its verdicts alone and patched in there; KL and CE per position."""
 
     eval_set: str = field(
         default="",
@@ -410,7 +413,8 @@ class WholeLayerArguments:
 
 @dataclass
 class GenerateArguments:
-    """eval/generate.py: closed-loop generation with the hook layer rewritten from SAE latents or a simulator."""
+    """eval/generate.py: closed-loop generation with the hook layer rewritten from SAE latents or a
+    simulator."""
 
     eval_set: str = field(
         default="",

@@ -4,8 +4,8 @@
   training run's checkpoints and final adapter, Hub branches, baseline specs.
 - `base.py`: `Judgment` (an eval row's fields), the `Scorer` interface (`label_logits(judgments)`), the
   registries of scorer kinds and references.
-- `factory.py`: `ScorerFactory`, the one place that checks a simulator (format, chat template, held-out rows and
-  latents) and constructs its scorer; `load_scorer` for a single simulator.
+- `factory.py`: `ScorerFactory`, the one place that checks a simulator (format, chat template, held-out rows
+  and latents) and constructs its scorer; `load_scorer` for a single simulator.
 - The kinds: `hf.py` (`hf`: prefix-shared chat prompts; `dense`: verdicts at every token), `vllm.py` (`vllm`),
   `fake.py` (`fake`, for tests), `reference.py` (`prior`, `string_match`, `prior+string_match`).
 

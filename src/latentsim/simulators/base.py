@@ -62,8 +62,8 @@ class Judgment:
 def judgments_of(
     df: pd.DataFrame, interpretations: dict[int, str] | None = None, show_score: bool = False
 ) -> tuple[list[Judgment], np.ndarray]:
-    """The judgments of eval rows and a mask of the rows kept: `interpretations` (another set than the rows' own)
-    may lack some latents, whose rows are dropped."""
+    """The judgments of eval rows and a mask of the rows kept: `interpretations` (another set than the rows'
+    own) may lack some latents, whose rows are dropped."""
     judgments, keep = [], np.ones(len(df), dtype=bool)
     for i, row in enumerate(df.itertuples(index=False)):
         text = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
@@ -83,7 +83,8 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ScoringOptions:
-    """How simulators are run: the keys of EvalArguments (and the other stages' arguments) that scorers read."""
+    """How simulators are run: the keys of EvalArguments (and the other stages' arguments) that scorers
+    read."""
 
     backend: str = "hf"  # hf | vllm | fake; references ignore it
     dtype: str = "auto"

@@ -1,17 +1,18 @@
 """The one place that turns a simulator spec into a scorer, with every check a simulator must pass.
 
     factory = ScorerFactory(ScoringOptions.from_args(args))
-    setup = factory.prepare(sim, eval_set.prompt_format, eval_set=eval_set, seed=args.seed)  # checks, no model
+    # checks, no model
+    setup = factory.prepare(sim, eval_set.prompt_format, eval_set=eval_set, seed=args.seed)
     scorer = factory.load(setup)                # the registered kind's `create`
     logits = scorer.label_logits(judgments)     # latentsim.simulators.base.Judgment
     factory.release(scorer)
 
 `prepare` refuses, before any model loads: an unknown reference, a kind the backend cannot run (a dense
 simulator under vLLM), a finetuned simulator trained on another prompt format or chat template than the one it
-is scored in, and (given the eval rows) eval rows or latents it trained on (latentsim.held_out). The factory keeps
-one base model (or vLLM engine) at a time across simulators: finetuned adapters attach unmerged and detach again
-on `release`. Under a multi-process launch (latentsim.distributed.Ranks) each rank loads its own: hf on its own
-GPU, vLLM on its own `gpus_per_rank` GPUs.
+is scored in, and (given the eval rows) eval rows or latents it trained on (latentsim.held_out). The factory
+keeps one base model (or vLLM engine) at a time across simulators: finetuned adapters attach unmerged and
+detach again on `release`. Under a multi-process launch (latentsim.distributed.Ranks) each rank loads its own:
+hf on its own GPU, vLLM on its own `gpus_per_rank` GPUs.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class ScorerFactory:
 
     # -- checks and resolution (no model loads) --
     def check(self, sim: Simulator, eval_format: str) -> None:
-        """The checks that need nothing but the spec: its kind exists and runs here, its format judges like the
-        eval's."""
+        """The checks that need nothing but the spec: its kind exists and runs here, its format judges like
+        the eval's."""
         kind = scorer_kind(sim, self.options.backend)
         if sim.kind == "reference":
             if kind not in REFERENCES:
@@ -68,7 +69,8 @@ class ScorerFactory:
         if sim.kind == "finetuned" and get_format(sim.prompt_format).judgment_format != eval_format:
             judged = get_format(sim.prompt_format).judgment_format
             raise BadInputError(
-                f"{sim.name}: trained on prompt format {sim.prompt_format!r}, the eval set is {eval_format!r}; "
+                f"{sim.name}: trained on prompt format {sim.prompt_format!r}, "
+                f"the eval set is {eval_format!r}; "
                 f"build an eval set with prompt_format: {judged}."
             )
 
@@ -82,9 +84,9 @@ class ScorerFactory:
         frames: dict | None = None,
         allow_seen_latents: bool = False,
     ) -> ScorerSetup:
-        """Resolve and check `sim` for judgments in `eval_format`: its tokenizer (chat template checked against
-        training's), answer tokens, few-shot turns and interpretation set (both from `eval_set`). `frames`
-        ({split: eval rows}) are checked against what a finetuned simulator trained on."""
+        """Resolve and check `sim` for judgments in `eval_format`: its tokenizer (chat template checked
+        against training's), answer tokens, few-shot turns and interpretation set (both from `eval_set`).
+        `frames` ({split: eval rows}) are checked against what a finetuned simulator trained on."""
         self.check(sim, eval_format)
         interpretations = eval_set.interpretations(sim.interpretations) if sim.interpretations else None
         if sim.kind == "finetuned" and frames is not None:
@@ -209,8 +211,9 @@ def few_shot_messages(eval_set, shots: int, seed: int, interpretations, score: b
 
 
 def load_scorer(ref: str | Simulator, eval_format: str, options: ScoringOptions) -> tuple[Scorer, str]:
-    """One simulator's scorer outside a sweep: a train/sft.py run folder (its final adapter, its own tokenizer,
-    checked against `eval_format`), an untuned model reference, or a Simulator. Returns (scorer, name)."""
+    """One simulator's scorer outside a sweep: a train/sft.py run folder (its final adapter, its own
+    tokenizer, checked against `eval_format`), an untuned model reference, or a Simulator. Returns (scorer,
+    name)."""
     sim = ref if isinstance(ref, Simulator) else model_simulator(ref)
     factory = ScorerFactory(options)
     return factory.load(factory.prepare(sim, eval_format)), sim.name

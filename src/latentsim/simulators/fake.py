@@ -1,4 +1,5 @@
-"""A fake simulator for tests (`backend: fake`): deterministic logits from a hash of each judgment's prompt."""
+"""A fake simulator for tests (`backend: fake`): deterministic logits from a hash of each judgment's
+prompt."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Simulator models run with transformers: the prefix-shared chat scorer (`hf`) and the dense scorer (`dense`).
+"""Simulator models run with transformers: the prefix-shared chat scorer (`hf`) and the dense scorer
+(`dense`).
 
 - `HFScorer`: renders each judgment as its chat prompt (few-shot turns first). Judgments of one context share
   their leading tokens (formats put the context before the interpretation, see prompts.py): each context's
@@ -143,7 +144,8 @@ class HFScorer(Scorer):
         return out
 
     def score_group(self, ids: list[list[int]]) -> np.ndarray:
-        """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV cache."""
+        """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV
+        cache."""
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
@@ -184,10 +186,10 @@ class HFScorer(Scorer):
 @register_scorer("dense")
 class DenseScorer(HFScorer):
     """A dense simulator (prompts.py: `sim_dense_v1`) scoring per-judgment prompts: each judgment is its
-    interpretation's header + the context up to the judged token, read at that token. The header comes first, so
-    judgments of one latent (an eval set judges each held-out latent in several contexts) share it: its KV is
-    computed once per batch of latents with headers of one length, then each judgment's text runs on a copy of
-    its latent's KV, texts right-padded (causal attention never lets a real token see the padding)."""
+    interpretation's header + the context up to the judged token, read at that token. The header comes first,
+    so judgments of one latent (an eval set judges each held-out latent in several contexts) share it: its KV
+    is computed once per batch of latents with headers of one length, then each judgment's text runs on a copy
+    of its latent's KV, texts right-padded (causal attention never lets a real token see the padding)."""
 
     def __init__(
         self, model, tokenizer, answer_ids: list[int], batch_size: int = 32, fmt: str = "sim_dense_v1"
@@ -259,8 +261,8 @@ class DenseScorer(HFScorer):
         return out
 
     def header_batches(self, decoder, headers: list[list[int]], device):
-        """(header length, the indices of a batch of headers of that length, their KV cache): every header once,
-        batched by token length so that no batch holds padding."""
+        """(header length, the indices of a batch of headers of that length, their KV cache): every header
+        once, batched by token length so that no batch holds padding."""
         by_length: dict[int, list[int]] = {}
         for k, h in enumerate(headers):
             by_length.setdefault(len(h), []).append(k)
@@ -274,8 +276,8 @@ class DenseScorer(HFScorer):
                 yield length, chunk, header.cache if "cache" in header else header.past_key_values
 
     def judgment_text_ids(self, judgment: Judgment) -> tuple[str, list[int]]:
-        """(interpretation, the judgment's text ids after the header, up to and including the simulator token that
-        reads the judged token)."""
+        """(interpretation, the judgment's text ids after the header, up to and including the simulator token
+        that reads the judged token)."""
         if judgment.score is not None:
             raise BadInputError(
                 "a dense simulator does not read interpretation scores; score it without them."
@@ -294,12 +296,13 @@ class DenseScorer(HFScorer):
     def text_logits(
         self, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
     ) -> list[np.ndarray]:
-        """Every latent's verdict at every judged token of every text: per text (its string and the character end
-        of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where unaligned.
+        """Every latent's verdict at every judged token of every text: per text (its string and the character
+        end of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where
+        unaligned.
 
-        Each interpretation's header goes through the model once; its KV is reused for every text. Latents whose
-        headers have the same token length share a batch (no padding anywhere), the text repeated over the
-        batch, and only the aligned positions meet the answer rows of the output embedding."""
+        Each interpretation's header goes through the model once; its KV is reused for every text. Latents
+        whose headers have the same token length share a batch (no padding anywhere), the text repeated over
+        the batch, and only the aligned positions meet the answer rows of the output embedding."""
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
@@ -339,8 +342,8 @@ class DenseScorer(HFScorer):
 def naive_dense_logits(
     model, tokenizer, fmt: str, interpretation: str, text: str, token_ends: list[int], answer_ids: list[int]
 ) -> np.ndarray:
-    """One full forward of a dense example; the answers' logits at every judged token ([n_tokens, n_answers], NaN
-    where unaligned): the exactness reference for DenseScorer and for training's label positions."""
+    """One full forward of a dense example; the answers' logits at every judged token ([n_tokens, n_answers],
+    NaN where unaligned): the exactness reference for DenseScorer and for training's label positions."""
     ids, positions = dense_token_ids(tokenizer, fmt, interpretation, text, token_ends)
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -363,8 +366,8 @@ def naive_label_logits(
     batch_size: int = 16,
     full_logits: bool = True,
 ) -> np.ndarray:
-    """One full prompt per judgment: left-padded batches (positions follow the attention mask), logits at every
-    position (`full_logits`) or the last only; the answers' logits at the last position."""
+    """One full prompt per judgment: left-padded batches (positions follow the attention mask), logits at
+    every position (`full_logits`) or the last only; the answers' logits at the last position."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []

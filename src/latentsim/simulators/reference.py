@@ -80,8 +80,8 @@ def features(
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iterations: int = 100) -> np.ndarray:
-    """Weights [bias, w...] of a logistic regression (Newton's method with a small L2 penalty on w, so a feature
-    that separates the classes perfectly still gives finite weights)."""
+    """Weights [bias, w...] of a logistic regression (Newton's method with a small L2 penalty on w, so a
+    feature that separates the classes perfectly still gives finite weights)."""
     design = np.column_stack([np.ones(len(x)), x])
     w = np.zeros(design.shape[1])
     penalty = l2 * len(x) * np.diag([0.0] + [1.0] * x.shape[1])
@@ -137,9 +137,9 @@ def judgment_frame(judgments: list[Judgment]) -> pd.DataFrame:
 
 @register_reference(*REFERENCE_FEATURES)
 class FeatureReference(Scorer):
-    """A reference baseline (`model=prior`, `string_match` or `prior+string_match`): ReferenceModel fitted on the
-    eval set's calibration split (held-out latents like the test split's, so the same share of positives; the
-    train split's larger latent pool holds more actives per context) or, without one, its train split."""
+    """A reference baseline (`model=prior`, `string_match` or `prior+string_match`): ReferenceModel fitted on
+    the eval set's calibration split (held-out latents like the test split's, so the same share of positives;
+    the train split's larger latent pool holds more actives per context) or, without one, its train split."""
 
     def __init__(self, model: ReferenceModel, fitted_on: dict):
         super().__init__()

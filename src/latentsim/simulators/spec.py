@@ -1,8 +1,9 @@
-"""What a simulator is, and where simulators are found: run folders, their checkpoints, Hub branches, baselines.
+"""What a simulator is, and where simulators are found: run folders, their checkpoints, Hub branches,
+baselines.
 
 A `Simulator` is a spec, not a loaded model: a base model plus (finetuned) a LoRA adapter and what training
-recorded about it, a prompted baseline (`shots`, `score`, another interpretation set), or a reference that reads
-no text with a language model. latentsim.simulators.factory turns any of them into a scorer.
+recorded about it, a prompted baseline (`shots`, `score`, another interpretation set), or a reference that
+reads no text with a language model. latentsim.simulators.factory turns any of them into a scorer.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
         for record in (run / "eval_results.json", run / "trainer_state.json"):  # sft.py writes the first
             if step is None and record.is_file():
                 step = json.loads(record.read_text()).get("global_step")
-        # The final adapter is the last checkpoint's weights when training ended on a save step: score it once.
+        # The final adapter is the last checkpoint's weights when training ended on a save step: score it
+        # once.
         out = [s for s in out if step is None or s.step != step]
         out.append(Simulator(name=f"{run.name}__final", adapter=str(run), step=step, **common))
     if not out:
@@ -66,8 +68,8 @@ def final_simulator(run_dir: str | Path) -> Simulator:
 
 
 def baseline_simulator(spec: dict) -> Simulator:
-    """A baseline from its parsed spec (latentsim.config.eval.parse_baseline): a prompted model, or a registered
-    reference when `model` names one."""
+    """A baseline from its parsed spec (latentsim.config.eval.parse_baseline): a prompted model, or a
+    registered reference when `model` names one."""
     from latentsim.simulators.base import REFERENCES
 
     return Simulator(
@@ -82,15 +84,16 @@ def baseline_simulator(spec: dict) -> Simulator:
 
 
 def model_simulator(ref: str) -> Simulator:
-    """A train/sft.py run folder's final adapter, or an untuned model reference read as a zero-shot baseline."""
+    """A train/sft.py run folder's final adapter, or an untuned model reference read as a zero-shot
+    baseline."""
     if (Path(ref) / "run_config.json").is_file():
         return final_simulator(ref)
     return Simulator(name=ref, kind="baseline", base_model=ref)
 
 
 def simulators_to_score(args, api=None) -> list[Simulator]:
-    """Every simulator an EvalArguments names: checkpoints and final adapters of `run_dirs`, each branch of the
-    `hub_runs` repos (downloaded), then the `baselines`. Resolved before any model loads."""
+    """Every simulator an EvalArguments names: checkpoints and final adapters of `run_dirs`, each branch of
+    the `hub_runs` repos (downloaded), then the `baselines`. Resolved before any model loads."""
     from latentsim.hub import download_adapter_branches
 
     sims = [s for run in args.run_dirs for s in run_simulators(run, args.include_checkpoints)]
@@ -103,8 +106,8 @@ def simulators_to_score(args, api=None) -> list[Simulator]:
 
 
 def simulator_tokenizer(sim: Simulator):
-    """A simulator's tokenizer: its adapter's own (saved by train/sft.py with its chat template), else the base
-    model's (a prompted baseline)."""
+    """A simulator's tokenizer: its adapter's own (saved by train/sft.py with its chat template), else the
+    base model's (a prompted baseline)."""
     from latentsim.models import load_tokenizer
 
     own = sim.adapter and (Path(sim.adapter) / "tokenizer_config.json").is_file()

@@ -24,14 +24,15 @@ def lora_int_id(adapter_path: str) -> int:
 
 def lora_name(adapter_path: str) -> str:
     """vLLM's LoRA name for an adapter: its resolved path. Since vLLM 0.11.1 the prefix cache is keyed on the
-    name (vllm issue #30931), so two runs' `checkpoint-100` (or two Hub repos' `main`) must never share one."""
+    name (vllm issue #30931), so two runs' `checkpoint-100` (or two Hub repos' `main`) must never share
+    one."""
     return str(Path(adapter_path).resolve())
 
 
 @register_scorer("vllm")
 class VLLMScorer(Scorer):
-    """vLLM offline scoring (GPU): prefix caching, one LoRARequest per adapter, label log-probs by token id. One
-    engine per base model, kept by the factory across simulators (adapters switch per simulator)."""
+    """vLLM offline scoring (GPU): prefix caching, one LoRARequest per adapter, label log-probs by token id.
+    One engine per base model, kept by the factory across simulators (adapters switch per simulator)."""
 
     def __init__(
         self,
@@ -91,8 +92,8 @@ class VLLMScorer(Scorer):
         return engine
 
     def shutdown(self) -> None:
-        """Free the engine (its GPU memory and engine-core process) before another base model's engine is built:
-        a sweep that switches base models would otherwise hold both."""
+        """Free the engine (its GPU memory and engine-core process) before another base model's engine is
+        built: a sweep that switches base models would otherwise hold both."""
         shutdown_llm(self.llm)
         self.llm = None
 
@@ -114,7 +115,8 @@ class VLLMScorer(Scorer):
         self.lora = LoRARequest(lora_name(adapter), lora_int_id(adapter), str(adapter))
 
     def label_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
-        # The answers' log-probs by token id (vLLM >= 0.32, pyproject's [gpu] bound): exact, whatever their rank.
+        # The answers' log-probs by token id (vLLM >= 0.32, pyproject's [gpu] bound): exact, whatever their
+        # rank.
         params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=self.answer_ids)
         ids = [
             prompt_token_ids(
