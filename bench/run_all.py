@@ -17,66 +17,26 @@ from pathlib import Path
 import torch
 
 from latentsim.bench import (
+    TEXT,
     bench_cache,
     bench_dense_scoring,
     bench_patch_kl,
     bench_scoring,
     bench_sft,
     matmul_gflops,
+    random_topk_sae,
+    scoring_judgments,
     whole_layer_inputs,
 )
 from latentsim.cli import run
 from latentsim.config import BenchArguments, SAEArguments
 from latentsim.io import atomic_write_json, provenance
 from latentsim.models import load_model_and_tokenizer, resolve_model_path
-from latentsim.prompts import answer_token_ids, marked_context
+from latentsim.prompts import answer_token_ids
 from latentsim.sae import load_sae
-from latentsim.simulators import Judgment, judgments_of
 
 # The config dataclasses this script parses.
 DATACLASSES = (BenchArguments,)
-
-
-def random_topk_sae(d_in: int, d_sae: int, k: int):
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=SAEMetadata(hook_name="random")))
-    with torch.no_grad():
-        for p in (sae.W_enc, sae.W_dec):
-            p.copy_(torch.randn_like(p) / d_in**0.5)
-    return sae.eval()
-
-
-TEXT = (
-    "The standard library offers a wide range of facilities. It contains built-in modules that provide "
-    "access to system functionality such as file input and output, as well as modules written in Python that "
-    "provide standardized solutions for many problems that occur in everyday programming. A fool and his "
-    "money are soon parted, but a wise man keeps a little of both for the days when the rain will not stop "
-    "falling."
-).split()
-
-
-def scoring_judgments(eval_set: Path, n_contexts: int, per_context: int) -> list[Judgment]:
-    """The quickstart eval set's judgments when it exists (its first contexts), else synthetic ones of the
-    same shape: 32-word contexts, token-list-like interpretations of 3-12 words."""
-    import random
-
-    if (eval_set / "test.parquet").is_file():
-        import pandas as pd
-
-        df = pd.read_parquet(eval_set / "test.parquet")
-        df = df[df["context"].isin(df["context"].drop_duplicates().iloc[:n_contexts])]
-        return judgments_of(df.groupby("context").head(per_context))[0]
-    rng = random.Random(0)
-    judgments = []
-    for c in range(n_contexts):
-        words = TEXT[c * 7 : c * 7 + 32]
-        context = marked_context(" ".join(words[:-1]) + " ", words[-1])
-        for _ in range(per_context):
-            interp = ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
-            judgments.append(Judgment(context, interp))
-    return judgments
 
 
 def main(args: BenchArguments) -> None:

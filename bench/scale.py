@@ -13,32 +13,18 @@ at the default sizes on 2 cores.
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from latentsim.cli import run
 from latentsim.config import ScaleArguments
 from latentsim.io import provenance, write_results
+from latentsim.scale import measured, print_table
 
 DATACLASSES = (ScaleArguments,)
 HOOK = "layers.15"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def measured(cmd: list[str], log: Path) -> dict:
-    """Run `cmd`; its wall time and the peak resident memory of that process alone."""
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}); its output is in {log}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
 
 
 def stage_commands(args: ScaleArguments, n_tokens: int, folder: Path) -> dict[str, list[str]]:
@@ -130,7 +116,7 @@ def main(args: ScaleArguments) -> None:
         rows = {}
         for name, cmd in stage_commands(args, n_tokens, folder).items():
             print(f"[scale] {n_tokens:,} tokens: {name} ...", flush=True)
-            rows[name] = measured(cmd, folder / f"stage_{len(rows)}.log")
+            rows[name] = measured(cmd, folder / f"stage_{len(rows)}.log", ROOT)
             print(f"[scale]   {rows[name]['seconds']} s, peak RSS {rows[name]['peak_rss_gb']} GB", flush=True)
         latents = folder / "cache" / "latents" / HOOK
         stats = json.loads((folder / "cache" / "stats" / f"{HOOK}.json").read_text())
@@ -147,24 +133,6 @@ def main(args: ScaleArguments) -> None:
             shutil.rmtree(folder / "cache")
     print_table(results)
     print(f"[scale] results in {out / 'results.json'}")
-
-
-def print_table(results: dict) -> None:
-    sizes = list(results["sizes"])
-    print("\n| stage | " + " | ".join(f"{int(s) / 1e6:g}M tokens: s / peak RSS GB" for s in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for name in results["sizes"][sizes[0]]["stages"]:
-        cells = [results["sizes"][s]["stages"][name] for s in sizes]
-        print(
-            f"| {name} | " + " | ".join(f"{c['seconds']:.0f} / {c['peak_rss_gb']:.2f}" for c in cells) + " |"
-        )
-    print(
-        "| non-zeros (L0) | "
-        + " | ".join(
-            f"{results['sizes'][s]['non_zeros'] / 1e6:.0f}M ({results['sizes'][s]['mean_l0']})" for s in sizes
-        )
-        + " |"
-    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from latentsim.cache import (
     cache_is_complete,
     completed_shards,
+    delphi_config,
     finalise_shards,
     record_rows,
     remove_shards,
@@ -39,45 +40,11 @@ from latentsim.distributed import Ranks
 from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
 from latentsim.latent_stats import cache_statistics, save_statistics
-from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name, load_model_and_tokenizer
-from latentsim.sae import ACTIVE_THRESHOLD, check_hookpoint, load_sae
+from latentsim.models import load_model_and_tokenizer
+from latentsim.sae import check_hookpoint, load_sae
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ModelArguments, CorpusArguments, SAEArguments, CacheArguments)
-
-
-def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
-    """delphi's CacheConfig fields + model_name, and our own block."""
-    name = embedded_name(model_args.model_name_or_path)
-    return {
-        "dataset_repo": corpus_args.corpus,
-        "dataset_split": corpus_args.corpus_split,
-        "dataset_name": corpus_args.corpus_config_name or "",
-        "dataset_column": corpus_args.corpus_text_column,
-        "batch_size": args.batch_size,
-        "cache_ctx_len": corpus_args.ctx_len,
-        "n_tokens": corpus_args.n_rows * corpus_args.ctx_len,
-        "n_splits": args.n_splits,
-        # delphi loads the tokenizer from model_name: give it a Hub id it can resolve.
-        "model_name": EMBEDDED_MODELS[name].hub_equivalent if name else model_args.model_name_or_path,
-        "latentsim": {
-            "hookpoint": sae_args.hookpoint,
-            "d_sae": d_sae,
-            "model": describe_model_source(model_args.model_name_or_path),
-            "sae": {
-                "sae_path": sae_args.sae_path,
-                "sae_release": sae_args.sae_release,
-                "sae_id": sae_args.sae_id,
-            },
-            "row_start": corpus_args.row_start,
-            "n_rows": corpus_args.n_rows,
-            "seed": corpus_args.seed,
-            "corpus_streaming": corpus_args.corpus_streaming,
-            "position_0_excluded": True,
-            "active_threshold": ACTIVE_THRESHOLD,
-            "row_index": "rows are indices into `tokens`; corpus row = row_start + row",
-        },
-    }
 
 
 def main(

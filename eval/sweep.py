@@ -22,7 +22,6 @@ from latentsim.eval_set import EvalSet
 from latentsim.interpretation_scores import load_scores
 from latentsim.io import (
     atomic_write_json,
-    atomic_write_text,
     provenance,
     read_results,
     write_results,
@@ -32,8 +31,8 @@ from latentsim.metrics import evaluate, summary_row
 from latentsim.simulators import ScorerFactory, ScoringOptions, simulators_to_score
 from latentsim.sweep import (
     add_lifts,
+    eval_splits,
     gpus_per_rank,
-    markdown_table,
     open_simulator_folder,
     score_simulator,
     simulator_spec,
@@ -54,15 +53,7 @@ def main(args: EvalArguments, api=None) -> None:
     factory = ScorerFactory(ScoringOptions.from_args(args), ranks, gpus_per_rank(sims, args))
     for sim in sims:  # every run and baseline is refused before any model loads
         factory.check(sim, eval_set.prompt_format)
-    splits = {
-        s: eval_set.split(
-            s,
-            args.max_contexts if s == args.eval_split else (args.calibration_contexts or args.max_contexts),
-            args.seed,
-        )
-        for s in (args.eval_split, args.calibration_split)
-        if s and (s == args.eval_split or eval_set.binary)
-    }
+    splits = eval_splits(eval_set, args)
     test = splits[args.eval_split]
     # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones.
     width, l0 = eval_set.judged_width, eval_set.judged_l0(test)
@@ -154,24 +145,7 @@ def main(args: EvalArguments, api=None) -> None:
             args.seed,
             by="latent" if eval_set.latent_major else "context_id",
         )
-    write_summary(
-        root,
-        {
-            "eval_set": str(eval_set.path),
-            "prompt_format": eval_set.prompt_format,
-            "candidates": "per_latent" if eval_set.latent_major else "per_context",
-            "width": eval_set.width,
-            "judged_width": width,
-            "l0": l0,
-            "rows": rows,
-        },
-    )
-    atomic_write_text(
-        root / "summary.md",
-        f"# {eval_set.name} ({eval_set.prompt_format}, split {args.eval_split})\n\n"
-        f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
-        + markdown_table(rows),
-    )
+    write_summary(root, eval_set, args.eval_split, rows, width, l0)
     print(f"[sweep] {len(rows)} simulators: {root / 'summary.md'} (every metric: */results.json)")
 
 

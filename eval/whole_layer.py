@@ -29,7 +29,7 @@ from latentsim.config import WholeLayerArguments
 from latentsim.errors import ConfigError
 from latentsim.eval_set import EvalSet
 from latentsim.held_out import training_rows_and_latents
-from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
+from latentsim.io import atomic_save, read_results, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
 from latentsim.patching import clean_pass
 from latentsim.simulators import ScorerFactory, ScoringOptions
@@ -43,27 +43,9 @@ def main(args: WholeLayerArguments) -> dict:
     eval_set.require_binary("whole-layer patching")
     sim = whole_layer.simulator_for(args)
     out = Path(args.output_dir)
-    if args.overwrite:
-        for path in [
-            out / "results.json",
-            out / "per_position.parquet",
-            out / "run_config.json",
-            *(out / "scores").glob("*"),
-        ]:
-            path.unlink(missing_ok=True)
-    if (
-        out / "run_config.json"
-    ).is_file():  # same config: finished texts are reused, finished results returned
-        require_same_config(
-            out,
-            {"whole_layer": args},
-            {"whole_layer.overwrite"},
-            "whole-layer results",
-            "pass --overwrite true or choose another output_dir",
-        )
-        if (finished := read_results(out)) is not None:
-            print(f"[whole_layer] {out / 'results.json'} exists for this config; skipped")
-            return finished
+    if (finished := whole_layer.finished_results(out, args)) is not None:
+        print(f"[whole_layer] {out / 'results.json'} exists for this config; skipped")
+        return finished
     tokens = eval_set.tokens
     if args.tokens > tokens.shape[1] - 2:
         raise ConfigError(
@@ -143,12 +125,6 @@ def main(args: WholeLayerArguments) -> dict:
 
     table = pd.DataFrame(records)
     atomic_save(out / "per_position.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    kl_ce = {
-        s: {"kl": g["kl"].to_numpy(), "ce": g["ce"].to_numpy()}
-        for s, g in table.groupby("source", sort=False)
-    }
-    blocks = table[table["source"] == "clean"]
-    clusters = (blocks["row"] * 10_000 + (blocks["position"] - 1) // whole_layer.BLOCK).to_numpy()
     trained = np.array([lat in trained_latents for lat in explained])
     p_stack, truth_stack = np.concatenate(p_all), np.concatenate(truth_all)
     timing = {
@@ -169,7 +145,7 @@ def main(args: WholeLayerArguments) -> dict:
         "width": eval_set.width,
         "kl_direction": "KL(p_clean || p_patched), nats, mean over positions 1..tokens of every text",
         "thresholds": thresholds,
-        "sources": whole_layer.summarise_sources(kl_ce, clusters, args.seed),
+        "sources": whole_layer.summarise_table(table, args.seed),
         "controlled": {k: float(np.mean([s[k] for s in shares])) for k in shares[0]},
         "judgments": whole_layer.judgment_metrics(
             p_stack, truth_stack, trained, firing_rate[explained_t].cpu().numpy(), thresholds, args.seed

@@ -10,9 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("data_gen", "train", "eval", "bench")
 SCRIPTS = sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).glob("*.py"))
-MAX_SCRIPT_LINES = (
-    200  # TRL's scripts/sft.py shape (parse -> call the library -> save), as `ruff format` lays it out
-)
+# TRL's scripts/sft.py shape (parse -> call the library -> save), as `ruff format` lays it out.
+MAX_SCRIPT_LINES = 170
 SCRIPT_ATTRIBUTES = {"main", "DATACLASSES"}  # all a test may take from an entry script
 
 

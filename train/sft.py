@@ -30,9 +30,8 @@ from latentsim.training import (
     check_adapter,
     check_dense_supervision,
     check_supervision,
-    dense_features,
     finished_step,
-    fit_contexts,
+    fit_examples,
     load_training_data,
     reload_parity,
     resolve_resume,
@@ -84,25 +83,8 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
             },
             training_args.seed,
         )
-    # Per split, what fitting the examples changed: contexts shortened from the left to fit max_length, or for
-    # dense formats (tokenized here, a label at every aligned text token) the labels without an aligned
-    # position.
-    fmt, changed = get_format(script_args.prompt_format), {}
-    changed_key = "labels_unaligned" if fmt.dense else "contexts_truncated"
-    for split in list(dataset):
-        if fmt.dense:
-            dataset[split], changed[split] = dense_features(
-                dataset[split], tokenizer, fmt.name, answer_ids, training_args.max_length
-            )
-        else:
-            dataset[split], changed[split] = fit_contexts(dataset[split], tokenizer, training_args.max_length)
-    if any(changed.values()):
-        logger.warning(
-            "%s (max_length=%s, labels untouched or dropped, never shifted): %s",
-            changed_key,
-            training_args.max_length,
-            changed,
-        )
+    fmt = get_format(script_args.prompt_format)
+    changed_key, changed = fit_examples(dataset, tokenizer, fmt.name, answer_ids, training_args.max_length)
     eval_dataset = dataset["validation"] if "validation" in dataset else None
     if eval_dataset is not None and script_args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))

@@ -235,6 +235,43 @@ def cache_is_complete(latents_dir: Path, hookpoint: str) -> bool:
     return (Path(latents_dir) / hookpoint / "config.json").is_file()
 
 
+def delphi_config(model_args, corpus_args, sae_args, args, d_sae: int) -> dict:
+    """The cache's config.json: delphi's CacheConfig fields + model_name, and our own block."""
+    from latentsim.models import EMBEDDED_MODELS, describe_model_source, embedded_name
+    from latentsim.sae import ACTIVE_THRESHOLD
+
+    name = embedded_name(model_args.model_name_or_path)
+    return {
+        "dataset_repo": corpus_args.corpus,
+        "dataset_split": corpus_args.corpus_split,
+        "dataset_name": corpus_args.corpus_config_name or "",
+        "dataset_column": corpus_args.corpus_text_column,
+        "batch_size": args.batch_size,
+        "cache_ctx_len": corpus_args.ctx_len,
+        "n_tokens": corpus_args.n_rows * corpus_args.ctx_len,
+        "n_splits": args.n_splits,
+        # delphi loads the tokenizer from model_name: give it a Hub id it can resolve.
+        "model_name": EMBEDDED_MODELS[name].hub_equivalent if name else model_args.model_name_or_path,
+        "latentsim": {
+            "hookpoint": sae_args.hookpoint,
+            "d_sae": d_sae,
+            "model": describe_model_source(model_args.model_name_or_path),
+            "sae": {
+                "sae_path": sae_args.sae_path,
+                "sae_release": sae_args.sae_release,
+                "sae_id": sae_args.sae_id,
+            },
+            "row_start": corpus_args.row_start,
+            "n_rows": corpus_args.n_rows,
+            "seed": corpus_args.seed,
+            "corpus_streaming": corpus_args.corpus_streaming,
+            "position_0_excluded": True,
+            "active_threshold": ACTIVE_THRESHOLD,
+            "row_index": "rows are indices into `tokens`; corpus row = row_start + row",
+        },
+    }
+
+
 def remove_shards(shard_dir: Path) -> None:
     shutil.rmtree(shard_dir, ignore_errors=True)
     if shard_dir.parent.is_dir() and not any(shard_dir.parent.iterdir()):

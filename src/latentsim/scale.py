@@ -10,6 +10,9 @@ depend on what the latents mean.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +118,35 @@ def write_synthetic_cache(
         {"n_rows": n_rows, "ctx_len": ctx_len, "width": width, "l0": l0, "n_splits": n_splits, "seed": seed},
     )
     return out
+
+
+def measured(cmd: list[str], log: Path, cwd: Path) -> dict:
+    """Run `cmd` in `cwd`; its wall time and the peak resident memory of that process alone."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}); its output is in {log}")
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def print_table(results: dict) -> None:
+    """bench/scale.py's results as the markdown table the docs quote: seconds / peak RSS per stage and
+    size."""
+    sizes = list(results["sizes"])
+    print("\n| stage | " + " | ".join(f"{int(s) / 1e6:g}M tokens: s / peak RSS GB" for s in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in results["sizes"][sizes[0]]["stages"]:
+        cells = [results["sizes"][s]["stages"][name] for s in sizes]
+        print(
+            f"| {name} | " + " | ".join(f"{c['seconds']:.0f} / {c['peak_rss_gb']:.2f}" for c in cells) + " |"
+        )
+    print(
+        "| non-zeros (L0) | "
+        + " | ".join(
+            f"{results['sizes'][s]['non_zeros'] / 1e6:.0f}M ({results['sizes'][s]['mean_l0']})" for s in sizes
+        )
+        + " |"
+    )

@@ -75,6 +75,20 @@ def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.Data
     return out
 
 
+def eval_splits(eval_set: EvalSet, args) -> dict[str, pd.DataFrame]:
+    """The judgments an EvalArguments scores: its eval split (`max_contexts`) and, for binary sets, its
+    calibration split (`calibration_contexts`, default `max_contexts`), contexts sampled with its seed."""
+    return {
+        s: eval_set.split(
+            s,
+            args.max_contexts if s == args.eval_split else (args.calibration_contexts or args.max_contexts),
+            args.seed,
+        )
+        for s in (args.eval_split, args.calibration_split)
+        if s and (s == args.eval_split or eval_set.binary)
+    }
+
+
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
     """What a simulator's folder holds results of (spec.json): a finished folder answers only the same
     spec."""
@@ -237,8 +251,28 @@ def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str)
 SUMMARY_FILE = "summary.json"
 
 
-def write_summary(root: Path, summary: dict) -> None:
-    atomic_write_json(Path(root) / SUMMARY_FILE, summary)
+def write_summary(root: Path, eval_set: EvalSet, split: str, rows: list[dict], width: int, l0: float) -> None:
+    """The sweep's summary.json (its rows and the judged dictionary) and summary.md (their table)."""
+    from latentsim.io import atomic_write_text
+
+    atomic_write_json(
+        Path(root) / SUMMARY_FILE,
+        {
+            "eval_set": str(eval_set.path),
+            "prompt_format": eval_set.prompt_format,
+            "candidates": "per_latent" if eval_set.latent_major else "per_context",
+            "width": eval_set.width,
+            "judged_width": width,
+            "l0": l0,
+            "rows": rows,
+        },
+    )
+    atomic_write_text(
+        Path(root) / "summary.md",
+        f"# {eval_set.name} ({eval_set.prompt_format}, split {split})\n\n"
+        f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
+        + markdown_table(rows),
+    )
 
 
 def read_summary(root: str | Path) -> dict | None:

@@ -218,6 +218,27 @@ def fit_contexts(split, tokenizer, max_length: int | None):
     return split, int(sum(split["context_truncated"]))
 
 
+def fit_examples(dataset, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
+    """Fit every split of `dataset` (in place) to `max_length`: contexts shortened from the left, or for a
+    dense format (tokenized here, a label at every aligned text token) the labels without an aligned position
+    dropped. Returns (what changed, {split: count}), logged when anything did."""
+    dense = get_format(fmt).dense
+    changed = {}
+    for split in list(dataset):
+        if dense:
+            dataset[split], changed[split] = dense_features(
+                dataset[split], tokenizer, fmt, answer_ids, max_length
+            )
+        else:
+            dataset[split], changed[split] = fit_contexts(dataset[split], tokenizer, max_length)
+    key = "labels_unaligned" if dense else "contexts_truncated"
+    if any(changed.values()):
+        logger.warning(
+            "%s (max_length=%s, labels untouched or dropped, never shifted): %s", key, max_length, changed
+        )
+    return key, changed
+
+
 def check_supervision(train_dataset, answer_ids: list[int]) -> None:
     """Every tokenized example supervises its answer token first, then at least the end of turn."""
     bad = []

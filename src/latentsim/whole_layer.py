@@ -401,3 +401,38 @@ def format_table(result: dict) -> str:
             f"{per['ci95'][1]:.3f}] over {per['latents']} latents that fire (prior: 0.5); {at}"
         )
     return "\n".join(lines)
+
+
+def finished_results(out: Path, args) -> dict | None:
+    """The results of a finished run of the same WholeLayerArguments in `out` (None when there are none yet;
+    finished texts' scores stay for the rerun); `overwrite` empties the folder first, another config is
+    refused."""
+    from latentsim.io import read_results, require_same_config
+
+    if args.overwrite:
+        for path in [out / "results.json", out / "per_position.parquet", out / "run_config.json"]:
+            path.unlink(missing_ok=True)
+        for path in (out / "scores").glob("*"):
+            path.unlink()
+    if not (out / "run_config.json").is_file():
+        return None
+    require_same_config(
+        out,
+        {"whole_layer": args},
+        {"whole_layer.overwrite"},
+        "whole-layer results",
+        "pass --overwrite true or choose another output_dir",
+    )
+    return read_results(out)
+
+
+def summarise_table(table, seed: int) -> dict:
+    """summarise_sources of the per-position table (row, position, source, kl, ce), positions clustered in
+    blocks of BLOCK consecutive positions of one text."""
+    kl_ce = {
+        s: {"kl": g["kl"].to_numpy(), "ce": g["ce"].to_numpy()}
+        for s, g in table.groupby("source", sort=False)
+    }
+    blocks = table[table["source"] == "clean"]
+    clusters = (blocks["row"] * 10_000 + (blocks["position"] - 1) // BLOCK).to_numpy()
+    return summarise_sources(kl_ce, clusters, seed)
