@@ -191,6 +191,24 @@ def hookpoint_layer(hookpoint: str) -> int:
 
 
 @dataclass
+class OutputArguments:
+    """The output group of every stage that skips finished work on a rerun (the cache, the SAE, the sweep,
+    patching, the whole layer). A stage with a default folder redeclares `output_dir` with it."""
+
+    output_dir: str = field(default="", metadata={"help": "Where this stage writes."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Redo finished work in output_dir instead of skipping it."}
+    )
+
+
+@dataclass
+class RunArguments(OutputArguments):
+    """The output group and the stage's seed (stages whose corpus brings its own seed use OutputArguments)."""
+
+    seed: int = field(default=22, metadata={"help": "Seed for every random choice of the stage."})
+
+
+@dataclass
 class VLLMEngineArguments:
     """The vLLM engine's keys, one declaration for every stage that can start one (explain, score, the
     sweep)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from latentsim.config.common import (
+    OutputArguments,
     VLLMEngineArguments,
     _fail,
     _require_positive,
@@ -79,7 +80,7 @@ class PrepareArguments:
 
 
 @dataclass
-class CacheArguments:
+class CacheArguments(OutputArguments):
     """data_gen/cache_activations.py: record sparse SAE latents over corpus rows."""
 
     output_dir: str = field(
@@ -94,16 +95,13 @@ class CacheArguments:
         default=2048,
         metadata={"help": "Max non-zero activations kept per latent (sorted) for quantile statistics."},
     )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Delete an existing cache in output_dir and start again."}
-    )
 
     def __post_init__(self):
         _require_positive(self, "batch_size", "shard_rows", "n_splits", "quantile_sample_size")
 
 
 @dataclass
-class TrainSAEArguments:
+class TrainSAEArguments(OutputArguments):
     """data_gen/train_sae.py: train a TopK SAE with sae-lens on residuals from the corpus (position 0
     excluded)."""
 
@@ -131,9 +129,6 @@ class TrainSAEArguments:
     )
     batch_size: int = field(
         default=16, metadata={"help": "Rows per forward pass when collecting activations."}
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Retrain even if output_dir holds a trained SAE."}
     )
 
     def __post_init__(self):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from latentsim.config.common import (
     EMBEDDED_PREFIX,
+    RunArguments,
     VLLMEngineArguments,
     _fail,
     _require_positive,
@@ -86,7 +87,7 @@ def parse_baseline(spec: str) -> dict:
 
 
 @dataclass
-class EvalArguments(VLLMEngineArguments):
+class EvalArguments(RunArguments, VLLMEngineArguments):
     """eval/sweep.py: simulators (checkpoints of finetuning runs, Hub branches, prompting baselines) x one
     eval set."""
 
@@ -150,10 +151,6 @@ class EvalArguments(VLLMEngineArguments):
     output_dir: str = field(
         default="outputs/eval", metadata={"help": "Writes <output_dir>/<eval set>/<simulator>/."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
-    seed: int = field(
-        default=22, metadata={"help": "Seed for context sampling, few-shot examples and random baselines."}
-    )
 
     def __post_init__(self):
         check_dtype_device(self)
@@ -197,7 +194,7 @@ def check_thresholds(thresholds: list[str]) -> None:
 
 
 @dataclass
-class PatchArguments:
+class PatchArguments(RunArguments):
     """eval/patch_kl.py: patch decoded latents (SAE, fractions, simulators) into the subject model; KL and
     CE."""
 
@@ -254,8 +251,6 @@ class PatchArguments:
     device: str = device_field()
     dtype: str = dtype_field()
     output_dir: str = field(default="", metadata={"help": "Default <sweep_dir>/<eval set>/patch_kl."})
-    overwrite: bool = field(default=False, metadata={"help": "Recompute finished results."})
-    seed: int = field(default=22, metadata={"help": "Seed for random fractions and context sampling."})
 
     def __post_init__(self):
         check_dtype_device(self)
@@ -284,7 +279,7 @@ class PatchArguments:
 
 
 @dataclass
-class WholeLayerArguments:
+class WholeLayerArguments(RunArguments):
     """eval/whole_layer.py: a simulator judges every explained latent at the judged positions of held-out
     texts; the layer is rebuilt from its verdicts alone and patched in there; KL and CE per position."""
 
@@ -359,13 +354,6 @@ class WholeLayerArguments:
     )
     device: str = device_field()
     dtype: str = dtype_field()
-    output_dir: str = field(
-        default="", metadata={"help": "Where scores/, per_position.parquet and results.json go."}
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Recompute everything, the saved text scores included."}
-    )
-    seed: int = field(default=22, metadata={"help": "Seed for the choice of rows and the random reference."})
 
     def __post_init__(self):
         check_dtype_device(self)
