@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import WORDS, build_tiny_sae, build_tiny_tokenizer, save_tiny_model  # noqa: E402
 
+# The suite must not depend on the machine's thread count (reductions are ordered by it): run it once with
+# LATENTSIM_TORCH_THREADS=1 (torch alone limited) and once with OMP_NUM_THREADS=1 (docs/tests.md).
+if os.environ.get("LATENTSIM_TORCH_THREADS"):
+    torch.set_num_threads(int(os.environ["LATENTSIM_TORCH_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything(tmp_path, monkeypatch):
