@@ -231,6 +231,18 @@ case "$verb" in
     setup_embedded
     exec "$PY" bench/run_all.py "$@" ;;
   gpu_check)
+    # --bundle DIR: build the offline check's bundle here (CPU, package index); --rehearse [ARGS]: the offline
+    # check on CPU (bundle, a fresh venv like the GPU image, no index, Hub offline; docs/gpu-check.md).
+    case "${1:-}" in
+      --bundle)
+        [ $# -ge 2 ] || { echo "usage: ./launch.sh gpu_check --bundle DIR"; exit 2; }
+        setup
+        exec "$PY" bench/gpu_offline.py --build_bundle "$2" ;;
+      --rehearse)
+        shift
+        setup
+        exec "$PY" bench/gpu_offline.py --rehearse true --output_dir outputs/gpu_check_rehearsal "$@" ;;
+    esac
     setup
     if [[ " $* " != *" --dry_run true "* ]]; then
       setup_embedded

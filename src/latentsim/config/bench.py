@@ -77,6 +77,47 @@ class GpuCheckArguments:
 
 
 @dataclass
+class GpuOfflineArguments:
+    """bench/gpu_offline.py: the offline GPU check (bench/gpu_check.sh --offline BUNDLE), its bundle and its
+    CPU rehearsal."""
+
+    bundle: str = field(
+        default="",
+        metadata={"help": "The bundle folder (./launch.sh gpu_check --bundle DIR) the check reads."},
+    )
+    output_dir: str = field(
+        default="outputs/gpu_check_offline",
+        metadata={"help": "Where results.json, logs/<step>.log and steps/<step>.json go."},
+    )
+    budget_s: float = field(
+        default=360.0, metadata={"help": "Seconds for all steps; a step that would not fit is not run."}
+    )
+    bf16_peak_tflops: float = field(
+        default=0.0,
+        metadata={"help": "The card's dense bf16 peak for MFU (0: from the device name, e.g. H200 989.4)."},
+    )
+    build_bundle: str = field(
+        default="", metadata={"help": "Build the bundle into this folder here (CPU, package index) and stop."}
+    )
+    rehearse: bool = field(
+        default=False,
+        metadata={
+            "help": "On CPU: build the bundle, a fresh venv like the GPU image, run the check offline."
+        },
+    )
+    step: str = field(
+        default="", metadata={"help": "Run this one step in this process (the runner's child)."}
+    )
+
+    def __post_init__(self):
+        _require_positive(self, "budget_s")
+        if self.bf16_peak_tflops < 0:
+            _fail("bf16_peak_tflops", f"must be >= 0 (0: from the device name), got {self.bf16_peak_tflops}.")
+        if not (self.bundle or self.build_bundle or self.rehearse):
+            _fail("bundle", "name the bundle folder (or --build_bundle DIR, or --rehearse true).")
+
+
+@dataclass
 class ScaleArguments:
     """bench/scale.py: the cache readers on synthetic caches of the seed's shape, at growing sizes."""
 
