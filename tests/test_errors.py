@@ -633,10 +633,10 @@ def test_hub_access_problems_are_the_users_to_fix(error, tmp_path):
 
 
 def launch_setup_is_current() -> bool:
-    """launch.sh reinstalls the project when pyproject.toml or launch.sh changed since the last setup."""
-    want = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + (ROOT / "launch.sh").read_bytes()
-    ).hexdigest()
+    """launch.sh reinstalls the project when pyproject.toml, launch.sh or constraints/train.txt changed since
+    the last setup."""
+    files = ("pyproject.toml", "launch.sh", "constraints/train.txt")
+    want = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in files)).hexdigest()
     stamp = ROOT / os.environ.get("VENV", ".venv") / ".latentsim-setup"
     return stamp.is_file() and stamp.read_text().strip() == want
 

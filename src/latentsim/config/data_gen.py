@@ -189,7 +189,7 @@ class ExplainArguments(RowChoiceArguments, VLLMEngineArguments):
     )
     backend: str = field(
         default="hf",
-        metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."},
+        metadata={"help": "`llm`: `hf` (transformers, CPU or GPU) or `vllm` (GPU; .venv-vllm, docs/gpu.md)."},
     )
     batch_size: int = field(default=8, metadata={"help": "`llm`: prompts per generate call."})
     max_new_tokens: int = field(default=32, metadata={"help": "`llm`: tokens generated per interpretation."})
@@ -250,7 +250,8 @@ class ScoreArguments(RowChoiceArguments, VLLMEngineArguments):
         metadata={"help": "Chat model that judges (Hub id, folder, embedded)."},
     )
     backend: str = field(
-        default="hf", metadata={"help": "`hf` (transformers, CPU or GPU) or `vllm` (GPU, [gpu] extra)."}
+        default="hf",
+        metadata={"help": "`hf` (transformers, CPU or GPU) or `vllm` (GPU; .venv-vllm, docs/gpu.md)."},
     )
     n_activating: int = field(
         default=5, metadata={"help": "Activating windows per latent (drawn across quantiles)."}

@@ -142,7 +142,8 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
         default=False, metadata={"help": "Score a finetuned simulator on latents it was trained on."}
     )
     backend: str = field(
-        default="hf", metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU, [gpu] extra) or `fake` (tests)."}
+        default="hf",
+        metadata={"help": "`hf` (CPU or GPU), `vllm` (GPU; .venv-vllm, docs/gpu.md) or `fake` (tests)."},
     )
     batch_size: int = field(default=32, metadata={"help": "Suffixes per forward pass (hf)."})
     dtype: str = dtype_field()
