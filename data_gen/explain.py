@@ -29,14 +29,12 @@ from latentsim.explain import (
     explainer_messages,
     explanation_path,
     first_line,
-    llm_explanations,
     sample_examples,
     token_list_explanation,
     write_explanation,
     write_source_rows,
 )
 from latentsim.io import atomic_write_json, require_same_config, write_run_config
-from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ExplainArguments,)
@@ -102,35 +100,18 @@ def main(args: ExplainArguments) -> None:
                     args.n_preceding,
                 ),
             )
-    elif args.backend == "vllm":
-        llm = llm_client.load_llm(
-            resolve_model_path(args.explainer_model),
-            args.tensor_parallel_size,
-            args.max_model_len,
-            args.gpu_memory_utilization,
-            ranks=ranks,
-        )
-        tokenizer = load_tokenizer(args.explainer_model)
-        messages = explainer_messages([examples_of(lat) for lat in todo], subject_tokenizer)
-        texts = llm_client.vllm_generate(
-            llm, llm_client.chat_token_ids(tokenizer, messages), args.max_new_tokens
-        )
-        for latent, text in zip(todo, map(first_line, texts), strict=True):
-            if text:
-                write_explanation(set_dir, args.hookpoint, latent, text)
-            else:
-                empty.append(latent)
-    else:
-        model, tokenizer = load_model_and_tokenizer(args.explainer_model, device=ranks.device(args.device))
-        for i in tqdm(range(0, len(todo), args.batch_size), desc=f"explain ({args.set_name})", unit="batch"):
-            chunk = todo[i : i + args.batch_size]
+    else:  # a chat LLM, one message per latent (transformers or a vLLM engine: llm_client)
+        client = llm_client.load_client(args.backend, args.explainer_model, args, ranks)
+        per_call = client.prompts_per_call
+        for i in tqdm(range(0, len(todo), per_call), desc=f"explain ({args.set_name})", unit="call"):
+            chunk = todo[i : i + per_call]
             messages = explainer_messages([examples_of(lat) for lat in chunk], subject_tokenizer)
-            texts = llm_explanations(model, tokenizer, messages, args.batch_size, args.max_new_tokens)
-            for latent, text in zip(chunk, texts, strict=True):
-                if text:
+            for latent, text in zip(chunk, client.generate(messages, args.max_new_tokens), strict=True):
+                if text := first_line(text):
                     write_explanation(set_dir, args.hookpoint, latent, text)
                 else:
                     empty.append(latent)
+        client.close()
     empty = sorted(lat for rank_empty in ranks.gather(empty) for lat in rank_empty)  # waits for every rank
     if not ranks.is_main:
         return

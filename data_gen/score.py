@@ -23,15 +23,11 @@ from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ScoreArguments
 from latentsim.distributed import Ranks
-from latentsim.interpretation_scores import judge_yes_probability, load_score_folder, scorer_items, yes_no_ids
+from latentsim.interpretation_scores import load_score_folder, scorer_items
 from latentsim.io import atomic_write_json, atomic_write_text, require_same_config, write_run_config
-from latentsim.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ScoreArguments,)
-
-
-VLLM_LATENTS_PER_CALL = 256
 
 
 def latent_items(
@@ -83,30 +79,10 @@ def main(args: ScoreArguments) -> None:
     )
     subject_tokenizer = cache.subject_tokenizer()
     indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
-    if args.backend == "vllm":
-        llm = llm_client.load_llm(
-            resolve_model_path(args.judge_model),
-            args.tensor_parallel_size,
-            args.max_model_len,
-            args.gpu_memory_utilization,
-            ranks=ranks,
-        )
-        tokenizer = load_tokenizer(args.judge_model)
-        yes_no = yes_no_ids(tokenizer)
-
-        def judge(prompts):
-            return llm_client.vllm_yes_probability(
-                llm, llm_client.chat_token_ids(tokenizer, prompts), *yes_no
-            )
-    else:
-        model, tokenizer = load_model_and_tokenizer(args.judge_model, device=ranks.device(args.device))
-
-        def judge(prompts):
-            return judge_yes_probability(model, tokenizer, prompts, args.batch_size)
-
-    # vLLM judges many latents per call (one request per judgment, batched by the engine); hf one latent at a
-    # time.
-    per_call = VLLM_LATENTS_PER_CALL if args.backend == "vllm" else 1
+    judge = llm_client.load_client(args.backend, args.judge_model, args, ranks)
+    # Whole latents per call: hf one at a time (its prompts batched by batch_size), vLLM enough latents
+    # for the engine to batch across them.
+    per_call = max(1, judge.prompts_per_call // (args.n_activating + args.n_non_activating))
     with tqdm(total=len(todo), desc=f"score ({args.scorer})", unit="latent") as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start : start + per_call]
@@ -116,10 +92,9 @@ def main(args: ScoreArguments) -> None:
                 )
                 for latent in chunk
             }
-            probs = iter(judge([it["prompt"] for latent in chunk for it in items[latent]]))
-            for (
-                latent
-            ) in chunk:  # each latent's file written atomically: a rerun judges only the missing ones
+            probs = iter(judge.yes_probability([it["prompt"] for latent in chunk for it in items[latent]]))
+            # Each latent's file written atomically: a rerun judges only the missing ones.
+            for latent in chunk:
                 records = [
                     {
                         "str_tokens": it["text"],
@@ -132,6 +107,7 @@ def main(args: ScoreArguments) -> None:
                 ]
                 atomic_write_text(explain.explanation_path(out, args.hookpoint, latent), json.dumps(records))
             bar.update(len(chunk))
+    judge.close()
     ranks.wait_for_all()
     if not ranks.is_main:
         return

@@ -179,3 +179,43 @@ def test_explain_script_writes_resumable_sets(tmp_path, tiny_model_dir, tiny_sae
     before = {p.name: p.stat().st_mtime_ns for p in set_dir.glob("*.txt")}
     script.main(args)  # a rerun explains nothing again
     assert {p.name: p.stat().st_mtime_ns for p in set_dir.glob("*.txt")} == before
+
+
+def test_explain_script_on_a_vllm_client_writes_each_latents_first_line(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    """backend vllm (a stand-in engine behind the real VLLMClient): messages go in calls of the client's
+    prompts_per_call, each answer's first line is written to its own latent, an empty answer is reported."""
+    from latentsim import llm_client
+
+    make_cache(tmp_path / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=24, ctx_len=16)
+    calls = []
+
+    def generate(llm, ids, max_new_tokens):
+        calls.append(len(ids))
+        start = sum(calls[:-1])
+        return [f'"answer {start + i}"\nsecond line' if start + i != 2 else "\n" for i in range(len(ids))]
+
+    monkeypatch.setattr(llm_client, "require_vllm", lambda: None)
+    monkeypatch.setattr(llm_client, "load_llm", lambda *a, **k: "engine")
+    monkeypatch.setattr(llm_client, "vllm_generate", generate)
+    monkeypatch.setattr(llm_client.VLLMClient, "prompts_per_call", 2)
+    args = ExplainArguments(
+        cache_dir=str(tmp_path / "cache"),
+        hookpoint="layers.1",
+        explanations_dir=str(tmp_path / "expl"),
+        explainer="llm",
+        backend="vllm",
+        window=8,
+        min_activations=3,
+        max_latents=5,
+        explainer_model=str(tiny_model_dir),
+    )
+    load_script("data_gen/explain.py").main(args)
+    set_dir = tmp_path / "expl" / "llm-quantiles"
+    report = json.loads((set_dir / "explain_report.json").read_text())
+    assert calls == [2, 2, 1]
+    loaded = load_interpretations(set_dir, "layers.1", width=64)
+    latents = sorted(loaded) + report["empty_outputs"]
+    assert len(latents) == 5 and len(report["empty_outputs"]) == 1
+    assert sorted(loaded.values()) == ["answer 0", "answer 1", "answer 3", "answer 4"]

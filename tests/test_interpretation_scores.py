@@ -11,10 +11,10 @@ from latentsim.config import ExplainArguments, ScoreArguments
 from latentsim.explain import Example
 from latentsim.interpretation_scores import (
     balanced_accuracy,
-    judge_yes_probability,
     load_score_folder,
     scorer_items,
 )
+from latentsim.llm_client import hf_yes_probability
 from latentsim.models import load_model_and_tokenizer
 
 
@@ -53,7 +53,7 @@ def test_balanced_accuracy():
 def test_judge_reads_the_yes_no_logits(tiny_model_dir):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     prompts = ["the cat sat", "a dog ran far away on the mat"]
-    probs = judge_yes_probability(model, tok, prompts, batch_size=2)
+    probs = hf_yes_probability(model, tok, prompts, batch_size=2)
     yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
     for prompt, p in zip(prompts, probs, strict=True):  # unpadded, one at a time, full logits
         ids = tok.apply_chat_template(
@@ -115,13 +115,13 @@ def test_score_script_and_scores_in_the_prompt(
 
     # backend vllm (a stand-in engine): every latent's judgments in one call, one request per judgment, the
     # same items (texts, labels) as the hf run, each probability written back to its own latent and item.
-    from latentsim import llm_client as backends
+    from latentsim import llm_client
 
     calls = []
-    monkeypatch.setattr(backends, "require_vllm", lambda: None)
-    monkeypatch.setattr(backends, "load_llm", lambda *a, **k: "engine")
+    monkeypatch.setattr(llm_client, "require_vllm", lambda: None)
+    monkeypatch.setattr(llm_client, "load_llm", lambda *a, **k: "engine")
     monkeypatch.setattr(
-        backends,
+        llm_client,
         "vllm_yes_probability",
         lambda llm, ids, yes, no: calls.append(ids) or [i / 1000 for i in range(len(ids))],
     )

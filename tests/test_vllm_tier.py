@@ -13,13 +13,14 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from latentsim.interpretation_scores import judge_yes_probability, yes_no_ids  # noqa: E402
 from latentsim.llm_client import (  # noqa: E402
     chat_token_ids,
+    hf_yes_probability,
     load_llm,
     shutdown_llm,
     vllm_generate,
     vllm_yes_probability,
+    yes_no_ids,
 )
 from latentsim.prompts import answer_token_ids, marked_context, render_prompt  # noqa: E402
 from latentsim.simulators import Judgment, probabilities  # noqa: E402
@@ -140,7 +141,7 @@ def test_vllm_judge_and_explainer_match_hf(smollm2):
     try:
         vllm_p = vllm_yes_probability(llm, chat_token_ids(tokenizer, questions), *yes_no_ids(tokenizer))
         assert (
-            np.abs(np.array(vllm_p) - np.array(judge_yes_probability(model, tokenizer, questions))).max()
+            np.abs(np.array(vllm_p) - np.array(hf_yes_probability(model, tokenizer, questions))).max()
             < TOLERANCE
         )
         ask = ["Describe in a few words what these tokens have in common: mat, rug, carpet."]
@@ -263,8 +264,7 @@ def run_fresh(args: list[str], timeout: int = 600) -> str:
 
 ENGINE_PROBE = """
 import json, os, sys, torch
-from latentsim.interpretation_scores import yes_no_ids
-from latentsim.llm_client import chat_token_ids, load_llm, shutdown_llm, vllm_yes_probability
+from latentsim.llm_client import chat_token_ids, load_llm, shutdown_llm, vllm_yes_probability, yes_no_ids
 from latentsim.models import load_tokenizer
 path, questions = sys.argv[1], json.loads(sys.argv[2])
 llm = load_llm(path, max_model_len=1024, dtype="float32")
@@ -301,7 +301,7 @@ def test_engine_core_in_its_own_process_one_rank_and_two(
     assert probe["client"] == "SyncMPClient"  # the engine core in its own process (InprocClient when off)
     assert probe["method"] == "spawn" and not probe["cuda_started_here"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf = judge_yes_probability(model, tokenizer, questions)
+    hf = hf_yes_probability(model, tokenizer, questions)
     assert np.abs(np.array(probe["p_yes"]) - np.array(hf)).max() < TOLERANCE
 
     args = explain_args(path, tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)

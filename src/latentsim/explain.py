@@ -383,35 +383,3 @@ def explainer_messages(
 def first_line(text: str) -> str:
     """An interpretation is the first line of the answer, without quotes."""
     return text.strip().split("\n")[0].strip().strip('"').strip()
-
-
-def llm_explanations(
-    model, tokenizer, messages: list[str], batch_size: int = 8, max_new_tokens: int = 32
-) -> list[str]:
-    """One interpretation per message from a chat LLM through transformers (greedy decoding)."""
-    import torch
-
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False
-        )
-        for m in messages
-    ]
-    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        batch = batch.to(model.device)
-        with torch.no_grad():
-            generated = model.generate(
-                **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
-            )
-        out.extend(
-            first_line(tokenizer.decode(seq, skip_special_tokens=True))
-            for seq in generated[:, batch["input_ids"].shape[1] :]
-        )
-    return out

@@ -19,7 +19,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.explain import FILE_RE, Example, highlighted_text
@@ -92,39 +91,6 @@ def scorer_items(
     else:
         raise ConfigError(f"config key `scorer`: {scorer!r} is not one of {SCORERS}.")
     return items
-
-
-def yes_no_ids(tokenizer) -> tuple[int, int]:
-    """The judge's single-token `Yes` and `No` ids (refused if either takes more than one token)."""
-    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No"))
-    if len(yes) != 1 or len(no) != 1:
-        raise BadInputError("the judge's tokenizer must encode `Yes` and `No` as single tokens.")
-    return yes[0], no[0]
-
-
-@torch.no_grad()
-def judge_yes_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
-    """P(Yes) renormalised over {Yes, No} at the answer position, from the last position's logits only."""
-    yes, no = yes_no_ids(tokenizer)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        for p in prompts
-    ]
-    out = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        batch = batch.to(model.device)
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
-        pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
-        out.extend(torch.softmax(pair, dim=1)[:, 1].tolist())
-    return out
 
 
 def balanced_accuracy(records: list[dict]) -> float:

