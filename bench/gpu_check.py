@@ -1,7 +1,7 @@
 """The GPU check: the vLLM, bf16 and DeepSpeed paths run for real on one GPU, in <= 8 minutes from a fresh
 clone.
 
-    bench/gpu_check.sh [--dry_run true]     (the shell script installs the [gpu] extra, then runs this)
+    bench/gpu_check.sh [--dry_run true]     (the shell script builds both environments, then runs this)
 
 Steps, each a subprocess with its time and exit status, all into outputs/gpu_check/:
 1. data: the embedded SmolLM2 (and Gemma-3, the second base model) converted; the quickstart's recipes shrunk:

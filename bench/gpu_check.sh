@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, from a fresh clone on a machine with one GPU (<= 8 minutes; bench/gpu_check.py says what it runs):
-#   bench/gpu_check.sh                  install latentsim[gpu,dev] and the embedded models, run it, write
-#                                       outputs/gpu_check/results.json (exit 1 when a check fails)
-#   bench/gpu_check.sh --dry_run true   print its plan; install nothing beyond the base environment
+#   bench/gpu_check.sh                  build .venv (training) and .venv-vllm (vLLM), install the embedded
+#                                       models, run it, write outputs/gpu_check/results.json (exit 1 when a
+#                                       check fails)
+#   bench/gpu_check.sh --dry_run true   print its plan; install nothing
 # Offline, on a GPU machine with no network (docs/gpu-check.md; bench/gpu_offline.py says what it runs):
 #   bench/gpu_check.sh --offline BUNDLE [--output_dir DIR] [--budget_s 360]
 #                                       install the bundle's wheels (no index) over the machine's Python

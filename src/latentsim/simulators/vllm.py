@@ -116,7 +116,7 @@ class VLLMScorer(Scorer):
         self.lora = LoRARequest(lora_name(adapter), lora_int_id(adapter), str(adapter))
 
     def label_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
-        # The answers' log-probs by token id (vLLM >= 0.32, pyproject's [gpu] bound): exact, whatever their
+        # The answers' log-probs by token id (vLLM >= 0.32, pyproject's [vllm] bound): exact, whatever their
         # rank.
         params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=self.answer_ids)
         ids = [
