@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, from a fresh clone on a machine with one GPU (<= 8 minutes; bench/gpu_check.py says what it runs):
+# The GPU check, from a fresh clone on a machine with one GPU (bench/gpu_check.py says what it runs):
 #   bench/gpu_check.sh                  build .venv (training) and .venv-vllm (vLLM), install the embedded
 #                                       models, run it, write outputs/gpu_check/results.json (exit 1 when a
 #                                       check fails)

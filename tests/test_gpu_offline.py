@@ -180,3 +180,27 @@ def test_env_step_reports_offline_and_versions(bundle, tmp_path, monkeypatch):
     assert result["recipes_parse"] and result["ok"] and result["bundle"] == ["latentsim==0"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert gpu_offline.step_env(bundle, tmp_path)["ok"] is False
+
+
+def test_networked_gpu_check_times_out_a_step_and_keeps_every_log(tmp_path, monkeypatch, capsys):
+    """bench/gpu_check.py: a hung step is killed at step_timeout_s, the next still runs, results.json says
+    which passed and which timed out, each step's output is in logs/<step>.log, and the check fails."""
+    from helpers import load_script
+
+    from latentsim.config import GpuCheckArguments
+
+    script = load_script("bench/gpu_check.py")
+    steps = [
+        ("hangs", [PY, "-c", "import time; print('started', flush=True); time.sleep(60)"]),
+        ("quick", [PY, "-c", "print('quick step ran')"]),
+    ]
+    monkeypatch.setattr(script, "plan", lambda out: steps)
+    monkeypatch.setattr(script, "checks", lambda out: {"planted": {"ok": True}})
+    out = tmp_path / "g"
+    with pytest.raises(SystemExit):
+        script.main(GpuCheckArguments(output_dir=str(out), step_timeout_s=2))
+    record = json.loads((out / "results.json").read_text())
+    assert [(s["step"], s["status"]) for s in record["steps"]] == [("hangs", "timeout"), ("quick", "passed")]
+    assert record["finished"] and not record["passed"] and record["steps"][0]["seconds"] < 30
+    assert "started" in (out / "logs" / "hangs.log").read_text()
+    assert "quick step ran" in (out / "logs" / "quick.log").read_text()

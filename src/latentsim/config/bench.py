@@ -74,6 +74,16 @@ class GpuCheckArguments:
     output_dir: str = field(
         default="outputs/gpu_check", metadata={"help": "Where every step writes, and results.json."}
     )
+    step_timeout_s: int = field(
+        default=900,
+        metadata={
+            "help": "Seconds a step may run (a hung engine or collective ends its step, not the check)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.step_timeout_s < 1:
+            _fail("step_timeout_s", f"must be >= 1, got {self.step_timeout_s}.")
 
 
 @dataclass
