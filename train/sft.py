@@ -119,15 +119,14 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     # Every rank takes part in the reload check (under ZeRO-3 the trained model's forward needs all of them).
     check = model_args.use_peft and binary and eval_dataset is not None
-    parity = reload_parity(trainer, model_path, dtype) if check else None
+    parity = reload_parity(trainer, model_path) if check else None
     if not trainer.is_world_process_zero():
         return
 
     # Tokenizer, adapter checks, eval results and the model card.
     tokenizer.save_pretrained(training_args.output_dir)
     adapter = check_adapter(output_dir) if model_args.use_peft else {}
-    if parity is not None:
-        adapter["reload_max_abs_diff_p_yes"] = parity
+    adapter.update(parity or {})  # reload_{mean,max}_abs_diff_p_yes and their bounds
     base_model = describe_model_source(model_args.model_name_or_path)
     atomic_write_json(
         output_dir / "eval_results.json",

@@ -341,41 +341,47 @@ def step_dense_exact(bundle: Path, out: Path) -> dict:
     }
 
 
-def p_yes_bound(dtype) -> float:
-    """How far P(yes) may move with the forward's dtype (the reload check's bound of that dtype)."""
-    from latentsim.training import RELOAD_TOLERANCE
+def scored_with_bound(scorers: dict, judgments, dtype, rounded_logits: bool = False) -> dict:
+    """P(yes) of each scorer on the judgments, |ΔP(yes)| of the second against the first (its reference), and
+    latentsim.parity's bound for `dtype` from the reference's rounding sensitivity: mean and max checked.
+    `rounded_logits`: the second rounds its answer logits to `dtype` (vLLM's lm_head output)."""
+    import numpy as np
 
-    return RELOAD_TOLERANCE[dtype]
+    from latentsim.parity import forward_roundings, layer_count, p_yes_bound
+    from latentsim.simulators import probabilities
+
+    logits = {name: scorer.label_logits(judgments) for name, scorer in scorers.items()}
+    p = {name: probabilities(value)[:, 1] for name, value in logits.items()}
+    reference, other = scorers
+    scorer = scorers[reference]
+    magnitude = np.abs(logits[reference]).sum(axis=1) if rounded_logits else None
+    bound = p_yes_bound(dtype, scorer.sensitivity, forward_roundings(layer_count(scorer.model)), magnitude)
+    found = bound.check(p[other] - p[reference])
+    return {
+        **found,
+        "bound": bound.max,
+        "p_yes_range": [float(np.min(p[reference])), float(np.max(p[reference]))],
+    }
 
 
 def step_bf16_parity(bundle: Path, out: Path) -> dict:
     import copy
 
-    import numpy as np
     import torch
 
     from latentsim.prompts import answer_token_ids
-    from latentsim.simulators import probabilities, scorer_for_model
+    from latentsim.simulators import scorer_for_model
 
     tokenizer, device = load_tokenizer(bundle), device_of()
     fp32 = random_model(TINY, tokenizer, device, torch.float32)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     ids, judgments = answer_token_ids("sim_v1", tokenizer), bundle_judgments(bundle, 256)
-    p = {
-        name: probabilities(scorer_for_model(m, tokenizer, "sim_v1", ids, 32).label_logits(judgments))[:, 1]
+    scorers = {
+        name: scorer_for_model(m, tokenizer, "sim_v1", ids, 32)
         for name, m in (("fp32", fp32), ("bf16", bf16))
     }
-    diff = np.abs(p["bf16"] - p["fp32"])
-    bound = p_yes_bound(torch.bfloat16)
-    return {
-        "ok": bool(diff.max() <= bound),
-        "device": str(device),
-        "judgments": len(judgments),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "bound": bound,
-        "p_yes_range": [float(p["fp32"].min()), float(p["fp32"].max())],
-    }
+    found = scored_with_bound(scorers, judgments, torch.bfloat16)
+    return {**found, "device": str(device), "judgments": len(judgments)}
 
 
 def saved_tiny_model(bundle: Path, out: Path) -> Path:
@@ -411,9 +417,11 @@ def train_tiny(bundle: Path, out: Path, name: str, accelerate_config: str, extra
     subprocess.run(argv, check=True)
     adapter = json.loads((run_dir / "eval_results.json").read_text())["adapter"]
     dtype = torch.bfloat16 if cuda else torch.float32
-    diff, bound = adapter.get("reload_max_abs_diff_p_yes"), p_yes_bound(dtype)
+    diff, bound = adapter.get("reload_max_abs_diff_p_yes"), adapter.get("reload_bound_max_p_yes")
+    mean, bound_mean = adapter.get("reload_mean_abs_diff_p_yes"), adapter.get("reload_bound_mean_p_yes")
+    recorded = None not in (diff, bound, mean, bound_mean)  # train/sft.py's reload check held both bounds
     return {
-        "ok": bool(adapter.get("n_parameters")) and diff is not None and diff <= bound,
+        "ok": bool(adapter.get("n_parameters")) and recorded and diff <= bound and mean <= bound_mean,
         "device": "cuda" if cuda else "cpu",
         "dtype": str(dtype),
         "reload_max_abs_diff_p_yes": diff,
@@ -439,26 +447,19 @@ def step_zero3(bundle: Path, out: Path) -> dict:
 
 def step_vllm(bundle: Path, out: Path) -> dict:
     """The small random model's P(yes) on the eval set's judgments, vLLM against hf, both bf16."""
-    import numpy as np
     import torch
 
-    from latentsim.simulators import ScoringOptions, load_scorer, probabilities
+    from latentsim.simulators import ScoringOptions, load_scorer
 
     model, judgments = str(saved_tiny_model(bundle, out)), bundle_judgments(bundle, 256)
-    p = {}
+    scorers = {}
     for backend in ("hf", "vllm"):
         options = ScoringOptions(backend=backend, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3)
-        scorer, _ = load_scorer(model, "sim_v1", options)
-        p[backend] = probabilities(scorer.label_logits(judgments))[:, 1]
+        scorers[backend] = load_scorer(model, "sim_v1", options)[0]
+    found = scored_with_bound(scorers, judgments, torch.bfloat16, rounded_logits=True)
+    for scorer in scorers.values():
         scorer.release()
-    diff, bound = np.abs(p["hf"] - p["vllm"]), p_yes_bound(torch.bfloat16)
-    return {
-        "ok": bool(diff.max() <= bound),
-        "judgments": len(judgments),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "bound": bound,
-    }
+    return {**found, "judgments": len(judgments)}
 
 
 def matmul_tflops(device, dtype, n: int, reps: int = 10) -> float:

@@ -61,12 +61,15 @@ def eval_judgments(
     return judgments, keep
 
 
-def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
-    """Per judgment: identifiers, labels, raw answer logits and renormalised probabilities."""
+def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str, sensitivity=None) -> pd.DataFrame:
+    """Per judgment: identifiers, labels, raw answer logits and renormalised probabilities; the hf backends'
+    rounding sensitivity too (`answer_sensitivity`: what latentsim.parity bounds a comparison with)."""
     out = df[list(PREDICTION_COLUMNS)].copy().reset_index(drop=True)
     probs = probabilities(logits.astype(np.float64))
     for k in range(logits.shape[1]):
         out[f"logit_{k}"] = logits[:, k]
+    if sensitivity is not None and len(sensitivity) == len(out):
+        out["answer_sensitivity"] = sensitivity
     if get_format(fmt).label == "active":
         out["p_yes"] = probs[:, 1]
     else:
@@ -166,7 +169,8 @@ def score_simulator(
             "judgments_per_s": len(judgments) / seconds,
             "dropped_without_interpretation": int((~keep).sum()),
         }
-        predictions[split] = save_predictions(path, df[keep], logits, fmt)
+        sensitivity = getattr(scorer, "sensitivity", None)
+        predictions[split] = save_predictions(path, df[keep], logits, fmt, sensitivity)
     described = scorer.describe() if scorer is not None else None
     if scorer is not None:
         factory.release(scorer)
@@ -237,11 +241,11 @@ def markdown_table(rows: list[dict]) -> str:
     )
 
 
-def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str) -> pd.DataFrame:
+def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str, sensitivity=None):
     """One split's predictions table (predictions_table), written atomically to `path`; returns it."""
     from latentsim.io import atomic_save
 
-    table = predictions_table(df, logits, fmt)
+    table = predictions_table(df, logits, fmt, sensitivity)
     atomic_save(path, lambda tmp: table.to_parquet(tmp, index=False))
     return table
 

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from latentsim.config import SimScriptArguments
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.metrics import confusion_metrics, reliability, roc_auc
+from latentsim.parity import forward_roundings, layer_count, p_yes_bound
 from latentsim.prompts import dense_token_ids, drop_context_tokens, get_format, render_prompt
 from latentsim.simulators import Judgment, probabilities, scorer_for_model
 from latentsim.simulators.spec import CHECKPOINT_COMPLETE
@@ -103,11 +104,15 @@ def answer_probabilities(
     fmt: str = "sim_v1",
 ) -> np.ndarray:
     """P(answer) renormalised over the format's answers, [N, n_answers], of a model trained on `fmt`: the
-    eval's scoring engine (latentsim.simulators.hf: prefix-shared KV, answer-token logits only). A dense
+    eval's scoring engine (latentsim.simulators.hf: prefix-shared KV, the answer rows in fp32). A dense
     simulator reads the same judgments at their judged token."""
-    return probabilities(
-        scorer_for_model(model, tokenizer, fmt, answer_ids, batch_size).label_logits(judgments)
-    )
+    return scored_answers(model, tokenizer, judgments, answer_ids, batch_size, fmt)[0]
+
+
+def scored_answers(model, tokenizer, judgments, answer_ids, batch_size: int = 16, fmt: str = "sim_v1"):
+    """(answer_probabilities, each judgment's rounding sensitivity: latentsim.parity.p_yes_bound's input)."""
+    scorer = scorer_for_model(model, tokenizer, fmt, answer_ids, batch_size)
+    return probabilities(scorer.label_logits(judgments)), scorer.sensitivity
 
 
 def dataset_judgments(split) -> list[Judgment]:
@@ -254,6 +259,48 @@ def check_supervision(train_dataset, answer_ids: list[int]) -> None:
         )
 
 
+def reentrant_checkpointing(args, peft: bool) -> None:
+    """PEFT + DeepSpeed ZeRO-3 + activation checkpointing needs reentrant checkpointing (TRL issue 2514). TRL
+    writes use_reentrant=True into the deprecated `gradient_checkpointing_kwargs`, but from transformers 5.23
+    the Trainer reads `activation_checkpointing_kwargs`, resolved from it before TRL writes: the combination
+    would silently run non-reentrant. Set it where the Trainer reads it (one dict under both names, so what
+    TRL writes lands there too); an explicit use_reentrant false is refused."""
+    if not args.activation_checkpointing:
+        return
+    kwargs = dict(args.activation_checkpointing_kwargs or {})
+    if peft and zero_stage(args) == 3:
+        if kwargs.get("use_reentrant") is False:
+            raise ConfigError(
+                "config key `activation_checkpointing_kwargs`: use_reentrant false with a LoRA adapter under "
+                "DeepSpeed ZeRO-3 does not train correctly (TRL issue 2514); drop the key or set it true."
+            )
+        kwargs["use_reentrant"] = True
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
+
+
+def zero_stage(args) -> int:
+    """The DeepSpeed ZeRO stage of a run (accelerate launch's DeepSpeed config), 0 without DeepSpeed."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else 0
+
+
+def checkpointing_keywords(model) -> dict | None:
+    """What the model's activation checkpointing passes to torch.utils.checkpoint (None when it is off)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            return dict(getattr(module._gradient_checkpointing_func, "keywords", {}))
+    return None
+
+
+class CheckpointingLog(TrainerCallback):
+    """Logs what the model's activation checkpointing passes to torch.utils.checkpoint, as training starts
+    (the Trainer turns checkpointing on inside train())."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.activation_checkpointing and model is not None:
+            logger.info("activation checkpointing: %s", checkpointing_keywords(model))
+
+
 class SimulatorTrainer(SFTTrainer):
     """SFTTrainer whose evaluate() adds the simulator metrics (binary formats), from the answer tokens' logits
     only. `raw_eval` keeps the untokenized eval prompts and labels the metrics are computed on."""
@@ -267,7 +314,10 @@ class SimulatorTrainer(SFTTrainer):
         prompt_format: str = "sim_v1",
         **kwargs,
     ):
+        if kwargs.get("args") is not None:
+            reentrant_checkpointing(kwargs["args"], kwargs.get("peft_config") is not None)
         super().__init__(*args, eval_dataset=eval_dataset, **kwargs)
+        self.add_callback(CheckpointingLog())
         self.answer_ids, self.binary, self.prompt_format = answer_ids, binary, prompt_format
         self.raw_eval = (
             {"judgments": dataset_judgments(eval_dataset), "active": list(eval_dataset["active"])}
@@ -314,17 +364,6 @@ class SimulatorTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-# How far the reloaded adapter's P(yes) may sit from the trained model's, by the dtype it was trained in: fp32
-# reproduces to rounding; a bf16 forward (DeepSpeed's bf16, or a bf16 model) carries ~3 significant digits.
-RELOAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def trained_dtype(args, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the forward ran in: bf16/fp16 mixed precision (Trainer or DeepSpeed) over the loaded
-    dtype."""
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model_dtype
-
-
 @contextmanager
 def without_zero3_init():
     """Build a plain, unpartitioned model on one rank while a ZeRO-3 engine lives: as long as its DeepSpeed
@@ -342,38 +381,59 @@ def without_zero3_init():
             hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def reload_parity(trainer: SimulatorTrainer, model_path: str, dtype: torch.dtype) -> float | None:
-    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model: its P(yes) on
-    the eval prompts must equal the trainer's within RELOAD_TOLERANCE of the trained dtype. Call it on every
-    rank: the trained model's P(yes) is computed by all of them together (under ZeRO-3 each forward gathers
-    the layers' shards from every rank, so a forward on rank 0 alone hangs); rank 0 alone then reloads, in the
-    trained dtype, and compares. Returns the largest difference (None on the other ranks)."""
-    from peft import PeftModel
-
+def reload_parity(trainer: SimulatorTrainer, model_path: str) -> dict | None:
+    """Load the adapter saved in the trainer's output_dir with plain PEFT on a fresh base model, in the dtypes
+    it trained in: its P(yes) on the eval prompts must equal the trainer's within latentsim.parity's bound for
+    that dtype, on the mean and on the max over the prompts. Call it on every rank: the trained model's P(yes)
+    is computed by all of them together (under ZeRO-3 each forward gathers the layers' shards from every rank,
+    so a forward on rank 0 alone hangs); rank 0 alone then reloads and compares. Returns the record for
+    eval_results.json (None on the other ranks)."""
     judgments, ids, bs = (
         trainer.raw_eval["judgments"],
         trainer.answer_ids,
         trainer.args.per_device_eval_batch_size,
     )
-    fmt = trainer.prompt_format
-    trained = answer_probabilities(trainer.model, trainer.processing_class, judgments, ids, bs, fmt)
+    fmt, tokenizer = trainer.prompt_format, trainer.processing_class
+    trained, sensitivity = scored_answers(trainer.model, tokenizer, judgments, ids, bs, fmt)
     if not trainer.is_world_process_zero():
         return None
-    run_dtype = trained_dtype(trainer.args, dtype)
-    with without_zero3_init():
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype)
-        reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir).to(trainer.args.device)
-    diff = float(
-        np.abs(
-            answer_probabilities(reloaded, trainer.processing_class, judgments, ids, bs, fmt) - trained
-        ).max()
-    )
-    if diff > RELOAD_TOLERANCE[run_dtype]:
+    base_dtype, lora_dtype = trained_dtypes(trainer.model)
+    reloaded = reload_adapter(trainer, model_path, base_dtype, lora_dtype)
+    diff = answer_probabilities(reloaded, tokenizer, judgments, ids, bs, fmt)[:, 1] - trained[:, 1]
+    bound = p_yes_bound(base_dtype, sensitivity, forward_roundings(layer_count(reloaded)))
+    found = bound.check(diff)
+    if not found["ok"]:
         raise RuntimeError(
-            f"the saved adapter gives P(yes) up to {diff:.2e} away from the trained model (tolerance "
-            f"{RELOAD_TOLERANCE[run_dtype]:.0e} in {run_dtype}); not kept."
+            f"the saved adapter gives P(yes) {found['mean_abs_diff']:.2e} on average and up to "
+            f"{found['max_abs_diff']:.2e} away from the trained model (bounds {bound.mean:.1e} and "
+            f"{bound.max:.1e} in {base_dtype}); not kept."
         )
-    return diff
+    return {f"reload_{k}_p_yes": v for k, v in found.items() if k != "ok"}
+
+
+def trained_dtypes(model) -> tuple[torch.dtype, torch.dtype]:
+    """(base weights' dtype, LoRA weights' dtype) of the trained model, as the eval's forward reads them:
+    DeepSpeed's bf16 casts both to bf16; the Trainer's bf16 autocasts a model left in its loaded dtype, with
+    PEFT's LoRA weights in fp32 over a bf16 base. Read from the parameters, partitioned by ZeRO-3 or not."""
+    lora = next(p.dtype for name, p in model.named_parameters() if "lora_" in name)
+    base = next(
+        p.dtype for name, p in model.named_parameters() if "lora_" not in name and p.is_floating_point()
+    )
+    return base, lora
+
+
+def reload_adapter(trainer: SimulatorTrainer, model_path: str, base_dtype, lora_dtype) -> torch.nn.Module:
+    """The saved adapter on a fresh base model in `base_dtype`, its LoRA weights in `lora_dtype` (PEFT would
+    upcast them to fp32 by default: another model than the one trained under DeepSpeed's bf16)."""
+    from peft import PeftModel
+
+    with without_zero3_init():
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype)
+        reloaded = PeftModel.from_pretrained(base, trainer.args.output_dir, autocast_adapter_dtype=False)
+    for name, param in reloaded.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(lora_dtype)
+    return reloaded.to(trainer.args.device)
 
 
 class NonFiniteGuard(TrainerCallback):

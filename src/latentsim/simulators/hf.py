@@ -61,7 +61,7 @@ def _parts(model):
 
 def _answer_logits(
     hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: gather it to read the answer rows
         import deepspeed
 
@@ -72,13 +72,21 @@ def _answer_logits(
 
 def _answer_rows(
     hidden: torch.Tensor, head: torch.nn.Linear, answer_ids: torch.Tensor, softcap
-) -> torch.Tensor:
-    logits = hidden @ head.weight[answer_ids].T
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer logits, rounding sensitivity), both fp32, from final hidden states in the model's dtype.
+
+    The answer rows are upcast and multiplied in fp32: bf16 logits would round each logit to 2^-8 of its size
+    (a step of 0.125 for a logit in [16, 32): up to 0.03 in P(yes)), below which no parity check could see.
+    The sensitivity of a judgment is max over answers a of ||(w_a - w_0) * h||_2, the size of what rounding h
+    does to the answers' logit differences (latentsim.parity.p_yes_bound)."""
+    rows, h = head.weight[answer_ids].float(), hidden.float()
+    logits = h @ rows.T
     if head.bias is not None:
-        logits = logits + head.bias[answer_ids]
-    if softcap:
+        logits = logits + head.bias[answer_ids].float()
+    if softcap:  # tanh's slope is at most 1: the sensitivity below bounds the capped logits too
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+    spread = (rows[1:] - rows[:1])[None] * h[:, None]  # [n, answers - 1, hidden]
+    return logits, spread.norm(dim=-1).amax(dim=-1)
 
 
 @register_scorer("hf")
@@ -99,6 +107,8 @@ class HFScorer(Scorer):
         self.answer_ids, self.fmt, self.prefix = list(answer_ids), fmt, list(prefix or [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.setup: ScorerSetup | None = None
+        # Per judgment of the last label_logits call: its rounding sensitivity (_answer_rows).
+        self.sensitivity = np.zeros(0, dtype=np.float32)
 
     @classmethod
     def create(cls, setup: ScorerSetup) -> HFScorer:
@@ -131,21 +141,22 @@ class HFScorer(Scorer):
         for i, judgment in enumerate(judgments):
             groups.setdefault(judgment.context, []).append(i)
         out = np.zeros((len(judgments), len(self.answer_ids)), dtype=np.float32)
+        self.sensitivity = np.zeros(len(judgments), dtype=np.float32)
         was_training = self.model.training
         self.model.eval()
         try:
             for members in groups.values():
                 ids = [prompt_token_ids(self.tokenizer, self.prompt(judgments[i])) for i in members]
-                out[members] = self.score_group(ids)
+                out[members], self.sensitivity[members] = self.score_group(ids)
                 if progress is not None:
                     progress.update(len(members))
         finally:
             self.model.train(was_training)
         return out
 
-    def score_group(self, ids: list[list[int]]) -> np.ndarray:
-        """Label logits for token sequences of one group: common prefix once, suffixes batched on its KV
-        cache."""
+    def score_group(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(label logits, sensitivities) for token sequences of one group: common prefix once, suffixes
+        batched on its KV cache."""
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
@@ -180,7 +191,8 @@ class HFScorer(Scorer):
         self.stats["computed_tokens"] += n_prefix
         self.stats["judgments"] += len(ids)
         self.stats["prompt_tokens"] += sum(len(s) for s in ids)
-        return torch.cat(results).cpu().numpy()
+        logits, sensitivity = zip(*results, strict=True)
+        return torch.cat(logits).cpu().numpy(), torch.cat(sensitivity).cpu().numpy()
 
 
 @register_scorer("dense")
@@ -224,6 +236,7 @@ class DenseScorer(HFScorer):
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
         out = np.zeros((len(judgments), len(self.answer_ids)), dtype=np.float32)
+        self.sensitivity = np.zeros(len(judgments), dtype=np.float32)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -246,9 +259,9 @@ class DenseScorer(HFScorer):
                     ).last_hidden_state
                     last = torch.tensor([len(t) - 1 for t in texts], device=device)
                     rows = hidden[torch.arange(len(texts), device=device), last]
-                    out[[i for _, i in batch_pairs]] = (
-                        _answer_logits(rows, head, answer, softcap).cpu().numpy()
-                    )
+                    logits, sensitivity = _answer_logits(rows, head, answer, softcap)
+                    members = [i for _, i in batch_pairs]
+                    out[members], self.sensitivity[members] = logits.cpu().numpy(), sensitivity.cpu().numpy()
                     self.stats["computed_tokens"] += len(texts) * width
                     if progress is not None:
                         progress.update(len(texts))
@@ -327,7 +340,7 @@ class DenseScorer(HFScorer):
                         **{cache_keyword(decoder): copy.deepcopy(header_cache)},
                     ).last_hidden_state
                     rows = hidden[:, [positions[j] for j in judged]]
-                    logits = _answer_logits(rows, head, answer, softcap).cpu().numpy()
+                    logits = _answer_logits(rows, head, answer, softcap)[0].cpu().numpy()
                     out[t][np.ix_(chunk, judged)] = logits
                     self.stats["computed_tokens"] += len(chunk) * len(ids)
                     self.stats["judgments"] += len(chunk) * len(judged)
