@@ -26,7 +26,10 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
         and argv["train_zero3"][argv["train_zero3"].index("--num_processes") + 1] == "1"
     )
     assert "embedded:gemma3-270m" in " ".join(argv["sweep_vllm"])  # the vLLM sweep switches base model
-    assert argv["sweep_hf"][:-4] == argv["sweep_vllm"][:-4]  # same eval set, adapter and baselines
+    hf, vllm = argv["sweep_hf"], argv["sweep_vllm"]
+    assert hf[1:-4] == vllm[1:-6]  # same eval set, adapter and baselines
+    # vLLM runs with its own environment's python (transformers < 5.20 there), the rest with this one
+    assert vllm[0].endswith(".venv-vllm/bin/python") and hf[0] == argv["train_zero3"][0]
 
 
 N_JUDGED = 400

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from latentsim.envs import python_for, stage_env
 from latentsim.parity import forward_roundings, p_yes_bound
 
 # The deepest model the check's sweeps score (SmolLM2-135M: 30 layers; Gemma-3-270M: 18): where two engines'
@@ -175,8 +176,30 @@ def plan(out: str) -> list[tuple[str, list[str]]]:
             ],
         ),
         ("sweep_hf", [*sweep, "--backend", "hf", "--output_dir", f"{out}/eval_hf"]),
-        ("sweep_vllm", [*sweep, "--backend", "vllm", "--output_dir", f"{out}/eval_vllm"]),
+        # vLLM runs in its own environment (.venv-vllm: latentsim.envs). Each engine takes under half the
+        # card: the sweep builds one per base model, and a released engine's memory may not be free at once.
+        (
+            "sweep_vllm",
+            in_its_environment(
+                [
+                    *sweep,
+                    "--backend",
+                    "vllm",
+                    "--gpu_memory_utilization",
+                    "0.4",
+                    "--output_dir",
+                    f"{out}/eval_vllm",
+                ]
+            ),
+        ),
     ]
+
+
+def in_its_environment(argv: list[str]) -> list[str]:
+    """A stage whose backend is vLLM runs with .venv-vllm's python (latentsim.envs.python_for)."""
+    if argv[0] == PY and stage_env(argv[1:]) == "vllm":
+        return [str(python_for(argv[1:])), *argv[1:]]
+    return argv
 
 
 def checks(out: Path) -> dict:
