@@ -18,6 +18,7 @@ from latentsim.explain import (
     token_list_explanation,
     write_explanation,
 )
+from latentsim.token_list import TokenList, parse_token_list
 
 
 def synthetic_cache() -> SparseCache:
@@ -112,6 +113,25 @@ def test_richer_token_list_names_more_tokens_what_they_follow_and_more_contexts(
         token_list_explanation(examples, tok, n_contexts=1)
         == 'the token "cat" (also "mat", "dog"), as in "...thecat"'
     )
+    # Read back, each cue in its place: the "often after" tokens are not tokens it fires on.
+    assert parse_token_list(text) == TokenList(
+        ("cat", "mat", "dog"), ("the", "a"), ("thecat", "amat", "thedog")
+    )
+    plain = parse_token_list(token_list_explanation(examples, tok, n_contexts=1))
+    assert plain == TokenList(("cat", "mat", "dog"), (), ("thecat",))
+
+
+def test_token_list_parser_reads_names_that_look_like_its_own_syntax():
+    """Names are JSON strings: quotes, commas, `(also` and `, as in` inside a name stay inside it; contexts
+    (quoted as written) split only where the next one opens with `...`."""
+    text = (
+        'the token ", as in " (also "\\"", " (also"), often after "\\n", as in "...say " and " no" and "...x"'
+    )
+    assert parse_token_list(text) == TokenList(
+        tokens=(", as in ", '"', " (also"), preceding=("\n",), contexts=('say " and " no', "x")
+    )
+    assert parse_token_list("Commas inside Python lists") is None
+    assert parse_token_list('the token "x", as in nothing quoted') is None
 
 
 def test_load_every_format(tmp_path):

@@ -21,6 +21,9 @@ def test_named_tokens_of_token_list_and_free_text_interpretations():
     assert named_tokens('the token " not" (also " no", "No"), as in "... has no"') == {"not", "no"}
     assert named_tokens('the token "\\"" (also "\\n"), as in "... say \\"hi"') == {'"', "\n"}
     assert named_tokens("Commas inside Python lists") == {"commas", "inside", "python", "lists"}
+    # The richer format: the tokens it follows and the quoted contexts are not tokens it fires on.
+    rich = 'the token "cat" (also " Mat", "dog"), often after "the", "a", as in "...the cat" and "...a mat"'
+    assert named_tokens(rich) == {"cat", "mat", "dog"}
     assert judged_token(marked_context("x = [1, 2", ",")) == ","
     assert judged_token(marked_context("a <<b>> c", " d")) == " d"  # the last mark is the judged token
 

@@ -173,7 +173,7 @@ def token_list_explanation(
     """No LLM: the `n_tokens` tokens the latent fires on most strongly across the examples (each example's
     strongest token, weighted by its activation), optionally the `n_preceding` tokens those most often follow,
     and `n_contexts` distinct example contexts (`context` tokens before the judged one), the strongest first.
-    The defaults are the original interpretation, unchanged."""
+    The defaults are the original interpretation, unchanged; latentsim.token_list reads it back."""
     weight: Counter = Counter()
     preceding: Counter = Counter()
     for ex in examples:

@@ -5,8 +5,9 @@ ones and uniformly drawn negatives mostly rare ones. These reference baselines p
 eval/sweep.py like any simulator (same predictions files, metrics, report and patched-KL rows):
 
 - `prior`: the latent's firing rate in the cache (reads neither the interpretation nor the context);
-- `string_match`: is the judged token one the interpretation names (the quoted tokens of a token-list
-  interpretation; for free text, its words)? Reads the interpretation and the judged token only;
+- `string_match`: is the judged token one the interpretation names (a token-list interpretation's tokens,
+  not its `often after` tokens nor its contexts; for free text, its words)? Reads the interpretation and the
+  judged token only;
 - `prior+string_match`: both.
 
 Each is a logistic regression on its features (log firing rate, match), fitted on the eval set's calibration
@@ -17,7 +18,6 @@ P(yes) = sigmoid(z). `FeatureReference` is the registered scorer (docs/extending
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -25,13 +25,13 @@ import pandas as pd
 
 from latentsim.prompts import unmark_context
 from latentsim.simulators.base import Judgment, Scorer, ScorerSetup, register_reference
+from latentsim.token_list import parse_token_list
 
 REFERENCE_FEATURES = {
     "prior": ("log_firing_rate",),
     "string_match": ("string_match",),
     "prior+string_match": ("log_firing_rate", "string_match"),
 }
-QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 FIRING_RATE_FLOOR = 1e-7  # log of a latent that never fired in the cache
 
 
@@ -41,16 +41,11 @@ def normalise_token(text: str) -> str:
 
 
 def named_tokens(interpretation: str) -> set[str]:
-    """The tokens an interpretation names: the quoted strings before `, as in` of a token-list interpretation
-    (`the token " not" (also " no", "No"), as in "..."`), else the words of the text; normalised."""
-    head = interpretation.split(", as in ")[0]
-    quoted = []
-    for raw in QUOTED.findall(head):
-        try:
-            quoted.append(json.loads(f'"{raw}"'))
-        except json.JSONDecodeError:
-            quoted.append(raw)
-    names = quoted if quoted else re.findall(r"\w+", interpretation)
+    """The tokens an interpretation names as those the latent fires on: a token-list interpretation's
+    tokens (`the token " not" (also " no", "No")`; not its `often after` tokens nor its quoted contexts:
+    latentsim.token_list), else the words of the text; normalised."""
+    parsed = parse_token_list(interpretation)
+    names = parsed.tokens if parsed else re.findall(r"\w+", interpretation)
     return {normalise_token(n) for n in names if n}
 
 
