@@ -12,8 +12,6 @@ import json
 import re
 from dataclasses import dataclass
 
-# The token-list format read back: every part a JSON string (names are json.dumps'ed, so a name may hold
-# quotes, commas or ", as in"), the quoted contexts last, joined by ` and `.
 JSON_STRING = r'"(?:[^"\\]|\\.)*"'
 TOKEN_LIST_RE = re.compile(
     rf"^the token (?P<first>{JSON_STRING})"
