@@ -279,6 +279,33 @@ def same_files(a: Path, b: Path, pattern: str) -> list[str]:
     return names
 
 
+def build_eval_set(
+    root: Path, model_dir: Path, set_name: str = "token_list-quantiles", out: str = "eval_set", **overrides
+) -> Path:
+    """data_gen/build_dataset.py over make_explained_cache's cache and one of its interpretation sets
+    (root/expl/<set_name>): the tests' tiny eval set, every positive and 6 uniform negatives per context, in
+    root/<out>; `overrides` are DatasetArguments keys."""
+    from latentsim.config import DatasetArguments
+
+    args = dict(
+        cache_dir=str(root / "cache"),
+        hookpoint="layers.1",
+        simulator_tokenizer=str(model_dir),
+        interpretations=[str(root / "expl" / set_name)],
+        window_min=4,
+        window_max=6,
+        contexts_per_row=2,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        seed=3,
+        positives="all",
+        negatives_per_context=6,
+        output_dir=str(root / out),
+    )
+    load_script("data_gen/build_dataset.py").main(DatasetArguments(**{**args, **overrides}))
+    return root / out
+
+
 class FakeHubApi:
     """Records the huggingface_hub calls our thin upload function makes (no network)."""
 

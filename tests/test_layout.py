@@ -141,7 +141,14 @@ def test_stages_reach_simulators_only_through_the_factory():
     graph = latentsim_imports()
     for stage in ("latentsim.whole_layer", "latentsim.rewrite", "latentsim.generation", "latentsim.patching"):
         assert "latentsim.sweep" not in graph[stage], stage
-    scorer_classes = {"HFScorer", "DenseScorer", "VLLMScorer", "FakeScorer", "FeatureReference"}
+    scorer_classes = {
+        "HFScorer",
+        "DenseScorer",
+        "VLLMScorer",
+        "FakeScorer",
+        "FeatureReference",
+        "LexicalReader",
+    }
     for path in sorted((ROOT / "src" / "latentsim").rglob("*.py")) + SCRIPTS:
         if path.parent.name == "simulators":
             continue

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import load_script, make_explained_cache
+from helpers import build_eval_set, load_script, make_explained_cache
 from sklearn.linear_model import LogisticRegression
 
 from latentsim.config import ConfigError, DatasetArguments, EvalArguments, parse_baseline
@@ -69,23 +69,7 @@ def test_reference_baseline_specs():
 def eval_set(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     root = tmp_path_factory.mktemp("reference")
     make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
-    load_script("data_gen/build_dataset.py").main(
-        DatasetArguments(
-            cache_dir=str(root / "cache"),
-            hookpoint=HOOK,
-            simulator_tokenizer=str(tiny_model_dir),
-            interpretations=[str(root / "expl" / "token_list-quantiles")],
-            window_min=4,
-            window_max=6,
-            contexts_per_row=2,
-            validation_fraction=0.2,
-            test_fraction=0.2,
-            seed=3,
-            positives="all",
-            negatives_per_context=6,
-            output_dir=str(root / "eval_set"),
-        )
-    )
+    build_eval_set(root, tiny_model_dir)
     return root
 
 

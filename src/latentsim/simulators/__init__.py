@@ -7,7 +7,8 @@
 - `factory.py`: `ScorerFactory`, the one place that checks a simulator (format, chat template, held-out rows
   and latents) and constructs its scorer; `load_scorer` for a single simulator.
 - The kinds: `hf.py` (`hf`: prefix-shared chat prompts; `dense`: verdicts at every token), `vllm.py` (`vllm`),
-  `fake.py` (`fake`, for tests), `reference.py` (`prior`, `string_match`, `prior+string_match`).
+  `fake.py` (`fake`, for tests), `reference.py` (`prior`, `string_match`, `prior+string_match`), `lexical.py`
+  (`lexical`, `lexical_gbm`: the lexical reader).
 
 Adding a kind (docs/extending.md walks through one): write one `Scorer` subclass with `create(setup)` and
 `label_logits(judgments)`, register it with `@register_scorer(name)` (a way of running simulator models,
@@ -16,7 +17,7 @@ selected by `backend`) or `@register_reference(name)` (a reference, selected by 
 benchmarks reach it through the factory.
 """
 
-from latentsim.simulators import fake, hf, reference, vllm  # noqa: F401  (registers the built-in kinds)
+from latentsim.simulators import fake, hf, lexical, reference, vllm  # noqa: F401  (registers the built-in kinds)
 from latentsim.simulators.base import (
     REFERENCES,
     SCORERS,

@@ -51,26 +51,41 @@ class Simulator:
 @dataclass(frozen=True)
 class Judgment:
     """One (context, latent) question: the context marked as `latentsim.prompts.marked_context` makes it (the
-    judged token last), the interpretation to read, and the interpretation score when it is shown."""
+    judged token last), the interpretation to read, and the interpretation score when it is shown. `row` and
+    `position` locate the judged token in the eval set's cache (the lexical reader reads the previous token
+    there); None when the context is not a cache row's."""
 
     context: str
     interpretation: str
     score: float | None = None
     latent: int | None = None  # the latent's global id (references read its firing rate)
+    row: int | None = None  # the cache row of the judged token
+    position: int | None = None  # the judged token's position in that row (never 0)
 
 
 def judgments_of(
     df: pd.DataFrame, interpretations: dict[int, str] | None = None, show_score: bool = False
 ) -> tuple[list[Judgment], np.ndarray]:
     """The judgments of eval rows and a mask of the rows kept: `interpretations` (another set than the rows'
-    own) may lack some latents, whose rows are dropped."""
+    own) may lack some latents, whose rows are dropped. Rows with `row`/`position` columns (every eval set's)
+    carry them into the judgments."""
     judgments, keep = [], np.ones(len(df), dtype=bool)
+    located = {"row", "position"} <= set(df.columns)
     for i, row in enumerate(df.itertuples(index=False)):
         text = row.interpretation if interpretations is None else interpretations.get(int(row.latent))
         if text is None:
             keep[i] = False
             continue
-        judgments.append(Judgment(row.context, text, row.score if show_score else None, int(row.latent)))
+        judgments.append(
+            Judgment(
+                row.context,
+                text,
+                row.score if show_score else None,
+                int(row.latent),
+                int(row.row) if located else None,
+                int(row.position) if located else None,
+            )
+        )
     return judgments, keep
 
 

@@ -8,12 +8,19 @@ eval/sweep.py like any simulator (same predictions files, metrics, report and pa
 - `string_match`: is the judged token one the interpretation names (a token-list interpretation's tokens,
   not its `often after` tokens nor its contexts; for free text, its words)? Reads the interpretation and the
   judged token only;
-- `prior+string_match`: both.
+- `prior+string_match`: both;
+- `lexical`, `lexical_gbm` (latentsim.simulators.lexical): the lexical reader, every cue a token-list
+  interpretation gives (the named tokens' ranks, the `often after` tokens against the previous token, the
+  quoted contexts against the context's tail) and the prior, read by a logistic regression or gradient-boosted
+  trees fitted on the train split: the strongest reference that reads the simulator's cues without a language
+  model.
 
-Each is a logistic regression on its features (log firing rate, match), fitted on the eval set's calibration
-split (eval/sweep.py: `validation`, held-out latents of other rows than the test split's), so its P(yes) is
-calibrated like a simulator's and its thresholded metrics mean something. Logits are written as [0, z]:
-P(yes) = sigmoid(z). `FeatureReference` is the registered scorer (docs/extending.md adds another reference).
+Each of the first three is a logistic regression on its features (log firing rate, match), fitted on the
+eval set's calibration split (eval/sweep.py: `validation`, held-out latents of other rows than the test
+split's), so its P(yes) is calibrated like a simulator's and its thresholded metrics mean something. Logits
+are written as [0, z]: P(yes) = sigmoid(z). `FeatureReference` is the registered scorer (docs/extending.md
+adds another reference); `text_p_yes` judges every latent at every position of a text (the whole layer's
+dense API).
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from latentsim.prompts import unmark_context
-from latentsim.simulators.base import Judgment, Scorer, ScorerSetup, register_reference
+from latentsim.prompts import marked_context, unmark_context
+from latentsim.simulators.base import Judgment, Scorer, ScorerSetup, probabilities, register_reference
 from latentsim.token_list import parse_token_list
 
 REFERENCE_FEATURES = {
@@ -52,6 +59,19 @@ def named_tokens(interpretation: str) -> set[str]:
 def judged_token(context: str) -> str:
     """The judged (marked, last) token of a context rendered by latentsim.prompts.marked_context."""
     return unmark_context(context)[1]
+
+
+def text_judgments(latents: list[int], interpretations: list[str], ids, tokenizer) -> list[Judgment]:
+    """Every latent judged at every position 1..n of a text of subject token ids `ids` (BOS at index 0, length
+    n + 1), position-major: the context at position p is the text of tokens 1..p, token p judged (decoded
+    with `tokenizer`, the subject model's, as the eval sets decode their windows)."""
+    ids = np.asarray(ids).reshape(-1).tolist()
+    pairs = list(zip(latents, interpretations, strict=True))
+    judgments = []
+    for p in range(1, len(ids)):
+        context = marked_context(tokenizer.decode(ids[1:p]), tokenizer.decode(ids[p : p + 1]))
+        judgments += [Judgment(context, text, latent=int(latent)) for latent, text in pairs]
+    return judgments
 
 
 def features(
@@ -156,12 +176,32 @@ class FeatureReference(Scorer):
         model = ReferenceModel(name, fit, firing_rate)
         return cls(model, {"split": fit_split, "judgments": len(judgments)})
 
+    def judgment_logits(
+        self, judgments: list[Judgment], previous: list[str | None] | None = None
+    ) -> np.ndarray:
+        """[N, 2] logits (No, Yes) of judgments. `previous` (each judgment's previous subject token, known
+        when a text's ids are judged) is for references that read it; these do not."""
+        return self.model.label_logits(judgment_frame(judgments))
+
     def label_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
-        logits = self.model.label_logits(judgment_frame(judgments))
+        logits = self.judgment_logits(judgments)
         self.stats["judgments"] += len(judgments)
         if progress is not None:
             progress.update(len(judgments))
         return logits
+
+    def text_p_yes(
+        self, latents: list[int], interpretations: list[str], ids: np.ndarray, tokenizer
+    ) -> np.ndarray:
+        """P(yes) [n_positions, n_latents] of every latent at every position 1..n of a text of subject ids
+        `ids` (BOS at index 0): the logits of `text_judgments`, each with its previous token read from `ids`
+        (none at position 1: BOS), exactly as `label_logits` answers the same judgments."""
+        ids = np.asarray(ids).reshape(-1).tolist()
+        judgments = text_judgments(latents, interpretations, ids, tokenizer)
+        previous = [None] + [tokenizer.decode(ids[p - 1 : p]) for p in range(2, len(ids))]
+        logits = self.judgment_logits(judgments, [prev for prev in previous for _ in latents])
+        self.stats["judgments"] += len(judgments)
+        return probabilities(logits)[:, 1].reshape(len(ids) - 1, len(latents))
 
     def describe(self) -> dict:
         m = self.model
