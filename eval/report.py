@@ -24,7 +24,7 @@ from latentsim.htmlpage import STYLE, generation_fragment, table_html
 from latentsim.io import atomic_write_bytes, atomic_write_text, read_results, write_run_config
 from latentsim.metrics import summary_row
 from latentsim.sweep import markdown_table, read_sweeps
-from latentsim.tables import headline_rows, patch_rows, whole_layer_rows
+from latentsim.tables import control_gap_rows, headline_rows, patch_rows, whole_layer_rows
 from latentsim.whole_layer import format_table
 
 DATACLASSES = (ReportArguments,)
@@ -73,7 +73,8 @@ def eval_set_html(eval_name: str, records: list[dict], rows: list[dict], figures
     if binary:
         info += (
             f", judged dictionary {results['width']} explained latents, {results['l0']:.1f} of them active "
-            "per token; (pool): on the eval pool, (dict): weighted to the dictionary's base rate"
+            f"per token (L0 from the {eval_set.get('l0_source', 'test')} split); (pool): on the eval pool, "
+            "(dict): weighted to the dictionary's base rate"
         )
     over = "contexts" if binary or "per_latent" not in results else "latents (latent-major eval set)"
     return (
@@ -131,12 +132,14 @@ def main(args: ReportArguments) -> Path:
         sections.append(eval_set_html(eval_name, records, rows, out / "figures"))
         res = records[0]["results"]
         latent_major = "per_latent" in res and "n_latents" in res and "value" not in res
-        held_out = (
-            f"{res['n_latents']} held-out latents"
-            if latent_major
-            else f"{res['n_contexts']} held-out contexts"
+        unit = "latents" if latent_major else "contexts"
+        markdown.append(
+            f"## {eval_name} ({res[f'n_{unit}']} held-out {unit})\n\n" + markdown_table(headline_rows(rows))
         )
-        markdown.append(f"## {eval_name} ({held_out})\n\n" + markdown_table(headline_rows(rows)))
+        if gaps := control_gap_rows(records):  # controls shown other latents' texts or none: their gap
+            title = f"{eval_name}: how much the simulators read the interpretation (real - control)"
+            sections.append(f"<h3>{html.escape(title)}</h3>{table_html(gaps)}")
+            markdown.append(f"### {title}\n\n" + markdown_table(gaps))
         if (patch := read_results(sweep_dir / eval_name / "patch_kl")) is not None:
             sections.append(patch_html(eval_name, patch, out / "figures"))
         if (generation := read_results(sweep_dir / eval_name / "generate")) is not None:
@@ -158,10 +161,7 @@ def main(args: ReportArguments) -> Path:
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever
     atomic_write_text(out / "report.html", page_html(args.title, sweep_dir, provenance, sections))
     atomic_write_text(out / "report.md", "\n".join(markdown))
-    print(
-        f"[report] {out / 'report.html'} ({len(sweeps)} eval sets, figures in {out / 'figures'}; tables: "
-        f"{out / 'report.md'})"
-    )
+    print(f"[report] {out / 'report.html'} ({len(sweeps)} eval sets; figures/ and report.md beside it)")
     return out / "report.html"
 
 

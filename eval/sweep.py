@@ -33,6 +33,7 @@ from latentsim.sweep import (
     add_lifts,
     eval_splits,
     gpus_per_rank,
+    l0_target,
     open_simulator_folder,
     score_simulator,
     simulator_spec,
@@ -54,9 +55,9 @@ def main(args: EvalArguments, api=None) -> None:
     for sim in sims:  # every run and baseline is refused before any model loads
         factory.check(sim, eval_set.prompt_format)
     splits = eval_splits(eval_set, args)
-    test = splits[args.eval_split]
-    # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones.
-    width, l0 = eval_set.judged_width, eval_set.judged_l0(test)
+    # Dictionary-wide extrapolations are over the latents a simulator can be asked about: the explained ones;
+    # their L0 target comes from the calibration split (the test split only when there is none).
+    width, (l0, l0_source) = eval_set.judged_width, l0_target(eval_set, splits, args)
     w_dec = eval_set.decoder_weights() if eval_set.binary else None
     scores = {
         Path(p).stem: load_scores(p, eval_set.hookpoint, eval_set.width, key="score_files")
@@ -72,7 +73,7 @@ def main(args: EvalArguments, api=None) -> None:
     print(
         f"[sweep] {len(sims)} simulators x {eval_set.path} ({eval_set.prompt_format}; {sizes}; judged "
         f"dictionary: {width} explained of {eval_set.width} latents, {l0:.1f} of them active per judged "
-        "token)"
+        f"token in {l0_source})"
     )
 
     for sim in ranks.share(sims):  # by position: the ranks need not talk to split the work
@@ -113,6 +114,7 @@ def main(args: EvalArguments, api=None) -> None:
                     "path": str(eval_set.path),
                     "split": args.eval_split,
                     "calibration_split": args.calibration_split,
+                    "l0_source": l0_source,
                     "prompt_format": eval_set.prompt_format,
                     "build_config": eval_set.build,
                 },
@@ -122,6 +124,7 @@ def main(args: EvalArguments, api=None) -> None:
                     "chat_template_sha256": scored["chat_template_sha256"],
                     "answer_token_ids": scored["answer_token_ids"],
                     "reference_model": scored.get("reference"),
+                    "control": scored["control"],
                 },
                 "provenance": provenance("eval_sweep", {"eval": args}, args.seed),
             },
@@ -145,7 +148,7 @@ def main(args: EvalArguments, api=None) -> None:
             args.seed,
             by="latent" if eval_set.latent_major else "context_id",
         )
-    write_summary(root, eval_set, args.eval_split, rows, width, l0)
+    write_summary(root, eval_set, args.eval_split, rows, width, l0, l0_source)
     print(f"[sweep] {len(rows)} simulators: {root / 'summary.md'} (every metric: */results.json)")
 
 

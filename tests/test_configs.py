@@ -156,6 +156,7 @@ def test_baseline_specs_parse_with_defaults_and_names():
         "score": False,
         "interpretations": None,
         "tensor_parallel_size": None,
+        "control": None,
         "name": "smollm2-135m_3shot",
     }
     assert parse_baseline("model=org/big,tensor_parallel_size=4")["tensor_parallel_size"] == 4

@@ -128,6 +128,24 @@ def test_sweep_scores_checkpoints_and_baselines(assets, tiny_model_dir, tmp_path
     assert all(n in summary for n in names)
 
 
+def test_a_run_under_control_scores_its_final_adapter_on_other_texts(assets, tiny_model_dir, tmp_path):
+    """`<run>,control=...`: the final adapter only, in a folder of its own, scored by the hf backend (an empty
+    interpretation renders) on the very judgments of the real final adapter, with its gap to it."""
+    run = str(assets / "run")
+    controls = [f"{run},control=empty", f"{run},control=shuffled"]
+    root = sweep(assets, tiny_model_dir, tmp_path, run_dirs=[run, *controls], baselines=[])
+    names = [r["simulator"] for r in json.loads((root / "summary.json").read_text())["rows"]]
+    assert names == ["run__checkpoint-6", "run__final", "run__final__empty", "run__final__shuffled"]
+    final = pd.read_parquet(root / "run__final" / "predictions_test.parquet")
+    for control in ("empty", "shuffled"):
+        record = json.loads((root / f"run__final__{control}" / "results.json").read_text())
+        assert record["simulator"]["control"] == control and record["simulator"]["step"] == 12
+        preds = pd.read_parquet(root / f"run__final__{control}" / "predictions_test.parquet")
+        assert preds[["context_id", "latent"]].equals(final[["context_id", "latent"]])
+        assert np.abs(preds["p_yes"] - final["p_yes"]).max() > 1e-4
+        assert record["results"]["control_gap"]["real"] == "run__final"
+
+
 def test_sweep_resumes_and_skips_finished(assets, tiny_model_dir, tmp_path, monkeypatch):
     root = sweep(assets, tiny_model_dir, tmp_path / "eval")
     before = {

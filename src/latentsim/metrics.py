@@ -808,12 +808,17 @@ def evaluate(
 def add_lift_columns(row: dict, results: dict) -> None:
     """The paired per-context (per-latent) AUC lifts a sweep wrote (eval/sweep.py: `lift_over_prior`, and
     `lift_over_prior_string_match` over the best reference that reads nothing) as summary columns with their
-    CIs."""
+    CIs; for a control (latentsim.simulators.controls), `control_gap_auc`: its real simulator's pooled AUC
+    minus its own, with the paired CI."""
     for key, column in (("lift_over_prior", "lift_auc"), ("lift_over_prior_string_match", "lift_psm_auc")):
         if key in results:
             lift = results[key]["per_context_auc"]
             row[column] = lift["median"]
             row[f"{column}_ci_low"], row[f"{column}_ci_high"] = lift["ci95"]
+    if "control_gap" in results:
+        gap = results["control_gap"]["pooled_auc"]
+        row["control_gap_auc"] = gap["difference"]
+        row["control_gap_auc_ci_low"], row["control_gap_auc_ci_high"] = gap["ci95"]
 
 
 def summary_row(name: str, kind: str, step, results: dict) -> dict:

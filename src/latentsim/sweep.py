@@ -23,6 +23,7 @@ from latentsim.eval_set import EvalSet
 from latentsim.io import atomic_write_json, read_results
 from latentsim.prompts import get_format, render_prompt
 from latentsim.simulators import Judgment, ScorerFactory, ScorerSetup, Simulator, judgments_of, probabilities
+from latentsim.simulators.spec import real_simulator_name
 
 logger = logging.getLogger(__name__)
 PREDICTION_COLUMNS = (
@@ -90,6 +91,14 @@ def eval_splits(eval_set: EvalSet, args) -> dict[str, pd.DataFrame]:
         for s in (args.eval_split, args.calibration_split)
         if s and (s == args.eval_split or eval_set.binary)
     }
+
+
+def l0_target(eval_set: EvalSet, splits: dict[str, pd.DataFrame], args) -> tuple[float, str]:
+    """(L0, the split it is read from): the mean number of explained latents active at a judged token, the
+    budget of the L0-matched threshold and of precision at L0. Read from the calibration split, so the test
+    split chooses nothing; from the eval split only when no calibration split is scored."""
+    source = args.calibration_split if args.calibration_split in splits else args.eval_split
+    return eval_set.judged_l0(splits[source]), source
 
 
 def simulator_spec(sim: Simulator, args, splits: dict) -> dict:
@@ -180,6 +189,7 @@ def score_simulator(
         "chat_template_sha256": setup.chat_template_sha256,
         "answer_token_ids": setup.answer_ids,
         "reference": described,
+        "control": setup.control,
     }
 
 
@@ -193,34 +203,45 @@ def add_lifts(
     root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int, by: str = "context_id"
 ) -> list[dict]:
     """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference
-    the sweep scored (with the eval set's own interpretations) on the same judgments, with its paired
-    bootstrap CI, written into its results.json; returns the summary rows (one per simulator, in `sims` order)
-    updated."""
+    the sweep scored (with the eval set's own interpretations, under no control) on the same judgments, and
+    every control's `control_gap`: its real simulator's AUC minus its own (pooled and per context, the real
+    one as `test`, the control as `reference`), each with its paired bootstrap CI over contexts (latents),
+    written into its results.json; returns the summary rows (one per simulator, in `sims` order) updated."""
     from latentsim.io import write_results
     from latentsim.metrics import lift_over_reference, summary_row
 
     references = {
         key: next(
-            (s for s in sims if s.kind == "reference" and s.base_model == model and not s.interpretations),
+            (
+                s
+                for s in sims
+                if s.kind == "reference" and s.base_model == model and not (s.interpretations or s.control)
+            ),
             None,
         )
         for key, model in LIFT_REFERENCES.items()
     }
     references = {key: ref for key, ref in references.items() if ref is not None}
-    if not references:
+    by_name = {s.name: s for s in sims}
+    reals = {s.name: by_name[real_simulator_name(s)] for s in sims if real_simulator_name(s) in by_name}
+    if not references and not reals:
         return rows
-    tables = {
-        key: pd.read_parquet(root / ref.name / f"predictions_{split}.parquet")
-        for key, ref in references.items()
-    }
+    read = lambda name: pd.read_parquet(root / name / f"predictions_{split}.parquet")  # noqa: E731
+    tables = {key: read(ref.name) for key, ref in references.items()}
     updated = []
     for sim in sims:
         record = read_results(root / sim.name)
-        preds = pd.read_parquet(root / sim.name / f"predictions_{split}.parquet")
+        preds = read(sim.name)
         for key, ref in references.items():
             record["results"][key] = {
                 "reference": ref.name,
                 **lift_over_reference(preds, tables[key], seed=seed, by=by),
+            }
+        if (real := reals.get(sim.name)) is not None:
+            record["results"]["control_gap"] = {
+                "real": real.name,
+                "control": sim.control,
+                **lift_over_reference(read(real.name), preds, seed=seed, by=by),
             }
         write_results(root / sim.name, record, "simulator_sweep")
         updated.append(summary_row(sim.name, sim.kind, sim.step, record["results"]))
@@ -255,8 +276,11 @@ def save_predictions(path: Path, df: pd.DataFrame, logits: np.ndarray, fmt: str,
 SUMMARY_FILE = "summary.json"
 
 
-def write_summary(root: Path, eval_set: EvalSet, split: str, rows: list[dict], width: int, l0: float) -> None:
-    """The sweep's summary.json (its rows and the judged dictionary) and summary.md (their table)."""
+def write_summary(
+    root: Path, eval_set: EvalSet, split: str, rows: list[dict], width: int, l0: float, l0_source: str
+) -> None:
+    """The sweep's summary.json (its rows, the judged dictionary and the split its L0 target was read from)
+    and summary.md (their table)."""
     from latentsim.io import atomic_write_text
 
     atomic_write_json(
@@ -268,15 +292,22 @@ def write_summary(root: Path, eval_set: EvalSet, split: str, rows: list[dict], w
             "width": eval_set.width,
             "judged_width": width,
             "l0": l0,
+            "l0_source": l0_source,
             "rows": rows,
         },
     )
     atomic_write_text(
         Path(root) / "summary.md",
         f"# {eval_set.name} ({eval_set.prompt_format}, split {split})\n\n"
-        f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled.\n\n"
-        + markdown_table(rows),
+        f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled. "
+        f"{l0_sentence(l0, l0_source, split)}\n\n" + markdown_table(rows),
     )
+
+
+def l0_sentence(l0: float, source: str, eval_split: str) -> str:
+    """Where the L0 target came from, as the summary and the report say it."""
+    caveat = " (no calibration split: the split reported on chose it)" if source == eval_split else ""
+    return f"L0 target {l0:.2f} explained latents per judged token, from the {source} split{caveat}."
 
 
 def read_summary(root: str | Path) -> dict | None:

@@ -25,6 +25,7 @@ METRIC_COLUMNS = (
     MetricColumn("per_latent_auc", "per-latent AUC [95% CI]", terminal=True, progress=True),
     MetricColumn("lift_auc", "AUC - prior [95% CI]", terminal=True),
     MetricColumn("lift_psm_auc", "AUC - (prior+sm) [95% CI]", terminal=True),
+    MetricColumn("control_gap_auc", "real - control pooled AUC [95% CI]", terminal=True),
     MetricColumn("recall", "recall", terminal=True, progress=True),
     MetricColumn("precision", "precision (pool)", terminal=True, progress=True),
     MetricColumn("f1", "F1 (pool)", progress=True),
@@ -66,17 +67,46 @@ def sweep_lines(rows: list[dict]) -> list[str]:
 
 def sweep_cell(row: dict, column: str) -> str:
     """A number to 3 decimals; with its bootstrap 95% CI where the row has one (`<column>_ci_low/high`)."""
-    value = row.get(column)
+    return value_with_ci(row.get(column), row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high"))
+
+
+def value_with_ci(value, low=None, high=None) -> str:
+    """`value` to 3 decimals with its 95% CI [low, high] to 2 where both are numbers; `-` for nan (undefined,
+    e.g. the precision of a simulator that flags nothing), empty when there is no number."""
     if not isinstance(value, float):
         return ""
-    if value != value:  # nan: undefined (e.g. the precision of a simulator that flags nothing)
+    if value != value:
         return "-"
-    low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
     return (
         f"{value:.3f} [{low:.2f}, {high:.2f}]"
         if isinstance(low, float) and isinstance(high, float)
         else f"{value:.3f}"
     )
+
+
+def control_gap_rows(records: list[dict]) -> list[dict]:
+    """How much simulators read their interpretation: per control a sweep scored (its results.json
+    `control_gap`, latentsim.sweep.add_lifts), the real simulator's pooled AUC, the control's, and the gap
+    real - control with its paired bootstrap 95% CI over contexts (latents, on a latent-major set), the median
+    per-context (per-latent) gap beside it."""
+    rows = []
+    for record in records:
+        if (gap := record["results"].get("control_gap")) is None:
+            continue
+        pooled, per = gap["pooled_auc"], gap["per_context_auc"]
+        rows.append(
+            {
+                "simulator": gap["real"],
+                "control": gap["control"],
+                "pooled AUC": value_with_ci(pooled["test"]),
+                "pooled AUC (control)": value_with_ci(pooled["reference"]),
+                "gap (pooled) [95% CI]": value_with_ci(pooled["difference"], *pooled["ci95"]),
+                f"median gap per {'latent' if gap['by'] == 'latent' else 'context'} [95% CI]": value_with_ci(
+                    per["median"], *per["ci95"]
+                ),
+            }
+        )
+    return rows
 
 
 def patch_cell(patch: dict, source: str, key: str = "kl_judged") -> str:

@@ -18,7 +18,7 @@ from latentsim.config.common import (
     dtype_field,
 )
 
-BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size")
+BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size", "control")
 
 
 def reference_names() -> list[str]:
@@ -28,18 +28,46 @@ def reference_names() -> list[str]:
     return sorted(REFERENCES)
 
 
+def control_names() -> tuple[str, ...]:
+    """The controls that read the wrong thing (latentsim.simulators.controls): `control=shuffled`, `empty`."""
+    from latentsim.simulators.controls import CONTROLS
+
+    return CONTROLS
+
+
+def check_control(key: str, spec: str, value: str) -> str:
+    if value not in control_names():
+        _fail(key, f"{spec!r}: control must be one of {', '.join(control_names())}, not {value!r}.")
+    return value
+
+
+def parse_run_entry(entry: str, key: str) -> tuple[str, str | None]:
+    """A `run_dirs` / `hub_runs` entry `<run folder or Hub repo>[,control=shuffled|empty]` -> (the run, its
+    control or None). A control scores the run's final adapter only (a Hub repo's `main`)."""
+    run, _, options = entry.partition(",")
+    control = None
+    for part in filter(None, (p.strip() for p in options.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name != "control":
+            _fail(key, f"{entry!r}: `{part}` is not `control=<{'|'.join(control_names())}>`.")
+        control = check_control(key, entry, value)
+    return run.strip(), control
+
+
 def parse_baseline(spec: str) -> dict:
     """`key=value,key=value` (lm-eval `--model_args` style) -> a prompting-baseline spec with defaults:
     model (default embedded:smollm2-135m; or a registered reference that reads nothing, e.g. prior,
     string_match, prior+string_match), shots (few-shot examples, 0), score (show the eval set's interpretation
     score, false), interpretations (another interpretation set; default the eval set's), tensor_parallel_size
-    (vLLM: GPUs for this model's engine, default the sweep's), name."""
+    (vLLM: GPUs for this model's engine, default the sweep's), control (`shuffled` or `empty`: the texts of
+    latentsim.simulators.controls instead of the real ones; default none), name."""
     out = {
         "model": "embedded:smollm2-135m",
         "shots": 0,
         "score": False,
         "interpretations": None,
         "tensor_parallel_size": None,
+        "control": None,
     }
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
@@ -62,6 +90,8 @@ def parse_baseline(spec: str) -> dict:
             if value not in ("true", "false"):
                 _fail("baselines", f"{spec!r}: score must be true or false.")
             out[key] = value == "true"
+        elif key == "control":
+            out[key] = check_control("baselines", spec, value)
         else:
             out[key] = value
     if out["model"] in reference_names() and (out["shots"] or out["score"]):
@@ -114,12 +144,16 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
     run_dirs: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "train/sft.py output dirs: every complete "
-            "checkpoint-N and the final adapter are evaluated."
+            "help": "train/sft.py output dirs: every complete checkpoint-N and the final adapter are "
+            "evaluated; `<dir>,control=shuffled` (or `empty`): its final adapter shown other latents' "
+            "interpretations (or none)."
         },
     )
     hub_runs: list[str] = field(
-        default_factory=list, metadata={"help": "Hub adapter repos: `main` and every `step-N` branch."}
+        default_factory=list,
+        metadata={
+            "help": "Hub adapter repos: `main` and every `step-N` branch (`<repo>,control=...`: main)."
+        },
     )
     include_checkpoints: bool = field(
         default=True, metadata={"help": "Evaluate checkpoint-N folders, not only the final adapter."}
@@ -128,7 +162,7 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
         default_factory=list,
         metadata={
             "help": "Prompting baselines, each `key=value,...` with "
-            "keys model, shots, score, interpretations, name."
+            "keys model, shots, score, interpretations, control, name."
         },
     )
     score_files: list[str] = field(
@@ -165,8 +199,10 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
             _fail("backend", f"{self.backend!r} is not `hf`, `vllm` or `fake`.")
         if not (self.run_dirs or self.hub_runs or self.baselines):
             _fail("run_dirs", "nothing to evaluate: give run_dirs, hub_runs or baselines.")
+        self.parsed_runs = [parse_run_entry(r, "run_dirs") for r in self.run_dirs]
+        self.parsed_hub_runs = [parse_run_entry(r, "hub_runs") for r in self.hub_runs]
         self.parsed_baselines = [parse_baseline(b) for b in self.baselines]
-        names = [b["name"] for b in self.parsed_baselines]
+        names = [(b["name"], b["control"]) for b in self.parsed_baselines]
         if len(set(names)) != len(names):
             _fail("baselines", f"two baselines share a name ({names}); give them distinct `name=`.")
         _require_positive(self, "batch_size", "max_lora_rank")
@@ -378,11 +414,11 @@ class WholeLayerArguments(RunArguments):
                     f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "
                     "`firing_rate_random`, reported beside every simulator.",
                 )
-            if spec["score"] or spec["interpretations"]:
+            if spec["score"] or spec["interpretations"] or spec["control"]:
                 _fail(
                     "baseline",
-                    f"{self.baseline!r}: `score` and `interpretations` are eval/sweep.py options; the "
-                    "whole layer reads the eval set's interpretations, without scores.",
+                    f"{self.baseline!r}: `score`, `interpretations` and `control` are eval/sweep.py "
+                    "options; the whole layer reads the eval set's interpretations, without scores.",
                 )
         if self.positions not in ("all", "last"):
             _fail("positions", f"{self.positions!r} is not `all` or `last`.")

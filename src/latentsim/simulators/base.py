@@ -39,6 +39,7 @@ class Simulator:
     tensor_parallel_size: int | None = (
         None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
     )
+    control: str | None = None  # `shuffled`/`empty`: other latents' texts or none (simulators.controls)
 
     @property
     def dense(self) -> bool:
@@ -139,6 +140,7 @@ class ScorerSetup:
     factory: Any  # the latentsim.simulators.factory.ScorerFactory that prepared it (shared models live there)
     eval_set: Any = None  # latentsim.eval_set.EvalSet, for references (fitted on one of its splits)
     chat_template_sha256: str | None = None
+    control: dict | None = None  # what a control changed (latentsim.simulators.controls), for results.json
 
 
 class Scorer(ABC):

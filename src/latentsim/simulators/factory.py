@@ -86,9 +86,16 @@ class ScorerFactory:
     ) -> ScorerSetup:
         """Resolve and check `sim` for judgments in `eval_format`: its tokenizer (chat template checked
         against training's), answer tokens, few-shot turns and interpretation set (both from `eval_set`).
-        `frames` ({split: eval rows}) are checked against what a finetuned simulator trained on."""
+        `frames` ({split: eval rows}) are checked against what a finetuned simulator trained on. Under a
+        control (`sim.control`) its judgments (and a reference's fit) read the control's texts, seeded by
+        `seed`; few-shot examples keep their real ones (they show the task, not the judged latent)."""
         self.check(sim, eval_format)
-        interpretations = eval_set.interpretations(sim.interpretations) if sim.interpretations else None
+        real = eval_set.interpretations(sim.interpretations) if sim.interpretations else None
+        interpretations, control = real, None
+        if sim.control:
+            from latentsim.simulators.controls import control_interpretations
+
+            interpretations, control = control_interpretations(sim.control, eval_set, seed, real)
         if sim.kind == "finetuned" and frames is not None:
             from latentsim.held_out import refuse_seen
 
@@ -100,6 +107,7 @@ class ScorerFactory:
             options=self.options,
             factory=self,
             eval_set=eval_set,
+            control=control,
         )
         if sim.kind == "reference":
             return ScorerSetup(
@@ -113,7 +121,7 @@ class ScorerFactory:
                 f"({sim.chat_template_sha256[:12]}); scoring would use another prompt than training."
             )
         answer_format = sim.prompt_format if sim.dense else eval_format
-        prefix = few_shot_messages(eval_set, sim.shots, seed, interpretations, sim.score) if sim.shots else []
+        prefix = few_shot_messages(eval_set, sim.shots, seed, real, sim.score) if sim.shots else []
         return ScorerSetup(
             answer_format=answer_format,
             tokenizer=tokenizer,

@@ -3,11 +3,14 @@ baselines.
 
 A `Simulator` is a spec, not a loaded model: a base model plus (finetuned) a LoRA adapter and what training
 recorded about it, a prompted baseline (`shots`, `score`, another interpretation set), or a reference that
-reads no text with a language model. latentsim.simulators.factory turns any of them into a scorer.
+reads no text with a language model; any of them under a control (`control`: shown other latents'
+interpretations or none, latentsim.simulators.controls), named `<its name>__<control>`.
+latentsim.simulators.factory turns any of them into a scorer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -67,12 +70,25 @@ def final_simulator(run_dir: str | Path) -> Simulator:
     return run_simulators(run_dir, include_checkpoints=False)[-1]
 
 
+def under_control(sim: Simulator, control: str | None) -> Simulator:
+    """`sim` under a control (`shuffled`, `empty`): its own results folder `<name>__<control>`; `sim` itself
+    when `control` is None."""
+    if control is None:
+        return sim
+    return dataclasses.replace(sim, name=f"{sim.name}__{control}", control=control)
+
+
+def real_simulator_name(sim: Simulator) -> str | None:
+    """The name of the simulator a control is the control of (None for a simulator under no control)."""
+    return sim.name.removesuffix(f"__{sim.control}") if sim.control else None
+
+
 def baseline_simulator(spec: dict) -> Simulator:
     """A baseline from its parsed spec (latentsim.config.eval.parse_baseline): a prompted model, or a
     registered reference when `model` names one."""
     from latentsim.simulators.base import REFERENCES
 
-    return Simulator(
+    sim = Simulator(
         name=f"baseline__{spec['name']}",
         kind="reference" if spec["model"] in REFERENCES else "baseline",
         base_model=spec["model"],
@@ -81,6 +97,7 @@ def baseline_simulator(spec: dict) -> Simulator:
         interpretations=spec["interpretations"],
         tensor_parallel_size=spec.get("tensor_parallel_size"),
     )
+    return under_control(sim, spec.get("control"))
 
 
 def model_simulator(ref: str) -> Simulator:
@@ -93,15 +110,20 @@ def model_simulator(ref: str) -> Simulator:
 
 def simulators_to_score(args, api=None) -> list[Simulator]:
     """Every simulator an EvalArguments names: checkpoints and final adapters of `run_dirs`, each branch of
-    the `hub_runs` repos (downloaded), then the `baselines`. Resolved before any model loads."""
+    the `hub_runs` repos (downloaded), then the `baselines`. An entry under a control yields only the final
+    adapter (`main`), under that control. Resolved before any model loads."""
     from latentsim.hub import download_adapter_branches
 
-    sims = [s for run in args.run_dirs for s in run_simulators(run, args.include_checkpoints)]
-    for repo in args.hub_runs:
+    sims = []
+    for run, control in args.parsed_runs:
+        found = [final_simulator(run)] if control else run_simulators(run, args.include_checkpoints)
+        sims += [under_control(s, control) for s in found]
+    for repo, control in args.parsed_hub_runs:
         for branch, folder in download_adapter_branches(repo, Path(args.output_dir) / "hub", api=api):
-            sim = final_simulator(folder)
-            sim.name = f"{repo.replace('/', '--')}@{branch}"
-            sims.append(sim)
+            if control is None or branch == "main":
+                sim = final_simulator(folder)
+                sim.name = f"{repo.replace('/', '--')}@{branch}"
+                sims.append(under_control(sim, control))
     return sims + [baseline_simulator(b) for b in args.parsed_baselines]
 
 
