@@ -143,6 +143,7 @@ class Candidate:
     latent: int
     kind: str  # positive | random_negative | hard_negative
     activation: float = 0.0
+    negative_kind: str = ""  # its draw: uniform | frequency_matched | hard ("" for a positive)
 
 
 @dataclass
@@ -157,9 +158,9 @@ class BuildReport:
 
 @dataclass
 class FrequencyBins:
-    """`negative_sampling: frequency_matched`: one split's latents binned by log firing rate, to draw a
-    context's negatives so that their firing rates are distributed like its positives' (a firing-rate prior
-    then ranks positives and negatives alike).
+    """`negative_sampling: frequency_matched` (and the matched half of `mixed`): one split's latents binned by
+    log firing rate, to draw a context's negatives so that their firing rates are distributed like its
+    positives' (a firing-rate prior then ranks positives and negatives alike).
 
     - Bins: edges at `n_bins` + 1 evenly spaced quantiles (numpy's linear) of the pool's log firing rates
       (floored at FIRING_RATE_FLOOR, as the `prior` baseline does); a latent's bin is where its log rate falls
@@ -249,7 +250,8 @@ def without(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def uniform_negatives(pool: np.ndarray, need: int, taken: set[int], rng: np.random.Generator) -> set[int]:
-    """Up to `need` distinct latents of `pool` outside `taken`, uniformly (`negative_sampling: uniform`)."""
+    """Up to `need` distinct latents of `pool` outside `taken`, uniformly (`negative_sampling: uniform`, and
+    the uniform half of `mixed`)."""
     # Rejection sampling from the pool: active latents are a tiny share of it.
     picked: set[int] = set()
     tries = 0
@@ -273,8 +275,11 @@ def choose_candidates(
     frequency_bins: FrequencyBins | None = None,
 ) -> list[Candidate]:
     """Positives (all or top-k active latents of the split) and negatives (random, optionally hard): the
-    random ones uniform over `pool`, or matched in firing rate to the positives when `frequency_bins` is
-    given."""
+    random ones uniform over `pool` (`negative_sampling: uniform`), matched in firing rate to the positives
+    (`frequency_matched`, from `frequency_bins`), or (`mixed`) half of each: the uniform half drawn first
+    (ceil), then the matched half among the latents still free, so no latent is a candidate twice. Each
+    negative records its draw in `negative_kind`: the dictionary-wide extrapolations read only the uniform
+    ones, the AUCs every candidate."""
     mine = sorted(((lat, val) for lat, val in active.items() if lat in pool_set), key=lambda x: (-x[1], x[0]))
     if args.positives == "top_k":
         mine = mine[: args.top_k]
@@ -287,15 +292,19 @@ def choose_candidates(
     if n_hard:
         hard = np.array([h for h in np.unique(hard_pool) if h not in taken and h in pool_set])
         pick = rng.choice(hard, size=min(n_hard, len(hard)), replace=False) if len(hard) else []
-        out += [Candidate(int(h), "hard_negative") for h in sorted(pick)]
+        out += [Candidate(int(h), "hard_negative", negative_kind="hard") for h in sorted(pick)]
         taken |= {int(h) for h in pick}
     need = n_neg - (len(out) - len(mine))
-    if frequency_bins is None:
-        picked = uniform_negatives(pool, need, taken, rng)
-    else:
-        picked = frequency_bins.draw([lat for lat, _ in mine], need, taken, rng, report)
-    report.negatives_short += need - len(picked)
-    out += [Candidate(lat, "random_negative") for lat in sorted(picked)]
+    n_uniform = {"uniform": need, "frequency_matched": 0}.get(args.negative_sampling, need - need // 2)
+    uniform = uniform_negatives(pool, n_uniform, taken, rng) if n_uniform else set()
+    matched = (
+        frequency_bins.draw([lat for lat, _ in mine], need - n_uniform, taken | uniform, rng, report)
+        if need > n_uniform
+        else []
+    )
+    report.negatives_short += need - len(uniform) - len(matched)
+    out += [Candidate(lat, "random_negative", negative_kind="uniform") for lat in sorted(uniform)]
+    out += [Candidate(lat, "random_negative", negative_kind="frequency_matched") for lat in sorted(matched)]
     return out
 
 
@@ -405,7 +414,7 @@ def build_split(
     chunk_rows = inputs.reader.rows_per_chunk(INDEX_ENTRIES)
     frequency_bins = (
         FrequencyBins.build(pool, inputs.firing_rate, args.frequency_bins)
-        if args.negative_sampling == "frequency_matched"
+        if args.negative_sampling in ("frequency_matched", "mixed")
         else None
     )
     ctx_len = inputs.tokens.shape[1]
@@ -575,6 +584,7 @@ class JudgedContext:
             "activation_bin": a_bin,
             "quantile_bin": q_bin,
             "candidate": cand.kind,
+            "negative_kind": cand.negative_kind,
             "interpretation": interpretation,
             "interpretation_source": args.interpretations[src],
             "score": score,
@@ -642,8 +652,8 @@ def split_summary(rows: list[dict], pool: np.ndarray, n_cache_rows: int) -> dict
 
 
 def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> dict:
-    """dataset_stats.json's record of frequency-matched negatives; empty for `uniform` (its files stay as they
-    were)."""
+    """dataset_stats.json's record of frequency-matched negatives (`frequency_matched`, `mixed`); empty for
+    `uniform` (its files stay as they were)."""
     if args.negative_sampling == "uniform":
         return {}
     return {
@@ -658,10 +668,12 @@ def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str
     counts."""
     lat = cache_config.get("latentsim", {})
     files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
+    mixed = stats.get("negative_sampling") == "mixed"
+    share = "half of the negatives, the other half uniform; " if mixed else ""
     matched = (
-        f"\n- negative sampling: `{stats['negative_sampling']}` (log firing rates distributed like the "
-        f"positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
-        f"{stats['negatives_off_bin']} negatives from a neighbouring bin)"
+        f"\n- negative sampling: `{stats['negative_sampling']}` ({share}log firing rates distributed like "
+        f"the positives', over {stats['frequency_bins']} quantile bins of each split's latents; "
+        f"{stats['negatives_off_bin']} negatives from a neighbouring bin; column `negative_kind`)"
         if "negative_sampling" in stats
         else ""
     )

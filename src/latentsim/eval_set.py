@@ -97,13 +97,14 @@ class EvalSet:
         """The dictionary-wide extrapolations (expected latents flagged, precision at L0, the L0-matched
         threshold) read the scored inactive candidates as a uniform sample of the inactive latents;
         frequency-matched negatives over-represent frequent latents, and reweighting them is not implemented
-        yet."""
+        yet. A `mixed` set qualifies: the extrapolations read its uniform half only (its `negative_kind`
+        column, latentsim.metrics.uniform_negative_mask)."""
         sampling = self.stats.get("negative_sampling", "uniform")
-        if sampling != "uniform":
+        if sampling not in ("uniform", "mixed"):
             raise BadInputError(
                 f"config key `eval_set`: {self.path} draws its negatives `{sampling}`; eval/sweep.py's "
-                "dictionary-wide extrapolations need uniformly drawn ones (negative_sampling: uniform, "
-                "configs/data/eval_quantiles.yaml). Frequency-matched sets serve training mixtures."
+                "dictionary-wide extrapolations need uniformly drawn ones (negative_sampling: uniform or "
+                "mixed, configs/data/eval_quantiles.yaml). Frequency-matched sets serve training mixtures."
             )
 
     def split(self, split: str, max_contexts: int = 0, seed: int = 0) -> pd.DataFrame:

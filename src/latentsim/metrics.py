@@ -348,7 +348,11 @@ def judged_active_count(g: pd.DataFrame) -> int:
 
 def uniform_negative_mask(df: pd.DataFrame) -> np.ndarray:
     """The inactive candidates drawn uniformly from the pool: the only ones that estimate the dictionary's
-    false-positive rate (hard negatives are chosen to be confusable, so they would overstate it)."""
+    false-positive rate (hard negatives are chosen to be confusable, so they would overstate it; the
+    frequency-matched half of a `negative_sampling: mixed` set over-represents frequent latents). Read from
+    `negative_kind` where the eval set records each negative's draw, else from `candidate`."""
+    if "negative_kind" in df:
+        return (df["negative_kind"] == "uniform").to_numpy()
     if "candidate" in df:
         return (df["candidate"] == "random_negative").to_numpy()
     return (df["active"] == 0).to_numpy()

@@ -39,6 +39,7 @@ PREDICTION_COLUMNS = (
     "n_active_explained",
     "candidate",
 )
+OPTIONAL_PREDICTION_COLUMNS = ("negative_kind",)  # eval sets built since each negative records its draw
 
 
 def eval_judgments(
@@ -65,7 +66,8 @@ def eval_judgments(
 def predictions_table(df: pd.DataFrame, logits: np.ndarray, fmt: str, sensitivity=None) -> pd.DataFrame:
     """Per judgment: identifiers, labels, raw answer logits and renormalised probabilities; the hf backends'
     rounding sensitivity too (`answer_sensitivity`: what latentsim.parity bounds a comparison with)."""
-    out = df[list(PREDICTION_COLUMNS)].copy().reset_index(drop=True)
+    columns = [*PREDICTION_COLUMNS, *(c for c in OPTIONAL_PREDICTION_COLUMNS if c in df)]
+    out = df[columns].copy().reset_index(drop=True)
     probs = probabilities(logits.astype(np.float64))
     for k in range(logits.shape[1]):
         out[f"logit_{k}"] = logits[:, k]

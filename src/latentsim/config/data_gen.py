@@ -352,11 +352,10 @@ class DatasetArguments:
     negative_sampling: str = field(
         default="uniform",
         metadata={
-            "help": "The non-hard negatives: `uniform` over the "
-            "split's latents, or `frequency_matched` (their "
-            "log firing rates distributed like the positives', "
-            "so a firing-rate prior cannot rank them; see "
-            "latentsim.dataset.FrequencyBins)."
+            "help": "The non-hard negatives: `uniform` over the split's latents, `frequency_matched` (their "
+            "log firing rates distributed like the positives', so a firing-rate prior cannot rank them; see "
+            "latentsim.dataset.FrequencyBins), or `mixed`: half of each (per-context eval sets: the uniform "
+            "half serves the dictionary-wide extrapolations, every candidate the AUCs)."
         },
     )
     frequency_bins: int = field(
@@ -427,7 +426,7 @@ class DatasetArguments:
         choices = {
             "positives": ("all", "top_k"),
             "hard_negatives": ("none", "same_token", "decoder"),
-            "negative_sampling": ("uniform", "frequency_matched"),
+            "negative_sampling": ("uniform", "frequency_matched", "mixed"),
             "label": ("active", "activation_bin", "quantile_bin"),
             "split_mode": ("latents", "contexts"),
             "candidates": ("per_context", "per_latent"),
