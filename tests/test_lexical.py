@@ -244,6 +244,25 @@ def test_sweep_scores_the_lexical_readers_like_any_reference(rich_eval_set, tiny
         reference = record["scoring"]["reference_model"]
         assert reference["features"] == list(FEATURES) and reference["fitted_on"]["split"] == "train"
         assert 0 <= record["results"]["binary"]["pooled"]["auc"] <= 1
+    # Every row's lift over the stronger lexical reader on these judgments (the higher pooled AUC: the harder
+    # bar), with paired intervals over contexts and over latents.
+    pooled = {
+        n: json.loads((root / f"baseline__{n}" / "results.json").read_text())["results"]["binary"]["pooled"][
+            "auc"
+        ]
+        for n in ("string_match", "lexical", "lexical_gbm")
+    }
+    stronger = max(("lexical", "lexical_gbm"), key=pooled.get)
+    sm = rows["baseline__string_match"]
+    assert sm["lexical_reference"] == f"baseline__{stronger}"
+    assert sm["lift_lexical_pooled_auc"] == pytest.approx(pooled["string_match"] - pooled[stronger])
+    for suffix in ("", "_other"):
+        low, high = (
+            sm[f"lift_lexical_pooled_auc{suffix}_ci_low"],
+            sm[f"lift_lexical_pooled_auc{suffix}_ci_high"],
+        )
+        assert low <= sm["lift_lexical_pooled_auc"] <= high and low < high
+    assert rows[f"baseline__{stronger}"]["lift_lexical_pooled_auc"] == 0  # its lift over itself
     # A latent-major eval set: the same reader, per-latent metrics.
     per_latent_set = build_eval_set(
         rich_eval_set,

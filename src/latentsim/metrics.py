@@ -819,10 +819,35 @@ def add_lift_columns(row: dict, results: dict) -> None:
             lift = results[key]["per_context_auc"]
             row[column] = lift["median"]
             row[f"{column}_ci_low"], row[f"{column}_ci_high"] = lift["ci95"]
+    add_lexical_lift_columns(row, results)
     if "control_gap" in results:
         gap = results["control_gap"]["pooled_auc"]
         row["control_gap_auc"] = gap["difference"]
         row["control_gap_auc_ci_low"], row["control_gap_auc_ci_high"] = gap["ci95"]
+
+
+def add_lexical_lift_columns(row: dict, results: dict) -> None:
+    """`lift_lexical_pooled_auc`: the pooled-AUC lift over the STRONGER lexical reader on these judgments
+    (`lexical` or `lexical_gbm`, whichever has the higher pooled AUC: the harder bar, so choosing it cannot
+    flatter the simulator; `lexical_reference` names it), its paired CI over contexts and, with
+    `_other_ci_low/high`, over latents (for a latent-major set the main interval is over latents and the
+    other over contexts); `lift_lexical_auc`: the median of the paired per-context (per-latent) differences
+    against the same reader."""
+    lifts = [results[k] for k in ("lift_over_lexical", "lift_over_lexical_gbm") if k in results]
+    if not lifts:
+        return
+    lift = min(lifts, key=lambda x: x["pooled_auc"]["difference"])
+    row["lexical_reference"] = lift["reference"]
+    row["lift_lexical_pooled_auc"] = lift["pooled_auc"]["difference"]
+    row["lift_lexical_pooled_auc_ci_low"], row["lift_lexical_pooled_auc_ci_high"] = lift["pooled_auc"]["ci95"]
+    other = next((lift[k] for k in ("pooled_auc_by_latent", "pooled_auc_by_context_id") if k in lift), None)
+    if other is not None:
+        row["lift_lexical_pooled_auc_other_ci_low"], row["lift_lexical_pooled_auc_other_ci_high"] = other[
+            "ci95"
+        ]
+    per = lift["per_context_auc"]
+    row["lift_lexical_auc"] = per["median"]
+    row["lift_lexical_auc_ci_low"], row["lift_lexical_auc_ci_high"] = per["ci95"]
 
 
 def summary_row(name: str, kind: str, step, results: dict) -> dict:

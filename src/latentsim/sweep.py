@@ -196,16 +196,25 @@ def score_simulator(
 
 
 # The references a simulator's AUC lift is measured against (results.json key -> reference model): the
-# firing-rate prior, and the best reference that reads nothing, prior+string_match (the bar a simulator must
-# clear).
-LIFT_REFERENCES = {"lift_over_prior": "prior", "lift_over_prior_string_match": "prior+string_match"}
+# firing-rate prior, prior+string_match, and the lexical readers (latentsim.simulators.lexical: every cue the
+# simulator is given, read without a language model; the bar a simulator must clear).
+LIFT_REFERENCES = {
+    "lift_over_prior": "prior",
+    "lift_over_prior_string_match": "prior+string_match",
+    "lift_over_lexical": "lexical",
+    "lift_over_lexical_gbm": "lexical_gbm",
+}
+# The other grouping of a lift's pooled-AUC interval: a per-context set's lift is also resampled over latents
+# (a claim about held-out latents), a latent-major set's over contexts.
+OTHER_GROUPING = {"context_id": "latent", "latent": "context_id"}
 
 
 def add_lifts(
     root: Path, sims: list[Simulator], rows: list[dict], split: str, seed: int, by: str = "context_id"
 ) -> list[dict]:
     """Every simulator's per-context (by="latent": per-latent) AUC lift over each LIFT_REFERENCES reference
-    the sweep scored (with the eval set's own interpretations, under no control) on the same judgments, and
+    the sweep scored (with the eval set's own interpretations, under no control) on the same judgments (its
+    pooled-AUC lift also resampled over the other grouping: `pooled_auc_by_latent` or `_by_context_id`), and
     every control's `control_gap`: its real simulator's AUC minus its own (pooled and per context, the real
     one as `test`, the control as `reference`), each with its paired bootstrap CI over contexts (latents),
     written into its results.json; returns the summary rows (one per simulator, in `sims` order) updated."""
@@ -235,9 +244,13 @@ def add_lifts(
         record = read_results(root / sim.name)
         preds = read(sim.name)
         for key, ref in references.items():
+            other = OTHER_GROUPING[by]
             record["results"][key] = {
                 "reference": ref.name,
                 **lift_over_reference(preds, tables[key], seed=seed, by=by),
+                f"pooled_auc_by_{other}": lift_over_reference(preds, tables[key], seed=seed, by=other)[
+                    "pooled_auc"
+                ],
             }
         if (real := reals.get(sim.name)) is not None:
             record["results"]["control_gap"] = {

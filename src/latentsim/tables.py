@@ -25,6 +25,8 @@ METRIC_COLUMNS = (
     MetricColumn("per_latent_auc", "per-latent AUC [95% CI]", terminal=True, progress=True),
     MetricColumn("lift_auc", "AUC - prior [95% CI]", terminal=True),
     MetricColumn("lift_psm_auc", "AUC - (prior+sm) [95% CI]", terminal=True),
+    MetricColumn("lift_lexical_pooled_auc", "pooled AUC - lexical [95% CI]", terminal=True),
+    MetricColumn("lift_lexical_auc", "AUC - lexical [95% CI]"),
     MetricColumn("control_gap_auc", "real - control pooled AUC [95% CI]", terminal=True),
     MetricColumn("recall", "recall", terminal=True, progress=True),
     MetricColumn("precision", "precision (pool)", terminal=True, progress=True),
