@@ -17,7 +17,7 @@ import base64
 import html
 from pathlib import Path
 
-from latentsim import figures
+from latentsim import figures, whole_layer
 from latentsim.cli import run
 from latentsim.config import ReportArguments
 from latentsim.htmlpage import STYLE, generation_fragment, table_html
@@ -25,7 +25,6 @@ from latentsim.io import atomic_write_bytes, atomic_write_text, read_results, wr
 from latentsim.metrics import summary_row
 from latentsim.sweep import markdown_table, read_sweeps
 from latentsim.tables import control_gap_rows, headline_rows, patch_rows, whole_layer_rows
-from latentsim.whole_layer import format_table
 
 DATACLASSES = (ReportArguments,)
 
@@ -150,14 +149,12 @@ def main(args: ReportArguments) -> Path:
     for folder in sorted(sweep_dir.glob("whole_layer*")):  # the end-to-end numbers: every latent judged
         if (whole := read_results(folder)) is None:
             continue
-        head = format_table(whole).splitlines()[0].removeprefix("[whole_layer] ")
+        head, notes = whole_layer.headline(whole), "\n".join(whole_layer.summary_lines(whole))
         name = f"The whole layer, rebuilt from the simulator's verdicts ({folder.name}: {whole['simulator']})"
-        sections.append(
-            f"<h2>{html.escape(name)}</h2><p>{html.escape(head)}; "
-            "recovery = (KL_no_latents - KL) / (KL_no_latents - KL_sae).</p>"
-            f"{table_html(whole_layer_rows(whole))}"
-        )
-        markdown.append(f"## {name}\n\n{head}\n\n" + markdown_table(whole_layer_rows(whole)))
+        rows = whole_layer_rows(whole)
+        sections.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(head)}</p>{table_html(rows)}")
+        sections.append(f"<pre>{html.escape(notes)}</pre>")
+        markdown.append(f"## {name}\n\n{head}\n\n{markdown_table(rows)}\n\n```\n{notes}\n```")
     provenance = list(sweeps.values())[-1][0]["provenance"]  # the last eval set's first simulator's, as ever
     atomic_write_text(out / "report.html", page_html(args.title, sweep_dir, provenance, sections))
     atomic_write_text(out / "report.md", "\n".join(markdown))

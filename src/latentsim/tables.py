@@ -172,17 +172,34 @@ def progress_line(row: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k in progress)
 
 
+def interval_cell(stat: dict, key: str, ci_key: str, digits: int) -> str:
+    """`mean [low, high]` of a statistic (`key` its value, `ci_key` its interval); `mean [-]` without an
+    interval (one text, or older results); `-` when the statistic is absent."""
+    if stat.get(key) is None:
+        return "-"
+    ci = stat.get(ci_key)
+    value = f"{stat[key]:.{digits}f}"
+    return f"{value} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else f"{value} [-]"
+
+
 def whole_layer_rows(result: dict) -> list[dict]:
-    """eval/whole_layer.py's sources as table rows: KL with its CI, CE and recovery (strings)."""
+    """eval/whole_layer.py's sources as table rows (strings): KL with its 95% CIs over texts and over blocks
+    of positions, CE, and the recovery from `no_latents` and from `mean_update` with their CIs over texts."""
     rows = []
     for name, s in result["sources"].items():
-        low, high = s["kl"]["ci95"]
+        clean = name == "clean"
         rows.append(
             {
                 "source": name,
-                "KL [95% CI]": f"{s['kl']['mean']:.3f} [{low:.3f}, {high:.3f}]",
+                "KL [95% CI texts]": interval_cell(s["kl"], "mean", "ci95_texts", 3),
+                "KL [95% CI blocks]": interval_cell(s["kl"], "mean", "ci95", 3),
                 "CE": f"{s['ce']['mean']:.3f}",
-                "recovery": "" if name == "clean" else f"{s['recovery']:.2f}",
+                "recovery [95% CI texts]": ""
+                if clean
+                else interval_cell(s, "recovery", "recovery_ci95_texts", 2),
+                "from mean_update": ""
+                if clean
+                else interval_cell(s, "recovery_from_mean_update", "recovery_from_mean_update_ci95_texts", 2),
             }
         )
     return rows

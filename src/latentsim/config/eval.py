@@ -17,6 +17,7 @@ from latentsim.config.common import (
     device_field,
     dtype_field,
 )
+from latentsim.confirmation import CONFIRMATION_SPLIT, require_confirm
 
 BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size", "control")
 
@@ -126,6 +127,13 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
         metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."},
     )
     eval_split: str = field(default="test", metadata={"help": "The split the metrics are reported on."})
+    confirm: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the locked `confirmation` split (eval_split: confirmation): once, for the final "
+            "recipe; every read is recorded (latentsim.confirmation)."
+        },
+    )
     calibration_split: str | None = field(
         default="validation",
         metadata={"help": "Split for temperature scaling and the L0-matched threshold (null: none)."},
@@ -216,6 +224,9 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
                 "calibration_split",
                 "must differ from eval_split (a temperature fitted on the test split is not a result).",
             )
+        require_confirm(self.eval_split, self.confirm, "eval_split")
+        if self.calibration_split == CONFIRMATION_SPLIT:
+            _fail("calibration_split", "the confirmation split is never a calibration split.")
 
 
 def check_thresholds(thresholds: list[str]) -> None:
@@ -338,6 +349,14 @@ class WholeLayerArguments(RunArguments):
             "eval/sweep.py (`name=...,model=...,shots=N`)."
         },
     )
+    references: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reference simulators judged beside the simulator, by name (prior, string_match, "
+            "prior+string_match, lexical, lexical_gbm): each decides every explained latent from its own "
+            "P(yes) at its own thresholds, its whole layer and judgment metrics in the same results."
+        },
+    )
     positions: str = field(
         default="all",
         metadata={
@@ -362,7 +381,17 @@ class WholeLayerArguments(RunArguments):
     )
     calibration_texts: int = field(
         default=1,
-        metadata={"help": "Validation rows judged to fit the `l0_matched` threshold (0: no l0_matched)."},
+        metadata={
+            "help": "Validation rows: judged to fit the `l0_matched` thresholds, and the SAE's mean output "
+            "over them is the `mean_update` reference (0: neither)."
+        },
+    )
+    chance_draws: int = field(
+        default=20,
+        metadata={
+            "help": "Independent draws of `firing_rate_random` (each latent flagged at random with its "
+            "firing rate): its KL is their mean; the spread of their recoveries is reported."
+        },
     )
     thresholds: list[str] = field(
         default_factory=lambda: ["0.5", "l0_matched"],
@@ -411,8 +440,8 @@ class WholeLayerArguments(RunArguments):
             if spec["model"] in reference_names():
                 _fail(
                     "baseline",
-                    f"{self.baseline!r} reads no prompt; the whole layer's reads-nothing reference is "
-                    "`firing_rate_random`, reported beside every simulator.",
+                    f"{self.baseline!r} is a reference simulator: list it under `references` "
+                    f"(`references: [{spec['model']}]`), judged beside the simulator.",
                 )
             if spec["score"] or spec["interpretations"] or spec["control"]:
                 _fail(
@@ -422,7 +451,11 @@ class WholeLayerArguments(RunArguments):
                 )
         if self.positions not in ("all", "last"):
             _fail("positions", f"{self.positions!r} is not `all` or `last`.")
-        _require_positive(self, "texts", "tokens", "batch_size", "context_tokens")
+        _require_positive(self, "texts", "tokens", "batch_size", "context_tokens", "chance_draws")
+        if unknown := [r for r in self.references if r not in reference_names()]:
+            _fail("references", f"{unknown}: not reference simulators; known: {reference_names()}.")
+        if len(set(self.references)) != len(self.references):
+            _fail("references", f"{self.references} names a reference twice.")
         if self.calibration_texts < 0:
             _fail("calibration_texts", "must be >= 0.")
         check_thresholds(self.thresholds)
