@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import ScaleArguments
 from latentsim.io import provenance, write_results
@@ -52,11 +53,10 @@ def stage_commands(args: ScaleArguments, n_tokens: int, folder: Path) -> dict[st
         f"write_synthetic_cache({str(cache)!r}, {n_tokens}, {args.width}, {args.l0}, {args.n_splits}, "
         f"ctx_len={args.ctx_len}, hookpoint={HOOK!r})"
     )
-    statistics = (
+    statistics = (  # as data_gen/cache_activations.py computes them: over the training rows
         "from latentsim.cache_reader import CacheReader; from latentsim.latent_stats import "
-        "cache_statistics, save_statistics; "
-        f"print(save_statistics({str(cache / 'stats')!r}, {HOOK!r}, "
-        f"cache_statistics(CacheReader({str(cache / 'latents')!r}, {HOOK!r}), 64)))"
+        f"save_training_statistics; print(save_training_statistics(CacheReader({str(cache / 'latents')!r}, "
+        f"{HOOK!r}), {str(cache / 'stats')!r}, 64))"
     )
     return {
         "synthetic cache (shards + finalise)": [py, "-c", generate],
@@ -122,8 +122,8 @@ def main(args: ScaleArguments) -> None:
         stats = json.loads((folder / "cache" / "stats" / f"{HOOK}.json").read_text())
         results["sizes"][str(n_tokens)] = {
             "stages": rows,
-            "non_zeros": int(stats["mean_l0"] * stats["n_tokens_excluding_bos"]),
-            "mean_l0": round(stats["mean_l0"], 2),
+            "non_zeros": CacheReader(folder / "cache" / "latents", HOOK).n_nonzero,
+            "mean_l0": round(stats["mean_l0"], 2),  # of the training rows, the statistics' rows
             "cache_gb_on_disk": round(
                 sum(p.stat().st_size for p in latents.glob("*.safetensors")) / 2**30, 2
             ),

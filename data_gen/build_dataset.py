@@ -5,8 +5,9 @@
 Writes `<output_dir>/{train,validation,test}.parquet` (TRL conversational prompt-completion rows plus metadata
 columns: latent, row, position, the marked context, labels, the token's active count in the whole SAE,
 interpretation source) and a README.md dataset card. Splits are disjoint
-in latents and rows (`split_mode: latents`) or in rows only (`contexts`). Same config + seed: identical bytes.
-An interpretation set made from any validation or test row is refused (it could quote the judged context).
+in latents and rows (`split_mode: latents`) or in rows only (`contexts`); the rows are the cache's row split
+(whole documents, recorded by data_gen/cache_activations.py). Same config + seed: identical bytes.
+An interpretation set made from any eval row is refused (it could quote the judged context).
 """
 
 from pathlib import Path
@@ -53,7 +54,7 @@ def main(args: DatasetArguments, api=None) -> None:
     # One generator for everything, drawn from in a fixed order (splits, then each split's rows): same bytes.
     rng = np.random.default_rng(args.seed)
     explained = explained_latents(interpretations, scores)
-    latent_splits, row_splits = split_pools(explained, cache.n_rows, args, rng)
+    latent_splits, row_splits = split_pools(explained, cache.row_split(), args, rng)
     interpretation_rows = refuse_eval_rows(
         args.interpretations, np.concatenate([row_splits["validation"], row_splits["test"]]), cache.n_rows
     )
@@ -79,6 +80,7 @@ def main(args: DatasetArguments, api=None) -> None:
         "label": args.label,
         "candidates": args.candidates,
         "interpretation_rows": interpretation_rows,
+        "row_split": {k: v for k, v in cache.row_split_record().items() if k != "row_ids"},
         **(
             {
                 "contexts_per_latent": args.contexts_per_latent,

@@ -5,9 +5,13 @@
 Runs the model only up to the hookpoint, encodes the residual stream with the SAE (TopK kept sparse), and
 writes row shards with completion markers under `<output_dir>/shards/`; a rerun skips finished shards and
 redoes the rest. When every shard is done they are merged into `<output_dir>/latents/<hookpoint>/` (delphi's
-`<start>_<end>.safetensors` + `config.json`) and per-latent statistics go to `<output_dir>/stats/`.
-Position 0 (BOS) is never cached. To use a cache made by delphi, copy its `latents/` folder into `output_dir`:
-the run finds a finished cache, loads no model and only computes the statistics.
+`<start>_<end>.safetensors` + `config.json`, with each row's corpus documents). The row split (whole documents
+in train / validation / test / confirmation, seeded by the corpus `seed`: latentsim.splits) goes to
+`row_split.json` beside config.json, and per-latent statistics of the training rows to `<output_dir>/stats/`.
+Exact duplicate documents are skipped (counted in config.json). Position 0 (BOS) is never cached. To use a
+cache made by delphi, copy its `latents/` folder into `output_dir`: the run finds a finished cache, loads no
+model and only records the row split (row by row: delphi records no documents) and the statistics. Changing
+only the split fractions of a finished cache redoes just those two.
 
     accelerate launch --num_processes N data_gen/cache_activations.py --config ...
 
@@ -39,9 +43,10 @@ from latentsim.corpus import corpus_rows, load_corpus_from_args, streamed_rows
 from latentsim.distributed import Ranks
 from latentsim.errors import MissingInputError
 from latentsim.io import require_same_config, write_run_config
-from latentsim.latent_stats import cache_statistics, save_statistics
+from latentsim.latent_stats import save_training_statistics
 from latentsim.models import load_model_and_tokenizer
 from latentsim.sae import check_hookpoint, load_sae
+from latentsim.splits import SPLIT_KEYS, cache_fractions, describe_row_split, ensure_row_split, is_row_split
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ModelArguments, CorpusArguments, SAEArguments, CacheArguments)
@@ -61,14 +66,21 @@ def main(
         ranks.wait_for_all()  # no rank looks for finished shards before they are gone
     configs = {"model": model_args, "corpus": corpus_args, "sae": sae_args, "cache": args}
     recorded = cache_is_complete(latents_dir, sae_args.hookpoint)
-    # Finished or half-done work is reused only if it was made with the same config.
-    ignore = {"cache.overwrite", "cache.batch_size"} | ({"cache.shard_rows"} if recorded else set())
+    # Finished or half-done work is reused only if it was made with the same config (a finished cache's split
+    # keys may change: only its row split and statistics are redone).
+    after = {"cache.shard_rows", *(f"cache.{key}" for key in SPLIT_KEYS)}
+    ignore = {"cache.overwrite", "cache.batch_size"} | (after if recorded else set())
     if recorded or shard_dir.is_dir():
         require_same_config(
             out, configs, ignore, "a cache", "set --overwrite true to redo it, or choose another output_dir"
         )
-    # A finished cache (ours, or delphi's `latents/` copied here) only needs its statistics.
-    if recorded and (stats_dir / f"{sae_args.hookpoint}.json").is_file():
+    split_args = (cache_fractions(args), corpus_args.seed, args.split_group_rows)
+    # A finished cache (ours, or delphi's `latents/` copied here) only needs its row split and statistics.
+    if (
+        recorded
+        and (stats_dir / f"{sae_args.hookpoint}.json").is_file()
+        and is_row_split(CacheReader(latents_dir, sae_args.hookpoint).row_split_record(False), *split_args)
+    ):
         print(
             f"[cache] {latents_dir / sae_args.hookpoint} is complete; skipping "
             "(set --overwrite true to redo)."
@@ -115,7 +127,9 @@ def main(
         ) as bar:
             for a, b in todo:
                 batch = stream.rows(first + a, first + b, states) if streaming else rows[a:b]
-                locations, activations = record_rows(model, sae, batch, layer, args.batch_size, progress=bar)
+                locations, activations = record_rows(
+                    model, sae, batch.tokens, layer, args.batch_size, progress=bar
+                )
                 locations[:, 0] += a
                 write_shard(
                     shard_dir,
@@ -123,7 +137,9 @@ def main(
                     b,
                     locations,
                     activations,
-                    batch.numpy(),
+                    batch.tokens.numpy(),
+                    batch.documents,
+                    batch.duplicates_removed,
                     stream.state() if streaming else None,
                 )
         ranks.wait_for_all()
@@ -137,11 +153,12 @@ def main(
         remove_shards(shard_dir)
 
     reader = CacheReader(latents_dir, sae_args.hookpoint)  # read one latent split at a time
-    summary = save_statistics(
-        stats_dir, sae_args.hookpoint, cache_statistics(reader, args.quantile_sample_size)
-    )
+    ensure_row_split(reader, *split_args)
+    # Statistics of the training rows only: no eval row informs a reference, a bin or a firing rate.
+    summary = save_training_statistics(reader, stats_dir, args.quantile_sample_size)
+    split = describe_row_split(reader.row_split_record())
     print(
-        f"[cache] {latents_dir / sae_args.hookpoint}: {reader.n_nonzero} non-zeros over "
+        f"[cache] {reader.folder}: {reader.n_nonzero} non-zeros; rows split {split}; training rows: "
         f"{summary['n_tokens_excluding_bos']} tokens (L0 {summary['mean_l0']:.1f}, "
         f"{summary['dead_fraction']:.1%} of latents never fire); stats in {stats_dir}"
     )

@@ -6,9 +6,10 @@ Samples each latent's examples `top` or `quantiles` (delphi's schemes), explains
 explainer (no LLM) or a chat LLM (any HF model, greedy), and writes `<explanations_dir>/<set_name>/
 <hookpoint>_latent<id>.txt` one latent at a time, atomically: a rerun explains only the latents still missing.
 Latents firing fewer than `min_activations` times are counted in `explain_report.json`, never silently
-skipped. Examples come from the training rows of the cache's row split only (`rows: train`; recorded in
-source_rows.json), so an interpretation never quotes a validation or test context; build_dataset.py refuses
-sets that could. Under `accelerate launch --num_processes N` the latents are shared out across the processes
+skipped. Examples come from the training rows of the cache's row split only (`rows: train`: the split
+data_gen/cache_activations.py recorded, whole documents per split; recorded in source_rows.json), so an
+interpretation never quotes an eval context nor text of an eval row's document; build_dataset.py refuses sets
+that could. Under `accelerate launch --num_processes N` the latents are shared out across the processes
 (each its own GPU, or its own vLLM engine over `tensor_parallel_size` GPUs); rank 0 writes the report when all
 are done.
 """
@@ -56,10 +57,10 @@ def main(args: ExplainArguments) -> None:
     cache = CacheReader(Path(args.cache_dir) / "latents", args.hookpoint)  # read one latent split at a time
     set_dir.mkdir(parents=True, exist_ok=True)
     subject_tokenizer = cache.subject_tokenizer()
-    rows = example_rows(args, cache.n_rows)  # `rows: train`: never an eval row (build_dataset checks)
+    rows = example_rows(args, cache)  # `rows: train`: never an eval row (build_dataset checks)
     if ranks.is_main:
         write_run_config(set_dir, "explain", {"explain": args}, args.seed)
-        write_source_rows(set_dir, args, rows, cache.n_rows)
+        write_source_rows(set_dir, args, rows, cache)
     indexes = SplitLatentIndexes(cache, args.window, rows)
     counts = indexes.counts()
     eligible = np.nonzero(counts >= args.min_activations)[0]

@@ -7,9 +7,9 @@ and `n_non_activating` windows, one judge prompt each; the judge's P(Yes) > 0.5 
 per-latent classifier outputs to `<scores_dir>/<scorer>/<hookpoint>_latent<id>.txt` (delphi's layout; a rerun
 scores only missing latents) and `<scores_dir>/<scorer>.json` = {latent: balanced accuracy}, which
 build_dataset's `score_path` reads. Windows come from the training rows of the cache's row split
-(`rows: train`), as the interpretations' examples do. Under `accelerate launch --num_processes N` the latents
-are shared out across the processes (as data_gen/explain.py does); rank 0 writes `<scorer>.json` when all are
-done.
+(`rows: train`: the split data_gen/cache_activations.py recorded), as the interpretations' examples do. Under
+`accelerate launch --num_processes N` the latents are shared out across the processes (as data_gen/explain.py
+does); rank 0 writes `<scorer>.json` when all are done.
 """
 
 import json
@@ -78,7 +78,7 @@ def main(args: ScoreArguments) -> None:
         f"({len(mine) - len(todo)} done)"
     )
     subject_tokenizer = cache.subject_tokenizer()
-    indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache.n_rows))
+    indexes = explain.SplitLatentIndexes(cache, args.window, explain.example_rows(args, cache))
     judge = llm_client.load_client(args.backend, args.judge_model, args, ranks)
     # Whole latents per call: hf one at a time (its prompts batched by batch_size), vLLM enough latents
     # for the engine to batch across them.

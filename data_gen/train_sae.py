@@ -68,7 +68,7 @@ def main(model_args: ModelArguments, corpus_args: CorpusArguments, args: TrainSA
     # Training rows first, then `eval_rows` held-out rows right after them.
     rows = corpus_rows(
         dataclasses.replace(corpus_args, n_rows=corpus_args.n_rows + args.eval_rows), tokenizer, corpus
-    )
+    ).tokens
     train_x = collect_residuals(model, rows[: -args.eval_rows], layer, args.batch_size, "residuals (train)")
     eval_x = collect_residuals(model, rows[-args.eval_rows :], layer, args.batch_size, "residuals (held out)")
     del model

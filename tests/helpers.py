@@ -109,7 +109,8 @@ def make_cache(
         CorpusArguments(corpus=str(corpus), ctx_len=ctx_len, n_rows=n_rows, row_start=3, seed=5),
         SAEArguments(hookpoint=hookpoint, sae_path=str(sae_dir)),
         CacheArguments(
-            output_dir=str(out), **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, **cache_kwargs}
+            output_dir=str(out),
+            **{"batch_size": 4, "shard_rows": 6, "n_splits": 3, "split_group_rows": 2, **cache_kwargs},
         ),
     )
     load_script("data_gen/cache_activations.py").main(*args)
@@ -119,12 +120,20 @@ def make_cache(
 def make_explained_cache(
     root: Path, model_dir: Path, sae_dir: Path, corpus: Path, samplings=("quantiles",)
 ) -> Path:
-    """A 40-row tiny cache in root/cache and its token-list interpretations in
-    root/expl/token_list-<sampling>, made from the training rows of the row split the tests' datasets use
-    (seed 3, 0.2 validation, 0.2 test)."""
+    """A 40-row tiny cache in root/cache (rows split 0.2 validation, 0.2 test) and its token-list
+    interpretations in root/expl/token_list-<sampling>, made from the training rows of that split."""
     from latentsim.config import ExplainArguments
 
-    make_cache(root / "cache", model_dir, sae_dir, corpus, n_rows=40, ctx_len=16)
+    make_cache(
+        root / "cache",
+        model_dir,
+        sae_dir,
+        corpus,
+        n_rows=40,
+        ctx_len=16,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
     for sampling in samplings:
         load_script("data_gen/explain.py").main(
             ExplainArguments(
@@ -135,8 +144,6 @@ def make_explained_cache(
                 min_activations=2,
                 sampling=sampling,
                 seed=3,
-                validation_fraction=0.2,
-                test_fraction=0.2,
             )
         )
     return root

@@ -17,9 +17,10 @@ from latentsim.cache import (
     shard_ranges,
     split_bounds,
 )
-from latentsim.cache_reader import load_cache
+from latentsim.cache_reader import CacheReader, load_cache
 from latentsim.config import CacheArguments, CorpusArguments, ModelArguments, SAEArguments
 from latentsim.corpus import corpus_rows
+from latentsim.errors import MissingInputError
 from latentsim.latent_stats import latent_sample, latent_statistics, load_statistics
 from latentsim.models import load_model_and_tokenizer
 from latentsim.sae import load_sae
@@ -42,7 +43,7 @@ def test_cache_roundtrip_matches_the_naive_encoding(tmp_path, tiny_model_dir, ti
     cache = load_cache(tmp_path / "c" / "latents", HOOK)
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    rows = corpus_rows(args[1], tok)
+    rows = corpus_rows(args[1], tok).tokens
     sae = load_sae(args[2], d_model=16)
     naive_loc, naive_act = record_rows(model, sae, rows, layer=1, batch_size=7, naive=True)
     got_loc, got_act = sorted_entries(cache.locations.numpy(), cache.activations.numpy())
@@ -91,7 +92,7 @@ def test_our_cache_has_delphis_layout(tmp_path, tiny_model_dir, tiny_sae_dir, ti
     make_cache(tmp_path / "c", tiny_model_dir, tiny_sae_dir, tiny_corpus)
     folder = tmp_path / "c" / "latents" / HOOK
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json"]
+        ["0_20.safetensors", "21_41.safetensors", "42_63.safetensors", "config.json", "row_split.json"]
     )
     assert [p.name for p in (tmp_path / "c" / "latents").iterdir()] == [
         HOOK
@@ -118,8 +119,9 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     config.json."""
     folder = tmp_path / "latents" / "layers.11"
     folder.mkdir(parents=True)
-    tokens = np.arange(2 * 5, dtype=np.int64).reshape(2, 5)
+    tokens = np.arange(10 * 5, dtype=np.int64).reshape(10, 5)
     entries = [(0, 0, 3, 50.0), (0, 2, 3, 1.5), (1, 4, 3, 2.5), (1, 1, 120, 0.5), (0, 3, 130, 4.0)]
+    entries += [(r, 1, 7, 1.0) for r in range(10)]  # latent 7 fires once in every row
     for start, end in [(0, 99), (100, 199)]:
         sel = [e for e in entries if start <= e[2] <= end]
         save_file(
@@ -140,17 +142,26 @@ def test_we_read_a_cache_written_by_delphi(tmp_path):
     stats = latent_statistics(cache, width=200, sample_size=10)
     assert stats["firing_count"][3] == 2  # the position-0 entry (50.0) is excluded
     assert stats["max_activation"][3] == pytest.approx(2.5)
-    assert int(stats["n_tokens"][0]) == 2 * 4
+    assert int(stats["n_tokens"][0]) == 10 * 4
+    with pytest.raises(MissingInputError, match="records no row split.*Run data_gen/cache_activations.py"):
+        CacheReader(tmp_path / "latents", "layers.11").row_split()
 
-    # Brought into a run folder, the cache gets its statistics without loading any model or SAE.
+    # Brought into a run folder, the cache gets its row split (row by row: delphi records no documents) and
+    # the statistics of its training rows, without loading any model or SAE.
     cache_script().main(
         ModelArguments(model_name_or_path=str(tmp_path / "no-model")),
         CorpusArguments(corpus=str(tmp_path / "no-corpus")),
         SAEArguments(hookpoint="layers.11", sae_path=str(tmp_path / "no-sae")),
-        CacheArguments(output_dir=str(tmp_path)),
+        CacheArguments(output_dir=str(tmp_path), validation_fraction=0.2, test_fraction=0.2),
     )
+    record = CacheReader(tmp_path / "latents", "layers.11").row_split_record()
+    assert record["grouping"] == "rows" and record["splits"]["test"]["documents"] is None
+    train = record["row_ids"]["train"]
+    assert [record["splits"][s]["rows"] for s in ("train", "validation", "test")] == [6, 2, 2]
     stats = load_statistics(tmp_path / "stats", "layers.11")
-    assert stats["firing_count"].shape == (200,) and stats["firing_count"][3] == 2
+    assert stats["firing_count"].shape == (200,) and stats["firing_count"][7] == 6
+    assert stats["firing_count"][3] == sum(r in train for r in (0, 1))
+    assert stats["firing_rate"][7] == pytest.approx(1 / 4)  # training tokens in the denominator too
 
     # delphi records no file list: a lost split file must not read as 100 latents that never fire.
     (folder / "0_99.safetensors").unlink()
@@ -215,7 +226,9 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(
         ModelArguments(model_name_or_path=str(tiny_model_dir)),
         CorpusArguments(corpus=str(tiny_corpus), ctx_len=12, n_rows=20, row_start=3, seed=5),
         SAEArguments(hookpoint=HOOK, sae_path=str(tiny_sae_dir)),
-        CacheArguments(output_dir=str(tmp_path / "resumed"), batch_size=4, shard_rows=6, n_splits=3),
+        CacheArguments(
+            output_dir=str(tmp_path / "resumed"), batch_size=4, shard_rows=6, n_splits=3, split_group_rows=2
+        ),
     )
     with pytest.raises(KeyboardInterrupt):
         script.main(*args)
@@ -240,8 +253,9 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(
     args[1].n_rows = 21
     with pytest.raises(ValueError, match="corpus.n_rows: 20 -> 21"):
         script.main(*args)
-    assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == len(
-        resumed.activations
+    train = CacheReader(tmp_path / "resumed" / "latents", HOOK).row_split()["train"]
+    assert load_statistics(tmp_path / "resumed" / "stats", HOOK)["firing_count"].sum() == int(
+        np.isin(resumed.locations[:, 0].numpy(), train).sum()
     )
 
 
@@ -272,7 +286,7 @@ def test_corrupt_files_are_detected_with_a_clear_error(tmp_path, tiny_model_dir,
 
     shard_dir = tmp_path / "shards"
     arrays = (np.zeros((2, 3), np.int64), np.ones(2, np.float32), np.zeros((6, 4), np.int64))
-    cache_mod.write_shard(shard_dir, 0, 6, *arrays)
+    cache_mod.write_shard(shard_dir, 0, 6, *arrays, np.zeros((6, 2), np.int64), 0)
     (shard_dir / "rows_0000000_0000006.safetensors").write_bytes(b"garbage")
     with pytest.raises(CorruptCacheError, match="rows_0000000_0000006.safetensors is corrupt"):
         cache_mod.verified_shard_paths(shard_dir, shard_ranges(6, 6))
@@ -292,7 +306,7 @@ def test_streamed_corpus_cache_resumes_from_the_saved_stream_position(
     whole = load_cache(tmp_path / "whole" / "latents", HOOK)
     _, tok = load_model_and_tokenizer(str(tiny_model_dir))
     assert torch.equal(
-        whole.tokens, corpus_rows(corpus, tok)
+        whole.tokens, corpus_rows(corpus, tok).tokens
     )  # the stream's rows 3..22, in the corpus's order
     assert not torch.equal(
         whole.tokens, load_cache(tmp_path / "plain" / "latents", HOOK).tokens

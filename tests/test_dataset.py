@@ -10,14 +10,13 @@ import pytest
 import torch
 from helpers import FakeHubApi, build_char_tokenizer, load_script, make_cache
 
-from latentsim.cache_reader import load_cache
+from latentsim.cache_reader import CacheReader, load_cache
 from latentsim.config import ConfigError, DatasetArguments, ExplainArguments, parse_config
 from latentsim.dataset import BuildReport, FrequencyBins, activation_bin, quantile_bin
 from latentsim.explain import write_explanation
 from latentsim.interpretation_scores import load_scores
 from latentsim.latent_stats import load_statistics
 from latentsim.metrics import roc_auc
-from latentsim.splits import split_ids
 
 HOOK = "layers.1"
 
@@ -107,19 +106,21 @@ def test_splits_do_not_leak(built, tiny_model_dir):
 
 
 def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_path):
-    """explain.py reads the row split's training rows only; build_dataset refuses a set made from eval
-    rows."""
-    from latentsim.splits import split_rows
-
+    """explain.py reads the cache's training rows only; build_dataset refuses a set made from eval rows."""
+    split = CacheReader(built / "cache" / "latents", HOOK).row_split()
     record = json.loads((built / "expl" / "token_list-quantiles" / "source_rows.json").read_text())
-    split = split_rows(60, 0.1, 0.1, 22)
     assert record["rows"] == "train" and record["row_ids"] == split["train"].tolist()
+    assert record["row_split"]["grouping"] == "documents"
     data = build(built, tiny_model_dir, "rows_ok")
     assert {r["row"] for r in data["test"]} <= set(split["test"].tolist())
     stats = json.loads((built / "rows_ok" / "dataset_stats.json").read_text())
-    assert "none of them validation or test rows" in next(iter(stats["interpretation_rows"].values()))
-    with pytest.raises(ValueError, match="`interpretations`: .* validation/test rows"):
-        build(built, tiny_model_dir, "rows_other_seed", seed=5)  # another seed: another row split
+    assert "none of them validation, test or confirmation rows" in next(
+        iter(stats["interpretation_rows"].values())
+    )
+    assert stats["row_split"]["splits"]["test"]["rows"] == len(split["test"])
+    # The dataset's seed draws its latents, not its rows: the rows stay the cache's.
+    other_seed = build(built, tiny_model_dir, "rows_other_seed", seed=5)
+    assert all({r["row"] for r in other_seed[s]} <= set(split[s].tolist()) for s in other_seed)
     explain = load_script("data_gen/explain.py")
     explain.main(
         ExplainArguments(
@@ -141,6 +142,36 @@ def test_interpretations_never_come_from_eval_rows(built, tiny_model_dir, tmp_pa
     build(built, tiny_model_dir, "rows_external", interpretations=[str(external)])
     stats = json.loads((built / "rows_external" / "dataset_stats.json").read_text())
     assert stats["interpretation_rows"] == {str(external): "not recorded (external set)"}
+
+
+def test_every_stage_reads_the_caches_row_split(built, tiny_model_dir, tmp_path):
+    """One source of truth: explain.py, score.py and build_dataset.py read the cache's row_split.json; none
+    recomputes it (a changed file changes what they read)."""
+    import shutil
+
+    from latentsim.config import ScoreArguments
+    from latentsim.explain import example_rows
+
+    reader = CacheReader(built / "cache" / "latents", HOOK)
+    split = reader.row_split()
+    score_args = ScoreArguments(cache_dir=str(built / "cache"), hookpoint=HOOK)
+    assert np.array_equal(example_rows(score_args, reader), split["train"])
+    shutil.copytree(built / "cache", tmp_path / "cache")
+    path = tmp_path / "cache" / "latents" / HOOK / "row_split.json"
+    record = json.loads(path.read_text())
+    half = len(split["validation"]) // 2
+    record["row_ids"] = {
+        "train": sorted(split["train"].tolist() + split["test"].tolist()),
+        "validation": split["validation"][half:].tolist(),
+        "test": split["validation"][:half].tolist(),
+        "confirmation": [],
+    }
+    path.write_text(json.dumps(record))
+    moved = CacheReader(tmp_path / "cache" / "latents", HOOK)
+    assert example_rows(score_args, moved).tolist() == record["row_ids"]["train"]
+    data = build(built, tiny_model_dir, "moved_rows", cache_dir=str(tmp_path / "cache"))
+    assert {r["row"] for r in data["test"]} <= set(split["validation"][:half].tolist())
+    assert {r["row"] for r in data["train"]} & set(split["test"].tolist())
 
 
 def test_positive_selection_and_negative_ratio(built, tiny_model_dir):
@@ -307,12 +338,6 @@ def test_frequency_bins_draw_from_the_positives_bins_then_the_nearest():
     picked = bins.draw([], 200, set(), np.random.default_rng(1), BuildReport())
     assert len(picked) == 100 and bins.random_token_shares.argmax() == 9
     assert bins.draw([], 0, set(), np.random.default_rng(1), report) == []
-
-
-def test_split_ids_partition():
-    parts = split_ids(np.arange(100), 0.1, 0.2, np.random.default_rng(0))
-    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(100))
-    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (70, 10, 20)
 
 
 def test_bins():

@@ -63,7 +63,16 @@ def close_files(a: Path, b: Path, pattern: str) -> list[str]:
 def single(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     """A 1-process cache (with the arguments that made it), its interpretations and an eval set."""
     root = tmp_path_factory.mktemp("single")
-    cache_args = make_cache(root / "cache", tiny_model_dir, tiny_sae_dir, tiny_corpus, n_rows=40, ctx_len=16)
+    cache_args = make_cache(
+        root / "cache",
+        tiny_model_dir,
+        tiny_sae_dir,
+        tiny_corpus,
+        n_rows=40,
+        ctx_len=16,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
     explain = ExplainArguments(
         cache_dir=str(root / "cache"),
         hookpoint=HOOK,
@@ -71,8 +80,6 @@ def single(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
         window=8,
         min_activations=2,
         seed=3,
-        validation_fraction=0.2,
-        test_fraction=0.2,
     )
     load_script("data_gen/explain.py").main(explain)
     load_script("data_gen/build_dataset.py").main(

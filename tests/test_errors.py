@@ -30,6 +30,8 @@ def inputs(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     shutil.copytree(root / "cache", root / "corrupt_cache")
     split = root / "corrupt_cache" / "latents" / HOOK / "21_41.safetensors"
     split.write_bytes(split.read_bytes()[: split.stat().st_size // 2])  # a copy cut short
+    shutil.copytree(root / "cache", root / "unsplit_cache")
+    (root / "unsplit_cache" / "latents" / HOOK / "row_split.json").unlink()  # as an older cache has none
     (root / "expl_layers.2").mkdir()
     (root / "expl_layers.2" / "layers.2_latent3.txt").write_text(json.dumps("the token cat"))
     (root / "too_wide.json").write_text(json.dumps({"9999": "the token dog"}))
@@ -40,6 +42,7 @@ def inputs(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
         "corpus": str(tiny_corpus),
         "cache": str(root / "cache"),
         "corrupt_cache": str(root / "corrupt_cache"),
+        "unsplit_cache": str(root / "unsplit_cache"),
         "expl_other_hookpoint": str(root / "expl_layers.2"),
         "too_wide": str(root / "too_wide.json"),
         "interpretations": str(root / "interpretations.json"),
@@ -199,6 +202,12 @@ CASES = [
         lambda p: cache_args(p, ctx_len="twelve"),
     ),
     case(
+        "cache-split-fractions-too-large",
+        "data_gen/cache_activations.py",
+        "confirmation_fraction",
+        lambda p: cache_args(p, validation_fraction="0.4", test_fraction="0.4", confirmation_fraction="0.3"),
+    ),
+    case(
         "cache-missing-sae",
         "data_gen/cache_activations.py",
         "sae_path",
@@ -247,6 +256,12 @@ CASES = [
         "data_gen/explain.py",
         "21_41.safetensors",
         lambda p: cache_reader_args(p, cache_dir=p.corrupt_cache, explanations_dir=p.out),
+    ),
+    case(
+        "explain-cache-without-row-split",
+        "data_gen/explain.py",
+        "row_split.json",
+        lambda p: cache_reader_args(p, cache_dir=p.unsplit_cache, explanations_dir=p.out),
     ),
     case(
         "explain-bad-sampling",

@@ -261,28 +261,42 @@ def test_latents_seen_in_training_are_refused(assets, tiny_model_dir, tmp_path):
         include_checkpoints=False,
         allow_seen_latents=True,
     )
-    # Another seed: another row split, so some eval (or calibration) rows trained the simulator. Never
-    # allowed. (An external interpretation set, which records no rows: ours would be refused when building.)
+    # The cache split again (as cache_activations.py does when its split keys change): some eval (or
+    # calibration) rows trained the simulator. Never allowed. (An external interpretation set, which records
+    # no rows: ours would be refused when building.)
     external = tmp_path / "external.json"
     external.write_text(json.dumps(load_interpretations(assets / "expl" / "token_list-quantiles", HOOK, 64)))
-    load_script("data_gen/build_dataset.py").main(
-        DatasetArguments(
-            cache_dir=str(assets / "cache"),
-            hookpoint=HOOK,
-            simulator_tokenizer=str(tiny_model_dir),
-            interpretations=[str(external)],
-            window_min=4,
-            window_max=6,
-            contexts_per_row=2,
-            validation_fraction=0.2,
-            test_fraction=0.2,
-            seed=4,
-            split_mode="contexts",
-            positives="all",
-            negatives_per_context=6,
-            output_dir=str(tmp_path / "eval_rows"),
+    split_file = assets / "cache" / "latents" / HOOK / "row_split.json"
+    original = split_file.read_text()
+    ids = json.loads(original)["row_ids"]
+    swapped = {
+        "train": ids["test"],
+        "validation": ids["validation"],
+        "test": ids["train"],
+        "confirmation": [],
+    }
+    try:
+        split_file.write_text(json.dumps({**json.loads(original), "row_ids": swapped}))
+        load_script("data_gen/build_dataset.py").main(
+            DatasetArguments(
+                cache_dir=str(assets / "cache"),
+                hookpoint=HOOK,
+                simulator_tokenizer=str(tiny_model_dir),
+                interpretations=[str(external)],
+                window_min=4,
+                window_max=6,
+                contexts_per_row=2,
+                validation_fraction=0.2,
+                test_fraction=0.2,
+                seed=4,
+                split_mode="contexts",
+                positives="all",
+                negatives_per_context=6,
+                output_dir=str(tmp_path / "eval_rows"),
+            )
         )
-    )
+    finally:
+        split_file.write_text(original)
     with pytest.raises(
         ValueError, match="trained on .* cache rows of the eval set's (test|validation) split"
     ):
@@ -445,13 +459,15 @@ def test_patch_kl_ceiling_checks_and_simulators(assets, tiny_model_dir, tmp_path
     sae = per.xs("sae", level="source")
     assert (sae["kl_judged"] > 1e-6).all()  # the tiny SAE is lossy: the checks below can fail
     assert (per.xs("sae_plus_error", level="source")[["kl_judged", "kl_all"]].abs() < 1e-6).all().all()
-    for column in ("kl_judged", "kl_all", "ce_judged"):
-        assert np.allclose(per.xs("fraction:top:1", level="source")[column], sae[column], atol=1e-6)
+    for column in ("kl_judged", "kl_all", "ce_judged"):  # ce_judged: NaN at a row's last position (no next)
+        top1 = per.xs("fraction:top:1", level="source")[column]
+        assert np.allclose(top1, sae[column], atol=1e-6, equal_nan=True)
         # no_latents (b_dec) is the f = 0 point: the floor, far below the SAE
         assert np.allclose(
             per.xs("fraction:top:0", level="source")[column],
             per.xs("no_latents", level="source")[column],
             atol=1e-6,
+            equal_nan=True,
         )
     assert (per.xs("no_latents", level="source")["kl_all"] > sae["kl_all"]).all()
     assert np.allclose(

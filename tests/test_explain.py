@@ -8,7 +8,7 @@ import torch
 from helpers import build_tiny_tokenizer, load_script, make_cache
 
 from latentsim.cache import SparseCache
-from latentsim.cache_reader import load_cache
+from latentsim.cache_reader import CacheReader, load_cache
 from latentsim.config import ExplainArguments
 from latentsim.explain import (
     LatentIndex,
@@ -191,7 +191,9 @@ def test_explain_script_writes_resumable_sets(tmp_path, tiny_model_dir, tiny_sae
     set_dir = tmp_path / "expl" / f"{explainer}-quantiles"
     report = json.loads((set_dir / "explain_report.json").read_text())
     cache = load_cache(tmp_path / "cache" / "latents", "layers.1")
-    counts = np.bincount(cache.locations[:, 2].numpy(), minlength=64)
+    train = CacheReader(tmp_path / "cache" / "latents", "layers.1").row_split()["train"]
+    in_train = np.isin(cache.locations[:, 0].numpy(), train)
+    counts = np.bincount(cache.locations[in_train, 2].numpy(), minlength=64)  # examples: training rows only
     assert report["too_rare"] == int((counts < 3).sum())
     assert report["explained"] + len(report["empty_outputs"]) == report["eligible"]
     loaded = load_interpretations(set_dir, "layers.1", width=64)

@@ -99,15 +99,18 @@ def test_sweep_scores_reference_baselines_like_simulators(eval_set, tmp_path):
     ]
     assert all(r["kind"] == "reference" for r in summary["rows"])
 
-    # The prior by hand: each latent's share of the cache's tokens (position 0 never cached) it is active on.
+    # The prior by hand: each latent's share of the cache's training tokens (the statistics' rows; position 0
+    # never cached) it is active on.
     from safetensors.numpy import load_file
 
     latents_dir = eval_set / "cache" / "latents" / HOOK
+    train = json.loads((latents_dir / "row_split.json").read_text())["row_ids"]["train"]
     counts, n_tokens = np.zeros(64), None
     for path in sorted(latents_dir.glob("*.safetensors")):
         data = load_file(str(path))
-        np.add.at(counts, data["locations"][:, 2].astype(np.int64) + int(path.stem.split("_")[0]), 1)
-        n_tokens = data["tokens"].shape[0] * (data["tokens"].shape[1] - 1)
+        loc = data["locations"][np.isin(data["locations"][:, 0], train)]
+        np.add.at(counts, loc[:, 2].astype(np.int64) + int(path.stem.split("_")[0]), 1)
+        n_tokens = len(train) * (data["tokens"].shape[1] - 1)
     rate = counts / n_tokens
     prior = pd.read_parquet(root / "baseline__prior" / "predictions_test.parquet")
     record = json.loads((root / "baseline__prior" / "results.json").read_text())

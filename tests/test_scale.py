@@ -13,7 +13,7 @@ from latentsim.cache_reader import CacheReader, load_cache
 from latentsim.config import DatasetArguments, ExplainArguments
 from latentsim.dataset import subsample_rows
 from latentsim.explain import LatentIndex, SplitLatentIndexes
-from latentsim.latent_stats import cache_statistics, latent_statistics, save_statistics
+from latentsim.latent_stats import cache_statistics, latent_statistics, save_training_statistics
 from latentsim.scale import write_synthetic_cache
 
 HOOK = "layers.15"
@@ -108,7 +108,7 @@ def test_split_latent_indexes_match_the_whole_index_with_a_fraction_of_the_memor
 def test_datasets_built_in_row_chunks_are_byte_identical(synthetic, monkeypatch, tmp_path):
     cache = synthetic / "cache"
     reader = CacheReader(cache / "latents", HOOK)
-    save_statistics(cache / "stats", HOOK, cache_statistics(reader, 16))
+    save_training_statistics(reader, cache / "stats", 16)
     load_script("data_gen/explain.py").main(
         ExplainArguments(
             cache_dir=str(cache),

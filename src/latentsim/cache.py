@@ -4,15 +4,18 @@ Layout of a cache folder:
 
     shards/<hookpoint>/rows_<a>_<b>.safetensors (+ .json marker)   work in progress, deleted when finalised
     latents/<hookpoint>/<start>_<end>.safetensors + config.json    delphi's layout, the cache proper
-    stats/<hookpoint>.safetensors + .json                           per-latent statistics
+    latents/<hookpoint>/row_split.json                              the row split (latentsim.splits)
+    stats/<hookpoint>.safetensors + .json                           per-latent statistics (training rows)
 
 Each split file holds `locations` [N, 3] = (row, position, latent - start) as uint16 (uint32 when a row or a
 relative latent index reaches 2^16), `activations` [N] float16 and the full `tokens` [rows, ctx_len]; `end`
 is inclusive and the splits are `linspace(0, d_sae, n_splits + 1)`, exactly as delphi writes them, so delphi
 reads our caches and we read its. Differences, all compatible: position 0 (BOS) is never cached; `tokens`
-are int32; `config.json` carries delphi's CacheConfig fields plus a `latentsim` block (hookpoint, SAE, corpus
-rows, per-file sha256). A shard becomes complete only when its marker (with the shard's sha256) is written
-after it, so a killed run loses at most the shard in flight and a rerun redoes exactly the missing shards.
+are int32; each file also holds `documents` [rows, 2] int64, the first and last corpus document of every row
+(latentsim.corpus.CorpusRows; delphi ignores it); `config.json` carries delphi's CacheConfig fields plus a
+`latentsim` block (hookpoint, SAE, corpus rows, documents and duplicates removed, per-file sha256). A shard
+becomes complete only when its marker (with the shard's sha256) is written after it, so a killed run loses at
+most the shard in flight and a rerun redoes exactly the missing shards.
 """
 
 from __future__ import annotations
@@ -84,19 +87,28 @@ def write_shard(
     locations: np.ndarray,
     activations: np.ndarray,
     tokens: np.ndarray,
+    documents: np.ndarray,
+    duplicates_removed: int,
     stream_state: dict | None = None,
 ) -> Path:
-    """Write one row shard, then its completion marker (the marker is what makes it count as done). A streamed
-    corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state) goes into the
-    marker."""
+    """Write one row shard (with its rows' documents, latentsim.corpus.CorpusRows), then its completion marker
+    (the marker is what makes it count as done; it records the duplicate documents removed up to the shard's
+    last row). A streamed corpus's position after the shard's last row (latentsim.corpus.StreamedRows.state)
+    goes into the marker."""
     path = shard_path(shard_dir, a, b)
     arrays = {
         "locations": locations.astype(np.int32),
         "activations": activations.astype(np.float16),
         "tokens": tokens.astype(np.int32),
+        "documents": documents.astype(np.int64),
     }
     atomic_save(path, lambda tmp: save_file(arrays, str(tmp)))
-    marker = {"rows": [a, b], "n_nonzero": int(len(activations)), "sha256": sha256_file(path)}
+    marker = {
+        "rows": [a, b],
+        "n_nonzero": int(len(activations)),
+        "duplicates_removed": int(duplicates_removed),
+        "sha256": sha256_file(path),
+    }
     atomic_write_json(_marker(path), marker | ({"stream_state": stream_state} if stream_state else {}))
     return path
 
@@ -160,21 +172,25 @@ def finalise_shards(
     """Write `latents/<hookpoint>/<start>_<end>.safetensors` + `config.json` (written last: it marks
     completion) from complete row shards, one latent split at a time: each split file gathers its latents from
     every shard in row order, so peak memory is one split file plus one shard, never the whole cache (the
-    shards are read once per split). Each file holds the tokens of every row, as delphi's do."""
+    shards are read once per split). Each file holds the tokens of every row, as delphi's do, and their
+    documents; `config.json` records the documents the rows hold and the duplicates removed before them."""
     paths = verified_shard_paths(shard_dir, ranges)
     out = latents_dir / hookpoint
     out.mkdir(parents=True, exist_ok=True)
-    files, tokens = {}, None
+    files, tokens, documents = {}, None, None
     for start, end in split_bounds(width, n_splits):
-        locs, acts, toks = [], [], []
+        locs, acts, toks, docs = [], [], [], []
         for path in paths:
             data = load_verified(path)
             mask = (data["locations"][:, 2] >= start) & (data["locations"][:, 2] <= end)
             locs.append(data["locations"][mask])
             acts.append(data["activations"][mask])
-            toks.append(data["tokens"] if tokens is None else None)  # gathered on the first split's pass
+            if tokens is None:  # gathered on the first split's pass
+                toks.append(data["tokens"])
+                docs.append(data["documents"])
         if tokens is None:
             tokens = np.concatenate(toks).astype(np.int32)
+            documents = np.concatenate(docs).astype(np.int64)
         loc = np.concatenate(locs)
         loc[:, 2] -= start
         small = len(loc) == 0 or (
@@ -184,12 +200,22 @@ def finalise_shards(
             "locations": loc.astype(np.uint16 if small else np.uint32),
             "activations": np.concatenate(acts).astype(np.float16),
             "tokens": tokens,
+            "documents": documents,
         }
-        del locs, acts, toks, loc
+        del locs, acts, toks, docs, loc
         name = f"{start}_{end}.safetensors"
         atomic_save(out / name, lambda tmp, arrays=arrays: save_file(arrays, str(tmp)))
         files[name] = sha256_file(out / name)
-    config = {**config, "latentsim": {**config.get("latentsim", {}), "files": files}}
+    last_marker = json.loads(_marker(paths[-1]).read_text())
+    corpus_documents = {
+        "documents": int(documents[-1, 1] - documents[0, 0] + 1) if len(documents) else 0,
+        "duplicates_removed": last_marker["duplicates_removed"],
+        "duplicate": "the same text once whitespace runs are collapsed and case folded (latentsim.corpus)",
+    }
+    config = {
+        **config,
+        "latentsim": {**config.get("latentsim", {}), "documents": corpus_documents, "files": files},
+    }
     atomic_write_json(out / "config.json", config)
     return out
 

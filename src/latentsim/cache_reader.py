@@ -11,6 +11,8 @@ needs:
 - dataset and eval-set building: a chunk of cache rows at a time (`select(rows=...)`, token-major);
 - patching and the whole layer: the tokens only (`tokens`, int32, loaded once: 40 MB for 10M tokens).
 
+`row_split()` is the cache's row split (latentsim.splits), which every stage reads and none recomputes.
+
 Peak memory then grows with the largest latent split or row chunk, not with the cache. `load_cache`
 (latentsim.cache) is `CacheReader(...).select()`: the whole cache, for small caches and tests.
 """
@@ -27,6 +29,7 @@ import torch
 
 from latentsim.cache import CorruptCacheError, SparseCache, check_sha256, subject_tokenizer_of
 from latentsim.errors import MissingInputError
+from latentsim.splits import ROW_SPLIT_FILE
 
 CHUNK_ENTRIES = (
     1 << 23
@@ -126,6 +129,12 @@ class CacheReader:
             )
         self.tokens = with_tokens[0].spans["tokens"].read(with_tokens[0].path).astype(np.int32)
         self.n_rows, self.ctx_len = self.tokens.shape
+        # [rows, 2] first and last corpus document of each row; None for a cache that does not record them.
+        self.documents = (
+            with_tokens[0].spans["documents"].read(with_tokens[0].path).astype(np.int64)
+            if "documents" in with_tokens[0].spans
+            else None
+        )
 
     def _open_splits(self, recorded: dict[str, str]) -> list[SplitFile]:
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
@@ -221,13 +230,16 @@ class CacheReader:
         """How many rows hold ~`max_entries` non-zeros, from the cache's mean per row (at least one)."""
         return max(1, int(max_entries // max(1.0, self.n_nonzero / max(self.n_rows, 1))))
 
-    def latent_values(self, split: int) -> tuple[np.ndarray, np.ndarray]:
-        """(latent ids relative to the split's start, int32; activations float32) of one split file,
-        position 0 left out (even when a delphi cache has it): what the statistics need, at 8 bytes a
-        non-zero."""
+    def latent_values(self, split: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(latent ids relative to the split's start, int32; activations float32) of one split file (those of
+        `rows` only, when given), position 0 left out (even when a delphi cache has it): what the statistics
+        need, at 8 bytes a non-zero."""
+        keep_row = self.row_mask(rows)
         lats, vals = [], []
         for loc, act in self.chunks(split):
             keep = loc[:, 1] > 0
+            if keep_row is not None:
+                keep &= keep_row[loc[:, 0]]
             lats.append(loc[keep, 2].astype(np.int32))
             vals.append(act[keep].astype(np.float32))
         if not lats:
@@ -236,6 +248,32 @@ class CacheReader:
 
     def subject_tokenizer(self):
         return subject_tokenizer_of(self.config)
+
+    def row_split_record(self, required: bool = True) -> dict | None:
+        """The cache's row_split.json (latentsim.splits.split_rows); missing: MissingInputError with the fix
+        (`required`) or None."""
+        path = self.folder / ROW_SPLIT_FILE
+        if not path.is_file():
+            if not required:
+                return None
+            raise MissingInputError(
+                f"{self.folder} records no row split ({ROW_SPLIT_FILE}): it is a delphi cache or one made "
+                "by an older data_gen/cache_activations.py. Run data_gen/cache_activations.py on it (same "
+                "config and output_dir: it records the split of a finished cache without recomputing it; "
+                "an older latentsim cache needs `overwrite: true`)."
+            )
+        record = json.loads(path.read_text())
+        if record["n_rows"] != self.n_rows:
+            raise CorruptCacheError(
+                f"{path} splits {record['n_rows']} rows, the cache has {self.n_rows}; delete it and rerun "
+                "data_gen/cache_activations.py to record the split again."
+            )
+        return record
+
+    def row_split(self) -> dict[str, np.ndarray]:
+        """{split: its sorted row ids} for train, validation, test and confirmation (empty when the cache
+        keeps no confirmation rows)."""
+        return {s: np.asarray(r, dtype=np.int64) for s, r in self.row_split_record()["row_ids"].items()}
 
 
 def load_cache(latents_dir: str | Path, hookpoint: str) -> SparseCache:

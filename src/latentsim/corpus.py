@@ -8,6 +8,12 @@ beyond the slice used. With `corpus_streaming: true` the corpus is read through 
 order (a stream has no random access to shuffle), and the stream's position after any row can be saved and
 resumed exactly.
 
+Documents: an exact duplicate of an earlier document (the same text once whitespace runs are collapsed and
+case folded) is skipped where it comes in the (shuffled or streamed) order, which keeps the first copy as
+removing duplicates before shuffling would, while reading no more of the corpus than the rows need. The kept
+documents are numbered in order, and each row records the first and last document it holds (`CorpusRows`):
+the cache groups the rows that share a document so that the row split never cuts one (latentsim.splits).
+
 The embedded corpus `embedded:debian-english` is built from two Debian packages that `./launch.sh`
 installs (`apt-get install fortunes python3.11-doc`): the fortune cookie files (BSD-licensed fortune-mod
 data: quotations, literature, jokes, science) and the prose paragraphs of the Python 3.11 documentation
@@ -17,10 +23,13 @@ cache and then read through `datasets` exactly like a user's local files.
 
 from __future__ import annotations
 
+import base64
 import glob as _glob
+import hashlib
 import itertools
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +171,109 @@ def load_corpus(
     return ds
 
 
+def document_key(text: str) -> int:
+    """What makes two documents exact duplicates: their text with whitespace runs collapsed and case folded,
+    hashed to 64 bits (blake2b; a collision among a corpus's documents is vanishingly unlikely)."""
+    normal = " ".join(text.split()).casefold()
+    return int.from_bytes(hashlib.blake2b(normal.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+@dataclass
+class CorpusRows:
+    """Rows of a corpus and the documents they hold."""
+
+    tokens: torch.Tensor  # [n, ctx_len] int64, BOS first
+    documents: np.ndarray  # [n, 2] int64: the first and last document (index among the kept ones) of each row
+    duplicates_before: np.ndarray  # [n] int64: duplicate documents skipped before each row's last document
+
+    def __getitem__(self, rows: slice) -> CorpusRows:
+        return CorpusRows(self.tokens[rows], self.documents[rows], self.duplicates_before[rows])
+
+    @property
+    def duplicates_removed(self) -> int:
+        """Duplicate documents skipped up to the rows' last document (from the start of the corpus)."""
+        return int(self.duplicates_before[-1]) if len(self.duplicates_before) else 0
+
+
+class DocumentStream:
+    """The EOS-joined tokens of the distinct documents fed to it, each token tagged with its document's index
+    (kept documents are numbered in order; exact duplicates of earlier ones are skipped and counted). Rows are
+    taken off its front. `state` / `from_state` save and restore it as JSON (StreamedRows' resume)."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []  # read, not yet taken
+        self.document_of: list[int] = []  # per token of `tokens`
+        self.seen: set[int] = set()  # document_key of every kept document
+        self.n_documents = 0  # documents kept so far
+        self.duplicates = 0  # documents skipped so far
+        self.duplicates_before: dict[
+            int, int
+        ] = {}  # per document still in `tokens`: duplicates skipped before it
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, texts: list[str]) -> None:
+        fresh = []
+        for text in texts:
+            key = document_key(text)
+            if key in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(key)
+            self.duplicates_before[self.n_documents + len(fresh)] = self.duplicates
+            fresh.append(text)
+        for ids in self.tokenizer(fresh, add_special_tokens=False)["input_ids"] if fresh else []:
+            self.tokens.extend(ids)
+            self.tokens.append(self.tokenizer.eos_token_id)
+            self.document_of.extend([self.n_documents] * (len(ids) + 1))
+            self.n_documents += 1
+
+    def take(self, n_rows: int, body: int) -> CorpusRows:
+        """The next `n_rows` rows of BOS + `body` tokens (the caller has added enough documents)."""
+        n = n_rows * body
+        tokens, documents = self.tokens[:n], np.asarray(self.document_of[:n], dtype=np.int64)
+        del self.tokens[:n], self.document_of[:n]
+        per_row = documents.reshape(n_rows, body)
+        duplicates = np.array([self.duplicates_before[int(d)] for d in per_row[:, -1]], dtype=np.int64)
+        first_left = self.document_of[0] if self.document_of else self.n_documents
+        self.duplicates_before = {d: c for d, c in self.duplicates_before.items() if d >= first_left}
+        chunk = torch.tensor(tokens, dtype=torch.long).view(n_rows, body)
+        bos = torch.full((n_rows, 1), self.tokenizer.bos_token_id, dtype=torch.long)
+        return CorpusRows(torch.cat([bos, chunk], dim=1), per_row[:, [0, -1]].copy(), duplicates)
+
+    def state(self) -> dict:
+        runs = []  # the pending tokens' documents, run-length coded
+        for doc in self.document_of:
+            if runs and runs[-1][0] == doc:
+                runs[-1][1] += 1
+            else:
+                runs.append([doc, 1])
+        seen = np.array(sorted(self.seen), dtype=np.uint64).tobytes()
+        return {
+            "pending": list(self.tokens),
+            "pending_documents": runs,
+            "n_documents": self.n_documents,
+            "duplicates": self.duplicates,
+            "duplicates_before": {str(d): c for d, c in self.duplicates_before.items()},
+            "seen": base64.b64encode(seen).decode("ascii"),
+        }
+
+    @classmethod
+    def from_state(cls, tokenizer, state: dict) -> DocumentStream:
+        stream = cls(tokenizer)
+        stream.tokens = list(state["pending"])
+        stream.document_of = [doc for doc, count in state["pending_documents"] for _ in range(count)]
+        stream.n_documents, stream.duplicates = state["n_documents"], state["duplicates"]
+        stream.duplicates_before = {int(d): c for d, c in state["duplicates_before"].items()}
+        seen = np.frombuffer(base64.b64decode(state["seen"]), dtype=np.uint64)
+        stream.seen = {int(k) for k in seen}
+        return stream
+
+
 def tokenize_rows(
     ds,
     tokenizer,
@@ -171,19 +283,15 @@ def tokenize_rows(
     seed: int = 22,
     text_column: str = "text",
     batch_docs: int = 256,
-) -> torch.Tensor:
-    """Rows [row_start, row_start + n_rows) of the shuffled, EOS-joined, BOS-prefixed corpus, as int64."""
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
+) -> CorpusRows:
+    """Rows [row_start, row_start + n_rows) of the shuffled, deduplicated, EOS-joined, BOS-prefixed corpus,
+    and the documents each holds."""
+    stream = DocumentStream(tokenizer)
     body = ctx_len - 1
     needed = (row_start + n_rows) * body
     order = np.random.default_rng(seed).permutation(len(ds))
-    stream: list[int] = []
     for i in range(0, len(order), batch_docs):
-        texts = list(ds.select(order[i : i + batch_docs])[text_column])
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(tokenizer.eos_token_id)
+        stream.add(list(ds.select(order[i : i + batch_docs])[text_column]))
         if len(stream) >= needed:
             break
     available = len(stream) // body
@@ -193,63 +301,57 @@ def tokenize_rows(
             f"for rows [{row_start}, {row_start + n_rows}). Lower `n_rows`/`row_start` or use a larger "
             "corpus."
         )
-    chunk = torch.tensor(stream[row_start * body : (row_start + n_rows) * body], dtype=torch.long).view(
-        n_rows, body
-    )
-    bos = torch.full((n_rows, 1), tokenizer.bos_token_id, dtype=torch.long)
-    return torch.cat([bos, chunk], dim=1)
+    stream.take(row_start, body)
+    return stream.take(n_rows, body)
 
 
 class StreamedRows:
     """Rows of a streamed corpus (`load_corpus(..., streaming=True)`), tokenized as they are read:
-    BOS + ctx_len - 1 tokens of the EOS-joined documents, in the stream's order. Row r is corpus row r
-    (row_start is the caller's). `state()` after a row (the stream's `state_dict` + the tokens read past that
-    row) lets `restore` resume there without reading the documents before it again."""
+    BOS + ctx_len - 1 tokens of the EOS-joined distinct documents, in the stream's order. Row r is corpus
+    row r (row_start is the caller's). `state()` after a row (the stream's `state_dict`, the tokens read past
+    that row and what DocumentStream knows of the documents so far) lets `restore` resume there without
+    reading the documents before it again."""
 
     def __init__(self, ds, tokenizer, ctx_len: int, text_column: str = "text", batch_docs: int = 32):
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise BadInputError("the tokenizer needs both a BOS and an EOS token to build corpus rows.")
         self.ds, self.tokenizer, self.body = ds, tokenizer, ctx_len - 1
         self.text_column, self.batch_docs = text_column, batch_docs
         self.start = ds.state_dict()
-        self.restore({"dataset": self.start, "pending": [], "row": 0})
+        self.restore({"dataset": self.start, "row": 0})
 
     def state(self) -> dict:
-        return {"dataset": self.ds.state_dict(), "pending": list(self.pending), "row": self.row}
+        return {"dataset": self.ds.state_dict(), "row": self.row, **self.stream.state()}
 
     def restore(self, state: dict) -> None:
         self.ds.load_state_dict(state["dataset"])
-        self.docs, self.pending, self.row = iter(self.ds), list(state["pending"]), state["row"]
+        self.docs, self.row = iter(self.ds), state["row"]
+        self.stream = (
+            DocumentStream.from_state(self.tokenizer, state)
+            if "pending" in state
+            else DocumentStream(self.tokenizer)
+        )
 
-    def rows(self, a: int, b: int, states: dict[int, dict] | None = None) -> torch.Tensor:
-        """Corpus rows [a, b), as int64, from the nearest saved `states` ({row: state()}) at or before a."""
+    def rows(self, a: int, b: int, states: dict[int, dict] | None = None) -> CorpusRows:
+        """Corpus rows [a, b) from the nearest saved `states` ({row: state()}) at or before a."""
         usable = [r for r in (states or {}) if (self.row if self.row <= a else 0) < r <= a]
         if usable:
             self.restore(states[max(usable)])
         elif self.row > a:
-            self.restore({"dataset": self.start, "pending": [], "row": 0})
+            self.restore({"dataset": self.start, "row": 0})
         self._read(a - self.row)
-        chunk = torch.tensor(self._read(b - a), dtype=torch.long).view(b - a, self.body)
-        return torch.cat(
-            [torch.full((b - a, 1), self.tokenizer.bos_token_id, dtype=torch.long), chunk], dim=1
-        )
+        return self._read(b - a)
 
-    def _read(self, n_rows: int) -> list[int]:
-        needed = n_rows * self.body
-        while len(self.pending) < needed:
+    def _read(self, n_rows: int) -> CorpusRows:
+        while len(self.stream) < n_rows * self.body:
             texts = [self._text(doc) for doc in itertools.islice(self.docs, self.batch_docs)]
             if not texts:
                 raise ConfigError(
                     f"config key `n_rows`: the streamed corpus ended after "
-                    f"{self.row + len(self.pending) // self.body} rows of {self.body + 1} tokens. Lower "
+                    f"{self.row + len(self.stream) // self.body} rows of {self.body + 1} tokens. Lower "
                     "`n_rows`/`row_start` or use a larger corpus."
                 )
-            for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                self.pending.extend(ids)
-                self.pending.append(self.tokenizer.eos_token_id)
-        out, self.pending = self.pending[:needed], self.pending[needed:]
+            self.stream.add(texts)
         self.row += n_rows
-        return out
+        return self.stream.take(n_rows, self.body)
 
     def _text(self, doc: dict) -> str:
         if self.text_column not in doc:
@@ -278,9 +380,9 @@ def streamed_rows(args, tokenizer, ds=None) -> StreamedRows:
     return StreamedRows(ds, tokenizer, args.ctx_len, args.corpus_text_column)
 
 
-def corpus_rows(args, tokenizer, ds=None) -> torch.Tensor:
-    """The rows a stage's `CorpusArguments` ask for (streamed, when `corpus_streaming`, and then not
-    shuffled)."""
+def corpus_rows(args, tokenizer, ds=None) -> CorpusRows:
+    """The rows a stage's `CorpusArguments` ask for, with their documents (streamed, when `corpus_streaming`,
+    and then not shuffled)."""
     if args.corpus_streaming:
         return streamed_rows(args, tokenizer, ds).rows(args.row_start, args.row_start + args.n_rows)
     ds = load_corpus_from_args(args) if ds is None else ds

@@ -2,9 +2,10 @@
 
 A context is a window of subject tokens ending at a sampled position of a cache row (never reaching
 position 0); its last token is judged. Its labels come straight from the cache (latent ids are global: the
-cache loader adds each delphi split's start back, the offset the seed forgot). Splits never leak: in `latents`
-mode train / validation / test hold disjoint latents *and* disjoint rows; in `contexts` mode only the rows are
-disjoint.
+cache loader adds each delphi split's start back, the offset the seed forgot). Splits never leak: their rows
+are the cache's row split (whole documents: latentsim.splits, recorded by data_gen/cache_activations.py, never
+recomputed here), and in `latents` mode train / validation / test also hold disjoint latents; in `contexts`
+mode only the rows are disjoint.
 
 data_gen/build_dataset.py reads its inputs, then for each split: `build_split` (its rows), `split_summary`;
 last `dataset_card`. One seeded generator is shared by the splits in order, so a config and seed give the same
@@ -33,7 +34,7 @@ from latentsim.errors import ConfigError
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
 from latentsim.sae import load_sae
 from latentsim.simulators.reference import FIRING_RATE_FLOOR
-from latentsim.splits import split_ids, split_rows
+from latentsim.splits import describe_row_split, split_groups
 
 SPLITS = ("train", "validation", "test")
 # Non-zeros held in memory while building (a chunk of a split's rows, token-major): ~1 GB at 16M.
@@ -71,16 +72,18 @@ def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, f
 
 
 def split_pools(
-    explained: np.ndarray, n_rows: int, args: DatasetArguments, rng: np.random.Generator
+    explained: np.ndarray, row_split: dict[str, np.ndarray], args: DatasetArguments, rng: np.random.Generator
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees
-    all explained latents in `contexts` mode), always disjoint rows."""
-    latent_splits = (
-        split_ids(explained, args.validation_fraction, args.test_fraction, rng)
-        if args.split_mode == "latents"
-        else {s: explained for s in SPLITS}
-    )
-    return latent_splits, split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)
+    all explained latents in `contexts` mode); the rows are the cache's row split (`row_split`,
+    CacheReader.row_split)."""
+    if args.split_mode == "latents":
+        fractions = {"validation": args.validation_fraction, "test": args.test_fraction}
+        parts = split_groups(np.arange(len(explained)), fractions, rng)
+        latent_splits = {s: explained[parts[s]] for s in SPLITS}
+    else:
+        latent_splits = {s: explained for s in SPLITS}
+    return latent_splits, {s: row_split[s] for s in SPLITS}
 
 
 def subsample_rows(row_splits: dict[str, np.ndarray], max_rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -708,7 +711,8 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - prompt format: `{args.prompt_format}`, label `{args.label}`, {candidates}{matched}
 - score in prompt: {args.score_path or "no"}
 - split mode: `{args.split_mode}` (train/validation/test disjoint \
-in {"latents and rows" if args.split_mode == "latents" else "rows"})
+in {"latents and rows" if args.split_mode == "latents" else "rows"}); rows: the cache's row split, \
+{describe_row_split(stats["row_split"])}
 
 | split | examples | positives | contexts | latents |
 |---|---|---|---|---|

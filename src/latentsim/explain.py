@@ -25,7 +25,6 @@ from latentsim.cache import SparseCache
 from latentsim.cache_reader import CacheReader
 from latentsim.errors import BadInputError, ConfigError, MissingInputError
 from latentsim.io import atomic_write_json, atomic_write_text
-from latentsim.splits import split_rows
 
 FILE_RE = re.compile(r"^(?P<module>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
 
@@ -212,23 +211,22 @@ def explanation_path(set_dir: Path, hookpoint: str, latent: int) -> Path:
 SOURCE_ROWS_FILE = "source_rows.json"
 
 
-def example_rows(args, n_rows: int) -> np.ndarray:
-    """The rows explain.py / score.py draw examples from: the row split's training rows (`rows: train`), or
-    all."""
+def example_rows(args, cache: CacheReader) -> np.ndarray:
+    """The rows explain.py / score.py draw examples from: the training rows of the cache's row split
+    (`rows: train`), or all."""
     if args.rows == "all":
-        return np.arange(n_rows)
-    return split_rows(n_rows, args.validation_fraction, args.test_fraction, args.seed)["train"]
+        return np.arange(cache.n_rows)
+    return cache.row_split()["train"]
 
 
-def write_source_rows(set_dir: Path, args, rows: np.ndarray, n_rows: int) -> None:
+def write_source_rows(set_dir: Path, args, rows: np.ndarray, cache: CacheReader) -> None:
+    split = cache.row_split_record() if args.rows == "train" else None
     atomic_write_json(
         Path(set_dir) / SOURCE_ROWS_FILE,
         {
             "rows": args.rows,
-            "seed": args.seed,
-            "validation_fraction": args.validation_fraction,
-            "test_fraction": args.test_fraction,
-            "n_rows": n_rows,
+            "row_split": {k: v for k, v in split.items() if k != "row_ids"} if split else None,
+            "n_rows": cache.n_rows,
             "row_ids": [int(r) for r in rows],
         },
     )
@@ -268,11 +266,10 @@ def refuse_eval_rows(paths: list[str], eval_rows: np.ndarray, n_rows: int) -> di
         if overlap := sorted(set(rows.tolist()) & set(np.asarray(eval_rows).tolist())):
             raise BadInputError(
                 f"config key `interpretations`: {path} was made from {len(overlap)} of this dataset's "
-                f"validation/test rows (e.g. {overlap[:5]}): its interpretations can quote eval "
-                "contexts. Explain with `rows: train` and the dataset's seed, validation_fraction "
-                "and test_fraction."
+                f"validation/test/confirmation rows (e.g. {overlap[:5]}): its interpretations can quote eval "
+                "contexts. Explain with `rows: train` (the training rows of the cache's row split)."
             )
-        out[str(path)] = f"{len(rows)} cache rows, none of them validation or test rows"
+        out[str(path)] = f"{len(rows)} cache rows, none of them validation, test or confirmation rows"
     return out
 
 

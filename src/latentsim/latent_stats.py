@@ -4,6 +4,11 @@ Saved as `stats/<hookpoint>.safetensors`: firing count and rate, max and mean ac
 non-zero distribution (`quantile_edges` [d_sae, 11], 0%..100%) and a sorted sample of each latent's non-zero
 activations in CSR form (`sample_values`, `sample_offsets`): evenly spaced order statistics of the full sorted
 set, so the sample's quantiles track the true ones. Position 0 is excluded even when a delphi cache has it.
+
+data_gen/cache_activations.py computes them over the training rows of the cache's row split only (firing
+rates count training tokens in their denominator too): references, quantile labels, frequency bins and the
+whole layer all read them, and none may learn anything from an eval row. `n_rows` (a tensor) and the summary
+JSON record which rows they came from.
 """
 
 from __future__ import annotations
@@ -24,20 +29,35 @@ N_QUANTILE_BINS = 10
 PER_LATENT = ("firing_count", "firing_rate", "max_activation", "mean_activation", "quantile_edges")
 
 
-def latent_statistics(cache: SparseCache, width: int, sample_size: int) -> dict[str, torch.Tensor]:
-    """The statistics of an in-memory cache (see cache_statistics for one read a split at a time)."""
+def latent_statistics(
+    cache: SparseCache, width: int, sample_size: int, rows: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """The statistics of an in-memory cache, over `rows` only when given (see cache_statistics for one read a
+    split at a time)."""
     keep = cache.locations[:, 1] > 0
-    n_tokens = cache.tokens.shape[0] * (cache.tokens.shape[1] - 1)
-    return value_statistics(cache.locations[keep, 2], cache.activations[keep], width, n_tokens, sample_size)
+    n_rows = cache.tokens.shape[0]
+    if rows is not None:
+        in_rows = torch.zeros(n_rows, dtype=torch.bool)
+        in_rows[torch.as_tensor(np.asarray(rows), dtype=torch.long)] = True
+        keep &= in_rows[cache.locations[:, 0]]
+        n_rows = len(np.unique(rows))
+    n_tokens = n_rows * (cache.tokens.shape[1] - 1)
+    out = value_statistics(cache.locations[keep, 2], cache.activations[keep], width, n_tokens, sample_size)
+    out["n_rows"] = torch.tensor([n_rows])
+    return out
 
 
-def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.Tensor]:
-    """latent_statistics of a whole cache, one latent split file at a time (a latent lives in one split file,
-    so each latent's statistics come from its file alone): peak memory grows with the largest split."""
-    n_tokens = reader.n_rows * (reader.ctx_len - 1)
+def cache_statistics(
+    reader: CacheReader, sample_size: int, rows: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """latent_statistics of a cache's `rows` (all by default), one latent split file at a time (a latent lives
+    in one split file, so each latent's statistics come from its file alone): peak memory grows with the
+    largest split."""
+    n_rows = reader.n_rows if rows is None else len(np.unique(rows))
+    n_tokens = n_rows * (reader.ctx_len - 1)
     parts = []
     for i, sf in enumerate(tqdm(reader.splits, desc="statistics", unit="split")):
-        latents, values = reader.latent_values(i)
+        latents, values = reader.latent_values(i, rows)
         parts.append(
             value_statistics(
                 torch.from_numpy(latents).long(),
@@ -54,6 +74,7 @@ def cache_statistics(reader: CacheReader, sample_size: int) -> dict[str, torch.T
     out["sample_offsets"] = torch.zeros(reader.width + 1, dtype=torch.long)
     out["sample_offsets"][1:] = torch.cumsum(sample_counts, 0)
     out["n_tokens"] = torch.tensor([n_tokens])
+    out["n_rows"] = torch.tensor([n_rows])
     return out
 
 
@@ -102,10 +123,12 @@ def value_statistics(
     }
 
 
-def stats_summary(stats: dict[str, torch.Tensor]) -> dict:
+def stats_summary(stats: dict[str, torch.Tensor], rows: str) -> dict:
     counts = stats["firing_count"]
     n_tokens = int(stats["n_tokens"][0])
     return {
+        "rows": rows,
+        "n_rows": int(stats["n_rows"][0]),
         "n_tokens_excluding_bos": n_tokens,
         "d_sae": int(counts.numel()),
         "mean_l0": float(counts.sum()) / max(n_tokens, 1),
@@ -118,12 +141,24 @@ def stats_summary(stats: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def save_statistics(stats_dir: Path, hookpoint: str, stats: dict[str, torch.Tensor]) -> dict:
+def save_statistics(stats_dir: Path, hookpoint: str, stats: dict[str, torch.Tensor], rows: str) -> dict:
+    """Write the statistics and their summary JSON; `rows` says which cache rows they count (`train`: the row
+    split's training rows; `all`), in both files."""
     stats_dir = Path(stats_dir)
-    atomic_save(stats_dir / f"{hookpoint}.safetensors", lambda tmp: save_file(stats, str(tmp)))
-    summary = stats_summary(stats)
+    metadata = {"rows": rows, "n_rows": str(int(stats["n_rows"][0]))}
+    atomic_save(
+        stats_dir / f"{hookpoint}.safetensors", lambda tmp: save_file(stats, str(tmp), metadata=metadata)
+    )
+    summary = stats_summary(stats, rows)
     atomic_write_json(stats_dir / f"{hookpoint}.json", summary)
     return summary
+
+
+def save_training_statistics(reader: CacheReader, stats_dir: Path, sample_size: int) -> dict:
+    """The statistics of the training rows of the cache's row split, saved (data_gen/cache_activations.py);
+    returns their summary."""
+    stats = cache_statistics(reader, sample_size, reader.row_split()["train"])
+    return save_statistics(stats_dir, reader.folder.name, stats, "train")
 
 
 def load_statistics(stats_dir: Path, hookpoint: str) -> dict[str, torch.Tensor]:

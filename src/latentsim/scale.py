@@ -2,7 +2,8 @@
 
 `write_synthetic_cache` writes what data_gen/cache_activations.py writes, through the same code: row shards
 (`write_shard`), finalised into delphi's layout (`finalise_shards`), plus a WordLevel subject tokenizer the
-cache's config names. Each token gets `l0` latents drawn with replacement from a heavy-tailed firing
+cache's config names, and the cache's row split (every row its own document: the rows are drawn
+independently). Each token gets `l0` latents drawn with replacement from a heavy-tailed firing
 distribution (a few latents fire on ~1% of tokens, most far less often; duplicates within a token are merged,
 so the L0 comes out a little under `l0`), activations exponential. No model is needed: speed and memory do not
 depend on what the latents mean.
@@ -19,7 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsim.cache import finalise_shards, remove_shards, shard_ranges, write_shard
+from latentsim.cache_reader import CacheReader
 from latentsim.io import atomic_write_json
+from latentsim.splits import ensure_row_split
 
 SYNTHETIC_WORDS = 4096  # subject vocabulary: w0 .. w4095, plus the answers a simulator tokenizer needs
 ANSWERS = ["Yes", "No", *map(str, range(10))]
@@ -96,9 +99,9 @@ def write_synthetic_cache(
         locations = np.stack(
             [a + token_index // (ctx_len - 1), 1 + token_index % (ctx_len - 1), latents], axis=1
         )
-        write_shard(
-            shard_dir, a, b, locations, rng.exponential(1.0, size=len(keys)).astype(np.float32), tokens
-        )
+        activations = rng.exponential(1.0, size=len(keys)).astype(np.float32)
+        documents = np.repeat(np.arange(a, b)[:, None], 2, axis=1)
+        write_shard(shard_dir, a, b, locations, activations, tokens, documents, 0)
     config = {
         "dataset_repo": "synthetic",
         "n_splits": n_splits,
@@ -113,6 +116,8 @@ def write_synthetic_cache(
     }
     out = finalise_shards(shard_dir, ranges, cache_dir / "latents", hookpoint, width, n_splits, config)
     remove_shards(shard_dir)
+    reader = CacheReader(cache_dir / "latents", hookpoint)
+    ensure_row_split(reader, {"validation": 0.1, "test": 0.1}, seed, group_rows=1)
     atomic_write_json(
         cache_dir / "synthetic.json",
         {"n_rows": n_rows, "ctx_len": ctx_len, "width": width, "l0": l0, "n_splits": n_splits, "seed": seed},

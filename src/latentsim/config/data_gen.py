@@ -17,42 +17,39 @@ from latentsim.config.common import (
 
 
 def check_split_fractions(args) -> None:
-    if not (
-        0 < args.validation_fraction
-        and 0 < args.test_fraction
-        and args.validation_fraction + args.test_fraction < 1
-    ):
-        _fail("test_fraction", "validation_fraction and test_fraction must be > 0 and sum below 1.")
+    """validation_fraction and test_fraction > 0, confirmation_fraction >= 0, together below 1."""
+    confirmation = getattr(args, "confirmation_fraction", 0.0)
+    shares = (args.validation_fraction, args.test_fraction, confirmation)
+    if confirmation < 0:
+        _fail("confirmation_fraction", f"must be >= 0, got {args.confirmation_fraction}.")
+    if not (0 < args.validation_fraction and 0 < args.test_fraction and sum(shares) < 1):
+        _fail(
+            "test_fraction",
+            "validation_fraction and test_fraction must be > 0 and, with confirmation_fraction, sum below 1.",
+        )
 
 
-def rows_field():
-    return field(
-        default="train",
-        metadata={
-            "help": "`train`: only the training rows of the cache's row split (seed, "
-            "validation_fraction, test_fraction as in build_dataset), so no eval context is quoted; `all`: "
-            "every row (build_dataset then refuses eval splits built on it)."
-        },
-    )
-
-
-def row_fraction_field(split: str):
-    return field(default=0.1, metadata={"help": f"`rows: train`: the row split's {split} share."})
+def split_fraction_field(help: str, default: float = 0.1):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RowChoiceArguments:
-    """Which cache rows examples may come from (explain.py, score.py): the training rows of the row split that
-    build_dataset recomputes from the same seed and fractions, or all rows."""
+    """Which cache rows examples may come from (explain.py, score.py): the training rows of the cache's row
+    split (recorded by data_gen/cache_activations.py, read by build_dataset alike), or all rows."""
 
-    rows: str = rows_field()
-    validation_fraction: float = row_fraction_field("validation")
-    test_fraction: float = row_fraction_field("test")
+    rows: str = field(
+        default="train",
+        metadata={
+            "help": "`train`: only the training rows of the cache's row split (cache_activations.py "
+            "records it), so no eval context is quoted; `all`: every row (build_dataset then refuses eval "
+            "splits built on it)."
+        },
+    )
 
     def check_row_choice(self) -> None:
         if self.rows not in ("train", "all"):
             _fail("rows", f"{self.rows!r} is not `train` (the row split's training rows) or `all`.")
-        check_split_fractions(self)
 
 
 @dataclass
@@ -95,9 +92,25 @@ class CacheArguments(OutputArguments):
         default=2048,
         metadata={"help": "Max non-zero activations kept per latent (sorted) for quantile statistics."},
     )
+    # The row split every later stage reads (latentsim.splits): whole documents, seeded by the corpus seed.
+    validation_fraction: float = split_fraction_field("Share of the rows (whole documents) for validation.")
+    test_fraction: float = split_fraction_field("Share of the rows (whole documents) for test.")
+    confirmation_fraction: float = split_fraction_field(
+        "Share of the rows (whole documents) for the locked confirmation split (0: none).", 0.0
+    )
+    split_group_rows: int = field(
+        default=8,
+        metadata={
+            "help": "Rows sharing documents are split in groups cut after about this many rows, at a row "
+            "holding a document's end (left out of every split when its two sides land in different ones)."
+        },
+    )
 
     def __post_init__(self):
-        _require_positive(self, "batch_size", "shard_rows", "n_splits", "quantile_sample_size")
+        _require_positive(
+            self, "batch_size", "shard_rows", "n_splits", "quantile_sample_size", "split_group_rows"
+        )
+        check_split_fractions(self)
 
 
 @dataclass
@@ -386,10 +399,9 @@ class DatasetArguments:
             "help": "`latents`: splits disjoint in latents and rows; `contexts`: disjoint in rows only."
         },
     )
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Share of latents/rows for validation."}
-    )
-    test_fraction: float = field(default=0.1, metadata={"help": "Share of latents/rows for test."})
+    # The latent split (`latents` mode; the rows are always the cache's row split): twins kept on one side.
+    validation_fraction: float = split_fraction_field("Share of the explained latents for validation.")
+    test_fraction: float = split_fraction_field("Share of the explained latents for test.")
     simulator_tokenizer: str = field(
         default="embedded:smollm2-135m",
         metadata={"help": "Tokenizer whose answers must be single tokens (checked)."},
