@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from latentsim import rewrite
 from latentsim.cli import run
 from latentsim.config import PatchArguments
+from latentsim.confirmation import record_look
 from latentsim.eval_set import EvalSet, context_row_position
 from latentsim.io import atomic_save, read_results, require_same_config, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
@@ -86,6 +87,7 @@ def main(args: PatchArguments) -> dict:
     )
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "patch_kl", {"patch": args}, args.seed)
+    look = record_look(eval_set.path, "patch_kl", out, sorted(sims)) if args.confirm else None
     tokens = eval_set.tokens
     mean_vec = rewrite.mean_contribution(model, tokens, eval_set.layer, args.mean_contexts, device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -123,6 +125,7 @@ def main(args: PatchArguments) -> dict:
     result = {
         "eval_set": str(eval_set.path),
         "split": args.split,
+        "confirmation_look": look,  # latentsim.confirmation
         "hookpoint": eval_set.hookpoint,
         "n_contexts": len(contexts),
         "kl_direction": "KL(p_clean || p_patched), nats",

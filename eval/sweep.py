@@ -17,6 +17,7 @@ from pathlib import Path
 
 from latentsim.cli import run
 from latentsim.config import EvalArguments
+from latentsim.confirmation import record_look
 from latentsim.distributed import Ranks
 from latentsim.eval_set import EvalSet
 from latentsim.interpretation_scores import load_scores
@@ -67,6 +68,11 @@ def main(args: EvalArguments, api=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         write_run_config(root, "eval_sweep", {"eval": args}, args.seed)
+    look = (  # every read of the locked confirmation split is recorded (latentsim.confirmation)
+        record_look(eval_set.path, "eval_sweep", root, [s.name for s in sims])
+        if args.confirm and ranks.is_main
+        else None
+    )
     sizes = ", ".join(
         f"{s}: {len(d)} judgments, {d.context_id.nunique()} contexts" for s, d in splits.items()
     )
@@ -148,7 +154,7 @@ def main(args: EvalArguments, api=None) -> None:
             args.seed,
             by="latent" if eval_set.latent_major else "context_id",
         )
-    write_summary(root, eval_set, args.eval_split, rows, width, l0, l0_source)
+    write_summary(root, eval_set, args.eval_split, rows, width, l0, l0_source, look)
     print(f"[sweep] {len(rows)} simulators: {root / 'summary.md'} (every metric: */results.json)")
 
 

@@ -292,10 +292,18 @@ SUMMARY_FILE = "summary.json"
 
 
 def write_summary(
-    root: Path, eval_set: EvalSet, split: str, rows: list[dict], width: int, l0: float, l0_source: str
+    root: Path,
+    eval_set: EvalSet,
+    split: str,
+    rows: list[dict],
+    width: int,
+    l0: float,
+    l0_source: str,
+    confirmation_look: dict | None = None,
 ) -> None:
-    """The sweep's summary.json (its rows, the judged dictionary and the split its L0 target was read from)
-    and summary.md (their table)."""
+    """The sweep's summary.json (its rows, the judged dictionary, the split its L0 target was read from and,
+    on the confirmation split, which look at it this is: latentsim.confirmation) and summary.md (their
+    table)."""
     from latentsim.io import atomic_write_text
 
     atomic_write_json(
@@ -308,6 +316,8 @@ def write_summary(
             "judged_width": width,
             "l0": l0,
             "l0_source": l0_source,
+            "split": split,
+            "confirmation_look": confirmation_look,
             "rows": rows,
         },
     )
@@ -315,7 +325,7 @@ def write_summary(
         Path(root) / "summary.md",
         f"# {eval_set.name} ({eval_set.prompt_format}, split {split})\n\n"
         f"{'Per-latent' if eval_set.latent_major else 'Per-context'} medians unless marked pooled. "
-        f"{l0_sentence(l0, l0_source, split)}\n\n" + markdown_table(rows),
+        f"{l0_sentence(l0, l0_source, split)}{look_sentence(confirmation_look)}\n\n" + markdown_table(rows),
     )
 
 
@@ -323,6 +333,18 @@ def l0_sentence(l0: float, source: str, eval_split: str) -> str:
     """Where the L0 target came from, as the summary and the report say it."""
     caveat = " (no calibration split: the split reported on chose it)" if source == eval_split else ""
     return f"L0 target {l0:.2f} explained latents per judged token, from the {source} split{caveat}."
+
+
+def look_sentence(look: dict | None) -> str:
+    """Which read of the locked confirmation split a sweep is (nothing for another split)."""
+    if not look:
+        return ""
+    first = look["first"]
+    return f" Confirmation split: look {look['look']} of {look['looks']}" + (
+        " (the confirmation)."
+        if look["look"] == 1
+        else f"; the first was {first['stage']} of {', '.join(first['simulators'])}: not a confirmation."
+    )
 
 
 def read_summary(root: str | Path) -> dict | None:

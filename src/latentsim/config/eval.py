@@ -17,6 +17,7 @@ from latentsim.config.common import (
     device_field,
     dtype_field,
 )
+from latentsim.confirmation import CONFIRMATION_SPLIT, require_confirm
 
 BASELINE_KEYS = ("name", "model", "shots", "score", "interpretations", "tensor_parallel_size", "control")
 
@@ -126,6 +127,13 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
         metadata={"help": "A build_dataset folder (test + validation splits) of held-out latents."},
     )
     eval_split: str = field(default="test", metadata={"help": "The split the metrics are reported on."})
+    confirm: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the locked `confirmation` split (eval_split: confirmation): once, for the final "
+            "recipe; every read is recorded (latentsim.confirmation)."
+        },
+    )
     calibration_split: str | None = field(
         default="validation",
         metadata={"help": "Split for temperature scaling and the L0-matched threshold (null: none)."},
@@ -216,6 +224,9 @@ class EvalArguments(RunArguments, VLLMEngineArguments):
                 "calibration_split",
                 "must differ from eval_split (a temperature fitted on the test split is not a result).",
             )
+        require_confirm(self.eval_split, self.confirm, "eval_split")
+        if self.calibration_split == CONFIRMATION_SPLIT:
+            _fail("calibration_split", "the confirmation split is never a calibration split.")
 
 
 def check_thresholds(thresholds: list[str]) -> None:
@@ -239,6 +250,10 @@ class PatchArguments(RunArguments):
         default="", metadata={"help": "The binary eval set eval/sweep.py scored (build_dataset folder)."}
     )
     split: str = field(default="test", metadata={"help": "Its split."})
+    confirm: bool = field(
+        default=False,
+        metadata={"help": "Patch on the locked `confirmation` split (split: confirmation; recorded)."},
+    )
     sweep_dir: str | None = field(
         default=None,
         metadata={
@@ -297,6 +312,7 @@ class PatchArguments(RunArguments):
                 "give the binary eval set (data_gen/build_dataset.py, configs/data/eval_quantiles.yaml).",
             )
         check_thresholds(self.thresholds)
+        require_confirm(self.split, self.confirm, "split")
         if bad := set(self.values) - {"oracle", "median", "predicted"}:
             _fail("values", f"{sorted(bad)}: choose from oracle, median, predicted.")
         if "predicted" in self.values and not self.value_simulator:

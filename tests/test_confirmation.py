@@ -1,0 +1,71 @@
+"""The locked confirmation split: refused unless confirmed, every read recorded, a later look marked."""
+
+import json
+import shutil
+
+import pytest
+from helpers import build_eval_set, load_script, make_explained_cache
+
+from latentsim.config import EvalArguments, PatchArguments
+from latentsim.confirmation import LOOKS_FILE, read_looks, record_look
+from latentsim.errors import ConfigError
+
+
+def test_the_confirmation_split_needs_confirm(tmp_path):
+    prior = ["model=prior"]
+    with pytest.raises(ConfigError, match="`eval_split`: the confirmation split is locked"):
+        EvalArguments(eval_set=str(tmp_path), eval_split="confirmation", baselines=prior)
+    with pytest.raises(ConfigError, match="`confirm`"):
+        EvalArguments(eval_set=str(tmp_path), confirm=True, baselines=prior)  # on the test split
+    with pytest.raises(ConfigError, match="`calibration_split`"):
+        EvalArguments(eval_set=str(tmp_path), calibration_split="confirmation", baselines=prior)
+    EvalArguments(eval_set=str(tmp_path), eval_split="confirmation", confirm=True, baselines=prior)
+    with pytest.raises(ConfigError, match="`split`: the confirmation split is locked"):
+        PatchArguments(eval_set=str(tmp_path), split="confirmation")
+    PatchArguments(eval_set=str(tmp_path), split="confirmation", confirm=True)
+
+
+def test_a_look_is_recorded_once_and_a_second_one_is_marked(tmp_path, capsys):
+    first = record_look(tmp_path, "eval_sweep", tmp_path / "out", ["b", "a"])
+    assert first["look"] == 1 and first["looks"] == 1 and first["first"]["simulators"] == ["a", "b"]
+    again = record_look(tmp_path, "eval_sweep", tmp_path / "out", ["a", "b"])  # a resumed run: the same look
+    assert again["look"] == 1 and len(read_looks(tmp_path)) == 1
+    assert "warning" not in capsys.readouterr().out
+    second = record_look(tmp_path, "eval_sweep", tmp_path / "out", ["a", "b", "c"])
+    assert second["look"] == 2 and second["looks"] == 2 and second["first"] == read_looks(tmp_path)[0]
+    assert "look 2 at the confirmation split" in capsys.readouterr().out
+
+
+def test_a_sweep_on_the_confirmation_split_records_its_look(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    make_explained_cache(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    eval_set = build_eval_set(tmp_path, tiny_model_dir)
+    # A stand-in confirmation split (build_dataset writes one with confirmation_fraction > 0).
+    shutil.copy(eval_set / "test.parquet", eval_set / "confirmation.parquet")
+    sweep = load_script("eval/sweep.py").main
+    out = tmp_path / "eval"
+
+    def run(baselines):
+        sweep(
+            EvalArguments(
+                eval_set=str(eval_set),
+                eval_split="confirmation",
+                confirm=True,
+                output_dir=str(out),
+                baselines=baselines,
+            )
+        )
+        return json.loads((out / eval_set.name / "summary.json").read_text())
+
+    summary = run(["model=prior"])
+    assert summary["split"] == "confirmation" and summary["confirmation_look"]["look"] == 1
+    assert "look 1 of 1 (the confirmation)" in (out / eval_set.name / "summary.md").read_text()
+    assert run(["model=prior"])["confirmation_look"]["look"] == 1  # rerun: skipped, the same look
+    later = run(["model=prior", "model=string_match"])
+    assert later["confirmation_look"] | {"first": None} == {"look": 2, "looks": 2, "first": None}
+    assert "not a confirmation" in (out / eval_set.name / "summary.md").read_text()
+    assert [look["simulators"] for look in json.loads((eval_set / LOOKS_FILE).read_text())] == [
+        ["baseline__prior"],
+        ["baseline__prior", "baseline__string_match"],
+    ]
