@@ -469,6 +469,15 @@ CASES = [
         ],
     ),
     case(
+        "whole_layer-unknown-reference",
+        "eval/whole_layer.py",
+        "references",
+        lambda p: [
+            "--config",
+            p.recipe("eval/whole_layer_quickstart.yaml", references=["lexicon"], output_dir=p.out),
+        ],
+    ),
+    case(
         "generate-bad-source",
         "eval/generate.py",
         "sources",
@@ -483,15 +492,6 @@ CASES = [
         "generate-missing-eval-set",
         "eval/generate.py",
         "no_eval_set",
-    case(
-        "whole_layer-unknown-reference",
-        "eval/whole_layer.py",
-        "references",
-        lambda p: [
-            "--config",
-            p.recipe("eval/whole_layer_quickstart.yaml", references=["lexicon"], output_dir=p.out),
-        ],
-    ),
         lambda p: [
             "--config",
             p.recipe("eval/generate_quickstart.yaml", eval_set=p.missing("no_eval_set"), output_dir=p.out),
