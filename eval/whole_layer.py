@@ -29,6 +29,7 @@ import torch
 from latentsim import whole_layer
 from latentsim.cli import run
 from latentsim.config import WholeLayerArguments
+from latentsim.confirmation import record_look
 from latentsim.errors import ConfigError
 from latentsim.eval_set import EvalSet
 from latentsim.held_out import training_rows_and_latents
@@ -68,6 +69,8 @@ def main(args: WholeLayerArguments) -> dict:
     explained = sorted(interpretations)
 
     out.mkdir(parents=True, exist_ok=True)
+    names = [sim.name, *args.references]
+    look = record_look(eval_set.path, "whole_layer", out, names) if args.confirm else None
     write_run_config(out, "whole_layer", {"whole_layer": args}, args.seed)
     subject, subject_tok = load_model_and_tokenizer(
         eval_set.subject_model, dtype=args.dtype, device=args.device
@@ -121,6 +124,7 @@ def main(args: WholeLayerArguments) -> dict:
         "prompt_format": sim.prompt_format or "sim_v1",
         "hookpoint": eval_set.hookpoint,
         "split": args.split,
+        "confirmation_look": look,  # latentsim.confirmation
         "rows": rows,
         "calibration_rows": calibration,
         "tokens_per_text": args.tokens,

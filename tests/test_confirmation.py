@@ -6,7 +6,7 @@ import shutil
 import pytest
 from helpers import build_eval_set, load_script, make_explained_cache
 
-from latentsim.config import EvalArguments, PatchArguments
+from latentsim.config import EvalArguments, PatchArguments, WholeLayerArguments
 from latentsim.confirmation import LOOKS_FILE, read_looks, record_look
 from latentsim.errors import ConfigError
 
@@ -23,6 +23,10 @@ def test_the_confirmation_split_needs_confirm(tmp_path):
     with pytest.raises(ConfigError, match="`split`: the confirmation split is locked"):
         PatchArguments(eval_set=str(tmp_path), split="confirmation")
     PatchArguments(eval_set=str(tmp_path), split="confirmation", confirm=True)
+    whole_layer = dict(eval_set=str(tmp_path), output_dir=str(tmp_path), baseline="name=zero-shot")
+    with pytest.raises(ConfigError, match="`split`: the confirmation split is locked"):
+        WholeLayerArguments(**whole_layer, split="confirmation")
+    WholeLayerArguments(**whole_layer, split="confirmation", confirm=True)
 
 
 def test_a_look_is_recorded_once_and_a_second_one_is_marked(tmp_path, capsys):

@@ -380,6 +380,10 @@ class WholeLayerArguments(RunArguments):
         default="test",
         metadata={"help": "The rows the texts come from (never the simulator's training rows)."},
     )
+    confirm: bool = field(
+        default=False,
+        metadata={"help": "Texts from the locked `confirmation` split (split: confirmation; recorded)."},
+    )
     texts: int = field(default=2, metadata={"help": "Held-out texts (cache rows) judged and patched."})
     tokens: int = field(
         default=64, metadata={"help": "Positions per text (1..tokens of its row; BOS is never encoded)."}
@@ -434,6 +438,7 @@ class WholeLayerArguments(RunArguments):
         ):
             if not getattr(self, key):
                 _fail(key, f"{fix}.")
+        require_confirm(self.split, self.confirm, "split")
         if bool(self.simulator) == bool(self.baseline):
             _fail(
                 "simulator",
@@ -470,8 +475,11 @@ class WholeLayerArguments(RunArguments):
             _fail("thresholds", "give at least one.")
         if not self.values or set(self.values) - {"oracle", "median"}:
             _fail("values", f"{self.values}: choose from oracle, median.")
-        if self.split not in ("validation", "test"):
-            _fail("split", f"{self.split!r}: texts come from held-out rows, `validation` or `test`.")
+        if self.split not in ("validation", "test", CONFIRMATION_SPLIT):
+            _fail(
+                "split",
+                f"{self.split!r}: texts come from held-out rows, `validation`, `test` or `confirmation`.",
+            )
 
 
 @dataclass
