@@ -4,10 +4,12 @@
 
 Writes `<output_dir>/{train,validation,test}.parquet` (TRL conversational prompt-completion rows plus metadata
 columns: latent, row, position, the marked context, labels, the token's active count in the whole SAE,
-interpretation source) and a README.md dataset card. Splits are disjoint
-in latents and rows (`split_mode: latents`) or in rows only (`contexts`); the rows are the cache's row split
-(whole documents, recorded by data_gen/cache_activations.py). Same config + seed: identical bytes.
-An interpretation set made from any eval row is refused (it could quote the judged context).
+interpretation source) and a README.md dataset card. Splits are disjoint in latents and rows (`split_mode:
+latents`; twin latents on one side) or in rows only (`contexts`); the rows are the cache's row split (whole
+documents, recorded by data_gen/cache_activations.py). With `confirmation_fraction` > 0 (exactly when the
+cache keeps confirmation rows) also `confirmation.parquet`: the locked confirmation latents x confirmation
+rows, in no other split. Same config + seed: identical bytes. An interpretation set made from any eval row is
+refused (it could quote the judged context).
 """
 
 from pathlib import Path
@@ -20,14 +22,14 @@ from latentsim.cache_reader import CacheReader
 from latentsim.cli import run
 from latentsim.config import DatasetArguments
 from latentsim.dataset import (
-    SPLITS,
     BuildInputs,
     BuildReport,
     build_split,
     dataset_card,
+    dataset_pools,
+    dataset_splits,
     explained_latents,
     negative_sampling_summary,
-    split_pools,
     split_summary,
     subsample_rows,
 )
@@ -54,16 +56,17 @@ def main(args: DatasetArguments, api=None) -> None:
     # One generator for everything, drawn from in a fixed order (splits, then each split's rows): same bytes.
     rng = np.random.default_rng(args.seed)
     explained = explained_latents(interpretations, scores)
-    latent_splits, row_splits = split_pools(explained, cache.row_split(), args, rng)
-    interpretation_rows = refuse_eval_rows(
-        args.interpretations, np.concatenate([row_splits["validation"], row_splits["test"]]), cache.n_rows
-    )
+    latent_splits, row_splits, twins = dataset_pools(explained, cache, interpretations, args, rng)
+    eval_rows = np.concatenate([rows for split, rows in row_splits.items() if split != "train"])
+    interpretation_rows = refuse_eval_rows(args.interpretations, eval_rows, cache.n_rows)
     row_splits = subsample_rows(row_splits, args.max_rows_per_split, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "build_dataset", {"dataset": args}, args.seed)
     inputs = BuildInputs.load(args, cache, interpretations, scores, stats, explained)
     report, split_stats = BuildReport(), {}
-    for split in SPLITS:
+    if "confirmation" not in row_splits:  # a confirmation split of an earlier build is not this one's
+        (out / "confirmation.parquet").unlink(missing_ok=True)
+    for split in dataset_splits(args):
         rows = build_split(split, row_splits[split], latent_splits[split], inputs, args, rng, report)
         table = pa.Table.from_pylist(rows)
         atomic_save(out / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, tmp))
@@ -81,6 +84,7 @@ def main(args: DatasetArguments, api=None) -> None:
         "candidates": args.candidates,
         "interpretation_rows": interpretation_rows,
         "row_split": {k: v for k, v in cache.row_split_record().items() if k != "row_ids"},
+        "latent_twins": twins,
         **(
             {
                 "contexts_per_latent": args.contexts_per_latent,

@@ -174,6 +174,138 @@ def test_every_stage_reads_the_caches_row_split(built, tiny_model_dir, tmp_path)
     assert {r["row"] for r in data["train"]} & set(split["test"].tolist())
 
 
+def token_lists(names: dict[int, str]) -> dict[str, str]:
+    """External token-list interpretations {latent: text} of the 64 latents (`names` instead of w<latent>)."""
+    return {str(lat): f'the token "{names.get(lat, f"w{lat}")}", as in "...a cat"' for lat in range(64)}
+
+
+def test_latent_twins_are_kept_on_one_side(built, tiny_model_dir, tiny_sae_dir, tmp_path):
+    """Latents 5 and 40 get decoders at cosine 0.95, latents 9 and 33 the same first named token: in every
+    latent split they share a side, and dataset_stats.json and the card count them."""
+    import shutil
+
+    from safetensors.torch import load_file as load_tensors
+    from safetensors.torch import save_file as save_tensors
+
+    from latentsim.dataset import dataset_pools
+    from latentsim.explain import load_interpretations
+
+    shutil.copytree(tiny_sae_dir, tmp_path / "sae")
+    weights = load_tensors(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    w = weights["W_dec"]
+    other = torch.nn.functional.normalize(w[41] - (w[41] @ w[5]) / (w[5] @ w[5]) * w[5], dim=0)
+    w[40] = (0.95 * w[5] / w[5].norm() + (1 - 0.95**2) ** 0.5 * other) * w[40].norm()
+    save_tensors(weights, str(tmp_path / "sae" / "sae_weights.safetensors"))
+    shutil.copytree(built / "cache", tmp_path / "cache")
+    config_path = tmp_path / "cache" / "latents" / HOOK / "config.json"
+    config = json.loads(config_path.read_text())
+    config["latentsim"]["sae"]["sae_path"] = str(tmp_path / "sae")
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "twins.json").write_text(json.dumps(token_lists({9: "cat", 33: "cat"})))
+
+    args = DatasetArguments(
+        cache_dir=str(tmp_path / "cache"),
+        hookpoint=HOOK,
+        interpretations=[str(tmp_path / "twins.json")],
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        output_dir=str(tmp_path / "twins"),
+    )
+    reader = CacheReader(tmp_path / "cache" / "latents", HOOK)
+    interpretations = [load_interpretations(tmp_path / "twins.json", HOOK, 64)]
+    explained = np.arange(64)
+    for seed in range(12):
+        pools = dataset_pools(explained, reader, interpretations, args, np.random.default_rng(seed))[0]
+        side = {int(lat): s for s, latents in pools.items() for lat in latents}
+        assert side[5] == side[40] and side[9] == side[33], seed
+    build(
+        built,
+        tiny_model_dir,
+        "twins",
+        cache_dir=str(tmp_path / "cache"),
+        interpretations=args.interpretations,
+    )
+    stats = json.loads((built / "twins" / "dataset_stats.json").read_text())
+    assert stats["latent_twins"] == {
+        "decoder_cosine": 0.9,
+        "decoder_pairs": 1,
+        "token_head_pairs": 1,
+        "groups": 2,
+        "latents_in_groups": 4,
+        "largest_group": 2,
+    }
+    assert (
+        "1 decoder pairs, 1 token-head pairs, 2 groups of 4 latents"
+        in (built / "twins" / "README.md").read_text()
+    )
+
+
+def test_confirmation_split_is_locked(built, tiny_model_dir, tmp_path):
+    """A cache with confirmation rows: every dataset built on it needs a confirmation share, writes
+    confirmation.parquet (its latents x the confirmation rows), and no other split holds any of them; a
+    simulator trained on a confirmation latent is refused there even with allow_seen_latents."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from latentsim.errors import BadInputError
+    from latentsim.eval_set import EvalSet
+    from latentsim.held_out import refuse_seen
+    from latentsim.splits import ensure_row_split
+
+    shutil.copytree(built / "cache", tmp_path / "cache")
+    reader = CacheReader(tmp_path / "cache" / "latents", HOOK)
+    ensure_row_split(reader, {"validation": 0.1, "test": 0.1, "confirmation": 0.15}, 5, 2)
+    rows = reader.row_split()
+    assert 0 < len(rows["confirmation"]) <= round(60 * 0.15)
+    (tmp_path / "lists.json").write_text(json.dumps(token_lists({})))
+    common = dict(cache_dir=str(tmp_path / "cache"), interpretations=[str(tmp_path / "lists.json")])
+    with pytest.raises(ConfigError, match="`confirmation_fraction`: the cache keeps .* confirmation rows"):
+        build(built, tiny_model_dir, "no_share", **common)
+    with pytest.raises(ConfigError, match="`confirmation_fraction`: the cache keeps no confirmation rows"):
+        build(
+            built,
+            tiny_model_dir,
+            "no_rows",
+            interpretations=common["interpretations"],
+            confirmation_fraction=0.1,
+        )
+
+    build(built, tiny_model_dir, "locked", **common, confirmation_fraction=0.15)
+    folder = built / "locked"
+    frames = {
+        s: pd.read_parquet(folder / f"{s}.parquet") for s in ("train", "validation", "test", "confirmation")
+    }
+    locked = frames.pop("confirmation")
+    assert len(locked) and set(locked["row"]) <= set(rows["confirmation"].tolist())
+    for split, df in frames.items():
+        assert not set(df["latent"]) & set(locked["latent"]), split
+        assert not set(df["row"]) & set(locked["row"]), split
+    stats = json.loads((folder / "dataset_stats.json").read_text())
+    assert list(stats["splits"]) == ["train", "validation", "test", "confirmation"]
+    assert stats["splits"]["confirmation"]["latent_pool"] == round(64 * 0.15)
+    assert "path: confirmation.parquet" in (folder / "README.md").read_text()
+    assert len(EvalSet.open(folder).split("confirmation")) == len(locked)
+    contexts = build(
+        built, tiny_model_dir, "locked_contexts", **common, confirmation_fraction=0.15, split_mode="contexts"
+    )
+    assert {r["latent"] for r in contexts["train"]} & {r["latent"] for r in contexts["test"]}
+    assert not {r["latent"] for r in contexts["train"]} & set(locked["latent"])
+
+    # held_out: a simulator trained on this dataset meets no confirmation row or latent; one that met a
+    # confirmation latent is refused there, even where training latents are allowed elsewhere.
+    sim = SimpleNamespace(name="sim", train_datasets=[str(folder)])
+    eval_set = SimpleNamespace(cache_dir=str(tmp_path / "cache"), hookpoint=HOOK)
+    refuse_seen(sim, eval_set, {"confirmation": locked}, allow_seen_latents=False)
+    seen = locked.assign(latent=int(frames["train"]["latent"].iloc[0]))
+    refuse_seen(sim, eval_set, {"test": seen}, allow_seen_latents=True)
+    with pytest.raises(
+        BadInputError, match="trained on 1 latents of the eval set's confirmation split.*allows none"
+    ):
+        refuse_seen(sim, eval_set, {"confirmation": seen}, allow_seen_latents=True)
+
+
 def test_positive_selection_and_negative_ratio(built, tiny_model_dir):
     top = build(built, tiny_model_dir, "top1", positives="top_k", top_k=1, negatives_per_positive=3.0)[
         "train"

@@ -6,7 +6,9 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from helpers import WORDS, load_script, make_cache
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from latentsim.cache_reader import CacheReader
@@ -15,7 +17,7 @@ from latentsim.corpus import corpus_rows
 from latentsim.errors import ConfigError
 from latentsim.io import sha256_file
 from latentsim.latent_stats import load_statistics
-from latentsim.splits import row_groups, split_groups, split_rows
+from latentsim.splits import latent_twins, row_groups, split_groups, split_rows
 
 HOOK = "layers.1"
 
@@ -155,6 +157,8 @@ def test_statistics_come_from_the_training_rows_only(tmp_path, tiny_model_dir, t
     before = load_statistics(tmp_path / "stats", HOOK)
     summary = json.loads((tmp_path / "stats" / f"{HOOK}.json").read_text())
     assert summary["rows"] == "train" and summary["n_rows"] == len(splits["train"])
+    with safe_open(str(tmp_path / "stats" / f"{HOOK}.safetensors"), "np") as f:
+        assert f.metadata() == {"rows": "train"}
     assert summary["n_tokens_excluding_bos"] == len(splits["train"]) * (reader.ctx_len - 1)
     eval_rows = np.concatenate([splits["validation"], splits["test"]])
     after_eval = statistics_after(eval_rows, 3.0)
@@ -177,3 +181,41 @@ def test_a_finished_cache_is_split_again_when_only_its_split_keys_change(
     assert after["test_fraction"] == 0.3 and len(after["row_ids"]["test"]) > len(before["test"])
     stats = json.loads((tmp_path / "stats" / f"{HOOK}.json").read_text())
     assert stats["n_rows"] == len(after["row_ids"]["train"])
+
+
+def token_list(name: str) -> str:
+    return f'the token "{name}", as in "...a {name}"'
+
+
+def test_twins_by_decoder_cosine_and_token_head_share_a_split():
+    """Two latents with decoders at cosine 0.95 and two naming the same first token are joined (with each
+    other's twins, transitively) and always land in one split, whatever the seed."""
+    gen = torch.Generator().manual_seed(0)
+    w_dec = torch.nn.functional.normalize(torch.randn(200, 64, generator=gen), dim=1)
+    orthogonal = torch.nn.functional.normalize(w_dec[41] - (w_dec[41] @ w_dec[5]) * w_dec[5], dim=0)
+    w_dec[40] = 0.95 * w_dec[5] + (1 - 0.95**2) ** 0.5 * orthogonal  # cosine 0.95 with latent 5
+    explained = np.sort(np.r_[np.arange(1, 200, 2), [40]])  # the odd latents and 40 (5's twin)
+    plain = {int(lat): token_list(f"w{lat}") for lat in explained}
+    plain[9], plain[77] = token_list("cat"), 'the token "cat" (also "dog"), as in "...the cat"'
+    plain[11] = "Commas in Python lists"  # free text: no head
+    rich = {7: token_list("dog"), 77: token_list("dog"), 9: token_list("mat")}  # a second set: 7 ~ 77 there
+    groups, record = latent_twins(explained, [plain, rich], w_dec)
+    index = {int(lat): i for i, lat in enumerate(explained)}
+    assert groups[index[5]] == groups[index[40]]
+    assert groups[index[9]] == groups[index[77]] == groups[index[7]]
+    assert len(np.unique(groups)) == len(explained) - 3
+    assert record == {
+        "decoder_cosine": 0.9,
+        "decoder_pairs": 1,
+        "token_head_pairs": 2,  # (9, 77) in the plain set, (7, 77) in the second
+        "groups": 2,
+        "latents_in_groups": 5,
+        "largest_group": 3,
+    }
+    fractions = {"validation": 0.2, "test": 0.2, "confirmation": 0.2}
+    for seed in range(20):
+        parts = split_groups(groups, fractions, np.random.default_rng(seed))
+        split_of = {int(explained[i]): s for s, members in parts.items() for i in members}
+        assert split_of[5] == split_of[40] and split_of[9] == split_of[77] == split_of[7], seed
+    without_decoders = latent_twins(explained, [plain], None)[1]
+    assert without_decoders["decoder_pairs"] is None and without_decoders["token_head_pairs"] == 1

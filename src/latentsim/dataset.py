@@ -4,8 +4,10 @@ A context is a window of subject tokens ending at a sampled position of a cache 
 position 0); its last token is judged. Its labels come straight from the cache (latent ids are global: the
 cache loader adds each delphi split's start back, the offset the seed forgot). Splits never leak: their rows
 are the cache's row split (whole documents: latentsim.splits, recorded by data_gen/cache_activations.py, never
-recomputed here), and in `latents` mode train / validation / test also hold disjoint latents; in `contexts`
-mode only the rows are disjoint.
+recomputed here), and in `latents` mode train / validation / test also hold disjoint latents, twins
+(latentsim.splits.latent_twins) always on one side; in `contexts` mode only the rows are disjoint. With
+`confirmation_fraction` > 0 a fourth, locked split, confirmation (its latents x the cache's confirmation
+rows), holds latents and rows that no other split has, in either mode.
 
 data_gen/build_dataset.py reads its inputs, then for each split: `build_split` (its rows), `split_summary`;
 last `dataset_card`. One seeded generator is shared by the splits in order, so a config and seed give the same
@@ -34,7 +36,7 @@ from latentsim.errors import ConfigError
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
 from latentsim.sae import load_sae
 from latentsim.simulators.reference import FIRING_RATE_FLOOR
-from latentsim.splits import describe_row_split, split_groups
+from latentsim.splits import describe_row_split, empty_splits, latent_twins, split_groups
 
 SPLITS = ("train", "validation", "test")
 # Non-zeros held in memory while building (a chunk of a split's rows, token-major): ~1 GB at 16M.
@@ -71,19 +73,84 @@ def explained_latents(interpretations: list[dict[int, str]], scores: dict[int, f
     return explained
 
 
+def dataset_splits(args: DatasetArguments) -> tuple[str, ...]:
+    """The splits a dataset is built with: train, validation, test, and confirmation when it has a share."""
+    return SPLITS + (("confirmation",) if args.confirmation_fraction > 0 else ())
+
+
+def cache_decoder(cache: CacheReader, hookpoint: str) -> torch.Tensor | None:
+    """W_dec of the SAE the cache records (None for a cache that records none, as delphi's)."""
+    sae_info = cache.config.get("latentsim", {}).get("sae")
+    return load_sae(SAEArguments(hookpoint=hookpoint, **sae_info)).W_dec.detach() if sae_info else None
+
+
+def check_confirmation(args: DatasetArguments, row_split: dict[str, np.ndarray]) -> None:
+    """A confirmation share exactly when the cache keeps confirmation rows: its locked latents must be held
+    out of every dataset built on those rows, and it cannot exist without them."""
+    n_rows = len(row_split.get("confirmation", ()))
+    if n_rows and not args.confirmation_fraction:
+        raise ConfigError(
+            f"config key `confirmation_fraction`: the cache keeps {n_rows} confirmation rows, so every "
+            "dataset built on it holds confirmation latents out; set confirmation_fraction > 0 (the same "
+            "share and seed in every dataset of this cache), or re-split the cache with "
+            "confirmation_fraction: 0."
+        )
+    if args.confirmation_fraction and not n_rows:
+        raise ConfigError(
+            "config key `confirmation_fraction`: the cache keeps no confirmation rows; rerun "
+            "data_gen/cache_activations.py with confirmation_fraction > 0 (only its split and statistics are "
+            "redone), or set confirmation_fraction: 0."
+        )
+
+
 def split_pools(
-    explained: np.ndarray, row_split: dict[str, np.ndarray], args: DatasetArguments, rng: np.random.Generator
+    explained: np.ndarray,
+    row_split: dict[str, np.ndarray],
+    args: DatasetArguments,
+    rng: np.random.Generator,
+    twin_groups: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({split: its latents}, {split: its cache rows}): disjoint latents in `latents` mode (every split sees
-    all explained latents in `contexts` mode); the rows are the cache's row split (`row_split`,
+    """({split: its latents}, {split: its cache rows}) for dataset_splits(args). Latents are split by
+    `twin_groups` (latentsim.splits.latent_twins; None: every latent its own group): disjoint in `latents`
+    mode; in `contexts` mode train / validation / test share the explained latents less the confirmation
+    ones, which are the same in both modes (one draw). The rows are the cache's row split (`row_split`,
     CacheReader.row_split)."""
-    if args.split_mode == "latents":
-        fractions = {"validation": args.validation_fraction, "test": args.test_fraction}
-        parts = split_groups(np.arange(len(explained)), fractions, rng)
-        latent_splits = {s: explained[parts[s]] for s in SPLITS}
-    else:
-        latent_splits = {s: explained for s in SPLITS}
-    return latent_splits, {s: row_split[s] for s in SPLITS}
+    check_confirmation(args, row_split)
+    groups = np.arange(len(explained)) if twin_groups is None else twin_groups
+    names = dataset_splits(args)
+    if args.split_mode == "contexts" and not args.confirmation_fraction:
+        return {s: explained for s in SPLITS}, {s: row_split[s] for s in names}
+    fractions = {
+        "validation": args.validation_fraction,
+        "test": args.test_fraction,
+        "confirmation": args.confirmation_fraction,
+    }
+    parts = split_groups(groups, fractions, rng)
+    if empty := empty_splits(parts, fractions):
+        raise ConfigError(
+            f"config keys `validation_fraction`/`test_fraction`: the {len(explained)} explained "
+            f"latents ({len(np.unique(groups))} twin groups) leave the {', '.join(empty)} split(s) "
+            "empty; explain more latents or change the fractions."
+        )
+    latent_splits = {s: explained[parts[s]] for s in names}
+    if args.split_mode == "contexts":
+        shared = np.setdiff1d(explained, latent_splits["confirmation"])
+        latent_splits.update({s: shared for s in SPLITS})
+    return latent_splits, {s: row_split[s] for s in names}
+
+
+def dataset_pools(
+    explained: np.ndarray,
+    cache: CacheReader,
+    interpretations: list[dict[int, str]],
+    args: DatasetArguments,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """split_pools over the latents' twin groups (the decoders of the cache's SAE, the token-list heads of
+    `interpretations`) and the cache's row split; also the twins' record for dataset_stats.json."""
+    groups, twins = latent_twins(explained, interpretations, cache_decoder(cache, args.hookpoint))
+    latent_splits, row_splits = split_pools(explained, cache.row_split(), args, rng, groups)
+    return latent_splits, row_splits, twins
 
 
 def subsample_rows(row_splits: dict[str, np.ndarray], max_rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -357,9 +424,7 @@ class BuildInputs:
             )
         neighbours = None
         if args.hard_negatives == "decoder":
-            sae_info = cache.config.get("latentsim", {}).get("sae", {})
-            sae = load_sae(SAEArguments(hookpoint=args.hookpoint, **sae_info))
-            neighbours = decoder_neighbours(sae.W_dec.detach(), explained)
+            neighbours = decoder_neighbours(cache_decoder(cache, args.hookpoint), explained)
         return cls(
             tokens=tokens,
             reader=cache,
@@ -666,11 +731,32 @@ def negative_sampling_summary(args: DatasetArguments, report: BuildReport) -> di
     }
 
 
+def twins_text(twins: dict) -> str:
+    decoder = (
+        "decoders not compared (the cache records no SAE)"
+        if twins["decoder_pairs"] is None
+        else f"{twins['decoder_pairs']} decoder pairs"
+    )
+    return (
+        f"{decoder}, {twins['token_head_pairs']} token-head pairs, {twins['groups']} groups of "
+        f"{twins['latents_in_groups']} latents (largest {twins['largest_group']})"
+    )
+
+
+def confirmation_text(stats: dict) -> str:
+    if "confirmation" not in stats["splits"]:
+        return ""
+    return (
+        "\n- confirmation (locked: read once, for the final recipe): its latents and the cache's "
+        "confirmation rows are in no other split"
+    )
+
+
 def dataset_card(args: DatasetArguments, cache_config: dict, stats: dict) -> str:
     """The dataset's README.md: Hub metadata (one parquet file per split), how it was built, per-split
     counts."""
     lat = cache_config.get("latentsim", {})
-    files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
+    files = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in dataset_splits(args))
     mixed = stats.get("negative_sampling") == "mixed"
     share = "half of the negatives, the other half uniform; " if mixed else ""
     matched = (
@@ -713,6 +799,8 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - split mode: `{args.split_mode}` (train/validation/test disjoint \
 in {"latents and rows" if args.split_mode == "latents" else "rows"}); rows: the cache's row split, \
 {describe_row_split(stats["row_split"])}
+- latent twins (decoder cosine >= {stats["latent_twins"]["decoder_cosine"]} or the same first named token), \
+each group in one split: {twins_text(stats["latent_twins"])}{confirmation_text(stats)}
 
 | split | examples | positives | contexts | latents |
 |---|---|---|---|---|

@@ -3,7 +3,8 @@
 A simulator's training data are build_dataset folders (its run records them). Scoring it on a cache row it
 trained on measures memory, not simulation, so eval rows (the eval split and the calibration split alike) must
 never be training rows; its training latents are refused too unless asked for (`allow_seen_latents`: the
-`contexts` split mode's question). Row and latent ids only mean the same thing within one cache and hookpoint:
+`contexts` split mode's question), and always on the locked confirmation split, which no simulator may have
+seen any part of. Row and latent ids only mean the same thing within one cache and hookpoint:
 training data from another cache is not compared.
 """
 
@@ -62,19 +63,21 @@ def training_rows_and_latents(
 
 def refuse_seen(sim, eval_set, frames: dict[str, pd.DataFrame], allow_seen_latents: bool) -> None:
     """Refuse eval splits (`frames`: {split: judgments}) holding rows, or latents, a finetuned simulator
-    trained on."""
+    trained on (latents: unless `allow_seen_latents`, never on the confirmation split)."""
     cache = (str(Path(eval_set.cache_dir).resolve()), eval_set.hookpoint)
     rows, latents = training_rows_and_latents(sim, cache, strict=False)
     for split, df in frames.items():
         if seen := sorted(rows & set(df["row"].tolist())):
             raise BadInputError(
                 f"{sim.name} was trained on {len(seen)} cache rows of the eval set's {split} split "
-                f"(e.g. {seen[:5]}); build the eval set and the training mixture from the same cache "
-                "with the same seed and fractions (the row split)."
+                f"(e.g. {seen[:5]}); build the eval set and the training mixture from the same cache and "
+                "the same row split (its row_split.json)."
             )
-        if (seen := sorted(latents & set(df["latent"].tolist()))) and not allow_seen_latents:
+        locked = split == "confirmation"
+        if (seen := sorted(latents & set(df["latent"].tolist()))) and (locked or not allow_seen_latents):
             raise BadInputError(
                 f"{sim.name} was trained on {len(seen)} latents of the eval set's {split} split (e.g. "
                 f"{seen[:5]}); evaluate on held-out latents (same seed and fractions as the training "
-                "mixture, split_mode: latents) or set allow_seen_latents: true."
+                "mixture, split_mode: latents)"
+                + ("; the confirmation split allows none." if locked else " or set allow_seen_latents: true.")
             )

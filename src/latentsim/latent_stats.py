@@ -145,7 +145,7 @@ def save_statistics(stats_dir: Path, hookpoint: str, stats: dict[str, torch.Tens
     """Write the statistics and their summary JSON; `rows` says which cache rows they count (`train`: the row
     split's training rows; `all`), in both files."""
     stats_dir = Path(stats_dir)
-    metadata = {"rows": rows, "n_rows": str(int(stats["n_rows"][0]))}
+    metadata = {"rows": rows}  # one key: safetensors writes several in no fixed order (n_rows is a tensor)
     atomic_save(
         stats_dir / f"{hookpoint}.safetensors", lambda tmp: save_file(stats, str(tmp), metadata=metadata)
     )

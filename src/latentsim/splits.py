@@ -11,8 +11,10 @@ end: `row_groups` cuts it every `split_group_rows` rows at a separator row, whic
 when they share one and is otherwise left out of every split (about 1 row in 3 x split_group_rows, counted).
 A delphi cache records no documents: it is split row by row, and its record says so (`grouping: rows`).
 
-Latents: build_dataset.py splits the explained latents by twin groups (latentsim.dataset.latent_twins), so
-near-duplicate latents never sit on both sides.
+Latents: build_dataset.py splits the explained latents by twin groups (`latent_twins`): latents whose decoder
+directions have cosine >= TWIN_COSINE, or whose token-list interpretations name the same first token (in any
+of the dataset's interpretation sets), are joined, transitively, and each group goes to one split, so a
+held-out latent never has a near copy among the training latents.
 
 Both use `split_groups`: the groups in a seeded random order, each put in the first of test, validation and
 confirmation that it still fits in (each holds at most its share of the members, rounded, and at least one),
@@ -28,10 +30,12 @@ import numpy as np
 
 from latentsim.errors import BadInputError, ConfigError
 from latentsim.io import atomic_write_json
+from latentsim.token_list import parse_token_list
 
 EVAL_SPLITS = ("test", "validation", "confirmation")  # filled in this order
 ROW_SPLIT_FILE = "row_split.json"  # in latents/<hookpoint>/, beside the cache's config.json
 FRACTION_KEYS = ("validation_fraction", "test_fraction", "confirmation_fraction")
+TWIN_COSINE = 0.9  # decoder directions at least this close make two latents twins
 SPLIT_KEYS = (*FRACTION_KEYS, "split_group_rows")  # CacheArguments keys that only change the row split
 
 
@@ -184,3 +188,69 @@ def ensure_row_split(reader, fractions: dict[str, float], seed: int, group_rows:
     record = split_rows(reader.documents, reader.n_rows, fractions, seed, group_rows)
     atomic_write_json(Path(reader.folder) / ROW_SPLIT_FILE, record)
     return True
+
+
+# ------------------------------------------------------------------------------------------ latent twins
+def token_head(text: str) -> str | None:
+    """The first token a token-list interpretation names (its strongest); None for free text."""
+    parsed = parse_token_list(text)
+    return parsed.tokens[0] if parsed is not None and parsed.tokens else None
+
+
+def decoder_twin_pairs(w_dec, latents: np.ndarray, threshold: float = TWIN_COSINE, chunk: int = 1024):
+    """[m, 2] index pairs (i < j, into `latents`) whose decoder rows (`w_dec`, a torch tensor [W, d]) have
+    cosine >= `threshold`; computed `chunk` rows at a time (a 131k-latent SAE has no room for the whole
+    similarity matrix)."""
+    import torch
+
+    d = torch.nn.functional.normalize(w_dec[torch.as_tensor(latents)].float(), dim=1)
+    pairs = []
+    for a in range(0, len(latents), chunk):
+        i, j = torch.nonzero(d[a : a + chunk] @ d.T >= threshold, as_tuple=True)
+        keep = j > i + a
+        pairs.append(torch.stack([i[keep] + a, j[keep]], dim=1))
+    return torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)
+
+
+def head_pair_count(groups: list[np.ndarray], n: int, distinct: bool) -> int:
+    """How many latent pairs share a head: the sum over groups of their pairs, or (`distinct`: the groups of
+    several interpretation sets may repeat a pair) the distinct pairs, which are listed to be counted."""
+    if not distinct:
+        return int(sum(len(m) * (len(m) - 1) // 2 for m in groups))
+    keys = [m[a] * n + m[b] for m in groups for a, b in [np.triu_indices(len(m), k=1)]]
+    return len(np.unique(np.concatenate(keys))) if keys else 0
+
+
+def latent_twins(
+    explained: np.ndarray, interpretations: list[dict[int, str]], w_dec=None
+) -> tuple[np.ndarray, dict]:
+    """(per latent of `explained`, its twin group id; the record dataset_stats.json keeps). Twins: decoder
+    cosine >= TWIN_COSINE (`w_dec` None: the cache records no SAE, not checked) or the same token-list head in
+    one of the interpretation sets; groups are the connected components of either relation."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(explained)
+    decoder = decoder_twin_pairs(w_dec, explained) if w_dec is not None and n else np.zeros((0, 2), np.int64)
+    edges, head_groups = [decoder], []
+    for texts in interpretations:
+        heads: dict[str, list[int]] = {}
+        for i, latent in enumerate(explained.tolist()):
+            head = token_head(texts[latent]) if latent in texts else None
+            if head is not None:
+                heads.setdefault(head, []).append(i)
+        head_groups += [np.asarray(m) for m in heads.values() if len(m) > 1]
+    # A star per head group joins it (its pairs are only counted).
+    edges += [np.stack([np.full(len(m) - 1, m[0]), m[1:]], axis=1) for m in head_groups]
+    edges = np.concatenate(edges)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    sizes = np.bincount(group, minlength=1)
+    return group.astype(np.int64), {
+        "decoder_cosine": TWIN_COSINE,
+        "decoder_pairs": None if w_dec is None else len(decoder),
+        "token_head_pairs": head_pair_count(head_groups, n, distinct=len(interpretations) > 1),
+        "groups": int((sizes > 1).sum()),
+        "latents_in_groups": int(sizes[sizes > 1].sum()),
+        "largest_group": int(sizes.max()) if n else 0,
+    }

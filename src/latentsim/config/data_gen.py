@@ -18,9 +18,8 @@ from latentsim.config.common import (
 
 def check_split_fractions(args) -> None:
     """validation_fraction and test_fraction > 0, confirmation_fraction >= 0, together below 1."""
-    confirmation = getattr(args, "confirmation_fraction", 0.0)
-    shares = (args.validation_fraction, args.test_fraction, confirmation)
-    if confirmation < 0:
+    shares = (args.validation_fraction, args.test_fraction, args.confirmation_fraction)
+    if args.confirmation_fraction < 0:
         _fail("confirmation_fraction", f"must be >= 0, got {args.confirmation_fraction}.")
     if not (0 < args.validation_fraction and 0 < args.test_fraction and sum(shares) < 1):
         _fail(
@@ -402,6 +401,11 @@ class DatasetArguments:
     # The latent split (`latents` mode; the rows are always the cache's row split): twins kept on one side.
     validation_fraction: float = split_fraction_field("Share of the explained latents for validation.")
     test_fraction: float = split_fraction_field("Share of the explained latents for test.")
+    confirmation_fraction: float = split_fraction_field(
+        "Share of the explained latents for the locked confirmation split (confirmation.parquet, on the "
+        "cache's confirmation rows; > 0 exactly when the cache keeps confirmation rows).",
+        0.0,
+    )
     simulator_tokenizer: str = field(
         default="embedded:smollm2-135m",
         metadata={"help": "Tokenizer whose answers must be single tokens (checked)."},
