@@ -8,7 +8,8 @@ groups are contiguous row ranges: latentsim.corpus.CorpusRows) and whole groups 
 rows in two splits and a quoted training context never continues into an eval row. Documents are joined into
 one token stream, so a chain of rows sharing documents only ends where a row ends exactly at a document's
 end: `row_groups` cuts it every `split_group_rows` rows at a separator row, which joins its neighbours' split
-when they share one and is otherwise left out of every split (about 1 row in 3 x split_group_rows, counted).
+when they share one and is otherwise left out of every split (counted; 2% of the quickstart cache's rows, 4%
+of the study's, at split_group_rows 8).
 A delphi cache records no documents: it is split row by row, and its record says so (`grouping: rows`).
 
 Latents: build_dataset.py splits the explained latents by twin groups (`latent_twins`): latents whose decoder
