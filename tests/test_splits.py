@@ -188,21 +188,25 @@ def token_list(name: str) -> str:
 
 
 def test_twins_by_decoder_cosine_and_token_head_share_a_split():
-    """Two latents with decoders at cosine 0.95 and two naming the same first token are joined (with each
-    other's twins, transitively) and always land in one split, whatever the seed."""
+    """Two latents with decoders at cosine 0.95 and two naming the same first 3 tokens are joined (with each
+    other's twins, transitively; one naming only the same first token is not) and always land in one split,
+    whatever the seed."""
     gen = torch.Generator().manual_seed(0)
     w_dec = torch.nn.functional.normalize(torch.randn(200, 64, generator=gen), dim=1)
     orthogonal = torch.nn.functional.normalize(w_dec[41] - (w_dec[41] @ w_dec[5]) * w_dec[5], dim=0)
     w_dec[40] = 0.95 * w_dec[5] + (1 - 0.95**2) ** 0.5 * orthogonal  # cosine 0.95 with latent 5
     explained = np.sort(np.r_[np.arange(1, 200, 2), [40]])  # the odd latents and 40 (5's twin)
     plain = {int(lat): token_list(f"w{lat}") for lat in explained}
-    plain[9], plain[77] = token_list("cat"), 'the token "cat" (also "dog"), as in "...the cat"'
+    plain[9] = 'the token "cat" (also "dog", "cow", "owl"), as in "...a cat"'
+    plain[77] = 'the token "cat" (also "dog", "cow"), as in "...the cat"'  # the same first 3 tokens as 9
+    plain[13] = 'the token "cat" (also "cow", "dog"), as in "...a cat"'  # the same first token only: no twin
     plain[11] = "Commas in Python lists"  # free text: no head
     rich = {7: token_list("dog"), 77: token_list("dog"), 9: token_list("mat")}  # a second set: 7 ~ 77 there
     groups, record = latent_twins(explained, [plain, rich], w_dec)
     index = {int(lat): i for i, lat in enumerate(explained)}
     assert groups[index[5]] == groups[index[40]]
     assert groups[index[9]] == groups[index[77]] == groups[index[7]]
+    assert groups[index[13]] != groups[index[9]]
     assert len(np.unique(groups)) == len(explained) - 3
     assert record == {
         "decoder_cosine": 0.9,

@@ -13,9 +13,10 @@ of the study's, at split_group_rows 8).
 A delphi cache records no documents: it is split row by row, and its record says so (`grouping: rows`).
 
 Latents: build_dataset.py splits the explained latents by twin groups (`latent_twins`): latents whose decoder
-directions have cosine >= TWIN_COSINE, or whose token-list interpretations name the same first token (in any
-of the dataset's interpretation sets), are joined, transitively, and each group goes to one split, so a
-held-out latent never has a near copy among the training latents.
+directions have cosine >= TWIN_COSINE, or whose token-list interpretations name the same first
+TWIN_HEAD_TOKENS tokens in the same order (in any of the dataset's interpretation sets), are joined,
+transitively, and each group goes to one split, so a held-out latent never has a near copy among the
+training latents.
 
 Both use `split_groups`: the groups in a seeded random order, each put in the first of test, validation and
 confirmation that it still fits in (each holds at most its share of the members, rounded, and at least one),
@@ -37,6 +38,7 @@ EVAL_SPLITS = ("test", "validation", "confirmation")  # filled in this order
 ROW_SPLIT_FILE = "row_split.json"  # in latents/<hookpoint>/, beside the cache's config.json
 FRACTION_KEYS = ("validation_fraction", "test_fraction", "confirmation_fraction")
 TWIN_COSINE = 0.9  # decoder directions at least this close make two latents twins
+TWIN_HEAD_TOKENS = 3  # token-list interpretations that name the same first 3 tokens make two latents twins
 SPLIT_KEYS = (*FRACTION_KEYS, "split_group_rows")  # CacheArguments keys that only change the row split
 
 
@@ -192,10 +194,12 @@ def ensure_row_split(reader, fractions: dict[str, float], seed: int, group_rows:
 
 
 # ------------------------------------------------------------------------------------------ latent twins
-def token_head(text: str) -> str | None:
-    """The first token a token-list interpretation names (its strongest); None for free text."""
+def token_head(text: str) -> tuple[str, ...] | None:
+    """The first TWIN_HEAD_TOKENS tokens a token-list interpretation names (its strongest; all of them when it
+    names fewer), in order; None for free text. One shared first token is not enough: hundreds of latents fire
+    most on `,` or ` the` in different settings, and joining them would send them all to train."""
     parsed = parse_token_list(text)
-    return parsed.tokens[0] if parsed is not None and parsed.tokens else None
+    return tuple(parsed.tokens[:TWIN_HEAD_TOKENS]) if parsed is not None and parsed.tokens else None
 
 
 def decoder_twin_pairs(w_dec, latents: np.ndarray, threshold: float = TWIN_COSINE, chunk: int = 1024):
@@ -226,8 +230,9 @@ def latent_twins(
     explained: np.ndarray, interpretations: list[dict[int, str]], w_dec=None
 ) -> tuple[np.ndarray, dict]:
     """(per latent of `explained`, its twin group id; the record dataset_stats.json keeps). Twins: decoder
-    cosine >= TWIN_COSINE (`w_dec` None: the cache records no SAE, not checked) or the same token-list head in
-    one of the interpretation sets; groups are the connected components of either relation."""
+    cosine >= TWIN_COSINE (`w_dec` None: the cache records no SAE, not checked) or the same token-list head
+    (`token_head`) in one of the interpretation sets; groups are the connected components of either
+    relation."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -235,7 +240,7 @@ def latent_twins(
     decoder = decoder_twin_pairs(w_dec, explained) if w_dec is not None and n else np.zeros((0, 2), np.int64)
     edges, head_groups = [decoder], []
     for texts in interpretations:
-        heads: dict[str, list[int]] = {}
+        heads: dict[tuple[str, ...], list[int]] = {}
         for i, latent in enumerate(explained.tolist()):
             head = token_head(texts[latent]) if latent in texts else None
             if head is not None:
