@@ -180,7 +180,7 @@ def token_lists(names: dict[int, str]) -> dict[str, str]:
 
 
 def test_latent_twins_are_kept_on_one_side(built, tiny_model_dir, tiny_sae_dir, tmp_path):
-    """Latents 5 and 40 get decoders at cosine 0.95, latents 9 and 33 the same first named token: in every
+    """Latents 5 and 40 get decoders at cosine 0.95, latents 9 and 33 the same token list ("cat"): in every
     latent split they share a side, and dataset_stats.json and the card count them."""
     import shutil
 
