@@ -799,7 +799,7 @@ Built by `data_gen/build_dataset.py` (latentsim) in TRL conversational prompt-co
 - split mode: `{args.split_mode}` (train/validation/test disjoint \
 in {"latents and rows" if args.split_mode == "latents" else "rows"}); rows: the cache's row split, \
 {describe_row_split(stats["row_split"])}
-- latent twins (decoder cosine >= {stats["latent_twins"]["decoder_cosine"]} or the same first 3 named tokens), \
+- latent twins (decoder cosine >= {stats["latent_twins"]["decoder_cosine"]} or the same top 3 named tokens), \
 each group in one split: {twins_text(stats["latent_twins"])}{confirmation_text(stats)}
 
 | split | examples | positives | contexts | latents |
