@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import launch, load_script, make_cache, same_files
+from helpers import build_eval_set, launch, load_script, make_cache, same_files
 
 from latentsim.cache import shard_path
-from latentsim.config import DatasetArguments, EvalArguments, ExplainArguments, ScoreArguments
+from latentsim.config import EvalArguments, ExplainArguments, ScoreArguments
 from latentsim.distributed import Ranks
 from latentsim.errors import ConfigError
 
@@ -82,23 +82,7 @@ def single(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
         seed=3,
     )
     load_script("data_gen/explain.py").main(explain)
-    load_script("data_gen/build_dataset.py").main(
-        DatasetArguments(
-            cache_dir=str(root / "cache"),
-            hookpoint=HOOK,
-            simulator_tokenizer=str(tiny_model_dir),
-            interpretations=[str(root / "expl" / explain.set_name)],
-            window_min=4,
-            window_max=6,
-            contexts_per_row=2,
-            validation_fraction=0.2,
-            test_fraction=0.2,
-            seed=3,
-            positives="all",
-            negatives_per_context=4,
-            output_dir=str(root / "eval_set"),
-        )
-    )
+    build_eval_set(root, tiny_model_dir, explain.set_name, negatives_per_context=4)
     return root, cache_args, explain
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import load_script, make_explained_cache, sft_args
+from helpers import build_eval_set, load_script, make_explained_cache, sft_args
 from sklearn.metrics import roc_auc_score
 
 from latentsim.config import DatasetArguments, EvalArguments
@@ -39,11 +39,7 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
         seed=3,
     )
     build(DatasetArguments(**common, positives="top_k", top_k=3, output_dir=str(root / "mix")))
-    build(
-        DatasetArguments(
-            **common, positives="all", negatives_per_context=6, output_dir=str(root / "eval_set")
-        )
-    )
+    build_eval_set(root, tiny_model_dir)  # every positive, 6 uniform negatives per context
     build(
         DatasetArguments(
             **common,
