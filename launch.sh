@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one front door of latentsim.
 #   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
-#   ./launch.sh study                 the CPU study (<= 90 min): two simulators vs every baseline, into outputs/study/
-#   ./launch.sh levers                after the study: simulator A retrained with one change each (outputs/study/levers/)
+#   ./launch.sh study                 the CPU study (<= 100 min): the final simulator's one confirmation run, into outputs/study/
+#   ./launch.sh levers                after the study: development numbers, simulator A and its levers (outputs/study/levers/)
 #   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
 #   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~17 min)
@@ -144,11 +144,12 @@ quickstart() {
 }
 
 study() {
-  # The CPU study (configs/study/, README "Does a simulator learn?"): a larger SAE and cache than the quickstart's,
-  # two interpretation sets (plain and richer token lists) and a dense simulator on each (A: 160 steps; B: 320, with
-  # its step-160 checkpoint), every baseline on the per-context and latent-major held-out sets (the prompted ones on
-  # B's richer text), the pooled patching tables, and the whole layer judged by simulator B; ends with the report
-  # (HTML + report.md, the tables the README quotes).
+  # The CPU study's confirmation (configs/study/, README "Does a simulator learn?"): a larger SAE (a fresh seed: no
+  # latent of it was read while choosing the recipe) and cache than the quickstart's, the richer token lists and the
+  # final recipe (simulator B: 320 steps), then one read of the locked confirmation split: B against its shuffled
+  # and empty controls and every baseline per context and per latent (same-token set included), the pooled
+  # patching table and the whole layer; ends with the report (HTML + report.md, the tables the README quotes).
+  # The development numbers (simulator A and its levers, B's learning curve) come from ./launch.sh levers.
   setup
   setup_embedded
   setup_corpus
@@ -158,25 +159,17 @@ study() {
   stage prepare "$PY" data_gen/prepare_embedded.py --config configs/data/prepare_embedded.yaml --models smollm2-135m
   stage train_sae "$PY" data_gen/train_sae.py --config $c/sae_smollm2-135m_l15.yaml
   stage cache "$PY" data_gen/cache_activations.py --config $c/cache_smollm2-135m_l15.yaml
-  stage explain bash -c "for f in quantiles quantiles_rich top; do
-    '$PY' data_gen/explain.py --config $c/explain_token_list_\$f.yaml || exit 1; done"
-  local mix
-  for mix in quantiles_top5 quantiles_top5_rich; do
-    stage "build_$mix" "$PY" data_gen/build_dataset.py --config $c/mix_dense_$mix.yaml
-  done
-  stage sft_a "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
-    --config $c/sft_smollm2-135m_dense_quantiles_top5.yaml
+  stage explain "$PY" data_gen/explain.py --config $c/explain_token_list_quantiles_rich.yaml
+  stage build_quantiles_top5_rich "$PY" data_gen/build_dataset.py --config $c/mix_dense_quantiles_top5_rich.yaml
   stage sft_b "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
     --config $c/sft_smollm2-135m_dense_quantiles_top5_rich_320steps.yaml
-  stage build_eval_sets bash -c "for f in eval_quantiles eval_per_latent_quantiles eval_per_latent_same_token; do
-    for g in \$f \${f}_rich; do '$PY' data_gen/build_dataset.py --config $c/\$g.yaml || exit 1; done; done"
+  stage build_eval_sets bash -c "for g in eval_quantiles_rich eval_per_latent_quantiles_rich \
+    eval_per_latent_same_token_rich; do '$PY' data_gen/build_dataset.py --config $c/\$g.yaml || exit 1; done"
   local sweep
-  for sweep in sweep_quantiles sweep_quantiles_rich sweep_per_latent_quantiles sweep_per_latent_quantiles_rich \
-    sweep_per_latent_same_token sweep_per_latent_same_token_rich; do
+  for sweep in sweep_quantiles_rich sweep_per_latent_quantiles_rich sweep_per_latent_same_token_rich; do
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
-  stage patch_kl bash -c "'$PY' eval/patch_kl.py --config $c/patch_kl.yaml &&
-    '$PY' eval/patch_kl.py --config $c/patch_kl_rich.yaml"
+  stage patch_kl "$PY" eval/patch_kl.py --config $c/patch_kl_rich.yaml
   stage whole_layer "$PY" eval/whole_layer.py --config $c/whole_layer.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"
@@ -184,27 +177,32 @@ study() {
 }
 
 levers() {
-  # The study's levers (configs/study/levers/, README "Does a simulator learn?"), run on a finished study: simulator A
+  # The study's development numbers (configs/study/levers/, README "Does a simulator learn?"), on a finished study's
+  # cache and its test split (never the confirmation split): simulator A (plain token lists, 160 steps) and A
   # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; frequency-matched
-  # negatives), scored on the study's held-out sets beside A, the prompted baselines on the same plain token lists
-  # and the references (the richer text alone is simulator B's step-160 checkpoint; both levers together are B), and
-  # the few-shot baseline on the study's per-latent set (left out of the study for time).
+  # negatives), scored beside the prompted baselines on the same plain token lists and the references, B's learning
+  # curve (step 160 and 320 on the richer text: the text lever alone, then both levers), and the few-shot baseline
+  # on the study's per-latent set.
   setup
   RUN=levers
-  local out=outputs/study/levers t0=$SECONDS c=configs/study/levers a=smollm2-135m_dense_quantiles_top5__final
-  [ -d outputs/study/eval/eval_quantiles/$a ] || { echo "error: run ./launch.sh study first (outputs/study)"; exit 2; }
-  stage build_datasets bash -c "for f in mix_dense_quantiles_all mix_dense_quantiles_top5_frequency_matched; do
+  local out=outputs/study/levers t0=$SECONDS c=configs/study/levers s=configs/study
+  [ -d outputs/study/cache ] && [ -d outputs/study/sft/smollm2-135m_dense_quantiles_top5_rich_320steps ] ||
+    { echo "error: run ./launch.sh study first (outputs/study)"; exit 2; }
+  stage explain "$PY" data_gen/explain.py --config $s/explain_token_list_quantiles.yaml
+  stage build_datasets bash -c "'$PY' data_gen/build_dataset.py --config $s/mix_dense_quantiles_top5.yaml &&
+    for f in mix_dense_quantiles_all mix_dense_quantiles_top5_frequency_matched; do
     '$PY' data_gen/build_dataset.py --config $c/\$f.yaml || exit 1; done"
+  stage sft_a "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+    --config $s/sft_smollm2-135m_dense_quantiles_top5.yaml
   local lever
   for lever in top5_r64 top5_320steps all top5_frequency_matched; do
     stage "sft_$lever" "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
       --config $c/sft_smollm2-135m_dense_quantiles_$lever.yaml
   done
-  # A's finished study results answer the same spec (same adapter, eval set, contexts, seed): reused, not rescored.
-  for set in eval_quantiles eval_per_latent_quantiles; do
-    mkdir -p "$out/eval/$set" && cp -rn "outputs/study/eval/$set/$a" "$out/eval/$set/"
-  done
-  for sweep in sweep_quantiles sweep_per_latent_quantiles sweep_per_latent_quantiles_rich_3shot; do
+  stage build_eval_sets bash -c "for g in eval_quantiles eval_per_latent_quantiles; do
+    '$PY' data_gen/build_dataset.py --config $s/\$g.yaml || exit 1; done"
+  for sweep in sweep_quantiles sweep_quantiles_rich_curve sweep_per_latent_quantiles \
+    sweep_per_latent_quantiles_rich_3shot; do
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
   stage report "$PY" eval/report.py --config $c/report.yaml

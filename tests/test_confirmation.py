@@ -40,6 +40,27 @@ def test_a_look_is_recorded_once_and_a_second_one_is_marked(tmp_path, capsys):
     assert "look 2 at the confirmation split" in capsys.readouterr().out
 
 
+def test_the_stages_of_one_plan_are_one_confirmation(tmp_path, monkeypatch, capsys):
+    import latentsim.confirmation as confirmation
+
+    monkeypatch.setattr(confirmation, "git_sha", lambda: "abc")
+    assert record_look(tmp_path, "eval_sweep", tmp_path / "sweep", ["sim", "prior"])["confirmation"]
+    # The same commit's patching and whole layer: the rest of the plan.
+    assert record_look(tmp_path, "patch_kl", tmp_path / "patch", ["sim"])["confirmation"]
+    assert record_look(tmp_path, "whole_layer", tmp_path / "wl", ["sim", "lexical"])["confirmation"]
+    assert "warning" not in capsys.readouterr().out
+    # The same stage and folder read with another simulator: a second recipe tried.
+    assert not record_look(tmp_path, "patch_kl", tmp_path / "patch", ["sim", "other"])["confirmation"]
+    monkeypatch.setattr(confirmation, "git_sha", lambda: "def")  # the recipe changed after the looks
+    later = record_look(tmp_path, "whole_layer", tmp_path / "wl2", ["sim"])
+    assert not later["confirmation"] and later["look"] == 5
+    assert "not a confirmation" in capsys.readouterr().out
+    monkeypatch.setattr(confirmation, "git_sha", lambda: "abc+dirty")
+    dirty = tmp_path / "dirty"
+    assert record_look(dirty, "eval_sweep", dirty / "a", ["sim"])["confirmation"]  # the first look always is
+    assert not record_look(dirty, "patch_kl", dirty / "b", ["sim"])["confirmation"]
+
+
 def test_a_sweep_on_the_confirmation_split_records_its_look(
     tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
 ):
@@ -67,7 +88,8 @@ def test_a_sweep_on_the_confirmation_split_records_its_look(
     assert "look 1 of 1 (the confirmation)" in (out / eval_set.name / "summary.md").read_text()
     assert run(["model=prior"])["confirmation_look"]["look"] == 1  # rerun: skipped, the same look
     later = run(["model=prior", "model=string_match"])
-    assert later["confirmation_look"] | {"first": None} == {"look": 2, "looks": 2, "first": None}
+    want = {"look": 2, "looks": 2, "first": None, "confirmation": False}
+    assert later["confirmation_look"] | {"first": None} == want
     assert "not a confirmation" in (out / eval_set.name / "summary.md").read_text()
     assert [look["simulators"] for look in json.loads((eval_set / LOOKS_FILE).read_text())] == [
         ["baseline__prior"],

@@ -7,8 +7,12 @@ or development number reads) is worth something only if it is read once. Two gua
   development recipe reads it by accident;
 - every read is recorded in the eval set's `confirmation_looks.json` (`record_look`): the stage, its output
   folder, the simulators and the git sha. Resuming the same look (same stage, output and simulators) is the
-  same look; any other is appended, and the results say which look they are, so a number read after a first
-  look (a second recipe tried on the confirmation set) is never presented as the confirmation.
+  same look; any other is appended, and the results say which look they are.
+
+One confirmation is one plan: the stages of the final recipe (its sweep, patching, whole layer) read the split
+from one clean commit, so looks at the first look's commit are part of the confirmation. A look from another
+commit (the recipe changed after a look), from an uncommitted tree, or a stage and output folder read again
+with other simulators (a second recipe tried) is not a confirmation, and its results say so.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def read_looks(eval_set_dir: str | Path) -> list[dict]:
 
 def record_look(eval_set_dir: str | Path, stage: str, output: str | Path, simulators: list[str]) -> dict:
     """Record a read of the eval set's confirmation split (or find the same one recorded) and return
-    {look: its 1-based number, looks: how many there are, first: the first look's record}."""
+    {look: its 1-based number, looks: how many there are, first: the first look's record, confirmation:
+    whether this look is part of the first look's plan (module docstring)}."""
     looks = read_looks(eval_set_dir)
     this = {"stage": stage, "output": str(Path(output).resolve()), "simulators": sorted(simulators)}
     same = [i for i, look in enumerate(looks) if {k: look[k] for k in this} == this]
@@ -58,10 +63,26 @@ def record_look(eval_set_dir: str | Path, stage: str, output: str | Path, simula
         )
         atomic_write_json(Path(eval_set_dir) / LOOKS_FILE, looks)
         number = len(looks)
-    if number > 1:
+    confirmation = number == 1 or part_of_first_plan(looks, number - 1)
+    if not confirmation:
         print(
             f"[{stage}] warning: look {number} at the confirmation split of {eval_set_dir} (the first: "
-            f"{looks[0]['stage']} of {', '.join(looks[0]['simulators'])} at {looks[0]['time']}); numbers "
-            "read after a first look are not a confirmation."
+            f"{looks[0]['stage']} of {', '.join(looks[0]['simulators'])} at {looks[0]['time']}, commit "
+            f"{looks[0]['git_sha']}); numbers read after a first look, from another commit or plan, are "
+            "not a confirmation."
         )
-    return {"look": number, "looks": len(looks), "first": looks[0]}
+    return {"look": number, "looks": len(looks), "first": looks[0], "confirmation": confirmation}
+
+
+def part_of_first_plan(looks: list[dict], index: int) -> bool:
+    """Whether look `index` belongs to the first look's plan: the same clean commit, and no earlier look at
+    its stage and output folder read other simulators."""
+    look, first = looks[index], looks[0]
+    sha = first.get("git_sha")
+    if not sha or sha.endswith("+dirty") or look.get("git_sha") != sha:
+        return False
+    return not any(
+        (earlier["stage"], earlier["output"]) == (look["stage"], look["output"])
+        and earlier["simulators"] != look["simulators"]
+        for earlier in looks[:index]
+    )

@@ -342,7 +342,7 @@ def look_sentence(look: dict | None) -> str:
     first = look["first"]
     return f" Confirmation split: look {look['look']} of {look['looks']}" + (
         " (the confirmation)."
-        if look["look"] == 1
+        if look.get("confirmation", look["look"] == 1)
         else f"; the first was {first['stage']} of {', '.join(first['simulators'])}: not a confirmation."
     )
 
