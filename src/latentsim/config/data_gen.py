@@ -490,3 +490,34 @@ class DatasetArguments:
                 "window_min", f"need 2 <= window_min <= window_max, got {self.window_min}, {self.window_max}."
             )
         check_split_fractions(self)
+
+
+@dataclass
+class ImportRecordsArguments:
+    """data_gen/import_records.py: records of the sae-auto-interp schema as latentsim tables."""
+
+    records: str = field(
+        default="",
+        metadata={"help": "A JSON-lines file of records (schema: ../shared/external/README.md)."},
+    )
+    output_dir: str = field(default="", metadata={"help": "Where the imported tables are written."})
+    simulator_tokenizer: str = field(
+        default="embedded:smollm2-135m",
+        metadata={"help": "The simulator's tokenizer: marked spans are aligned to its tokens by characters."},
+    )
+    held_out_fraction: float = field(
+        default=0.5, metadata={"help": "Share of the scored latents held out from training (seeded)."}
+    )
+    seed: int = field(default=22, metadata={"help": "Seed of the latent split."})
+
+    def __post_init__(self):
+        from pathlib import Path
+
+        if not self.records:
+            _fail("records", "give the record file: --records FILE.jsonl.")
+        if not Path(self.records).is_file():
+            _fail("records", f"{self.records} does not exist (the shared data: ../shared/external/).")
+        if not self.output_dir:
+            _fail("output_dir", "give the folder to write: --output_dir DIR.")
+        if not 0 < self.held_out_fraction < 1:
+            _fail("held_out_fraction", f"must be in (0, 1), got {self.held_out_fraction}.")

@@ -1,0 +1,205 @@
+"""Importing interpretations written elsewhere (latentsim.external, data_gen/import_records.py): marked spans
+aligned to another tokenizer by characters, the tables, and the shared records' recorded numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import build_char_tokenizer, build_tiny_tokenizer, load_script
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from latentsim.config import ImportRecordsArguments
+from latentsim.errors import BadInputError, ConfigError
+from latentsim.external import (
+    carry_values,
+    mark_tokens,
+    parse_marked,
+    recorded_scores,
+    simulator_tokens,
+    subject_spans,
+    subject_to_simulator,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "external" / "gpt2-sae-auto-interp"
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained in-process: leading spaces belong to the next token and a
+    character outside its merges is split into byte tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "fifty seven everybody somebody"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_parse_marked_keeps_stray_brackets_as_text():
+    assert parse_marked("a<<b>>c") == ("abc", [(1, 2)])
+    assert parse_marked("<<x>><<yz>>") == ("xyz", [(0, 1), (1, 3)])
+    # A `>>` outside a mark and a `<<` never closed are the text's own (the shared data quotes both).
+    assert parse_marked("style. more >>\n<<B>> and <<c") == ("style. more >>\nB and <<c", [(15, 16)])
+
+
+def test_marks_land_on_the_tokens_that_overlap_them_whatever_the_tokenizer():
+    text, marks = parse_marked("F<<ifty>>-seven, said<< everybody>>.")
+    assert text[slice(*marks[0])] == "ifty" and text[slice(*marks[1])] == " everybody"
+    # Characters: every marked character is a token of its own; nothing widened, nothing lost.
+    chars = simulator_tokens(build_char_tokenizer(), text)
+    marked, report = mark_tokens(chars, marks, text)
+    assert "".join(text[s:e] for (s, e), m in zip(chars, marked, strict=True) if m) == "ifty everybody"
+    assert (report.marks, report.uncovered, report.widened) == (2, 0, 0)
+    # Words (whitespace split, unknown words one <unk> each): `ifty` lies inside the token `Fifty-seven,`.
+    words = simulator_tokens(build_tiny_tokenizer(), text)
+    marked, report = mark_tokens(words, marks, text)
+    assert [text[s:e] for (s, e), m in zip(words, marked, strict=True) if m] == ["Fifty-seven,", "everybody."]
+    assert (report.uncovered, report.widened) == (0, 2)
+    # Byte-level BPE: the leading space belongs to the simulator's token, as it did to GPT-2's.
+    bpe = byte_level_tokenizer()
+    tokens = simulator_tokens(bpe, text)
+    marked, _ = mark_tokens(tokens, marks, text)
+    assert any(text[s:e] == " everybody" for (s, e), m in zip(tokens, marked, strict=True) if m)
+    # An empty mark covers no token: counted, with where it was, never guessed.
+    _, report = mark_tokens(tokens, [(3, 3)], text)
+    assert report.uncovered == 1 and report.examples
+
+
+def test_bytes_of_one_character_are_one_span():
+    bpe = byte_level_tokenizer()
+    text = "the caf\u00e9 \U0001f600 sat"
+    ids = bpe(text, add_special_tokens=False)["input_ids"]
+    spans = simulator_tokens(bpe, text)
+    assert len(spans) < len(ids)  # the emoji's bytes are several tokens, one span
+    assert [text[s:e] for s, e in spans if "\U0001f600" in text[s:e]] in (["\U0001f600"], [" \U0001f600"])
+    assert all(b > a for a, b in spans) and spans[-1][1] == len(text)
+    text_marked = "the caf<<\u00e9>> sat"
+    plain, marks = parse_marked(text_marked)
+    marked, report = mark_tokens(simulator_tokens(bpe, plain), marks, plain)
+    assert marked.sum() >= 1 and report.uncovered == 0
+
+
+def test_subject_values_and_reading_positions_cross_tokenizers():
+    pieces = ["F", "ifty", " seven", " cats"]
+    subject = subject_spans(pieces)
+    text = "".join(pieces)
+    words = simulator_tokens(build_tiny_tokenizer(), text)  # "Fifty" " seven" " cats": 3 tokens
+    assert [text[s:e] for s, e in words] == ["Fifty", "seven", "cats"]
+    np.testing.assert_array_equal(carry_values(words, subject, [1.0, 3.0, 0.0, 2.0]), [3.0, 0.0, 2.0])
+    # Each subject token is read where its last character is: F and ifty at "Fifty".
+    assert subject_to_simulator(words, subject) == [0, 0, 1, 2]
+    assert subject_to_simulator(words, subject_spans(["Fifty", "", " seven", " cats"])) == [0, -1, 1, 2]
+
+
+def scored_record(index: int, yes_rate: float, rng) -> dict:
+    recall = [
+        {"id": 1000 * index + t, "distance": 1 if t < 6 else -1, "ground_truth": t < 6,
+         "prediction": bool(rng.random() < yes_rate), "highlighted": False, "text": f"the cat sat {t}"}
+        for t in range(10)
+    ]  # fmt: skip
+    fuzz = [
+        {"id": 2000 * index + t, "distance": 2, "ground_truth": t < 5, "prediction": t < 7,
+         "highlighted": True, "text": "the <<cat>> <<sat>><|endoftext|> on"}
+        for t in range(10)
+    ]  # fmt: skip
+    return {
+        "layer": 2, "index": index, "explanation": f" The word cat {index} ", "explainer": "x",
+        "train_examples_quantised": [
+            {"text_marked": "a <<cat>> and a <<dog>>", "activating_tokens": [["cat", 3], ["dog", 7]]},
+            {"text_marked": "the <<mat>>", "activating_tokens": [["mat", 2], ["extra", 9]]},
+        ],
+        "test_recall": recall, "test_fuzz": fuzz,
+    }  # fmt: skip
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_import_writes_aligned_tables_and_the_recorded_scores(tmp_path, tiny_model_dir, capsys):
+    rng = np.random.default_rng(0)
+    records = [scored_record(i, 0.5, rng) for i in range(4)]
+    per_token = {
+        "layer": 0, "index": 9, "explanation": "cats", "ev_correlation_score": 0.5,
+        "records": [{"tokens": ["the", " c", "at"], "activations": [0.0, 1.0, 2.0],
+                     "simulated_activations": [0.0, 0.0, 3.0]}],
+    }  # fmt: skip
+    path = write_records(tmp_path / "records.jsonl", [*records, per_token])
+    main = load_script("data_gen/import_records.py").main
+    out = tmp_path / "imported"
+    args = ImportRecordsArguments(
+        records=str(path), output_dir=str(out), simulator_tokenizer=str(tiny_model_dir)
+    )
+    main(args)
+    latents = pd.read_parquet(out / "latents.parquet")
+    assert latents["split"].tolist().count("test") == 3  # 2 of the 4 scored latents + the per-token one
+    assert latents.loc[4, "kind"] == "per_token" and latents.loc[4, "split"] == "test"
+    assert latents.loc[0, "explanation"] == "The word cat 0"
+    fuzz = pd.read_parquet(out / "fuzz.parquet")
+    # The separator became a paragraph break; the marks are on `cat` and `sat`.
+    assert fuzz.loc[0, "text"] == "the cat sat\n\n on"
+    words = fuzz.loc[0, "text"].split()
+    assert [w for w, m in zip(words, fuzz.loc[0, "token_marked"], strict=True) if m] == ["cat", "sat"]
+    train = pd.read_parquet(out / "train_texts.parquet")
+    assert train.loc[0, "token_values"].tolist() == [0.0, 3.0, 0.0, 0.0, 7.0]
+    assert train.loc[1, "token_values"].tolist() == [0.0, 9.0]  # marks and values unpaired: the max, counted
+    stats = json.loads((out / "import_stats.json").read_text())
+    assert stats["value_fallbacks"] == 4 and stats["separators_replaced"] == 40
+    assert stats["alignment"]["fuzz"] == {"marks": 80, "uncovered": 0, "widened": 0, "uncovered_examples": []}
+    # Balanced accuracy of the recorded answers, by hand: fuzz says yes on 7 of 10 with 5 true ones.
+    assert stats["recorded"]["fuzz"]["all"]["mean"] == pytest.approx((1.0 + 3 / 5) / 2)
+    detection = pd.read_parquet(out / "detection.parquet")
+    by_hand = [
+        (g.recorded[g.label].mean() + (~g.recorded[~g.label]).mean()) / 2
+        for _, g in detection.groupby("latent")
+    ]
+    assert stats["recorded"]["detection"]["all"]["mean"] == pytest.approx(np.mean(by_hand))
+    per = pd.read_parquet(out / "per_token.parquet").iloc[0]
+    assert per["text"] == "the cat" and per["token_activations"].tolist() == [0.0, 2.0]
+    assert per["subject_to_simulator"].tolist() == [0, 1, 1]
+    # A rerun finds the finished import; another config for the same folder is refused.
+    main(args)
+    assert "holds this import already" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="held_out_fraction"):
+        main(ImportRecordsArguments(**{**vars(args), "held_out_fraction": 0.25}))
+
+
+def test_bad_records_are_named_by_line(tmp_path, tiny_model_dir):
+    main = load_script("data_gen/import_records.py").main
+    path = write_records(tmp_path / "bad.jsonl", [{"layer": 1, "index": 2, "explanation": "x"}])
+    args = dict(output_dir=str(tmp_path / "o"), simulator_tokenizer=str(tiny_model_dir))
+    with pytest.raises(BadInputError, match=r"bad.jsonl:1: a scored record lacks"):
+        main(ImportRecordsArguments(records=str(path), **args))
+    with pytest.raises(ConfigError, match="`records`"):
+        ImportRecordsArguments(records=str(tmp_path / "missing.jsonl"), **args)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared external data is absent ({SHARED})")
+def test_the_shared_records_reproduce_what_their_readme_states(tmp_path):
+    from latentsim.external import import_records
+
+    tokenizer = build_char_tokenizer()  # any simulator tokenizer: the recorded numbers do not depend on it
+    scored = import_records(SHARED / "latents.jsonl", tokenizer, 0.5, 22)
+    detection, fuzz = pd.DataFrame(scored.detection), pd.DataFrame(scored.fuzz)
+    recorded = recorded_scores(
+        {"latents": pd.DataFrame(scored.latents), "detection": detection, "fuzz": fuzz}
+    )
+    # README: "detection answers say yes for 81% of texts; balanced accuracy 0.51 (fuzz: 0.65)".
+    assert recorded["detection"]["said_yes"] == pytest.approx(0.81, abs=0.005)
+    assert recorded["detection"]["all"]["mean"] == pytest.approx(0.51, abs=0.005)
+    assert recorded["fuzz"]["all"]["mean"] == pytest.approx(0.65, abs=0.005)
+    assert len(scored.latents) == 160 and len(detection) == 160 * 70
+    per_token = import_records(SHARED / "per_token_layer0.jsonl", tokenizer, 0.5, 22)
+    # The recorded correlation is Pearson r over every token of a latent's records, exactly.
+    table = pd.DataFrame(per_token.per_token)
+    for latent in per_token.latents:
+        rows = table[table.latent == latent["latent"]]
+        true = np.concatenate(rows.activations.tolist())
+        simulated = np.concatenate(rows.simulated_activations.tolist())
+        assert np.corrcoef(true, simulated)[0, 1] == pytest.approx(latent["recorded_correlation"], abs=1e-9)
+    assert np.mean([x["recorded_correlation"] for x in per_token.latents]) == pytest.approx(0.76, abs=0.005)
