@@ -203,3 +203,112 @@ def test_the_shared_records_reproduce_what_their_readme_states(tmp_path):
         simulated = np.concatenate(rows.simulated_activations.tolist())
         assert np.corrcoef(true, simulated)[0, 1] == pytest.approx(latent["recorded_correlation"], abs=1e-9)
     assert np.mean([x["recorded_correlation"] for x in per_token.latents]) == pytest.approx(0.76, abs=0.005)
+
+
+def test_text_metrics_fit_each_threshold_on_the_other_latents():
+    from latentsim.external_eval import paired, text_metrics
+
+    df = pd.DataFrame({"latent": np.repeat([0, 1, 2], 4), "label": [True, True, False, False] * 3})
+    perfect = text_metrics(df, np.array([0.9, 0.8, 0.1, 0.2] * 3), seed=0)
+    assert perfect["auc"]["mean"] == 1.0 and perfect["balanced_accuracy"]["mean"] == 1.0
+    # Latent 2's scores sit on another scale: the threshold the others fit misses it, the AUC does not.
+    shifted = np.array([0.9, 0.8, 0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.09, 0.08, 0.01, 0.02])
+    m = text_metrics(df, shifted, seed=0)
+    assert m["per_latent"][2]["auc"] == 1.0 and m["per_latent"][2]["balanced_accuracy"] == 0.5
+    inverted = text_metrics(df, np.array([0.1, 0.2, 0.9, 0.8] * 3), seed=0)
+    assert inverted["auc"]["mean"] == 0.0
+    diff = paired(perfect["per_latent"], inverted["per_latent"], "auc", seed=0)
+    assert diff["mean"] == 1.0 and diff["ci95"] == [1.0, 1.0]
+
+
+def test_dense_answers_are_the_verdicts_at_the_texts_tokens(tiny_model_dir):
+    """Detection: the largest P(yes) over the text's tokens; fuzz: the mean over its marked tokens; per
+    token: the verdict of the simulator token holding each subject token's last character. Each equals a full
+    forward of the dense example."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentsim.external_eval import dense_scores
+    from latentsim.prompts import answer_token_ids
+    from latentsim.simulators.base import probabilities
+    from latentsim.simulators.hf import DenseScorer, naive_dense_logits
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = answer_token_ids("sim_dense_v1", tok)
+    scorer = DenseScorer(model, tok, ids, batch_size=4, fmt="sim_dense_v1")
+    texts = ["the cat sat on a mat", "a dog ran far away"]
+    rows = []
+    for text in texts:
+        ends = [e for _, e in simulator_tokens(tok, text)]
+        marked = [j in (1, 3) for j in range(len(ends))]
+        reads = [0, 0, 2, -1]
+        rows.append(
+            {
+                "latent": 7,
+                "text": text,
+                "token_ends": ends,
+                "token_marked": marked,
+                "subject_to_simulator": reads,
+            }
+        )
+    df = pd.DataFrame(rows)
+    explanations = {7: "the word cat"}
+    p_tokens = [
+        probabilities(naive_dense_logits(model, tok, "sim_dense_v1", explanations[7], t, list(e), ids))[:, 1]
+        for t, e in zip(df.text, df.token_ends, strict=True)
+    ]
+    detection = dense_scores(scorer, df, "detection", explanations)
+    fuzz = dense_scores(scorer, df, "fuzz", explanations)
+    per_token = dense_scores(scorer, df, "per_token", explanations)
+    for i, p in enumerate(p_tokens):
+        assert detection[i] == pytest.approx(p.max(), abs=1e-5)
+        assert fuzz[i] == pytest.approx(p[[1, 3]].mean(), abs=1e-5)
+        np.testing.assert_allclose(per_token[i], [p[0], p[0], p[2], 0.0], atol=1e-5)
+
+
+def test_an_import_round_trips_through_scoring(tmp_path, tiny_model_dir):
+    """Import, then score: the oracle reaches AUC, balanced accuracy and r of 1; the recorded answers score
+    what the import recorded; a prompted model and string match answer every text."""
+    rng = np.random.default_rng(1)
+    records = [scored_record(i, 0.7, rng) for i in range(6)]
+    per_token = [
+        {"layer": 0, "index": 20 + i, "explanation": "cats", "ev_correlation_score": 0.5,
+         "records": [{"tokens": ["the", " cat", " sat"], "activations": [0.0, 1.0 + i, 0.0],
+                      "simulated_activations": [0.0, 1.0, 1.0]},
+                     {"tokens": ["a", " dog"], "activations": [0.5, 0.0],
+                      "simulated_activations": [0.0, 0.0]}]}
+        for i in range(3)
+    ]  # fmt: skip
+    path = write_records(tmp_path / "records.jsonl", [*records, *per_token])
+    imported = tmp_path / "imported"
+    tokenizer = str(tiny_model_dir)
+    load_script("data_gen/import_records.py").main(
+        ImportRecordsArguments(records=str(path), output_dir=str(imported), simulator_tokenizer=tokenizer)
+    )
+    from latentsim.config import ExternalEvalArguments
+
+    out = tmp_path / "scores"
+    args = ExternalEvalArguments(
+        eval_set=str(imported), prompted=[str(tiny_model_dir)], shots=[0, 2],
+        references=["oracle", "recorded", "string_match"], max_texts=6, output_dir=str(out), device="cpu",
+    )  # fmt: skip
+    load_script("eval/score_external.py").main(args)
+    summary = json.loads((out / "imported" / "summary.json").read_text())
+    rows = {r["simulator"]: r for r in summary["rows"]}
+    assert rows["reference__oracle"]["detection auc"].startswith("1.000 [1.00, 1.00]")
+    assert rows["reference__oracle"]["fuzz balanced_accuracy"].startswith("1.000 [1.00, 1.00]")
+    assert rows["reference__oracle"]["per_token r"].startswith("1.000")
+    results = json.loads((out / "imported" / "reference__recorded" / "results.json").read_text())
+    held_out = pd.read_parquet(out / "imported" / "reference__recorded" / "predictions_fuzz.parquet")
+    assert held_out.latent.nunique() == 3 and len(held_out) == 3 * 6  # 3 of the 6 scored latents held out
+    # Recorded fuzz answers say yes on 7 of 10 texts (5 true): the balanced accuracy of each latent by hand.
+    fuzz = pd.read_parquet(imported / "fuzz.parquet").set_index("text_id")
+    for latent, m in results["metrics"]["fuzz"]["per_latent"].items():
+        texts = held_out[held_out.latent == int(latent)]
+        truth, said = fuzz.loc[texts.text_id, "label"].to_numpy(), texts.answer.to_numpy() >= 0.5
+        assert m["balanced_accuracy"] == pytest.approx((said[truth].mean() + (~said[~truth]).mean()) / 2)
+    prompted = [n for n in rows if n.endswith("-shot")]
+    assert len(prompted) == 2 and all(rows[n]["detection auc"] != "-" for n in prompted)
+    assert "per_token r" not in rows[prompted[0]] or rows[prompted[0]]["per_token r"] == "-"

@@ -244,7 +244,7 @@ RESULTS_FILE = "results.json"
 
 
 # What a results.json holds, by the stage that wrote it: its first key, `kind`, says which reader applies.
-RESULT_KINDS = ("simulator_sweep", "patch_kl", "whole_layer", "generation", "bench_scale")
+RESULT_KINDS = ("simulator_sweep", "patch_kl", "whole_layer", "generation", "bench_scale", "external_scores")
 
 
 def write_results(folder: str | os.PathLike, record: dict, kind: str) -> None:

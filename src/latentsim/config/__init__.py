@@ -32,6 +32,7 @@ from latentsim.config.data_gen import (
 from latentsim.config.eval import (
     BASELINE_KEYS,
     EvalArguments,
+    ExternalEvalArguments,
     GenerateArguments,
     PatchArguments,
     ReportArguments,
@@ -56,6 +57,7 @@ __all__ = [
     "CorpusArguments",
     "DatasetArguments",
     "EvalArguments",
+    "ExternalEvalArguments",
     "ExplainArguments",
     "ImportRecordsArguments",
     "GenerateArguments",

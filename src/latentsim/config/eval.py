@@ -590,3 +590,60 @@ class SummaryArguments:
     run_dir: str = field(
         default="outputs/quickstart", metadata={"help": "The run folder (launch.sh quickstart's)."}
     )
+
+
+# What eval/score_external.py scores (latentsim.external_eval reads them from here).
+EXTERNAL_KINDS = ("detection", "fuzz", "per_token")
+EXTERNAL_REFERENCES = ("string_match", "recorded", "oracle")
+
+
+@dataclass
+class ExternalEvalArguments(RunArguments):
+    """eval/score_external.py: simulators x an imported set (data_gen/import_records.py) of held-out latents
+    whose interpretations were written elsewhere."""
+
+    eval_set: str = field(default="", metadata={"help": "An import_records.py output folder."})
+    run_dirs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "train/sft.py output dirs of dense simulators (final adapters)."},
+    )
+    prompted: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Untuned models asked the detection / fuzzing question (model references)."},
+    )
+    shots: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={
+            "help": "Each prompted model once per entry: that many solved examples of training latents."
+        },
+    )
+    references: list[str] = field(
+        default_factory=lambda: ["string_match", "recorded"],
+        metadata={"help": "`string_match`, `recorded` (the explainer's own answers), `oracle` (the labels)."},
+    )
+    kinds: list[str] = field(
+        default_factory=lambda: ["detection", "fuzz", "per_token"],
+        metadata={"help": "Which of the imported tables to score (those the folder holds)."},
+    )
+    max_latents: int = field(default=40, metadata={"help": "Held-out latents scored (seeded; 0: all)."})
+    max_texts: int = field(
+        default=20, metadata={"help": "Texts per latent and kind, half true and half false (0: all)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass (prompted models)."})
+    dtype: str = dtype_field()
+    device: str = device_field()
+    output_dir: str = field(default="outputs/eval_external", metadata={"help": "Results under <dir>/<set>/."})
+
+    def __post_init__(self):
+        if not self.eval_set:
+            _fail("eval_set", "give an imported folder (data_gen/import_records.py --output_dir).")
+        if unknown := [r for r in self.references if r not in EXTERNAL_REFERENCES]:
+            _fail("references", f"{unknown} not among {list(EXTERNAL_REFERENCES)}.")
+        if unknown := [k for k in self.kinds if k not in EXTERNAL_KINDS]:
+            _fail("kinds", f"{unknown} not among {list(EXTERNAL_KINDS)}.")
+        if any(s < 0 for s in self.shots) or not self.shots:
+            _fail("shots", f"give shot counts >= 0, got {self.shots}.")
+        if self.max_latents < 0 or self.max_texts < 0:
+            _fail("max_latents" if self.max_latents < 0 else "max_texts", "must be >= 0.")
+        _require_positive(self, "batch_size")
+        check_dtype_device(self)
