@@ -10,6 +10,8 @@ by characters):
   `test_fuzz` texts: are the marks where it fires), both with the explainer's recorded answer (`recorded`);
 - `train_texts.parquet`: the marked texts the explanations were written from, as per-token labels;
 - `per_token.parquet`: texts with the true activation at every token and the explainer's simulation;
+- `dense_train/train.parquet`: the training latents' marked texts as dense examples (sim_dense_v1), for
+  train/sft.py's `extra_datasets` (configs/sft/smollm2-135m_dense_external_quickstart.yaml);
 - `import_stats.json`: counts, marks no simulator token covers (reported, never guessed), the recorded
   answers' balanced accuracy (all latents and held-out ones) and the recorded simulation's correlation.
 A rerun with the same config finds the finished import and skips it.
@@ -23,13 +25,14 @@ import pandas as pd
 
 from latentsim.cli import run
 from latentsim.config import ImportRecordsArguments
-from latentsim.external import import_records, recorded_scores
+from latentsim.external import dense_training_rows, import_records, recorded_scores
 from latentsim.io import atomic_save, atomic_write_json, require_same_config, write_run_config
 from latentsim.models import load_tokenizer
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
 DATACLASSES = (ImportRecordsArguments,)
 TABLES = ("latents", "detection", "fuzz", "train_texts", "per_token")
+DENSE_TRAIN = "dense_train"  # train/sft.py reads it as an `extra_datasets` entry
 
 
 def main(args: ImportRecordsArguments) -> None:
@@ -60,6 +63,15 @@ def main(args: ImportRecordsArguments) -> None:
         "value_fallbacks": imported.value_fallbacks,
         "recorded": recorded_scores(tables),
     }
+    if not tables["train_texts"].empty:  # the training latents' marked texts, a dense training set
+        dense = pd.DataFrame(dense_training_rows(tables["train_texts"], latents, str(out)))
+        folder = out / DENSE_TRAIN
+        folder.mkdir(exist_ok=True)
+        # Its latents are the records' own: latentsim.held_out compares them only with this same source.
+        source = {"cache_dir": str(Path(args.records).resolve()), "hookpoint": "external"}
+        write_run_config(folder, "import_records", {"dataset": source, "import": args}, args.seed)
+        atomic_save(folder / "train.parquet", lambda p: dense.to_parquet(p, index=False))
+        stats["dense_train"] = {"folder": str(folder), "examples": len(dense)}
     atomic_write_json(out / "import_stats.json", stats)  # last: it marks the import finished
     lost = sum(a.uncovered for a in imported.alignment.values())
     recorded = stats["recorded"]

@@ -35,9 +35,13 @@ from latentsim.sweep import markdown_table
 DATACLASSES = (ExternalEvalArguments,)
 
 
-def simulators(args: ExternalEvalArguments) -> list[tuple[str, str, object]]:
-    """(name, kind, what runs it) of every simulator the config names, resolved before any model loads."""
+def simulators(args: ExternalEvalArguments, external: ext.ExternalSet) -> list[tuple[str, str, object]]:
+    """(name, kind, what runs it) of every simulator the config names, resolved and checked (never trained on
+    a held-out latent of these records) before any model loads."""
+    from latentsim.held_out import training_rows_and_latents
     from latentsim.simulators.spec import final_simulator
+
+    held_out = set(external.latents.loc[external.latents["split"] == "test", "latent"].astype(int))
 
     out = []
     for run_dir in args.run_dirs:
@@ -46,6 +50,13 @@ def simulators(args: ExternalEvalArguments) -> list[tuple[str, str, object]]:
             raise ext.BadInputError(
                 f"config key `run_dirs`: {run_dir} was trained on {sim.prompt_format}; only dense simulators "
                 "(sim_dense_v1) read imported texts here."
+            )
+        _, seen = training_rows_and_latents(sim, (external.stats["records"], "external"), strict=False)
+        if seen & held_out:
+            raise ext.BadInputError(
+                f"config key `run_dirs`: {run_dir} trained on {len(seen & held_out)} held-out latents of "
+                f"{external.path} (e.g. {sorted(seen & held_out)[:5]}); import with the same seed and "
+                "held_out_fraction as its training data, or score it on other records."
             )
         out.append((sim.name, "dense", sim))
     for model in args.prompted:
@@ -92,37 +103,6 @@ def score(kind: str, what, external: ext.ExternalSet, data: dict, args) -> dict[
     return out
 
 
-def metrics(answers: dict[str, list], data: dict, seed: int) -> dict:
-    return {
-        k: ext.token_metrics(data[k], v, seed) if k == "per_token" else ext.text_metrics(data[k], v, seed)
-        for k, v in answers.items()
-    }
-
-
-def summary_rows(results: dict[str, dict], seed: int) -> list[dict]:
-    """One row per simulator: each kind's headline with its CI, and the paired difference to the recorded
-    answers over the same latents."""
-    recorded = results.get("reference__recorded", {})
-
-    def cell(m: dict) -> str:
-        return f"{m['mean']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]" if m.get("latents") else "-"
-
-    rows = []
-    for name, res in results.items():
-        row = {"simulator": name}
-        for k, m in res.items():
-            keys = ("r",) if k == "per_token" else ("auc", "balanced_accuracy")
-            for key in keys:
-                row[f"{k} {key}"] = cell(m[key])
-            key = keys[-1]
-            if k in recorded and name != "reference__recorded":
-                row[f"{k} {key} - recorded"] = cell(
-                    ext.paired(m["per_latent"], recorded[k]["per_latent"], key, seed)
-                )
-        rows.append(row)
-    return rows
-
-
 def main(args: ExternalEvalArguments) -> None:
     external = ext.ExternalSet.open(args.eval_set)
     kinds = [k for k in args.kinds if k in external.kinds()]
@@ -133,7 +113,7 @@ def main(args: ExternalEvalArguments) -> None:
     sizes = ", ".join(f"{k}: {df.latent.nunique()} latents, {len(df)} texts" for k, df in data.items())
     print(f"[external] {external.path} ({sizes})")
     results = {}
-    for name, kind, what in simulators(args):
+    for name, kind, what in simulators(args, external):
         folder = root / name
         spec = dict(simulator=name, kind=kind, kinds=kinds, max_latents=args.max_latents)
         spec |= dict(max_texts=args.max_texts, seed=args.seed, records=external.stats["records"])
@@ -149,9 +129,9 @@ def main(args: ExternalEvalArguments) -> None:
                 answer=[np.asarray(v, dtype=float).tolist() if k == "per_token" else v for v in values]
             )
             atomic_save(folder / f"predictions_{k}.parquet", lambda p, f=frame: f.to_parquet(p, index=False))
-        results[name] = metrics(answers, data, args.seed)
+        results[name] = ext.metrics(answers, data, args.seed)
         write_results(folder, {"spec": spec, "metrics": results[name]}, "external_scores")
-    rows = summary_rows(results, args.seed)
+    rows = ext.summary_rows(results, args.seed)
     table = markdown_table(pd.DataFrame(rows).fillna("-").to_dict("records"))
     atomic_write_json(root / "summary.json", {"eval_set": str(external.path), "kinds": kinds, "rows": rows})
     atomic_write_text(

@@ -312,3 +312,66 @@ def test_an_import_round_trips_through_scoring(tmp_path, tiny_model_dir):
     prompted = [n for n in rows if n.endswith("-shot")]
     assert len(prompted) == 2 and all(rows[n]["detection auc"] != "-" for n in prompted)
     assert "per_token r" not in rows[prompted[0]] or rows[prompted[0]]["per_token r"] == "-"
+
+
+def test_free_text_training_mixes_the_marked_texts_and_keeps_held_out_latents_out(
+    tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    """import_records writes the training latents' marked texts as a dense set; train/sft.py mixes it into a
+    token-list mixture (extra_datasets); the result is scored on the records' held-out latents, and refused
+    on an import whose held-out latents it trained on."""
+    from helpers import make_explained_cache, sft_args
+
+    from latentsim.config import DatasetArguments, ExternalEvalArguments
+
+    records = [scored_record(i, 0.6, np.random.default_rng(i)) for i in range(6)]
+    path = write_records(tmp_path / "records.jsonl", records)
+    importer = load_script("data_gen/import_records.py").main
+    imported = tmp_path / "imported"
+    importer(
+        ImportRecordsArguments(
+            records=str(path), output_dir=str(imported), simulator_tokenizer=str(tiny_model_dir)
+        )
+    )
+    dense = pd.read_parquet(imported / "dense_train" / "train.parquet")
+    latents = pd.read_parquet(imported / "latents.parquet").set_index("latent")
+    assert set(dense.latent) == set(latents.index[latents.split == "train"]) and len(dense) == 3 * 2
+    assert dense.loc[0, "token_labels"].tolist() == [0, 1, 0, 0, 1]  # "a <<cat>> and a <<dog>>"
+    assert (dense.prompt_format == "sim_dense_v1").all() and (dense.row == -1).all()
+
+    make_explained_cache(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    load_script("data_gen/build_dataset.py").main(
+        DatasetArguments(
+            cache_dir=str(tmp_path / "cache"), hookpoint="layers.1", simulator_tokenizer=str(tiny_model_dir),
+            interpretations=[str(tmp_path / "expl" / "token_list-quantiles")], window_min=4, window_max=6,
+            positives="top_k", top_k=3, prompt_format="sim_dense_v1", validation_fraction=0.2,
+            test_fraction=0.2, seed=3, output_dir=str(tmp_path / "dense"),
+        )
+    )  # fmt: skip
+    out = tmp_path / "run"
+    script = {"prompt_format": "sim_dense_v1", "extra_datasets": [str(imported / "dense_train")],
+              "dataset_weights": [0.5, 0.5]}  # fmt: skip
+    load_script("train/sft.py").main(
+        *sft_args(tmp_path / "dense", tiny_model_dir, out, script=script, training={"max_steps": 4})
+    )
+    assert json.loads((out / "eval_results.json").read_text())["prompt_format"] == "sim_dense_v1"
+    scores = tmp_path / "scores"
+    common = dict(
+        run_dirs=[str(out)], references=["recorded"], max_texts=4, output_dir=str(scores), device="cpu"
+    )
+    load_script("eval/score_external.py").main(ExternalEvalArguments(eval_set=str(imported), **common))
+    rows = json.loads((scores / "imported" / "summary.json").read_text())["rows"]
+    assert [r["simulator"] for r in rows] == ["run__final", "reference__recorded"]
+    assert rows[0]["detection auc"] != "-" and "fuzz balanced_accuracy - recorded" in rows[0]
+    # Another split of the same records holds out latents the simulator trained on: refused.
+    other = tmp_path / "other_split"
+    importer(
+        ImportRecordsArguments(
+            records=str(path), output_dir=str(other), simulator_tokenizer=str(tiny_model_dir), seed=5
+        )
+    )
+    trained = set(dense.latent)
+    held_out = set(pd.read_parquet(other / "latents.parquet").query("split == 'test'").latent)
+    assert trained & held_out  # the seed moved some of them
+    with pytest.raises(BadInputError, match="trained on .* held-out latents"):
+        load_script("eval/score_external.py").main(ExternalEvalArguments(eval_set=str(other), **common))

@@ -337,3 +337,54 @@ def import_records(path, tokenizer, held_out_fraction: float, seed: int) -> Impo
     for i, record in enumerate(records):
         import_record(record, i, splits.get(i, "test"), tokenizer, imported)
     return imported
+
+
+DENSE_FORMAT = "sim_dense_v1"
+
+
+def dense_training_rows(train_texts, latents, source: str) -> list[dict]:
+    """The training latents' marked texts as dense examples (prompt format sim_dense_v1, the columns of a
+    data_gen/build_dataset.py dense split): the explanation as the interpretation, a label at every simulator
+    token (1 where it overlaps a mark) and the quantised activation (1..10) as its value. `row` and `position`
+    are -1: these texts are no cache's rows."""
+    from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
+
+    judged = get_format(DENSE_FORMAT).judgment_format
+    explanation = dict(zip(latents["latent"], latents["explanation"], strict=True))
+    split = dict(zip(latents["latent"], latents["split"], strict=True))
+    rows = []
+    for t in train_texts.itertuples(index=False):
+        if split[t.latent] != "train":
+            continue
+        ends, labels = [int(e) for e in t.token_ends], [int(m) for m in t.token_marked]
+        start = ends[-2] if len(ends) > 1 else 0
+        context = marked_context(t.text[:start], t.text[start:])  # the last token, as sim_v1 shows it
+        rows.append(
+            {
+                "prompt": render_prompt(judged, context, explanation[t.latent]),
+                "completion": render_completion(judged, labels[-1]),
+                "latent": int(t.latent),
+                "row": -1,
+                "position": -1,
+                "window_start": 0,
+                "context": context,
+                "context_ids": [],
+                "n_active": int(sum(labels)),
+                "n_active_explained": int(sum(labels)),
+                "active": labels[-1],
+                "activation": float(t.token_values[-1]),
+                "activation_bin": 0,
+                "quantile_bin": 0,
+                "candidate": "external_marked",
+                "negative_kind": "",
+                "interpretation": explanation[t.latent],
+                "interpretation_source": source,
+                "score": None,
+                "prompt_format": DENSE_FORMAT,
+                "text": t.text,
+                "token_ends": ends,
+                "token_labels": labels,
+                "token_activations": [float(v) for v in t.token_values],
+            }
+        )
+    return rows

@@ -293,3 +293,34 @@ def paired(mine: dict, reference: dict, key: str, seed: int) -> dict:
     ]
     diff = [mine[k][key] - reference[k][key] for k in shared]
     return mean_ci(diff, seed)
+
+
+def metrics(answers: dict[str, list], data: dict, seed: int) -> dict:
+    return {
+        k: token_metrics(data[k], v, seed) if k == "per_token" else text_metrics(data[k], v, seed)
+        for k, v in answers.items()
+    }
+
+
+def summary_rows(results: dict[str, dict], seed: int) -> list[dict]:
+    """One row per simulator: each kind's headline with its CI, and the paired difference to the recorded
+    answers over the same latents."""
+    recorded = results.get("reference__recorded", {})
+
+    def cell(m: dict) -> str:
+        return f"{m['mean']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]" if m.get("latents") else "-"
+
+    rows = []
+    for name, res in results.items():
+        row = {"simulator": name}
+        for k, m in res.items():
+            keys = ("r",) if k == "per_token" else ("auc", "balanced_accuracy")
+            for key in keys:
+                row[f"{k} {key}"] = cell(m[key])
+            key = keys[-1]
+            if k in recorded and name != "reference__recorded":
+                row[f"{k} {key} - recorded"] = cell(
+                    paired(m["per_latent"], recorded[k]["per_latent"], key, seed)
+                )
+        rows.append(row)
+    return rows
