@@ -68,6 +68,11 @@ def simulators(args: ExternalEvalArguments, external: ext.ExternalSet) -> list[t
 def score(kind: str, what, external: ext.ExternalSet, data: dict, args) -> dict[str, list]:
     """Every table's answers of one simulator."""
     explanations = external.explanations
+    if kind == "reference" and what == "lexical":  # fitted on the training latents' texts of each kind
+        from latentsim.external_lexical import ExternalLexicalReader
+
+        reader = ExternalLexicalReader(external, args.seed)
+        return {k: reader.scores(df, k) for k, df in data.items() if reader.can_read(k)}
     if kind == "reference":
         return {k: ext.reference_scores(what, df, k, explanations) for k, df in data.items()}
     if kind == "dense":

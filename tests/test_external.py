@@ -375,3 +375,61 @@ def test_free_text_training_mixes_the_marked_texts_and_keeps_held_out_latents_ou
     assert trained & held_out  # the seed moved some of them
     with pytest.raises(BadInputError, match="trained on .* held-out latents"):
         load_script("eval/score_external.py").main(ExternalEvalArguments(eval_set=str(other), **common))
+
+
+def test_the_lexical_reader_learns_the_cues_of_free_text_from_training_latents(tmp_path, tiny_model_dir):
+    """Planted: each latent fires on its quoted word. Fitted on the training latents' texts alone, the lexical
+    reader separates held-out latents' texts and tokens by that word; the words differ across latents, so only
+    reading the explanation can do it."""
+    from latentsim.external_eval import ExternalSet, text_metrics, token_metrics
+    from latentsim.external_lexical import ExternalLexicalReader
+
+    def record(i: int) -> dict:
+        word = f"w{i}x"
+        texts = [
+            (f"one {word} two", True),
+            (f"two {word}", True),
+            ("one two three", False),
+            ("three one", False),
+        ]
+        return {
+            "layer": 1, "index": i, "explanation": f'The word "{word}", in any context.',
+            "train_examples_quantised": [
+                {"text_marked": f"one <<{word}>> two", "activating_tokens": [[word, 5]]},
+                {"text_marked": f"<<{word}>> three", "activating_tokens": [[word, 4]]},
+            ],
+            "test_recall": [
+                {"id": 10 * i + t, "distance": 1, "ground_truth": y, "prediction": True, "text": x}
+                for t, (x, y) in enumerate(texts)
+            ],
+            "test_fuzz": [
+                {"id": 10 * i + t, "distance": 1, "ground_truth": y, "prediction": True,
+                 "text": f"one <<{word}>> two" if y else f"<<one>> {word} two"}
+                for t, (_, y) in enumerate(texts)
+            ],
+        }  # fmt: skip
+
+    per_token = [
+        {"layer": 0, "index": 100 + i, "explanation": f'The word "w{i}x".', "ev_correlation_score": 0.0,
+         "records": [{"tokens": ["one", f" w{i}x", " two"], "activations": [0.0, 2.0, 0.0],
+                      "simulated_activations": [0.0, 0.0, 0.0]},
+                     {"tokens": ["three", " one"], "activations": [0.0, 0.0],
+                      "simulated_activations": [0.0, 0.0]}]}
+        for i in range(8, 11)
+    ]  # fmt: skip
+    path = write_records(tmp_path / "records.jsonl", [record(i) for i in range(8)] + per_token)
+    out = tmp_path / "imported"
+    load_script("data_gen/import_records.py").main(
+        ImportRecordsArguments(
+            records=str(path), output_dir=str(out), simulator_tokenizer=str(tiny_model_dir)
+        )
+    )
+    external = ExternalSet.open(out)
+    reader = ExternalLexicalReader(external, seed=0)
+    for kind in ("detection", "fuzz"):
+        df = external.held_out(kind, 0, 0, seed=0)
+        assert set(df.latent).isdisjoint(set(reader.training_frame(kind).latent))
+        assert text_metrics(df, np.array(reader.scores(df, kind)), seed=0)["auc"]["mean"] == 1.0
+    df = external.held_out("per_token", 0, 0, seed=0)
+    assert token_metrics(df, reader.scores(df, "per_token"), seed=0)["r"]["mean"] > 0.9
+    assert reader.fitted["per_token"]["positives"] == 4 * 2  # the 4 training latents' marked tokens

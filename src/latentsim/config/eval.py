@@ -594,7 +594,7 @@ class SummaryArguments:
 
 # What eval/score_external.py scores (latentsim.external_eval reads them from here).
 EXTERNAL_KINDS = ("detection", "fuzz", "per_token")
-EXTERNAL_REFERENCES = ("string_match", "recorded", "oracle")
+EXTERNAL_REFERENCES = ("string_match", "lexical", "recorded", "oracle")
 
 
 @dataclass
@@ -619,7 +619,10 @@ class ExternalEvalArguments(RunArguments):
     )
     references: list[str] = field(
         default_factory=lambda: ["string_match", "recorded"],
-        metadata={"help": "`string_match`, `recorded` (the explainer's own answers), `oracle` (the labels)."},
+        metadata={
+            "help": "`string_match`, `lexical` (latentsim.external_lexical), `recorded` (the explainer's own "
+            "answers), `oracle` (the labels)."
+        },
     )
     kinds: list[str] = field(
         default_factory=lambda: ["detection", "fuzz", "per_token"],
