@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one front door of latentsim.
 #   ./launch.sh quickstart            set up, prepare the embedded default, run every stage into outputs/quickstart/
-#   ./launch.sh study                 the CPU study (<= 100 min): the final simulator's one confirmation run, into outputs/study/
+#   ./launch.sh study                 the CPU study (~106 min): the final simulator's one confirmation run, into outputs/study/
 #   ./launch.sh levers                after the study: development numbers, simulator A and its levers (outputs/study/levers/)
 #   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json

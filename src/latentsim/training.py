@@ -57,6 +57,20 @@ def mix_train_sets(train_sets: list, weights: list[float], seed: int):
 
     if len(train_sets) == 1:
         return train_sets[0]
+    first = train_sets[0]
+    for i, ds in enumerate(train_sets[1:], 1):
+        if set(ds.column_names) != set(first.column_names):
+            raise BadInputError(
+                f"extra dataset {i} has other columns than dataset_name's (missing "
+                f"{sorted(set(first.column_names) - set(ds.column_names))}, extra "
+                f"{sorted(set(ds.column_names) - set(first.column_names))}); build both with "
+                "data_gen/build_dataset.py (or data_gen/import_records.py's dense_train)."
+            )
+    # Same columns, possibly other storage types (large vs plain strings, an all-empty list column): cast
+    # to the first dataset's features so that they interleave.
+    train_sets = [first] + [
+        ds.cast(first.features) if ds.features != first.features else ds for ds in train_sets[1:]
+    ]
     weights = weights or [1.0] * len(train_sets)
     tagged = [ds.add_column("dataset_index", [i] * len(ds)) for i, ds in enumerate(train_sets)]
     total = sum(weights)
