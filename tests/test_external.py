@@ -214,7 +214,7 @@ def test_text_metrics_fit_each_threshold_on_the_other_latents():
     # Latent 2's scores sit on another scale: the threshold the others fit misses it, the AUC does not.
     shifted = np.array([0.9, 0.8, 0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.09, 0.08, 0.01, 0.02])
     m = text_metrics(df, shifted, seed=0)
-    assert m["per_latent"][2]["auc"] == 1.0 and m["per_latent"][2]["balanced_accuracy"] == 0.5
+    assert m["per_latent"]["2"]["auc"] == 1.0 and m["per_latent"]["2"]["balanced_accuracy"] == 0.5
     inverted = text_metrics(df, np.array([0.1, 0.2, 0.9, 0.8] * 3), seed=0)
     assert inverted["auc"]["mean"] == 0.0
     diff = paired(perfect["per_latent"], inverted["per_latent"], "auc", seed=0)
@@ -309,6 +309,12 @@ def test_an_import_round_trips_through_scoring(tmp_path, tiny_model_dir):
         texts = held_out[held_out.latent == int(latent)]
         truth, said = fuzz.loc[texts.text_id, "label"].to_numpy(), texts.answer.to_numpy() >= 0.5
         assert m["balanced_accuracy"] == pytest.approx((said[truth].mean() + (~said[~truth]).mean()) / 2)
+    # A rerun scores only what is new; its paired difference reads the recorded answers' stored results.
+    load_script("eval/score_external.py").main(
+        ExternalEvalArguments(**{**vars(args), "references": ["recorded", "lexical"], "prompted": []})
+    )
+    rerun = {r["simulator"]: r for r in json.loads((out / "imported" / "summary.json").read_text())["rows"]}
+    assert rerun["reference__lexical"]["detection balanced_accuracy - recorded"] != "-"
     prompted = [n for n in rows if n.endswith("-shot")]
     assert len(prompted) == 2 and all(rows[n]["detection auc"] != "-" for n in prompted)
     assert "per_token r" not in rows[prompted[0]] or rows[prompted[0]]["per_token r"] == "-"

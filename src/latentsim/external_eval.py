@@ -256,12 +256,12 @@ def best_threshold(p: np.ndarray, truth: np.ndarray) -> float:
 def text_metrics(df: pd.DataFrame, p: np.ndarray, seed: int) -> dict:
     """Per-latent AUC and balanced accuracy at a threshold fitted on the other latents' texts."""
     p, truth, latents = np.asarray(p, dtype=float), df["label"].to_numpy(bool), df["latent"].to_numpy()
-    per = {}
+    per = {}  # keyed by str(latent): the same keys after results.json's round trip
     for latent in np.unique(latents):
         mine, others = latents == latent, (latents != latent) & np.isfinite(p)
         t = best_threshold(p[others], truth[others])
         ok = mine & np.isfinite(p)
-        per[int(latent)] = {
+        per[str(int(latent))] = {
             "auc": roc_auc(p[ok], truth[ok]),
             "balanced_accuracy": balanced_accuracy(truth[ok], p[ok] >= t),
             "threshold": t,
@@ -282,7 +282,7 @@ def token_metrics(df: pd.DataFrame, predictions: list, seed: int) -> dict:
         truth = np.concatenate([np.asarray(v, dtype=float) for v in g["activations"]])
         pred = np.concatenate([np.asarray(predictions[i], dtype=float) for i in g.index])
         r = np.corrcoef(truth, pred)[0, 1] if truth.std() > 0 and pred.std() > 0 else float("nan")
-        per[int(latent)] = {"r": float(r)}
+        per[str(int(latent))] = {"r": float(r)}
     return {"per_latent": per, "r": mean_ci([v["r"] for v in per.values()], seed)}
 
 
