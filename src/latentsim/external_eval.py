@@ -31,7 +31,7 @@ from latentsim.config.eval import EXTERNAL_KINDS, EXTERNAL_REFERENCES
 from latentsim.errors import BadInputError, MissingInputError
 from latentsim.external import balanced_accuracy, simulator_tokens
 from latentsim.interpretation_scores import DETECTION_PROMPT, FUZZ_PROMPT
-from latentsim.metrics import bootstrap_indices, percentile_interval, roc_auc
+from latentsim.metrics import bootstrap_ci, roc_auc
 
 KINDS, REFERENCES = EXTERNAL_KINDS, EXTERNAL_REFERENCES
 N_BOOT = 2000
@@ -237,7 +237,7 @@ def mean_ci(values, seed: int) -> dict:
     v = v[np.isfinite(v)]
     if not len(v):
         return {"mean": float("nan"), "ci95": [float("nan")] * 2, "latents": 0}
-    low, high = percentile_interval(v[bootstrap_indices(len(v), N_BOOT, seed)].mean(axis=1))
+    low, high = bootstrap_ci(v, np.mean, n_boot=N_BOOT, seed=seed)
     return {
         "mean": float(v.mean()),
         "median": float(np.median(v)),
