@@ -116,7 +116,9 @@ def main(args: BenchArguments) -> None:
         f"{dense['computed_tokens_per_judgment']['dense_kv_shared']:.2f} vs "
         f"{dense['computed_tokens_per_judgment']['sim_v1_prefix_shared']:.0f} tokens computed per judgment), "
         f"{dense['achieved_gflops']:.1f} GFLOP/s = {dense['pct_of_matmul']:.0f}% of matmul; exact: "
-        f"{dense['exact']} (max |delta margin| {dense['max_abs_diff_margin']:.1e})",
+        f"{dense['exact']} (max |delta margin| {dense['max_abs_diff_margin']:.1e}); the value format "
+        f"{dense['ratio_value_vs_binary_dense']:.2f}x the Yes/No one's judgments/s "
+        f"(exact: {dense['value_exact']})",
         flush=True,
     )
     patch_rows = rows[: args.patch_rows, : args.patch_len].clone()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentsim import whole_layer
+from latentsim import values, whole_layer
 from latentsim.cli import run
 from latentsim.config import WholeLayerArguments
 from latentsim.confirmation import record_look
@@ -35,6 +35,7 @@ from latentsim.eval_set import EvalSet
 from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, read_results, write_results, write_run_config
 from latentsim.models import load_model_and_tokenizer
+from latentsim.prompts import get_format
 from latentsim.simulators import ScorerFactory, ScoringOptions
 
 # The config dataclasses this script parses (tests/test_configs.py parses every recipe with them).
@@ -91,6 +92,9 @@ def main(args: WholeLayerArguments) -> dict:
     scorer = factory.load(factory.prepare(sim, "sim_v1", eval_set=eval_set, seed=args.seed))
     judged = np.arange(args.tokens) if args.positions == "all" else np.array([args.tokens - 1])
     sim_v1 = None if sim.dense else {"judged": judged, "context_tokens": args.context_tokens}
+    # A value simulator's rows hold P(yes) and its predicted value (latentsim.values, training-row deciles).
+    value_format = sim.dense and get_format(sim.prompt_format).value_bins
+    bins = values.bin_values(eval_set.statistics, explained) if value_format else None
     # A dense simulator judges every text in one pass over the latents: each interpretation's header once.
     scores = whole_layer.judge_texts(
         scorer,
@@ -101,8 +105,11 @@ def main(args: WholeLayerArguments) -> dict:
         subject_tok,
         out / "scores",
         sim_v1,
+        bins,
     )
     factory.release(scorer)
+    predicted = {r: a[..., 1] for r, a in scores.items()} if value_format else None
+    scores = {r: a[..., 0] for r, a in scores.items()} if value_format else scores
 
     with torch.no_grad():
         table, measured = whole_layer.measure(
@@ -116,6 +123,7 @@ def main(args: WholeLayerArguments) -> dict:
             {whole_layer.SIMULATOR: scores, **ref_scores},
             trained_latents,
             about,
+            predicted,
         )
     atomic_save(out / "per_position.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     result = {

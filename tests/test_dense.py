@@ -249,7 +249,18 @@ def test_bench_whole_layer_checks_exactness(tiny_model_dir):
         model, tok, ["cat", "dog", "mat"], text, ends, [1, 4], batch_size=4, repeats=1, calibration_gflops=1.0
     )
     assert result["exact"] is True and result["max_abs_diff_margin"] < 1e-4
-    assert set(result["judgments_per_s"]) == {"dense_kv_shared", "dense_per_position", "sim_v1_prefix_shared"}
+    assert set(result["judgments_per_s"]) == {
+        "dense_kv_shared",
+        "dense_value_kv_shared",
+        "dense_per_position",
+        "sim_v1_prefix_shared",
+    }
+    # The value format reads 11 answer rows in the same pass: exact against one forward per latent.
+    assert result["value_exact"] is True and result["ratio_value_vs_binary_dense"] > 0
+    per = result["computed_tokens_per_judgment"]
+    assert (
+        per["dense_value_kv_shared"] == per["dense_kv_shared"]
+    )  # same tokens computed: only the rows differ
     per = result["computed_tokens_per_judgment"]
     assert (
         per["dense_kv_shared"] < per["sim_v1_prefix_shared"]

@@ -167,7 +167,13 @@ def test_sft_speed_tiny(bundle, tmp_path, monkeypatch):
 def test_scoring_speed_tiny_is_exact_in_fp32(bundle, tmp_path):
     result = gpu_offline.step_scoring_speed(bundle, tmp_path, "tiny")
     assert result["ok"] and result["exact"] and result["max_abs_diff_margin"] < 1e-4
-    assert set(result["judgments_per_s"]) == {"dense_kv_shared", "dense_per_position", "sim_v1_prefix_shared"}
+    assert set(result["judgments_per_s"]) == {
+        "dense_kv_shared",
+        "dense_value_kv_shared",
+        "dense_per_position",
+        "sim_v1_prefix_shared",
+    }
+    assert result["value_exact"]  # the value format's 11 answer rows in the same pass, exact in fp32
     # whole-layer judging computes fewer tokens per judgment than one forward per judgment
     per = result["computed_tokens_per_judgment"]
     assert per["dense_kv_shared"] < per["dense_per_position"]

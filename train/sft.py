@@ -97,7 +97,7 @@ def main(script_args: SimScriptArguments, training_args: SFTConfig, model_args: 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, revision=model_args.model_revision, dtype=dtype, trust_remote_code=False
     )
-    binary = fmt.label == "active"
+    binary = fmt.reads_active  # P(yes) metrics (a dense value format's 1 - P(" No"))
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = "all-linear"
     trainer = SimulatorTrainer(

@@ -368,8 +368,10 @@ def bench_dense_scoring(
     forwards (|delta (logit yes - logit no)| < 1e-4, fp32) on every pair both judged."""
     from latentsim.prompts import answer_token_ids, marked_context
     from latentsim.simulators import Judgment, scorer_for_model
+    from latentsim.simulators.hf import naive_dense_logits
 
     dense_ids, sim_ids = answer_token_ids("sim_dense_v1", tokenizer), answer_token_ids("sim_v1", tokenizer)
+    value_ids = answer_token_ids("sim_dense_value_v1", tokenizer)
     starts = [0] + token_ends[:-1]
     judgments = [
         Judgment(marked_context(text[: starts[t]], text[starts[t] : token_ends[t]]), i)
@@ -381,10 +383,14 @@ def bench_dense_scoring(
         model, tokenizer, "sim_dense_v1", dense_ids, batch_size
     )  # a forward per judgment
     sim_v1 = scorer_for_model(model, tokenizer, "sim_v1", sim_ids, batch_size)
+    value = scorer_for_model(model, tokenizer, "sim_dense_value_v1", value_ids, batch_size)
     outputs = {}
     variants = {
         "dense_kv_shared": lambda: outputs.__setitem__(
             "dense_kv_shared", dense.text_logits(interpretations, [(text, token_ends)])[0]
+        ),
+        "dense_value_kv_shared": lambda: outputs.__setitem__(
+            "dense_value_kv_shared", value.text_logits(interpretations, [(text, token_ends)], bins=True)[0]
         ),
         "dense_per_position": lambda: outputs.__setitem__(
             "dense_per_position", naive.label_logits(judgments)
@@ -397,6 +403,7 @@ def bench_dense_scoring(
     n_all, n_sub = len(interpretations) * len(token_ends), len(judgments)
     per_s = {
         "dense_kv_shared": n_all / statistics.median(times["dense_kv_shared"]),
+        "dense_value_kv_shared": n_all / statistics.median(times["dense_value_kv_shared"]),
         "dense_per_position": n_sub / statistics.median(times["dense_per_position"]),
         "sim_v1_prefix_shared": n_sub / statistics.median(times["sim_v1_prefix_shared"]),
     }
@@ -404,9 +411,30 @@ def bench_dense_scoring(
     kv_margin = (kv[..., 1] - kv[..., 0]).T.reshape(-1)  # position-major, like the judgments
     naive_out = outputs["dense_per_position"]
     max_diff = float(np.abs(kv_margin - (naive_out[:, 1] - naive_out[:, 0])).max())
+    # The value format's 11 answer rows at every token equal one full forward per latent.
+    value_diff = max(
+        float(
+            np.nanmax(
+                np.abs(
+                    outputs["dense_value_kv_shared"][i]
+                    - naive_dense_logits(
+                        model,
+                        tokenizer,
+                        "sim_dense_value_v1",
+                        interpretations[i],
+                        text,
+                        token_ends,
+                        value_ids,
+                    )
+                )
+            )
+        )
+        for i in range(min(4, len(interpretations)))
+    )
     runs = repeats + 1
     computed = {
         "dense_kv_shared": dense.stats["computed_tokens"] / runs / n_all,
+        "dense_value_kv_shared": value.stats["computed_tokens"] / runs / n_all,
         "dense_per_position": naive.stats["computed_tokens"] / runs / n_sub,
         "sim_v1_prefix_shared": sim_v1.stats["computed_tokens"] / runs / n_sub,
     }
@@ -417,6 +445,10 @@ def bench_dense_scoring(
         "name": f"score_whole_layer[{len(interpretations)} latents x {len(token_ends)} tokens of one text]",
         "ratio_vs_naive": per_s["dense_kv_shared"] / per_s["dense_per_position"],
         "ratio_vs_sim_v1_prefix_shared": per_s["dense_kv_shared"] / per_s["sim_v1_prefix_shared"],
+        # The value format (sim_dense_value_v1): the same pass, 11 answer rows instead of 2.
+        "ratio_value_vs_binary_dense": per_s["dense_value_kv_shared"] / per_s["dense_kv_shared"],
+        "value_exact": value_diff < 1e-4,
+        "value_max_abs_diff_logits": value_diff,
         "naive": "the dense format read one judgment per forward (header + text up to the judged token)",
         "judgments_per_s": per_s,
         "computed_tokens_per_judgment": computed,

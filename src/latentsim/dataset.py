@@ -623,6 +623,11 @@ class JudgedContext:
         )
         return cls(row, end, window, context, inputs.index.at(row, end), dense)
 
+    @staticmethod
+    def value_edges(fmt, inputs: BuildInputs, latent: int) -> np.ndarray | None:
+        """Dense value formats: the latent's decile edges (training rows' statistics) its token bins use."""
+        return inputs.quantile_edges[latent] if fmt.value_bins else None
+
     def example(
         self, cand: Candidate, inputs: BuildInputs, args: DatasetArguments, rng: np.random.Generator
     ) -> dict:
@@ -657,7 +662,11 @@ class JudgedContext:
             "interpretation_source": args.interpretations[src],
             "score": score,
             "prompt_format": args.prompt_format,
-            **(self.dense.labels_of(cand.latent) if self.dense else {}),
+            **(
+                self.dense.labels_of(cand.latent, self.value_edges(fmt, inputs, cand.latent))
+                if self.dense
+                else {}
+            ),
         }
 
 
@@ -671,18 +680,25 @@ class DenseWindow:
     token_ends: list[int]
     active: list[dict[int, float]]
 
-    def labels_of(self, latent: int) -> dict:
+    def labels_of(self, latent: int, edges: np.ndarray | None = None) -> dict:
         """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1:
-        none)."""
+        none); with the latent's decile `edges` (dense value formats) also `token_bins`: 0 where inactive, 1 +
+        the activation's decile where active (-1: unaligned)."""
         labels = [
             int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)
         ]
-        return {
+        out = {
             "text": self.text,
             "token_ends": self.token_ends,
             "token_labels": labels,
             "token_activations": [float(a.get(latent, 0.0)) for a in self.active],
         }
+        if edges is not None:
+            out["token_bins"] = [
+                -1 if y < 0 else (1 + quantile_bin(a[latent], edges) if y else 0)
+                for a, y in zip(self.active, labels, strict=True)
+            ]
+        return out
 
 
 def dense_window(tokenizer, window: np.ndarray, active: list[dict[int, float]]) -> DenseWindow:

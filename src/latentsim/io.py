@@ -244,7 +244,15 @@ RESULTS_FILE = "results.json"
 
 
 # What a results.json holds, by the stage that wrote it: its first key, `kind`, says which reader applies.
-RESULT_KINDS = ("simulator_sweep", "patch_kl", "whole_layer", "generation", "bench_scale", "external_scores")
+RESULT_KINDS = (
+    "simulator_sweep",
+    "patch_kl",
+    "whole_layer",
+    "generation",
+    "bench_scale",
+    "external_scores",
+    "value_scores",
+)
 
 
 def write_results(folder: str | os.PathLike, record: dict, kind: str) -> None:

@@ -9,12 +9,12 @@ interpretation last, so at eval time one context prefix is shared by every laten
 The judged token is the last token of the context, marked `<<like this>>` in the text, so it stays
 unambiguous whatever tokenizer the simulator uses.
 
-Dense formats (`sim_dense_v1`) judge every token of a text in one forward pass: plain text, no chat template,
-the interpretation first (`dense_header`; its KV is shared by every text judged for that latent), then the
-text unmarked; the verdict for a token is read at the last simulator token that ends exactly where it ends (no
-simulator position ever reads a character of the next token), as the answer tokens' logits there. A dense
-simulator also scores the per-judgment eval sets of its `judges` format: a judgment is its context read up to
-the judged token (`latentsim.simulators.hf.DenseScorer`).
+Dense formats (`sim_dense_v1`, `sim_dense_value_v1`) judge every token of a text in one forward pass: plain
+text, no chat template, the interpretation first (`dense_header`; its KV is shared by every text judged for
+that latent), then the text unmarked; the verdict for a token is read at the last simulator token that ends
+exactly where it ends (no simulator position ever reads a character of the next token), as the answer tokens'
+logits there. A dense simulator also scores the per-judgment eval sets of its `judges` format: a judgment is
+its context read up to the judged token (`latentsim.simulators.hf.DenseScorer`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class PromptFormat:
     name: str
     question: str  # the instruction that opens the user message
     answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
-    label: str  # what the answer encodes: `active` (Yes/No) or `bin` (a 0-9 activation bin)
+    label: str  # what the answer encodes: `active` (Yes/No), `bin` (a 0-9 activation bin) or `active_bin`
+    # (dense value formats: 0 = inactive, else 1 + the activation's decile, answered " No" or a digit 0-9)
     dense: bool = False  # a verdict at every text token (no chat template), see the module docstring
     judges: str | None = None  # dense: the per-judgment format whose eval sets it scores
 
@@ -51,6 +52,16 @@ class PromptFormat:
     def binary(self) -> bool:
         """Yes/No verdicts (an `active` label), as opposed to activation bins."""
         return self.label == "active"
+
+    @property
+    def reads_active(self) -> bool:
+        """P(active) can be read from the answers: Yes/No, or a dense value format's 1 - P(" No")."""
+        return self.label in ("active", "active_bin")
+
+    @property
+    def value_bins(self) -> int:
+        """Dense value formats: the number of activation bins K (answers: " No" + K bins); else 0."""
+        return len(self.answers) - 1 if self.label == "active_bin" else 0
 
 
 SIM_V1 = PromptFormat(
@@ -86,7 +97,20 @@ SIM_DENSE_V1 = PromptFormat(
     dense=True,
     judges="sim_v1",
 )
-PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1, SIM_DENSE_V1)}
+# How strongly, at every token (issue 31): the header and reading of sim_dense_v1, but K + 1 answers, " No"
+# (inactive) or the digit of the activation's decile among the latent's non-zero training activations, 0
+# (weakest) to 9 (strongest) as in sim_value_v1. K is 10, the deciles the cache's statistics keep; bare digits
+# because they are single tokens in every tokenizer we use (SmolLM2 splits " 1" into " " + "1" and "10" in
+# two). P(active) = 1 - P(" No"); the expected activation maps each bin to its value (latentsim.values).
+SIM_DENSE_VALUE_V1 = PromptFormat(
+    name="sim_dense_value_v1",
+    question="Latent:",
+    answers=(" No",) + tuple(str(d) for d in range(10)),
+    label="active_bin",
+    dense=True,
+    judges="sim_v1",
+)
+PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1, SIM_DENSE_V1, SIM_DENSE_VALUE_V1)}
 
 
 def get_format(name: str) -> PromptFormat:

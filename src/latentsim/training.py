@@ -138,16 +138,23 @@ def dataset_judgments(split) -> list[Judgment]:
 def dense_features(split, tokenizer, fmt: str, answer_ids: list[int], max_length: int | None):
     """Tokenize a dense split (latentsim.prompts.dense_token_ids): `input_ids` = header + text + one closing
     token, and `labels` in the causal-LM convention (the verdict read at position p sits at p + 1) holding the
-    answer token of each aligned label, -100 elsewhere; `label_positions` keeps the positions for
-    check_dense_supervision. Labels whose token has no aligned simulator position are dropped and counted."""
+    answer token of each aligned label (`token_labels`; value formats: `token_bins`), -100 elsewhere;
+    `label_positions` keeps the positions for check_dense_supervision. Labels whose token has no aligned
+    simulator position are dropped and counted."""
     closing = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    column = "token_bins" if get_format(fmt).value_bins else "token_labels"  # the answer index per token
+    if column not in split.column_names:
+        raise BadInputError(
+            f"format {fmt} trains on `{column}`, which these dense rows lack; build them with "
+            f"data_gen/build_dataset.py --prompt_format {fmt}."
+        )
 
     def tokenize(row):
         ids, positions = dense_token_ids(
             tokenizer, fmt, row["interpretation"], row["text"], row["token_ends"]
         )
         labels, kept, unaligned = [-100] * (len(ids) + 1), [], 0
-        for p, y in zip(positions, row["token_labels"], strict=True):
+        for p, y in zip(positions, row[column], strict=True):
             if y < 0:  # unlabelled by build_dataset already
                 continue
             if p < 0:

@@ -13,7 +13,9 @@ in at all positions at once):
   decoder is affine, so this is also the mean reconstruction): a stronger floor, what a layer that reads
   nothing of the text but knows its average gets (absent without calibration texts);
 - `sim@<threshold>:<value>:<unexplained>`: the latents with P(yes) >= threshold at that position, valued
-  `oracle` (the true value where truly active, else the latent's median activation) or `median`; unexplained
+  `oracle` (the true value where truly active, else the latent's median activation), `median`, or
+  `predicted` (a value simulator's expected activation given active: Σ_k P(bin k) value_k / P(active), each
+  decile's value from the training rows, latentsim.values; nothing from the SAE but its decoder); unexplained
   latents `zeroed` or `kept` at their SAE values (labelled: kept ones are not the simulator's work);
 - `sim@...:held_out_only:trained_<kept|zeroed>`: only the latents the simulator did not train on are its
   decisions; those it trained on keep their SAE values or are zeroed (`sae:held_out_only`: the held-out
@@ -81,12 +83,20 @@ def simulator_for(args):
     from latentsim.simulators import baseline_simulator, final_simulator
 
     if args.baseline:
+        if "predicted" in args.values:
+            raise ConfigError("config key `values`: `predicted` needs a value simulator, not a baseline.")
         return baseline_simulator(parse_baseline(args.baseline))
     sim = final_simulator(args.simulator)
-    if not get_format(sim.prompt_format).binary or get_format(sim.prompt_format).judgment_format != "sim_v1":
+    fmt = get_format(sim.prompt_format)
+    if not fmt.reads_active or fmt.judgment_format != "sim_v1":
         raise ConfigError(
             f"config key `simulator`: {args.simulator} was trained on {sim.prompt_format!r}; the whole "
             "layer needs Yes/No verdicts (sim_v1 or a dense format that judges like it)."
+        )
+    if "predicted" in args.values and not fmt.value_bins:
+        raise ConfigError(
+            f"config key `values`: `predicted` needs a value simulator (sim_dense_value_v1); "
+            f"{args.simulator} was trained on {sim.prompt_format!r}."
         )
     return sim
 
@@ -119,15 +129,30 @@ def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
 
 
 def simulator_p_yes(
-    scorer, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
+    scorer,
+    interpretations: list[str],
+    texts: list[tuple[str, list[int]]],
+    progress=None,
+    bin_values: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Per text, P(yes) [n_tokens, n_latents] of a dense simulator (renormalised over No/Yes); NaN where
-    unaligned. Each interpretation's header is computed once for all the texts."""
+    unaligned. Each interpretation's header is computed once for all the texts. With `bin_values` [n_latents,
+    K] (a value simulator): [n_tokens, n_latents, 2], P(active) and the expected activation given active."""
     # A token without a character end (-1) matches no simulator token: text_logits leaves it NaN.
-    return [
-        (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
-        for logits in scorer.text_logits(interpretations, texts, progress)
-    ]
+    if bin_values is None:
+        return [
+            (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
+            for logits in scorer.text_logits(interpretations, texts, progress)
+        ]
+    from latentsim.values import expected_activation, softmax
+
+    out = []
+    for logits in scorer.text_logits(interpretations, texts, progress, bins=True):
+        probs = softmax(logits.astype(np.float64))  # [latents, tokens, 1 + K]
+        p_active = 1.0 - probs[..., 0]
+        given = expected_activation(probs, bin_values[:, None, :]) / np.maximum(p_active, 1e-12)
+        out.append(np.stack([p_active, given], axis=-1).transpose(1, 0, 2).astype(np.float32))
+    return out
 
 
 def sim_v1_p_yes(
@@ -186,11 +211,13 @@ def judge_texts(
     tokenizer,
     shard_dir: Path,
     sim_v1: dict | None = None,
+    bin_values: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
     """{row: P(yes) [n_tokens, latents]} of texts, each saved to `shard_dir/row<r>.npy` with the timing of the
     run that judged it (`.json`: the rows judged together, seconds, judgments, judgments/s, tokens computed
     per judgment); finished rows are read back, the others judged together (a dense simulator: each header
-    once). `sim_v1` (judged, context_tokens): judged by a sim_v1 simulator at those positions only."""
+    once). `sim_v1` (judged, context_tokens): judged by a sim_v1 simulator at those positions only.
+    `bin_values` (a value simulator): each row [n_tokens, latents, 2], P(yes) and the predicted value."""
 
     def score(todo: list[int]):
         before = dict(scorer.stats)
@@ -199,7 +226,7 @@ def judge_texts(
             texts = [text_of_row(tokens, r, n_tokens, tokenizer)[1:] for r in todo]
             total = len(interpretations) * sum(e >= 0 for _, ends in texts for e in ends)
             with tqdm(total=total, desc=f"judging {len(todo)} texts", unit="judgment") as bar:
-                scores = simulator_p_yes(scorer, interpretations, texts, bar)
+                scores = simulator_p_yes(scorer, interpretations, texts, bar, bin_values)
         else:
             total = len(interpretations) * len(sim_v1["judged"]) * len(todo)
             with tqdm(total=total, desc=f"judging {len(todo)} texts (sim_v1)", unit="judgment") as bar:
@@ -332,12 +359,21 @@ def chance_decisions(
 
 
 def decided_values(
-    z: torch.Tensor, explained: torch.Tensor, flagged: torch.Tensor, value: str, medians: torch.Tensor
+    z: torch.Tensor,
+    explained: torch.Tensor,
+    flagged: torch.Tensor,
+    value: str,
+    medians: torch.Tensor,
+    predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[n, n_explained] values of the explained latents a decider flagged (0 elsewhere): `oracle` (true value
-    where truly active, else the latent's median) or `median`."""
+    where truly active, else the latent's median), `median`, or `predicted` ([n, n_explained]: the value
+    simulator's own)."""
     true, median = z[:, explained], medians[explained].expand_as(flagged)
-    chosen = torch.where(true > 0, true, median) if value == "oracle" else median
+    if value == "predicted":
+        chosen = predicted.to(device=z.device, dtype=z.dtype)
+    else:
+        chosen = torch.where(true > 0, true, median) if value == "oracle" else median
     return torch.where(flagged.to(z.device), chosen, torch.zeros_like(chosen))
 
 
@@ -350,11 +386,13 @@ def layer_sources(
     sae,
     trained: torch.Tensor | None = None,
     mean_update: torch.Tensor | None = None,
+    predicted: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """{source: layer output [n, d]} (module docstring); z [n, W] the true latents, `explained` the latent ids
     the simulator judges, flagged[...] [n, len(explained)]. `trained` [len(explained)] bool: which explained
     latents the simulator trained on (adds the simulator's held-out-only sources); `mean_update` [d]: the
-    `mean_update` source's output at every position."""
+    `mean_update` source's output at every position; `predicted` [n, len(explained)]: the simulator's values
+    (the `predicted` value applies to the simulator's decisions only)."""
     unexplained = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
     unexplained[explained] = False
     kept = z * unexplained
@@ -372,8 +410,10 @@ def layer_sources(
         out["sae:held_out_only"] = sae.decode(held)
     for name, f in flagged.items():
         for value in values:
+            if value == "predicted" and not name.startswith(f"{SIMULATOR}@"):
+                continue
             zs = torch.zeros_like(z)
-            zs[:, explained] = decided_values(z, explained, f, value, medians)
+            zs[:, explained] = decided_values(z, explained, f, value, medians, predicted)
             variants = {"": zs}
             if trained is not None and name.startswith(f"{SIMULATOR}@"):
                 for trained_how in ("kept", "zeroed"):
@@ -638,11 +678,13 @@ def measure(
     scores: dict[str, dict[int, np.ndarray]],
     trained_latents: set[int],
     about_references: dict[str, dict] | None = None,
+    predicted: dict[int, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Every source patched into every text and summarised (module docstring). `scores`: {decider: {row:
     P(yes) [tokens, explained]}}, the simulator's under SIMULATOR and each reference's under `ref:<name>`
     (calibration rows too when `l0_matched` is asked for); `trained_latents`: the latent ids the simulator
-    trained on; `about_references`: {name: what results.json records about it (judge_references)}. Returns
+    trained on; `about_references`: {name: what results.json records about it (judge_references)};
+    `predicted`: {row: [n_tokens, explained]} a value simulator's values (the `predicted` sources). Returns
     (the per-position table: row, position, source, kl, ce; results.json's measured part)."""
     tokens, n, layer = eval_set.tokens, args.tokens, eval_set.layer
     device = next(subject.parameters()).device
@@ -681,8 +723,16 @@ def measure(
             tokens[row, : n + 1].long().to(device),
             tokens[row, 2 : n + 2].long().to(device),
             layer,
-            lambda z, flagged=flagged: layer_sources(
-                z, explained_t, flagged, args.values, medians, sae, held_out_only, mean_update
+            lambda z, flagged=flagged, row=row: layer_sources(
+                z,
+                explained_t,
+                flagged,
+                args.values,
+                medians,
+                sae,
+                held_out_only,
+                mean_update,
+                torch.from_numpy(predicted[row]) if predicted is not None else None,
             ),
             None if args.positions == "all" else judged,
         )

@@ -37,6 +37,7 @@ from latentsim.config.eval import (
     PatchArguments,
     ReportArguments,
     SummaryArguments,
+    ValueEvalArguments,
     WholeLayerArguments,
     parse_baseline,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "DatasetArguments",
     "EvalArguments",
     "ExternalEvalArguments",
+    "ValueEvalArguments",
     "ExplainArguments",
     "ImportRecordsArguments",
     "GenerateArguments",

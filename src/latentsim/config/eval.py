@@ -414,7 +414,8 @@ class WholeLayerArguments(RunArguments):
         default_factory=lambda: ["oracle", "median"],
         metadata={
             "help": "Values of flagged latents: `oracle` (true value where truly active, "
-            "median otherwise) and/or `median` (the latent's median activation)."
+            "median otherwise), `median` (the latent's median activation) and/or `predicted` (a value "
+            "simulator's expected activation given active, sim_dense_value_v1)."
         },
     )
     batch_size: int = field(
@@ -473,8 +474,8 @@ class WholeLayerArguments(RunArguments):
             _fail("thresholds", "`l0_matched` needs calibration_texts >= 1.")
         if not self.thresholds:
             _fail("thresholds", "give at least one.")
-        if not self.values or set(self.values) - {"oracle", "median"}:
-            _fail("values", f"{self.values}: choose from oracle, median.")
+        if not self.values or set(self.values) - {"oracle", "median", "predicted"}:
+            _fail("values", f"{self.values}: choose from oracle, median, predicted.")
         if self.split not in ("validation", "test", CONFIRMATION_SPLIT):
             _fail(
                 "split",
@@ -649,4 +650,66 @@ class ExternalEvalArguments(RunArguments):
         if self.max_latents < 0 or self.max_texts < 0:
             _fail("max_latents" if self.max_latents < 0 else "max_texts", "must be >= 0.")
         _require_positive(self, "batch_size")
+        check_dtype_device(self)
+
+
+VALUE_REFERENCES = ("prior", "lexical", "lexical_gbm", "string_match", "prior+string_match")
+
+
+@dataclass
+class ValueEvalArguments(RunArguments):
+    """eval/score_values.py: dense simulators' predicted activation at every token of held-out texts against
+    the true one, per held-out latent (Pearson r, r over active tokens, AUC of P(active), bin calibration)."""
+
+    eval_set: str = field(
+        default="",
+        metadata={"help": "A binary eval set: its cache, statistics, interpretations and held-out latents."},
+    )
+    run_dirs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "train/sft.py output dirs of dense simulators (Yes/No or value formats)."},
+    )
+    references: list[str] = field(
+        default_factory=lambda: ["prior", "lexical"],
+        metadata={
+            "help": "References valued as P(active) x the latent's median activation (the prior: its "
+            f"firing rate, a constant): {list(VALUE_REFERENCES)}."
+        },
+    )
+    prompted: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Untuned models (model references) as the prompted all-at-once simulator: the digit 0-9 "
+            "after each token's line (latentsim.all_at_once)."
+        },
+    )
+    split: str = field(default="test", metadata={"help": "The eval set's split: its rows and latents."})
+    max_latents: int = field(default=64, metadata={"help": "Held-out latents scored (seeded; 0: all)."})
+    random_texts: int = field(
+        default=8, metadata={"help": "Held-out texts every latent is scored on (the all-at-once setting)."}
+    )
+    top_texts: int = field(
+        default=4, metadata={"help": "Each latent's own strongest held-out texts added (top-and-random)."}
+    )
+    tokens: int = field(default=64, metadata={"help": "Positions 1..tokens of each text."})
+    batch_size: int = field(default=16, metadata={"help": "Latents per forward pass."})
+    dtype: str = dtype_field()
+    device: str = device_field()
+    output_dir: str = field(default="outputs/eval_values", metadata={"help": "results.json and tables here."})
+
+    def __post_init__(self):
+        if not self.eval_set:
+            _fail("eval_set", "give a build_dataset eval set (configs/data/eval_quantiles.yaml).")
+        if not self.run_dirs:
+            _fail("run_dirs", "give at least one train/sft.py run folder of a dense simulator.")
+        if unknown := [r for r in self.references if r not in VALUE_REFERENCES]:
+            _fail("references", f"{unknown} not among {list(VALUE_REFERENCES)}.")
+        if self.split not in ("train", "validation", "test", "confirmation"):
+            _fail("split", f"{self.split!r} is not train, validation, test or confirmation.")
+        if self.max_latents < 0:
+            _fail("max_latents", "must be >= 0.")
+        if self.top_texts < 0:
+            _fail("top_texts", "must be >= 0.")
+        for key in ("random_texts", "tokens", "batch_size"):
+            _require_positive(self, key)
         check_dtype_device(self)

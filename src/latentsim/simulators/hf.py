@@ -6,8 +6,10 @@
   common prefix goes through the model once, its KV cache is repeated over a batch of right-padded suffixes
   (causal attention never lets a real token see right padding), and only the last real position's hidden state
   meets only the answer rows of the output embedding.
-- `DenseScorer`: a dense simulator (`sim_dense_v1`) reads each judgment as its interpretation's header + the
-  context up to the judged token, or every token of whole texts at once (`text_logits`, the whole layer).
+- `DenseScorer`: a dense simulator (`sim_dense_v1`, `sim_dense_value_v1`) reads each judgment as its
+  interpretation's header + the context up to the judged token, or every token of whole texts at once
+  (`text_logits`, the whole layer). A value format's bins are summed into Yes/No wherever a verdict is asked
+  for (`active_logits`); `text_logits(..., bins=True)` keeps them.
 - `naive_label_logits`, `naive_dense_logits`: one full forward per prompt; the benchmarks' baseline and the
   exactness reference.
 
@@ -27,6 +29,7 @@ from latentsim.prompts import (
     dense_header_ids,
     dense_text_ids,
     dense_token_ids,
+    get_format,
     prompt_token_ids,
     render_prompt,
     unmark_context,
@@ -85,7 +88,7 @@ def _answer_rows(
         logits = logits + head.bias[answer_ids].float()
     if softcap:  # tanh's slope is at most 1: the sensitivity below bounds the capped logits too
         logits = torch.tanh(logits / softcap) * softcap
-    spread = (rows[1:] - rows[:1])[None] * h[:, None]  # [n, answers - 1, hidden]
+    spread = (rows[1:] - rows[:1]) * h[..., None, :]  # [..., answers - 1, hidden]
     return logits, spread.norm(dim=-1).amax(dim=-1)
 
 
@@ -195,6 +198,15 @@ class HFScorer(Scorer):
         return torch.cat(logits).cpu().numpy(), torch.cat(sensitivity).cpu().numpy()
 
 
+def active_logits(logits: np.ndarray) -> np.ndarray:
+    """A dense value format's answer logits [..., 1 + K] (" No", then the K activation bins) as Yes/No logits
+    [..., 2]: (" No", log of the bins' summed exp), so a softmax over them gives exactly P(inactive) and
+    P(active) = 1 - P(" No")."""
+    top = np.max(logits[..., 1:], axis=-1, keepdims=True)
+    yes = top + np.log(np.sum(np.exp(logits[..., 1:] - top), axis=-1, keepdims=True))
+    return np.concatenate([logits[..., :1], yes], axis=-1).astype(logits.dtype)
+
+
 @register_scorer("dense")
 class DenseScorer(HFScorer):
     """A dense simulator (prompts.py: `sim_dense_v1`) scoring per-judgment prompts: each judgment is its
@@ -271,7 +283,7 @@ class DenseScorer(HFScorer):
         self.stats["prompt_tokens"] += sum(len(t) for _, t in read) + sum(
             len(h) * len(by_interpretation[x]) for x, h in zip(interpretations, headers, strict=True)
         )
-        return out
+        return active_logits(out) if get_format(self.fmt).value_bins else out
 
     def header_batches(self, decoder, headers: list[list[int]], device):
         """(header length, the indices of a batch of headers of that length, their KV cache): every header
@@ -307,11 +319,15 @@ class DenseScorer(HFScorer):
 
     @torch.no_grad()
     def text_logits(
-        self, interpretations: list[str], texts: list[tuple[str, list[int]]], progress=None
+        self,
+        interpretations: list[str],
+        texts: list[tuple[str, list[int]]],
+        progress=None,
+        bins: bool = False,
     ) -> list[np.ndarray]:
         """Every latent's verdict at every judged token of every text: per text (its string and the character
         end of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where
-        unaligned.
+        unaligned. A value format's answers are summed into Yes/No (`active_logits`) unless `bins`.
 
         Each interpretation's header goes through the model once; its KV is reused for every text. Latents
         whose headers have the same token length share a batch (no padding anywhere), the text repeated over
@@ -349,6 +365,8 @@ class DenseScorer(HFScorer):
                         progress.update(len(chunk) * len(judged))
         finally:
             self.model.train(was_training)
+        if get_format(self.fmt).value_bins and not bins:
+            return [active_logits(o) for o in out]
         return out
 
 
