@@ -12,7 +12,8 @@ recorded on) the residual stream after the hook layer is replaced by a vector bu
 - each simulator of an eval/sweep.py run (Figure 3): the latents it scored active at a threshold replace the
   truly active latents it scored, false positives included (value: `oracle` = the true value where the latent
   is really active, its median non-zero activation otherwise; `median` = the median for all: no oracle;
-  `predicted` = a value simulator's 0-9 answer (sim_value_v1) mapped back through the latent's deciles).
+  `predicted` = a value simulator's 0-9 answer (sim_value_v1) mapped back through the latent's deciles, or a
+  dense value simulator's expected activation given active (sim_dense_value_v1)).
   Latents the simulator never scored (other splits, unexplained) keep their SAE values in every variant;
   `no_simulator` (all scored latents off) is the floor the simulators start from.
 The judged position is patched alone (KL/CE of the next token there); with `all_positions` the SAE variants

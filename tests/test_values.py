@@ -217,6 +217,22 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
 
     judgments, _ = judgments_of(pd.read_parquet(assets / "eval_set" / "test.parquet").head(5))
     assert scorer.label_logits(judgments).shape == (5, 2)
+    # patch_kl's `predicted` values from a dense value simulator: its expected activation given active.
+    from latentsim.prompts import unmark_context
+    from latentsim.rewrite import predicted_values
+
+    test = eval_set.split("test")
+    contexts = sorted(test["context_id"].unique())[:3]
+    got = predicted_values(eval_set, "test", contexts, str(out), eval_set.decile_edges(), "float32", "cpu", 0)
+    first = test[test["context_id"] == contexts[0]].iloc[0]
+    prefix, judged = unmark_context(first["context"])
+    text = prefix + judged
+    logits = naive_dense_logits(model, tok, FMT, first["interpretation"].strip(), text, [len(text)], ids)[-1]
+    probs = softmax(logits.astype(np.float64))
+    own = bin_values(eval_set.statistics, [int(first["latent"])])[0]
+    expected = expected_activation(probs, own) / (1 - probs[0])
+    assert got[(int(first["context_id"]), int(first["latent"]))] == pytest.approx(expected, rel=1e-4)
+    assert len(got) == int(test["context_id"].isin(contexts).sum())
     # A rerun of the same config reads the results back.
     assert score(args)["summary"] == summary
 

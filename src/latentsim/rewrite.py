@@ -83,15 +83,28 @@ def predicted_values(
     device: str,
     seed: int,
 ) -> dict:
-    """{(context_id, latent): activation} for every candidate of the contexts: the value simulator's expected
-    digit (sim_value_v1) mapped through the latent's deciles."""
+    """{(context_id, latent): activation} for every candidate of the contexts: a sim_value_v1 simulator's
+    expected digit mapped through the latent's deciles, or a dense value simulator's (sim_dense_value_v1)
+    expected activation given active (latentsim.values: each decile's value from the training rows)."""
+    from latentsim.prompts import get_format
+    from latentsim.simulators import model_simulator
+    from latentsim.values import bin_values, expected_activation
+
     df = eval_set.split(split, 0, seed)
     df = df[df["context_id"].isin(contexts)]
-    scorer, _ = load_scorer(value_simulator, "sim_value_v1", ScoringOptions(dtype=dtype, device=device))
+    dense_values = bool(get_format(model_simulator(value_simulator).prompt_format or "sim_v1").value_bins)
+    options = ScoringOptions(dtype=dtype, device=device)
+    scorer, _ = load_scorer(value_simulator, "sim_v1" if dense_values else "sim_value_v1", options)
     judgments = [Judgment(r.context, r.interpretation, latent=r.latent) for r in df.itertuples(index=False)]
-    digits = probabilities(scorer.label_logits(judgments))
     lat = torch.tensor(df["latent"].to_numpy())
-    values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))
+    if dense_values:
+        probs = probabilities(scorer.answer_logits(judgments).astype(np.float64))
+        per_latent = bin_values(eval_set.statistics, df["latent"].tolist())
+        given = expected_activation(probs, per_latent) / np.maximum(1.0 - probs[:, 0], 1e-12)
+        values = torch.from_numpy(given)
+    else:
+        digits = probabilities(scorer.label_logits(judgments))
+        values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))
     return dict(
         zip(zip(df["context_id"].tolist(), df["latent"].tolist(), strict=True), values.tolist(), strict=True)
     )

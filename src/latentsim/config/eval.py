@@ -281,7 +281,7 @@ class PatchArguments(RunArguments):
         default=None,
         metadata={
             "help": "For `predicted` values: a train/sft.py run "
-            "trained on sim_value_v1, or a model reference."
+            "trained on sim_value_v1 or sim_dense_value_v1, or a model reference."
         },
     )
     fractions: list[float] = field(

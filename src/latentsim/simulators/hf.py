@@ -236,8 +236,14 @@ class DenseScorer(HFScorer):
         scorer.setup = setup
         return scorer
 
-    @torch.no_grad()
     def label_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
+        logits = self.answer_logits(judgments, progress)
+        return active_logits(logits) if get_format(self.fmt).value_bins else logits
+
+    @torch.no_grad()
+    def answer_logits(self, judgments: list[Judgment], progress=None) -> np.ndarray:
+        """Every answer's logit at each judgment's judged token ([n, n_answers]: a value format's bins kept;
+        label_logits sums them into Yes/No)."""
         read = [self.judgment_text_ids(j) for j in judgments]  # (interpretation, text ids)
         by_interpretation: dict[str, list[int]] = {}
         for i, (interpretation, _) in enumerate(read):
@@ -283,7 +289,7 @@ class DenseScorer(HFScorer):
         self.stats["prompt_tokens"] += sum(len(t) for _, t in read) + sum(
             len(h) * len(by_interpretation[x]) for x, h in zip(interpretations, headers, strict=True)
         )
-        return active_logits(out) if get_format(self.fmt).value_bins else out
+        return out
 
     def header_batches(self, decoder, headers: list[list[int]], device):
         """(header length, the indices of a batch of headers of that length, their KV cache): every header
