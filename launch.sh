@@ -181,8 +181,8 @@ levers() {
   # cache and its test split (never the confirmation split): simulator A (plain token lists, 160 steps) and A
   # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; frequency-matched
   # negatives), scored beside the prompted baselines on the same plain token lists and the references, B's learning
-  # curve (step 160 and 320 on the richer text: the text lever alone, then both levers), and the few-shot baseline
-  # on the study's per-latent set.
+  # curve (step 160 and 320 on the richer text: the text lever alone, then both levers), the few-shot baseline
+  # on the study's per-latent set, and B's recipe as a value simulator (correlation, the layer with its values).
   setup
   RUN=levers
   local out=outputs/study/levers t0=$SECONDS c=configs/study/levers s=configs/study
@@ -205,6 +205,13 @@ levers() {
     sweep_per_latent_quantiles_rich_3shot; do
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
+  # How strongly (issue 31): B's recipe in the dense value format, scored by correlation and rewriting the layer
+  # with its own predicted values (development numbers: the confirmation split was read once by the study).
+  stage build_value "$PY" data_gen/build_dataset.py --config $c/mix_dense_value_quantiles_top5_rich.yaml
+  stage sft_b_value "$VENV/bin/accelerate" launch --config_file configs/accelerate/cpu.yaml train/sft.py \
+    --config $c/sft_smollm2-135m_dense_value_quantiles_top5_rich_320steps.yaml
+  stage values "$PY" eval/score_values.py --config $c/values_rich.yaml
+  stage whole_layer_value "$PY" eval/whole_layer.py --config $c/whole_layer_value.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"
   echo "[levers] done in $((SECONDS - t0)) s; outputs are in $out/ (tables: $out/eval/report/report.md)"
