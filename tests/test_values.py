@@ -12,6 +12,7 @@ from helpers import build_eval_set, load_script, make_explained_cache, sft_args
 from latentsim.config import ValueEvalArguments
 from latentsim.dataset import quantile_bin
 from latentsim.prompts import answer_token_ids, get_format
+from latentsim.simulators.base import probabilities
 from latentsim.simulators.hf import DenseScorer, active_logits, naive_dense_logits
 from latentsim.values import (
     bin_calibration,
@@ -20,7 +21,7 @@ from latentsim.values import (
     latent_value_metrics,
     pearson,
     read_values,
-    softmax,
+    true_bins,
 )
 
 HOOK = "layers.1"
@@ -132,11 +133,15 @@ def test_pearson_of_a_perfect_predictor_is_one_and_of_a_shuffled_one_near_zero()
 def test_active_logits_give_one_minus_p_no_and_calibration_counts_bins():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(50, 11)).astype(np.float32)
-    probs = softmax(logits.astype(np.float64))
-    two = softmax(active_logits(logits).astype(np.float64))
+    probs = probabilities(logits.astype(np.float64))
+    two = probabilities(active_logits(logits).astype(np.float64))
     assert np.allclose(two[:, 1], 1 - probs[:, 0], atol=1e-6)
     bins = rng.integers(0, 11, 50)
     cal = bin_calibration(np.eye(11)[bins], bins)  # a one-hot oracle: perfectly calibrated
+    # The true bins are the training labels' (latentsim.dataset.quantile_bin), edges and ties included.
+    edges = np.linspace(0.0, 5.0, 11)
+    true = np.concatenate([[0.0, 0.25, 0.5, 2.5, 4.99, 5.0, 7.0], rng.exponential(2.0, 200)])
+    assert true_bins(true, edges).tolist() == [1 + quantile_bin(a, edges) if a > 0 else 0 for a in true]
     assert cal["total_variation"] == pytest.approx(0.0) and cal["top_answer_ece"] == pytest.approx(0.0)
     assert cal["observed"] == pytest.approx((np.bincount(bins, minlength=11) / 50).round(4).tolist())
 
@@ -228,7 +233,7 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
     prefix, judged = unmark_context(first["context"])
     text = prefix + judged
     logits = naive_dense_logits(model, tok, FMT, first["interpretation"].strip(), text, [len(text)], ids)[-1]
-    probs = softmax(logits.astype(np.float64))
+    probs = probabilities(logits.astype(np.float64))
     own = bin_values(eval_set.statistics, [int(first["latent"])])[0]
     expected = expected_activation(probs, own) / (1 - probs[0])
     assert got[(int(first["context_id"]), int(first["latent"]))] == pytest.approx(expected, rel=1e-4)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from latentsim.errors import BadInputError
+from latentsim.simulators.base import probabilities
 
 PREAMBLE = (
     "We're studying neurons in a neural network. Each neuron looks for some particular thing in a short "
@@ -96,6 +97,5 @@ def naive_digit_logits(model, tokenizer, explanation: str, tokens: list[str]) ->
 
 def read_digits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(P(active) = 1 - P("0"), the expected digit) from digit logits [..., 10]."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    probs = probabilities(logits)
     return 1.0 - probs[..., 0], probs @ np.arange(10, dtype=np.float64)

@@ -31,7 +31,7 @@ from latentsim.config.eval import EXTERNAL_KINDS, EXTERNAL_REFERENCES
 from latentsim.errors import BadInputError, MissingInputError
 from latentsim.external import balanced_accuracy, simulator_tokens
 from latentsim.interpretation_scores import DETECTION_PROMPT, FUZZ_PROMPT
-from latentsim.metrics import bootstrap_ci, roc_auc
+from latentsim.metrics import mean_ci, roc_auc
 
 KINDS, REFERENCES = EXTERNAL_KINDS, EXTERNAL_REFERENCES
 N_BOOT = 2000
@@ -232,20 +232,6 @@ def reference_scores(name: str, df: pd.DataFrame, kind: str, explanations: dict[
 # -- metrics over held-out latents --
 
 
-def mean_ci(values, seed: int) -> dict:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return {"mean": float("nan"), "ci95": [float("nan")] * 2, "latents": 0}
-    low, high = bootstrap_ci(v, np.mean, n_boot=N_BOOT, seed=seed)
-    return {
-        "mean": float(v.mean()),
-        "median": float(np.median(v)),
-        "ci95": [low, high],
-        "latents": int(len(v)),
-    }
-
-
 def best_threshold(p: np.ndarray, truth: np.ndarray) -> float:
     """The threshold (predict yes at p >= t) with the highest balanced accuracy on these texts."""
     candidates = np.unique(p)
@@ -269,8 +255,8 @@ def text_metrics(df: pd.DataFrame, p: np.ndarray, seed: int) -> dict:
     table = pd.DataFrame.from_dict(per, orient="index")
     return {
         "per_latent": per,
-        "auc": mean_ci(table["auc"], seed),
-        "balanced_accuracy": mean_ci(table["balanced_accuracy"], seed),
+        "auc": mean_ci(table["auc"], seed, N_BOOT),
+        "balanced_accuracy": mean_ci(table["balanced_accuracy"], seed, N_BOOT),
         "unscored_texts": int((~np.isfinite(p)).sum()),
     }
 
@@ -283,7 +269,7 @@ def token_metrics(df: pd.DataFrame, predictions: list, seed: int) -> dict:
         pred = np.concatenate([np.asarray(predictions[i], dtype=float) for i in g.index])
         r = np.corrcoef(truth, pred)[0, 1] if truth.std() > 0 and pred.std() > 0 else float("nan")
         per[str(int(latent))] = {"r": float(r)}
-    return {"per_latent": per, "r": mean_ci([v["r"] for v in per.values()], seed)}
+    return {"per_latent": per, "r": mean_ci([v["r"] for v in per.values()], seed, N_BOOT)}
 
 
 def paired(mine: dict, reference: dict, key: str, seed: int) -> dict:
@@ -292,7 +278,7 @@ def paired(mine: dict, reference: dict, key: str, seed: int) -> dict:
         k for k in mine if k in reference and np.isfinite(mine[k][key]) and np.isfinite(reference[k][key])
     ]
     diff = [mine[k][key] - reference[k][key] for k in shared]
-    return mean_ci(diff, seed)
+    return mean_ci(diff, seed, N_BOOT)
 
 
 def metrics(answers: dict[str, list], data: dict, seed: int) -> dict:

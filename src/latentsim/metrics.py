@@ -98,6 +98,22 @@ def bootstrap_ci(
     return percentile_interval(statistic(v[bootstrap_indices(len(v), n_boot, seed)], axis=1), level)
 
 
+def mean_ci(values, seed: int, n_boot: int = N_BOOT) -> dict:
+    """Mean (and median) of one value per latent with a 95% percentile-bootstrap CI of the mean resampling
+    latents; undefined (NaN) latents are left out and the defined ones counted."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"mean": float("nan"), "ci95": [float("nan")] * 2, "latents": 0}
+    low, high = bootstrap_ci(v, np.mean, n_boot=n_boot, seed=seed)
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "ci95": [low, high],
+        "latents": int(len(v)),
+    }
+
+
 def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties); nan with one class only."""
     from scipy.stats import rankdata

@@ -88,7 +88,7 @@ def predicted_values(
     expected activation given active (latentsim.values: each decile's value from the training rows)."""
     from latentsim.prompts import get_format
     from latentsim.simulators import model_simulator
-    from latentsim.values import bin_values, expected_activation
+    from latentsim.values import bin_values, expected_given_active
 
     df = eval_set.split(split, 0, seed)
     df = df[df["context_id"].isin(contexts)]
@@ -100,8 +100,7 @@ def predicted_values(
     if dense_values:
         probs = probabilities(scorer.answer_logits(judgments).astype(np.float64))
         per_latent = bin_values(eval_set.statistics, df["latent"].tolist())
-        given = expected_activation(probs, per_latent) / np.maximum(1.0 - probs[:, 0], 1e-12)
-        values = torch.from_numpy(given)
+        values = torch.from_numpy(expected_given_active(probs, per_latent))
     else:
         digits = probabilities(scorer.label_logits(judgments))
         values = value_from_digits(edges[lat].cpu(), torch.from_numpy(digits @ np.arange(10)))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from latentsim.dataset import quantile_bin
-from latentsim.metrics import N_BOOT, bootstrap_ci, roc_auc
+from latentsim.metrics import mean_ci, roc_auc
+from latentsim.simulators.base import probabilities
 
 
 def bin_values(statistics: dict, latents: list[int], n_bins: int = 10) -> np.ndarray:
@@ -46,17 +46,17 @@ def expected_activation(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.sum(probs[..., 1:] * values, axis=-1)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - np.nanmax(logits, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def expected_given_active(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The expected activation given that the latent is active, expected_activation / P(active): the value of
+    a latent a decider flagged (the whole layer, patched KL)."""
+    return expected_activation(probs, values) / np.maximum(1.0 - probs[..., 0], 1e-12)
 
 
 def read_values(logits: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(P(active), expected activation) from one latent's answer logits [..., n_answers]: a value format's
     (" No" + K bins) expectation over its bins, a Yes/No format's P(yes) x the latent's median activation
     (`values`: its K bin values, the median being their middle)."""
-    probs = softmax(logits.astype(np.float64))
+    probs = probabilities(logits.astype(np.float64))
     p_active = 1.0 - probs[..., 0]
     if probs.shape[-1] == 2:
         return p_active, p_active * np.median(values)
@@ -90,8 +90,10 @@ def latent_value_metrics(p_active: np.ndarray, predicted: np.ndarray, true: np.n
 
 
 def true_bins(true: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """The answer index of each true activation: 0 inactive, else 1 + its decile (the training labels)."""
-    return np.array([1 + quantile_bin(a, edges) if a > 0 else 0 for a in true], dtype=np.int64)
+    """The answer index of each true activation: 0 inactive, else 1 + its decile (the training labels:
+    latentsim.dataset.quantile_bin, vectorised)."""
+    deciles = np.minimum(9, np.searchsorted(edges[1:-1], true, side="right"))
+    return np.where(np.asarray(true) > 0, 1 + deciles, 0).astype(np.int64)
 
 
 def bin_calibration(probs: np.ndarray, bins: np.ndarray) -> dict:
@@ -125,39 +127,28 @@ def value_texts(
     largest activation is highest, from `activations` {row: [tokens, len(latents)]}."""
     shared = set(random_rows)
     candidates = [r for r in sorted(activations) if r not in shared]
-    out = {}
-    for j, latent in enumerate(latents):
-        peaks = np.array([activations[r][:, j].max() for r in candidates])
-        order = np.argsort(-peaks, kind="stable")[:top_texts]
-        out[latent] = [candidates[i] for i in order if peaks[i] > 0]
-    return out
+    if not candidates:
+        return {latent: [] for latent in latents}
+    peaks = np.stack([activations[r].max(axis=0) for r in candidates])  # [rows, latents]: each row read once
+    order = np.argsort(-peaks, axis=0, kind="stable")[:top_texts]
+    return {
+        latent: [candidates[i] for i in order[:, j] if peaks[i, j] > 0] for j, latent in enumerate(latents)
+    }
 
 
-def summarise(per_latent: pd.DataFrame, seed: int, n_boot: int = N_BOOT) -> dict:
+def summarise(per_latent: pd.DataFrame, seed: int) -> dict:
     """Means over latents with 95% bootstrap CIs resampling latents, per metric (NaN latents left out and
     counted)."""
-    out = {"latents": int(len(per_latent))}
-    for metric in ("r", "r_active", "auc"):
-        v = per_latent[metric].to_numpy(dtype=float)
-        out[metric] = {
-            "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
-            "ci": list(bootstrap_ci(v, np.mean, n_boot=n_boot, seed=seed)),
-            "latents": int(np.isfinite(v).sum()),
-        }
-    return out
+    return {
+        "latents": int(len(per_latent)),
+        **{m: mean_ci(per_latent[m], seed) for m in ("r", "r_active", "auc")},
+    }
 
 
-def paired(per_latent: pd.DataFrame, a: str, b: str, metric: str, seed: int, n_boot: int = N_BOOT) -> dict:
+def paired(per_latent: pd.DataFrame, a: str, b: str, metric: str, seed: int) -> dict:
     """Mean over latents of a's metric minus b's (same latents and texts), 95% CI resampling latents."""
     wide = per_latent.pivot_table(index="latent", columns="simulator", values=metric)
-    if a not in wide or b not in wide:
-        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "latents": 0}
-    d = (wide[a] - wide[b]).to_numpy(dtype=float)
-    return {
-        "mean": float(np.nanmean(d)) if np.isfinite(d).any() else float("nan"),
-        "ci": list(bootstrap_ci(d, np.mean, n_boot=n_boot, seed=seed)),
-        "latents": int(np.isfinite(d).sum()),
-    }
+    return mean_ci(wide[a] - wide[b] if a in wide and b in wide else [], seed)
 
 
 def row_activations(cache, rows: list[int], latents: list[int], n_tokens: int) -> dict[int, np.ndarray]:
@@ -176,7 +167,7 @@ def row_activations(cache, rows: list[int], latents: list[int], n_tokens: int) -
 
 
 def _ci(entry: dict) -> str:
-    lo, hi = entry["ci"]
+    lo, hi = entry["ci95"]
     return "-" if not np.isfinite(entry["mean"]) else f"{entry['mean']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
@@ -248,20 +239,23 @@ def simulator_answers(scorer, vt: ValueTexts) -> dict:
     out = {}
     for (j, r), logits in got.items():
         p, v = read_values(logits, vt.bin_values[j])
-        out[(j, r)] = (p, v, softmax(logits.astype(np.float64)) if logits.shape[-1] > 2 else None)
+        out[(j, r)] = (p, v, probabilities(logits.astype(np.float64)) if logits.shape[-1] > 2 else None)
     return out
 
 
 def reference_answers(scorer, vt: ValueTexts, tokenizer) -> dict:
     """simulator_answers' layout for a reference with `text_p_yes` (every latent at every position of a
     row): P(yes), valued as P(yes) x the latent's median."""
-    out = {}
-    for r in vt.texts:
-        p = np.asarray(scorer.text_p_yes(vt.latents, vt.interpretations, vt.texts[r][0].numpy(), tokenizer))
-        for j in range(len(vt.latents)):
-            if r in vt.rows_of(j):
-                out[(j, r)] = (p[:, j], p[:, j] * np.median(vt.bin_values[j]), None)
-    return out
+    p = {
+        r: scorer.text_p_yes(vt.latents, vt.interpretations, vt.texts[r][0].numpy(), tokenizer)
+        for r in vt.texts
+    }
+    medians = np.median(vt.bin_values, axis=1)
+    return {
+        (j, r): (p[r][:, j], p[r][:, j] * medians[j], None)
+        for j in range(len(vt.latents))
+        for r in vt.rows_of(j)
+    }
 
 
 def score_answers(name: str, answers: dict, vt: ValueTexts) -> tuple[list[dict], dict | None]:

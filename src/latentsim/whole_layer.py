@@ -144,14 +144,14 @@ def simulator_p_yes(
             (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
             for logits in scorer.text_logits(interpretations, texts, progress)
         ]
-    from latentsim.values import expected_activation, softmax
+    from latentsim.simulators.base import probabilities
+    from latentsim.values import expected_given_active
 
     out = []
     for logits in scorer.text_logits(interpretations, texts, progress, bins=True):
-        probs = softmax(logits.astype(np.float64))  # [latents, tokens, 1 + K]
-        p_active = 1.0 - probs[..., 0]
-        given = expected_activation(probs, bin_values[:, None, :]) / np.maximum(p_active, 1e-12)
-        out.append(np.stack([p_active, given], axis=-1).transpose(1, 0, 2).astype(np.float32))
+        probs = probabilities(logits.astype(np.float64))  # [latents, tokens, 1 + K]
+        given = expected_given_active(probs, bin_values[:, None, :])
+        out.append(np.stack([1.0 - probs[..., 0], given], axis=-1).transpose(1, 0, 2).astype(np.float32))
     return out
 
 

@@ -91,10 +91,11 @@ def judgments_of(
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the answers only (renormalised over the label tokens)."""
-    z = logits - logits.max(axis=1, keepdims=True)
+    """Softmax over the answers only (renormalised over the label tokens): the last axis; a row of NaN (an
+    unaligned token) stays NaN."""
+    z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
