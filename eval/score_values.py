@@ -5,11 +5,11 @@
 Each held-out latent of the eval set's `split` (never one a simulator trained on) is read at every position
 1..`tokens` of `random_texts` held-out texts shared by all latents (OpenAI's all-at-once setting, set
 `random`) and of its own `top_texts` strongest held-out texts besides (`top_and_random`, OpenAI's and delphi's
-samples). A value simulator (sim_dense_value_v1) predicts the expected activation over its bins, a Yes/No one
-P(yes) x the latent's median (latentsim.values); the references the same from their P(yes) (the prior: a
-constant, r = 0); each `prompted` model is OpenAI's all-at-once simulator (latentsim.all_at_once: the expected
-digit 0-9 after each token's line, one pass per text). Per latent: Pearson r over every token, r over the
-active tokens, the AUC of P(active); means with 95% CIs over latents, each simulator minus each reference
+samples). A value simulator (sim_dense_value_v1, K bins) predicts the expected activation over its bins, a
+Yes/No one P(yes) x the latent's median (latentsim.values); the references the same from their P(yes) (the
+prior: a constant, r = 0); each `prompted` model is OpenAI's all-at-once simulator (latentsim.all_at_once: the
+expected digit 0-9 after each token's line, one pass per text). Per latent: Pearson r over every token, r over
+the active tokens, the AUC of P(active); means with 95% CIs over latents, each simulator minus each reference
 paired over latents, and a value simulator's bin calibration. Writes results.json, per_latent.parquet,
 summary.md and run_config.json to `output_dir`; a rerun of the same config reads them back.
 """
@@ -86,8 +86,7 @@ def main(args: ValueEvalArguments) -> dict:
             for r in sorted(set(random_rows).union(*tops.values()))
         },
         activations=activations,
-        bin_values=values.bin_values(eval_set.statistics, latents),
-        edges=eval_set.decile_edges().numpy()[latents],
+        statistics=eval_set.statistics,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, "values", {"values": args}, args.seed)

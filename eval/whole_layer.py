@@ -92,9 +92,9 @@ def main(args: WholeLayerArguments) -> dict:
     scorer = factory.load(factory.prepare(sim, "sim_v1", eval_set=eval_set, seed=args.seed))
     judged = np.arange(args.tokens) if args.positions == "all" else np.array([args.tokens - 1])
     sim_v1 = None if sim.dense else {"judged": judged, "context_tokens": args.context_tokens}
-    # A value simulator's rows hold P(yes) and its predicted value (latentsim.values, training-row deciles).
-    value_format = sim.dense and get_format(sim.prompt_format).value_bins
-    bins = values.bin_values(eval_set.statistics, explained) if value_format else None
+    # A value simulator's rows hold P(yes) and its predicted value (latentsim.values: K training-row bins).
+    n_bins = get_format(sim.prompt_format).value_bins if sim.dense else 0
+    bins = values.bin_values(eval_set.statistics, explained, n_bins) if n_bins else None
     # A dense simulator judges every text in one pass over the latents: each interpretation's header once.
     scores = whole_layer.judge_texts(
         scorer,
@@ -108,8 +108,8 @@ def main(args: WholeLayerArguments) -> dict:
         bins,
     )
     factory.release(scorer)
-    predicted = {r: a[..., 1] for r, a in scores.items()} if value_format else None
-    scores = {r: a[..., 0] for r, a in scores.items()} if value_format else scores
+    predicted = {r: a[..., 1] for r, a in scores.items()} if n_bins else None
+    scores = {r: a[..., 0] for r, a in scores.items()} if n_bins else scores
 
     with torch.no_grad():
         table, measured = whole_layer.measure(

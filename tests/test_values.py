@@ -26,6 +26,7 @@ from latentsim.values import (
 
 HOOK = "layers.1"
 FMT = "sim_dense_value_v1"
+FMT_K3 = "sim_dense_value_k3_v1"  # K = 3 bins: the `prompt_format` key chooses K
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,25 @@ def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     )
     build_eval_set(root, tiny_model_dir)  # every positive, 6 uniform negatives per context
     return root
+
+
+@pytest.fixture(scope="module")
+def k3_run(assets, tiny_model_dir, tmp_path_factory):
+    """The value mixture in 3 bins and a simulator trained on it (12 steps)."""
+    build_eval_set(
+        assets,
+        tiny_model_dir,
+        out="value_k3",
+        positives="top_k",
+        top_k=3,
+        negatives_per_context=0,
+        prompt_format=FMT_K3,
+    )
+    out = tmp_path_factory.mktemp("k3") / "run_k3"
+    load_script("train/sft.py").main(
+        *sft_args(assets / "value_k3", tiny_model_dir, out, script={"prompt_format": FMT_K3})
+    )
+    return out
 
 
 def test_the_value_format_answers_no_or_a_decile_in_one_token(tiny_model_dir):
@@ -146,7 +166,7 @@ def test_active_logits_give_one_minus_p_no_and_calibration_counts_bins():
     assert cal["observed"] == pytest.approx((np.bincount(bins, minlength=11) / 50).round(4).tolist())
 
 
-def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
+def test_value_training_and_scoring(assets, tiny_model_dir, k3_run, tmp_path):
     out = tmp_path / "run"
     load_script("train/sft.py").main(
         *sft_args(assets / "value", tiny_model_dir, out, script={"prompt_format": FMT})
@@ -164,7 +184,7 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
     prompted = save_tiny_model(tmp_path / "prompted", build_char_tokenizer())  # keeps tabs and digits
     args = ValueEvalArguments(
         eval_set=str(assets / "eval_set"),
-        run_dirs=[str(out)],
+        run_dirs=[str(out), str(k3_run)],  # value simulators of 10 and 3 bins side by side
         references=["prior", "lexical"],
         prompted=[str(prompted)],
         random_texts=2,
@@ -178,7 +198,13 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
     result = score(args)
     per_latent = pd.read_parquet(tmp_path / "values" / "per_latent.parquet")
     all_at_once = "prompted_all-at-once"
-    assert set(per_latent["simulator"]) == {"run__final", "baseline__prior", "baseline__lexical", all_at_once}
+    assert set(per_latent["simulator"]) == {
+        "run__final",
+        "run_k3__final",
+        "baseline__prior",
+        "baseline__lexical",
+        all_at_once,
+    }
     assert per_latent[per_latent.simulator == all_at_once]["auc"].notna().any()
     prior = per_latent[per_latent.simulator == "baseline__prior"]
     assert (prior["r"].dropna() == 0).all()  # a constant per latent
@@ -186,6 +212,8 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
     sim_name = "run__final"
     assert set(summary[sim_name]) == {"random", "top_and_random"}
     assert result["calibration"][sim_name]["tokens"] > 0
+    assert len(result["calibration"][sim_name]["observed"]) == 11
+    assert len(result["calibration"]["run_k3__final"]["observed"]) == 4  # " No" + its own 3 bins
 
     # One latent's r, recomputed from one naive forward per text of the trained simulator.
     from peft import PeftModel
@@ -242,6 +270,76 @@ def test_value_training_and_scoring(assets, tiny_model_dir, tmp_path):
     assert score(args)["summary"] == summary
 
 
+def test_k_is_the_prompt_format_key_bins_edges_labels_training_and_values(assets, tiny_model_dir, k3_run):
+    from transformers import AutoTokenizer
+
+    from latentsim.eval_set import EvalSet
+    from latentsim.latent_stats import bin_edges
+    from latentsim.prompts import SIM_DENSE_VALUE_K_V1
+    from latentsim.rewrite import predicted_values
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for k, fmt in SIM_DENSE_VALUE_K_V1.items():
+        assert fmt.value_bins == k and fmt.answers == (" No",) + tuple(str(d) for d in range(k))
+        assert len(set(answer_token_ids(fmt.name, tok))) == k + 1
+    eval_set = EvalSet.open(assets / "eval_set")
+    stats = eval_set.statistics
+    offsets, sample = stats["sample_offsets"].numpy(), stats["sample_values"].numpy()
+    alive = [i for i in range(len(offsets) - 1) if offsets[i + 1] - offsets[i] >= 2][:20]
+    dead = [i for i in range(len(offsets) - 1) if offsets[i + 1] == offsets[i]][:3]
+    # K = 10: the exact deciles; other K: the sample's quantiles (the deciles interpolated without a sample).
+    assert np.array_equal(bin_edges(stats, alive, 10), stats["quantile_edges"].numpy()[alive])
+    got = bin_edges(stats, alive + dead, 3)
+    for i, latent in enumerate(alive):
+        own = sample[offsets[latent] : offsets[latent + 1]]
+        assert np.allclose(got[i], np.quantile(own, np.linspace(0, 1, 4)))
+    for i, latent in enumerate(dead, start=len(alive)):
+        deciles = stats["quantile_edges"].numpy()[latent]
+        assert np.allclose(got[i], np.interp(np.linspace(0, 1, 4), np.linspace(0, 1, 11), deciles))
+    # The labels: 0 inactive, else 1 + the activation's bin among the latent's 3 (never 4..10).
+    rows = pd.read_parquet(assets / "value_k3" / "train.parquet")
+    seen = set()
+    for r in rows.itertuples():
+        edges = bin_edges(stats, [r.latent], 3)[0]
+        expected = [
+            -1 if y < 0 else (1 + quantile_bin(a, edges) if y else 0)
+            for a, y in zip(r.token_activations, r.token_labels, strict=True)
+        ]
+        assert list(r.token_bins) == expected
+        seen |= set(expected)
+    assert seen == {-1, 0, 1, 2, 3} or seen == {0, 1, 2, 3}
+    # Training reads 4 answers: the loss starts at a 4-way cross-entropy.
+    state = json.loads((k3_run / "checkpoint-12" / "trainer_state.json").read_text())
+    curve = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert curve[0] == pytest.approx(np.log(4), abs=0.3)
+    # patch_kl's predicted values: the latent valued through its own 3 bins (one naive forward).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from latentsim.prompts import unmark_context
+
+    test = eval_set.split("test")
+    contexts = sorted(test["context_id"].unique())[:2]
+    got = predicted_values(
+        eval_set, "test", contexts, str(k3_run), eval_set.decile_edges(), "float32", "cpu", 0
+    )
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(k3_run)
+    ).eval()
+    first = test[test["context_id"] == contexts[0]].iloc[0]
+    prefix, judged = unmark_context(first["context"])
+    text = prefix + judged
+    ids = answer_token_ids(FMT_K3, tok)
+    logits = naive_dense_logits(model, tok, FMT_K3, first["interpretation"].strip(), text, [len(text)], ids)[
+        -1
+    ]
+    probs = probabilities(logits.astype(np.float64))
+    assert probs.shape == (4,)
+    own = bin_values(stats, [int(first["latent"])], 3)[0]
+    expected = expected_activation(probs, own) / (1 - probs[0])
+    assert got[(int(first["context_id"]), int(first["latent"]))] == pytest.approx(expected, rel=1e-4)
+
+
 def test_all_at_once_reads_every_position_in_one_pass_equal_to_one_at_a_time(tmp_path):
     from helpers import build_char_tokenizer, save_tiny_model
     from transformers import AutoModelForCausalLM
@@ -265,16 +363,13 @@ def test_all_at_once_reads_every_position_in_one_pass_equal_to_one_at_a_time(tmp
 
 
 def test_whole_layer_values_flagged_latents_with_the_value_simulators_own_prediction(
-    assets, tiny_model_dir, tmp_path
+    assets, tiny_model_dir, k3_run, tmp_path
 ):
     from latentsim.config import WholeLayerArguments
     from latentsim.errors import ConfigError
     from latentsim.eval_set import EvalSet
 
-    out = tmp_path / "run"
-    load_script("train/sft.py").main(
-        *sft_args(assets / "value", tiny_model_dir, out, script={"prompt_format": FMT})
-    )
+    out = k3_run  # a K = 3 simulator: its values come from its own 3 bins, not the deciles
     whole = load_script("eval/whole_layer.py").main
     args = dict(
         eval_set=str(assets / "eval_set"),
@@ -292,10 +387,10 @@ def test_whole_layer_values_flagged_latents_with_the_value_simulators_own_predic
         for value in ("oracle", "median", "predicted"):
             assert f"sim@{threshold}:{value}:unexplained_zeroed" in result["sources"]
     assert not [s for s in result["sources"] if s.startswith("firing_rate_random") and ":predicted" in s]
-    # Each text's shard holds P(yes) and the value given active: a mix of the latent's decile values.
+    # Each text's shard holds P(yes) and the value given active: a mix of the latent's 3 bins' values.
     eval_set = EvalSet.open(assets / "eval_set")
     explained = sorted(eval_set.interpretations())
-    bins = bin_values(eval_set.statistics, explained)
+    bins = bin_values(eval_set.statistics, explained, 3)
     shard = np.load(tmp_path / "whole" / "scores" / f"row{result['rows'][0]}.npy")
     assert shard.shape == (8, len(explained), 2)
     p, given = shard[..., 0], shard[..., 1]

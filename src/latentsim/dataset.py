@@ -33,6 +33,7 @@ from latentsim.cache import SparseCache
 from latentsim.cache_reader import CacheReader
 from latentsim.config import DatasetArguments, SAEArguments
 from latentsim.errors import ConfigError
+from latentsim.latent_stats import bin_edges
 from latentsim.prompts import get_format, marked_context, render_completion, render_prompt
 from latentsim.sae import load_sae
 from latentsim.simulators.reference import FIRING_RATE_FLOOR
@@ -170,8 +171,9 @@ def activation_bin(value: float, max_value: float) -> int:
 
 
 def quantile_bin(value: float, edges: np.ndarray) -> int:
-    """0-9: which decile of the latent's non-zero distribution `value` falls in (edges: 11 quantiles)."""
-    return int(min(9, np.searchsorted(edges[1:-1], value, side="right")))
+    """0..K-1: which of the latent's K equal-mass bins of its non-zero distribution `value` falls in (edges:
+    K + 1 quantiles; the deciles' 11 give 0-9)."""
+    return int(min(len(edges) - 2, np.searchsorted(edges[1:-1], value, side="right")))
 
 
 def decoder_neighbours(
@@ -393,6 +395,7 @@ class BuildInputs:
     explained: set[int]
     max_activation: np.ndarray
     quantile_edges: np.ndarray
+    value_edges: np.ndarray | None  # dense value formats: [d_sae, K + 1], each latent's K bins' edges
     firing_rate: np.ndarray  # per latent, share of the cache's tokens it fires on
     same_token: dict[int, np.ndarray] | None  # `hard_negatives: same_token`, see same_token_latents
     neighbours: dict[int, np.ndarray] | None  # `hard_negatives: decoder`, see decoder_neighbours
@@ -435,6 +438,11 @@ class BuildInputs:
             explained=set(explained.tolist()),
             max_activation=stats["max_activation"].numpy(),
             quantile_edges=stats["quantile_edges"].numpy(),
+            value_edges=(
+                bin_edges(stats, list(range(len(stats["quantile_edges"]))), fmt.value_bins)
+                if (fmt := get_format(args.prompt_format)).value_bins
+                else None
+            ),
             firing_rate=stats["firing_rate"].numpy(),
             same_token=same_token_latents(cache) if args.hard_negatives == "same_token" else None,
             neighbours=neighbours,
@@ -623,11 +631,6 @@ class JudgedContext:
         )
         return cls(row, end, window, context, inputs.index.at(row, end), dense)
 
-    @staticmethod
-    def value_edges(fmt, inputs: BuildInputs, latent: int) -> np.ndarray | None:
-        """Dense value formats: the latent's decile edges (training rows' statistics) its token bins use."""
-        return inputs.quantile_edges[latent] if fmt.value_bins else None
-
     def example(
         self, cand: Candidate, inputs: BuildInputs, args: DatasetArguments, rng: np.random.Generator
     ) -> dict:
@@ -663,7 +666,9 @@ class JudgedContext:
             "score": score,
             "prompt_format": args.prompt_format,
             **(
-                self.dense.labels_of(cand.latent, self.value_edges(fmt, inputs, cand.latent))
+                self.dense.labels_of(
+                    cand.latent, None if inputs.value_edges is None else inputs.value_edges[cand.latent]
+                )
                 if self.dense
                 else {}
             ),
@@ -682,8 +687,8 @@ class DenseWindow:
 
     def labels_of(self, latent: int, edges: np.ndarray | None = None) -> dict:
         """The dense columns of one candidate: a 0/1 label and the activation at every window token (-1:
-        none); with the latent's decile `edges` (dense value formats) also `token_bins`: 0 where inactive, 1 +
-        the activation's decile where active (-1: unaligned)."""
+        none); with the edges of the latent's K bins (dense value formats) also `token_bins`: 0 where
+        inactive, 1 + the activation's bin where active (-1: unaligned)."""
         labels = [
             int(latent in a) if e >= 0 else -1 for a, e in zip(self.active, self.token_ends, strict=True)
         ]

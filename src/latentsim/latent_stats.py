@@ -3,7 +3,8 @@
 Saved as `stats/<hookpoint>.safetensors`: firing count and rate, max and mean activation, decile edges of the
 non-zero distribution (`quantile_edges` [d_sae, 11], 0%..100%) and a sorted sample of each latent's non-zero
 activations in CSR form (`sample_values`, `sample_offsets`): evenly spaced order statistics of the full sorted
-set, so the sample's quantiles track the true ones. Position 0 is excluded even when a delphi cache has it.
+set, so the sample's quantiles track the true ones (`bin_edges`: K equal-mass bins for any K). Position 0 is
+excluded even when a delphi cache has it.
 
 data_gen/cache_activations.py computes them over the training rows of the cache's row split only (firing
 rates count training tokens in their denominator too): references, quantile labels, frequency bins and the
@@ -121,6 +122,22 @@ def value_statistics(
         "sample_offsets": sample_offsets,
         "n_tokens": torch.tensor([n_tokens]),
     }
+
+
+def bin_edges(stats: dict, latents: list[int], n_bins: int = N_QUANTILE_BINS) -> np.ndarray:
+    """[len(latents), n_bins + 1]: the edges of each latent's n_bins equal-mass bins of its non-zero training
+    activations (0%..100%): the exact `quantile_edges` for deciles, else the quantiles of its sorted sample
+    (the decile edges interpolated for a latent without one)."""
+    deciles = stats["quantile_edges"].numpy()[latents].astype(np.float64)
+    if n_bins == N_QUANTILE_BINS:
+        return deciles
+    values, offsets = stats["sample_values"].numpy(), stats["sample_offsets"].numpy()
+    at, decile_at = np.linspace(0, 1, n_bins + 1), np.linspace(0, 1, N_QUANTILE_BINS + 1)
+    out = np.zeros((len(latents), n_bins + 1), dtype=np.float64)
+    for i, latent in enumerate(latents):
+        sample = values[offsets[latent] : offsets[latent + 1]]
+        out[i] = np.quantile(sample, at) if len(sample) else np.interp(at, decile_at, deciles[i])
+    return out
 
 
 def stats_summary(stats: dict[str, torch.Tensor], rows: str) -> dict:

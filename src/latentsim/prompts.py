@@ -38,7 +38,7 @@ class PromptFormat:
     question: str  # the instruction that opens the user message
     answers: tuple[str, ...]  # every possible completion; each must be one token for the simulator
     label: str  # what the answer encodes: `active` (Yes/No), `bin` (a 0-9 activation bin) or `active_bin`
-    # (dense value formats: 0 = inactive, else 1 + the activation's decile, answered " No" or a digit 0-9)
+    # (dense value formats: 0 = inactive, else 1 + the activation's bin among K, answered " No" or a digit)
     dense: bool = False  # a verdict at every text token (no chat template), see the module docstring
     judges: str | None = None  # dense: the per-judgment format whose eval sets it scores
 
@@ -99,9 +99,10 @@ SIM_DENSE_V1 = PromptFormat(
 )
 # How strongly, at every token (issue 31): the header and reading of sim_dense_v1, but K + 1 answers, " No"
 # (inactive) or the digit of the activation's decile among the latent's non-zero training activations, 0
-# (weakest) to 9 (strongest) as in sim_value_v1. K is 10, the deciles the cache's statistics keep; bare digits
-# because they are single tokens in every tokenizer we use (SmolLM2 splits " 1" into " " + "1" and "10" in
-# two). P(active) = 1 - P(" No"); the expected activation maps each bin to its value (latentsim.values).
+# (weakest) to 9 (strongest) as in sim_value_v1. K is 10, the deciles the cache's statistics keep (K = 2..9:
+# sim_dense_value_k{K}_v1 below); bare digits because they are single tokens in every tokenizer we use
+# (SmolLM2 splits " 1" into " " + "1" and "10" in two), which is also why K stops at 10. P(active) =
+# 1 - P(" No"); the expected activation maps each bin to its value (latentsim.values).
 SIM_DENSE_VALUE_V1 = PromptFormat(
     name="sim_dense_value_v1",
     question="Latent:",
@@ -110,7 +111,24 @@ SIM_DENSE_VALUE_V1 = PromptFormat(
     dense=True,
     judges="sim_v1",
 )
-PROMPT_FORMATS = {f.name: f for f in (SIM_V1, SIM_VALUE_V1, SIM_DENSE_V1, SIM_DENSE_VALUE_V1)}
+# Fewer bins, K = 2..9 (issue 31: K is chosen by the `prompt_format` key; sim_dense_value_v1 is K = 10): the
+# same header and reading, answers " No" + the digits 0..K-1, bin k holding the latent's training activations
+# between its k/K and (k+1)/K quantiles (latentsim.latent_stats.bin_edges).
+SIM_DENSE_VALUE_K_V1 = {
+    k: PromptFormat(
+        name=f"sim_dense_value_k{k}_v1",
+        question="Latent:",
+        answers=(" No",) + tuple(str(d) for d in range(k)),
+        label="active_bin",
+        dense=True,
+        judges="sim_v1",
+    )
+    for k in range(2, 10)
+}
+PROMPT_FORMATS = {
+    f.name: f
+    for f in (SIM_V1, SIM_VALUE_V1, SIM_DENSE_V1, SIM_DENSE_VALUE_V1, *SIM_DENSE_VALUE_K_V1.values())
+}
 
 
 def get_format(name: str) -> PromptFormat:

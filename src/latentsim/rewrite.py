@@ -92,14 +92,14 @@ def predicted_values(
 
     df = eval_set.split(split, 0, seed)
     df = df[df["context_id"].isin(contexts)]
-    dense_values = bool(get_format(model_simulator(value_simulator).prompt_format or "sim_v1").value_bins)
+    n_bins = get_format(model_simulator(value_simulator).prompt_format or "sim_v1").value_bins
     options = ScoringOptions(dtype=dtype, device=device)
-    scorer, _ = load_scorer(value_simulator, "sim_v1" if dense_values else "sim_value_v1", options)
+    scorer, _ = load_scorer(value_simulator, "sim_v1" if n_bins else "sim_value_v1", options)
     judgments = [Judgment(r.context, r.interpretation, latent=r.latent) for r in df.itertuples(index=False)]
     lat = torch.tensor(df["latent"].to_numpy())
-    if dense_values:
+    if n_bins:
         probs = probabilities(scorer.answer_logits(judgments).astype(np.float64))
-        per_latent = bin_values(eval_set.statistics, df["latent"].tolist())
+        per_latent = bin_values(eval_set.statistics, df["latent"].tolist(), n_bins)
         values = torch.from_numpy(expected_given_active(probs, per_latent))
     else:
         digits = probabilities(scorer.label_logits(judgments))

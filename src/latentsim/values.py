@@ -1,9 +1,10 @@
 """How strongly, not only whether: activations read from dense simulators and scored by correlation.
 
-A dense value format (prompts.py: `sim_dense_value_v1`) answers at every token " No" or the decile of the
-latent's activation among its non-zero training activations. Here:
+A dense value format (prompts.py: `sim_dense_value_v1`, or `sim_dense_value_k{K}_v1` for K = 2..9 bins)
+answers at every token " No" or the bin (decile for K = 10) of the latent's activation among its non-zero
+training activations. Here:
 
-- `bin_values`: each decile's value, the median of the latent's training activations in it (the statistics'
+- `bin_values`: each bin's value, the median of the latent's training activations in it (the statistics'
   sorted sample: latentsim.latent_stats, training rows only);
 - `read_values`: P(active) and the expected activation from any dense simulator's answer probabilities: a
   value format's sum over bins of P(bin) x its value; a Yes/No format's P(yes) x the latent's median, so that
@@ -17,26 +18,31 @@ latent's activation among its non-zero training activations. Here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from latentsim.latent_stats import bin_edges
 from latentsim.metrics import mean_ci, roc_auc
 from latentsim.simulators.base import probabilities
 
 
 def bin_values(statistics: dict, latents: list[int], n_bins: int = 10) -> np.ndarray:
     """[len(latents), n_bins]: the median of each latent's non-zero training activations within each of its
-    deciles (the sample quantile at (k + 0.5) / n_bins), the edges' midpoint for a latent without a sample."""
+    n_bins equal-mass bins (the sample quantile at (k + 0.5) / n_bins), the edges' midpoint for a latent
+    without a sample."""
     values_all = statistics["sample_values"].numpy()
     offsets = statistics["sample_offsets"].numpy()
-    edges = statistics["quantile_edges"].numpy()
     at = (np.arange(n_bins) + 0.5) / n_bins
     out = np.zeros((len(latents), n_bins), dtype=np.float64)
     for i, latent in enumerate(latents):
         sample = values_all[offsets[latent] : offsets[latent + 1]]
-        out[i] = np.quantile(sample, at) if len(sample) else (edges[latent, :-1] + edges[latent, 1:]) / 2
+        if len(sample):
+            out[i] = np.quantile(sample, at)
+        else:
+            edges = bin_edges(statistics, [latent], n_bins)[0]
+            out[i] = (edges[:-1] + edges[1:]) / 2
     return out
 
 
@@ -90,10 +96,10 @@ def latent_value_metrics(p_active: np.ndarray, predicted: np.ndarray, true: np.n
 
 
 def true_bins(true: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """The answer index of each true activation: 0 inactive, else 1 + its decile (the training labels:
-    latentsim.dataset.quantile_bin, vectorised)."""
-    deciles = np.minimum(9, np.searchsorted(edges[1:-1], true, side="right"))
-    return np.where(np.asarray(true) > 0, 1 + deciles, 0).astype(np.int64)
+    """The answer index of each true activation: 0 inactive, else 1 + its bin among the K that `edges` [K + 1]
+    bound (the training labels: latentsim.dataset.quantile_bin, vectorised)."""
+    bins = np.minimum(len(edges) - 2, np.searchsorted(edges[1:-1], true, side="right"))
+    return np.where(np.asarray(true) > 0, 1 + bins, 0).astype(np.int64)
 
 
 def bin_calibration(probs: np.ndarray, bins: np.ndarray) -> dict:
@@ -201,9 +207,10 @@ def summary_table(result: dict) -> str:
 
 @dataclass
 class ValueTexts:
-    """What every simulator is scored on: the held-out latents (their interpretations, bin values and decile
-    edges), the shared random rows, each latent's own top rows, every row's text (latentsim.whole_layer.
-    text_of_row: subject ids with BOS, text, token ends) and true activations [tokens, latents]."""
+    """What every simulator is scored on: the held-out latents (their interpretations; `statistics`, the
+    training rows' latent statistics their bins come from), the shared random rows, each latent's own top
+    rows, every row's text (latentsim.whole_layer.text_of_row: subject ids with BOS, text, token ends) and
+    true activations [tokens, latents]."""
 
     latents: list[int]
     interpretations: list[str]
@@ -211,11 +218,21 @@ class ValueTexts:
     tops: dict[int, list[int]]
     texts: dict[int, tuple]
     activations: dict[int, np.ndarray]
-    bin_values: np.ndarray
-    edges: np.ndarray
+    statistics: dict
+    _bins: dict = field(default_factory=dict)
 
     def rows_of(self, j: int) -> list[int]:
         return self.random_rows + self.tops[self.latents[j]]
+
+    def bins(self, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(values [latents, K], edges [latents, K + 1]) of every latent's K bins, computed once per K: value
+        simulators of different K are scored side by side."""
+        if n_bins not in self._bins:
+            self._bins[n_bins] = (
+                bin_values(self.statistics, self.latents, n_bins),
+                bin_edges(self.statistics, self.latents, n_bins),
+            )
+        return self._bins[n_bins]
 
 
 def simulator_answers(scorer, vt: ValueTexts) -> dict:
@@ -238,7 +255,8 @@ def simulator_answers(scorer, vt: ValueTexts) -> dict:
             got |= {(j, r): logits[0] for r, logits in zip(vt.tops[latent], logits_of, strict=True)}
     out = {}
     for (j, r), logits in got.items():
-        p, v = read_values(logits, vt.bin_values[j])
+        # A Yes/No simulator (2 answers) is valued at the median of the deciles' values.
+        p, v = read_values(logits, vt.bins(logits.shape[-1] - 1 if logits.shape[-1] > 2 else 10)[0][j])
         out[(j, r)] = (p, v, probabilities(logits.astype(np.float64)) if logits.shape[-1] > 2 else None)
     return out
 
@@ -250,7 +268,7 @@ def reference_answers(scorer, vt: ValueTexts, tokenizer) -> dict:
         r: scorer.text_p_yes(vt.latents, vt.interpretations, vt.texts[r][0].numpy(), tokenizer)
         for r in vt.texts
     }
-    medians = np.median(vt.bin_values, axis=1)
+    medians = np.median(vt.bins()[0], axis=1)
     return {
         (j, r): (p[r][:, j], p[r][:, j] * medians[j], None)
         for j in range(len(vt.latents))
@@ -275,7 +293,7 @@ def score_answers(name: str, answers: dict, vt: ValueTexts) -> tuple[list[dict],
             if probs is not None:
                 keep = np.isfinite(probs).all(axis=-1)
                 pooled_probs.append(probs[keep])
-                pooled_bins.append(true_bins(vt.activations[r][keep, j], vt.edges[j]))
+                pooled_bins.append(true_bins(vt.activations[r][keep, j], vt.bins(probs.shape[-1] - 1)[1][j]))
     if not pooled_probs:
         return records, None
     return records, bin_calibration(np.concatenate(pooled_probs), np.concatenate(pooled_bins))

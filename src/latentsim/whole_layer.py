@@ -15,7 +15,7 @@ in at all positions at once):
 - `sim@<threshold>:<value>:<unexplained>`: the latents with P(yes) >= threshold at that position, valued
   `oracle` (the true value where truly active, else the latent's median activation), `median`, or
   `predicted` (a value simulator's expected activation given active: Σ_k P(bin k) value_k / P(active), each
-  decile's value from the training rows, latentsim.values; nothing from the SAE but its decoder); unexplained
+  bin's value from the training rows, latentsim.values; nothing from the SAE but its decoder); unexplained
   latents `zeroed` or `kept` at their SAE values (labelled: kept ones are not the simulator's work);
 - `sim@...:held_out_only:trained_<kept|zeroed>`: only the latents the simulator did not train on are its
   decisions; those it trained on keep their SAE values or are zeroed (`sae:held_out_only`: the held-out
@@ -95,7 +95,8 @@ def simulator_for(args):
         )
     if "predicted" in args.values and not fmt.value_bins:
         raise ConfigError(
-            f"config key `values`: `predicted` needs a value simulator (sim_dense_value_v1); "
+            "config key `values`: `predicted` needs a value simulator (sim_dense_value_v1 or "
+            f"sim_dense_value_k<K>_v1); "
             f"{args.simulator} was trained on {sim.prompt_format!r}."
         )
     return sim

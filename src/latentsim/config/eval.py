@@ -281,7 +281,7 @@ class PatchArguments(RunArguments):
         default=None,
         metadata={
             "help": "For `predicted` values: a train/sft.py run "
-            "trained on sim_value_v1 or sim_dense_value_v1, or a model reference."
+            "trained on sim_value_v1 or a dense value format (sim_dense_value_v1, ...), or a model reference."
         },
     )
     fractions: list[float] = field(
@@ -415,7 +415,7 @@ class WholeLayerArguments(RunArguments):
         metadata={
             "help": "Values of flagged latents: `oracle` (true value where truly active, "
             "median otherwise), `median` (the latent's median activation) and/or `predicted` (a value "
-            "simulator's expected activation given active, sim_dense_value_v1)."
+            "simulator's expected activation given active: sim_dense_value_v1 or sim_dense_value_k{K}_v1)."
         },
     )
     batch_size: int = field(
