@@ -18,7 +18,9 @@ position's context prefix. `l0_matched` is fitted on `calibration_texts` validat
 each reference's under `scores/<name>/`; a rerun reuses them), `per_position.parquet`, `results.json` (KL/CE
 with 95% CIs over texts and over blocks of positions, recovery with CIs over texts, chance's spread over its
 draws, the share of the active latents the simulator controls, judgment metrics with and without positions
-1-2, judgments/s) and `run_config.json` to `output_dir`.
+1-2, judgments/s) and `run_config.json` to `output_dir`. With `first_stage` (train/first_stage.py) the layer
+is also rewritten in two stages: the simulator judges only the `first_stage_k` latents per token the first
+stage proposes (`two_stage@...` rows, scores/two_stage/), and by the first stage alone (`first_stage@...`).
 """
 
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentsim import values, whole_layer
+from latentsim import first_stage, values, whole_layer
 from latentsim.cli import run
 from latentsim.config import WholeLayerArguments
 from latentsim.confirmation import record_look
@@ -107,6 +109,11 @@ def main(args: WholeLayerArguments) -> dict:
         sim_v1,
         bins,
     )
+    stages, about_stages = {}, {}
+    if args.first_stage:  # the simulator again, judging only what the first stage proposes
+        stages, about_stages = first_stage.judge_whole_layer(
+            scorer, sim, args, eval_set, explained, judged_rows, subject_tok, out / "scores"
+        )
     factory.release(scorer)
     predicted = {r: a[..., 1] for r, a in scores.items()} if n_bins else None
     scores = {r: a[..., 0] for r, a in scores.items()} if n_bins else scores
@@ -120,9 +127,9 @@ def main(args: WholeLayerArguments) -> dict:
             rows,
             calibration,
             explained,
-            {whole_layer.SIMULATOR: scores, **ref_scores},
+            {whole_layer.SIMULATOR: scores, **ref_scores, **stages},
             trained_latents,
-            about,
+            {**about, **about_stages},
             predicted,
         )
     atomic_save(out / "per_position.parquet", lambda tmp: table.to_parquet(tmp, index=False))

@@ -682,9 +682,10 @@ def measure(
     predicted: dict[int, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Every source patched into every text and summarised (module docstring). `scores`: {decider: {row:
-    P(yes) [tokens, explained]}}, the simulator's under SIMULATOR and each reference's under `ref:<name>`
-    (calibration rows too when `l0_matched` is asked for); `trained_latents`: the latent ids the simulator
-    trained on; `about_references`: {name: what results.json records about it (judge_references)};
+    P(yes) [tokens, explained]}}, the simulator's under SIMULATOR, each reference's under `ref:<name>` and the
+    two-stage deciders under their names (latentsim.first_stage; calibration rows too when `l0_matched` is
+    asked for); `trained_latents`: the latent ids the simulator trained on; `about_references`: {name: what
+    results.json records about it (judge_references, first_stage.judge_whole_layer)};
     `predicted`: {row: [n_tokens, explained]} a value simulator's values (the `predicted` sources). Returns
     (the per-position table: row, position, source, kl, ce; results.json's measured part)."""
     tokens, n, layer = eval_set.tokens, args.tokens, eval_set.layer
@@ -791,7 +792,14 @@ def measure(
                 **judgments[d],
             }
             for d in scores
-            if d != SIMULATOR
+            if d.startswith(REFERENCE)
+        },
+        # The two-stage deciders (latentsim.first_stage): the first stage alone, and the simulator judging
+        # only what it proposes.
+        "stages": {
+            d: {**(about_references or {}).get(d, {}), "thresholds": thresholds[d], **judgments[d]}
+            for d in scores
+            if d != SIMULATOR and not d.startswith(REFERENCE)
         },
     }
     return table, measured
@@ -852,6 +860,22 @@ def summary_lines(result: dict) -> list[str]:
         seconds = sum(t["seconds"] for t in ref.get("timing", []))
         lines.append(f"  reference {name} ({ref.get('model', name)}; {th}; judged in {seconds:.0f} s)")
         lines += judgment_lines(f"reference {name}", ref["judgments"], ref.get("judgments_from_position_3"))
+    for name, stage in (result.get("stages") or {}).items():
+        th = ", ".join(f"{k} p >= {v:.3g}" for k, v in stage["thresholds"].items())
+        t = stage.get("timing", [])
+        seconds, texts = sum(x["seconds"] for x in t), sum(len(x["rows"]) for x in t)
+        cost = f"{seconds / max(texts, 1):.1f} s per text"
+        if name == "two_stage" and t:
+            judged, every = sum(x["judgments"] for x in t), sum(x["all_judgments"] for x in t)
+            first = sum(x["first_stage_seconds"] for x in t)
+            computed = sum(x["computed_tokens"] for x in t) / max(sum(x["all_computed_tokens"] for x in t), 1)
+            share = 100 * first / max(seconds, 1e-9)
+            cost += (
+                f"; {judged} of {every} judgments ({every / max(judged, 1):.1f}x fewer), computed tokens "
+                f"{computed:.3f} of judging every latent; first stage {share:.1f}% of the time"
+            )
+        lines.append(f"  {name} ({stage.get('model', name)}; {th}; {cost})")
+        lines += judgment_lines(name, stage["judgments"], stage.get("judgments_from_position_3"))
     return lines
 
 

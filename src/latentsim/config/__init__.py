@@ -42,7 +42,7 @@ from latentsim.config.eval import (
     parse_baseline,
 )
 from latentsim.config.parser import parse_config
-from latentsim.config.train import PublishArguments, SimScriptArguments
+from latentsim.config.train import FirstStageArguments, PublishArguments, SimScriptArguments
 from latentsim.errors import ConfigError
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "CorpusArguments",
     "DatasetArguments",
     "EvalArguments",
+    "FirstStageArguments",
     "ExternalEvalArguments",
     "ValueEvalArguments",
     "ExplainArguments",

@@ -421,6 +421,17 @@ class WholeLayerArguments(RunArguments):
     batch_size: int = field(
         default=64, metadata={"help": "Latents per forward pass (each over one whole text)."}
     )
+    first_stage: str = field(
+        default="",
+        metadata={
+            "help": "A train/first_stage.py output of the same dense simulator: also rewrite the layer in "
+            "two stages (the simulator judges only the pairs the first stage proposes: `two_stage@...` "
+            "rows) and with the first stage alone (`first_stage@...`)."
+        },
+    )
+    first_stage_k: int = field(
+        default=0, metadata={"help": "Latents proposed per token (0: the k the first stage chose)."}
+    )
     merge_adapter: bool = field(
         default=True,
         metadata={
@@ -433,6 +444,10 @@ class WholeLayerArguments(RunArguments):
 
     def __post_init__(self):
         check_dtype_device(self)
+        if self.first_stage and not self.simulator:
+            _fail("first_stage", "a first stage serves a dense `simulator` (a train/sft.py run folder).")
+        if self.first_stage_k < 0:
+            _fail("first_stage_k", "must be >= 0 (0: the k the first stage chose on validation texts).")
         for key, fix in (
             ("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
             ("output_dir", "give the folder the results go to"),

@@ -330,6 +330,7 @@ class DenseScorer(HFScorer):
         texts: list[tuple[str, list[int]]],
         progress=None,
         bins: bool = False,
+        proposed: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Every latent's verdict at every judged token of every text: per text (its string and the character
         end of each judged token) an array [n_latents, n_tokens, n_answers] of answer logits, NaN where
@@ -337,7 +338,13 @@ class DenseScorer(HFScorer):
 
         Each interpretation's header goes through the model once; its KV is reused for every text. Latents
         whose headers have the same token length share a batch (no padding anywhere), the text repeated over
-        the batch, and only the aligned positions meet the answer rows of the output embedding."""
+        the batch, and only the aligned positions meet the answer rows of the output embedding.
+
+        `proposed` (the two-stage whole layer: per text [n_latents, n_tokens] bool, latentsim.first_stage):
+        only those pairs are judged, the rest left NaN. A latent proposed nowhere in a text skips it; the
+        others of a header batch run together, the text cut after the last token any of them is proposed at
+        (causal: the verdicts before it are unchanged). With every pair proposed this is the full
+        computation."""
         decoder, head, softcap = _parts(self.model)
         device = head.weight.device
         answer = torch.tensor(self.answer_ids, device=device)
@@ -353,22 +360,38 @@ class DenseScorer(HFScorer):
             for length, chunk, header_cache in self.header_batches(decoder, headers, device):
                 for t, (ids, positions) in enumerate(encoded):
                     judged = [j for j, p in enumerate(positions) if p >= 0]
-                    batch = torch.tensor([ids], device=device).expand(len(chunk), -1)
-                    at = torch.arange(length, length + len(ids), device=device).expand(len(chunk), -1)
+                    members, cache = list(range(len(chunk))), header_cache
+                    wanted = np.ones((len(chunk), len(judged)), dtype=bool)
+                    if proposed is not None:
+                        wanted = proposed[t][np.ix_(chunk, judged)]
+                        members = [c for c in members if wanted[c].any()]
+                        if not members:
+                            continue
+                        if len(members) < len(chunk):
+                            cache = copy.deepcopy(header_cache)
+                            cache.batch_select_indices(torch.tensor(members, device=device))
+                        last = max(positions[judged[j]] for j in np.nonzero(wanted[members].any(axis=0))[0])
+                        if last < positions[judged[-1]]:
+                            ids = ids[: last + 1]
+                    batch = torch.tensor([ids], device=device).expand(len(members), -1)
+                    at = torch.arange(length, length + len(ids), device=device).expand(len(members), -1)
                     hidden = decoder(
                         input_ids=batch,
                         position_ids=at,
                         use_cache=True,
-                        **{cache_keyword(decoder): copy.deepcopy(header_cache)},
+                        **{cache_keyword(decoder): copy.deepcopy(cache)},
                     ).last_hidden_state
-                    rows = hidden[:, [positions[j] for j in judged]]
+                    reads = [j for j in range(len(judged)) if positions[judged[j]] < len(ids)]
+                    rows = hidden[:, [positions[judged[j]] for j in reads]]
                     logits = _answer_logits(rows, head, answer, softcap)[0].cpu().numpy()
-                    out[t][np.ix_(chunk, judged)] = logits
-                    self.stats["computed_tokens"] += len(chunk) * len(ids)
-                    self.stats["judgments"] += len(chunk) * len(judged)
-                    self.stats["prompt_tokens"] += len(chunk) * (length + len(ids))
+                    keep = wanted[np.ix_(members, reads)]
+                    logits[~keep] = np.nan
+                    out[t][np.ix_([chunk[c] for c in members], [judged[j] for j in reads])] = logits
+                    self.stats["computed_tokens"] += len(members) * len(ids)
+                    self.stats["judgments"] += int(keep.sum())
+                    self.stats["prompt_tokens"] += len(members) * (length + len(ids))
                     if progress is not None:
-                        progress.update(len(chunk) * len(judged))
+                        progress.update(int(keep.sum()))
         finally:
             self.model.train(was_training)
         if get_format(self.fmt).value_bins and not bins:

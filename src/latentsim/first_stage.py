@@ -1,0 +1,457 @@
+"""The first stage of a two-stage whole layer (issue 32): every (latent, token) pair scored cheaply, and the
+candidates it proposes handed to the dense judge.
+
+Judging every latent at every token costs one pass over the text per latent. The first stage costs one pass
+per text and one per interpretation, whatever the dictionary's size:
+
+- **token vectors**: one pass of the simulator's model over a text alone (its leading special tokens, then
+  the text as the dense format tokenizes it, prompts.dense_text_ids), the hidden state at the simulator token
+  that ends where each subject token ends (the dense format's reading position); unaligned tokens get none
+  and are never proposed;
+- **interpretation vectors**: one pass over each interpretation's dense header alone (prompts.dense_header),
+  the mean of its hidden states; computed once per dictionary and model, saved under
+  `interpretation_vectors/<key>.safetensors` and read back (`interpretation_vectors`);
+- **the head** (`BilinearHead`): a low-rank bilinear score of the two standardised vectors plus a weight on
+  the latent's log firing rate (training rows' statistics), P(yes) = sigmoid(score). Trained with binary
+  cross-entropy on the cache's labels: every training latent at every token of the training rows, the rows
+  and latents the dense simulator trained on (latentsim.held_out), nothing else;
+- **proposals**: the top-k latents per token (`top_k`), k chosen on validation texts by a recall target
+  (`k_for_recall`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentsim.errors import BadInputError
+from latentsim.io import atomic_save, atomic_write_json
+from latentsim.prompts import dense_header_ids, dense_text_ids
+from latentsim.simulators.hf import _parts
+from latentsim.simulators.reference import FIRING_RATE_FLOOR
+
+RECALL_KS = (8, 32, 128)  # the issue's k per token
+TWO_STAGE, FIRST_STAGE = "two_stage", "first_stage"  # the whole layer's deciders: two_stage@<threshold>, ...
+
+
+def leading_ids(tokenizer) -> list[int]:
+    """The tokenizer's leading special tokens (BOS where it adds one), as a dense header starts with."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return list(ids)
+
+
+@dataclass
+class Encoder:
+    """The simulator's model read as an encoder: hidden states of `layer` (-1: the last, after the final norm)
+    for texts alone and for interpretations' headers alone."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    fmt: str  # the dense format whose header and alignment are read
+    layer: int = -1
+    batch_size: int = 16
+    stats: dict = field(default_factory=lambda: {"text_passes": 0, "interpretation_passes": 0})
+
+    @torch.no_grad()
+    def hidden(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Each sequence's hidden states [len, d] (float32, CPU), right-padded batches (causal attention: no
+        real token sees the padding), longest first."""
+        decoder = _parts(self.model)[0]
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for a in range(0, len(order), self.batch_size):
+                members = order[a : a + self.batch_size]
+                width = max(len(sequences[i]) for i in members)
+                batch = torch.tensor(
+                    [sequences[i] + [pad] * (width - len(sequences[i])) for i in members], device=device
+                )
+                result = decoder(input_ids=batch, output_hidden_states=self.layer != -1)
+                states = result.last_hidden_state if self.layer == -1 else result.hidden_states[self.layer]
+                for row, i in enumerate(members):
+                    out[i] = states[row, : len(sequences[i])].float().cpu()
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def token_vectors(self, texts: list[tuple[str, list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text (its string, each judged token's character end): (vectors [n_tokens, d], aligned
+        [n_tokens] bool), one pass over the text alone; unaligned tokens' rows are zeros."""
+        lead = leading_ids(self.tokenizer)
+        encoded = [dense_text_ids(self.tokenizer, text, ends) for text, ends in texts]
+        states = self.hidden([lead + ids for ids, _ in encoded])
+        self.stats["text_passes"] += len(texts)
+        out = []
+        for (_, positions), h in zip(encoded, states, strict=True):
+            aligned = np.array([p >= 0 for p in positions], dtype=bool)
+            vectors = np.zeros((len(positions), h.shape[1]), dtype=np.float32)
+            at = [len(lead) + p for p in positions if p >= 0]
+            vectors[aligned] = h[at].numpy()
+            out.append((vectors, aligned))
+        return out
+
+    def interpretation_vectors(self, interpretations: list[str]) -> np.ndarray:
+        """[n, d]: the mean hidden state over each interpretation's dense header (after its leading special
+        tokens), one pass per header."""
+        lead = len(leading_ids(self.tokenizer))
+        headers = [dense_header_ids(self.tokenizer, self.fmt, x) for x in interpretations]
+        states = self.hidden(headers)
+        self.stats["interpretation_passes"] += len(interpretations)
+        return np.stack([h[lead:].mean(dim=0).numpy() for h in states]).astype(np.float32)
+
+
+def dictionary_key(identity: dict, interpretations: list[str]) -> str:
+    """What makes a set of interpretation vectors: the model (base, adapter weights' digest, layer, format)
+    and every interpretation, in order."""
+    payload = json.dumps({"identity": identity, "interpretations": interpretations}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def adapter_digest(folder: str | None) -> str | None:
+    """sha256 of an adapter's weights (None without one): a retrained adapter gets new vectors."""
+    if not folder or not (Path(folder) / "adapter_model.safetensors").is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(sim, layer: int, dtype: str) -> dict:
+    """What the vectors depend on besides the interpretations: a dense simulator's base model, adapter
+    weights, format, the layer read and the dtype."""
+    return {
+        "base_model": sim.base_model,
+        "adapter_sha256": adapter_digest(sim.adapter),
+        "prompt_format": sim.prompt_format,
+        "layer": layer,
+        "dtype": dtype,
+    }
+
+
+def log_firing_rate(statistics: dict, latents: list[int]) -> np.ndarray:
+    """The latents' log firing rates in the training rows (floored for latents that never fired)."""
+    rate = statistics["firing_rate"].double().numpy()[np.asarray(latents, dtype=np.int64)]
+    return np.log(np.maximum(rate, FIRING_RATE_FLOOR)).astype(np.float32)
+
+
+def interpretation_vectors(
+    encoder: Encoder, interpretations: list[str], folder: Path, identity: dict
+) -> tuple[np.ndarray, Path]:
+    """The interpretation vectors of a dictionary: read from `folder/<key>.safetensors` when this model has
+    computed them for these interpretations, else computed once and saved there (atomically)."""
+    path = Path(folder) / f"{dictionary_key(identity, interpretations)}.safetensors"
+    if path.is_file():
+        return load_file(path)["vectors"].numpy(), path
+    vectors = encoder.interpretation_vectors(interpretations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"identity": json.dumps(identity, sort_keys=True), "n": str(len(interpretations))}
+    atomic_save(path, lambda tmp: save_file({"vectors": torch.from_numpy(vectors)}, tmp, metadata=metadata))
+    return vectors, path
+
+
+class BilinearHead(torch.nn.Module):
+    """score(token t, latent i) = <U x_t, V g_i> + w log(firing rate_i) + b, with x and g standardised by the
+    training vectors' mean and scale; P(yes) = sigmoid(score)."""
+
+    def __init__(self, token_dim: int, interpretation_dim: int, rank: int):
+        super().__init__()
+        self.token_proj = torch.nn.Linear(token_dim, rank)
+        self.interpretation_proj = torch.nn.Linear(interpretation_dim, rank, bias=False)
+        self.prior_weight = torch.nn.Parameter(torch.ones(1))
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+        for name, dim in (("token", token_dim), ("interpretation", interpretation_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_scale", torch.ones(dim))
+
+    def standardise_from(self, tokens: torch.Tensor, interpretations: torch.Tensor) -> None:
+        for name, x in (("token", tokens), ("interpretation", interpretations)):
+            getattr(self, f"{name}_mean").copy_(x.mean(dim=0))
+            getattr(self, f"{name}_scale").copy_(x.std(dim=0).clamp(min=1e-6))
+
+    def latent_side(self, interpretations: torch.Tensor) -> torch.Tensor:
+        """[L, rank]: the interpretations' projections (computed once per dictionary at scoring time)."""
+        return self.interpretation_proj(
+            (interpretations - self.interpretation_mean) / self.interpretation_scale
+        )
+
+    def forward(
+        self, tokens: torch.Tensor, latent_side: torch.Tensor, log_rate: torch.Tensor
+    ) -> torch.Tensor:
+        """[T, L] scores of tokens [T, d] against latents (`latent_side` [L, rank], log firing rates [L])."""
+        x = self.token_proj((tokens - self.token_mean) / self.token_scale)
+        return x @ latent_side.T + self.prior_weight * log_rate + self.bias
+
+
+def top_k(scores: np.ndarray, k: int, aligned: np.ndarray | None = None) -> np.ndarray:
+    """[T, L] bool: the k highest-scoring latents at each token (every latent when k >= L); none at an
+    unaligned token."""
+    n_latents = scores.shape[1]
+    proposed = np.zeros(scores.shape, dtype=bool)
+    if k >= n_latents:
+        proposed[:] = True
+    elif k > 0:
+        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        np.put_along_axis(proposed, best, True, axis=1)
+    if aligned is not None:
+        proposed[~aligned] = False
+    return proposed
+
+
+def ranks_of_positives(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The rank (0 = best) of each true pair among its token's scores: scores and truth [T, L]; ties count
+    against the positive (a latent tied with it ranks ahead)."""
+    t, j = np.nonzero(truth)
+    return (scores[t] >= scores[t, j][:, None]).sum(axis=1) - 1
+
+
+def recall_at(ranks: np.ndarray, ks) -> dict[str, float]:
+    """Share of true pairs ranked within the top k, per k."""
+    return {str(k): float((ranks < k).mean()) if len(ranks) else float("nan") for k in ks}
+
+
+def k_for_recall(ranks: np.ndarray, target: float, n_latents: int) -> int:
+    """The smallest k whose top-k holds at least `target` of the true pairs (`n_latents` when none can)."""
+    if not len(ranks):
+        return n_latents
+    k = int(np.ceil(np.quantile(ranks + 1, target, method="inverted_cdf")))
+    return min(max(k, 1), n_latents)
+
+
+def active_pairs(cache, rows: list[int], latents: list[int], n_tokens: int) -> dict[int, np.ndarray]:
+    """{row: [n_pairs, 2] (token index 0..n_tokens-1 = position - 1, latent column in `latents`)} of the
+    cached non-zeros among `latents` at positions 1..n_tokens (a latentsim.cache_reader.CacheReader)."""
+    selected = cache.select(np.asarray(sorted(rows)))
+    loc = selected.locations.numpy()
+    column = np.full(int(max(latents)) + 1 if latents else 0, -1, dtype=np.int64)
+    column[np.asarray(latents, dtype=np.int64)] = np.arange(len(latents))
+    lat = loc[:, 2]
+    keep = (lat < len(column)) & (loc[:, 1] >= 1) & (loc[:, 1] <= n_tokens)
+    keep[keep] &= column[lat[keep]] >= 0
+    out = {r: np.zeros((0, 2), dtype=np.int64) for r in rows}
+    for r in np.unique(loc[keep, 0]):
+        mine = keep & (loc[:, 0] == r)
+        out[int(r)] = np.column_stack([loc[mine, 1] - 1, column[lat[mine]]])
+    return out
+
+
+def dense_truth(pairs: np.ndarray, n_tokens: int, n_latents: int) -> np.ndarray:
+    """[n_tokens, n_latents] bool from active_pairs' rows."""
+    truth = np.zeros((n_tokens, n_latents), dtype=bool)
+    truth[pairs[:, 0], pairs[:, 1]] = True
+    return truth
+
+
+def fit_head(
+    tokens: np.ndarray,
+    positives: np.ndarray,
+    interpretations: np.ndarray,
+    log_rate: np.ndarray,
+    rank: int,
+    epochs: int,
+    learning_rate: float,
+    batch_tokens: int,
+    seed: int,
+    progress=None,
+) -> tuple[BilinearHead, list[float]]:
+    """A BilinearHead fitted by binary cross-entropy over every (token, latent) pair: `tokens` [N, d] (aligned
+    training tokens), `positives` [P, 2] (token index, latent column) its true pairs among the
+    `interpretations` [L, d] with `log_rate` [L]. Adam, shuffled token batches; returns the head and each
+    epoch's mean loss."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x, g = torch.from_numpy(tokens).float(), torch.from_numpy(interpretations).float()
+    rate = torch.from_numpy(log_rate).float()
+    head = BilinearHead(x.shape[1], g.shape[1], rank)
+    head.standardise_from(x, g)
+    truth = torch.zeros(len(x), len(g), dtype=torch.bool)
+    truth[torch.from_numpy(positives[:, 0]), torch.from_numpy(positives[:, 1])] = True
+    optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    losses = []
+    for _ in range(epochs):
+        order, total = torch.from_numpy(rng.permutation(len(x))), 0.0
+        for a in range(0, len(x), batch_tokens):
+            batch = order[a : a + batch_tokens]
+            scores = head(x[batch], head.latent_side(g), rate)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, truth[batch].float())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            if progress is not None:
+                progress.update(len(batch))
+        losses.append(total / len(x))
+    return head.eval(), losses
+
+
+def save_head(head: BilinearHead, folder: Path, record: dict) -> None:
+    """first_stage.safetensors (the head's tensors) and first_stage.json (its shape and what made it)."""
+    shape = {
+        "token_dim": head.token_proj.in_features,
+        "interpretation_dim": head.interpretation_proj.in_features,
+        "rank": head.token_proj.out_features,
+    }
+    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    atomic_save(folder / "first_stage.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write_json(folder / "first_stage.json", {"shape": shape, **record})
+
+
+def load_head(folder: Path) -> tuple[BilinearHead, dict]:
+    """A saved head (eval mode) and its record."""
+    record = json.loads((Path(folder) / "first_stage.json").read_text())
+    head = BilinearHead(**record["shape"])
+    head.load_state_dict(load_file(Path(folder) / "first_stage.safetensors"))
+    return head.eval(), record
+
+
+@torch.no_grad()
+def text_scores(
+    head: BilinearHead, token_vectors: np.ndarray, latent_side: torch.Tensor, log_rate
+) -> np.ndarray:
+    """[n_tokens, L] first-stage scores of one text's token vectors against a dictionary's `latent_side`."""
+    rate = torch.as_tensor(np.asarray(log_rate), dtype=torch.float32)
+    return head(torch.from_numpy(token_vectors).float(), latent_side, rate).numpy()
+
+
+@dataclass
+class FirstStage:
+    """A trained first stage ready to score texts against one dictionary: the head, its record, the encoder
+    (the simulator's model), the dictionary's projected interpretation vectors and log firing rates."""
+
+    head: BilinearHead
+    record: dict
+    encoder: Encoder
+    latent_side: torch.Tensor
+    log_rate: np.ndarray
+
+    @classmethod
+    def load(
+        cls,
+        folder,
+        encoder: Encoder,
+        sim,
+        interpretations: list[str],
+        statistics: dict,
+        latents: list[int],
+        dtype,
+    ) -> FirstStage:
+        """The head in `folder` for `sim` (refused for another simulator's weights), the dictionary's vectors
+        read from folder/interpretation_vectors/ when this model computed them, else computed once there."""
+        head, record = load_head(folder)
+        identity = model_identity(sim, record["identity"]["layer"], dtype)
+        trained_for = {k: record["identity"][k] for k in ("base_model", "adapter_sha256", "prompt_format")}
+        if trained_for != {k: identity[k] for k in trained_for}:
+            raise BadInputError(
+                f"config key `first_stage`: {folder} was trained for another simulator "
+                f"({trained_for['base_model']}, adapter sha256 {str(trained_for['adapter_sha256'])[:12]}); "
+                f"train one for {sim.adapter}."
+            )
+        encoder.layer = identity["layer"]
+        vectors, _ = interpretation_vectors(
+            encoder, interpretations, Path(folder) / "interpretation_vectors", identity
+        )
+        with torch.no_grad():
+            side = head.latent_side(torch.from_numpy(vectors))
+        return cls(head, record, encoder, side, log_firing_rate(statistics, latents))
+
+    def scores(self, texts: list[tuple[str, list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: (scores [n_tokens, L], aligned [n_tokens]), one pass over the text."""
+        return [
+            (text_scores(self.head, vectors, self.latent_side, self.log_rate), aligned)
+            for vectors, aligned in self.encoder.token_vectors(texts)
+        ]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def two_stage_p_yes(scorer, stage: FirstStage, interpretations: list[str], texts, k: int, progress=None):
+    """(per text P(yes) [n_tokens, L]: the dense judge's where the first stage proposed the pair (top-k per
+    token), 0 where it did not (not flagged), NaN where unaligned; the timing and counts of both stages)."""
+    start = time.perf_counter()
+    scored = stage.scores(texts)
+    proposed = [top_k(s, k, aligned) for s, aligned in scored]  # [n_tokens, L]
+    first_seconds = time.perf_counter() - start
+    before = dict(scorer.stats)
+    logits = scorer.text_logits(interpretations, texts, progress, proposed=[p.T for p in proposed])
+    out = []
+    for lg, prop, (_, aligned) in zip(logits, proposed, scored, strict=True):
+        judged = sigmoid(lg[..., 1] - lg[..., 0]).T
+        out.append(np.where(prop, judged, np.where(aligned[:, None], 0.0, np.nan)).astype(np.float32))
+    seconds = time.perf_counter() - start
+    aligned_tokens = sum(int(a.sum()) for _, a in scored)
+    ids = sum(len(dense_text_ids(scorer.tokenizer, text, ends)[0]) for text, ends in texts)
+    return out, {
+        "k": k,
+        "seconds": seconds,
+        "first_stage_seconds": first_seconds,
+        "judge_seconds": seconds - first_seconds,
+        "judgments": scorer.stats["judgments"] - before["judgments"],
+        "all_judgments": len(interpretations) * aligned_tokens,
+        "computed_tokens": scorer.stats["computed_tokens"] - before["computed_tokens"],
+        "all_computed_tokens": len(interpretations) * ids,
+    }
+
+
+def judge_whole_layer(
+    scorer, sim, args, eval_set, explained: list[int], rows: list[int], subject_tok, shard_dir
+):
+    """The whole layer's two extra deciders (eval/whole_layer.py with `first_stage`): {FIRST_STAGE: {row: its
+    P(yes) [n_tokens, explained]}, TWO_STAGE: {row: two_stage_p_yes}}, each saved per row under
+    shard_dir/<decider>/ and read back (latentsim.whole_layer.scored_rows), and what results.json records
+    about them (k, the first stage's record, timing and judgment counts per run)."""
+    from latentsim.whole_layer import scored_rows, text_of_row, timings
+
+    interpretations = eval_set.interpretations()
+    listed = [interpretations[i] for i in explained]
+    encoder = Encoder(scorer.model, scorer.tokenizer, sim.prompt_format, batch_size=args.batch_size)
+    stage = FirstStage.load(
+        args.first_stage, encoder, sim, listed, eval_set.statistics, explained, args.dtype
+    )
+    k = args.first_stage_k or stage.record["k"]
+
+    def text(r):
+        return text_of_row(eval_set.tokens, r, args.tokens, subject_tok)[1:]
+
+    def first(todo):
+        start = time.perf_counter()
+        scored = stage.scores([text(r) for r in todo])
+        p = [np.where(a[:, None], sigmoid(s), np.nan).astype(np.float32) for s, a in scored]
+        seconds = time.perf_counter() - start
+        n = sum(int(a.sum()) for _, a in scored) * len(explained)
+        return p, {"rows": todo, "seconds": seconds, "judgments": n, "judgments_per_s": n / seconds}
+
+    def two(todo):
+        from tqdm.auto import tqdm
+
+        with tqdm(desc=f"two-stage judging {len(todo)} texts (k = {k})", unit="judgment") as bar:
+            p, timing = two_stage_p_yes(scorer, stage, listed, [text(r) for r in todo], k, bar)
+        return p, {"rows": todo, **timing}
+
+    scores = {FIRST_STAGE: scored_rows(shard_dir / FIRST_STAGE, rows, first)}
+    scores[TWO_STAGE] = scored_rows(shard_dir / TWO_STAGE, rows, two)
+    about = {
+        FIRST_STAGE: {
+            "model": str(args.first_stage),
+            "record": {x: stage.record[x] for x in ("k", "validation")},
+        },
+        TWO_STAGE: {"model": f"top-{k} of {args.first_stage}, judged by the simulator", "k": k},
+    }
+    for name in scores:
+        about[name]["timing"] = timings(shard_dir / name, rows)
+    return scores, about

@@ -1,0 +1,287 @@
+"""The two-stage whole layer's first stage (issue 32, latentsim.first_stage): token and interpretation vectors
+read as the dense format reads, vectors computed once per dictionary, the bilinear head, proposals and
+recall."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import build_eval_set, load_script, make_explained_cache, sft_args
+
+from latentsim import first_stage
+from latentsim.config import FirstStageArguments
+from latentsim.prompts import dense_header_ids, dense_text_ids
+
+FMT = "sim_dense_v1"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """A cache, a dense mixture, a simulator trained on it (12 steps) and an eval set on the same cache."""
+    root = tmp_path_factory.mktemp("first_stage")
+    make_explained_cache(root, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    build_eval_set(root, tiny_model_dir, out="dense", positives="top_k", top_k=3, prompt_format=FMT)
+    build_eval_set(root, tiny_model_dir)
+    load_script("train/sft.py").main(
+        *sft_args(root / "dense", tiny_model_dir, root / "run", script={"prompt_format": FMT})
+    )
+    return root
+
+
+def encoder_of(model_dir, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    return first_stage.Encoder(model, AutoTokenizer.from_pretrained(str(model_dir)), FMT, **kw)
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_vectors_are_the_hidden_states_of_one_pass_alone(tiny_model_dir, layer):
+    enc = encoder_of(tiny_model_dir, layer=layer, batch_size=2)
+    texts = [("the cat sat on the mat", [3, 7, 11]), ("a b", [1, 3]), ("on the mat the", [2, 6, 10, 14])]
+    got = enc.token_vectors(texts)
+    lead = first_stage.leading_ids(enc.tokenizer)
+    for (text, ends), (vectors, aligned) in zip(texts, got, strict=True):
+        ids, positions = dense_text_ids(enc.tokenizer, text, ends)
+        with torch.no_grad():  # one text alone, no padding
+            out = enc.model.model(input_ids=torch.tensor([lead + ids]), output_hidden_states=True)
+        states = (out.last_hidden_state if layer == -1 else out.hidden_states[layer])[0]
+        assert aligned.tolist() == [p >= 0 for p in positions] and aligned.any()
+        for i, p in enumerate(positions):
+            expected = states[len(lead) + p].numpy() if p >= 0 else np.zeros(states.shape[1])
+            assert np.allclose(vectors[i], expected, atol=1e-5)
+    header = dense_header_ids(enc.tokenizer, FMT, "commas in lists")
+    with torch.no_grad():
+        out = enc.model.model(input_ids=torch.tensor([header]), output_hidden_states=True)
+    states = (out.last_hidden_state if layer == -1 else out.hidden_states[layer])[0]
+    mean = states[len(lead) :].mean(dim=0).numpy()
+    both = enc.interpretation_vectors(["a much longer interpretation of the latent", "commas in lists"])
+    assert np.allclose(both[1], mean, atol=1e-5)  # padded beside a longer header, same as alone
+
+
+def test_interpretation_vectors_are_computed_once_per_dictionary(tiny_model_dir, tmp_path):
+    enc = encoder_of(tiny_model_dir)
+    identity = {"base_model": str(tiny_model_dir), "adapter_sha256": None, "layer": -1}
+    dictionary = ["the word mat", "commas", "numbers"]
+    first, path = first_stage.interpretation_vectors(enc, dictionary, tmp_path, identity)
+    assert enc.stats["interpretation_passes"] == 3 and path.is_file()
+    again, path_again = first_stage.interpretation_vectors(enc, dictionary, tmp_path, identity)
+    assert enc.stats["interpretation_passes"] == 3 and path_again == path  # read back, no pass
+    assert np.array_equal(first, again)
+    # Another dictionary, or another model, is another set of vectors.
+    first_stage.interpretation_vectors(enc, dictionary[:2], tmp_path, identity)
+    first_stage.interpretation_vectors(enc, dictionary, tmp_path, {**identity, "layer": 1})
+    assert enc.stats["interpretation_passes"] == 3 + 2 + 3
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_top_k_ranks_recall_and_the_k_a_target_needs():
+    scores = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.7, 0.1]])
+    truth = np.array([[True, False, False, True], [False, False, True, False]])
+    ranks = first_stage.ranks_of_positives(scores, truth)
+    assert ranks.tolist() == [0, 2, 1]  # latent 3 is third at token 0, latent 2 second at token 1
+    assert first_stage.recall_at(ranks, [1, 2, 3]) == {"1": 1 / 3, "2": 2 / 3, "3": 1.0}
+    assert first_stage.k_for_recall(ranks, 0.6, 4) == 2 and first_stage.k_for_recall(ranks, 1.0, 4) == 3
+    proposed = first_stage.top_k(scores, 2, aligned=np.array([True, False]))
+    assert proposed.tolist() == [[True, False, True, False], [False] * 4]
+    assert first_stage.top_k(scores, 4).all() and first_stage.top_k(scores, 99).all()
+    tied = first_stage.ranks_of_positives(np.zeros((1, 3)), np.array([[False, True, False]]))
+    assert tied.tolist() == [2]  # ties count against the positive
+
+
+def test_the_head_generalises_to_latents_it_never_saw():
+    """Planted structure: a latent fires where its token vector points along its interpretation's direction.
+    Fitted on 40 latents, the head ranks 40 others by their interpretation vectors alone."""
+    rng = np.random.default_rng(0)
+    d, n_latents, n_tokens = 24, 80, 3000
+    directions = rng.normal(size=(n_latents, d))
+    interpretations = directions + 0.1 * rng.normal(size=(n_latents, d))
+    tokens = rng.normal(size=(n_tokens, d))
+    truth = tokens @ directions.T > 2.5 * np.sqrt(d)
+    seen, unseen = np.arange(40), np.arange(40, 80)
+    t, j = np.nonzero(truth[:, seen])
+    head, losses = first_stage.fit_head(
+        tokens.astype(np.float32),
+        np.column_stack([t, j]),
+        interpretations[seen].astype(np.float32),
+        np.zeros(40, dtype=np.float32),
+        rank=d,  # the planted score is <token, direction>: full rank
+        epochs=30,
+        learning_rate=1e-2,
+        batch_tokens=256,
+        seed=0,
+    )
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        side = head.latent_side(torch.from_numpy(interpretations[unseen].astype(np.float32)))
+    scores = first_stage.text_scores(head, tokens.astype(np.float32), side, np.zeros(40))
+    ranks = first_stage.ranks_of_positives(scores, truth[:, unseen])
+    assert len(ranks) > 50
+    chance = 4 / 40
+    assert first_stage.recall_at(ranks, [4])["4"] > 5 * chance
+    # The same head reading other latents' interpretations ranks at chance: it reads the interpretation.
+    with torch.no_grad():
+        wrong = head.latent_side(torch.from_numpy(interpretations[unseen][::-1].copy().astype(np.float32)))
+    shuffled = first_stage.text_scores(head, tokens.astype(np.float32), wrong, np.zeros(40))
+    assert (
+        first_stage.recall_at(first_stage.ranks_of_positives(shuffled, truth[:, unseen]), [4])["4"]
+        < 2 * chance
+    )
+
+
+def first_stage_args(assets, out) -> FirstStageArguments:
+    return FirstStageArguments(
+        eval_set=str(assets / "eval_set"),
+        simulator=str(assets / "run"),
+        rank=8,
+        epochs=2,
+        batch_tokens=64,
+        validation_texts=2,
+        tokens=8,
+        batch_size=4,
+        device="cpu",
+        dtype="float32",
+        output_dir=str(out),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    """The first stage of the tiny simulator and its record."""
+    return load_script("train/first_stage.py").main(first_stage_args(assets, assets / "first_stage"))
+
+
+def test_train_first_stage_on_the_simulators_rows_and_latents(assets, trained, tmp_path):
+    from latentsim.eval_set import EvalSet
+    from latentsim.held_out import training_rows_and_latents
+    from latentsim.simulators import final_simulator
+
+    args = first_stage_args(assets, tmp_path / "fs")
+    train = load_script("train/first_stage.py").main
+    record = train(args)
+    assert record["k"] == trained["k"]  # seeded: the same head and k in another folder
+    rows, latents = training_rows_and_latents(final_simulator(assets / "run"))
+    eval_set = EvalSet.open(assets / "eval_set")
+    explained = set(eval_set.interpretations())
+    assert record["training"]["rows"] == len(rows)
+    assert record["training"]["latents"] == len(explained & latents)
+    assert not set(record["validation"]["rows"]) & rows  # k is chosen on held-out rows
+    assert record["dictionary"] == len(explained) and 1 <= record["k"] <= len(explained)
+    recall = record["validation"]["recall"]
+    assert recall[str(record["k"])] >= 0.9 and recall["128"] == 1.0  # 128 > the tiny dictionary
+    assert record["seconds"]["interpretation_vectors_computed"]
+    head, saved = first_stage.load_head(tmp_path / "fs")
+    assert saved["k"] == record["k"] and head.token_proj.out_features == 8
+    # A rerun of the same config skips; a retrain reads the dictionary's vectors back.
+    assert train(args) == record
+    again = train(FirstStageArguments(**{**args.__dict__, "overwrite": True}))
+    assert not again["seconds"]["interpretation_vectors_computed"]
+    assert again["interpretation_vectors"] == record["interpretation_vectors"]
+    assert json.loads((tmp_path / "fs" / "run_config.json").read_text())["stage"] == "first_stage"
+
+
+def dense_scorer(model_dir, batch_size=3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentsim.prompts import answer_token_ids
+    from latentsim.simulators.hf import DenseScorer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    return DenseScorer(model, tok, answer_token_ids(FMT, tok), batch_size=batch_size, fmt=FMT)
+
+
+INTERPRETATIONS = ["the word mat", "commas in lists", "the token the", "numbers", "a much longer one here"]
+TEXTS = [("the cat sat on the mat", [3, 7, 11, 14, 18, 22]), ("a b, c", [1, 3, 4, 6])]
+
+
+def test_the_judge_with_every_pair_proposed_is_judging_everything(tiny_model_dir):
+    scorer = dense_scorer(tiny_model_dir)
+    full = scorer.text_logits(INTERPRETATIONS, TEXTS)
+    everything = [np.ones((len(INTERPRETATIONS), len(ends)), dtype=bool) for _, ends in TEXTS]
+    again = scorer.text_logits(INTERPRETATIONS, TEXTS, proposed=everything)
+    for a, b in zip(full, again, strict=True):
+        assert np.array_equal(a, b, equal_nan=True)  # exactly: the same passes
+    # A few pairs: those equal the full verdicts, the rest are not judged, and less is computed.
+    rng = np.random.default_rng(0)
+    some = [rng.random((len(INTERPRETATIONS), len(ends))) < 0.25 for _, ends in TEXTS]
+    some[0][:, -1] = False  # nothing proposed at the last token: the text is cut before it
+    some[1][2] = False  # latent 2 proposed nowhere in text 1: it skips the text
+    before = scorer.stats["computed_tokens"]
+    part = scorer.text_logits(INTERPRETATIONS, TEXTS, proposed=some)
+    computed = scorer.stats["computed_tokens"] - before
+    for a, b, wanted in zip(full, part, some, strict=True):
+        judged = wanted & np.isfinite(a[..., 0])
+        assert np.allclose(b[judged], a[judged], atol=1e-5)
+        assert np.isnan(b[~judged]).all()
+    ids = [len(dense_text_ids(scorer.tokenizer, t, e)[0]) for t, e in TEXTS]
+    assert computed < len(INTERPRETATIONS) * sum(ids)
+
+
+def test_two_stage_keeps_what_only_the_judge_tells_apart(tiny_model_dir):
+    """Latents 0 and 1 get the same first-stage score at every token (planted), so the first stage alone
+    cannot tell them apart; proposed, each keeps the judge's own verdict, which differs."""
+    from latentsim.whole_layer import simulator_p_yes
+
+    scorer = dense_scorer(tiny_model_dir)
+    enc = first_stage.Encoder(scorer.model, scorer.tokenizer, FMT)
+    d = scorer.model.config.hidden_size
+    head = first_stage.BilinearHead(d, d, 4)
+    side = torch.zeros(len(INTERPRETATIONS), 4)
+    side[:2] = 5.0  # latents 0 and 1: the same, far ahead of the others wherever the token side is positive
+    stage = first_stage.FirstStage(head, {}, enc, side, np.zeros(len(INTERPRETATIONS), dtype=np.float32))
+    with torch.no_grad():  # every token's side positive along the planted direction
+        head.token_proj.weight.zero_()
+        head.token_proj.bias.fill_(1.0)
+    judge = simulator_p_yes(scorer, INTERPRETATIONS, TEXTS)
+    first = stage.scores(TEXTS)
+    two, timing = first_stage.two_stage_p_yes(scorer, stage, INTERPRETATIONS, TEXTS, k=2)
+    for p_judge, (scores, aligned), p_two in zip(judge, first, two, strict=True):
+        assert np.array_equal(scores[:, 0], scores[:, 1])  # the first stage cannot tell them apart
+        assert not np.allclose(p_judge[aligned, 0], p_judge[aligned, 1])  # the judge can
+        assert np.allclose(p_two[aligned][:, :2], p_judge[aligned][:, :2], atol=1e-5)  # kept
+        assert (p_two[aligned][:, 2:] == 0).all() and np.isnan(p_two[~aligned]).all()  # never proposed
+    assert timing["judgments"] == 2 * sum(int(a.sum()) for _, a in first) < timing["all_judgments"]
+    # With k the dictionary's size the two stages are exactly the judge.
+    everything, _ = first_stage.two_stage_p_yes(scorer, stage, INTERPRETATIONS, TEXTS, k=len(INTERPRETATIONS))
+    for a, b in zip(judge, everything, strict=True):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_whole_layer_in_two_stages(assets, trained, tmp_path):
+    from latentsim.config import WholeLayerArguments
+
+    whole = load_script("eval/whole_layer.py").main
+    common = dict(
+        eval_set=str(assets / "eval_set"),
+        simulator=str(assets / "run"),
+        first_stage=str(assets / "first_stage"),
+        texts=2,
+        tokens=8,
+        calibration_texts=1,
+        batch_size=4,
+        thresholds=["0.5", "l0_matched"],
+        references=[],
+    )
+    n = trained["dictionary"]
+    result = whole(WholeLayerArguments(**common, first_stage_k=n, output_dir=str(tmp_path / "all")))
+    sources = result["sources"]
+    for label in ("0.5", "l0_matched"):  # every latent proposed: the two-stage rows are the simulator's
+        for value in ("oracle", "median"):
+            name = f"{label}:{value}:unexplained_zeroed"
+            assert sources[f"two_stage@{name}"]["kl"]["mean"] == sources[f"sim@{name}"]["kl"]["mean"]
+            assert f"first_stage@{name}" in sources
+    stages = result["stages"]
+    assert stages["two_stage"]["k"] == n and stages["two_stage"]["thresholds"] == result["thresholds"]
+    timing = stages["two_stage"]["timing"]
+    assert sum(t["judgments"] for t in timing) == sum(t["all_judgments"] for t in timing)
+    # The first stage's own k: fewer judgments; the scores say 0 (not flagged) where nothing was proposed.
+    small = whole(WholeLayerArguments(**common, output_dir=str(tmp_path / "k")))
+    timing = small["stages"]["two_stage"]["timing"]
+    assert small["stages"]["two_stage"]["k"] == trained["k"]
+    judged, every = sum(t["judgments"] for t in timing), sum(t["all_judgments"] for t in timing)
+    assert judged == every * trained["k"] / n if trained["k"] < n else judged == every
+    shard = np.load(tmp_path / "k" / "scores" / "two_stage" / f"row{small['rows'][0]}.npy")
+    aligned = np.isfinite(shard).any(axis=1)
+    assert ((shard[aligned] > 0).sum(axis=1) <= trained["k"]).all()
