@@ -182,7 +182,8 @@ levers() {
   # retrained with one change each (LoRA rank 64; 320 steps; every active latent a positive; frequency-matched
   # negatives), scored beside the prompted baselines on the same plain token lists and the references, B's learning
   # curve (step 160 and 320 on the richer text: the text lever alone, then both levers), the few-shot baseline
-  # on the study's per-latent set, and B's recipe as a value simulator (correlation, the layer with its values).
+  # on the study's per-latent set, B's recipe as a value simulator (correlation, the layer with its values), and
+  # B's whole layer in two stages (a first stage proposes, B judges).
   setup
   RUN=levers
   local out=outputs/study/levers t0=$SECONDS c=configs/study/levers s=configs/study
@@ -212,6 +213,10 @@ levers() {
     --config $c/sft_smollm2-135m_dense_value_quantiles_top5_rich_320steps.yaml
   stage values "$PY" eval/score_values.py --config $c/values_rich.yaml
   stage whole_layer_value "$PY" eval/whole_layer.py --config $c/whole_layer_value.yaml
+  # The whole dictionary at a fraction of the cost (issue 32): B's first stage, then B's whole layer judged both
+  # ways (every latent; only the first stage's proposals) on the test split.
+  stage first_stage_b "$PY" train/first_stage.py --config $c/first_stage_b.yaml
+  stage whole_layer_two_stage "$PY" eval/whole_layer.py --config $c/whole_layer_two_stage.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"
   echo "[levers] done in $((SECONDS - t0)) s; outputs are in $out/ (tables: $out/eval/report/report.md)"

@@ -109,14 +109,14 @@ def main(args: WholeLayerArguments) -> dict:
         sim_v1,
         bins,
     )
+    predicted = {r: a[..., 1] for r, a in scores.items()} if n_bins else None
+    scores = {r: a[..., 0] for r, a in scores.items()} if n_bins else scores
     stages, about_stages = {}, {}
     if args.first_stage:  # the simulator again, judging only what the first stage proposes
         stages, about_stages = first_stage.judge_whole_layer(
-            scorer, sim, args, eval_set, explained, judged_rows, subject_tok, out / "scores"
+            scorer, sim, args, eval_set, explained, judged_rows, subject_tok, out / "scores", scores
         )
     factory.release(scorer)
-    predicted = {r: a[..., 1] for r, a in scores.items()} if n_bins else None
-    scores = {r: a[..., 0] for r, a in scores.items()} if n_bins else scores
 
     with torch.no_grad():
         table, measured = whole_layer.measure(

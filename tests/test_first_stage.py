@@ -282,6 +282,15 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     assert small["stages"]["two_stage"]["k"] == trained["k"]
     judged, every = sum(t["judgments"] for t in timing), sum(t["all_judgments"] for t in timing)
     assert judged == every * trained["k"] / n if trained["k"] < n else judged == every
+    # Recall of the truly active latents and of the simulator's flags, at 8, 32, 128 and its k.
+    recall = small["stages"]["first_stage"]["recall"]
+    judged_rows = small["calibration_rows"] + small["rows"]
+    flagged = sum(int((np.load(tmp_path / "k" / "scores" / f"row{r}.npy") >= 0.5).sum()) for r in judged_rows)
+    assert recall["flagged_by_simulator@0.5"]["pairs"] == flagged
+    got = recall["truly_active"]["recall"]
+    assert recall["truly_active"]["pairs"] > 0
+    assert set(got) == {"8", "32", "128", str(trained["k"])} and got["128"] == 1.0
+    assert got["8"] <= got["32"] <= got["128"]
     shard = np.load(tmp_path / "k" / "scores" / "two_stage" / f"row{small['rows'][0]}.npy")
     aligned = np.isfinite(shard).any(axis=1)
     assert ((shard[aligned] > 0).sum(axis=1) <= trained["k"]).all()

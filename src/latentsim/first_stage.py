@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentsim.errors import BadInputError
+from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, atomic_write_json
 from latentsim.prompts import dense_header_ids, dense_text_ids
 from latentsim.simulators.hf import _parts
@@ -408,13 +409,39 @@ def two_stage_p_yes(scorer, stage: FirstStage, interpretations: list[str], texts
     }
 
 
+def proposal_recall(
+    first: dict[int, np.ndarray], wanted: dict[str, dict[int, np.ndarray]], ks, held_out: np.ndarray
+) -> dict:
+    """Recall at each k of the first stage's top-k per token ({row: its P(yes) [n_tokens, L]}, NaN where
+    unaligned) of each set of `wanted` pairs ({name: {row: [n_tokens, L] bool}}), over every latent and over
+    `held_out` [L] latents only."""
+    out = {}
+    for name, by_row in wanted.items():
+        ranks, ranks_held_out = [], []
+        for r, p in first.items():
+            aligned = np.isfinite(p).all(axis=1)
+            truth = by_row[r][aligned]
+            ranks.append(ranks_of_positives(p[aligned], truth))
+            ranks_held_out.append(ranks_of_positives(p[aligned], truth & held_out))
+        ranks, ranks_held_out = np.concatenate(ranks), np.concatenate(ranks_held_out)
+        out[name] = {
+            "pairs": int(len(ranks)),
+            "recall": recall_at(ranks, ks),
+            "held_out_pairs": int(len(ranks_held_out)),
+            "recall_held_out_latents": recall_at(ranks_held_out, ks),
+        }
+    return out
+
+
 def judge_whole_layer(
-    scorer, sim, args, eval_set, explained: list[int], rows: list[int], subject_tok, shard_dir
+    scorer, sim, args, eval_set, explained: list[int], rows: list[int], subject_tok, shard_dir, judge: dict
 ):
     """The whole layer's two extra deciders (eval/whole_layer.py with `first_stage`): {FIRST_STAGE: {row: its
     P(yes) [n_tokens, explained]}, TWO_STAGE: {row: two_stage_p_yes}}, each saved per row under
     shard_dir/<decider>/ and read back (latentsim.whole_layer.scored_rows), and what results.json records
-    about them (k, the first stage's record, timing and judgment counts per run)."""
+    about them: k, timing and judgment counts per run, and the first stage's recall at k = 8, 32, 128 and its
+    own k of the truly active latents (the cache's) and of those the simulator (`judge`: {row: P(yes)})
+    flags at P >= 0.5, on every judged row."""
     from latentsim.whole_layer import scored_rows, text_of_row, timings
 
     interpretations = eval_set.interpretations()
@@ -454,4 +481,15 @@ def judge_whole_layer(
     }
     for name in scores:
         about[name]["timing"] = timings(shard_dir / name, rows)
+    pairs = active_pairs(eval_set.cache, rows, explained, args.tokens)
+    trained_latents = training_rows_and_latents(sim)[1]
+    about[FIRST_STAGE]["recall"] = proposal_recall(
+        scores[FIRST_STAGE],
+        {
+            "truly_active": {r: dense_truth(pairs[r], args.tokens, len(explained)) for r in rows},
+            "flagged_by_simulator@0.5": {r: np.nan_to_num(judge[r], nan=-1.0) >= 0.5 for r in rows},
+        },
+        sorted({*RECALL_KS, k}),
+        np.array([latent not in trained_latents for latent in explained]),
+    )
     return scores, about
