@@ -6,6 +6,7 @@
 #   ./launch.sh test [--slow|--vllm]  set up, run the test suite (--slow: + the real model; --vllm: the vLLM tier)
 #   ./launch.sh bench                 set up, run bench/*.py, write outputs/bench/results.json
 #   ./launch.sh bench --scale         the scale benchmark (bench/scale.py: synthetic 1M/3M/10M-token caches, ~17 min)
+#   ./launch.sh bench --two_stage     the whole layer judged two ways vs dictionary size (bench/two_stage.py)
 #   ./launch.sh gpu_check [--dry_run true]  on a GPU: vLLM vs hf, bf16 + ZeRO-3 training (bench/gpu_check.sh)
 #   ./launch.sh sft CONFIG [ARGS]     accelerate launch train/sft.py (ACCEL=cpu|single_gpu|multi_gpu|deepspeed_zero2|...)
 #   ./launch.sh python SCRIPT [ARGS]  run an entry script in its environment: .venv-vllm when its backend is vllm
@@ -20,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1; }
 
@@ -254,6 +255,10 @@ case "$verb" in
       exec "$PY" bench/scale.py "$@"  # synthetic caches: no model needed
     fi
     setup_embedded
+    if [ "${1:-}" = "--two_stage" ]; then
+      shift
+      exec "$PY" bench/two_stage.py "$@"
+    fi
     exec "$PY" bench/run_all.py "$@" ;;
   gpu_check)
     # --bundle DIR: build the offline check's bundle here (CPU, package index); --rehearse [ARGS]: the offline

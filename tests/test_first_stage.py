@@ -294,3 +294,31 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     shard = np.load(tmp_path / "k" / "scores" / "two_stage" / f"row{small['rows'][0]}.npy")
     aligned = np.isfinite(shard).any(axis=1)
     assert ((shard[aligned] > 0).sum(axis=1) <= trained["k"]).all()
+
+
+def test_bench_two_stage_and_the_cost_model(tiny_model_dir, tmp_path):
+    from latentsim.bench import bench_two_stage
+    from latentsim.config import TwoStageBenchArguments
+    from latentsim.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
+    text, ends = TEXTS[0]
+    results = bench_two_stage(model, tok, INTERPRETATIONS, text, ends, [10, 40], k=2, sample_latents=6)
+    n_tokens = len(ends)
+    for r, size in zip(results, (10, 40), strict=True):
+        assert r["exact"] and r["latents"] == size
+        assert r["judgments"] == {"every_latent": size * n_tokens, "two_stage": 2 * n_tokens}
+        assert r["sampled_latents"] == min(6, r["proposed_latents"]) and r["proposed_latents"] <= 2 * n_tokens
+        s = r["seconds_per_text"]
+        assert s["two_stage"] == pytest.approx(s["first_stage"] + s["two_stage_judge"])
+        # Cut after each latent's last proposed token: never more than judging every token computes.
+        assert (
+            r["two_stage_computed_tokens_per_proposed_latent"] <= r["every_latent_computed_tokens_per_latent"]
+        )
+    bench = load_script("bench/two_stage.py")
+    args = TwoStageBenchArguments(k=2, tokens=n_tokens, target_latents=1000, target_parameters=1e9)
+    model_1000 = bench.cost_model(args, results[-1])
+    per = results[-1]["every_latent_computed_tokens_per_latent"]
+    assert model_1000["flop_per_text"]["judge_every_latent"] == pytest.approx(2e9 * 1000 * per)
+    assert model_1000["proposed_latents_per_text"] == 2 * n_tokens
+    assert model_1000["ratio"] > 1

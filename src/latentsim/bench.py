@@ -533,3 +533,110 @@ def scoring_judgments(eval_set: Path, n_contexts: int, per_context: int) -> list
             interp = ", ".join(f'"{w.strip(".,")}"' for w in rng.sample(TEXT, rng.randint(3, 12)))
             judgments.append(Judgment(context, interp))
     return judgments
+
+
+def dictionary_of(interpretations: list[str], size: int) -> list[str]:
+    """`size` interpretations: the real ones, then numbered copies of them (timing only: a pass costs what its
+    header's length costs, whatever it says)."""
+    n = len(interpretations)
+    return [interpretations[i % n] + ("" if i < n else f" ({i // n})") for i in range(size)]
+
+
+def bench_two_stage(
+    model,
+    tokenizer,
+    interpretations: list[str],
+    text: str,
+    token_ends: list[int],
+    sizes: list[int],
+    k: int,
+    sample_latents: int,
+    rank: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[dict]:
+    """Seconds per text of the whole layer judged both ways, per dictionary size (latentsim.first_stage).
+
+    Measured at each size: the first stage (one pass over the text, then its scores against every latent and
+    the top-k; random head and interpretation vectors: its cost does not depend on their values) and the dense
+    judge on a seeded sample of `sample_latents` of the latents the first stage proposes, judging every token
+    (one way) and only their proposed tokens (the other). Judging every latent is one pass per latent, so its
+    time is the sample's x size / sample; the two-stage judge's is the sample's x proposed latents / sample.
+    Interpretation vectors (once per dictionary) are timed on the sample's headers, per header. With random
+    vectors the proposals are as diverse as top-k allows: the two-stage numbers are an upper bound. Exactness:
+    the two-stage verdicts equal judging everything on every proposed pair of the sample (< 1e-4)."""
+    from latentsim import first_stage
+    from latentsim.prompts import answer_token_ids, dense_header_ids
+    from latentsim.simulators import scorer_for_model
+
+    scorer = scorer_for_model(model, tokenizer, "sim_dense_v1", answer_token_ids("sim_dense_v1", tokenizer))
+    scorer.batch_size = batch_size
+    encoder = first_stage.Encoder(model, tokenizer, "sim_dense_v1", batch_size=batch_size)
+    d = model.config.get_text_config().hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    head = first_stage.BilinearHead(d, d, rank).eval()
+    rng = np.random.default_rng(seed)
+    texts = [(text, token_ends)]
+    out = []
+    for size in sizes:
+        dictionary = dictionary_of(interpretations, size)
+        side = torch.randn(size, rank, generator=gen)
+        start = time.perf_counter()
+        vectors, aligned = encoder.token_vectors(texts)[0]
+        scores = first_stage.text_scores(head, vectors, side, np.zeros(size, dtype=np.float32))
+        proposed = first_stage.top_k(scores, k, aligned)  # [tokens, size]
+        first_seconds = time.perf_counter() - start
+        candidates = np.nonzero(proposed.any(axis=0))[0]
+        sample = np.sort(rng.choice(candidates, min(sample_latents, len(candidates)), replace=False))
+        listed = [dictionary[i] for i in sample]
+        before = scorer.stats["computed_tokens"]
+        start = time.perf_counter()
+        full = scorer.text_logits(listed, texts)[0]
+        all_seconds = time.perf_counter() - start
+        full_computed = scorer.stats["computed_tokens"] - before
+        before = scorer.stats["computed_tokens"]
+        start = time.perf_counter()
+        two = scorer.text_logits(listed, texts, proposed=[proposed[:, sample].T])[0]
+        judge_seconds = time.perf_counter() - start
+        computed = scorer.stats["computed_tokens"] - before
+        start = time.perf_counter()
+        encoder.interpretation_vectors(listed)
+        header_seconds = (time.perf_counter() - start) / len(sample)
+        wanted = proposed[:, sample].T & np.isfinite(full[..., 0])
+        max_diff = float(np.abs(two[wanted] - full[wanted]).max()) if wanted.any() else 0.0
+        judge_all = all_seconds * size / len(sample)
+        judge_two = judge_seconds * len(candidates) / len(sample)
+        n_tokens = int(aligned.sum())
+        out.append(
+            {
+                "name": f"two_stage_whole_layer[{size} latents x {len(token_ends)} tokens, k = {k}]",
+                "latents": size,
+                "k": k,
+                "seconds_per_text": {
+                    "judge_every_latent": judge_all,
+                    "two_stage": first_seconds + judge_two,
+                    "first_stage": first_seconds,
+                    "two_stage_judge": judge_two,
+                },
+                "ratio_vs_naive": judge_all / (first_seconds + judge_two),
+                "naive": "the dense simulator judging every latent at every token (one pass per latent)",
+                "first_stage_share": first_seconds / (first_seconds + judge_two),
+                "judgments": {"every_latent": size * n_tokens, "two_stage": int(proposed.sum())},
+                "proposed_latents": int(len(candidates)),
+                "sampled_latents": int(len(sample)),
+                # tokens through the model per latent (its header + the text, cut short in two stages)
+                "every_latent_computed_tokens_per_latent": full_computed / len(sample),
+                "two_stage_computed_tokens_per_proposed_latent": computed / len(sample),
+                "first_stage_computed_tokens": len(first_stage.leading_ids(tokenizer)) + n_tokens,
+                "header_tokens_per_latent": float(
+                    np.mean([len(dense_header_ids(tokenizer, "sim_dense_v1", x)) for x in listed])
+                ),
+                "interpretation_vectors_seconds_per_dictionary": header_seconds * size,
+                "extrapolated": "judging every latent: sample x latents / sample; the two-stage judge: "
+                "sample x proposed latents / sample; interpretation vectors: per header x latents",
+                "exact": max_diff < 1e-4,
+                "exactness_check": "two-stage verdicts vs judging everything on every proposed pair of the "
+                f"sample, |delta logit| < 1e-4 (fp32): max {max_diff:.1e}",
+            }
+        )
+    return out

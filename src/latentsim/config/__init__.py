@@ -5,7 +5,7 @@ here, so entry scripts import from `latentsim.config`. Parsing is strict: an unk
 the key, the file and the closest valid key.
 """
 
-from latentsim.config.bench import BenchArguments, GpuCheckArguments, ScaleArguments
+from latentsim.config.bench import BenchArguments, GpuCheckArguments, ScaleArguments, TwoStageBenchArguments
 from latentsim.config.common import (
     DTYPES,
     EMBEDDED_PREFIX,
@@ -50,6 +50,7 @@ __all__ = [
     "BenchArguments",
     "GpuCheckArguments",
     "ScaleArguments",
+    "TwoStageBenchArguments",
     "DTYPES",
     "EMBEDDED_PREFIX",
     "HOOKPOINT_RE",

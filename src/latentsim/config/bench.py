@@ -159,3 +159,36 @@ class ScaleArguments:
         _require_positive(self, "width", "l0", "n_splits", "ctx_len", "explain_latents", "max_rows_per_split")
         if not self.sizes or min(self.sizes) < self.ctx_len:
             _fail("sizes", f"each size must be at least ctx_len ({self.ctx_len}) tokens.")
+
+
+@dataclass
+class TwoStageBenchArguments:
+    """bench/two_stage.py: seconds per text of the whole layer judged both ways against dictionary size, and
+    the cost model of a 131k dictionary with an 8B simulator on one H200."""
+
+    model: str = field(default="embedded:smollm2-135m", metadata={"help": "The simulator's model."})
+    eval_set: str = field(
+        default="outputs/quickstart/datasets/eval_quantiles",
+        metadata={"help": "Its interpretations (synthetic ones when missing); timing only."},
+    )
+    sizes: list[int] = field(default_factory=lambda: [2048, 8192, 32768], metadata={"help": "Dictionaries."})
+    k: int = field(default=32, metadata={"help": "Latents proposed per token."})
+    tokens: int = field(default=64, metadata={"help": "Tokens of the text."})
+    sample_latents: int = field(default=64, metadata={"help": "Proposed latents judged for real per size."})
+    batch_size: int = field(default=64, metadata={"help": "Latents per forward pass."})
+    target_parameters: float = field(
+        default=6.98e9,
+        metadata={"help": "Cost model: the simulator's non-embedding parameters (Llama-3.1-8B)."},
+    )
+    target_latents: int = field(default=131072, metadata={"help": "Cost model: the dictionary (the seed's)."})
+    target_tflops: float = field(
+        default=989.0, metadata={"help": "Cost model: the GPU's dense bf16 TFLOP/s (H200 SXM) at full use."}
+    )
+    output: str = field(default="outputs/bench/two_stage.json", metadata={"help": "Where the results go."})
+
+    def __post_init__(self):
+        _require_positive(self, "k", "tokens", "sample_latents", "batch_size", "target_latents")
+        if not self.sizes or min(self.sizes) < 1:
+            _fail("sizes", f"{self.sizes}: give dictionary sizes >= 1.")
+        if self.target_parameters <= 0 or self.target_tflops <= 0:
+            _fail("target_parameters", "the cost model's parameters and TFLOP/s must be > 0.")
