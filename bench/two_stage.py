@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from latentsim.bench import TEXT, bench_two_stage, whole_layer_inputs
+from latentsim.bench import TEXT, bench_two_stage, two_stage_cost_model, whole_layer_inputs
 from latentsim.cli import run
 from latentsim.config import TwoStageBenchArguments
 from latentsim.io import atomic_write_json, provenance
@@ -23,36 +23,6 @@ from latentsim.models import load_model_and_tokenizer
 
 # The config dataclasses this script parses.
 DATACLASSES = (TwoStageBenchArguments,)
-
-
-def cost_model(args: TwoStageBenchArguments, measured: dict) -> dict:
-    """FLOPs and seconds per text at full use for `target_latents` latents and a `target_parameters`
-    simulator, from the largest measured size's tokens per latent (every latent: its header + the text; two
-    stages: the text cut after its last proposed token) and proposals as diverse as top-k allows (tokens x k
-    latents)."""
-    n, flop = args.target_latents, 2 * args.target_parameters
-    proposed = min(n, args.tokens * args.k)
-    every = flop * n * measured["every_latent_computed_tokens_per_latent"]
-    first = flop * measured["first_stage_computed_tokens"]
-    judge = flop * proposed * measured["two_stage_computed_tokens_per_proposed_latent"]
-    seconds = {
-        k: v / (args.target_tflops * 1e12)
-        for k, v in {"every": every, "first": first, "judge": judge}.items()
-    }
-    return {
-        "latents": n,
-        "non_embedding_parameters": args.target_parameters,
-        "tflops_at_full_use": args.target_tflops,
-        "proposed_latents_per_text": proposed,
-        "flop_per_text": {"judge_every_latent": every, "first_stage": first, "two_stage_judge": judge},
-        "seconds_per_text": {
-            "judge_every_latent": seconds["every"],
-            "two_stage": seconds["first"] + seconds["judge"],
-        },
-        "ratio": every / (first + judge),
-        "interpretation_vectors_flop_per_dictionary": flop * n * measured["header_tokens_per_latent"],
-        "from": measured["name"],
-    }
 
 
 def main(args: TwoStageBenchArguments) -> dict:
@@ -80,7 +50,9 @@ def main(args: TwoStageBenchArguments) -> dict:
             f"{r['proposed_latents']} latents proposed); exact: {r['exact']}",
             flush=True,
         )
-    model_131k = cost_model(args, results[-1])
+    model_131k = two_stage_cost_model(
+        args.target_latents, args.target_parameters, args.target_tflops, args.tokens, args.k, results[-1]
+    )
     print(
         f"[bench] cost model, {args.target_latents} latents, {args.target_parameters / 1e9:.1f}B "
         f"non-embedding parameters, {args.target_tflops:.0f} TFLOP/s at full use: judging every latent "

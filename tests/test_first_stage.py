@@ -298,7 +298,6 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
 
 def test_bench_two_stage_and_the_cost_model(tiny_model_dir, tmp_path):
     from latentsim.bench import bench_two_stage
-    from latentsim.config import TwoStageBenchArguments
     from latentsim.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
@@ -315,9 +314,9 @@ def test_bench_two_stage_and_the_cost_model(tiny_model_dir, tmp_path):
         assert (
             r["two_stage_computed_tokens_per_proposed_latent"] <= r["every_latent_computed_tokens_per_latent"]
         )
-    bench = load_script("bench/two_stage.py")
-    args = TwoStageBenchArguments(k=2, tokens=n_tokens, target_latents=1000, target_parameters=1e9)
-    model_1000 = bench.cost_model(args, results[-1])
+    from latentsim.bench import two_stage_cost_model
+
+    model_1000 = two_stage_cost_model(1000, 1e9, 100.0, n_tokens, 2, results[-1])
     per = results[-1]["every_latent_computed_tokens_per_latent"]
     assert model_1000["flop_per_text"]["judge_every_latent"] == pytest.approx(2e9 * 1000 * per)
     assert model_1000["proposed_latents_per_text"] == 2 * n_tokens

@@ -87,14 +87,7 @@ def main(args: FirstStageArguments) -> dict:
     text_seconds = (time.perf_counter() - start) / len(texts)
     train_latents = [explained[j] for j in train_columns]
     pairs = first_stage.active_pairs(eval_set.cache, train_rows, train_latents, n_train)
-    tokens, positives, offset = [], [], 0
-    for r, (vec, aligned) in zip(train_rows, encoded, strict=True):
-        index = np.cumsum(aligned) - 1  # each aligned position's row in `tokens`
-        p = pairs[r][aligned[pairs[r][:, 0]]]
-        tokens.append(vec[aligned])
-        positives.append(np.column_stack([offset + index[p[:, 0]], p[:, 1]]))
-        offset += int(aligned.sum())
-    tokens, positives = np.concatenate(tokens), np.concatenate(positives)
+    tokens, positives = first_stage.training_pairs([pairs[r] for r in train_rows], encoded)
     with tqdm(total=len(tokens) * args.epochs, desc="fitting the head", unit="token") as bar:
         head, losses = first_stage.fit_head(
             tokens,

@@ -640,3 +640,32 @@ def bench_two_stage(
             }
         )
     return out
+
+
+def two_stage_cost_model(
+    latents: int, parameters: float, tflops: float, tokens: int, k: int, measured: dict
+) -> dict:
+    """FLOPs and seconds per text at full use for `latents` latents and a simulator of `parameters`
+    non-embedding parameters at `tflops` TFLOP/s, from the `measured` (bench_two_stage) tokens per latent
+    (every latent: its header + the text; two stages: the text cut after its last proposed token) and
+    proposals as diverse as top-k allows (`tokens` x `k` latents): FLOPs = 2 x parameters x tokens."""
+    n, flop = latents, 2 * parameters
+    proposed = min(n, tokens * k)
+    every = flop * n * measured["every_latent_computed_tokens_per_latent"]
+    first = flop * measured["first_stage_computed_tokens"]
+    judge = flop * proposed * measured["two_stage_computed_tokens_per_proposed_latent"]
+    seconds = {k: v / (tflops * 1e12) for k, v in {"every": every, "first": first, "judge": judge}.items()}
+    return {
+        "latents": n,
+        "non_embedding_parameters": parameters,
+        "tflops_at_full_use": tflops,
+        "proposed_latents_per_text": proposed,
+        "flop_per_text": {"judge_every_latent": every, "first_stage": first, "two_stage_judge": judge},
+        "seconds_per_text": {
+            "judge_every_latent": seconds["every"],
+            "two_stage": seconds["first"] + seconds["judge"],
+        },
+        "ratio": every / (first + judge),
+        "interpretation_vectors_flop_per_dictionary": flop * n * measured["header_tokens_per_latent"],
+        "from": measured["name"],
+    }

@@ -250,6 +250,21 @@ def active_pairs(cache, rows: list[int], latents: list[int], n_tokens: int) -> d
     return out
 
 
+def training_pairs(
+    pairs: list[np.ndarray], encoded: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token vectors [N, d] of every aligned position of the texts, their true pairs [P, 2] (row in the
+    vectors, latent column)) from each text's active_pairs and token_vectors."""
+    tokens, positives, offset = [], [], 0
+    for text_pairs, (vectors, aligned) in zip(pairs, encoded, strict=True):
+        index = np.cumsum(aligned) - 1  # each aligned position's row among the text's kept vectors
+        kept = text_pairs[aligned[text_pairs[:, 0]]]
+        tokens.append(vectors[aligned])
+        positives.append(np.column_stack([offset + index[kept[:, 0]], kept[:, 1]]))
+        offset += int(aligned.sum())
+    return np.concatenate(tokens), np.concatenate(positives)
+
+
 def dense_truth(pairs: np.ndarray, n_tokens: int, n_latents: int) -> np.ndarray:
     """[n_tokens, n_latents] bool from active_pairs' rows."""
     truth = np.zeros((n_tokens, n_latents), dtype=bool)
