@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from latentsim.errors import BadInputError
 from latentsim.held_out import training_rows_and_latents
 from latentsim.io import atomic_save, atomic_write_json
+from latentsim.metrics import sigmoid
 from latentsim.prompts import dense_header_ids, dense_text_ids
 from latentsim.simulators.hf import _parts
 from latentsim.simulators.reference import FIRING_RATE_FLOOR
@@ -392,10 +393,6 @@ class FirstStage:
         ]
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def two_stage_p_yes(scorer, stage: FirstStage, interpretations: list[str], texts, k: int, progress=None):
     """(per text P(yes) [n_tokens, L]: the dense judge's where the first stage proposed the pair (top-k per
     token), 0 where it did not (not flagged), NaN where unaligned; the timing and counts of both stages)."""
@@ -405,9 +402,11 @@ def two_stage_p_yes(scorer, stage: FirstStage, interpretations: list[str], texts
     first_seconds = time.perf_counter() - start
     before = dict(scorer.stats)
     logits = scorer.text_logits(interpretations, texts, progress, proposed=[p.T for p in proposed])
+    from latentsim.whole_layer import p_yes_of
+
     out = []
     for lg, prop, (_, aligned) in zip(logits, proposed, scored, strict=True):
-        judged = sigmoid(lg[..., 1] - lg[..., 0]).T
+        judged = p_yes_of(lg)
         out.append(np.where(prop, judged, np.where(aligned[:, None], 0.0, np.nan)).astype(np.float32))
     seconds = time.perf_counter() - start
     aligned_tokens = sum(int(a.sum()) for _, a in scored)

@@ -129,6 +129,12 @@ def text_of_row(tokens: torch.Tensor, row: int, n_tokens: int, tokenizer):
     return ids, window.text, window.token_ends
 
 
+def p_yes_of(logits: np.ndarray) -> np.ndarray:
+    """P(yes) [n_tokens, n_latents] from a text's No/Yes logits [n_latents, n_tokens, 2] (text_logits), NaN
+    where they are."""
+    return (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
+
+
 def simulator_p_yes(
     scorer,
     interpretations: list[str],
@@ -141,10 +147,7 @@ def simulator_p_yes(
     K] (a value simulator): [n_tokens, n_latents, 2], P(active) and the expected activation given active."""
     # A token without a character end (-1) matches no simulator token: text_logits leaves it NaN.
     if bin_values is None:
-        return [
-            (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).T.astype(np.float32)
-            for logits in scorer.text_logits(interpretations, texts, progress)
-        ]
+        return [p_yes_of(logits) for logits in scorer.text_logits(interpretations, texts, progress)]
     from latentsim.simulators.base import probabilities
     from latentsim.values import expected_given_active
 
