@@ -277,7 +277,8 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     timing = stages["two_stage"]["timing"]
     assert sum(t["judgments"] for t in timing) == sum(t["all_judgments"] for t in timing)
     # The first stage's own k: fewer judgments; the scores say 0 (not flagged) where nothing was proposed.
-    small = whole(WholeLayerArguments(**common, output_dir=str(tmp_path / "k")))
+    # Other k (1 and the whole dictionary) derived from the full judge's verdicts, no judging again.
+    small = whole(WholeLayerArguments(**common, first_stage_ks=[1, n], output_dir=str(tmp_path / "k")))
     timing = small["stages"]["two_stage"]["timing"]
     assert small["stages"]["two_stage"]["k"] == trained["k"]
     judged, every = sum(t["judgments"] for t in timing), sum(t["all_judgments"] for t in timing)
@@ -289,11 +290,70 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     assert recall["flagged_by_simulator@0.5"]["pairs"] == flagged
     got = recall["truly_active"]["recall"]
     assert recall["truly_active"]["pairs"] > 0
-    assert set(got) == {"8", "32", "128", str(trained["k"])} and got["128"] == 1.0
+    assert set(got) == {"1", "8", "32", "128", str(n), str(trained["k"])} and got["128"] == 1.0
     assert got["8"] <= got["32"] <= got["128"]
     shard = np.load(tmp_path / "k" / "scores" / "two_stage" / f"row{small['rows'][0]}.npy")
     aligned = np.isfinite(shard).any(axis=1)
     assert ((shard[aligned] > 0).sum(axis=1) <= trained["k"]).all()
+    # Derived at the real run's k they are the real run's verdicts; at k = n the simulator's own rows.
+    check = small["stages"]["two_stage"]["derived_check"]
+    assert check["pairs"] > 0 and check["max_abs_difference"] < 1e-4
+    for name in ("0.5:oracle:unexplained_zeroed", "l0_matched:median:unexplained_zeroed"):
+        derived, full = small["sources"][f"two_stage_k{n}@{name}"], small["sources"][f"sim@{name}"]
+        assert derived["kl"]["mean"] == pytest.approx(full["kl"]["mean"], abs=1e-6)
+    one = small["stages"]["two_stage_k1"]
+    assert one["k"] == 1 and one["dense_judgments"] * n == one["all_dense_judgments"] == every
+    assert 1 <= one["proposed_latents_per_text"] <= min(n, 8)
+
+
+def test_the_first_stage_is_a_registered_simulator(assets, trained, tiny_model_dir, tmp_path):
+    """A first-stage folder in a sweep's run_dirs is scored as a simulator of kind `first_stage`: each
+    judgment's verdict is the head's score of its text read alone against its interpretation's header."""
+    import shutil
+
+    import pandas as pd
+    from peft import PeftModel
+
+    from latentsim.config import EvalArguments
+    from latentsim.errors import BadInputError
+    from latentsim.eval_set import EvalSet
+    from latentsim.prompts import unmark_context
+    from latentsim.simulators import judgments_of, run_simulators
+
+    (sim,) = run_simulators(assets / "first_stage")
+    assert sim.kind == "first_stage" and sim.first_stage == str(assets / "first_stage") and sim.adapter
+    sweep = load_script("eval/sweep.py").main
+    args = dict(eval_set=str(assets / "eval_set"), batch_size=4, include_checkpoints=False)
+    sweep(EvalArguments(**args, run_dirs=[str(assets / "first_stage")], output_dir=str(tmp_path / "eval")))
+    root = tmp_path / "eval" / "eval_set" / "first_stage"
+    assert json.loads((root / "results.json").read_text())["simulator"]["kind"] == "first_stage"
+    preds = pd.read_parquet(root / "predictions_test.parquet")
+    test = pd.read_parquet(assets / "eval_set" / "test.parquet")
+    assert len(preds) == len(test) and (preds["logit_0"] == 0).all()
+    # Naive: the head's full score matrix of the text's tokens against the dictionary, read at the pair.
+    eval_set = EvalSet.open(assets / "eval_set")
+    head, _ = first_stage.load_head(assets / "first_stage")
+    encoder = encoder_of(tiny_model_dir)
+    encoder.model = PeftModel.from_pretrained(encoder.model, str(assets / "run")).eval()
+    judgments, _ = judgments_of(test.iloc[:5])
+    for i, j in enumerate(judgments):
+        text = "".join(unmark_context(j.context))
+        ((vec, aligned),) = encoder.token_vectors([(text, [len(text)])])
+        with torch.no_grad():
+            side = head.latent_side(
+                torch.from_numpy(encoder.interpretation_vectors([j.interpretation.strip()]))
+            )
+        rate = first_stage.log_firing_rate(eval_set.statistics, [j.latent])
+        expected = first_stage.text_scores(head, vec, side, rate)[0, 0]
+        assert aligned[0] and preds.loc[i, "logit_1"] == pytest.approx(float(expected), abs=1e-4)
+    # Refused for another simulator's weights (the head records the adapter it read).
+    other = tmp_path / "other"
+    shutil.copytree(assets / "first_stage", other)
+    record = json.loads((other / "first_stage.json").read_text())
+    record["identity"]["adapter_sha256"] = "0" * 64
+    (other / "first_stage.json").write_text(json.dumps(record))
+    with pytest.raises(BadInputError, match="trained for another simulator"):
+        sweep(EvalArguments(**args, run_dirs=[str(other)], output_dir=str(tmp_path / "eval2")))
 
 
 def test_bench_two_stage_and_the_cost_model(tiny_model_dir, tmp_path):
@@ -310,6 +370,9 @@ def test_bench_two_stage_and_the_cost_model(tiny_model_dir, tmp_path):
         assert r["sampled_latents"] == min(6, r["proposed_latents"]) and r["proposed_latents"] <= 2 * n_tokens
         s = r["seconds_per_text"]
         assert s["two_stage"] == pytest.approx(s["first_stage"] + s["two_stage_judge"])
+        # The bound: every one of the k x tokens proposals another latent, judged over the whole text.
+        most = s["judge_every_latent"] * min(size, 2 * n_tokens) / size
+        assert s["two_stage_at_most"] == pytest.approx(s["first_stage"] + most)
         # Cut after each latent's last proposed token: never more than judging every token computes.
         assert (
             r["two_stage_computed_tokens_per_proposed_latent"] <= r["every_latent_computed_tokens_per_latent"]

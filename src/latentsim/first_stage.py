@@ -145,6 +145,20 @@ def model_identity(sim, layer: int, dtype: str) -> dict:
     }
 
 
+def require_trained_for(record: dict, sim, dtype: str, folder) -> dict:
+    """The identity of `sim` at the head's layer, refused unless the head (its `record`) was trained on this
+    simulator's model: the same base model, adapter weights and prompt format."""
+    identity = model_identity(sim, record["identity"]["layer"], dtype)
+    trained_for = {k: record["identity"][k] for k in ("base_model", "adapter_sha256", "prompt_format")}
+    if trained_for != {k: identity[k] for k in trained_for}:
+        raise BadInputError(
+            f"config key `first_stage`: {folder} was trained for another simulator "
+            f"({trained_for['base_model']}, adapter sha256 {str(trained_for['adapter_sha256'])[:12]}); "
+            f"train one for {sim.adapter}."
+        )
+    return identity
+
+
 def log_firing_rate(statistics: dict, latents: list[int]) -> np.ndarray:
     """The latents' log firing rates in the training rows (floored for latents that never fired)."""
     rate = statistics["firing_rate"].double().numpy()[np.asarray(latents, dtype=np.int64)]
@@ -197,6 +211,14 @@ class BilinearHead(torch.nn.Module):
         """[T, L] scores of tokens [T, d] against latents (`latent_side` [L, rank], log firing rates [L])."""
         x = self.token_proj((tokens - self.token_mean) / self.token_scale)
         return x @ latent_side.T + self.prior_weight * log_rate + self.bias
+
+    def pair_scores(
+        self, tokens: torch.Tensor, latent_side: torch.Tensor, log_rate: torch.Tensor
+    ) -> torch.Tensor:
+        """[N] scores of N (token, latent) pairs: row i of `tokens` [N, d] against row i of `latent_side`
+        [N, rank] and `log_rate` [N] (forward's diagonal, without the [N, N] matrix)."""
+        x = self.token_proj((tokens - self.token_mean) / self.token_scale)
+        return (x * latent_side).sum(dim=-1) + self.prior_weight * log_rate + self.bias
 
 
 def top_k(scores: np.ndarray, k: int, aligned: np.ndarray | None = None) -> np.ndarray:
@@ -369,14 +391,7 @@ class FirstStage:
         """The head in `folder` for `sim` (refused for another simulator's weights), the dictionary's vectors
         read from folder/interpretation_vectors/ when this model computed them, else computed once there."""
         head, record = load_head(folder)
-        identity = model_identity(sim, record["identity"]["layer"], dtype)
-        trained_for = {k: record["identity"][k] for k in ("base_model", "adapter_sha256", "prompt_format")}
-        if trained_for != {k: identity[k] for k in trained_for}:
-            raise BadInputError(
-                f"config key `first_stage`: {folder} was trained for another simulator "
-                f"({trained_for['base_model']}, adapter sha256 {str(trained_for['adapter_sha256'])[:12]}); "
-                f"train one for {sim.adapter}."
-            )
+        identity = require_trained_for(record, sim, dtype, folder)
         encoder.layer = identity["layer"]
         vectors, _ = interpretation_vectors(
             encoder, interpretations, Path(folder) / "interpretation_vectors", identity
@@ -447,6 +462,55 @@ def proposal_recall(
     return out
 
 
+def proposals_of(first_p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(proposed [n_tokens, L], aligned [n_tokens]) of one text's first-stage P(yes) (NaN where unaligned):
+    the top-k per token (P is monotone in the score, so the same ranking)."""
+    aligned = np.isfinite(first_p).all(axis=1)
+    return top_k(np.nan_to_num(first_p, nan=-1.0), k, aligned), aligned
+
+
+def derived_two_stage(first: dict[int, np.ndarray], judge: dict[int, np.ndarray], k: int) -> dict:
+    """{row: P(yes)} of the two-stage whole layer at `k` without judging again: the full judge's verdict
+    (`judge`: {row: P(yes) of every pair}) where the first stage (`first`: {row: its P(yes)}) proposes the
+    pair, 0 (not flagged) where it does not, NaN where unaligned. A proposed pair's verdict judged alone is
+    the same (DenseScorer.text_logits with `proposed`: causal, the text cut after the last proposal)."""
+    out = {}
+    for r, p in first.items():
+        proposed, aligned = proposals_of(p, k)
+        unproposed = np.where(aligned[:, None], 0.0, np.nan)
+        out[r] = np.where(proposed, judge[r], unproposed).astype(np.float32)
+    return out
+
+
+def derivation_check(derived: dict[int, np.ndarray], scores: dict[str, dict]) -> dict:
+    """How far the derived two-stage P(yes) at the real run's k is from the real run's (scores[TWO_STAGE]):
+    the largest difference and the pairs differing by more than 1e-3 (ties in saturated first-stage P can
+    swap a proposal)."""
+    real = scores[TWO_STAGE]
+    diffs = np.concatenate([np.abs(derived[r] - real[r])[np.isfinite(real[r])] for r in real])
+    return {
+        "max_abs_difference": float(diffs.max()) if len(diffs) else 0.0,
+        "pairs_differing_over_1e-3": int((diffs > 1e-3).sum()),
+        "pairs": int(len(diffs)),
+    }
+
+
+def proposal_counts(first: dict[int, np.ndarray], k: int) -> dict:
+    """Dense judgments at `k` against judging every latent, and the latents proposed somewhere in a text
+    (each costs one pass over its header and the text up to its last proposal), mean per text."""
+    judged, every, latents = 0, 0, []
+    for p in first.values():
+        proposed, aligned = proposals_of(p, k)
+        judged, every = judged + int(proposed.sum()), every + int(aligned.sum()) * p.shape[1]
+        latents.append(int(proposed.any(axis=0).sum()))
+    return {
+        "dense_judgments": judged,
+        "all_dense_judgments": every,
+        "proposed_latents_per_text": float(np.mean(latents)),
+        "dictionary": int(next(iter(first.values())).shape[1]),
+    }
+
+
 def judge_whole_layer(
     scorer, sim, args, eval_set, explained: list[int], rows: list[int], subject_tok, shard_dir, judge: dict
 ):
@@ -495,6 +559,18 @@ def judge_whole_layer(
     }
     for name in scores:
         about[name]["timing"] = timings(shard_dir / name, rows)
+    # The same at other k, from the full judge's verdicts: checked against the real two-stage run at k.
+    about[TWO_STAGE] |= proposal_counts(scores[FIRST_STAGE], k)
+    derived = derived_two_stage(scores[FIRST_STAGE], judge, k)
+    about[TWO_STAGE]["derived_check"] = derivation_check(derived, scores)
+    for other in args.first_stage_ks:
+        name = f"{TWO_STAGE}_k{other}"
+        scores[name] = derived_two_stage(scores[FIRST_STAGE], judge, other)
+        about[name] = {
+            "model": f"top-{other} of {args.first_stage}, the full judge's verdicts on them",
+            "k": other,
+            **proposal_counts(scores[FIRST_STAGE], other),
+        }
     pairs = active_pairs(eval_set.cache, rows, explained, args.tokens)
     trained_latents = training_rows_and_latents(sim)[1]
     about[FIRST_STAGE]["recall"] = proposal_recall(
@@ -503,7 +579,7 @@ def judge_whole_layer(
             "truly_active": {r: dense_truth(pairs[r], args.tokens, len(explained)) for r in rows},
             "flagged_by_simulator@0.5": {r: np.nan_to_num(judge[r], nan=-1.0) >= 0.5 for r in rows},
         },
-        sorted({*RECALL_KS, k}),
+        sorted({*RECALL_KS, k, *args.first_stage_ks}),
         np.array([latent not in trained_latents for latent in explained]),
     )
     return scores, about

@@ -877,6 +877,13 @@ def summary_lines(result: dict) -> list[str]:
                 f"; {judged} of {every} judgments ({every / max(judged, 1):.1f}x fewer), computed tokens "
                 f"{computed:.3f} of judging every latent; first stage {share:.1f}% of the time"
             )
+        if "proposed_latents_per_text" in stage:
+            proposed, size = stage["proposed_latents_per_text"], stage["dictionary"]
+            per_text = f"{proposed:.0f} of {size} latents proposed a text"
+            cost += f"; {per_text}" if t else ""
+        if not t and "all_dense_judgments" in stage:  # from the full judge (first_stage.derived_two_stage)
+            fewer = stage["all_dense_judgments"] / max(stage["dense_judgments"], 1)
+            cost = f"{fewer:.1f}x fewer judgments, {per_text}"
         lines.append(f"  {name} ({stage.get('model', name)}; {th}; {cost})")
         lines += judgment_lines(name, stage["judgments"], stage.get("judgments_from_position_3"))
     return lines

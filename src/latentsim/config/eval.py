@@ -432,6 +432,14 @@ class WholeLayerArguments(RunArguments):
     first_stage_k: int = field(
         default=0, metadata={"help": "Latents proposed per token (0: the k the first stage chose)."}
     )
+    first_stage_ks: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "More k to report (`two_stage_k<k>@...` rows): the full judge's verdicts on the pairs "
+            "the first stage's top-k proposes, 0 elsewhere; no judging beyond the full judge's (a proposed "
+            "pair's verdict is the same judged alone: checked against `two_stage` at first_stage_k)."
+        },
+    )
     merge_adapter: bool = field(
         default=True,
         metadata={
@@ -448,6 +456,8 @@ class WholeLayerArguments(RunArguments):
             _fail("first_stage", "a first stage serves a dense `simulator` (a train/sft.py run folder).")
         if self.first_stage_k < 0:
             _fail("first_stage_k", "must be >= 0 (0: the k the first stage chose on validation texts).")
+        if self.first_stage_ks and (not self.first_stage or min(self.first_stage_ks) < 1):
+            _fail("first_stage_ks", f"{self.first_stage_ks}: give k >= 1, with a `first_stage`.")
         for key, fix in (
             ("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
             ("output_dir", "give the folder the results go to"),

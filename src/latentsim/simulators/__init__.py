@@ -7,6 +7,7 @@
 - `factory.py`: `ScorerFactory`, the one place that checks a simulator (format, chat template, held-out rows
   and latents) and constructs its scorer; `load_scorer` for a single simulator.
 - The kinds: `hf.py` (`hf`: prefix-shared chat prompts; `dense`: verdicts at every token), `vllm.py` (`vllm`),
+  `first_stage.py` (`first_stage`: a two-stage whole layer's first stage, a head on the simulator's states),
   `fake.py` (`fake`, for tests), `reference.py` (`prior`, `string_match`, `prior+string_match`), `lexical.py`
   (`lexical`, `lexical_gbm`: the lexical reader).
 
@@ -17,7 +18,14 @@ selected by `backend`) or `@register_reference(name)` (a reference, selected by 
 benchmarks reach it through the factory.
 """
 
-from latentsim.simulators import fake, hf, lexical, reference, vllm  # noqa: F401  (registers the built-in kinds)
+from latentsim.simulators import (  # noqa: F401  (registers the built-in kinds)
+    fake,
+    first_stage,
+    hf,
+    lexical,
+    reference,
+    vllm,
+)
 from latentsim.simulators.base import (
     REFERENCES,
     SCORERS,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass
 class Simulator:
     name: str  # its results folder under <output_dir>/<eval set>/
-    kind: str  # `finetuned`, `baseline` (prompted) or `reference` (reads nothing)
+    kind: str  # `finetuned`, `baseline` (prompted), `reference` (reads nothing) or `first_stage`
     base_model: str  # model reference (Hub id, folder, embedded:...), or a reference's registered name
     adapter: str | None = None  # LoRA adapter folder (finetuned)
     shots: int = 0  # few-shot examples prepended (baselines)
@@ -40,6 +40,7 @@ class Simulator:
         None  # vLLM: this base model's engine over N GPUs (default: the sweep's)
     )
     control: str | None = None  # `shuffled`/`empty`: other latents' texts or none (simulators.controls)
+    first_stage: str | None = None  # kind `first_stage`: its train/first_stage.py folder
 
     @property
     def dense(self) -> bool:

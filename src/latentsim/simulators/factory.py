@@ -33,12 +33,16 @@ from latentsim.prompts import (
 from latentsim.simulators.base import REFERENCES, SCORERS, Scorer, ScorerSetup, ScoringOptions
 from latentsim.simulators.spec import Simulator, model_simulator, simulator_tokenizer
 
+# Kinds trained on a mixture: held to its prompt format and to its held-out rows and latents.
+TRAINED = ("finetuned", "first_stage")
+
 
 def scorer_kind(sim: Simulator, backend: str) -> str:
-    """The registered kind that runs `sim` under `backend`: a reference by its name, else the backend (`hf`
-    becomes `dense` for a simulator trained on a dense format)."""
-    if sim.kind == "reference":
-        return sim.base_model
+    """The registered kind that runs `sim` under `backend`: a reference by its name, a first stage as
+    `first_stage` (whatever the backend: a head on the model's hidden states), else the backend (`hf` becomes
+    `dense` for a simulator trained on a dense format)."""
+    if sim.kind in ("reference", "first_stage"):
+        return sim.base_model if sim.kind == "reference" else sim.kind
     if backend == "hf" and sim.dense:
         return "dense"
     return backend
@@ -61,12 +65,12 @@ class ScorerFactory:
             return
         if kind not in SCORERS:
             raise ConfigError(f"config key `backend`: unknown backend {kind!r}; known: {sorted(SCORERS)}.")
-        if sim.dense and self.options.backend == "vllm":
+        if sim.dense and self.options.backend == "vllm" and sim.kind != "first_stage":
             raise ConfigError(
                 f"{sim.name}: dense simulators are scored with backend: hf (the vLLM backend reads a chat "
                 "prompt's next token, not a verdict at a text position)."
             )
-        if sim.kind == "finetuned" and get_format(sim.prompt_format).judgment_format != eval_format:
+        if sim.kind in TRAINED and get_format(sim.prompt_format).judgment_format != eval_format:
             judged = get_format(sim.prompt_format).judgment_format
             raise BadInputError(
                 f"{sim.name}: trained on prompt format {sim.prompt_format!r}, "
@@ -96,7 +100,7 @@ class ScorerFactory:
             from latentsim.simulators.controls import control_interpretations
 
             interpretations, control = control_interpretations(sim.control, eval_set, seed, real)
-        if sim.kind == "finetuned" and frames is not None:
+        if sim.kind in TRAINED and frames is not None:
             from latentsim.held_out import refuse_seen
 
             refuse_seen(sim, eval_set, frames, allow_seen_latents)

@@ -24,8 +24,10 @@ CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last in a ch
 
 def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> list[Simulator]:
     """The complete checkpoint-N folders (by step) and the final adapter of a train/sft.py run (or of a Hub
-    adapter snapshot, which carries the same run_config.json)."""
+    adapter snapshot, which carries the same run_config.json); a train/first_stage.py output's head."""
     run = Path(run_dir)
+    if (run / "first_stage.json").is_file():
+        return [first_stage_simulator(run)]
     config_path = run / "run_config.json"
     if not config_path.is_file():
         raise MissingInputError(
@@ -68,6 +70,15 @@ def run_simulators(run_dir: str | Path, include_checkpoints: bool = True) -> lis
 def final_simulator(run_dir: str | Path) -> Simulator:
     """The final adapter of a train/sft.py run."""
     return run_simulators(run_dir, include_checkpoints=False)[-1]
+
+
+def first_stage_simulator(folder: str | Path) -> Simulator:
+    """A train/first_stage.py output as a simulator of kind `first_stage` (latentsim.simulators.first_stage):
+    its dense simulator's spec (model, adapter, format, training data) with the head's folder."""
+    folder = Path(folder)
+    record = json.loads((folder / "first_stage.json").read_text())
+    sim = final_simulator(record["simulator"])
+    return dataclasses.replace(sim, name=folder.name, kind="first_stage", first_stage=str(folder), step=None)
 
 
 def under_control(sim: Simulator, control: str | None) -> Simulator:
