@@ -217,6 +217,9 @@ levers() {
   # The whole dictionary at a fraction of the cost (issue 32): B's first stage, then B's whole layer judged both
   # ways (every latent; only the first stage's proposals) on the test split.
   stage first_stage_b "$PY" train/first_stage.py --config $c/first_stage_b.yaml
+  for sweep in sweep_first_stage sweep_per_latent_first_stage; do  # the first stage as a simulator of its own
+    stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
+  done
   stage whole_layer_two_stage "$PY" eval/whole_layer.py --config $c/whole_layer_two_stage.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"

@@ -278,7 +278,14 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     assert sum(t["judgments"] for t in timing) == sum(t["all_judgments"] for t in timing)
     # The first stage's own k: fewer judgments; the scores say 0 (not flagged) where nothing was proposed.
     # Other k (1 and the whole dictionary) derived from the full judge's verdicts, no judging again.
-    small = whole(WholeLayerArguments(**common, first_stage_ks=[1, n], output_dir=str(tmp_path / "k")))
+    small = whole(
+        WholeLayerArguments(
+            **common,
+            first_stage_ks=[1, n],
+            first_stage_latents_per_text=[1, n],
+            output_dir=str(tmp_path / "k"),
+        )
+    )
     timing = small["stages"]["two_stage"]["timing"]
     assert small["stages"]["two_stage"]["k"] == trained["k"]
     judged, every = sum(t["judgments"] for t in timing), sum(t["all_judgments"] for t in timing)
@@ -299,11 +306,19 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     check = small["stages"]["two_stage"]["derived_check"]
     assert check["pairs"] > 0 and check["max_abs_difference"] < 1e-4
     for name in ("0.5:oracle:unexplained_zeroed", "l0_matched:median:unexplained_zeroed"):
-        derived, full = small["sources"][f"two_stage_k{n}@{name}"], small["sources"][f"sim@{name}"]
-        assert derived["kl"]["mean"] == pytest.approx(full["kl"]["mean"], abs=1e-6)
+        full = small["sources"][f"sim@{name}"]["kl"]["mean"]
+        for derived in (f"two_stage_k{n}@{name}", f"two_stage_per_text{n}@{name}"):
+            assert small["sources"][derived]["kl"]["mean"] == pytest.approx(full, abs=1e-6)
     one = small["stages"]["two_stage_k1"]
     assert one["k"] == 1 and one["dense_judgments"] * n == one["all_dense_judgments"] == every
     assert 1 <= one["proposed_latents_per_text"] <= min(n, 8)
+    # One latent per text, at every token: one pass of the judge per text.
+    per_text = small["stages"]["two_stage_per_text1"]
+    assert per_text["proposed_latents_per_text"] == 1 and per_text["dense_judgments"] * n == every
+    assert small["stages"][f"two_stage_per_text{n}"]["recall_truly_active"] == 1.0
+    assert 0 <= per_text["recall_truly_active"] < 1
+    # The share of truly active pairs the top-1 proposes is the first stage's recall at 1, counted apart.
+    assert one["recall_truly_active"] == pytest.approx(recall["truly_active"]["recall"]["1"])
 
 
 def test_the_first_stage_is_a_registered_simulator(assets, trained, tiny_model_dir, tmp_path):

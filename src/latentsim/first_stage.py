@@ -462,21 +462,31 @@ def proposal_recall(
     return out
 
 
-def proposals_of(first_p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def proposals_of(first_p: np.ndarray, k: int, per_text: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(proposed [n_tokens, L], aligned [n_tokens]) of one text's first-stage P(yes) (NaN where unaligned):
-    the top-k per token (P is monotone in the score, so the same ranking)."""
+    the top-k latents at each token (P is monotone in the score, so the same ranking), or (`per_text`) the k
+    latents of highest P anywhere in the text, each at every aligned token (k passes of the judge)."""
     aligned = np.isfinite(first_p).all(axis=1)
-    return top_k(np.nan_to_num(first_p, nan=-1.0), k, aligned), aligned
+    scores = np.nan_to_num(first_p, nan=-1.0)
+    if not per_text:
+        return top_k(scores, k, aligned), aligned
+    if not aligned.any():
+        return np.zeros(scores.shape, dtype=bool), aligned
+    chosen = top_k(scores[aligned].max(axis=0, keepdims=True), k)[0]
+    return aligned[:, None] & chosen, aligned
 
 
-def derived_two_stage(first: dict[int, np.ndarray], judge: dict[int, np.ndarray], k: int) -> dict:
-    """{row: P(yes)} of the two-stage whole layer at `k` without judging again: the full judge's verdict
-    (`judge`: {row: P(yes) of every pair}) where the first stage (`first`: {row: its P(yes)}) proposes the
-    pair, 0 (not flagged) where it does not, NaN where unaligned. A proposed pair's verdict judged alone is
-    the same (DenseScorer.text_logits with `proposed`: causal, the text cut after the last proposal)."""
+def derived_two_stage(
+    first: dict[int, np.ndarray], judge: dict[int, np.ndarray], k: int, per_text: bool = False
+) -> dict:
+    """{row: P(yes)} of the two-stage whole layer at `k` (proposals_of) without judging again: the full
+    judge's verdict (`judge`: {row: P(yes) of every pair}) where the first stage (`first`: {row: its P(yes)})
+    proposes the pair, 0 (not flagged) where it does not, NaN where unaligned. A proposed pair's verdict
+    judged alone is the same (DenseScorer.text_logits with `proposed`: causal, the text cut after the last
+    proposal)."""
     out = {}
     for r, p in first.items():
-        proposed, aligned = proposals_of(p, k)
+        proposed, aligned = proposals_of(p, k, per_text)
         unproposed = np.where(aligned[:, None], 0.0, np.nan)
         out[r] = np.where(proposed, judge[r], unproposed).astype(np.float32)
     return out
@@ -495,19 +505,29 @@ def derivation_check(derived: dict[int, np.ndarray], scores: dict[str, dict]) ->
     }
 
 
-def proposal_counts(first: dict[int, np.ndarray], k: int) -> dict:
-    """Dense judgments at `k` against judging every latent, and the latents proposed somewhere in a text
-    (each costs one pass over its header and the text up to its last proposal), mean per text."""
-    judged, every, latents = 0, 0, []
-    for p in first.values():
-        proposed, aligned = proposals_of(p, k)
+def proposal_counts(
+    first: dict[int, np.ndarray], k: int, truth: dict[int, np.ndarray], held_out: np.ndarray, per_text=False
+) -> dict:
+    """At `k` (proposals_of): dense judgments against judging every latent, the latents proposed somewhere
+    in a text (each costs one pass over its header and the text up to its last proposal), mean per text,
+    and the share of the truly active pairs (`truth`: {row: [n_tokens, L] bool}) proposed, over every latent
+    and over `held_out` [L] latents."""
+    judged, every, latents, hit, active, hit_held, active_held = 0, 0, [], 0, 0, 0, 0
+    for r, p in first.items():
+        proposed, aligned = proposals_of(p, k, per_text)
         judged, every = judged + int(proposed.sum()), every + int(aligned.sum()) * p.shape[1]
         latents.append(int(proposed.any(axis=0).sum()))
+        true = truth[r] & aligned[:, None]
+        hit, active = hit + int((proposed & true).sum()), active + int(true.sum())
+        hit_held += int((proposed & true & held_out).sum())
+        active_held += int((true & held_out).sum())
     return {
         "dense_judgments": judged,
         "all_dense_judgments": every,
         "proposed_latents_per_text": float(np.mean(latents)),
         "dictionary": int(next(iter(first.values())).shape[1]),
+        "recall_truly_active": hit / max(active, 1),
+        "recall_truly_active_held_out_latents": hit_held / max(active_held, 1),
     }
 
 
@@ -559,27 +579,33 @@ def judge_whole_layer(
     }
     for name in scores:
         about[name]["timing"] = timings(shard_dir / name, rows)
-    # The same at other k, from the full judge's verdicts: checked against the real two-stage run at k.
-    about[TWO_STAGE] |= proposal_counts(scores[FIRST_STAGE], k)
+    pairs = active_pairs(eval_set.cache, rows, explained, args.tokens)
+    truth = {r: dense_truth(pairs[r], args.tokens, len(explained)) for r in rows}
+    trained_latents = training_rows_and_latents(sim)[1]
+    held_out = np.array([latent not in trained_latents for latent in explained])
+    about[TWO_STAGE] |= proposal_counts(scores[FIRST_STAGE], k, truth, held_out)
+    # Rows derived from the full judge's verdicts, checked against the real two-stage run at k.
     derived = derived_two_stage(scores[FIRST_STAGE], judge, k)
     about[TWO_STAGE]["derived_check"] = derivation_check(derived, scores)
-    for other in args.first_stage_ks:
-        name = f"{TWO_STAGE}_k{other}"
-        scores[name] = derived_two_stage(scores[FIRST_STAGE], judge, other)
+    # More k from the full judge's verdicts: top-k per token, and the top-m latents per text at every token.
+    more = [(x, False) for x in args.first_stage_ks] + [(x, True) for x in args.first_stage_latents_per_text]
+    for other, per_text in more:
+        name = f"{TWO_STAGE}_{'per_text' if per_text else 'k'}{other}"
+        scores[name] = derived_two_stage(scores[FIRST_STAGE], judge, other, per_text)
+        what = f"the {other} latents of highest first-stage P in each text" if per_text else f"top-{other}"
         about[name] = {
-            "model": f"top-{other} of {args.first_stage}, the full judge's verdicts on them",
+            "model": f"{what} of {args.first_stage}, the full judge's verdicts on them",
             "k": other,
-            **proposal_counts(scores[FIRST_STAGE], other),
+            "per_text": per_text,
+            **proposal_counts(scores[FIRST_STAGE], other, truth, held_out, per_text),
         }
-    pairs = active_pairs(eval_set.cache, rows, explained, args.tokens)
-    trained_latents = training_rows_and_latents(sim)[1]
     about[FIRST_STAGE]["recall"] = proposal_recall(
         scores[FIRST_STAGE],
         {
-            "truly_active": {r: dense_truth(pairs[r], args.tokens, len(explained)) for r in rows},
+            "truly_active": truth,
             "flagged_by_simulator@0.5": {r: np.nan_to_num(judge[r], nan=-1.0) >= 0.5 for r in rows},
         },
         sorted({*RECALL_KS, k, *args.first_stage_ks}),
-        np.array([latent not in trained_latents for latent in explained]),
+        held_out,
     )
     return scores, about

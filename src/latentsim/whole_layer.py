@@ -883,7 +883,8 @@ def summary_lines(result: dict) -> list[str]:
             cost += f"; {per_text}" if t else ""
         if not t and "all_dense_judgments" in stage:  # from the full judge (first_stage.derived_two_stage)
             fewer = stage["all_dense_judgments"] / max(stage["dense_judgments"], 1)
-            cost = f"{fewer:.1f}x fewer judgments, {per_text}"
+            recall = stage["recall_truly_active"]
+            cost = f"{fewer:.1f}x fewer judgments, {per_text}, {100 * recall:.0f}% of the truly active pairs"
         lines.append(f"  {name} ({stage.get('model', name)}; {th}; {cost})")
         lines += judgment_lines(name, stage["judgments"], stage.get("judgments_from_position_3"))
     return lines

@@ -440,6 +440,14 @@ class WholeLayerArguments(RunArguments):
             "pair's verdict is the same judged alone: checked against `two_stage` at first_stage_k)."
         },
     )
+    first_stage_latents_per_text: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Two-stage rows by passes (`two_stage_per_text<m>@...`): the m latents of highest "
+            "first-stage P anywhere in a text, each judged at every token (m passes of the judge per text), "
+            "from the full judge's verdicts like `first_stage_ks`."
+        },
+    )
     merge_adapter: bool = field(
         default=True,
         metadata={
@@ -456,8 +464,9 @@ class WholeLayerArguments(RunArguments):
             _fail("first_stage", "a first stage serves a dense `simulator` (a train/sft.py run folder).")
         if self.first_stage_k < 0:
             _fail("first_stage_k", "must be >= 0 (0: the k the first stage chose on validation texts).")
-        if self.first_stage_ks and (not self.first_stage or min(self.first_stage_ks) < 1):
-            _fail("first_stage_ks", f"{self.first_stage_ks}: give k >= 1, with a `first_stage`.")
+        for key in ("first_stage_ks", "first_stage_latents_per_text"):
+            if (ks := getattr(self, key)) and (not self.first_stage or min(ks) < 1):
+                _fail(key, f"{ks}: give values >= 1, with a `first_stage`.")
         for key, fix in (
             ("eval_set", "give the binary eval set (configs/data/eval_quantiles.yaml)"),
             ("output_dir", "give the folder the results go to"),
