@@ -319,6 +319,23 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
     assert 0 <= per_text["recall_truly_active"] < 1
     # The share of truly active pairs the top-1 proposes is the first stage's recall at 1, counted apart.
     assert one["recall_truly_active"] == pytest.approx(recall["truly_active"]["recall"]["1"])
+    # Judged for real by text: one latent per text, one pass, its verdicts those derived from the full judge.
+    by_text = whole(
+        WholeLayerArguments(
+            **common,
+            first_stage_k=1,
+            first_stage_per_text=True,
+            first_stage_latents_per_text=[1],
+            output_dir=str(tmp_path / "text"),
+        )
+    )
+    real = by_text["stages"]["two_stage"]
+    assert real["per_text"] and real["derived_check"]["max_abs_difference"] < 1e-4
+    assert sum(t["judgments"] for t in real["timing"]) * n == every == real["all_dense_judgments"]
+    assert real["recall_truly_active"] == per_text["recall_truly_active"]
+    for name in ("0.5:oracle:unexplained_zeroed", "l0_matched:oracle:unexplained_zeroed"):
+        derived = by_text["sources"][f"two_stage_per_text1@{name}"]["kl"]["mean"]
+        assert by_text["sources"][f"two_stage@{name}"]["kl"]["mean"] == pytest.approx(derived, abs=1e-5)
 
 
 def test_the_first_stage_is_a_registered_simulator(assets, trained, tiny_model_dir, tmp_path):

@@ -408,12 +408,15 @@ class FirstStage:
         ]
 
 
-def two_stage_p_yes(scorer, stage: FirstStage, interpretations: list[str], texts, k: int, progress=None):
-    """(per text P(yes) [n_tokens, L]: the dense judge's where the first stage proposed the pair (top-k per
-    token), 0 where it did not (not flagged), NaN where unaligned; the timing and counts of both stages)."""
+def two_stage_p_yes(
+    scorer, stage: FirstStage, interpretations: list[str], texts, k: int, progress=None, per_text=False
+):
+    """(per text P(yes) [n_tokens, L]: the dense judge's where the first stage proposed the pair (`propose`:
+    top-k per token, or the top-k latents of the text at every token), 0 where it did not (not flagged), NaN
+    where unaligned; the timing and counts of both stages)."""
     start = time.perf_counter()
     scored = stage.scores(texts)
-    proposed = [top_k(s, k, aligned) for s, aligned in scored]  # [n_tokens, L]
+    proposed = [propose(s, aligned, k, per_text) for s, aligned in scored]  # [n_tokens, L]
     first_seconds = time.perf_counter() - start
     before = dict(scorer.stats)
     logits = scorer.text_logits(interpretations, texts, progress, proposed=[p.T for p in proposed])
@@ -462,18 +465,23 @@ def proposal_recall(
     return out
 
 
+def propose(scores: np.ndarray, aligned: np.ndarray, k: int, per_text: bool = False) -> np.ndarray:
+    """[n_tokens, L] bool, the pairs the dense judge is asked about: the top-k latents at each aligned token,
+    or (`per_text`) the k latents scoring highest anywhere in the text, each at every aligned token (k passes
+    of the judge over the text, whatever the number of tokens)."""
+    if not per_text:
+        return top_k(scores, k, aligned)
+    if not aligned.any():
+        return np.zeros(scores.shape, dtype=bool)
+    chosen = top_k(scores[aligned].max(axis=0, keepdims=True), k)[0]
+    return aligned[:, None] & chosen
+
+
 def proposals_of(first_p: np.ndarray, k: int, per_text: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(proposed [n_tokens, L], aligned [n_tokens]) of one text's first-stage P(yes) (NaN where unaligned):
-    the top-k latents at each token (P is monotone in the score, so the same ranking), or (`per_text`) the k
-    latents of highest P anywhere in the text, each at every aligned token (k passes of the judge)."""
+    `propose` (P is monotone in the score, so the same ranking)."""
     aligned = np.isfinite(first_p).all(axis=1)
-    scores = np.nan_to_num(first_p, nan=-1.0)
-    if not per_text:
-        return top_k(scores, k, aligned), aligned
-    if not aligned.any():
-        return np.zeros(scores.shape, dtype=bool), aligned
-    chosen = top_k(scores[aligned].max(axis=0, keepdims=True), k)[0]
-    return aligned[:, None] & chosen, aligned
+    return propose(np.nan_to_num(first_p, nan=-1.0), aligned, k, per_text), aligned
 
 
 def derived_two_stage(
@@ -531,6 +539,10 @@ def proposal_counts(
     }
 
 
+def proposal_name(k: int, per_text: bool) -> str:
+    return f"the {k} latents of highest P in each text" if per_text else f"top-{k} per token"
+
+
 def judge_whole_layer(
     scorer, sim, args, eval_set, explained: list[int], rows: list[int], subject_tok, shard_dir, judge: dict
 ):
@@ -548,7 +560,7 @@ def judge_whole_layer(
     stage = FirstStage.load(
         args.first_stage, encoder, sim, listed, eval_set.statistics, explained, args.dtype
     )
-    k = args.first_stage_k or stage.record["k"]
+    k, by_text = args.first_stage_k or stage.record["k"], args.first_stage_per_text
 
     def text(r):
         return text_of_row(eval_set.tokens, r, args.tokens, subject_tok)[1:]
@@ -565,7 +577,7 @@ def judge_whole_layer(
         from tqdm.auto import tqdm
 
         with tqdm(desc=f"two-stage judging {len(todo)} texts (k = {k})", unit="judgment") as bar:
-            p, timing = two_stage_p_yes(scorer, stage, listed, [text(r) for r in todo], k, bar)
+            p, timing = two_stage_p_yes(scorer, stage, listed, [text(r) for r in todo], k, bar, by_text)
         return p, {"rows": todo, **timing}
 
     scores = {FIRST_STAGE: scored_rows(shard_dir / FIRST_STAGE, rows, first)}
@@ -575,7 +587,11 @@ def judge_whole_layer(
             "model": str(args.first_stage),
             "record": {x: stage.record[x] for x in ("k", "validation")},
         },
-        TWO_STAGE: {"model": f"top-{k} of {args.first_stage}, judged by the simulator", "k": k},
+        TWO_STAGE: {
+            "model": f"{proposal_name(k, by_text)} of {args.first_stage}, judged by the simulator",
+            "k": k,
+            "per_text": by_text,
+        },
     }
     for name in scores:
         about[name]["timing"] = timings(shard_dir / name, rows)
@@ -583,18 +599,17 @@ def judge_whole_layer(
     truth = {r: dense_truth(pairs[r], args.tokens, len(explained)) for r in rows}
     trained_latents = training_rows_and_latents(sim)[1]
     held_out = np.array([latent not in trained_latents for latent in explained])
-    about[TWO_STAGE] |= proposal_counts(scores[FIRST_STAGE], k, truth, held_out)
+    about[TWO_STAGE] |= proposal_counts(scores[FIRST_STAGE], k, truth, held_out, by_text)
     # Rows derived from the full judge's verdicts, checked against the real two-stage run at k.
-    derived = derived_two_stage(scores[FIRST_STAGE], judge, k)
+    derived = derived_two_stage(scores[FIRST_STAGE], judge, k, by_text)
     about[TWO_STAGE]["derived_check"] = derivation_check(derived, scores)
     # More k from the full judge's verdicts: top-k per token, and the top-m latents per text at every token.
     more = [(x, False) for x in args.first_stage_ks] + [(x, True) for x in args.first_stage_latents_per_text]
     for other, per_text in more:
         name = f"{TWO_STAGE}_{'per_text' if per_text else 'k'}{other}"
         scores[name] = derived_two_stage(scores[FIRST_STAGE], judge, other, per_text)
-        what = f"the {other} latents of highest first-stage P in each text" if per_text else f"top-{other}"
         about[name] = {
-            "model": f"{what} of {args.first_stage}, the full judge's verdicts on them",
+            "model": f"{proposal_name(other, per_text)} of {args.first_stage}, the full judge's verdicts",
             "k": other,
             "per_text": per_text,
             **proposal_counts(scores[FIRST_STAGE], other, truth, held_out, per_text),

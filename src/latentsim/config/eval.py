@@ -432,6 +432,13 @@ class WholeLayerArguments(RunArguments):
     first_stage_k: int = field(
         default=0, metadata={"help": "Latents proposed per token (0: the k the first stage chose)."}
     )
+    first_stage_per_text: bool = field(
+        default=False,
+        metadata={
+            "help": "Propose by text, not by token: the `first_stage_k` latents of highest first-stage P "
+            "anywhere in a text, each judged at every token (`first_stage_k` passes per text)."
+        },
+    )
     first_stage_ks: list[int] = field(
         default_factory=list,
         metadata={
@@ -464,6 +471,8 @@ class WholeLayerArguments(RunArguments):
             _fail("first_stage", "a first stage serves a dense `simulator` (a train/sft.py run folder).")
         if self.first_stage_k < 0:
             _fail("first_stage_k", "must be >= 0 (0: the k the first stage chose on validation texts).")
+        if self.first_stage_per_text and not (self.first_stage and self.first_stage_k):
+            _fail("first_stage_per_text", "give a `first_stage` and `first_stage_k` (latents per text) >= 1.")
         for key in ("first_stage_ks", "first_stage_latents_per_text"):
             if (ks := getattr(self, key)) and (not self.first_stage or min(ks) < 1):
                 _fail(key, f"{ks}: give values >= 1, with a `first_stage`.")
