@@ -221,6 +221,10 @@ levers() {
     stage "$sweep" "$PY" eval/sweep.py --config $c/$sweep.yaml
   done
   stage whole_layer_two_stage "$PY" eval/whole_layer.py --config $c/whole_layer_two_stage.yaml
+  # By text, judged for real: the same texts' full-judge, first-stage and lexical shards are copied, not redone.
+  local full=$out/eval/whole_layer_two_stage/scores by_text=$out/eval/whole_layer_two_stage_per_text
+  mkdir -p "$by_text/scores" && cp -rn "$full"/row* "$full/first_stage" "$full/lexical" "$by_text/scores/"
+  stage whole_layer_two_stage_per_text "$PY" eval/whole_layer.py --config $c/whole_layer_two_stage_per_text.yaml
   stage report "$PY" eval/report.py --config $c/report.yaml
   "$PY" eval/summary.py --run_dir "$out"
   echo "[levers] done in $((SECONDS - t0)) s; outputs are in $out/ (tables: $out/eval/report/report.md)"
