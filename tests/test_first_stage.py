@@ -217,6 +217,17 @@ def test_the_judge_with_every_pair_proposed_is_judging_everything(tiny_model_dir
         assert np.isnan(b[~judged]).all()
     ids = [len(dense_text_ids(scorer.tokenizer, t, e)[0]) for t, e in TEXTS]
     assert computed < len(INTERPRETATIONS) * sum(ids)
+    # Nothing proposed: nothing computed, not even a header. One pair: its header and the text up to it.
+    nothing = [np.zeros_like(w) for w in some]
+    before = scorer.stats["computed_tokens"]
+    assert all(np.isnan(x).all() for x in scorer.text_logits(INTERPRETATIONS, TEXTS, proposed=nothing))
+    assert scorer.stats["computed_tokens"] == before
+    one = [np.zeros_like(w) for w in some]
+    one[0][4, 2] = True
+    scorer.text_logits(INTERPRETATIONS, TEXTS, proposed=one)
+    header = dense_header_ids(scorer.tokenizer, FMT, INTERPRETATIONS[4])
+    position = dense_text_ids(scorer.tokenizer, *TEXTS[0])[1][2]
+    assert scorer.stats["computed_tokens"] - before == len(header) + position + 1
 
 
 def test_two_stage_keeps_what_only_the_judge_tells_apart(tiny_model_dir):
@@ -274,6 +285,9 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
             assert f"first_stage@{name}" in sources
     stages = result["stages"]
     assert stages["two_stage"]["k"] == n and stages["two_stage"]["thresholds"] == result["thresholds"]
+    same = stages["two_stage"]["recovery_minus_sim"]
+    assert set(same) >= {"0.5:oracle:unexplained_zeroed", "l0_matched:median:unexplained_kept"}
+    assert all(v["mean"] == 0 and v["ci95_texts"] == [0, 0] and v["n_texts"] == 2 for v in same.values())
     timing = stages["two_stage"]["timing"]
     assert sum(t["judgments"] for t in timing) == sum(t["all_judgments"] for t in timing)
     # The first stage's own k: fewer judgments; the scores say 0 (not flagged) where nothing was proposed.
@@ -310,6 +324,10 @@ def test_whole_layer_in_two_stages(assets, trained, tmp_path):
         for derived in (f"two_stage_k{n}@{name}", f"two_stage_per_text{n}@{name}"):
             assert small["sources"][derived]["kl"]["mean"] == pytest.approx(full, abs=1e-6)
     one = small["stages"]["two_stage_k1"]
+    name = "l0_matched:oracle:unexplained_zeroed"  # paired over texts, the same point as the two recoveries
+    apart = small["sources"][f"two_stage_k1@{name}"]["recovery"] - small["sources"][f"sim@{name}"]["recovery"]
+    low, high = one["recovery_minus_sim"][name]["ci95_texts"]
+    assert one["recovery_minus_sim"][name]["mean"] == pytest.approx(apart) and low <= apart <= high
     assert one["k"] == 1 and one["dense_judgments"] * n == one["all_dense_judgments"] == every
     assert 1 <= one["proposed_latents_per_text"] <= min(n, 8)
     # One latent per text, at every token: one pass of the judge per text.

@@ -800,12 +800,47 @@ def measure(
         # The two-stage deciders (latentsim.first_stage): the first stage alone, and the simulator judging
         # only what it proposes.
         "stages": {
-            d: {**(about_references or {}).get(d, {}), "thresholds": thresholds[d], **judgments[d]}
+            d: {
+                **(about_references or {}).get(d, {}),
+                "thresholds": thresholds[d],
+                **judgments[d],
+                "recovery_minus_sim": versus_simulator(table, sources, d, args.seed),
+            }
             for d in scores
             if d != SIMULATOR and not d.startswith(REFERENCE)
         },
     }
     return table, measured
+
+
+def versus_simulator(table: pd.DataFrame, sources: dict, decider: str, seed: int) -> dict:
+    """{`<threshold>:<values>:<variant>`: the recovery of `decider@...` minus the simulator's `sim@...` of the
+    same suffix (recovery_difference)} for every suffix both have."""
+    out = {}
+    for name in sources:
+        suffix = name.partition("@")[2]
+        if name.startswith(f"{decider}@") and f"{SIMULATOR}@{suffix}" in sources:
+            out[suffix] = recovery_difference(table, name, f"{SIMULATOR}@{suffix}", seed)
+    return out
+
+
+def recovery_difference(table: pd.DataFrame, a: str, b: str, seed: int) -> dict:
+    """Recovery (from `no_latents`) of source `a` minus source `b`, with a 95% CI resampling whole texts: both
+    recoveries (floor and ceiling too) from the same resamples, so the interval is of the paired difference.
+    None for the interval with one text."""
+    kl = table.pivot_table(index="row", columns="source", values="kl", aggfunc="sum")
+    counts = table[table["source"] == "clean"].groupby("row").size().reindex(kl.index).to_numpy(float)
+
+    def diff(weights: np.ndarray) -> np.ndarray:
+        mean = {s: weights @ kl[s].to_numpy() / (weights @ counts) for s in ("no_latents", "sae", a, b)}
+        floor, ceiling = mean["no_latents"], mean["sae"]
+        return recovery(floor, ceiling, mean[a]) - recovery(floor, ceiling, mean[b])
+
+    point = float(diff(np.ones((1, len(kl))))[0])
+    if len(kl) < 2:
+        return {"mean": point, "ci95_texts": None, "n_texts": len(kl)}
+    low, high = percentile_interval(diff(bootstrap_counts(len(kl), N_BOOT, seed).astype(float)))
+    return {"mean": point, "ci95_texts": [low, high], "n_texts": int(len(kl))}
 
 
 def judgment_lines(who: str, groups: dict, late: dict | None) -> list[str]:
@@ -886,6 +921,15 @@ def summary_lines(result: dict) -> list[str]:
             recall = stage["recall_truly_active"]
             cost = f"{fewer:.1f}x fewer judgments, {per_text}, {100 * recall:.0f}% of the truly active pairs"
         lines.append(f"  {name} ({stage.get('model', name)}; {th}; {cost})")
+        diffs = stage.get("recovery_minus_sim") or {}
+        diffs = {k: v for k, v in diffs.items() if "unexplained_zeroed" in k}
+        if diffs:
+            shown = [
+                f"{k.partition(':unexplained')[0]} {v['mean']:+.3f}"
+                + (" [{:+.2f}, {:+.2f}]".format(*v["ci95_texts"]) if v["ci95_texts"] else "")
+                for k, v in diffs.items()
+            ]
+            lines.append(f"    recovery minus the simulator's, paired over texts: {'; '.join(shown)}")
         lines += judgment_lines(name, stage["judgments"], stage.get("judgments_from_position_3"))
     return lines
 

@@ -341,7 +341,8 @@ class DenseScorer(HFScorer):
         the batch, and only the aligned positions meet the answer rows of the output embedding.
 
         `proposed` (the two-stage whole layer: per text [n_latents, n_tokens] bool, latentsim.first_stage):
-        only those pairs are judged, the rest left NaN. A latent proposed nowhere in a text skips it; the
+        only those pairs are judged, the rest left NaN. A latent proposed in no text gets no header pass, and
+        batches are formed from the others only. A latent proposed nowhere in a text skips it; the
         others of a header batch run together, the text cut after the last token any of them is proposed at
         (causal: the verdicts before it are unchanged). With every pair proposed this is the full
         computation."""
@@ -353,11 +354,15 @@ class DenseScorer(HFScorer):
             np.full((len(interpretations), len(ends), len(self.answer_ids)), np.nan, dtype=np.float32)
             for _, ends in texts
         ]
-        headers = [dense_header_ids(self.tokenizer, self.fmt, i) for i in interpretations]
+        needed = list(range(len(interpretations)))
+        if proposed is not None:  # a latent proposed in no text needs no header pass
+            needed = [i for i in needed if any(p[i].any() for p in proposed)]
+        headers = [dense_header_ids(self.tokenizer, self.fmt, interpretations[i]) for i in needed]
         was_training = self.model.training
         self.model.eval()
         try:
-            for length, chunk, header_cache in self.header_batches(decoder, headers, device):
+            for length, batch_rows, header_cache in self.header_batches(decoder, headers, device):
+                chunk = [needed[c] for c in batch_rows]  # the latents of the header batch, in its rows' order
                 for t, (ids, positions) in enumerate(encoded):
                     judged = [j for j, p in enumerate(positions) if p >= 0]
                     members, cache = list(range(len(chunk))), header_cache
